@@ -1,0 +1,1 @@
+//! Netns test harness (in progress)

@@ -1,0 +1,10 @@
+//! Real-kernel tests. Each test builds its own network namespaces (see `integration/harness`)
+//! and removes them even when it fails; nothing here touches the initial namespace's firewall.
+//! Needs root; run by the README's test command.
+
+#[path = "../harness/mod.rs"]
+mod harness;
+
+mod batch;
+mod iptables;
+mod traffic;

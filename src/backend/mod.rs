@@ -1,0 +1,2 @@
+//! Side effects against the kernel of the current thread's network namespace: exec of `nft`
+//! and the iptables tools, netlink. Callers run these inside `crate::netns::Target::run`.

@@ -1,0 +1,15 @@
+//! ctguard: safe, atomic, dead-man-timed firewall and conntrack changes on Linux.
+//!
+//! Layout (DESIGN §9): pure logic lives in [`model`], [`render`], [`live`] and [`lint`];
+//! side effects (exec, netlink, `/proc/sys`, namespaces) live in [`backend`], [`netns`] and
+//! [`sysctl`]; [`cli`] glues them together.
+
+pub mod backend;
+pub mod cli;
+pub mod exit;
+pub mod lint;
+pub mod live;
+pub mod model;
+pub mod netns;
+pub mod render;
+pub mod sysctl;

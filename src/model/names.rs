@@ -1,0 +1,204 @@
+//! Names that reach a ruleset or a path, validated so no string can inject a statement.
+//!
+//! Each type can only be built through its `parse` function, which follows the kernel's rule
+//! and then narrows it to characters that need no quoting in nft or iptables-restore text.
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// Kernel `IFNAMSIZ`, including the terminating NUL.
+pub const IFNAMSIZ: usize = 16;
+
+/// Longest comment nft and the xt `comment` match accept (`XT_MAX_COMMENT_LEN` is 256 incl. NUL;
+/// nft's `NFT_USERDATA_MAXLEN` is larger). ctguard's tags are far shorter.
+pub const MAX_COMMENT_LEN: usize = 255;
+
+/// A network interface name, valid by the kernel's `dev_valid_name` and free of characters that
+/// would need quoting (`"`, `\`, `*` wildcards, whitespace, control characters).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct IfName(String);
+
+impl IfName {
+    /// Validates `s`. The kernel allows 1..=15 bytes, not `.` or `..`, no `/`, `:` or
+    /// whitespace; ctguard further allows only `[A-Za-z0-9_.@+-]`.
+    pub fn parse(s: &str) -> Result<IfName, String> {
+        if s.is_empty() {
+            return Err("an interface name cannot be empty".into());
+        }
+        if s.len() >= IFNAMSIZ {
+            return Err(format!(
+                "{:?} is {} bytes, longer than the kernel's limit of {} (IFNAMSIZ)",
+                s,
+                s.len(),
+                IFNAMSIZ - 1
+            ));
+        }
+        if s == "." || s == ".." {
+            return Err(format!("{s:?} is not a valid interface name"));
+        }
+        if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.@+-".contains(*c))) {
+            return Err(format!(
+                "{s:?} contains {c:?}; interface names may use only letters, digits and _ . @ + -"
+            ));
+        }
+        Ok(IfName(s.to_string()))
+    }
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A `net.netfilter.*` sysctl key; maps to a file under `/proc/sys/net/netfilter/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct SysctlKey(String);
+
+/// Sysctls that only the initial network namespace can write (DESIGN §10).
+pub const HOST_ONLY_SYSCTLS: &[&str] = &[
+    "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_buckets",
+    "net.netfilter.nf_conntrack_expect_max",
+];
+
+impl SysctlKey {
+    /// Accepts `net.netfilter.` followed by one or more `[a-z0-9_]` components joined by dots.
+    pub fn parse(s: &str) -> Result<SysctlKey, String> {
+        let Some(rest) = s.strip_prefix("net.netfilter.") else {
+            return Err(format!("{s:?} is not a net.netfilter.* key"));
+        };
+        if rest.is_empty()
+            || rest.split('.').any(|part| {
+                part.is_empty()
+                    || !part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            })
+        {
+            return Err(format!(
+                "{s:?} is not a sysctl name (lower-case letters, digits and _ between dots)"
+            ));
+        }
+        if s.len() > 128 {
+            return Err(format!("{s:?} is too long for a sysctl name"));
+        }
+        Ok(SysctlKey(s.to_string()))
+    }
+    /// The dotted key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// Path relative to `/proc/sys`, e.g. `net/netfilter/nf_conntrack_max`.
+    pub fn proc_path(&self) -> String {
+        self.0.replace('.', "/")
+    }
+    /// True for the keys only the initial network namespace can write.
+    pub fn is_host_only(&self) -> bool {
+        HOST_ONLY_SYSCTLS.contains(&self.0.as_str())
+    }
+}
+
+impl fmt::Display for SysctlKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The tag ctguard puts in the comment of every rule it creates: `ctguard:TXID`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Tag(String);
+
+/// Prefix of every tag.
+pub const TAG_PREFIX: &str = "ctguard:";
+
+impl Tag {
+    /// Builds `ctguard:ID`; `id` must be 1..=64 of `[A-Za-z0-9-]`.
+    pub fn new(id: &str) -> Result<Tag, String> {
+        if id.is_empty()
+            || id.len() > 64
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(format!("{id:?} is not a transaction id (1-64 of A-Z a-z 0-9 -)"));
+        }
+        Ok(Tag(format!("{TAG_PREFIX}{id}")))
+    }
+    /// The tag used where no transaction exists yet (`render`, `plan`).
+    pub fn preview() -> Tag {
+        Tag(format!("{TAG_PREFIX}preview"))
+    }
+    /// The full comment text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// True when `comment` is a ctguard tag (any transaction).
+    pub fn is_ctguard_comment(comment: &str) -> bool {
+        comment.starts_with(TAG_PREFIX)
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validates a set or chain name ctguard generates: `[a-z][a-z0-9_]{0,30}`.
+pub fn check_object_name(s: &str) -> Result<(), String> {
+    let mut chars = s.chars();
+    let ok_first = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    if !ok_first
+        || s.len() > 31
+        || !s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(format!("{s:?} is not a valid object name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifname_rules() {
+        assert!(IfName::parse("eth0").is_ok());
+        assert!(IfName::parse("lo").is_ok());
+        assert!(IfName::parse("veth-a.100").is_ok());
+        assert!(IfName::parse("123456789012345").is_ok());
+        assert!(IfName::parse("1234567890123456").is_err());
+        assert!(IfName::parse("").is_err());
+        assert!(IfName::parse("..").is_err());
+        assert!(IfName::parse("eth0\" accept").is_err());
+        assert!(IfName::parse("a/b").is_err());
+        assert!(IfName::parse("eth*").is_err());
+        assert!(IfName::parse("eth0;").is_err());
+        assert!(IfName::parse("ethé").is_err());
+    }
+
+    #[test]
+    fn sysctl_key_rules() {
+        let k = SysctlKey::parse("net.netfilter.nf_conntrack_udp_timeout").expect("valid");
+        assert_eq!(k.proc_path(), "net/netfilter/nf_conntrack_udp_timeout");
+        assert!(!k.is_host_only());
+        assert!(SysctlKey::parse("net.netfilter.nf_conntrack_max").expect("valid").is_host_only());
+        assert!(SysctlKey::parse("net.ipv4.ip_forward").is_err());
+        assert!(SysctlKey::parse("net.netfilter.../x").is_err());
+        assert!(SysctlKey::parse("net.netfilter.").is_err());
+        assert!(SysctlKey::parse("net.netfilter.a/b").is_err());
+    }
+
+    #[test]
+    fn tags() {
+        assert_eq!(Tag::new("abc-1").expect("valid").as_str(), "ctguard:abc-1");
+        assert!(Tag::new("a b").is_err());
+        assert!(Tag::new("x\"").is_err());
+        assert!(Tag::is_ctguard_comment("ctguard:preview"));
+    }
+}

@@ -1,0 +1,5 @@
+//! Renderers (DESIGN §6): what a policy becomes, as nft objects, iptables-restore text, sysctl
+//! writes and accept-rule insertions. Everything here is pure: no kernel, no files.
+
+pub mod nft_ir;
+pub mod nft_script;
