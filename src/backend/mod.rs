@@ -1,2 +1,3 @@
 //! Side effects against the kernel of the current thread's network namespace: exec of `nft`
 //! and the iptables tools, netlink. Callers run these inside `crate::netns::Target::run`.
+pub mod exec;
