@@ -6,6 +6,7 @@ pub mod names;
 mod policy;
 mod raw;
 mod validate;
+pub use validate::parse_prefix;
 
 pub use policy::*;
 

@@ -1,0 +1,350 @@
+//! The insertion planner (DESIGN §6 `accept_untracked`): a pure function of the policy and the
+//! parsed live state that finds every base filter chain on the input/output hooks (forward too
+//! when `local_only = false`) that accepts a notracked flow while it is tracked and drops it
+//! once untracked, and says which accept rule to insert there and where: just before the rule
+//! that drops it (so blocklists above still apply), or appended when the chain's policy does.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::flow::{evaluate, flow_for, DecidedAt, Direction, Outcome};
+use crate::live::fw::{ChainKind, FwChain, FwHook, FwRule, FwTables, IptVariant, Owner};
+use crate::live::LiveState;
+use crate::model::names::Tag;
+use crate::model::{NotrackRule, Policy, Prefix, Proto};
+
+/// Where an accept rule goes in its chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "at")]
+pub enum Position {
+    /// Before the rule that drops the flow.
+    Before {
+        /// nft handle of that rule (a hint, DESIGN §1).
+        handle: Option<u64>,
+        /// Its 1-based index (iptables `-I CHAIN N`).
+        index: usize,
+        /// Its text.
+        rule: String,
+    },
+    /// At the end: the chain's policy drops the flow.
+    Append,
+}
+
+/// One accept rule to insert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Insertion {
+    /// `nft inet host input`, `iptables-nft filter INPUT`, …
+    pub chain: String,
+    /// Table owner (how to write into it).
+    #[serde(skip)]
+    pub owner: Owner,
+    /// Chain name.
+    #[serde(skip)]
+    pub chain_name: String,
+    /// Hook.
+    pub hook: FwHook,
+    /// Which `[[notrack]]` entry.
+    pub entry: usize,
+    /// Protocol.
+    pub proto: Proto,
+    /// Direction of the flow at this hook.
+    pub direction: Direction,
+    /// IPv6 only (true), IPv4 only (false), or both (none).
+    pub v6: Option<bool>,
+    /// Where.
+    pub position: Position,
+    /// The rule: nft statement text, or iptables argument vectors (one or more rules).
+    pub rule: RuleSpec,
+}
+
+/// The text of an inserted rule in its front end's syntax.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleSpec {
+    /// nft statement (without `insert rule FAMILY TABLE CHAIN`).
+    Nft(String),
+    /// iptables argument vectors (without `-I CHAIN N`).
+    Iptables(Vec<Vec<String>>),
+}
+
+/// What the planner found for one chain and flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The base chain.
+    pub chain: FwChain,
+    /// Entry index.
+    pub entry: usize,
+    /// Protocol.
+    pub proto: Proto,
+    /// Direction.
+    pub direction: Direction,
+    /// Family restriction of the evaluated flow.
+    pub v6: Option<bool>,
+    /// The chain's verdict while tracked (`new` for requests, `established` for replies).
+    pub tracked: Outcome,
+    /// The chain's verdict once untracked.
+    pub untracked: Outcome,
+}
+
+impl Decision {
+    /// The chain accepts (some of) the flow tracked and drops it untracked: NOTRACK alone
+    /// would blackhole it here.
+    pub fn blackholes(&self) -> bool {
+        self.tracked.accepts_some() && !self.untracked.accept
+    }
+    /// The tracked accept depends on conditions the policy's flow does not carry (a source or
+    /// interface restriction): an unconditional untracked accept would skip them.
+    pub fn skips_restriction(&self) -> Option<&FwRule> {
+        if self.blackholes() && !self.tracked.accept {
+            self.tracked.maybe_accepts.first()
+        } else {
+            None
+        }
+    }
+}
+
+/// The planner's result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InsertionPlan {
+    /// Every chain × flow that blackholes once untracked.
+    pub decisions: Vec<Decision>,
+    /// The accept rules to insert (for entries with `accept_untracked`).
+    pub insertions: Vec<Insertion>,
+}
+
+/// Plans the accept insertions for `policy` against `live`; each rule carries `tag`.
+pub fn plan(policy: &Policy, live: &LiveState, tag: &Tag) -> InsertionPlan {
+    plan_chains(policy, &live.chains(), tag)
+}
+
+/// As [`plan`], on chains already merged into one view.
+pub fn plan_chains(policy: &Policy, tables: &FwTables, tag: &Tag) -> InsertionPlan {
+    let mut out = InsertionPlan::default();
+    for (i, entry) in policy.notrack.iter().enumerate() {
+        let mut hooks = vec![
+            (FwHook::Input, Direction::Request),
+            (FwHook::Output, Direction::Reply),
+        ];
+        if entry.covers_loopback() {
+            hooks.push((FwHook::Output, Direction::LoopbackRequest));
+            hooks.push((FwHook::Input, Direction::LoopbackReply));
+        }
+        if !entry.local_only {
+            hooks.push((FwHook::Forward, Direction::Request));
+            hooks.push((FwHook::Forward, Direction::Reply));
+        }
+        for (hook, dir) in hooks {
+            for chain in tables.base_chains(ChainKind::Filter, hook) {
+                for &proto in &entry.protocols {
+                    plan_chain(&mut out, tables, chain, i, entry, proto, dir, tag);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_chain(
+    out: &mut InsertionPlan,
+    tables: &FwTables,
+    chain: &FwChain,
+    i: usize,
+    entry: &NotrackRule,
+    proto: Proto,
+    dir: Direction,
+    tag: &Tag,
+) {
+    let tracked_state = match dir {
+        Direction::Request | Direction::LoopbackRequest => "new",
+        Direction::Reply | Direction::LoopbackReply => "established",
+    };
+    let (has4, has6) = chain.owner.families();
+    let mut fams = Vec::new();
+    for (present, v6) in [(has4, false), (has6, true)] {
+        let restricted = !entry.sources.is_empty() && !entry.sources.iter().any(|p| p.is_v6() == v6);
+        if present && !restricted {
+            fams.push(v6);
+        }
+    }
+    let mut found: Vec<Decision> = Vec::new();
+    for v6 in fams {
+        let tracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), tracked_state));
+        let untracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), "untracked"));
+        let d = Decision { chain: chain.clone(), entry: i, proto, direction: dir, v6: Some(v6), tracked, untracked };
+        if d.blackholes() {
+            found.push(d);
+        }
+    }
+    // Both families blackholed at the same place and no per-family sources: one rule for both.
+    let merge = found.len() == 2 && entry.sources.is_empty() && found[0].untracked.at == found[1].untracked.at;
+    let families: Vec<Option<bool>> = if merge { vec![None] } else { found.iter().map(|d| d.v6).collect() };
+    if entry.accept_untracked {
+        for (v6, d) in families.into_iter().zip(found.iter()) {
+            let position = match &d.untracked.at {
+                DecidedAt::Rule(r) => Position::Before { handle: r.handle, index: r.index, rule: r.text.clone() },
+                DecidedAt::Policy => Position::Append,
+            };
+            out.insertions.push(Insertion {
+                chain: chain.label(),
+                owner: chain.owner.clone(),
+                chain_name: chain.name.clone(),
+                hook: chain.hook.unwrap_or(FwHook::Input),
+                entry: i,
+                proto,
+                direction: dir,
+                v6,
+                position,
+                rule: rule_spec(&chain.owner, entry, proto, dir, v6, tag),
+            });
+        }
+    }
+    out.decisions.extend(found);
+}
+
+fn rule_spec(owner: &Owner, n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, tag: &Tag) -> RuleSpec {
+    match owner {
+        Owner::Nft { .. } => RuleSpec::Nft(nft_accept_rule(n, proto, dir, v6, tag)),
+        Owner::Iptables { v6: ip6, .. } => RuleSpec::Iptables(ipt_shim::accept_specs(n, proto, dir, *ip6, tag)),
+    }
+}
+
+fn nft_set<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.len() == 1 {
+        items[0].to_string()
+    } else {
+        format!("{{ {} }}", items.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+    }
+}
+
+/// The nft accept rule for one flow: interface, addresses and ports as inline sets (a foreign
+/// table cannot see ctguard's named sets), `ct state untracked accept`, the tag as comment.
+pub fn nft_accept_rule(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, tag: &Tag) -> String {
+    let mut s = String::new();
+    let ifaces: Vec<String> = n.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
+    let addrs: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
+    let fam = if v6 == Some(true) { "ip6" } else { "ip" };
+    let ports = nft_set(&n.ports);
+    match dir {
+        Direction::Request | Direction::Reply => {
+            let (iface_kw, addr_kw, port_kw) = if dir == Direction::Request {
+                ("iifname", "saddr", "dport")
+            } else {
+                ("oifname", "daddr", "sport")
+            };
+            if !ifaces.is_empty() {
+                let _ = write!(s, "{iface_kw} {} ", nft_set(&ifaces));
+            }
+            if !addrs.is_empty() {
+                let _ = write!(s, "{fam} {addr_kw} {} ", nft_set(&addrs));
+            }
+            let _ = write!(s, "{proto} {port_kw} {ports} ");
+        }
+        Direction::LoopbackRequest => {
+            s.push_str("oif \"lo\" ");
+            if !addrs.is_empty() {
+                let _ = write!(s, "{fam} saddr {} ", nft_set(&addrs));
+            }
+            let _ = write!(s, "{proto} dport {ports} ");
+        }
+        Direction::LoopbackReply => {
+            s.push_str("iif \"lo\" ");
+            if !addrs.is_empty() {
+                let _ = write!(s, "{fam} daddr {} ", nft_set(&addrs));
+            }
+            let _ = write!(s, "{proto} sport {ports} ");
+        }
+    }
+    if v6.is_some() && addrs.is_empty() {
+        // A per-family rule in an inet table must not catch the other family.
+        s.insert_str(0, if v6 == Some(true) { "meta nfproto ipv6 " } else { "meta nfproto ipv4 " });
+    }
+    let _ = write!(s, "ct state untracked accept comment \"{tag}\"");
+    s
+}
+
+impl InsertionPlan {
+    /// The nft insertions as one `nft -f` script (`insert rule … position H` before the
+    /// dropping rule, `add rule …` where the policy drops). Handles are the ones read with the
+    /// live state; the transaction re-checks them against the generation id.
+    pub fn nft_script(&self) -> String {
+        let mut s = String::new();
+        for ins in &self.insertions {
+            let (Owner::Nft { family, table }, RuleSpec::Nft(rule)) = (&ins.owner, &ins.rule) else { continue };
+            match &ins.position {
+                Position::Before { handle: Some(h), .. } => {
+                    let _ = writeln!(s, "insert rule {family} {table} {} position {h} {rule}", ins.chain_name);
+                }
+                _ => {
+                    let _ = writeln!(s, "add rule {family} {table} {} {rule}", ins.chain_name);
+                }
+            }
+        }
+        s
+    }
+
+    /// The iptables insertions for one variant and family as `iptables-restore --noflush`
+    /// text. Inserts are emitted from the bottom of each chain up so earlier indexes stay valid.
+    pub fn iptables_restore(&self, variant: IptVariant, v6: bool) -> String {
+        let mut by_table: std::collections::BTreeMap<&str, Vec<(&Insertion, &Vec<Vec<String>>)>> = Default::default();
+        for ins in &self.insertions {
+            if let (Owner::Iptables { variant: v, v6: f, table }, RuleSpec::Iptables(specs)) = (&ins.owner, &ins.rule) {
+                if *v == variant && *f == v6 {
+                    by_table.entry(table.as_str()).or_default().push((ins, specs));
+                }
+            }
+        }
+        let mut s = String::new();
+        for (table, mut list) in by_table {
+            let _ = writeln!(s, "*{table}");
+            // Bottom-up by index; appends last in their original order.
+            list.sort_by_key(|(ins, _)| match &ins.position {
+                Position::Before { index, .. } => std::cmp::Reverse(*index),
+                Position::Append => std::cmp::Reverse(0),
+            });
+            let mut appends = Vec::new();
+            let mut i = 0;
+            while i < list.len() {
+                let (ins, _) = list[i];
+                match &ins.position {
+                    Position::Append => {
+                        appends.push(list[i]);
+                        i += 1;
+                    }
+                    Position::Before { index, .. } => {
+                        // All insertions before the same rule, same chain: insert at `index`
+                        // counting upward so their order is kept.
+                        let group: Vec<_> = list[i..]
+                            .iter()
+                            .take_while(|(o, _)| matches!(&o.position, Position::Before { index: j, .. } if j == index) && o.chain_name == ins.chain_name)
+                            .copied()
+                            .collect();
+                        let mut k = *index;
+                        for (g, specs) in &group {
+                            for spec in *specs {
+                                let _ = writeln!(s, "-I {} {k} {}", g.chain_name, ipt_shim::spec_to_line(spec));
+                                k += 1;
+                            }
+                        }
+                        i += group.len().max(1);
+                    }
+                }
+            }
+            for (a, specs) in appends {
+                for spec in specs {
+                    let _ = writeln!(s, "-A {} {}", a.chain_name, ipt_shim::spec_to_line(spec));
+                }
+            }
+            s.push_str("COMMIT\n");
+        }
+        s
+    }
+}
+
+// TEMPORARY until render::iptables lands.
+mod ipt_shim {
+    use super::*;
+    pub fn accept_specs(_n: &NotrackRule, _p: Proto, _d: Direction, _v6: bool, _t: &Tag) -> Vec<Vec<String>> { Vec::new() }
+    pub fn spec_to_line(s: &[String]) -> String { s.join(" ") }
+}
