@@ -3,3 +3,6 @@
 
 pub mod nft_ir;
 pub mod nft_script;
+pub mod flow;
+pub mod planner;
+pub mod sysctl;
