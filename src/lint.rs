@@ -116,6 +116,9 @@ pub fn lint(input: &LintInput<'_>) -> Vec<Finding> {
         }
     }
     out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    // Per-family evaluations can report the same thing twice.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|f| seen.insert(f.to_string()));
     out
 }
 
@@ -151,7 +154,7 @@ fn blackholes(input: &LintInput<'_>, out: &mut Vec<Finding>) {
 fn nat_bypass(input: &LintInput<'_>, out: &mut Vec<Finding>) {
     for (i, entry) in input.policy.notrack.iter().enumerate() {
         for &proto in &entry.protocols {
-            let request = flow_for(entry, proto, Direction::Request, None, "new");
+            let request = flow_for(entry, proto, Direction::Request, None, "new", false);
             let mut checks: Vec<(FwHook, &Flow, bool)> =
                 vec![(FwHook::Prerouting, &request, true), (FwHook::Output, &request, true)];
             if !entry.local_only {
@@ -204,6 +207,8 @@ fn ssh_lockout(input: &LintInput<'_>, out: &mut Vec<Finding>) {
             daddr: Vec::new(),
             iif: Vec::new(),
             oif: Vec::new(),
+            iif_not: Vec::new(),
+            oif_not: Vec::new(),
             v6: Some(client.is_v6()),
             ct: ct.to_string(),
         };

@@ -1,3 +1,5 @@
 //! Side effects against the kernel of the current thread's network namespace: exec of `nft`
 //! and the iptables tools, netlink. Callers run these inside `crate::netns::Target::run`.
 pub mod exec;
+pub mod iptables;
+pub mod live;

@@ -1,1 +1,97 @@
-//! placeholder
+//! The `ctguard` command: argument parsing ([`args`]) kept apart from the verbs that act.
+//! Every error leaves as one line on stderr (`ctguard: error: …`) and a documented exit code.
+
+pub mod args;
+mod plan;
+mod render;
+
+use std::io::Read;
+
+use clap::Parser;
+
+use crate::exit::{Exit, Failure};
+use crate::model::{parse_policy, Format, Policy, MAX_POLICY_BYTES};
+use args::{Cli, Command, LogFormat};
+
+/// Runs the CLI with the process arguments; returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { Exit::BadInput.code() } else { Exit::Ok.code() };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging(cli.global.verbose, cli.global.log_format);
+    let result = match &cli.command {
+        Command::Render(a) => render::run(a, &cli.global),
+        Command::Plan(a) => plan::run(a, &cli.global),
+    };
+    match result {
+        Ok(exit) => exit.code(),
+        Err(failures) => {
+            let mut code = Exit::Internal;
+            for f in &failures {
+                eprintln!("ctguard: error: {}", f.message);
+                code = f.exit;
+            }
+            code.code()
+        }
+    }
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Loads the policy named on the command line: a path, `-` for stdin, or none for the
+/// built-in policy. Every validation problem becomes one exit-2 failure.
+pub(crate) fn load_policy(arg: Option<&str>) -> Result<Policy, Vec<Failure>> {
+    let Some(arg) = arg else { return Ok(Policy::builtin()) };
+    let bad = |m: String| vec![Failure::bad_input(m)];
+    let mut text = String::new();
+    let limit = MAX_POLICY_BYTES as u64 + 1;
+    let read = if arg == "-" {
+        std::io::stdin().lock().take(limit).read_to_string(&mut text)
+    } else {
+        match std::fs::File::open(arg) {
+            Ok(f) => {
+                if f.metadata().is_ok_and(|m| m.len() > MAX_POLICY_BYTES as u64) {
+                    return Err(bad(format!(
+                        "policy {arg}: file is larger than the {MAX_POLICY_BYTES} byte limit"
+                    )));
+                }
+                f.take(limit).read_to_string(&mut text)
+            }
+            Err(e) => Err(e),
+        }
+    };
+    if let Err(e) = read {
+        return Err(bad(format!("policy {arg}: cannot read: {e}")));
+    }
+    let format = Format::detect(Some(arg), &text);
+    parse_policy(&text, format).map_err(|errs| {
+        errs.into_iter().map(|e| Failure::bad_input(format!("policy {arg}: {e}"))).collect()
+    })
+}
+
+/// Prints a JSON value on stdout (pretty, one document).
+pub(crate) fn print_json(v: &serde_json::Value) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("ctguard: error: cannot encode JSON: {e}"),
+    }
+}

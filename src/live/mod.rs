@@ -2,6 +2,7 @@
 //! reading itself (exec, netlink) is in `crate::backend`.
 
 pub mod fw;
+pub mod iptables_fw;
 pub mod nft_json;
 
 use fw::{FwTables, IptVariant, Owner};
@@ -55,3 +56,4 @@ impl LiveState {
         out
     }
 }
+pub mod iptables_save;

@@ -23,6 +23,10 @@ pub struct Flow {
     pub iif: Vec<String>,
     /// Output interfaces (empty = any).
     pub oif: Vec<String>,
+    /// Input interfaces the flow never uses (when `iif` is empty).
+    pub iif_not: Vec<String>,
+    /// Output interfaces the flow never uses (when `oif` is empty).
+    pub oif_not: Vec<String>,
     /// Restricted to one family: Some(true) = IPv6 only, Some(false) = IPv4 only.
     pub v6: Option<bool>,
     /// Conntrack state of the packets.
@@ -200,8 +204,8 @@ fn cond_matches(c: &Cond, f: &Flow) -> Tri {
             Some(x) => tri(x == *v6),
             None => Tri::Maybe,
         },
-        Cond::Iif { neg: n, names } => neg(*n, names_in(&f.iif, names)),
-        Cond::Oif { neg: n, names } => neg(*n, names_in(&f.oif, names)),
+        Cond::Iif { neg: n, names } => neg(*n, names_in(&f.iif, &f.iif_not, names)),
+        Cond::Oif { neg: n, names } => neg(*n, names_in(&f.oif, &f.oif_not, names)),
         Cond::CtState { neg: n, states } => neg(*n, tri(states.iter().any(|s| s == &f.ct))),
         Cond::Opaque(_) => Tri::Maybe,
     }
@@ -263,9 +267,9 @@ fn addrs_in(have: &[Prefix], v6: Option<bool>, want: &[Prefix]) -> Tri {
     }
 }
 
-fn names_in(have: &[String], want: &[String]) -> Tri {
+fn names_in(have: &[String], excluded: &[String], want: &[String]) -> Tri {
     if have.is_empty() {
-        return Tri::Maybe;
+        return if !want.is_empty() && want.iter().all(|w| excluded.contains(w)) { Tri::No } else { Tri::Maybe };
     }
     if have.iter().all(|h| want.contains(h)) {
         Tri::Yes
@@ -290,8 +294,9 @@ pub enum Direction {
     LoopbackReply,
 }
 
-/// The flow of one notrack entry and protocol in a direction, in one state.
-pub fn flow_for(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, ct: &str) -> Flow {
+/// The flow of one notrack entry and protocol in a direction, in one state. With `not_lo`
+/// and no interface list, the flow is the wire traffic only (loopback is evaluated apart).
+pub fn flow_for(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, ct: &str, not_lo: bool) -> Flow {
     let lo = || vec!["lo".to_string()];
     let ifaces: Vec<String> = n.interfaces.iter().map(|i| i.as_str().to_string()).collect();
     let mut f = Flow {
@@ -302,20 +307,29 @@ pub fn flow_for(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>,
         daddr: Vec::new(),
         iif: Vec::new(),
         oif: Vec::new(),
+        iif_not: Vec::new(),
+        oif_not: Vec::new(),
         v6,
         ct: ct.to_string(),
     };
+    let not_lo = not_lo && ifaces.is_empty();
     let src: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
     match dir {
         Direction::Request => {
             f.dports = n.ports.clone();
             f.saddr = src;
             f.iif = ifaces;
+            if not_lo {
+                f.iif_not = lo();
+            }
         }
         Direction::Reply => {
             f.sports = n.ports.clone();
             f.daddr = src;
             f.oif = ifaces;
+            if not_lo {
+                f.oif_not = lo();
+            }
         }
         Direction::LoopbackRequest => {
             f.dports = n.ports.clone();

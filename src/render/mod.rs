@@ -6,3 +6,7 @@ pub mod nft_script;
 pub mod flow;
 pub mod planner;
 pub mod sysctl;
+pub mod iptables;
+pub mod document;
+pub mod nft_batch;
+pub mod nft_expr;

@@ -122,27 +122,47 @@ pub fn plan(policy: &Policy, live: &LiveState, tag: &Tag) -> InsertionPlan {
 pub fn plan_chains(policy: &Policy, tables: &FwTables, tag: &Tag) -> InsertionPlan {
     let mut out = InsertionPlan::default();
     for (i, entry) in policy.notrack.iter().enumerate() {
-        let mut hooks = vec![
-            (FwHook::Input, Direction::Request),
-            (FwHook::Output, Direction::Reply),
-        ];
-        if entry.covers_loopback() {
-            hooks.push((FwHook::Output, Direction::LoopbackRequest));
-            hooks.push((FwHook::Input, Direction::LoopbackReply));
-        }
-        if !entry.local_only {
-            hooks.push((FwHook::Forward, Direction::Request));
-            hooks.push((FwHook::Forward, Direction::Reply));
-        }
-        for (hook, dir) in hooks {
+        for (hook, dir, view, not_lo) in flow_views(entry) {
             for chain in tables.base_chains(ChainKind::Filter, hook) {
                 for &proto in &entry.protocols {
-                    plan_chain(&mut out, tables, chain, i, entry, proto, dir, tag);
+                    plan_chain(&mut out, tables, chain, i, &view, proto, dir, not_lo, tag);
                 }
             }
         }
     }
     out
+}
+
+/// The (hook, direction, entry view, wire-only) combinations to evaluate for one entry.
+///
+/// Wire traffic and loopback traffic are evaluated apart, because host firewalls treat `lo`
+/// on its own (`iif lo accept`): the wire view is the entry without `lo` (with no interface
+/// list: every interface but `lo`); the local view is the entry on `lo` only, in all four
+/// hook/direction combinations a local client and a local server produce.
+pub fn flow_views(entry: &NotrackRule) -> Vec<(FwHook, Direction, NotrackRule, bool)> {
+    let mut v = Vec::new();
+    let lo_name = |n: &crate::model::names::IfName| n.as_str() == "lo";
+    let wire_ifaces: Vec<_> = entry.interfaces.iter().filter(|n| !lo_name(n)).cloned().collect();
+    let has_wire = entry.interfaces.is_empty() || !wire_ifaces.is_empty();
+    if has_wire {
+        let wire = NotrackRule { interfaces: wire_ifaces, ..entry.clone() };
+        v.push((FwHook::Input, Direction::Request, wire.clone(), true));
+        v.push((FwHook::Output, Direction::Reply, wire.clone(), true));
+        if !entry.local_only {
+            v.push((FwHook::Forward, Direction::Request, wire.clone(), true));
+            v.push((FwHook::Forward, Direction::Reply, wire, true));
+        }
+    }
+    if entry.covers_loopback() {
+        if let Ok(lo) = crate::model::names::IfName::parse("lo") {
+            let local = NotrackRule { interfaces: vec![lo], ..entry.clone() };
+            v.push((FwHook::Input, Direction::Request, local.clone(), false));
+            v.push((FwHook::Output, Direction::Reply, local, false));
+        }
+        v.push((FwHook::Output, Direction::LoopbackRequest, entry.clone(), false));
+        v.push((FwHook::Input, Direction::LoopbackReply, entry.clone(), false));
+    }
+    v
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -154,6 +174,7 @@ fn plan_chain(
     entry: &NotrackRule,
     proto: Proto,
     dir: Direction,
+    not_lo: bool,
     tag: &Tag,
 ) {
     let tracked_state = match dir {
@@ -170,8 +191,8 @@ fn plan_chain(
     }
     let mut found: Vec<Decision> = Vec::new();
     for v6 in fams {
-        let tracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), tracked_state));
-        let untracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), "untracked"));
+        let tracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), tracked_state, not_lo));
+        let untracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), "untracked", not_lo));
         let d = Decision { chain: chain.clone(), entry: i, proto, direction: dir, v6: Some(v6), tracked, untracked };
         if d.blackholes() {
             found.push(d);
@@ -206,7 +227,18 @@ fn plan_chain(
 fn rule_spec(owner: &Owner, n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, tag: &Tag) -> RuleSpec {
     match owner {
         Owner::Nft { .. } => RuleSpec::Nft(nft_accept_rule(n, proto, dir, v6, tag)),
-        Owner::Iptables { v6: ip6, .. } => RuleSpec::Iptables(ipt_shim::accept_specs(n, proto, dir, *ip6, tag)),
+        Owner::Iptables { v6: ip6, .. } => {
+            use super::iptables::{accept_untracked_specs, Direction as D, IpFamily};
+            let one = NotrackRule { protocols: vec![proto], ..n.clone() };
+            let family = if *ip6 { IpFamily::V6 } else { IpFamily::V4 };
+            let (d, loopback) = match dir {
+                Direction::Request => (D::Input, false),
+                Direction::Reply => (D::Output, false),
+                Direction::LoopbackRequest => (D::Output, true),
+                Direction::LoopbackReply => (D::Input, true),
+            };
+            RuleSpec::Iptables(accept_untracked_specs(&one, family, d, loopback, tag))
+        }
     }
 }
 
@@ -323,7 +355,7 @@ impl InsertionPlan {
                         let mut k = *index;
                         for (g, specs) in &group {
                             for spec in *specs {
-                                let _ = writeln!(s, "-I {} {k} {}", g.chain_name, ipt_shim::spec_to_line(spec));
+                                let _ = writeln!(s, "-I {} {k} {}", g.chain_name, super::iptables::spec_to_line(spec));
                                 k += 1;
                             }
                         }
@@ -333,18 +365,11 @@ impl InsertionPlan {
             }
             for (a, specs) in appends {
                 for spec in specs {
-                    let _ = writeln!(s, "-A {} {}", a.chain_name, ipt_shim::spec_to_line(spec));
+                    let _ = writeln!(s, "-A {} {}", a.chain_name, super::iptables::spec_to_line(spec));
                 }
             }
             s.push_str("COMMIT\n");
         }
         s
     }
-}
-
-// TEMPORARY until render::iptables lands.
-mod ipt_shim {
-    use super::*;
-    pub fn accept_specs(_n: &NotrackRule, _p: Proto, _d: Direction, _v6: bool, _t: &Tag) -> Vec<Vec<String>> { Vec::new() }
-    pub fn spec_to_line(s: &[String]) -> String { s.join(" ") }
 }

@@ -1,0 +1,276 @@
+//! The iptables tools, run in the calling thread's network namespace (DESIGN §1): save,
+//! restore (always `-w`), `-C` checks, and the kernel check of a candidate in a scratch
+//! namespace (`iptables-restore --test` never reaches the kernel).
+//!
+//! Tools are run by absolute path with argument vectors ([`Tool`]); nothing goes through a
+//! shell. Call these inside `crate::netns::Target::run` so they act on the target.
+
+use crate::backend::exec::{ExecError, Tool};
+use crate::live::fw::IptVariant;
+use crate::live::iptables_save::{self, SaveDump, SaveParseError};
+use crate::render::iptables::{IpFamily, Jump};
+
+/// Which iptables implementation: the tool names are `iptables-nft-*` or `iptables-legacy-*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    /// iptables-nft: x_tables rules stored in nf_tables (`xtables-nft-multi`).
+    Nft,
+    /// iptables-legacy: the x_tables kernel interface (`xtables-legacy-multi`).
+    Legacy,
+}
+
+impl Variant {
+    /// Both variants.
+    pub const ALL: [Variant; 2] = [Variant::Nft, Variant::Legacy];
+
+    /// `nft` or `legacy`, as in the tool names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Nft => "nft",
+            Variant::Legacy => "legacy",
+        }
+    }
+
+    /// The tool name for `family` and `suffix` (`""`, `"-save"`, `"-restore"`), e.g.
+    /// `ip6tables-legacy-restore`.
+    pub fn tool_name(self, family: IpFamily, suffix: &str) -> String {
+        format!("{}-{}{}", family.tool_prefix(), self.as_str(), suffix)
+    }
+}
+
+impl From<IptVariant> for Variant {
+    fn from(v: IptVariant) -> Self {
+        match v {
+            IptVariant::Nft => Variant::Nft,
+            IptVariant::Legacy => Variant::Legacy,
+        }
+    }
+}
+
+impl From<Variant> for IptVariant {
+    fn from(v: Variant) -> Self {
+        match v {
+            Variant::Nft => IptVariant::Nft,
+            Variant::Legacy => IptVariant::Legacy,
+        }
+    }
+}
+
+/// Errors of the iptables backend.
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    /// A tool could not be found, started, or it failed.
+    #[error("{what}")]
+    Exec {
+        /// What ctguard was doing.
+        what: String,
+        /// The tool's failure.
+        #[source]
+        source: ExecError,
+    },
+    /// A save printed a dump ctguard cannot use (e.g. iptables-nft's "incompatible" warning,
+    /// printed on stdout with exit status 0).
+    #[error("{tool} printed an unusable dump")]
+    Dump {
+        /// The save tool.
+        tool: String,
+        /// What is wrong with it.
+        #[source]
+        source: SaveParseError,
+    },
+    /// `-C` ended with a status other than 0 (found) or 1 (not found).
+    #[error("{cmd} failed ({status}): {stderr}")]
+    Check {
+        /// The command, for the message.
+        cmd: String,
+        /// Exit status text.
+        status: String,
+        /// Its stderr on one line.
+        stderr: String,
+    },
+    /// The scratch namespace could not be created.
+    #[error("cannot create a scratch network namespace")]
+    Unshare {
+        /// Why.
+        #[source]
+        source: nix::Error,
+    },
+    /// The target's ipsets could not be recreated in the scratch namespace.
+    #[error("scratch namespace: recreating the ipsets from `ipset save` failed")]
+    ScratchIpsets {
+        /// The `ipset restore` failure.
+        #[source]
+        source: ExecError,
+    },
+    /// The live dump itself does not load into a fresh namespace (so the candidate cannot be
+    /// judged against it).
+    #[error("scratch namespace: the live {tool} dump does not load")]
+    ScratchLive {
+        /// The restore tool.
+        tool: String,
+        /// The restore failure.
+        #[source]
+        source: ExecError,
+    },
+    /// The kernel refused the candidate on top of the live rules in the scratch namespace.
+    #[error("the kernel refuses the candidate ({tool} --noflush in a scratch namespace)")]
+    Rejected {
+        /// The restore tool.
+        tool: String,
+        /// The restore failure (its stderr names the line).
+        #[source]
+        source: ExecError,
+    },
+    /// The scratch thread died.
+    #[error("the scratch-namespace thread panicked")]
+    ScratchPanicked,
+}
+
+fn tool(name: &str) -> Result<Tool, IptablesError> {
+    Tool::find(name).map_err(|source| IptablesError::Exec { what: format!("cannot use {name}"), source })
+}
+
+/// `iptables-VARIANT-save` (or `ip6tables-…`) of the calling thread's namespace. The text is
+/// parsed before it is returned: a dump iptables-nft marks as incomplete ("table … is
+/// incompatible, use 'nft' tool") is an error, though the tool exits 0.
+pub fn save(variant: Variant, family: IpFamily) -> Result<String, IptablesError> {
+    save_parsed(variant, family).map(|(text, _)| text)
+}
+
+/// [`save`], returning the parsed dump as well.
+pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDump), IptablesError> {
+    let name = variant.tool_name(family, "-save");
+    let t = tool(&name)?;
+    let text = t
+        .run(&[], None)
+        .map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
+    let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
+    Ok((text, dump))
+}
+
+/// Loads `text` with `iptables-VARIANT-restore -w` (plus `--noflush` when asked). Tables are
+/// committed one by one, in the order of the text.
+pub fn restore(variant: Variant, family: IpFamily, text: &str, noflush: bool) -> Result<(), IptablesError> {
+    let name = variant.tool_name(family, "-restore");
+    restore_with(&tool(&name)?, text, noflush)
+        .map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })
+}
+
+fn restore_with(t: &Tool, text: &str, noflush: bool) -> Result<(), ExecError> {
+    let mut args = vec!["-w"];
+    if noflush {
+        args.push("--noflush");
+    }
+    t.run(&args, Some(text.as_bytes())).map(|_| ())
+}
+
+/// `iptables-VARIANT -w -t TABLE -C CHAIN SPEC…`: `Ok(true)` when the rule exists, `Ok(false)`
+/// when it does not (exit 1; also what both variants answer for a chain that does not exist).
+/// Any other status (2: bad arguments, e.g. a jump to a chain that does not exist; 4:
+/// resource problem) is an error.
+pub fn check_rule(
+    variant: Variant,
+    family: IpFamily,
+    table: &str,
+    chain: &str,
+    spec: &[String],
+) -> Result<bool, IptablesError> {
+    let name = variant.tool_name(family, "");
+    let t = tool(&name)?;
+    let mut args: Vec<&str> = vec!["-w", "-t", table, "-C", chain];
+    args.extend(spec.iter().map(String::as_str));
+    let out = t
+        .output(&args, None)
+        .map_err(|source| IptablesError::Exec { what: format!("{name} -C failed"), source })?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(IptablesError::Check {
+            cmd: format!("{} {}", name, args.join(" ")),
+            status: out.status.to_string(),
+            stderr: crate::backend::exec::one_line(&String::from_utf8_lossy(&out.stderr)),
+        }),
+    }
+}
+
+/// The jumps of `jumps` not present in the calling thread's namespace, i.e. those the restore
+/// text must insert. A jump whose target chain does not exist yet is missing (there `-C`
+/// itself fails with status 2: "Chain 'CTGUARD-PRE' does not exist" / "Couldn't load target");
+/// otherwise `-C` decides. Another writer adding the same jump between this check and the
+/// restore would leave two; rollback deletes every copy (`-D` until `-C` finds none).
+pub fn missing_jumps(variant: Variant, family: IpFamily, jumps: &[Jump]) -> Result<Vec<Jump>, IptablesError> {
+    let (_, dump) = save_parsed(variant, family)?;
+    let mut missing = Vec::new();
+    for j in jumps {
+        let exists = dump.chain(j.table, j.to).is_some()
+            && check_rule(variant, family, j.table, j.from, &j.spec())?;
+        if !exists {
+            missing.push(j.clone());
+        }
+    }
+    Ok(missing)
+}
+
+/// Kernel-checks `candidate` (restore text meant for `--noflush`) against the live rules
+/// without touching the target (DESIGN §1): on a new thread, in a fresh network namespace
+/// that vanishes with it, recreates the ipsets from `ipset_save` (`ipset restore`), loads
+/// `live_dump` (a save of the target, same variant and family), then `candidate` with
+/// `--noflush`. The kernel validates every rule (table/hook restrictions of targets and
+/// matches, ipset references, loops), which `iptables-restore --test` does not.
+///
+/// The calling thread's namespace — the target — is never entered or changed.
+pub fn scratch_check(
+    variant: Variant,
+    family: IpFamily,
+    live_dump: &str,
+    ipset_save: Option<&str>,
+    candidate: &str,
+) -> Result<(), IptablesError> {
+    let name = variant.tool_name(family, "-restore");
+    let restore_tool = tool(&name)?;
+    let ipset_tool = match ipset_save {
+        Some(s) if !s.trim().is_empty() => Some((tool("ipset")?, s)),
+        _ => None,
+    };
+    std::thread::scope(|s| {
+        let h = s.spawn(|| -> Result<(), IptablesError> {
+            // A new namespace for this thread only; freed when the thread (and the tools it
+            // started, all waited for) are gone.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|source| IptablesError::Unshare { source })?;
+            if let Some((ipset, text)) = &ipset_tool {
+                ipset
+                    .run(&["restore"], Some(text.as_bytes()))
+                    .map_err(|source| IptablesError::ScratchIpsets { source })?;
+            }
+            if !live_dump.trim().is_empty() {
+                restore_with(&restore_tool, live_dump, false)
+                    .map_err(|source| IptablesError::ScratchLive { tool: name.clone(), source })?;
+            }
+            restore_with(&restore_tool, candidate, true)
+                .map_err(|source| IptablesError::Rejected { tool: name.clone(), source })
+        });
+        h.join().map_err(|_| IptablesError::ScratchPanicked)?
+    })
+}
+
+/// `ipset save` of the calling thread's namespace (for [`scratch_check`]).
+pub fn ipset_save() -> Result<String, IptablesError> {
+    tool("ipset")?
+        .run(&["save"], None)
+        .map_err(|source| IptablesError::Exec { what: "ipset save failed".into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names() {
+        assert_eq!(Variant::Nft.tool_name(IpFamily::V4, "-save"), "iptables-nft-save");
+        assert_eq!(Variant::Legacy.tool_name(IpFamily::V6, "-restore"), "ip6tables-legacy-restore");
+        assert_eq!(Variant::Legacy.tool_name(IpFamily::V6, ""), "ip6tables-legacy");
+        assert_eq!(Variant::from(IptVariant::Nft), Variant::Nft);
+        assert_eq!(IptVariant::from(Variant::Legacy), IptVariant::Legacy);
+    }
+}

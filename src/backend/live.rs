@@ -1,0 +1,77 @@
+//! Reads the live state of the current thread's network namespace (DESIGN §7): the nft
+//! ruleset as JSON, `iptables-save`/`ip6tables-save` of both variants, and sysctls. Call it
+//! inside `crate::netns::Target::run`. Reads only; changes nothing.
+
+use std::collections::BTreeMap;
+
+use super::exec::{ExecError, Tool};
+use crate::live::fw::IptVariant;
+use crate::live::iptables_save::{self, SaveParseError};
+use crate::live::nft_json::{self, NftJsonError};
+use crate::live::{iptables_fw, IptDump, LiveState};
+use crate::model::names::SysctlKey;
+use crate::render::sysctl::LiveSysctl;
+
+/// Errors reading the live state.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// A tool failed.
+    #[error(transparent)]
+    Exec(#[from] ExecError),
+    /// nft's JSON was not understood.
+    #[error(transparent)]
+    NftJson(#[from] NftJsonError),
+    /// An iptables dump was refused (e.g. an incompatible table).
+    #[error("{tool}: {source}")]
+    Save {
+        /// Which tool.
+        tool: String,
+        /// Why.
+        #[source]
+        source: SaveParseError,
+    },
+    /// A sysctl could not be read.
+    #[error(transparent)]
+    Sysctl(#[from] crate::sysctl::SysctlError),
+}
+
+/// The iptables save tools ctguard reads, with their variant and family.
+pub const SAVE_TOOLS: &[(&str, IptVariant, bool)] = &[
+    ("iptables-nft-save", IptVariant::Nft, false),
+    ("ip6tables-nft-save", IptVariant::Nft, true),
+    ("iptables-legacy-save", IptVariant::Legacy, false),
+    ("ip6tables-legacy-save", IptVariant::Legacy, true),
+];
+
+/// Reads `nft -j list ruleset` (when nft is installed) and every iptables dump whose tool is
+/// installed. An "incompatible table" warning in a dump is an error (DESIGN §1).
+pub fn read() -> Result<LiveState, LiveError> {
+    let mut live = LiveState::default();
+    if let Ok(nft) = Tool::find("nft") {
+        live.nft = nft_json::parse(&nft.run(&["-j", "list", "ruleset"], None)?)?;
+    }
+    for &(name, variant, v6) in SAVE_TOOLS {
+        let Ok(tool) = Tool::find(name) else { continue };
+        let text = tool.run(&[], None)?;
+        let dump = iptables_save::parse(&text).map_err(|source| LiveError::Save { tool: name.into(), source })?;
+        live.iptables.push(IptDump { variant, v6, fw: iptables_fw::convert(&dump, variant, v6), text });
+    }
+    Ok(live)
+}
+
+/// `nft list table inet ctguard`, or `None` when the table does not exist.
+pub fn ctguard_table_text() -> Result<Option<String>, LiveError> {
+    let Ok(nft) = Tool::find("nft") else { return Ok(None) };
+    let out = nft.output(&["list", "table", "inet", crate::render::nft_ir::TABLE_NAME], None)?;
+    Ok(out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// Value and writability of each key.
+pub fn read_sysctls<'a>(keys: impl Iterator<Item = &'a SysctlKey>) -> Result<BTreeMap<SysctlKey, LiveSysctl>, LiveError> {
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let value = crate::sysctl::read(k)?;
+        out.insert(k.clone(), LiveSysctl { value, writable: value.is_some() && crate::sysctl::writable(k) });
+    }
+    Ok(out)
+}

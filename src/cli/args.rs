@@ -1,0 +1,91 @@
+//! The command line (DESIGN §5), as clap definitions only: parsing validates and never acts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Safe, atomic, dead-man-timed firewall and conntrack changes on Linux.
+#[derive(Debug, Parser)]
+#[command(name = "ctguard", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Options every verb takes.
+    #[command(flatten)]
+    pub global: Global,
+    /// The verb.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every verb takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Target network namespace: a name under /run/netns or an absolute path (default: the
+    /// caller's own).
+    #[arg(long, global = true, value_name = "NAME|PATH")]
+    pub netns: Option<String>,
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Journal directory.
+    #[arg(long, global = true, env = "CTGUARD_STATE_DIR", default_value = "/var/lib/ctguard")]
+    pub state_dir: PathBuf,
+    /// Agent socket directory.
+    #[arg(long, global = true, env = "CTGUARD_RUN_DIR", default_value = "/run/ctguard")]
+    pub run_dir: PathBuf,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines with timestamps.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a policy, diff it against the live state, plan the accept insertions and lint.
+    Plan(PlanArgs),
+    /// Print what the policy itself becomes (pure: no live state, no insertions).
+    Render(RenderArgs),
+}
+
+/// `plan [POLICY] [--check]`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Policy file (TOML, or JSON by `.json` or a leading `{`); `-` reads stdin. Default: the
+    /// built-in policy.
+    pub policy: Option<String>,
+    /// Also ask the kernel: nft check mode in the target, iptables in a scratch namespace.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// `render --format nft|iptables|ip6tables [POLICY]`.
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Policy file; default: the built-in policy.
+    pub policy: Option<String>,
+    /// Output format; overrides the policy's `backend`.
+    #[arg(long, value_enum)]
+    pub format: Option<RenderFormat>,
+}
+
+/// What `render` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RenderFormat {
+    /// `table inet ctguard` as an nft script.
+    Nft,
+    /// The IPv4 iptables-restore document.
+    Iptables,
+    /// The IPv6 iptables-restore document.
+    Ip6tables,
+}

@@ -1,0 +1,319 @@
+//! `ctguard plan`: validate, render, diff against the live state of the target, plan the
+//! accept insertions, lint; `--check` also asks the kernel. Changes nothing (DESIGN §5).
+
+use std::fmt::Write as _;
+
+use serde_json::json;
+
+use super::args::{Global, PlanArgs};
+use crate::backend::exec::Tool;
+use crate::backend::iptables::{self as ipt_backend, Variant};
+use crate::backend::live as live_backend;
+use crate::exit::{Exit, Failure};
+use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
+use crate::live::fw::IptVariant;
+use crate::live::iptables_save;
+use crate::model::auto::MachineFacts;
+use crate::model::names::Tag;
+use crate::model::{Backend, Policy};
+use crate::netns::{Target, TargetSpec};
+use crate::render::iptables::{notrack_rules, IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
+use crate::render::nft_ir::table_for;
+use crate::render::nft_script::{replace_script, table_block};
+use crate::render::planner::{plan as plan_insertions, InsertionPlan, Position, RuleSpec};
+use crate::render::sysctl::{plan_sysctls, SysctlChange};
+
+/// What `plan` found, in a form both printers use.
+struct Report {
+    target: String,
+    initial_ns: bool,
+    backend: Backend,
+    /// Lines of ctguard's own objects now and after apply.
+    current: Vec<String>,
+    desired: Vec<String>,
+    plan: InsertionPlan,
+    sysctls: Vec<SysctlChange>,
+    findings: Vec<Finding>,
+    check: Option<Result<(), String>>,
+}
+
+impl Report {
+    fn changed(&self) -> bool {
+        self.current != self.desired
+            || !self.plan.insertions.is_empty()
+            || self.sysctls.iter().any(|c| !c.unchanged && c.skipped.is_none())
+    }
+}
+
+pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    let policy = super::load_policy(args.policy.as_deref())?;
+    let spec = match &global.netns {
+        Some(s) => TargetSpec::parse(s).map_err(|e| vec![Failure::bad_input(e.to_string())])?,
+        None => TargetSpec::Current,
+    };
+    let target = Target::open(&spec).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
+    let ram = crate::sysctl::mem_total_bytes()
+        .ok_or_else(|| vec![Failure::internal("cannot read MemTotal from /proc/meminfo")])?;
+    let facts = MachineFacts::with_ram(ram);
+    let ssh = std::env::var("SSH_CONNECTION").ok().and_then(|v| SshConn::from_env_value(&v));
+    let initial_ns = target.is_initial();
+    let label = match &spec {
+        TargetSpec::Current if initial_ns => "host (initial network namespace)".to_string(),
+        _ => format!("network namespace {}", target.path().display()),
+    };
+    let report = target
+        .run(|| build_report(&policy, args.check, facts, ssh, label, initial_ns))
+        .map_err(|e| vec![Failure::internal(e.to_string())])??;
+
+    if global.json {
+        super::print_json(&report_json(&report));
+    } else {
+        print!("{}", report_text(&report));
+    }
+    // Exit codes: a sysctl that cannot be written is a failed precondition (2); a lint error
+    // or a failed kernel check means apply would refuse (3).
+    let problems: Vec<&Finding> = report.findings.iter().filter(|f| f.code == "sysctl-unwritable").collect();
+    if !problems.is_empty() {
+        return Err(problems.iter().map(|f| Failure::bad_input(f.message.clone())).collect());
+    }
+    let errors = report.findings.iter().filter(|f| f.severity == Severity::Error).count();
+    if errors > 0 {
+        return Err(vec![Failure::refused(format!("lint found {errors} error(s); apply would refuse without --force"))]);
+    }
+    if let Some(Err(e)) = &report.check {
+        return Err(vec![Failure::refused(format!("kernel check failed: {e}"))]);
+    }
+    Ok(Exit::Ok)
+}
+
+/// The backend `auto` resolves to on this machine.
+fn effective_backend(b: Backend) -> Backend {
+    match b {
+        Backend::Auto if Tool::find("nft").is_ok() => Backend::Nft,
+        Backend::Auto if Tool::find("iptables-nft-restore").is_ok() => Backend::IptablesNft,
+        Backend::Auto => Backend::IptablesLegacy,
+        b => b,
+    }
+}
+
+fn variant_of(b: Backend) -> Option<Variant> {
+    match b {
+        Backend::IptablesNft => Some(Variant::Nft),
+        Backend::IptablesLegacy => Some(Variant::Legacy),
+        _ => None,
+    }
+}
+
+/// Runs inside the target's thread.
+fn build_report(
+    policy: &Policy,
+    check: bool,
+    facts: MachineFacts,
+    ssh: Option<SshConn>,
+    target: String,
+    initial_ns: bool,
+) -> Result<Report, Vec<Failure>> {
+    let refused = |e: &dyn std::fmt::Display| vec![Failure::refused(e.to_string())];
+    let live = live_backend::read().map_err(|e| refused(&e))?;
+    let backend = effective_backend(policy.backend);
+    let tag = Tag::preview();
+    let (current, desired) = match variant_of(backend) {
+        None => {
+            let current = live_backend::ctguard_table_text().map_err(|e| refused(&e))?;
+            let t = table_for(policy, &tag);
+            let desired = if t.is_empty() { String::new() } else { table_block(&t) };
+            (lines(current.as_deref().unwrap_or("")), lines(&desired))
+        }
+        Some(v) => {
+            let iv = if v == Variant::Nft { IptVariant::Nft } else { IptVariant::Legacy };
+            let mut current = Vec::new();
+            let mut desired = Vec::new();
+            for fam in IpFamily::ALL {
+                let v6 = fam == IpFamily::V6;
+                if let Some(d) = live.iptables.iter().find(|d| d.variant == iv && d.v6 == v6) {
+                    let dump = iptables_save::parse(&d.text).map_err(|e| refused(&e))?;
+                    for chain in [CHAIN_PRE, CHAIN_OUT] {
+                        if let Some(c) = dump.chain(RAW_TABLE, chain) {
+                            current.extend(c.rules.iter().map(|r| format!("{}: {}", fam.tool_prefix(), r.line)));
+                        }
+                    }
+                }
+                let r = notrack_rules(policy, fam, &tag);
+                desired.extend(r.rules.iter().map(|r| format!("{}: {}", fam.tool_prefix(), r.append_line())));
+            }
+            (current, desired)
+        }
+    };
+    let plan = plan_insertions(policy, &live, &tag);
+    let sysctl_live = live_backend::read_sysctls(policy.sysctl.keys()).map_err(|e| refused(&e))?;
+    let (sysctls, problems) = plan_sysctls(policy, &sysctl_live, facts);
+    let tables = live.chains();
+    let mut findings = lint(&LintInput { policy, tables: &tables, plan: &plan, sysctls: &sysctls, ssh });
+    for p in problems {
+        findings.insert(
+            0,
+            Finding {
+                severity: Severity::Error,
+                code: "sysctl-unwritable",
+                chain: None,
+                rule: None,
+                message: format!("sysctl.\"{}\": {}", p.key, p.reason),
+            },
+        );
+    }
+    let check = check.then(|| kernel_check(policy, backend, &plan, &live, &tag));
+    Ok(Report { target, initial_ns, backend, current, desired, plan, sysctls, findings, check })
+}
+
+fn lines(s: &str) -> Vec<String> {
+    s.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+}
+
+/// Asks the kernel without changing anything: `nft -c` for the table and nft insertions, and
+/// a scratch namespace for every iptables document.
+fn kernel_check(policy: &Policy, backend: Backend, plan: &InsertionPlan, live: &crate::live::LiveState, tag: &Tag) -> Result<(), String> {
+    let mut nft_script = String::new();
+    if backend == Backend::Nft {
+        nft_script.push_str(&replace_script(&table_for(policy, tag)));
+    }
+    nft_script.push_str(&plan.nft_script());
+    if !nft_script.is_empty() {
+        let nft = Tool::find("nft").map_err(|e| e.to_string())?;
+        nft.run(&["-c", "-f", "-"], Some(nft_script.as_bytes())).map_err(|e| e.to_string())?;
+    }
+    let ipsets = ipt_backend::ipset_save().ok();
+    for d in &live.iptables {
+        let variant = if d.variant == IptVariant::Nft { Variant::Nft } else { Variant::Legacy };
+        let fam = if d.v6 { IpFamily::V6 } else { IpFamily::V4 };
+        let mut doc = String::new();
+        if variant_of(backend) == Some(variant) {
+            doc.push_str(&notrack_rules(policy, fam, tag).restore_text_with_jumps());
+        }
+        doc.push_str(&plan.iptables_restore(d.variant, d.v6));
+        if doc.is_empty() {
+            continue;
+        }
+        ipt_backend::scratch_check(variant, fam, &d.text, ipsets.as_deref(), &doc).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// A minimal line diff (longest common subsequence): `  ` kept, `- ` removed, `+ ` added.
+pub fn diff_lines(old: &[String], new: &[String]) -> Vec<String> {
+    let (n, m) = (old.len(), new.len());
+    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if old[i] == new[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < n || j < m {
+        if i < n && j < m && old[i] == new[j] {
+            out.push(format!("  {}", old[i]));
+            i += 1;
+            j += 1;
+        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push(format!("+ {}", new[j]));
+            j += 1;
+        } else {
+            out.push(format!("- {}", old[i]));
+            i += 1;
+        }
+    }
+    out
+}
+
+fn insertion_text(ins: &crate::render::planner::Insertion) -> String {
+    let where_ = match &ins.position {
+        Position::Before { handle: Some(h), rule, .. } => format!("before handle {h} `{rule}`"),
+        Position::Before { index, rule, .. } => format!("at {index}, before `{rule}`"),
+        Position::Append => "appended (the chain's policy drops)".into(),
+    };
+    let rule = match &ins.rule {
+        RuleSpec::Nft(r) => r.clone(),
+        RuleSpec::Iptables(specs) => specs
+            .iter()
+            .map(|s| crate::render::iptables::spec_to_line(s))
+            .collect::<Vec<_>>()
+            .join(" ; "),
+    };
+    format!("{} {where_}: {rule}", ins.chain)
+}
+
+fn report_text(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "target:  {}", r.target);
+    let _ = writeln!(s, "backend: {}", r.backend.as_str());
+    let objects = if variant_of(r.backend).is_some() { "iptables raw CTGUARD-PRE/CTGUARD-OUT" } else { "table inet ctguard" };
+    if r.current == r.desired {
+        let _ = writeln!(s, "\n{objects}: unchanged");
+    } else {
+        let _ = writeln!(s, "\n{objects}:");
+        for l in diff_lines(&r.current, &r.desired) {
+            let _ = writeln!(s, "  {l}");
+        }
+    }
+    let _ = writeln!(s, "\naccept insertions (accept_untracked):");
+    if r.plan.insertions.is_empty() {
+        let _ = writeln!(s, "  none needed");
+    }
+    for ins in &r.plan.insertions {
+        let _ = writeln!(s, "  + {}", insertion_text(ins));
+    }
+    let _ = writeln!(s, "\nsysctl:");
+    if r.sysctls.is_empty() {
+        let _ = writeln!(s, "  none");
+    }
+    for c in &r.sysctls {
+        let old = c.old.map_or("(missing)".to_string(), |v| v.to_string());
+        match (&c.skipped, c.unchanged) {
+            (Some(why), _) => {
+                let _ = writeln!(s, "  {} = {old}: skipped ({why}); would be {}", c.key, c.new);
+            }
+            (None, true) => {
+                let _ = writeln!(s, "  {} = {old} (unchanged)", c.key);
+            }
+            (None, false) => {
+                let _ = writeln!(s, "  {}: {old} -> {}", c.key, c.new);
+            }
+        }
+    }
+    if !r.findings.is_empty() {
+        let _ = writeln!(s, "\nlint:");
+        for f in &r.findings {
+            let _ = writeln!(s, "  {f}");
+        }
+    }
+    if let Some(c) = &r.check {
+        let _ = writeln!(s, "\nkernel check: {}", match c {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("FAILED: {e}"),
+        });
+    }
+    let _ = writeln!(s, "\nchanged: {}", if r.changed() { "yes" } else { "no" });
+    s
+}
+
+fn report_json(r: &Report) -> serde_json::Value {
+    json!({
+        "changed": r.changed(),
+        "target": r.target,
+        "initial_namespace": r.initial_ns,
+        "backend": r.backend.as_str(),
+        "objects": {
+            "current": r.current,
+            "desired": r.desired,
+            "diff": diff_lines(&r.current, &r.desired),
+        },
+        "insertions": r.plan.insertions,
+        "sysctl": r.sysctls,
+        "findings": r.findings,
+        "errors": r.findings.iter().filter(|f| f.severity == Severity::Error).count(),
+        "check": r.check.as_ref().map(|c| match c {
+            Ok(()) => json!({"ok": true}),
+            Err(e) => json!({"ok": false, "error": e}),
+        }),
+    })
+}

@@ -1,0 +1,963 @@
+//! `table inet ctguard` as ONE nf_tables netlink batch: the bytes [`crate::backend::netlink`]
+//! sends, equivalent to [`super::nft_script::replace_script`] loaded with `nft -f` (a kernel
+//! test proves both give the same `nft list table inet ctguard`). Pure: no sockets.
+//!
+//! The batch is built message by message with nftnl's `NlMsg::write` (or libnftnl directly
+//! for what nftnl 0.9.4 cannot express) into our own buffer instead of `nftnl::Batch`, so that
+//! the BATCH_BEGIN message can carry `NFNL_BATCH_GENID`: the kernel then refuses the whole
+//! batch with `ERESTART` if the ruleset changed since the generation id was read (DESIGN §1).
+//!
+//! Layout, as nft 1.0.6 sends `replace_script` (checked with `nft --debug=netlink` and strace):
+//!
+//! ```text
+//! BATCH_BEGIN [NFNL_BATCH_GENID]
+//! NEWTABLE inet ctguard      (declares it: a no-op when present)
+//! DELTABLE inet ctguard
+//! NEWTABLE inet ctguard      ┐
+//! NEWSET, NEWSETELEM…        │ only when the table is not empty
+//! NEWCHAIN (base chains)     │
+//! NEWRULE…                   ┘
+//! BATCH_END
+//! ```
+//!
+//! Message flags are those nft sends plus `NLM_F_ACK` on every message, batch begin and end
+//! included, so the kernel acknowledges each one; sequence numbers are consecutive from
+//! [`FIRST_SEQ`]. (nft sends the sets after the chains; the order inside one transaction does not
+//! change the result.)
+//!
+//! Set details that make `nft list` print the batch exactly like the script:
+//! - key type / length as nft: `inet_service` 13/2, `ipv4_addr` 7/4, `ipv6_addr` 8/16,
+//!   `ifname` 41/16; `flags interval` for ports and prefixes; set userdata
+//!   `NFTNL_UDATA_SET_KEYBYTEORDER` = big endian (2) for ports and addresses, host (1) for ifname.
+//! - interval elements as nft 1.0.6 sends them: an `INTERVAL_END` element at key 0 when the
+//!   first range does not start at 0, then per range its start and `hi + 1` flagged
+//!   `NFT_SET_ELEM_INTERVAL_END`; a range that reaches the top of the key space has no end
+//!   element and carries element userdata `NFTNL_UDATA_SET_ELEM_FLAGS` =
+//!   `NFTNL_SET_ELEM_F_INTERVAL_OPEN`.
+//! - `ifname` elements are 16 bytes, NUL-padded; no flags.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CString};
+use std::ptr::NonNull;
+
+use nftnl::nftnl_sys as sys;
+use nftnl::{Chain, ChainType, MsgType, NlMsg, ProtoFamily, Rule, Table};
+
+use super::nft_expr::{ifname_key, match_exprs, match_set, Notrack};
+use super::nft_ir::{ChainIr, Elem, Hook, RuleIr, SetIr, SetKind, TableIr};
+use super::nft_script::rule_text;
+use crate::model::Prefix;
+
+/// `NFNL_SUBSYS_NFTABLES`.
+pub const NFNL_SUBSYS_NFTABLES: u16 = libc::NFNL_SUBSYS_NFTABLES as u16;
+/// `NFNL_MSG_BATCH_BEGIN`.
+pub const NFNL_MSG_BATCH_BEGIN: u16 = libc::NFNL_MSG_BATCH_BEGIN as u16;
+/// `NFNL_MSG_BATCH_END`.
+pub const NFNL_MSG_BATCH_END: u16 = libc::NFNL_MSG_BATCH_END as u16;
+/// `NFNL_BATCH_GENID`: attribute of BATCH_BEGIN, u32 in network byte order.
+pub const NFNL_BATCH_GENID: u16 = libc::NFNL_BATCH_GENID as u16;
+/// Sequence number of the BATCH_BEGIN message; each further message takes the next one.
+pub const FIRST_SEQ: u32 = 1;
+
+const NLM_F_REQUEST: u16 = libc::NLM_F_REQUEST as u16;
+const NLM_F_ACK: u16 = libc::NLM_F_ACK as u16;
+const NLM_F_CREATE: u16 = libc::NLM_F_CREATE as u16;
+const NLM_F_APPEND: u16 = libc::NLM_F_APPEND as u16;
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+
+/// `NFTNL_UDATA_SET_KEYBYTEORDER` (set userdata TLV type).
+const UDATA_SET_KEYBYTEORDER: u8 = 0;
+/// `NFTNL_UDATA_SET_ELEM_FLAGS` (element userdata TLV type).
+const UDATA_SET_ELEM_FLAGS: u8 = 1;
+/// `NFTNL_SET_ELEM_F_INTERVAL_OPEN`: the interval extends to the end of the key space.
+const SET_ELEM_F_INTERVAL_OPEN: u32 = 1;
+/// nft's `BYTEORDER_HOST_ENDIAN`.
+const BYTEORDER_HOST_ENDIAN: u32 = 1;
+/// nft's `BYTEORDER_BIG_ENDIAN`.
+const BYTEORDER_BIG_ENDIAN: u32 = 2;
+
+/// What a message of the batch does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsgKind {
+    /// `NFNL_MSG_BATCH_BEGIN`.
+    BatchBegin,
+    /// `NFT_MSG_NEWTABLE`.
+    NewTable,
+    /// `NFT_MSG_DELTABLE`.
+    DelTable,
+    /// `NFT_MSG_NEWSET`.
+    NewSet,
+    /// `NFT_MSG_NEWSETELEM`.
+    NewSetElem,
+    /// `NFT_MSG_NEWCHAIN`.
+    NewChain,
+    /// `NFT_MSG_NEWRULE`.
+    NewRule,
+    /// `NFNL_MSG_BATCH_END`.
+    BatchEnd,
+}
+
+impl MsgKind {
+    /// The `nlmsg_type` of such a message.
+    pub fn nlmsg_type(self) -> u16 {
+        let nft = |t: i32| (NFNL_SUBSYS_NFTABLES << 8) | t as u16;
+        match self {
+            MsgKind::BatchBegin => NFNL_MSG_BATCH_BEGIN,
+            MsgKind::NewTable => nft(libc::NFT_MSG_NEWTABLE),
+            MsgKind::DelTable => nft(libc::NFT_MSG_DELTABLE),
+            MsgKind::NewSet => nft(libc::NFT_MSG_NEWSET),
+            MsgKind::NewSetElem => nft(libc::NFT_MSG_NEWSETELEM),
+            MsgKind::NewChain => nft(libc::NFT_MSG_NEWCHAIN),
+            MsgKind::NewRule => nft(libc::NFT_MSG_NEWRULE),
+            MsgKind::BatchEnd => NFNL_MSG_BATCH_END,
+        }
+    }
+
+    /// The `nlmsg_flags` this encoder gives it: nft 1.0.6's, plus `NLM_F_ACK`.
+    pub fn nlmsg_flags(self) -> u16 {
+        NLM_F_REQUEST
+            | NLM_F_ACK
+            | match self {
+                MsgKind::NewSet | MsgKind::NewSetElem | MsgKind::NewChain => NLM_F_CREATE,
+                MsgKind::NewRule => NLM_F_CREATE | NLM_F_APPEND,
+                _ => 0,
+            }
+    }
+}
+
+/// One message of a [`BatchBuffer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchMsg {
+    /// Its `nlmsg_seq`; the kernel's ACK or error carries it.
+    pub seq: u32,
+    /// What it does.
+    pub kind: MsgKind,
+    /// Byte offset in [`BatchBuffer::as_bytes`].
+    pub offset: usize,
+    /// Its `nlmsg_len`.
+    pub len: usize,
+    /// Human description for error messages, e.g. `add set inet ctguard ports_0`.
+    pub what: String,
+}
+
+/// The bytes of one netlink batch (BATCH_BEGIN … BATCH_END), ready for one `sendto` on a
+/// NETLINK_NETFILTER socket, with a description of every message for error reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchBuffer {
+    bytes: Vec<u8>,
+    msgs: Vec<BatchMsg>,
+    genid: Option<u32>,
+}
+
+impl BatchBuffer {
+    /// The whole batch, messages back to back (each 4-byte aligned).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+    /// Every message in order, BATCH_BEGIN first and BATCH_END last.
+    pub fn messages(&self) -> &[BatchMsg] {
+        &self.msgs
+    }
+    /// The message with sequence number `seq`.
+    pub fn message(&self, seq: u32) -> Option<&BatchMsg> {
+        self.msgs.iter().find(|m| m.seq == seq)
+    }
+    /// The generation id carried by BATCH_BEGIN, if any.
+    pub fn genid(&self) -> Option<u32> {
+        self.genid
+    }
+}
+
+/// Why a table cannot be encoded. Nothing is sent in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// A rule looks up a set the table does not declare.
+    #[error("rule {rule} of chain {chain} looks up set @{set}, which table {table} does not declare")]
+    UnknownSet {
+        /// Table name.
+        table: String,
+        /// Chain name.
+        chain: String,
+        /// 1-based rule position in the chain.
+        rule: usize,
+        /// The missing set.
+        set: String,
+    },
+    /// An element does not fit the set's type.
+    #[error("set {set} of type {kind} cannot hold element {element}")]
+    ElementKind {
+        /// Set name.
+        set: String,
+        /// Its type keyword.
+        kind: &'static str,
+        /// The element as nft prints it.
+        element: String,
+    },
+    /// Two elements of a set overlap (or repeat): the kernel would refuse the batch.
+    #[error("set {set}: element {element} overlaps or repeats an earlier one")]
+    Overlap {
+        /// Set name.
+        set: String,
+        /// The element as nft prints it.
+        element: String,
+    },
+    /// A name contains a NUL byte.
+    #[error("{what} {name:?} contains a NUL byte")]
+    Nul {
+        /// What kind of name.
+        what: &'static str,
+        /// The name.
+        name: String,
+        /// The conversion error.
+        #[source]
+        source: std::ffi::NulError,
+    },
+    /// A rule comment is longer than libnftnl's comment buffer.
+    #[error("rule {rule} of chain {chain}: comment of {len} bytes is too long")]
+    CommentTooLong {
+        /// Chain name.
+        chain: String,
+        /// 1-based rule position.
+        rule: usize,
+        /// Comment length in bytes.
+        len: usize,
+    },
+    /// A message came out larger than any netlink message can be.
+    #[error("{what}: message of {len} bytes exceeds the netlink limit")]
+    TooLarge {
+        /// The message.
+        what: String,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Encodes `table` as one batch equivalent to `replace_script(table)`: declare, delete and
+/// recreate `table inet <name>` with its sets, elements, base chains and rules (an empty table
+/// only removes it). With `genid` the kernel applies the batch only if the ruleset generation is
+/// still `genid`. Pure and deterministic; the table is checked first (every looked-up set
+/// declared, elements of the right type, no overlaps), so an `Ok` batch fails in the kernel only
+/// for reasons the kernel alone knows.
+pub fn encode(table: &TableIr, genid: Option<u32>) -> Result<BatchBuffer, BatchError> {
+    check(table)?;
+    let mut b = BatchBuilder::new(genid);
+    b.add_table(&table.name)?;
+    b.delete_table(&table.name)?;
+    if !table.is_empty() {
+        b.add_table(&table.name)?;
+        for set in &table.sets {
+            b.add_set(&table.name, set)?;
+        }
+        for chain in &table.chains {
+            b.add_chain(&table.name, chain)?;
+        }
+        for chain in &table.chains {
+            for (i, rule) in chain.rules.iter().enumerate() {
+                b.add_rule(&table.name, &chain.name, i + 1, rule)?;
+            }
+        }
+    }
+    Ok(b.finish())
+}
+
+fn check(table: &TableIr) -> Result<(), BatchError> {
+    for set in &table.sets {
+        set_elements(set)?;
+    }
+    for chain in &table.chains {
+        for (i, rule) in chain.rules.iter().enumerate() {
+            for m in &rule.matches {
+                if let Some(s) = match_set(m) {
+                    if !table.sets.iter().any(|x| x.name == s) {
+                        return Err(BatchError::UnknownSet {
+                            table: table.name.clone(),
+                            chain: chain.name.clone(),
+                            rule: i + 1,
+                            set: s.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cstring(what: &'static str, name: &str) -> Result<CString, BatchError> {
+    CString::new(name).map_err(|source| BatchError::Nul { what, name: name.to_string(), source })
+}
+
+/// Scratch space for one message: `nft_nlmsg_maxsize()` bytes, 8-byte aligned for `nlmsghdr`.
+struct Scratch(Vec<u64>);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let bytes = nftnl::nft_nlmsg_maxsize() as usize;
+        Scratch(vec![0u64; bytes.div_ceil(8)])
+    }
+    fn ptr(&mut self) -> *mut c_void {
+        self.0.as_mut_ptr().cast()
+    }
+    fn capacity(&self) -> usize {
+        self.0.len() * 8
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: a u64 slice viewed as bytes: same allocation, 8× the length, no padding.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 8) }
+    }
+    fn clear(&mut self, len: usize) {
+        let words = len.div_ceil(8).min(self.0.len());
+        self.0[..words].fill(0);
+    }
+}
+
+/// libnftnl set with its elements; freed on drop.
+struct RawSet(NonNull<sys::nftnl_set>);
+
+impl Drop for RawSet {
+    fn drop(&mut self) {
+        // SAFETY: allocated by nftnl_set_alloc and freed only here (frees its elements too).
+        unsafe { sys::nftnl_set_free(self.0.as_ptr()) }
+    }
+}
+
+/// libnftnl table object; freed on drop.
+struct RawTable(NonNull<sys::nftnl_table>);
+
+impl Drop for RawTable {
+    fn drop(&mut self) {
+        // SAFETY: allocated by nftnl_table_alloc and freed only here.
+        unsafe { sys::nftnl_table_free(self.0.as_ptr()) }
+    }
+}
+
+fn non_null<T>(p: *mut T) -> NonNull<T> {
+    // libnftnl allocators return null only when memory is exhausted; abort like nftnl does.
+    match NonNull::new(p) {
+        Some(p) => p,
+        None => std::process::abort(),
+    }
+}
+
+/// One set element as sent: key bytes, `NFTA_SET_ELEM_FLAGS`, element userdata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ElemSpec {
+    key: Vec<u8>,
+    flags: u32,
+    udata: Option<Vec<u8>>,
+}
+
+fn udata_u32(ty: u8, v: u32) -> Vec<u8> {
+    let mut b = vec![ty, 4];
+    b.extend_from_slice(&v.to_ne_bytes());
+    b
+}
+
+/// Key type number, key length and nft's key byte order for a set kind.
+fn key_spec(kind: SetKind) -> (u32, u32, u32) {
+    match kind {
+        SetKind::Ports => (13, 2, BYTEORDER_BIG_ENDIAN),
+        SetKind::Ipv4 => (7, 4, BYTEORDER_BIG_ENDIAN),
+        SetKind::Ipv6 => (8, 16, BYTEORDER_BIG_ENDIAN),
+        SetKind::Ifname => (41, 16, BYTEORDER_HOST_ENDIAN),
+    }
+}
+
+/// The elements nft 1.0.6 sends for `set`.
+fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
+    let elem_text = |e: &Elem| super::nft_script::elem(e);
+    let wrong = |e: &Elem| BatchError::ElementKind {
+        set: set.name.clone(),
+        kind: set.kind.type_name(),
+        element: elem_text(e),
+    };
+    if set.kind == SetKind::Ifname {
+        let mut out: Vec<ElemSpec> = Vec::with_capacity(set.elements.len());
+        for e in &set.elements {
+            let Elem::Ifname(n) = e else { return Err(wrong(e)) };
+            let key = ifname_key(n).to_vec();
+            if out.iter().any(|o| o.key == key) {
+                return Err(BatchError::Overlap { set: set.name.clone(), element: elem_text(e) });
+            }
+            out.push(ElemSpec { key, flags: 0, udata: None });
+        }
+        return Ok(out);
+    }
+    let width = key_spec(set.kind).1 as usize;
+    let max: u128 = if width == 16 { u128::MAX } else { (1u128 << (8 * width)) - 1 };
+    let mut ranges: Vec<(u128, u128, &Elem)> = Vec::with_capacity(set.elements.len());
+    for e in &set.elements {
+        let r = match (set.kind, e) {
+            (SetKind::Ports, Elem::Port(p)) => (u128::from(p.lo), u128::from(p.hi)),
+            (SetKind::Ipv4, Elem::Prefix(p @ Prefix::V4(..))) => p.bounds(),
+            (SetKind::Ipv6, Elem::Prefix(p @ Prefix::V6(..))) => p.bounds(),
+            _ => return Err(wrong(e)),
+        };
+        if r.0 > r.1 {
+            return Err(wrong(e));
+        }
+        ranges.push((r.0, r.1, e));
+    }
+    ranges.sort_by_key(|r| (r.0, r.1));
+    let key = |v: u128| v.to_be_bytes()[16 - width..].to_vec();
+    let mut out = Vec::with_capacity(2 * ranges.len() + 1);
+    if ranges.first().is_some_and(|r| r.0 != 0) {
+        out.push(ElemSpec { key: key(0), flags: libc::NFT_SET_ELEM_INTERVAL_END as u32, udata: None });
+    }
+    let mut prev_hi: Option<u128> = None;
+    for (lo, hi, e) in ranges {
+        if prev_hi.is_some_and(|p| lo <= p) {
+            return Err(BatchError::Overlap { set: set.name.clone(), element: elem_text(e) });
+        }
+        prev_hi = Some(hi);
+        if hi == max {
+            out.push(ElemSpec {
+                key: key(lo),
+                flags: 0,
+                udata: Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN)),
+            });
+        } else {
+            out.push(ElemSpec { key: key(lo), flags: 0, udata: None });
+            out.push(ElemSpec {
+                key: key(hi + 1),
+                flags: libc::NFT_SET_ELEM_INTERVAL_END as u32,
+                udata: None,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Builds a batch message by message. [`encode`] is the normal entry point; the builder is
+/// public so tests (and later the transaction code) can assemble other batches — e.g. one whose
+/// last message the kernel must refuse. All objects are family `inet`. Pure.
+pub struct BatchBuilder {
+    bytes: Vec<u8>,
+    msgs: Vec<BatchMsg>,
+    genid: Option<u32>,
+    next_seq: u32,
+    next_set_id: u32,
+    set_ids: HashMap<(String, String), u32>,
+    scratch: Scratch,
+}
+
+impl BatchBuilder {
+    /// Starts a batch: writes BATCH_BEGIN (with `NFNL_BATCH_GENID` when `genid` is Some).
+    pub fn new(genid: Option<u32>) -> BatchBuilder {
+        let mut b = BatchBuilder {
+            bytes: Vec::with_capacity(4096),
+            msgs: Vec::new(),
+            genid,
+            next_seq: FIRST_SEQ,
+            next_set_id: 1,
+            set_ids: HashMap::new(),
+            scratch: Scratch::new(),
+        };
+        let attr = genid.map(|g| {
+            let mut a = Vec::with_capacity(8);
+            a.extend_from_slice(&8u16.to_ne_bytes());
+            a.extend_from_slice(&NFNL_BATCH_GENID.to_ne_bytes());
+            a.extend_from_slice(&g.to_be_bytes());
+            a
+        });
+        let what = match genid {
+            Some(g) => format!("batch begin (generation {g})"),
+            None => "batch begin".to_string(),
+        };
+        b.push_control(MsgKind::BatchBegin, attr.as_deref().unwrap_or(&[]), what);
+        b
+    }
+
+    /// BATCH_BEGIN / BATCH_END: nlmsghdr, nfgenmsg (AF_UNSPEC, v0, res_id = NFTABLES), attrs.
+    fn push_control(&mut self, kind: MsgKind, attrs: &[u8], what: String) {
+        let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+        let seq = self.take_seq();
+        let offset = self.bytes.len();
+        self.bytes.extend_from_slice(&(len as u32).to_ne_bytes());
+        self.bytes.extend_from_slice(&kind.nlmsg_type().to_ne_bytes());
+        self.bytes.extend_from_slice(&kind.nlmsg_flags().to_ne_bytes());
+        self.bytes.extend_from_slice(&seq.to_ne_bytes());
+        self.bytes.extend_from_slice(&0u32.to_ne_bytes());
+        self.bytes.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
+        self.bytes.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
+        self.bytes.extend_from_slice(attrs);
+        self.pad();
+        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
+    }
+
+    fn take_seq(&mut self) -> u32 {
+        let s = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        s
+    }
+
+    fn pad(&mut self) {
+        while self.bytes.len() % 4 != 0 {
+            self.bytes.push(0);
+        }
+    }
+
+    /// Writes one message with `write(scratch, seq)`, then sets the flags of `kind` and appends
+    /// it. `write` must produce a complete message at the start of the scratch buffer.
+    fn push_written(
+        &mut self,
+        kind: MsgKind,
+        what: String,
+        write: impl FnOnce(*mut c_void, u32),
+    ) -> Result<(), BatchError> {
+        let seq = self.take_seq();
+        write(self.scratch.ptr(), seq);
+        let s = self.scratch.bytes();
+        let len = u32::from_ne_bytes([s[0], s[1], s[2], s[3]]) as usize;
+        if len < NLMSG_HDRLEN || len > self.scratch.capacity() || len > u32::MAX as usize {
+            return Err(BatchError::TooLarge { what, len });
+        }
+        let offset = self.bytes.len();
+        self.bytes.extend_from_slice(&s[..len]);
+        self.bytes[offset + 6..offset + 8].copy_from_slice(&kind.nlmsg_flags().to_ne_bytes());
+        self.pad();
+        self.scratch.clear(len);
+        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
+        Ok(())
+    }
+
+    fn table_msg(&mut self, kind: MsgKind, name: &str) -> Result<(), BatchError> {
+        let cname = cstring("table name", name)?;
+        let verb = if kind == MsgKind::DelTable { "delete" } else { "add" };
+        let t = RawTable(non_null(unsafe { sys::nftnl_table_alloc() }));
+        // SAFETY: `t` is a live table object; libnftnl copies the string.
+        unsafe {
+            sys::nftnl_table_set_u32(t.0.as_ptr(), sys::NFTNL_TABLE_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_table_set_str(t.0.as_ptr(), sys::NFTNL_TABLE_NAME as u16, cname.as_ptr());
+            if kind == MsgKind::NewTable {
+                // nft sends NFTA_TABLE_FLAGS 0 when it declares a table, nothing when deleting.
+                sys::nftnl_table_set_u32(t.0.as_ptr(), sys::NFTNL_TABLE_FLAGS as u16, 0);
+            }
+        }
+        let ty = kind.nlmsg_type() & 0xff;
+        self.push_written(kind, format!("{verb} table inet {name}"), |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a table message is tiny.
+            unsafe {
+                let nlh = sys::nftnl_nlmsg_build_hdr(
+                    buf.cast::<c_char>(),
+                    ty,
+                    libc::NFPROTO_INET as u16,
+                    0,
+                    seq,
+                );
+                sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr());
+            }
+        })
+    }
+
+    /// NEWTABLE inet `name` (flags 0): creates the table, or is a no-op when it exists.
+    pub fn add_table(&mut self, name: &str) -> Result<(), BatchError> {
+        self.table_msg(MsgKind::NewTable, name)
+    }
+
+    /// DELTABLE inet `name`: deletes the table and everything in it (fails if absent).
+    pub fn delete_table(&mut self, name: &str) -> Result<(), BatchError> {
+        self.table_msg(MsgKind::DelTable, name)
+    }
+
+    /// NEWSET for `set` in `table`, then its elements (NEWSETELEM, split like nft into messages
+    /// whose element list fits a netlink attribute). The set gets the next batch-local set id,
+    /// which later rules' lookups carry.
+    pub fn add_set(&mut self, table: &str, set: &SetIr) -> Result<(), BatchError> {
+        let elems = set_elements(set)?;
+        let ctable = cstring("table name", table)?;
+        let cname = cstring("set name", &set.name)?;
+        let id = self.next_set_id;
+        self.next_set_id += 1;
+        self.set_ids.insert((table.to_string(), set.name.clone()), id);
+        let (key_type, key_len, byteorder) = key_spec(set.kind);
+        let flags = if set.kind.is_interval() { libc::NFT_SET_INTERVAL as u32 } else { 0 };
+        let udata = udata_u32(UDATA_SET_KEYBYTEORDER, byteorder);
+        let s = RawSet(non_null(unsafe { sys::nftnl_set_alloc() }));
+        let p = s.0.as_ptr();
+        // SAFETY: `p` is a live set; libnftnl copies strings and data; each element is handed
+        // over to the set (nftnl_set_elem_add), which frees it with the set.
+        unsafe {
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_set_set_str(p, sys::NFTNL_SET_TABLE as u16, ctable.as_ptr());
+            sys::nftnl_set_set_str(p, sys::NFTNL_SET_NAME as u16, cname.as_ptr());
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, flags);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, key_type);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, key_len);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, id);
+            sys::nftnl_set_set_data(
+                p,
+                sys::NFTNL_SET_USERDATA as u16,
+                udata.as_ptr().cast(),
+                udata.len() as u32,
+            );
+            for e in &elems {
+                let el = non_null(sys::nftnl_set_elem_alloc()).as_ptr();
+                sys::nftnl_set_elem_set(
+                    el,
+                    sys::NFTNL_SET_ELEM_KEY as u16,
+                    e.key.as_ptr().cast(),
+                    e.key.len() as u32,
+                );
+                if e.flags != 0 {
+                    sys::nftnl_set_elem_set_u32(el, sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
+                }
+                if let Some(u) = &e.udata {
+                    sys::nftnl_set_elem_set(
+                        el,
+                        sys::NFTNL_SET_ELEM_USERDATA as u16,
+                        u.as_ptr().cast(),
+                        u.len() as u32,
+                    );
+                }
+                sys::nftnl_set_elem_add(p, el);
+            }
+        }
+        let flags_text = if set.kind.is_interval() { ", flags interval" } else { "" };
+        let set_ty = (MsgKind::NewSet.nlmsg_type() & 0xff) as u16;
+        self.push_written(
+            MsgKind::NewSet,
+            format!("add set inet {table} {} ({}{flags_text})", set.name, set.kind.type_name()),
+            |buf, seq| {
+                // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a set message is small.
+                unsafe {
+                    let nlh = sys::nftnl_nlmsg_build_hdr(
+                        buf.cast::<c_char>(),
+                        set_ty,
+                        libc::NFPROTO_INET as u16,
+                        0,
+                        seq,
+                    );
+                    sys::nftnl_set_nlmsg_build_payload(nlh, p);
+                }
+            },
+        )?;
+        if elems.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: the iterator borrows the live set `s` and is destroyed before it.
+        let iter = non_null(unsafe { sys::nftnl_set_elems_iter_create(p) });
+        struct IterGuard(NonNull<sys::nftnl_set_elems_iter>);
+        impl Drop for IterGuard {
+            fn drop(&mut self) {
+                // SAFETY: created by nftnl_set_elems_iter_create, destroyed only here.
+                unsafe { sys::nftnl_set_elems_iter_destroy(self.0.as_ptr()) }
+            }
+        }
+        let iter = IterGuard(iter);
+        let elem_ty = (MsgKind::NewSetElem.nlmsg_type() & 0xff) as u16;
+        let mut part = 1;
+        loop {
+            let mut more = 0;
+            self.push_written(
+                MsgKind::NewSetElem,
+                format!("add elements to set inet {table} {} (part {part})", set.name),
+                |buf, seq| {
+                    // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; libnftnl stops
+                    // adding elements before the element list attribute overflows 64 KiB.
+                    unsafe {
+                        let nlh = sys::nftnl_nlmsg_build_hdr(
+                            buf.cast::<c_char>(),
+                            elem_ty,
+                            libc::NFPROTO_INET as u16,
+                            0,
+                            seq,
+                        );
+                        more = sys::nftnl_set_elems_nlmsg_build_payload_iter(nlh, iter.0.as_ptr());
+                    }
+                },
+            )?;
+            if more <= 0 {
+                break;
+            }
+            part += 1;
+        }
+        drop(iter);
+        drop(s);
+        Ok(())
+    }
+
+    /// NEWCHAIN: the base chain `chain` in `table` (type filter, its hook and priority, policy
+    /// accept). Rules are added separately with [`BatchBuilder::add_rule`].
+    pub fn add_chain(&mut self, table: &str, chain: &ChainIr) -> Result<(), BatchError> {
+        let t = Table::new(cstring("table name", table)?, ProtoFamily::Inet);
+        let mut c = Chain::new(cstring("chain name", &chain.name)?, &t);
+        let hook = match chain.hook {
+            Hook::Prerouting => nftnl::Hook::PreRouting,
+            Hook::Output => nftnl::Hook::Out,
+        };
+        c.set_hook(hook, chain.priority);
+        c.set_type(ChainType::Filter);
+        c.set_policy(nftnl::Policy::Accept);
+        let what = format!(
+            "add chain inet {table} {} (type filter hook {} priority {}; policy accept)",
+            chain.name,
+            chain.hook.as_str(),
+            chain.priority
+        );
+        self.push_written(MsgKind::NewChain, what, |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a chain message is small.
+            unsafe { c.write(buf, seq, MsgType::Add) }
+        })
+    }
+
+    /// NEWRULE appended to `chain` in `table`: the rule's matches, `notrack`, and its comment
+    /// as nft's userdata comment. Looked-up sets added earlier in this batch are referenced by
+    /// name and batch-local id, others by name only (the kernel refuses an unknown one).
+    /// `position` (1-based) is only used in descriptions.
+    pub fn add_rule(
+        &mut self,
+        table: &str,
+        chain: &str,
+        position: usize,
+        rule: &RuleIr,
+    ) -> Result<(), BatchError> {
+        let t = Table::new(cstring("table name", table)?, ProtoFamily::Inet);
+        let c = Chain::new(cstring("chain name", chain)?, &t);
+        let mut r = Rule::new(&c);
+        for m in &rule.matches {
+            let exprs = match_exprs(m, |s| self.set_ids.get(&(table.to_string(), s.to_string())).copied())
+                .map_err(|source| BatchError::Nul {
+                    what: "set name",
+                    name: match_set(m).unwrap_or_default().to_string(),
+                    source,
+                })?;
+            for e in &exprs {
+                r.add_expr(e);
+            }
+        }
+        r.add_expr(&Notrack);
+        let comment = cstring("rule comment", &rule.comment)?;
+        r.set_comment(comment).map_err(|_| BatchError::CommentTooLong {
+            chain: chain.to_string(),
+            rule: position,
+            len: rule.comment.len(),
+        })?;
+        let what = format!("add rule inet {table} {chain} (rule {position}: {})", rule_text(rule));
+        self.push_written(MsgKind::NewRule, what, |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
+            unsafe { r.write(buf, seq, MsgType::Add) }
+        })
+    }
+
+    /// Writes BATCH_END and returns the batch.
+    pub fn finish(mut self) -> BatchBuffer {
+        self.push_control(MsgKind::BatchEnd, &[], "batch end (commit)".to_string());
+        BatchBuffer { bytes: self.bytes, msgs: self.msgs, genid: self.genid }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::names::Tag;
+    use crate::model::{parse_policy, Format, Policy};
+    use crate::render::nft_ir::table_for;
+
+    /// A parsed netlink message header plus its payload.
+    struct Msg {
+        len: usize,
+        ty: u16,
+        flags: u16,
+        seq: u32,
+        payload: Vec<u8>,
+    }
+
+    /// Walks the buffer as a sequence of netlink messages; fails on any inconsistency.
+    fn walk(b: &[u8]) -> Vec<Msg> {
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < b.len() {
+            assert!(off + NLMSG_HDRLEN <= b.len(), "truncated header at {off}");
+            let u32at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            let u16at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+            let len = u32at(off) as usize;
+            assert!(len >= NLMSG_HDRLEN + NFGENMSG_LEN && off + len <= b.len(), "bad length {len} at {off}");
+            assert_eq!(u32at(off + 12), 0, "pid must be 0");
+            out.push(Msg {
+                len,
+                ty: u16at(off + 4),
+                flags: u16at(off + 6),
+                seq: u32at(off + 8),
+                payload: b[off + NLMSG_HDRLEN..off + len].to_vec(),
+            });
+            off += len.next_multiple_of(4);
+        }
+        assert_eq!(off, b.len());
+        out
+    }
+
+    /// Attributes of a message payload after the nfgenmsg header: (type, data).
+    fn attrs(p: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        let mut v = Vec::new();
+        let mut off = NFGENMSG_LEN;
+        while off + 4 <= p.len() {
+            let len = u16::from_ne_bytes([p[off], p[off + 1]]) as usize;
+            let ty = u16::from_ne_bytes([p[off + 2], p[off + 3]]) & 0x3fff;
+            assert!(len >= 4 && off + len <= p.len());
+            v.push((ty, p[off + 4..off + len].to_vec()));
+            off += len.next_multiple_of(4);
+        }
+        v
+    }
+
+    fn policy(toml: &str) -> Policy {
+        match parse_policy(toml, Format::Toml) {
+            Ok(p) => p,
+            Err(e) => panic!("bad test policy: {e:?}"),
+        }
+    }
+
+    fn kinds(b: &BatchBuffer) -> Vec<MsgKind> {
+        b.messages().iter().map(|m| m.kind).collect()
+    }
+
+    #[test]
+    fn builtin_batch_order_flags_and_seqs() {
+        let t = table_for(&Policy::builtin(), &Tag::preview());
+        let b = encode(&t, None).expect("encodes");
+        let msgs = walk(b.as_bytes());
+        use MsgKind::*;
+        // builtin: one port set; prerouting udp+tcp, output udp+tcp sport and lo dport.
+        assert_eq!(
+            kinds(&b),
+            vec![
+                BatchBegin, NewTable, DelTable, NewTable, NewSet, NewSetElem, NewChain, NewChain,
+                NewRule, NewRule, NewRule, NewRule, NewRule, NewRule, BatchEnd
+            ]
+        );
+        assert_eq!(msgs.len(), b.messages().len());
+        for (i, (m, d)) in msgs.iter().zip(b.messages()).enumerate() {
+            assert_eq!(m.seq, FIRST_SEQ + i as u32, "consecutive sequence numbers");
+            assert_eq!(m.seq, d.seq);
+            assert_eq!(m.ty, d.kind.nlmsg_type());
+            assert_eq!(m.len, d.len);
+            assert_ne!(m.flags & NLM_F_ACK, 0, "{} lacks NLM_F_ACK", d.what);
+            assert_ne!(m.flags & NLM_F_REQUEST, 0);
+            assert_eq!(m.flags, d.kind.nlmsg_flags());
+        }
+        // Batch begin/end address the nftables subsystem; no genid attribute unless asked.
+        assert_eq!(msgs[0].ty, NFNL_MSG_BATCH_BEGIN);
+        assert_eq!(&msgs[0].payload[2..4], &NFNL_SUBSYS_NFTABLES.to_be_bytes());
+        assert!(attrs(&msgs[0].payload).is_empty());
+        assert_eq!(msgs[msgs.len() - 1].ty, NFNL_MSG_BATCH_END);
+        // Object messages are family inet.
+        assert!(msgs[1..msgs.len() - 1].iter().all(|m| m.payload[0] == libc::NFPROTO_INET as u8));
+        let flags = |k: MsgKind| msgs[kinds(&b).iter().position(|x| *x == k).expect("present")].flags;
+        assert_eq!(flags(NewRule) & (NLM_F_CREATE | NLM_F_APPEND), NLM_F_CREATE | NLM_F_APPEND);
+        assert_eq!(flags(NewChain) & NLM_F_CREATE, NLM_F_CREATE);
+        assert_eq!(flags(NewTable) & (NLM_F_CREATE | libc::NLM_F_EXCL as u16), 0);
+    }
+
+    #[test]
+    fn genid_attribute_only_when_asked() {
+        let t = table_for(&Policy::builtin(), &Tag::preview());
+        let b = encode(&t, Some(0x0102_0304)).expect("encodes");
+        assert_eq!(b.genid(), Some(0x0102_0304));
+        let msgs = walk(b.as_bytes());
+        let a = attrs(&msgs[0].payload);
+        assert_eq!(a, vec![(NFNL_BATCH_GENID, vec![1, 2, 3, 4])], "u32 in network byte order");
+        assert!(msgs[1..].iter().all(|m| m.ty != NFNL_MSG_BATCH_BEGIN));
+        let plain = encode(&t, None).expect("encodes");
+        assert_eq!(plain.as_bytes().len() + 8, b.as_bytes().len());
+    }
+
+    #[test]
+    fn empty_table_only_removes() {
+        let p = policy("backend = \"nft\"\n");
+        let t = table_for(&p, &Tag::preview());
+        assert!(t.is_empty());
+        let b = encode(&t, None).expect("encodes");
+        use MsgKind::*;
+        assert_eq!(kinds(&b), vec![BatchBegin, NewTable, DelTable, BatchEnd]);
+        walk(b.as_bytes());
+    }
+
+    #[test]
+    fn interval_elements_like_nft() {
+        let set = |elements, kind| SetIr { name: "s".into(), kind, elements };
+        let port = |lo, hi| Elem::Port(crate::model::PortRange { lo, hi });
+        let end = libc::NFT_SET_ELEM_INTERVAL_END as u32;
+        let e = |key: &[u8], flags| ElemSpec { key: key.to_vec(), flags, udata: None };
+        // { 53, 1000-2000 }: 0 end, 53, 54 end, 1000, 2001 end (what nft 1.0.6 sends).
+        let v = set_elements(&set(vec![port(53, 53), port(1000, 2000)], SetKind::Ports)).expect("ok");
+        assert_eq!(
+            v,
+            vec![e(&[0, 0], end), e(&[0, 53], 0), e(&[0, 54], end), e(&[3, 232], 0), e(&[7, 209], end)]
+        );
+        // A range reaching 65535 has no end element and is flagged interval-open.
+        let v = set_elements(&set(vec![port(1, 10), port(65535, 65535)], SetKind::Ports)).expect("ok");
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[3].key, vec![0xff, 0xff]);
+        assert_eq!(v[3].udata, Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN)));
+        assert_eq!(udata_u32(1, 1), [vec![1u8, 4], 1u32.to_ne_bytes().to_vec()].concat());
+        // Starting at 0: no leading end element.
+        let pre = crate::model::Prefix::V4(std::net::Ipv4Addr::new(0, 0, 0, 0), 1);
+        let v = set_elements(&set(vec![Elem::Prefix(pre)], SetKind::Ipv4)).expect("ok");
+        assert_eq!(v, vec![e(&[0, 0, 0, 0], 0), e(&[128, 0, 0, 0], end)]);
+        // Overlaps and wrong element kinds are refused.
+        assert!(matches!(
+            set_elements(&set(vec![port(1, 10), port(5, 6)], SetKind::Ports)),
+            Err(BatchError::Overlap { .. })
+        ));
+        assert!(matches!(
+            set_elements(&set(vec![Elem::Prefix(pre)], SetKind::Ipv6)),
+            Err(BatchError::ElementKind { .. })
+        ));
+    }
+
+    #[test]
+    fn set_message_carries_interval_flag_key_and_byteorder() {
+        let p = policy(
+            "[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nsources = [\"192.0.2.0/24\"]\ninterfaces = [\"eth0\"]\n",
+        );
+        let b = encode(&table_for(&p, &Tag::preview()), None).expect("encodes");
+        let msgs = walk(b.as_bytes());
+        let sets: Vec<_> = msgs
+            .iter()
+            .filter(|m| m.ty == MsgKind::NewSet.nlmsg_type())
+            .map(|m| attrs(&m.payload))
+            .collect();
+        assert_eq!(sets.len(), 3);
+        let get = |a: &Vec<(u16, Vec<u8>)>, t: u16| a.iter().find(|x| x.0 == t).map(|x| x.1.clone());
+        let be32 = |v: u32| Some(v.to_be_bytes().to_vec());
+        // NFTA_SET_FLAGS=3, KEY_TYPE=4, KEY_LEN=5, ID=10, USERDATA=13.
+        assert_eq!(get(&sets[0], 3), be32(libc::NFT_SET_INTERVAL as u32));
+        assert_eq!(get(&sets[0], 4), be32(13));
+        assert_eq!(get(&sets[0], 5), be32(2));
+        assert_eq!(get(&sets[0], 10), be32(1));
+        let mut ud = vec![0u8, 4];
+        ud.extend_from_slice(&2u32.to_ne_bytes());
+        assert_eq!(get(&sets[0], 13), Some(ud));
+        assert_eq!(get(&sets[1], 4), be32(7));
+        assert_eq!(get(&sets[2], 3), be32(0));
+        assert_eq!(get(&sets[2], 4), be32(41));
+        assert_eq!(get(&sets[2], 5), be32(16));
+    }
+
+    #[test]
+    fn unknown_set_is_refused_by_encode_but_buildable_by_hand() {
+        let mut t = table_for(&Policy::builtin(), &Tag::preview());
+        t.sets.clear();
+        t.sets.push(SetIr { name: "other".into(), kind: SetKind::Ports, elements: vec![] });
+        assert!(matches!(encode(&t, None), Err(BatchError::UnknownSet { .. })));
+        let mut b = BatchBuilder::new(Some(7));
+        b.add_table("ctguard").expect("ok");
+        b.add_rule("ctguard", "prerouting", 1, &t.chains[0].rules[0]).expect("ok");
+        let buf = b.finish();
+        assert_eq!(walk(buf.as_bytes()).len(), 4);
+    }
+
+    #[test]
+    fn large_sets_split_into_several_element_messages() {
+        let ports: Vec<String> = (1..=30000u32).step_by(2).map(|p| p.to_string()).collect();
+        let p = policy(&format!("[[notrack]]\nprotocols = [\"udp\"]\nports = [{}]\n", ports.join(",")));
+        let b = encode(&table_for(&p, &Tag::preview()), None).expect("encodes");
+        let n = b.messages().iter().filter(|m| m.kind == MsgKind::NewSetElem).count();
+        assert!(n >= 2, "{n} element messages");
+        for m in walk(b.as_bytes()) {
+            assert!(m.len <= nftnl::nft_nlmsg_maxsize() as usize);
+        }
+    }
+}
