@@ -6,55 +6,11 @@
 //! shell. Call these inside `crate::netns::Target::run` so they act on the target.
 
 use crate::backend::exec::{ExecError, Tool};
-use crate::live::fw::IptVariant;
 use crate::live::iptables_save::{self, SaveDump, SaveParseError};
 use crate::render::iptables::{IpFamily, Jump};
 
-/// Which iptables implementation: the tool names are `iptables-nft-*` or `iptables-legacy-*`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Variant {
-    /// iptables-nft: x_tables rules stored in nf_tables (`xtables-nft-multi`).
-    Nft,
-    /// iptables-legacy: the x_tables kernel interface (`xtables-legacy-multi`).
-    Legacy,
-}
-
-impl Variant {
-    /// Both variants.
-    pub const ALL: [Variant; 2] = [Variant::Nft, Variant::Legacy];
-
-    /// `nft` or `legacy`, as in the tool names.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Variant::Nft => "nft",
-            Variant::Legacy => "legacy",
-        }
-    }
-
-    /// The tool name for `family` and `suffix` (`""`, `"-save"`, `"-restore"`), e.g.
-    /// `ip6tables-legacy-restore`.
-    pub fn tool_name(self, family: IpFamily, suffix: &str) -> String {
-        format!("{}-{}{}", family.tool_prefix(), self.as_str(), suffix)
-    }
-}
-
-impl From<IptVariant> for Variant {
-    fn from(v: IptVariant) -> Self {
-        match v {
-            IptVariant::Nft => Variant::Nft,
-            IptVariant::Legacy => Variant::Legacy,
-        }
-    }
-}
-
-impl From<Variant> for IptVariant {
-    fn from(v: Variant) -> Self {
-        match v {
-            Variant::Nft => IptVariant::Nft,
-            Variant::Legacy => IptVariant::Legacy,
-        }
-    }
-}
+/// Which iptables implementation (one type for the whole crate, see [`IptVariant`]).
+pub use crate::live::fw::IptVariant as Variant;
 
 /// Errors of the iptables backend.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +83,10 @@ pub enum IptablesError {
 }
 
 fn tool(name: &str) -> Result<Tool, IptablesError> {
-    Tool::find(name).map_err(|source| IptablesError::Exec { what: format!("cannot use {name}"), source })
+    Tool::find(name).map_err(|source| IptablesError::Exec {
+        what: format!("cannot use {name}"),
+        source,
+    })
 }
 
 /// `iptables-VARIANT-save` (or `ip6tables-…`) of the calling thread's namespace. The text is
@@ -138,22 +97,34 @@ pub fn save(variant: Variant, family: IpFamily) -> Result<String, IptablesError>
 }
 
 /// [`save`], returning the parsed dump as well.
-pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDump), IptablesError> {
-    let name = variant.tool_name(family, "-save");
+pub fn save_parsed(
+    variant: Variant,
+    family: IpFamily,
+) -> Result<(String, SaveDump), IptablesError> {
+    let name = variant.tool(family == IpFamily::V6, "-save");
     let t = tool(&name)?;
-    let text = t
-        .run(&[], None)
-        .map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
-    let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
+    let text = t.run(&[], None).map_err(|source| IptablesError::Exec {
+        what: format!("{name} failed"),
+        source,
+    })?;
+    let dump =
+        iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
     Ok((text, dump))
 }
 
 /// Loads `text` with `iptables-VARIANT-restore -w` (plus `--noflush` when asked). Tables are
 /// committed one by one, in the order of the text.
-pub fn restore(variant: Variant, family: IpFamily, text: &str, noflush: bool) -> Result<(), IptablesError> {
-    let name = variant.tool_name(family, "-restore");
-    restore_with(&tool(&name)?, text, noflush)
-        .map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })
+pub fn restore(
+    variant: Variant,
+    family: IpFamily,
+    text: &str,
+    noflush: bool,
+) -> Result<(), IptablesError> {
+    let name = variant.tool(family == IpFamily::V6, "-restore");
+    restore_with(&tool(&name)?, text, noflush).map_err(|source| IptablesError::Exec {
+        what: format!("{name} failed"),
+        source,
+    })
 }
 
 fn restore_with(t: &Tool, text: &str, noflush: bool) -> Result<(), ExecError> {
@@ -175,13 +146,16 @@ pub fn check_rule(
     chain: &str,
     spec: &[String],
 ) -> Result<bool, IptablesError> {
-    let name = variant.tool_name(family, "");
+    let name = variant.tool(family == IpFamily::V6, "");
     let t = tool(&name)?;
     let mut args: Vec<&str> = vec!["-w", "-t", table, "-C", chain];
     args.extend(spec.iter().map(String::as_str));
     let out = t
         .output(&args, None)
-        .map_err(|source| IptablesError::Exec { what: format!("{name} -C failed"), source })?;
+        .map_err(|source| IptablesError::Exec {
+            what: format!("{name} -C failed"),
+            source,
+        })?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
@@ -198,7 +172,11 @@ pub fn check_rule(
 /// itself fails with status 2: "Chain 'CTGUARD-PRE' does not exist" / "Couldn't load target");
 /// otherwise `-C` decides. Another writer adding the same jump between this check and the
 /// restore would leave two; rollback deletes every copy (`-D` until `-C` finds none).
-pub fn missing_jumps(variant: Variant, family: IpFamily, jumps: &[Jump]) -> Result<Vec<Jump>, IptablesError> {
+pub fn missing_jumps(
+    variant: Variant,
+    family: IpFamily,
+    jumps: &[Jump],
+) -> Result<Vec<Jump>, IptablesError> {
     let (_, dump) = save_parsed(variant, family)?;
     let mut missing = Vec::new();
     for j in jumps {
@@ -226,7 +204,7 @@ pub fn scratch_check(
     ipset_save: Option<&str>,
     candidate: &str,
 ) -> Result<(), IptablesError> {
-    let name = variant.tool_name(family, "-restore");
+    let name = variant.tool(family == IpFamily::V6, "-restore");
     let restore_tool = tool(&name)?;
     let ipset_tool = match ipset_save {
         Some(s) if !s.trim().is_empty() => Some((tool("ipset")?, s)),
@@ -244,11 +222,17 @@ pub fn scratch_check(
                     .map_err(|source| IptablesError::ScratchIpsets { source })?;
             }
             if !live_dump.trim().is_empty() {
-                restore_with(&restore_tool, live_dump, false)
-                    .map_err(|source| IptablesError::ScratchLive { tool: name.clone(), source })?;
+                restore_with(&restore_tool, live_dump, false).map_err(|source| {
+                    IptablesError::ScratchLive {
+                        tool: name.clone(),
+                        source,
+                    }
+                })?;
             }
-            restore_with(&restore_tool, candidate, true)
-                .map_err(|source| IptablesError::Rejected { tool: name.clone(), source })
+            restore_with(&restore_tool, candidate, true).map_err(|source| IptablesError::Rejected {
+                tool: name.clone(),
+                source,
+            })
         });
         h.join().map_err(|_| IptablesError::ScratchPanicked)?
     })
@@ -258,7 +242,10 @@ pub fn scratch_check(
 pub fn ipset_save() -> Result<String, IptablesError> {
     tool("ipset")?
         .run(&["save"], None)
-        .map_err(|source| IptablesError::Exec { what: "ipset save failed".into(), source })
+        .map_err(|source| IptablesError::Exec {
+            what: "ipset save failed".into(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -267,10 +254,8 @@ mod tests {
 
     #[test]
     fn tool_names() {
-        assert_eq!(Variant::Nft.tool_name(IpFamily::V4, "-save"), "iptables-nft-save");
-        assert_eq!(Variant::Legacy.tool_name(IpFamily::V6, "-restore"), "ip6tables-legacy-restore");
-        assert_eq!(Variant::Legacy.tool_name(IpFamily::V6, ""), "ip6tables-legacy");
-        assert_eq!(Variant::from(IptVariant::Nft), Variant::Nft);
-        assert_eq!(IptVariant::from(Variant::Legacy), IptVariant::Legacy);
+        assert_eq!(Variant::Nft.tool(false, "-save"), "iptables-nft-save");
+        assert_eq!(Variant::Legacy.tool(true, "-restore"), "ip6tables-legacy-restore");
+        assert_eq!(Variant::Legacy.tool(true, ""), "ip6tables-legacy");
     }
 }

@@ -3,3 +3,4 @@
 pub mod exec;
 pub mod iptables;
 pub mod live;
+pub mod netlink;

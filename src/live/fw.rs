@@ -38,12 +38,21 @@ pub enum IptVariant {
 }
 
 impl IptVariant {
+    /// Both variants.
+    pub const ALL: [IptVariant; 2] = [IptVariant::Nft, IptVariant::Legacy];
+
     /// Suffix of the tool names (`iptables-nft-save`, `iptables-legacy-save`).
     pub fn as_str(self) -> &'static str {
         match self {
             IptVariant::Nft => "nft",
             IptVariant::Legacy => "legacy",
         }
+    }
+
+    /// The tool name for a family (`v6`) and `suffix` (`""`, `"-save"`, `"-restore"`), e.g.
+    /// `ip6tables-legacy-restore`.
+    pub fn tool(self, v6: bool, suffix: &str) -> String {
+        format!("{}-{}{}", if v6 { "ip6tables" } else { "iptables" }, self.as_str(), suffix)
     }
 }
 

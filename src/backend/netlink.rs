@@ -1,0 +1,594 @@
+//! nf_tables over netlink, in the calling thread's network namespace (run it on the target's
+//! thread, `crate::netns::Target::run`): send one batch built by
+//! [`crate::render::nft_batch`] and prove it committed; read the ruleset generation id.
+//!
+//! How a batch's outcome is read (kernel 6.18, measured; DESIGN §1, §10): every message carries
+//! `NLM_F_ACK`, and the kernel queues all replies while it processes the `sendto`, so they are
+//! waiting when it returns.
+//! - Committed: every message ACKs 0 and BATCH_END ACKs 0. The BATCH_END ACK is the proof
+//!   (kernels ≥ 6.10 acknowledge it only after the commit); earlier ACKs 0 prove nothing, as in
+//!   a failed batch the messages before the failing one still ACK 0.
+//! - A message refused (e.g. a lookup of a missing set): that message's reply carries the
+//!   errno, the whole batch is aborted, BATCH_END gets no ACK 0.
+//! - A stale `NFNL_BATCH_GENID`: BATCH_BEGIN alone is answered, with `ERESTART`; nothing ran.
+//! - Kernels before 6.10 ignore `NLM_F_ACK` on BATCH_BEGIN/END; there a commit failure is
+//!   reported against BATCH_BEGIN and no error anywhere with every message ACKed 0 means
+//!   committed (not testable on this machine's 6.18 kernel).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use crate::render::nft_batch::{BatchBuffer, MsgKind, FIRST_SEQ, NFNL_SUBSYS_NFTABLES};
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = libc::NLMSG_ERROR as u16;
+const NLMSG_DONE: u16 = libc::NLMSG_DONE as u16;
+/// `NETLINK_CAP_ACK` (linux/netlink.h): error replies carry only the request's header.
+const NETLINK_CAP_ACK: libc::c_int = 10;
+/// `NETLINK_EXT_ACK`: error replies may carry a message and the offending attribute.
+const NETLINK_EXT_ACK: libc::c_int = 11;
+/// `NLM_F_CAPPED` in an error reply: the request was not echoed beyond its header.
+const NLM_F_CAPPED: u16 = 0x100;
+/// `NLM_F_ACK_TLVS` in an error reply: extended ack attributes follow.
+const NLM_F_ACK_TLVS: u16 = 0x200;
+/// `NLMSGERR_ATTR_MSG`: a NUL-terminated error text.
+const NLMSGERR_ATTR_MSG: u16 = 1;
+/// `NFT_MSG_NEWGEN`, the reply to `NFT_MSG_GETGEN`.
+const NFT_MSG_NEWGEN: u16 = 15;
+/// `NFTA_GEN_ID`: u32, network byte order.
+const NFTA_GEN_ID: u16 = 1;
+
+#[cfg(any(target_arch = "mips", target_arch = "mips64", target_arch = "mips32r6", target_arch = "mips64r6"))]
+const SO_SNDBUFFORCE: libc::c_int = 31;
+#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
+const SO_SNDBUFFORCE: libc::c_int = 0x100a;
+#[cfg(not(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "mips32r6",
+    target_arch = "mips64r6",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)))]
+const SO_SNDBUFFORCE: libc::c_int = 32;
+#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
+const SO_RCVBUFFORCE: libc::c_int = 0x100b;
+#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+const SO_RCVBUFFORCE: libc::c_int = 33;
+
+/// How long to wait for replies that have not arrived. The kernel answers while it processes
+/// the send, so this only bounds a kernel that does not answer at all.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Receive buffer for one datagram: an error reply echoes at most a 64 KiB request.
+const RECV_BUF_BYTES: usize = 128 * 1024;
+
+/// Errors talking nf_tables over netlink.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The NETLINK_NETFILTER socket could not be opened or bound.
+    #[error("cannot open a NETLINK_NETFILTER socket: {0}")]
+    Socket(#[source] io::Error),
+    /// Sending failed: the kernel saw none of the batch (or not all of it, which it refuses).
+    #[error("sending {len} bytes to nf_tables failed: {source}")]
+    Send {
+        /// Bytes that were to be sent.
+        len: usize,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading the replies failed; whether the batch committed is unknown.
+    #[error("reading nf_tables replies failed ({0}); whether the batch committed is unknown")]
+    Recv(#[source] io::Error),
+    /// The receive buffer overflowed and replies were lost (`ENOBUFS`); whether the batch
+    /// committed is unknown: read the ruleset back.
+    #[error("nf_tables replies were lost ({0}); whether the batch committed is unknown")]
+    AcksLost(#[source] io::Error),
+    /// The ruleset generation changed since `genid` was read: the kernel refused the whole
+    /// batch (`ERESTART`) and applied nothing. Re-read the state and the id, rebuild, retry.
+    #[error("the ruleset changed since generation {} was read ({source}); the kernel applied nothing", .genid.map(|g| g.to_string()).unwrap_or_else(|| "?".into()))]
+    GenerationChanged {
+        /// The generation id the batch carried.
+        genid: Option<u32>,
+        /// The kernel's error (`ERESTART`).
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel refused a message; the whole batch was aborted and nothing was applied.
+    #[error("the kernel refused message {seq} ({what}): {source}{ext}{more}; nothing was applied",
+        ext = .ext.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
+        more = if *.others > 0 { format!(" (and {} later message(s))", .others) } else { String::new() })]
+    Refused {
+        /// Sequence number of the first refused message.
+        seq: u32,
+        /// What that message does.
+        what: String,
+        /// The kernel's extended-ack text, if it gave one.
+        ext: Option<String>,
+        /// How many further messages were refused too.
+        others: usize,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// No error came back, but neither did the proof of the commit (the BATCH_END ACK, or on
+    /// kernels before 6.10 the ACK of every message). The outcome is unknown: read it back.
+    #[error("no proof that the batch committed: {missing} of {expected} acknowledgements missing (first: {first_missing})")]
+    Unconfirmed {
+        /// Acknowledgements expected.
+        expected: usize,
+        /// How many did not arrive.
+        missing: usize,
+        /// Description of the first message without one.
+        first_missing: String,
+    },
+    /// A request other than a batch (e.g. GETGEN) failed.
+    #[error("nf_tables refused {what}: {source}")]
+    Query {
+        /// The request.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel's reply could not be parsed.
+    #[error("malformed nf_tables reply: {0}")]
+    Malformed(String),
+}
+
+/// A NETLINK_NETFILTER socket in the calling thread's namespace, set up for reading acks.
+struct NfSocket {
+    sock: mnl::Socket,
+    portid: u32,
+    buf: Vec<u64>,
+}
+
+fn setsockopt_int(fd: libc::c_int, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    // SAFETY: `val` lives across the call and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// One reply message: header fields and payload.
+struct Reply<'a> {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+    payload: &'a [u8],
+}
+
+fn u32_ne(b: &[u8], o: usize) -> Option<u32> {
+    b.get(o..o + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn u16_ne(b: &[u8], o: usize) -> Option<u16> {
+    b.get(o..o + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]))
+}
+
+/// Splits a datagram into netlink messages.
+fn parse_replies(data: &[u8]) -> Result<Vec<Reply<'_>>, NetlinkError> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= data.len() {
+        let bad = || NetlinkError::Malformed(format!("truncated message at byte {off}"));
+        let len = u32_ne(data, off).ok_or_else(bad)? as usize;
+        if len < NLMSG_HDRLEN || off + len > data.len() {
+            return Err(NetlinkError::Malformed(format!("message length {len} at byte {off}")));
+        }
+        out.push(Reply {
+            ty: u16_ne(data, off + 4).ok_or_else(bad)?,
+            flags: u16_ne(data, off + 6).ok_or_else(bad)?,
+            seq: u32_ne(data, off + 8).ok_or_else(bad)?,
+            pid: u32_ne(data, off + 12).ok_or_else(bad)?,
+            payload: &data[off + NLMSG_HDRLEN..off + len],
+        });
+        off += len.next_multiple_of(4);
+    }
+    Ok(out)
+}
+
+/// Netlink attributes in `b`: (type without flag bits, data).
+fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut v = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        v.push((ty, &b[4..len]));
+        b = &b[len.next_multiple_of(4).min(b.len())..];
+    }
+    v
+}
+
+/// An `NLMSG_ERROR` reply: 0 for an ACK, else a negative errno, plus extended-ack text.
+fn parse_error(r: &Reply<'_>) -> Result<(i32, Option<String>), NetlinkError> {
+    let code = u32_ne(r.payload, 0)
+        .ok_or_else(|| NetlinkError::Malformed("short NLMSG_ERROR".into()))? as i32;
+    let mut ext = None;
+    if r.flags & NLM_F_ACK_TLVS != 0 {
+        // nlmsgerr = error code + the request's header (+ its payload unless capped).
+        let orig_len = if r.flags & NLM_F_CAPPED != 0 {
+            NLMSG_HDRLEN
+        } else {
+            u32_ne(r.payload, 4).map(|l| l as usize).unwrap_or(NLMSG_HDRLEN)
+        };
+        let start = (4 + orig_len).next_multiple_of(4);
+        if let Some(tlvs) = r.payload.get(start..) {
+            ext = parse_attrs(tlvs).into_iter().find(|(t, _)| *t == NLMSGERR_ATTR_MSG).map(|(_, d)| {
+                String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+            });
+        }
+    }
+    Ok((code, ext))
+}
+
+impl NfSocket {
+    fn open() -> Result<NfSocket, NetlinkError> {
+        let sock = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NetlinkError::Socket)?;
+        let fd = sock.as_raw_fd();
+        // Best effort: without CAP_ACK error replies echo the request (the buffer fits them);
+        // without EXT_ACK there is no error text.
+        let _ = setsockopt_int(fd, libc::SOL_NETLINK, NETLINK_CAP_ACK, 1);
+        let _ = setsockopt_int(fd, libc::SOL_NETLINK, NETLINK_EXT_ACK, 1);
+        let portid = sock.portid();
+        Ok(NfSocket { sock, portid, buf: vec![0u64; RECV_BUF_BYTES / 8] })
+    }
+
+    /// Raises a socket buffer to at least `bytes` (the FORCE option needs CAP_NET_ADMIN and
+    /// ignores `rmem_max`/`wmem_max`; fall back to the plain one).
+    fn raise_buffer(&self, force: libc::c_int, plain: libc::c_int, bytes: usize) {
+        let fd = self.sock.as_raw_fd();
+        let v = bytes.min(i32::MAX as usize) as libc::c_int;
+        if setsockopt_int(fd, libc::SOL_SOCKET, force, v).is_err() {
+            let _ = setsockopt_int(fd, libc::SOL_SOCKET, plain, v);
+        }
+    }
+
+    fn send(&self, bytes: &[u8]) -> Result<(), NetlinkError> {
+        let n = self.sock.send(bytes).map_err(|source| NetlinkError::Send { len: bytes.len(), source })?;
+        if n != bytes.len() {
+            return Err(NetlinkError::Send {
+                len: bytes.len(),
+                source: io::Error::other(format!("only {n} bytes were sent")),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for a datagram and returns its messages addressed to us; `None`
+    /// when nothing arrived in time.
+    fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<(u16, u16, u32, Vec<u8>)>>, NetlinkError> {
+        let fd = self.sock.as_raw_fd();
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        loop {
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(NetlinkError::Recv(e));
+            }
+            if r == 0 {
+                return Ok(None);
+            }
+            break;
+        }
+        let cap = self.buf.len() * 8;
+        // SAFETY: the buffer is valid for `cap` bytes and 8-byte aligned.
+        let n = unsafe {
+            libc::recv(fd, self.buf.as_mut_ptr().cast(), cap, libc::MSG_DONTWAIT | libc::MSG_TRUNC)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(Some(Vec::new())),
+                Some(libc::ENOBUFS) => Err(NetlinkError::AcksLost(e)),
+                _ => Err(NetlinkError::Recv(e)),
+            };
+        }
+        let n = n as usize;
+        if n > cap {
+            return Err(NetlinkError::Malformed(format!("{n}-byte reply does not fit {cap} bytes")));
+        }
+        // SAFETY: the first `n` bytes were written by recv; u64 storage viewed as bytes.
+        let data = unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), n) };
+        let msgs = parse_replies(data)?
+            .into_iter()
+            .filter(|r| r.pid == self.portid || r.pid == 0)
+            .map(|r| (r.ty, r.flags, r.seq, r.payload.to_vec()))
+            .collect();
+        Ok(Some(msgs))
+    }
+}
+
+/// True when the running kernel acknowledges BATCH_BEGIN/END (`NLM_F_ACK` honoured since 6.10).
+/// When the release cannot be read, assume it does (then a missing BATCH_END ACK is reported
+/// as unconfirmed rather than taken as success).
+fn kernel_acks_batch_end() -> bool {
+    let Ok(rel) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else { return true };
+    let mut it = rel.trim().split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (6, 10),
+        _ => true,
+    }
+}
+
+/// Sends `batch` on a fresh NETLINK_NETFILTER socket in the calling thread's network namespace
+/// and returns once the kernel has proved the commit.
+///
+/// Guarantees: **atomic** — nf_tables applies the whole batch as one transaction or nothing
+/// (every error variant except [`NetlinkError::Recv`], [`NetlinkError::AcksLost`] and
+/// [`NetlinkError::Unconfirmed`] means nothing was applied; those three mean the outcome is
+/// unknown and must be read back). `Ok` only when the BATCH_END ACK (kernel ≥ 6.10) arrived with
+/// no error before it. A batch carrying a generation id that is no longer current fails with
+/// [`NetlinkError::GenerationChanged`] — retry after re-reading. Idempotent when the batch is,
+/// as [`crate::render::nft_batch::encode`]'s are (declare, delete, recreate the table): sending
+/// one twice leaves one copy. Blocks at most about 10 s waiting for replies.
+pub fn send_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
+    let mut s = NfSocket::open()?;
+    let bytes = batch.as_bytes();
+    let msgs = batch.messages();
+    // sendmsg refuses datagrams larger than sk_sndbuf (the kernel doubles the value set);
+    // each reply occupies about 1 KiB of receive buffer until read.
+    if bytes.len() > 64 * 1024 {
+        s.raise_buffer(SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes.len() + 4096);
+    }
+    if msgs.len() > 128 {
+        s.raise_buffer(SO_RCVBUFFORCE, libc::SO_RCVBUF, msgs.len() * 1024);
+    }
+    s.send(bytes)?;
+
+    let ends_acked = kernel_acks_batch_end();
+    let begin_seq = FIRST_SEQ;
+    let end_seq = msgs.last().map(|m| m.seq).unwrap_or(begin_seq);
+    // Error code per sequence number, once its reply arrived.
+    let mut got: std::collections::HashMap<u32, (i32, Option<String>)> = std::collections::HashMap::new();
+    let expected: Vec<u32> = msgs
+        .iter()
+        .filter(|m| ends_acked || !matches!(m.kind, MsgKind::BatchBegin | MsgKind::BatchEnd))
+        .map(|m| m.seq)
+        .collect();
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let conclusive = got.get(&begin_seq).is_some_and(|(c, _)| *c != 0)
+            || got.contains_key(&end_seq)
+            || expected.iter().all(|q| got.contains_key(q))
+            || (got.values().any(|(c, _)| *c != 0)
+                && msgs
+                    .iter()
+                    .filter(|m| !matches!(m.kind, MsgKind::BatchBegin | MsgKind::BatchEnd))
+                    .all(|m| got.contains_key(&m.seq)));
+        // Once conclusive, only drain what is already queued.
+        let wait = if conclusive { Duration::ZERO } else { deadline.saturating_duration_since(Instant::now()) };
+        let Some(replies) = s.recv(wait)? else { break };
+        for (ty, flags, seq, payload) in replies {
+            if ty == NLMSG_ERROR {
+                let r = Reply { ty, flags, seq, pid: s.portid, payload: &payload };
+                let (code, ext) = parse_error(&r)?;
+                eprintln!("DEBUG reply seq={seq} code={code} ext={ext:?} flags={flags:#x}");
+                got.entry(seq).or_insert((code, ext));
+            } else if ty == NLMSG_DONE {
+                continue;
+            }
+        }
+    }
+    outcome(batch, &got, &expected, ends_acked)
+}
+
+/// Decides what the replies prove.
+fn outcome(
+    batch: &BatchBuffer,
+    got: &std::collections::HashMap<u32, (i32, Option<String>)>,
+    expected: &[u32],
+    ends_acked: bool,
+) -> Result<(), NetlinkError> {
+    let msgs = batch.messages();
+    let what = |seq: u32| batch.message(seq).map(|m| m.what.clone()).unwrap_or_else(|| format!("message {seq}"));
+    let errno = |code: i32| io::Error::from_raw_os_error(code.saturating_neg());
+    if let Some((code, ext)) = got.get(&FIRST_SEQ).filter(|(c, _)| *c != 0) {
+        if code.saturating_neg() == libc::ERESTART {
+            return Err(NetlinkError::GenerationChanged { genid: batch.genid(), source: errno(*code) });
+        }
+        // Before 6.10 a commit failure is reported against BATCH_BEGIN.
+        return Err(NetlinkError::Refused {
+            seq: FIRST_SEQ,
+            what: what(FIRST_SEQ),
+            ext: ext.clone(),
+            others: 0,
+            source: errno(*code),
+        });
+    }
+    let mut errors: Vec<(u32, i32, Option<String>)> = got
+        .iter()
+        .filter(|(_, (c, _))| *c != 0)
+        .map(|(s, (c, e))| (*s, *c, e.clone()))
+        .collect();
+    errors.sort_by_key(|e| e.0.wrapping_sub(FIRST_SEQ));
+    if let Some((seq, code, ext)) = errors.first() {
+        return Err(NetlinkError::Refused {
+            seq: *seq,
+            what: what(*seq),
+            ext: ext.clone(),
+            others: errors.len() - 1,
+            source: errno(*code),
+        });
+    }
+    let end_seq = msgs.last().map(|m| m.seq).unwrap_or(FIRST_SEQ);
+    let proved = if ends_acked {
+        got.contains_key(&end_seq)
+    } else {
+        expected.iter().all(|q| got.contains_key(q))
+    };
+    if proved {
+        return Ok(());
+    }
+    let missing: Vec<u32> = expected.iter().copied().filter(|q| !got.contains_key(q)).collect();
+    Err(NetlinkError::Unconfirmed {
+        expected: expected.len(),
+        missing: missing.len(),
+        first_missing: missing.first().map(|q| what(*q)).unwrap_or_else(|| what(end_seq)),
+    })
+}
+
+/// Reads the nf_tables ruleset generation id of the calling thread's network namespace
+/// (`NFT_MSG_GETGEN` → `NFTA_GEN_ID`).
+///
+/// Guarantees: read-only, idempotent. The id changes with every committed nf_tables
+/// transaction (from any tool: nft, iptables-nft, ctguard); a batch carrying it
+/// ([`crate::render::nft_batch::encode`]`(…, Some(id))`) is refused if another commit happened
+/// in between.
+pub fn get_genid() -> Result<u32, NetlinkError> {
+    let mut s = NfSocket::open()?;
+    let seq = FIRST_SEQ;
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + 4);
+    req.extend_from_slice(&((NLMSG_HDRLEN + 4) as u32).to_ne_bytes());
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_GETGEN as u16).to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    req.extend_from_slice(&seq.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    s.send(&req)?;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    let mut genid = None;
+    loop {
+        let Some(replies) = s.recv(deadline.saturating_duration_since(Instant::now()))? else {
+            return Err(NetlinkError::Query {
+                what: "GETGEN (read the ruleset generation id)",
+                source: io::Error::from(io::ErrorKind::TimedOut),
+            });
+        };
+        for (ty, flags, rseq, payload) in replies {
+            if rseq != seq {
+                continue;
+            }
+            if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+                let attrs = parse_attrs(payload.get(4..).unwrap_or_default());
+                genid = attrs
+                    .iter()
+                    .find(|(t, d)| *t == NFTA_GEN_ID && d.len() == 4)
+                    .map(|(_, d)| u32::from_be_bytes([d[0], d[1], d[2], d[3]]));
+            } else if ty == NLMSG_ERROR {
+                let r = Reply { ty, flags, seq: rseq, pid: s.portid, payload: &payload };
+                let (code, _) = parse_error(&r)?;
+                if code != 0 {
+                    return Err(NetlinkError::Query {
+                        what: "GETGEN (read the ruleset generation id)",
+                        source: io::Error::from_raw_os_error(code.saturating_neg()),
+                    });
+                }
+                return genid.ok_or_else(|| NetlinkError::Malformed("GETGEN reply without NFTA_GEN_ID".into()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(seq: u32, code: i32, tlv_msg: Option<&str>) -> Vec<u8> {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&code.to_ne_bytes());
+        // Capped echo of a request header.
+        payload.extend_from_slice(&[0u8; NLMSG_HDRLEN]);
+        let mut flags = NLM_F_CAPPED;
+        if let Some(m) = tlv_msg {
+            flags |= NLM_F_ACK_TLVS;
+            let len = 4 + m.len() + 1;
+            payload.extend_from_slice(&(len as u16).to_ne_bytes());
+            payload.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
+            payload.extend_from_slice(m.as_bytes());
+            payload.push(0);
+            while payload.len() % 4 != 0 {
+                payload.push(0);
+            }
+        }
+        let mut b = Vec::new();
+        b.extend_from_slice(&((NLMSG_HDRLEN + payload.len()) as u32).to_ne_bytes());
+        b.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        b.extend_from_slice(&flags.to_ne_bytes());
+        b.extend_from_slice(&seq.to_ne_bytes());
+        b.extend_from_slice(&7u32.to_ne_bytes());
+        b.extend_from_slice(&payload);
+        b
+    }
+
+    #[test]
+    fn parses_acks_and_extended_messages() {
+        let mut d = ack(3, 0, None);
+        d.extend(ack(4, -2, Some("Could not process rule")));
+        let r = parse_replies(&d).expect("parses");
+        assert_eq!(r.len(), 2);
+        assert_eq!(parse_error(&r[0]).expect("ok"), (0, None));
+        assert_eq!(parse_error(&r[1]).expect("ok"), (-2, Some("Could not process rule".into())));
+        assert!(parse_replies(&d[..d.len() - 1]).is_err());
+    }
+
+    fn batch() -> BatchBuffer {
+        use crate::model::{names::Tag, Policy};
+        let t = crate::render::nft_ir::table_for(&Policy::builtin(), &Tag::preview());
+        match crate::render::nft_batch::encode(&t, Some(9)) {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn outcome_rules() {
+        let b = batch();
+        let all: Vec<u32> = b.messages().iter().map(|m| m.seq).collect();
+        let end = *all.last().expect("non-empty");
+        let ok = |s: &[u32]| s.iter().map(|q| (*q, (0, None))).collect::<std::collections::HashMap<_, _>>();
+        assert!(outcome(&b, &ok(&all), &all, true).is_ok());
+        // Without the batch-end ACK nothing is proved.
+        let no_end = ok(&all[..all.len() - 1]);
+        assert!(matches!(outcome(&b, &no_end, &all, true), Err(NetlinkError::Unconfirmed { .. })));
+        // Stale generation.
+        let mut g = std::collections::HashMap::new();
+        g.insert(FIRST_SEQ, (-libc::ERESTART, None));
+        assert!(matches!(outcome(&b, &g, &all, true), Err(NetlinkError::GenerationChanged { genid: Some(9), .. })));
+        // A refused rule, earlier messages ACK 0: refused, naming the rule.
+        let mut f = ok(&all[..all.len() - 2]);
+        f.insert(end - 1, (-libc::ENOENT, None));
+        match outcome(&b, &f, &all, true) {
+            Err(NetlinkError::Refused { seq, what, .. }) => {
+                assert_eq!(seq, end - 1);
+                assert!(what.contains("add rule"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn error_texts_name_the_message() {
+        let e = NetlinkError::Refused {
+            seq: 5,
+            what: "add rule inet ctguard output".into(),
+            ext: None,
+            others: 1,
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let s = e.to_string();
+        assert!(s.contains("message 5 (add rule inet ctguard output)"), "{s}");
+        assert!(s.contains("and 1 later"), "{s}");
+    }
+}
