@@ -173,7 +173,9 @@ impl BatchBuffer {
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// A rule looks up a set the table does not declare.
-    #[error("rule {rule} of chain {chain} looks up set @{set}, which table {table} does not declare")]
+    #[error(
+        "rule {rule} of chain {chain} looks up set @{set}, which table {table} does not declare"
+    )]
     UnknownSet {
         /// Table name.
         table: String,
@@ -285,7 +287,11 @@ fn check(table: &TableIr) -> Result<(), BatchError> {
 }
 
 fn cstring(what: &'static str, name: &str) -> Result<CString, BatchError> {
-    CString::new(name).map_err(|source| BatchError::Nul { what, name: name.to_string(), source })
+    CString::new(name).map_err(|source| BatchError::Nul {
+        what,
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// Scratch space for one message: `nft_nlmsg_maxsize()` bytes, 8-byte aligned for `nlmsghdr`.
@@ -375,17 +381,30 @@ fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
     if set.kind == SetKind::Ifname {
         let mut out: Vec<ElemSpec> = Vec::with_capacity(set.elements.len());
         for e in &set.elements {
-            let Elem::Ifname(n) = e else { return Err(wrong(e)) };
+            let Elem::Ifname(n) = e else {
+                return Err(wrong(e));
+            };
             let key = ifname_key(n).to_vec();
             if out.iter().any(|o| o.key == key) {
-                return Err(BatchError::Overlap { set: set.name.clone(), element: elem_text(e) });
+                return Err(BatchError::Overlap {
+                    set: set.name.clone(),
+                    element: elem_text(e),
+                });
             }
-            out.push(ElemSpec { key, flags: 0, udata: None });
+            out.push(ElemSpec {
+                key,
+                flags: 0,
+                udata: None,
+            });
         }
         return Ok(out);
     }
     let width = key_spec(set.kind).1 as usize;
-    let max: u128 = if width == 16 { u128::MAX } else { (1u128 << (8 * width)) - 1 };
+    let max: u128 = if width == 16 {
+        u128::MAX
+    } else {
+        (1u128 << (8 * width)) - 1
+    };
     let mut ranges: Vec<(u128, u128, &Elem)> = Vec::with_capacity(set.elements.len());
     for e in &set.elements {
         let r = match (set.kind, e) {
@@ -403,12 +422,19 @@ fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
     let key = |v: u128| v.to_be_bytes()[16 - width..].to_vec();
     let mut out = Vec::with_capacity(2 * ranges.len() + 1);
     if ranges.first().is_some_and(|r| r.0 != 0) {
-        out.push(ElemSpec { key: key(0), flags: libc::NFT_SET_ELEM_INTERVAL_END as u32, udata: None });
+        out.push(ElemSpec {
+            key: key(0),
+            flags: libc::NFT_SET_ELEM_INTERVAL_END as u32,
+            udata: None,
+        });
     }
     let mut prev_hi: Option<u128> = None;
     for (lo, hi, e) in ranges {
         if prev_hi.is_some_and(|p| lo <= p) {
-            return Err(BatchError::Overlap { set: set.name.clone(), element: elem_text(e) });
+            return Err(BatchError::Overlap {
+                set: set.name.clone(),
+                element: elem_text(e),
+            });
         }
         prev_hi = Some(hi);
         if hi == max {
@@ -418,7 +444,11 @@ fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
                 udata: Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN)),
             });
         } else {
-            out.push(ElemSpec { key: key(lo), flags: 0, udata: None });
+            out.push(ElemSpec {
+                key: key(lo),
+                flags: 0,
+                udata: None,
+            });
             out.push(ElemSpec {
                 key: key(hi + 1),
                 flags: libc::NFT_SET_ELEM_INTERVAL_END as u32,
@@ -475,15 +505,24 @@ impl BatchBuilder {
         let seq = self.take_seq();
         let offset = self.bytes.len();
         self.bytes.extend_from_slice(&(len as u32).to_ne_bytes());
-        self.bytes.extend_from_slice(&kind.nlmsg_type().to_ne_bytes());
-        self.bytes.extend_from_slice(&kind.nlmsg_flags().to_ne_bytes());
+        self.bytes
+            .extend_from_slice(&kind.nlmsg_type().to_ne_bytes());
+        self.bytes
+            .extend_from_slice(&kind.nlmsg_flags().to_ne_bytes());
         self.bytes.extend_from_slice(&seq.to_ne_bytes());
         self.bytes.extend_from_slice(&0u32.to_ne_bytes());
         self.bytes.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
-        self.bytes.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
+        self.bytes
+            .extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
         self.bytes.extend_from_slice(attrs);
         self.pad();
-        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
+        self.msgs.push(BatchMsg {
+            seq,
+            kind,
+            offset,
+            len,
+            what,
+        });
     }
 
     fn take_seq(&mut self) -> u32 {
@@ -518,17 +557,31 @@ impl BatchBuilder {
         self.bytes[offset + 6..offset + 8].copy_from_slice(&kind.nlmsg_flags().to_ne_bytes());
         self.pad();
         self.scratch.clear(len);
-        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
+        self.msgs.push(BatchMsg {
+            seq,
+            kind,
+            offset,
+            len,
+            what,
+        });
         Ok(())
     }
 
     fn table_msg(&mut self, kind: MsgKind, name: &str) -> Result<(), BatchError> {
         let cname = cstring("table name", name)?;
-        let verb = if kind == MsgKind::DelTable { "delete" } else { "add" };
+        let verb = if kind == MsgKind::DelTable {
+            "delete"
+        } else {
+            "add"
+        };
         let t = RawTable(non_null(unsafe { sys::nftnl_table_alloc() }));
         // SAFETY: `t` is a live table object; libnftnl copies the string.
         unsafe {
-            sys::nftnl_table_set_u32(t.0.as_ptr(), sys::NFTNL_TABLE_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_table_set_u32(
+                t.0.as_ptr(),
+                sys::NFTNL_TABLE_FAMILY as u16,
+                libc::NFPROTO_INET as u32,
+            );
             sys::nftnl_table_set_str(t.0.as_ptr(), sys::NFTNL_TABLE_NAME as u16, cname.as_ptr());
             if kind == MsgKind::NewTable {
                 // nft sends NFTA_TABLE_FLAGS 0 when it declares a table, nothing when deleting.
@@ -570,9 +623,14 @@ impl BatchBuilder {
         let cname = cstring("set name", &set.name)?;
         let id = self.next_set_id;
         self.next_set_id += 1;
-        self.set_ids.insert((table.to_string(), set.name.clone()), id);
+        self.set_ids
+            .insert((table.to_string(), set.name.clone()), id);
         let (key_type, key_len, byteorder) = key_spec(set.kind);
-        let flags = if set.kind.is_interval() { libc::NFT_SET_INTERVAL as u32 } else { 0 };
+        let flags = if set.kind.is_interval() {
+            libc::NFT_SET_INTERVAL as u32
+        } else {
+            0
+        };
         let udata = udata_u32(UDATA_SET_KEYBYTEORDER, byteorder);
         let s = RawSet(non_null(unsafe { sys::nftnl_set_alloc() }));
         let p = s.0.as_ptr();
@@ -614,11 +672,19 @@ impl BatchBuilder {
                 sys::nftnl_set_elem_add(p, el);
             }
         }
-        let flags_text = if set.kind.is_interval() { ", flags interval" } else { "" };
-        let set_ty = (MsgKind::NewSet.nlmsg_type() & 0xff) as u16;
+        let flags_text = if set.kind.is_interval() {
+            ", flags interval"
+        } else {
+            ""
+        };
+        let set_ty = MsgKind::NewSet.nlmsg_type() & 0xff;
         self.push_written(
             MsgKind::NewSet,
-            format!("add set inet {table} {} ({}{flags_text})", set.name, set.kind.type_name()),
+            format!(
+                "add set inet {table} {} ({}{flags_text})",
+                set.name,
+                set.kind.type_name()
+            ),
             |buf, seq| {
                 // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a set message is small.
                 unsafe {
@@ -646,13 +712,16 @@ impl BatchBuilder {
             }
         }
         let iter = IterGuard(iter);
-        let elem_ty = (MsgKind::NewSetElem.nlmsg_type() & 0xff) as u16;
+        let elem_ty = MsgKind::NewSetElem.nlmsg_type() & 0xff;
         let mut part = 1;
         loop {
             let mut more = 0;
             self.push_written(
                 MsgKind::NewSetElem,
-                format!("add elements to set inet {table} {} (part {part})", set.name),
+                format!(
+                    "add elements to set inet {table} {} (part {part})",
+                    set.name
+                ),
                 |buf, seq| {
                     // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; libnftnl stops
                     // adding elements before the element list attribute overflows 64 KiB.
@@ -717,24 +786,32 @@ impl BatchBuilder {
         let c = Chain::new(cstring("chain name", chain)?, &t);
         let mut r = Rule::new(&c);
         for m in &rule.matches {
-            let exprs = match_exprs(m, |s| self.set_ids.get(&(table.to_string(), s.to_string())).copied())
-                .map_err(|source| BatchError::Nul {
-                    what: "set name",
-                    name: match_set(m).unwrap_or_default().to_string(),
-                    source,
-                })?;
+            let exprs = match_exprs(m, |s| {
+                self.set_ids
+                    .get(&(table.to_string(), s.to_string()))
+                    .copied()
+            })
+            .map_err(|source| BatchError::Nul {
+                what: "set name",
+                name: match_set(m).unwrap_or_default().to_string(),
+                source,
+            })?;
             for e in &exprs {
                 r.add_expr(e);
             }
         }
         r.add_expr(&Notrack);
         let comment = cstring("rule comment", &rule.comment)?;
-        r.set_comment(comment).map_err(|_| BatchError::CommentTooLong {
-            chain: chain.to_string(),
-            rule: position,
-            len: rule.comment.len(),
-        })?;
-        let what = format!("add rule inet {table} {chain} (rule {position}: {})", rule_text(rule));
+        r.set_comment(comment)
+            .map_err(|_| BatchError::CommentTooLong {
+                chain: chain.to_string(),
+                rule: position,
+                len: rule.comment.len(),
+            })?;
+        let what = format!(
+            "add rule inet {table} {chain} (rule {position}: {})",
+            rule_text(rule)
+        );
         self.push_written(MsgKind::NewRule, what, |buf, seq| {
             // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
             unsafe { r.write(buf, seq, MsgType::Add) }
@@ -744,7 +821,11 @@ impl BatchBuilder {
     /// Writes BATCH_END and returns the batch.
     pub fn finish(mut self) -> BatchBuffer {
         self.push_control(MsgKind::BatchEnd, &[], "batch end (commit)".to_string());
-        BatchBuffer { bytes: self.bytes, msgs: self.msgs, genid: self.genid }
+        BatchBuffer {
+            bytes: self.bytes,
+            msgs: self.msgs,
+            genid: self.genid,
+        }
     }
 }
 
@@ -773,7 +854,10 @@ mod tests {
             let u32at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
             let u16at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
             let len = u32at(off) as usize;
-            assert!(len >= NLMSG_HDRLEN + NFGENMSG_LEN && off + len <= b.len(), "bad length {len} at {off}");
+            assert!(
+                len >= NLMSG_HDRLEN + NFGENMSG_LEN && off + len <= b.len(),
+                "bad length {len} at {off}"
+            );
             assert_eq!(u32at(off + 12), 0, "pid must be 0");
             out.push(Msg {
                 len,
@@ -843,11 +927,20 @@ mod tests {
         assert!(attrs(&msgs[0].payload).is_empty());
         assert_eq!(msgs[msgs.len() - 1].ty, NFNL_MSG_BATCH_END);
         // Object messages are family inet.
-        assert!(msgs[1..msgs.len() - 1].iter().all(|m| m.payload[0] == libc::NFPROTO_INET as u8));
-        let flags = |k: MsgKind| msgs[kinds(&b).iter().position(|x| *x == k).expect("present")].flags;
-        assert_eq!(flags(NewRule) & (NLM_F_CREATE | NLM_F_APPEND), NLM_F_CREATE | NLM_F_APPEND);
+        assert!(msgs[1..msgs.len() - 1]
+            .iter()
+            .all(|m| m.payload[0] == libc::NFPROTO_INET as u8));
+        let flags =
+            |k: MsgKind| msgs[kinds(&b).iter().position(|x| *x == k).expect("present")].flags;
+        assert_eq!(
+            flags(NewRule) & (NLM_F_CREATE | NLM_F_APPEND),
+            NLM_F_CREATE | NLM_F_APPEND
+        );
         assert_eq!(flags(NewChain) & NLM_F_CREATE, NLM_F_CREATE);
-        assert_eq!(flags(NewTable) & (NLM_F_CREATE | libc::NLM_F_EXCL as u16), 0);
+        assert_eq!(
+            flags(NewTable) & (NLM_F_CREATE | libc::NLM_F_EXCL as u16),
+            0
+        );
     }
 
     #[test]
@@ -857,7 +950,11 @@ mod tests {
         assert_eq!(b.genid(), Some(0x0102_0304));
         let msgs = walk(b.as_bytes());
         let a = attrs(&msgs[0].payload);
-        assert_eq!(a, vec![(NFNL_BATCH_GENID, vec![1, 2, 3, 4])], "u32 in network byte order");
+        assert_eq!(
+            a,
+            vec![(NFNL_BATCH_GENID, vec![1, 2, 3, 4])],
+            "u32 in network byte order"
+        );
         assert!(msgs[1..].iter().all(|m| m.ty != NFNL_MSG_BATCH_BEGIN));
         let plain = encode(&t, None).expect("encodes");
         assert_eq!(plain.as_bytes().len() + 8, b.as_bytes().len());
@@ -876,22 +973,44 @@ mod tests {
 
     #[test]
     fn interval_elements_like_nft() {
-        let set = |elements, kind| SetIr { name: "s".into(), kind, elements };
+        let set = |elements, kind| SetIr {
+            name: "s".into(),
+            kind,
+            elements,
+        };
         let port = |lo, hi| Elem::Port(crate::model::PortRange { lo, hi });
         let end = libc::NFT_SET_ELEM_INTERVAL_END as u32;
-        let e = |key: &[u8], flags| ElemSpec { key: key.to_vec(), flags, udata: None };
+        let e = |key: &[u8], flags| ElemSpec {
+            key: key.to_vec(),
+            flags,
+            udata: None,
+        };
         // { 53, 1000-2000 }: 0 end, 53, 54 end, 1000, 2001 end (what nft 1.0.6 sends).
-        let v = set_elements(&set(vec![port(53, 53), port(1000, 2000)], SetKind::Ports)).expect("ok");
+        let v =
+            set_elements(&set(vec![port(53, 53), port(1000, 2000)], SetKind::Ports)).expect("ok");
         assert_eq!(
             v,
-            vec![e(&[0, 0], end), e(&[0, 53], 0), e(&[0, 54], end), e(&[3, 232], 0), e(&[7, 209], end)]
+            vec![
+                e(&[0, 0], end),
+                e(&[0, 53], 0),
+                e(&[0, 54], end),
+                e(&[3, 232], 0),
+                e(&[7, 209], end)
+            ]
         );
         // A range reaching 65535 has no end element and is flagged interval-open.
-        let v = set_elements(&set(vec![port(1, 10), port(65535, 65535)], SetKind::Ports)).expect("ok");
+        let v =
+            set_elements(&set(vec![port(1, 10), port(65535, 65535)], SetKind::Ports)).expect("ok");
         assert_eq!(v.len(), 4);
         assert_eq!(v[3].key, vec![0xff, 0xff]);
-        assert_eq!(v[3].udata, Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN)));
-        assert_eq!(udata_u32(1, 1), [vec![1u8, 4], 1u32.to_ne_bytes().to_vec()].concat());
+        assert_eq!(
+            v[3].udata,
+            Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN))
+        );
+        assert_eq!(
+            udata_u32(1, 1),
+            [vec![1u8, 4], 1u32.to_ne_bytes().to_vec()].concat()
+        );
         // Starting at 0: no leading end element.
         let pre = crate::model::Prefix::V4(std::net::Ipv4Addr::new(0, 0, 0, 0), 1);
         let v = set_elements(&set(vec![Elem::Prefix(pre)], SetKind::Ipv4)).expect("ok");
@@ -920,7 +1039,8 @@ mod tests {
             .map(|m| attrs(&m.payload))
             .collect();
         assert_eq!(sets.len(), 3);
-        let get = |a: &Vec<(u16, Vec<u8>)>, t: u16| a.iter().find(|x| x.0 == t).map(|x| x.1.clone());
+        let get =
+            |a: &Vec<(u16, Vec<u8>)>, t: u16| a.iter().find(|x| x.0 == t).map(|x| x.1.clone());
         let be32 = |v: u32| Some(v.to_be_bytes().to_vec());
         // NFTA_SET_FLAGS=3, KEY_TYPE=4, KEY_LEN=5, ID=10, USERDATA=13.
         assert_eq!(get(&sets[0], 3), be32(libc::NFT_SET_INTERVAL as u32));
@@ -940,11 +1060,19 @@ mod tests {
     fn unknown_set_is_refused_by_encode_but_buildable_by_hand() {
         let mut t = table_for(&Policy::builtin(), &Tag::preview());
         t.sets.clear();
-        t.sets.push(SetIr { name: "other".into(), kind: SetKind::Ports, elements: vec![] });
-        assert!(matches!(encode(&t, None), Err(BatchError::UnknownSet { .. })));
+        t.sets.push(SetIr {
+            name: "other".into(),
+            kind: SetKind::Ports,
+            elements: vec![],
+        });
+        assert!(matches!(
+            encode(&t, None),
+            Err(BatchError::UnknownSet { .. })
+        ));
         let mut b = BatchBuilder::new(Some(7));
         b.add_table("ctguard").expect("ok");
-        b.add_rule("ctguard", "prerouting", 1, &t.chains[0].rules[0]).expect("ok");
+        b.add_rule("ctguard", "prerouting", 1, &t.chains[0].rules[0])
+            .expect("ok");
         let buf = b.finish();
         assert_eq!(walk(buf.as_bytes()).len(), 4);
     }
@@ -952,9 +1080,16 @@ mod tests {
     #[test]
     fn large_sets_split_into_several_element_messages() {
         let ports: Vec<String> = (1..=30000u32).step_by(2).map(|p| p.to_string()).collect();
-        let p = policy(&format!("[[notrack]]\nprotocols = [\"udp\"]\nports = [{}]\n", ports.join(",")));
+        let p = policy(&format!(
+            "[[notrack]]\nprotocols = [\"udp\"]\nports = [{}]\n",
+            ports.join(",")
+        ));
         let b = encode(&table_for(&p, &Tag::preview()), None).expect("encodes");
-        let n = b.messages().iter().filter(|m| m.kind == MsgKind::NewSetElem).count();
+        let n = b
+            .messages()
+            .iter()
+            .filter(|m| m.kind == MsgKind::NewSetElem)
+            .count();
         assert!(n >= 2, "{n} element messages");
         for m in walk(b.as_bytes()) {
             assert!(m.len <= nftnl::nft_nlmsg_maxsize() as usize);
