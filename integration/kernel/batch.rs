@@ -20,12 +20,8 @@ use nix::sched::{unshare, CloneFlags};
 fn in_fresh_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         let h = s.spawn(|| {
-            unshare(CloneFlags::CLONE_NEWNET)
-                .expect("unshare(CLONE_NEWNET) (these tests need root)");
-            assert!(
-                !in_initial_netns(),
-                "refusing to work in the initial network namespace"
-            );
+            unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) (these tests need root)");
+            assert!(!in_initial_netns(), "refusing to work in the initial network namespace");
             f()
         });
         match h.join() {
@@ -45,10 +41,7 @@ fn in_initial_netns() -> bool {
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> String {
-    assert!(
-        !in_initial_netns(),
-        "nft must not run in the initial namespace here"
-    );
+    assert!(!in_initial_netns(), "nft must not run in the initial namespace here");
     let tool = Tool::find("nft").expect("nft installed");
     match tool.run(args, stdin.map(str::as_bytes)) {
         Ok(out) => out,
@@ -61,12 +54,25 @@ fn list_ctguard() -> String {
 }
 
 /// What the kernel holds, as `nft --debug=netlink` dumps it: every rule's expressions, every
-/// set's flags, key and elements (with their flags and userdata).
+/// set's flags, key and elements (with their flags and userdata). The kernel walks a hash set
+/// (`ifname`) in an order that changes from load to load (nft against nft too), so each run of
+/// element lines is sorted; nothing else is touched.
 fn dump_ctguard() -> String {
-    nft(
-        &["--debug=netlink", "list", "table", "inet", "ctguard"],
-        None,
-    )
+    let raw = nft(&["--debug=netlink", "list", "table", "inet", "ctguard"], None);
+    let mut out = Vec::new();
+    let mut run: Vec<&str> = Vec::new();
+    for line in raw.lines() {
+        if line.starts_with("\telement ") {
+            run.push(line);
+            continue;
+        }
+        run.sort_unstable();
+        out.append(&mut run);
+        out.push(line);
+    }
+    run.sort_unstable();
+    out.append(&mut run);
+    out.join("\n")
 }
 
 fn tables() -> String {
@@ -90,20 +96,18 @@ fn policies() -> Vec<(&'static str, Policy)> {
         .map(|i| (3000 + 3 * i).to_string())
         .chain((0..20u32).map(|i| format!("\"{}-{}\"", 10000 + 100 * i, 10000 + 100 * i + 50)))
         .collect();
+    // 5000 non-adjacent hosts: 10001 interval elements, a batch of about 250 KB (more than the
+    // default socket send buffer) whose elements span several NEWSETELEM messages.
+    let many_sources: Vec<String> =
+        (0..5000u32).map(|i| format!("\"10.{}.{}.{}\"", i / 16384, (i / 128) % 128, 2 * (i % 128))).collect();
     vec![
         ("builtin", Policy::builtin()),
         (
             "tcp+udp several ports",
             policy("[[notrack]]\nprotocols = [\"tcp\", \"udp\"]\nports = [22, 53, 80, 443, 8080]\n"),
         ),
-        (
-            "ranges",
-            policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [53, \"1000-2000\", \"60000-65535\"]\n"),
-        ),
-        (
-            "interfaces",
-            policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\ninterfaces = [\"eth0\", \"lo\"]\n"),
-        ),
+        ("ranges", policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [53, \"1000-2000\", \"60000-65535\"]\n")),
+        ("interfaces", policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\ninterfaces = [\"eth0\", \"lo\"]\n")),
         (
             "interfaces without lo",
             policy("[[notrack]]\nprotocols = [\"tcp\"]\nports = [53]\ninterfaces = [\"eth0\", \"br-lan\", \"wg0\"]\n"),
@@ -127,9 +131,13 @@ fn policies() -> Vec<(&'static str, Policy)> {
             policy(&format!("[[notrack]]\nprotocols = [\"udp\", \"tcp\"]\nports = [{}]\n", many_ports.join(", "))),
         ),
         (
-            "local_only = false",
-            policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [123]\nlocal_only = false\n"),
+            "5000 sources",
+            policy(&format!(
+                "[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nsources = [{}]\n",
+                many_sources.join(", ")
+            )),
         ),
+        ("local_only = false", policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [123]\nlocal_only = false\n")),
         (
             "two entries",
             policy(
@@ -152,23 +160,22 @@ fn batch_and_script_give_the_same_listing() {
             (list_ctguard(), dump_ctguard())
         });
         let batch = encode(&t, None).unwrap_or_else(|e| panic!("{name}: encode: {e}"));
+        if name == "5000 sources" {
+            assert!(batch.as_bytes().len() > 212_992, "{} bytes", batch.as_bytes().len());
+            let parts = batch.messages().iter().filter(|m| m.kind == MsgKind::NewSetElem).count();
+            assert!(parts > 1, "{parts} element messages");
+        }
         let (via_batch, dump_batch) = in_fresh_netns(|| {
             send_batch(&batch).unwrap_or_else(|e| panic!("{name}: send_batch: {e}"));
             (list_ctguard(), dump_ctguard())
         });
-        assert_eq!(
-            via_batch, via_nft,
-            "{name}: listings differ\n--- script:\n{script}"
-        );
+        assert_eq!(via_batch, via_nft, "{name}: listings differ\n--- script:\n{script}");
         assert_eq!(dump_batch, dump_nft, "{name}: kernel objects differ");
         if std::env::var_os("CTGUARD_SHOW_LISTINGS").is_some() {
             eprintln!("=== {name}\n{via_batch}\n{dump_batch}");
         }
         // And the listing is the script's table block: the script round-trips.
-        assert!(
-            via_nft.contains("notrack comment \"ctguard:test-1\""),
-            "{name}: {via_nft}"
-        );
+        assert!(via_nft.contains("notrack comment \"ctguard:test-1\""), "{name}: {via_nft}");
     }
 }
 
@@ -179,10 +186,7 @@ fn batch_applied_twice_replaces_and_empty_batch_removes() {
     ));
     let batch = encode(&t, None).expect("encodes");
     let empty = encode(&table(&policy("backend = \"nft\"\n")), None).expect("encodes");
-    assert!(empty
-        .messages()
-        .iter()
-        .all(|m| !matches!(m.kind, MsgKind::NewSet | MsgKind::NewRule)));
+    assert!(empty.messages().iter().all(|m| !matches!(m.kind, MsgKind::NewSet | MsgKind::NewRule)));
     in_fresh_netns(|| {
         // The empty batch works on a namespace without the table too (declare, then delete).
         send_batch(&empty).expect("empty batch on an empty namespace");
@@ -196,11 +200,7 @@ fn batch_applied_twice_replaces_and_empty_batch_removes() {
         assert_eq!(ruleset.matches("chain prerouting").count(), 1, "{ruleset}");
         assert_eq!(ruleset.matches("set ports_0").count(), 1, "{ruleset}");
         send_batch(&empty).expect("removal");
-        assert_eq!(
-            tables(),
-            "",
-            "the empty table's batch removes ctguard's table"
-        );
+        assert_eq!(tables(), "", "the empty table's batch removes ctguard's table");
     });
 }
 
@@ -208,11 +208,13 @@ fn batch_applied_twice_replaces_and_empty_batch_removes() {
 fn batch_leaves_other_tables_alone() {
     let t = table(&Policy::builtin());
     in_fresh_netns(|| {
-        nft(&["-f", "-"], Some("table ip other {\n\tchain c {\n\t\ttype filter hook input priority 0; policy accept;\n\t}\n}\n"));
+        nft(
+            &["-f", "-"],
+            Some("table ip other {\n\tchain c {\n\t\ttype filter hook input priority 0; policy accept;\n\t}\n}\n"),
+        );
         let other = nft(&["list", "table", "ip", "other"], None);
         send_batch(&encode(&t, None).expect("encodes")).expect("apply");
-        send_batch(&encode(&table(&policy("backend = \"nft\"\n")), None).expect("encodes"))
-            .expect("remove");
+        send_batch(&encode(&table(&policy("backend = \"nft\"\n")), None).expect("encodes")).expect("remove");
         assert_eq!(nft(&["list", "table", "ip", "other"], None), other);
         assert_eq!(tables(), "table ip other\n");
     });
@@ -231,16 +233,8 @@ fn batch_with_stale_genid_is_refused_whole_and_fresh_one_applies() {
             Err(NetlinkError::GenerationChanged { genid, .. }) => assert_eq!(genid, Some(g0)),
             other => panic!("expected GenerationChanged, got {other:?}"),
         }
-        assert_eq!(
-            tables(),
-            "table ip other\n",
-            "nothing of the stale batch was applied"
-        );
-        assert_eq!(
-            get_genid().expect("genid"),
-            g1,
-            "a refused batch does not move the id"
-        );
+        assert_eq!(tables(), "table ip other\n", "nothing of the stale batch was applied");
+        assert_eq!(get_genid().expect("genid"), g1, "a refused batch does not move the id");
         send_batch(&encode(&t, Some(g1)).expect("encodes")).expect("fresh genid applies");
         assert!(list_ctguard().contains("chain prerouting"));
         let g2 = get_genid().expect("genid");
@@ -267,10 +261,7 @@ fn batch_with_bad_last_rule(t: &TableIr) -> ctguard::render::nft_batch::BatchBuf
         }
     }
     let bad = RuleIr {
-        matches: vec![Match::DportInSet {
-            proto: ctguard::model::Proto::Udp,
-            set: "no_such_set".into(),
-        }],
+        matches: vec![Match::DportInSet { proto: ctguard::model::Proto::Udp, set: "no_such_set".into() }],
         comment: "ctguard:test-1".into(),
     };
     b.add_rule(&t.name, "output", 99, &bad).expect("ok");
@@ -284,14 +275,9 @@ fn batch_whose_last_message_is_bad_is_refused_whole() {
     let msgs = bad.messages();
     let bad_seq = msgs[msgs.len() - 2].seq;
     let check = |r: Result<(), NetlinkError>| match r {
-        Err(NetlinkError::Refused {
-            seq, what, source, ..
-        }) => {
+        Err(NetlinkError::Refused { seq, what, source, .. }) => {
             assert_eq!(seq, bad_seq, "the last rule is named: {what}");
-            assert!(
-                what.contains("add rule inet ctguard output (rule 99"),
-                "{what}"
-            );
+            assert!(what.contains("add rule inet ctguard output (rule 99"), "{what}");
             assert_eq!(source.raw_os_error(), Some(libc::ENOENT), "{source}");
         }
         other => panic!("expected Refused, got {other:?}"),
@@ -303,18 +289,12 @@ fn batch_whose_last_message_is_bad_is_refused_whole() {
     });
     // Over an applied table: the table is untouched (its DELTABLE was rolled back too).
     in_fresh_netns(|| {
-        let other = table(&policy(
-            "[[notrack]]\nprotocols = [\"tcp\"]\nports = [8053]\n",
-        ));
+        let other = table(&policy("[[notrack]]\nprotocols = [\"tcp\"]\nports = [8053]\n"));
         send_batch(&encode(&other, None).expect("encodes")).expect("apply");
         let before = list_ctguard();
         let g = get_genid().expect("genid");
         check(send_batch(&bad));
-        assert_eq!(
-            list_ctguard(),
-            before,
-            "the previous table survives a refused batch"
-        );
+        assert_eq!(list_ctguard(), before, "the previous table survives a refused batch");
         assert_eq!(get_genid().expect("genid"), g, "nothing committed");
     });
 }

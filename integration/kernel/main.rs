@@ -8,3 +8,4 @@ mod harness;
 mod batch;
 mod iptables;
 mod traffic;
+mod plan_lint;
