@@ -4,6 +4,8 @@
 //! side effects (exec, netlink, `/proc/sys`, namespaces) live in [`backend`], [`netns`] and
 //! [`sysctl`]; [`cli`] glues them together.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod cli;
 pub mod exit;

@@ -115,7 +115,7 @@ pub fn lint(input: &LintInput<'_>) -> Vec<Finding> {
             });
         }
     }
-    out.sort_by(|a, b| b.severity.cmp(&a.severity));
+    out.sort_by_key(|f| std::cmp::Reverse(f.severity));
     // Per-family evaluations can report the same thing twice.
     let mut seen = std::collections::HashSet::new();
     out.retain(|f| seen.insert(f.to_string()));
@@ -163,11 +163,10 @@ fn nat_bypass(input: &LintInput<'_>, out: &mut Vec<Finding>) {
             for (hook, flow, dnat) in checks {
                 for chain in input.tables.base_chains(ChainKind::Nat, hook) {
                     for rule in &chain.rules {
-                        let hit = match (&rule.verdict, dnat) {
-                            (Verdict::Dnat | Verdict::Redirect, true) => true,
-                            (Verdict::Snat | Verdict::Masquerade, false) => true,
-                            _ => false,
-                        };
+                        let hit = matches!(
+                            (&rule.verdict, dnat),
+                            (Verdict::Dnat | Verdict::Redirect, true) | (Verdict::Snat | Verdict::Masquerade, false)
+                        );
                         if hit && rule_matches(rule, flow) != Tri::No {
                             out.push(Finding {
                                 severity: Severity::Error,

@@ -11,7 +11,6 @@ use crate::backend::iptables::{self as ipt_backend, Variant};
 use crate::backend::live as live_backend;
 use crate::exit::{Exit, Failure};
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
-use crate::live::fw::IptVariant;
 use crate::live::iptables_save;
 use crate::model::auto::MachineFacts;
 use crate::model::names::Tag;
@@ -125,12 +124,11 @@ fn build_report(
             (lines(current.as_deref().unwrap_or("")), lines(&desired))
         }
         Some(v) => {
-            let iv = if v == Variant::Nft { IptVariant::Nft } else { IptVariant::Legacy };
             let mut current = Vec::new();
             let mut desired = Vec::new();
             for fam in IpFamily::ALL {
                 let v6 = fam == IpFamily::V6;
-                if let Some(d) = live.iptables.iter().find(|d| d.variant == iv && d.v6 == v6) {
+                if let Some(d) = live.iptables.iter().find(|d| d.variant == v && d.v6 == v6) {
                     let dump = iptables_save::parse(&d.text).map_err(|e| refused(&e))?;
                     for chain in [CHAIN_PRE, CHAIN_OUT] {
                         if let Some(c) = dump.chain(RAW_TABLE, chain) {
@@ -183,7 +181,7 @@ fn kernel_check(policy: &Policy, backend: Backend, plan: &InsertionPlan, live: &
     }
     let ipsets = ipt_backend::ipset_save().ok();
     for d in &live.iptables {
-        let variant = if d.variant == IptVariant::Nft { Variant::Nft } else { Variant::Legacy };
+        let variant = d.variant;
         let fam = if d.v6 { IpFamily::V6 } else { IpFamily::V4 };
         let mut doc = String::new();
         if variant_of(backend) == Some(variant) {

@@ -133,6 +133,7 @@ impl Prefix {
         matches!(self, Prefix::V6(..))
     }
     /// Prefix length.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u8 {
         match self {
             Prefix::V4(_, l) | Prefix::V6(_, l) => *l,

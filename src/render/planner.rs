@@ -319,7 +319,8 @@ impl InsertionPlan {
     /// The iptables insertions for one variant and family as `iptables-restore --noflush`
     /// text. Inserts are emitted from the bottom of each chain up so earlier indexes stay valid.
     pub fn iptables_restore(&self, variant: IptVariant, v6: bool) -> String {
-        let mut by_table: std::collections::BTreeMap<&str, Vec<(&Insertion, &Vec<Vec<String>>)>> = Default::default();
+        type Specs<'a> = Vec<(&'a Insertion, &'a Vec<Vec<String>>)>;
+        let mut by_table: std::collections::BTreeMap<&str, Specs<'_>> = Default::default();
         for ins in &self.insertions {
             if let (Owner::Iptables { variant: v, v6: f, table }, RuleSpec::Iptables(specs)) = (&ins.owner, &ins.rule) {
                 if *v == variant && *f == v6 {
