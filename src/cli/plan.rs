@@ -114,7 +114,13 @@ fn build_report(
 ) -> Result<Report, Vec<Failure>> {
     let refused = |e: &dyn std::fmt::Display| vec![Failure::refused(e.to_string())];
     let live = live_backend::read().map_err(|e| refused(&e))?;
+    tracing::info!(
+        nft_tables = live.nft.tables.len(),
+        iptables_dumps = live.iptables.len(),
+        "read the live state of {target}"
+    );
     let backend = effective_backend(policy.backend);
+    tracing::debug!(backend = backend.as_str(), "effective backend");
     let tag = Tag::preview();
     let (current, desired) = match variant_of(backend) {
         None => {
@@ -159,7 +165,11 @@ fn build_report(
             },
         );
     }
+    tracing::info!(insertions = plan.insertions.len(), findings = findings.len(), "planned");
     let check = check.then(|| kernel_check(policy, backend, &plan, &live, &tag));
+    if let Some(Err(e)) = &check {
+        tracing::warn!("kernel check failed: {e}");
+    }
     Ok(Report { target, initial_ns, backend, current, desired, plan, sysctls, findings, check })
 }
 
