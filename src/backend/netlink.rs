@@ -38,12 +38,7 @@ const NFT_MSG_NEWGEN: u16 = 15;
 /// `NFTA_GEN_ID`: u32, network byte order.
 const NFTA_GEN_ID: u16 = 1;
 
-#[cfg(any(
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "mips32r6",
-    target_arch = "mips64r6"
-))]
+#[cfg(any(target_arch = "mips", target_arch = "mips64", target_arch = "mips32r6", target_arch = "mips64r6"))]
 const SO_SNDBUFFORCE: libc::c_int = 31;
 #[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
 const SO_SNDBUFFORCE: libc::c_int = 0x100a;
@@ -118,7 +113,9 @@ pub enum NetlinkError {
     },
     /// No error came back, but neither did the proof of the commit (the BATCH_END ACK, or on
     /// kernels before 6.10 the ACK of every message). The outcome is unknown: read it back.
-    #[error("no proof that the batch committed: {missing} of {expected} acknowledgements missing (first: {first_missing})")]
+    #[error(
+        "no proof that the batch committed: {missing} of {expected} acknowledgements missing (first: {first_missing})"
+    )]
     Unconfirmed {
         /// Acknowledgements expected.
         expected: usize,
@@ -148,12 +145,7 @@ struct NfSocket {
     buf: Vec<u64>,
 }
 
-fn setsockopt_int(
-    fd: libc::c_int,
-    level: libc::c_int,
-    opt: libc::c_int,
-    val: libc::c_int,
-) -> io::Result<()> {
+fn setsockopt_int(fd: libc::c_int, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
     // SAFETY: `val` lives across the call and its size is passed.
     let r = unsafe {
         libc::setsockopt(
@@ -181,8 +173,7 @@ struct Reply {
 }
 
 fn u32_ne(b: &[u8], o: usize) -> Option<u32> {
-    b.get(o..o + 4)
-        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(o..o + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn u16_ne(b: &[u8], o: usize) -> Option<u16> {
@@ -197,9 +188,7 @@ fn parse_replies(data: &[u8]) -> Result<Vec<Reply>, NetlinkError> {
         let bad = || NetlinkError::Malformed(format!("truncated message at byte {off}"));
         let len = u32_ne(data, off).ok_or_else(bad)? as usize;
         if len < NLMSG_HDRLEN || off + len > data.len() {
-            return Err(NetlinkError::Malformed(format!(
-                "message length {len} at byte {off}"
-            )));
+            return Err(NetlinkError::Malformed(format!("message length {len} at byte {off}")));
         }
         out.push(Reply {
             ty: u16_ne(data, off + 4).ok_or_else(bad)?,
@@ -230,27 +219,21 @@ fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
 
 /// An `NLMSG_ERROR` reply: 0 for an ACK, else a negative errno, plus extended-ack text.
 fn parse_error(r: &Reply) -> Result<(i32, Option<String>), NetlinkError> {
-    let code = u32_ne(&r.payload, 0)
-        .ok_or_else(|| NetlinkError::Malformed("short NLMSG_ERROR".into()))? as i32;
+    let code = u32_ne(&r.payload, 0).ok_or_else(|| NetlinkError::Malformed("short NLMSG_ERROR".into()))? as i32;
     let mut ext = None;
     if r.flags & NLM_F_ACK_TLVS != 0 {
         // nlmsgerr = error code + the request's header (+ its payload unless capped).
         let orig_len = if r.flags & NLM_F_CAPPED != 0 {
             NLMSG_HDRLEN
         } else {
-            u32_ne(&r.payload, 4)
-                .map(|l| l as usize)
-                .unwrap_or(NLMSG_HDRLEN)
+            u32_ne(&r.payload, 4).map(|l| l as usize).unwrap_or(NLMSG_HDRLEN)
         };
         let start = (4 + orig_len).next_multiple_of(4);
         if let Some(tlvs) = r.payload.get(start..) {
             ext = parse_attrs(tlvs)
                 .into_iter()
                 .find(|(t, _)| *t == NLMSGERR_ATTR_MSG)
-                .map(|(_, d)| {
-                    String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default())
-                        .into_owned()
-                });
+                .map(|(_, d)| String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned());
         }
     }
     Ok((code, ext))
@@ -265,11 +248,7 @@ impl NfSocket {
         let _ = setsockopt_int(fd, libc::SOL_NETLINK, NETLINK_CAP_ACK, 1);
         let _ = setsockopt_int(fd, libc::SOL_NETLINK, NETLINK_EXT_ACK, 1);
         let portid = sock.portid();
-        Ok(NfSocket {
-            sock,
-            portid,
-            buf: vec![0u64; RECV_BUF_BYTES / 8],
-        })
+        Ok(NfSocket { sock, portid, buf: vec![0u64; RECV_BUF_BYTES / 8] })
     }
 
     /// Raises a socket buffer to at least `bytes` (the FORCE option needs CAP_NET_ADMIN and
@@ -283,10 +262,7 @@ impl NfSocket {
     }
 
     fn send(&self, bytes: &[u8]) -> Result<(), NetlinkError> {
-        let n = self.sock.send(bytes).map_err(|source| NetlinkError::Send {
-            len: bytes.len(),
-            source,
-        })?;
+        let n = self.sock.send(bytes).map_err(|source| NetlinkError::Send { len: bytes.len(), source })?;
         if n != bytes.len() {
             return Err(NetlinkError::Send {
                 len: bytes.len(),
@@ -300,11 +276,7 @@ impl NfSocket {
     /// when nothing arrived in time.
     fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<Reply>>, NetlinkError> {
         let fd = self.sock.as_raw_fd();
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
         loop {
             // SAFETY: one valid pollfd.
@@ -323,14 +295,7 @@ impl NfSocket {
         }
         let cap = self.buf.len() * 8;
         // SAFETY: the buffer is valid for `cap` bytes and 8-byte aligned.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                self.buf.as_mut_ptr().cast(),
-                cap,
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            )
-        };
+        let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), cap, libc::MSG_DONTWAIT | libc::MSG_TRUNC) };
         if n < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
@@ -341,16 +306,11 @@ impl NfSocket {
         }
         let n = n as usize;
         if n > cap {
-            return Err(NetlinkError::Malformed(format!(
-                "{n}-byte reply does not fit {cap} bytes"
-            )));
+            return Err(NetlinkError::Malformed(format!("{n}-byte reply does not fit {cap} bytes")));
         }
         // SAFETY: the first `n` bytes were written by recv; u64 storage viewed as bytes.
         let data = unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), n) };
-        let msgs = parse_replies(data)?
-            .into_iter()
-            .filter(|r| r.pid == self.portid || r.pid == 0)
-            .collect();
+        let msgs = parse_replies(data)?.into_iter().filter(|r| r.pid == self.portid || r.pid == 0).collect();
         Ok(Some(msgs))
     }
 }
@@ -373,9 +333,9 @@ fn kernel_acks_batch_end() -> bool {
 /// and returns once the kernel has proved the commit.
 ///
 /// Guarantees: **atomic** — nf_tables applies the whole batch as one transaction or nothing
-/// (every error variant except [`NetlinkError::Recv`], [`NetlinkError::AcksLost`] and
-/// [`NetlinkError::Unconfirmed`] means nothing was applied; those three mean the outcome is
-/// unknown and must be read back). `Ok` only when the BATCH_END ACK (kernel ≥ 6.10) arrived with
+/// (every error variant except [`NetlinkError::Recv`], [`NetlinkError::AcksLost`],
+/// [`NetlinkError::Malformed`] and [`NetlinkError::Unconfirmed`] means nothing was applied;
+/// those four mean the outcome is unknown and must be read back). `Ok` only when the BATCH_END ACK (kernel ≥ 6.10) arrived with
 /// no error before it. A batch carrying a generation id that is no longer current fails with
 /// [`NetlinkError::GenerationChanged`] — retry after re-reading. Idempotent when the batch is,
 /// as [`crate::render::nft_batch::encode`]'s are (declare, delete, recreate the table): sending
@@ -398,8 +358,7 @@ pub fn send_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
     let begin_seq = FIRST_SEQ;
     let end_seq = msgs.last().map(|m| m.seq).unwrap_or(begin_seq);
     // Error code per sequence number, once its reply arrived.
-    let mut got: std::collections::HashMap<u32, (i32, Option<String>)> =
-        std::collections::HashMap::new();
+    let mut got: std::collections::HashMap<u32, (i32, Option<String>)> = std::collections::HashMap::new();
     let expected: Vec<u32> = msgs
         .iter()
         .filter(|m| ends_acked || !matches!(m.kind, MsgKind::BatchBegin | MsgKind::BatchEnd))
@@ -416,11 +375,7 @@ pub fn send_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
                     .filter(|m| !matches!(m.kind, MsgKind::BatchBegin | MsgKind::BatchEnd))
                     .all(|m| got.contains_key(&m.seq)));
         // Once conclusive, only drain what is already queued.
-        let wait = if conclusive {
-            Duration::ZERO
-        } else {
-            deadline.saturating_duration_since(Instant::now())
-        };
+        let wait = if conclusive { Duration::ZERO } else { deadline.saturating_duration_since(Instant::now()) };
         let Some(replies) = s.recv(wait)? else { break };
         for r in replies.iter().filter(|r| r.ty == NLMSG_ERROR) {
             let (code, ext) = parse_error(r)?;
@@ -438,34 +393,23 @@ fn outcome(
     ends_acked: bool,
 ) -> Result<(), NetlinkError> {
     let msgs = batch.messages();
-    let what = |seq: u32| {
-        batch
-            .message(seq)
-            .map(|m| m.what.clone())
-            .unwrap_or_else(|| format!("message {seq}"))
-    };
+    let what = |seq: u32| batch.message(seq).map(|m| m.what.clone()).unwrap_or_else(|| format!("message {seq}"));
     let errno = |code: i32| io::Error::from_raw_os_error(code.saturating_neg());
     if let Some((code, ext)) = got.get(&FIRST_SEQ).filter(|(c, _)| *c != 0) {
         if code.saturating_neg() == libc::ERESTART {
-            return Err(NetlinkError::GenerationChanged {
-                genid: batch.genid(),
-                source: errno(*code),
-            });
+            return Err(NetlinkError::GenerationChanged { genid: batch.genid(), source: errno(*code) });
         }
-        // Before 6.10 a commit failure is reported against BATCH_BEGIN.
+        // A failed commit is reported against the first message (BATCH_BEGIN).
         return Err(NetlinkError::Refused {
             seq: FIRST_SEQ,
-            what: what(FIRST_SEQ),
+            what: format!("{}: the batch as a whole", what(FIRST_SEQ)),
             ext: ext.clone(),
             others: 0,
             source: errno(*code),
         });
     }
-    let mut errors: Vec<(u32, i32, Option<String>)> = got
-        .iter()
-        .filter(|(_, (c, _))| *c != 0)
-        .map(|(s, (c, e))| (*s, *c, e.clone()))
-        .collect();
+    let mut errors: Vec<(u32, i32, Option<String>)> =
+        got.iter().filter(|(_, (c, _))| *c != 0).map(|(s, (c, e))| (*s, *c, e.clone())).collect();
     errors.sort_by_key(|e| e.0.wrapping_sub(FIRST_SEQ));
     if let Some((seq, code, ext)) = errors.first() {
         return Err(NetlinkError::Refused {
@@ -477,26 +421,15 @@ fn outcome(
         });
     }
     let end_seq = msgs.last().map(|m| m.seq).unwrap_or(FIRST_SEQ);
-    let proved = if ends_acked {
-        got.contains_key(&end_seq)
-    } else {
-        expected.iter().all(|q| got.contains_key(q))
-    };
+    let proved = if ends_acked { got.contains_key(&end_seq) } else { expected.iter().all(|q| got.contains_key(q)) };
     if proved {
         return Ok(());
     }
-    let missing: Vec<u32> = expected
-        .iter()
-        .copied()
-        .filter(|q| !got.contains_key(q))
-        .collect();
+    let missing: Vec<u32> = expected.iter().copied().filter(|q| !got.contains_key(q)).collect();
     Err(NetlinkError::Unconfirmed {
         expected: expected.len(),
         missing: missing.len(),
-        first_missing: missing
-            .first()
-            .map(|q| what(*q))
-            .unwrap_or_else(|| what(end_seq)),
+        first_missing: missing.first().map(|q| what(*q)).unwrap_or_else(|| what(end_seq)),
     })
 }
 
@@ -512,9 +445,7 @@ pub fn get_genid() -> Result<u32, NetlinkError> {
     let seq = FIRST_SEQ;
     let mut req = Vec::with_capacity(NLMSG_HDRLEN + 4);
     req.extend_from_slice(&((NLMSG_HDRLEN + 4) as u32).to_ne_bytes());
-    req.extend_from_slice(
-        &((NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_GETGEN as u16).to_ne_bytes(),
-    );
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_GETGEN as u16).to_ne_bytes());
     req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
     req.extend_from_slice(&seq.to_ne_bytes());
     req.extend_from_slice(&0u32.to_ne_bytes());
@@ -544,9 +475,7 @@ pub fn get_genid() -> Result<u32, NetlinkError> {
                         source: io::Error::from_raw_os_error(code.saturating_neg()),
                     });
                 }
-                return genid.ok_or_else(|| {
-                    NetlinkError::Malformed("GETGEN reply without NFTA_GEN_ID".into())
-                });
+                return genid.ok_or_else(|| NetlinkError::Malformed("GETGEN reply without NFTA_GEN_ID".into()));
             }
         }
     }
@@ -590,10 +519,7 @@ mod tests {
         let r = parse_replies(&d).expect("parses");
         assert_eq!(r.len(), 2);
         assert_eq!(parse_error(&r[0]).expect("ok"), (0, None));
-        assert_eq!(
-            parse_error(&r[1]).expect("ok"),
-            (-2, Some("Could not process rule".into()))
-        );
+        assert_eq!(parse_error(&r[1]).expect("ok"), (-2, Some("Could not process rule".into())));
         assert!(parse_replies(&d[..d.len() - 1]).is_err());
     }
 
@@ -611,25 +537,15 @@ mod tests {
         let b = batch();
         let all: Vec<u32> = b.messages().iter().map(|m| m.seq).collect();
         let end = *all.last().expect("non-empty");
-        let ok = |s: &[u32]| {
-            s.iter()
-                .map(|q| (*q, (0, None)))
-                .collect::<std::collections::HashMap<_, _>>()
-        };
+        let ok = |s: &[u32]| s.iter().map(|q| (*q, (0, None))).collect::<std::collections::HashMap<_, _>>();
         assert!(outcome(&b, &ok(&all), &all, true).is_ok());
         // Without the batch-end ACK nothing is proved.
         let no_end = ok(&all[..all.len() - 1]);
-        assert!(matches!(
-            outcome(&b, &no_end, &all, true),
-            Err(NetlinkError::Unconfirmed { .. })
-        ));
+        assert!(matches!(outcome(&b, &no_end, &all, true), Err(NetlinkError::Unconfirmed { .. })));
         // Stale generation.
         let mut g = std::collections::HashMap::new();
         g.insert(FIRST_SEQ, (-libc::ERESTART, None));
-        assert!(matches!(
-            outcome(&b, &g, &all, true),
-            Err(NetlinkError::GenerationChanged { genid: Some(9), .. })
-        ));
+        assert!(matches!(outcome(&b, &g, &all, true), Err(NetlinkError::GenerationChanged { genid: Some(9), .. })));
         // A refused rule, earlier messages ACK 0: refused, naming the rule.
         let mut f = ok(&all[..all.len() - 2]);
         f.insert(end - 1, (-libc::ENOENT, None));
@@ -652,10 +568,7 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::ENOENT),
         };
         let s = e.to_string();
-        assert!(
-            s.contains("message 5 (add rule inet ctguard output)"),
-            "{s}"
-        );
+        assert!(s.contains("message 5 (add rule inet ctguard output)"), "{s}");
         assert!(s.contains("and 1 later"), "{s}");
     }
 }

@@ -173,9 +173,7 @@ impl BatchBuffer {
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
     /// A rule looks up a set the table does not declare.
-    #[error(
-        "rule {rule} of chain {chain} looks up set @{set}, which table {table} does not declare"
-    )]
+    #[error("rule {rule} of chain {chain} looks up set @{set}, which table {table} does not declare")]
     UnknownSet {
         /// Table name.
         table: String,
@@ -287,11 +285,7 @@ fn check(table: &TableIr) -> Result<(), BatchError> {
 }
 
 fn cstring(what: &'static str, name: &str) -> Result<CString, BatchError> {
-    CString::new(name).map_err(|source| BatchError::Nul {
-        what,
-        name: name.to_string(),
-        source,
-    })
+    CString::new(name).map_err(|source| BatchError::Nul { what, name: name.to_string(), source })
 }
 
 /// Scratch space for one message: `nft_nlmsg_maxsize()` bytes, 8-byte aligned for `nlmsghdr`.
@@ -373,11 +367,8 @@ fn key_spec(kind: SetKind) -> (u32, u32, u32) {
 /// The elements nft 1.0.6 sends for `set`.
 fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
     let elem_text = |e: &Elem| super::nft_script::elem(e);
-    let wrong = |e: &Elem| BatchError::ElementKind {
-        set: set.name.clone(),
-        kind: set.kind.type_name(),
-        element: elem_text(e),
-    };
+    let wrong =
+        |e: &Elem| BatchError::ElementKind { set: set.name.clone(), kind: set.kind.type_name(), element: elem_text(e) };
     if set.kind == SetKind::Ifname {
         let mut out: Vec<ElemSpec> = Vec::with_capacity(set.elements.len());
         for e in &set.elements {
@@ -386,25 +377,14 @@ fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
             };
             let key = ifname_key(n).to_vec();
             if out.iter().any(|o| o.key == key) {
-                return Err(BatchError::Overlap {
-                    set: set.name.clone(),
-                    element: elem_text(e),
-                });
+                return Err(BatchError::Overlap { set: set.name.clone(), element: elem_text(e) });
             }
-            out.push(ElemSpec {
-                key,
-                flags: 0,
-                udata: None,
-            });
+            out.push(ElemSpec { key, flags: 0, udata: None });
         }
         return Ok(out);
     }
     let width = key_spec(set.kind).1 as usize;
-    let max: u128 = if width == 16 {
-        u128::MAX
-    } else {
-        (1u128 << (8 * width)) - 1
-    };
+    let max: u128 = if width == 16 { u128::MAX } else { (1u128 << (8 * width)) - 1 };
     let mut ranges: Vec<(u128, u128, &Elem)> = Vec::with_capacity(set.elements.len());
     for e in &set.elements {
         let r = match (set.kind, e) {
@@ -422,19 +402,12 @@ fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
     let key = |v: u128| v.to_be_bytes()[16 - width..].to_vec();
     let mut out = Vec::with_capacity(2 * ranges.len() + 1);
     if ranges.first().is_some_and(|r| r.0 != 0) {
-        out.push(ElemSpec {
-            key: key(0),
-            flags: libc::NFT_SET_ELEM_INTERVAL_END as u32,
-            udata: None,
-        });
+        out.push(ElemSpec { key: key(0), flags: libc::NFT_SET_ELEM_INTERVAL_END as u32, udata: None });
     }
     let mut prev_hi: Option<u128> = None;
     for (lo, hi, e) in ranges {
         if prev_hi.is_some_and(|p| lo <= p) {
-            return Err(BatchError::Overlap {
-                set: set.name.clone(),
-                element: elem_text(e),
-            });
+            return Err(BatchError::Overlap { set: set.name.clone(), element: elem_text(e) });
         }
         prev_hi = Some(hi);
         if hi == max {
@@ -444,16 +417,8 @@ fn set_elements(set: &SetIr) -> Result<Vec<ElemSpec>, BatchError> {
                 udata: Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN)),
             });
         } else {
-            out.push(ElemSpec {
-                key: key(lo),
-                flags: 0,
-                udata: None,
-            });
-            out.push(ElemSpec {
-                key: key(hi + 1),
-                flags: libc::NFT_SET_ELEM_INTERVAL_END as u32,
-                udata: None,
-            });
+            out.push(ElemSpec { key: key(lo), flags: 0, udata: None });
+            out.push(ElemSpec { key: key(hi + 1), flags: libc::NFT_SET_ELEM_INTERVAL_END as u32, udata: None });
         }
     }
     Ok(out)
@@ -505,24 +470,15 @@ impl BatchBuilder {
         let seq = self.take_seq();
         let offset = self.bytes.len();
         self.bytes.extend_from_slice(&(len as u32).to_ne_bytes());
-        self.bytes
-            .extend_from_slice(&kind.nlmsg_type().to_ne_bytes());
-        self.bytes
-            .extend_from_slice(&kind.nlmsg_flags().to_ne_bytes());
+        self.bytes.extend_from_slice(&kind.nlmsg_type().to_ne_bytes());
+        self.bytes.extend_from_slice(&kind.nlmsg_flags().to_ne_bytes());
         self.bytes.extend_from_slice(&seq.to_ne_bytes());
         self.bytes.extend_from_slice(&0u32.to_ne_bytes());
         self.bytes.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
-        self.bytes
-            .extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
+        self.bytes.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
         self.bytes.extend_from_slice(attrs);
         self.pad();
-        self.msgs.push(BatchMsg {
-            seq,
-            kind,
-            offset,
-            len,
-            what,
-        });
+        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
     }
 
     fn take_seq(&mut self) -> u32 {
@@ -557,31 +513,17 @@ impl BatchBuilder {
         self.bytes[offset + 6..offset + 8].copy_from_slice(&kind.nlmsg_flags().to_ne_bytes());
         self.pad();
         self.scratch.clear(len);
-        self.msgs.push(BatchMsg {
-            seq,
-            kind,
-            offset,
-            len,
-            what,
-        });
+        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
         Ok(())
     }
 
     fn table_msg(&mut self, kind: MsgKind, name: &str) -> Result<(), BatchError> {
         let cname = cstring("table name", name)?;
-        let verb = if kind == MsgKind::DelTable {
-            "delete"
-        } else {
-            "add"
-        };
+        let verb = if kind == MsgKind::DelTable { "delete" } else { "add" };
         let t = RawTable(non_null(unsafe { sys::nftnl_table_alloc() }));
         // SAFETY: `t` is a live table object; libnftnl copies the string.
         unsafe {
-            sys::nftnl_table_set_u32(
-                t.0.as_ptr(),
-                sys::NFTNL_TABLE_FAMILY as u16,
-                libc::NFPROTO_INET as u32,
-            );
+            sys::nftnl_table_set_u32(t.0.as_ptr(), sys::NFTNL_TABLE_FAMILY as u16, libc::NFPROTO_INET as u32);
             sys::nftnl_table_set_str(t.0.as_ptr(), sys::NFTNL_TABLE_NAME as u16, cname.as_ptr());
             if kind == MsgKind::NewTable {
                 // nft sends NFTA_TABLE_FLAGS 0 when it declares a table, nothing when deleting.
@@ -592,13 +534,7 @@ impl BatchBuilder {
         self.push_written(kind, format!("{verb} table inet {name}"), |buf, seq| {
             // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a table message is tiny.
             unsafe {
-                let nlh = sys::nftnl_nlmsg_build_hdr(
-                    buf.cast::<c_char>(),
-                    ty,
-                    libc::NFPROTO_INET as u16,
-                    0,
-                    seq,
-                );
+                let nlh = sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), ty, libc::NFPROTO_INET as u16, 0, seq);
                 sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr());
             }
         })
@@ -623,14 +559,9 @@ impl BatchBuilder {
         let cname = cstring("set name", &set.name)?;
         let id = self.next_set_id;
         self.next_set_id += 1;
-        self.set_ids
-            .insert((table.to_string(), set.name.clone()), id);
+        self.set_ids.insert((table.to_string(), set.name.clone()), id);
         let (key_type, key_len, byteorder) = key_spec(set.kind);
-        let flags = if set.kind.is_interval() {
-            libc::NFT_SET_INTERVAL as u32
-        } else {
-            0
-        };
+        let flags = if set.kind.is_interval() { libc::NFT_SET_INTERVAL as u32 } else { 0 };
         let udata = udata_u32(UDATA_SET_KEYBYTEORDER, byteorder);
         let s = RawSet(non_null(unsafe { sys::nftnl_set_alloc() }));
         let p = s.0.as_ptr();
@@ -644,57 +575,29 @@ impl BatchBuilder {
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, key_type);
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, key_len);
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, id);
-            sys::nftnl_set_set_data(
-                p,
-                sys::NFTNL_SET_USERDATA as u16,
-                udata.as_ptr().cast(),
-                udata.len() as u32,
-            );
+            sys::nftnl_set_set_data(p, sys::NFTNL_SET_USERDATA as u16, udata.as_ptr().cast(), udata.len() as u32);
             for e in &elems {
                 let el = non_null(sys::nftnl_set_elem_alloc()).as_ptr();
-                sys::nftnl_set_elem_set(
-                    el,
-                    sys::NFTNL_SET_ELEM_KEY as u16,
-                    e.key.as_ptr().cast(),
-                    e.key.len() as u32,
-                );
+                sys::nftnl_set_elem_set(el, sys::NFTNL_SET_ELEM_KEY as u16, e.key.as_ptr().cast(), e.key.len() as u32);
                 if e.flags != 0 {
                     sys::nftnl_set_elem_set_u32(el, sys::NFTNL_SET_ELEM_FLAGS as u16, e.flags);
                 }
                 if let Some(u) = &e.udata {
-                    sys::nftnl_set_elem_set(
-                        el,
-                        sys::NFTNL_SET_ELEM_USERDATA as u16,
-                        u.as_ptr().cast(),
-                        u.len() as u32,
-                    );
+                    sys::nftnl_set_elem_set(el, sys::NFTNL_SET_ELEM_USERDATA as u16, u.as_ptr().cast(), u.len() as u32);
                 }
                 sys::nftnl_set_elem_add(p, el);
             }
         }
-        let flags_text = if set.kind.is_interval() {
-            ", flags interval"
-        } else {
-            ""
-        };
+        let flags_text = if set.kind.is_interval() { ", flags interval" } else { "" };
         let set_ty = MsgKind::NewSet.nlmsg_type() & 0xff;
         self.push_written(
             MsgKind::NewSet,
-            format!(
-                "add set inet {table} {} ({}{flags_text})",
-                set.name,
-                set.kind.type_name()
-            ),
+            format!("add set inet {table} {} ({}{flags_text})", set.name, set.kind.type_name()),
             |buf, seq| {
                 // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a set message is small.
                 unsafe {
-                    let nlh = sys::nftnl_nlmsg_build_hdr(
-                        buf.cast::<c_char>(),
-                        set_ty,
-                        libc::NFPROTO_INET as u16,
-                        0,
-                        seq,
-                    );
+                    let nlh =
+                        sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), set_ty, libc::NFPROTO_INET as u16, 0, seq);
                     sys::nftnl_set_nlmsg_build_payload(nlh, p);
                 }
             },
@@ -718,10 +621,7 @@ impl BatchBuilder {
             let mut more = 0;
             self.push_written(
                 MsgKind::NewSetElem,
-                format!(
-                    "add elements to set inet {table} {} (part {part})",
-                    set.name
-                ),
+                format!("add elements to set inet {table} {} (part {part})", set.name),
                 |buf, seq| {
                     // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; libnftnl stops
                     // adding elements before the element list attribute overflows 64 KiB.
@@ -775,43 +675,30 @@ impl BatchBuilder {
     /// as nft's userdata comment. Looked-up sets added earlier in this batch are referenced by
     /// name and batch-local id, others by name only (the kernel refuses an unknown one).
     /// `position` (1-based) is only used in descriptions.
-    pub fn add_rule(
-        &mut self,
-        table: &str,
-        chain: &str,
-        position: usize,
-        rule: &RuleIr,
-    ) -> Result<(), BatchError> {
+    pub fn add_rule(&mut self, table: &str, chain: &str, position: usize, rule: &RuleIr) -> Result<(), BatchError> {
         let t = Table::new(cstring("table name", table)?, ProtoFamily::Inet);
         let c = Chain::new(cstring("chain name", chain)?, &t);
         let mut r = Rule::new(&c);
         for m in &rule.matches {
-            let exprs = match_exprs(m, |s| {
-                self.set_ids
-                    .get(&(table.to_string(), s.to_string()))
-                    .copied()
-            })
-            .map_err(|source| BatchError::Nul {
-                what: "set name",
-                name: match_set(m).unwrap_or_default().to_string(),
-                source,
-            })?;
+            let exprs = match_exprs(m, |s| self.set_ids.get(&(table.to_string(), s.to_string())).copied()).map_err(
+                |source| BatchError::Nul {
+                    what: "set name",
+                    name: match_set(m).unwrap_or_default().to_string(),
+                    source,
+                },
+            )?;
             for e in &exprs {
                 r.add_expr(e);
             }
         }
         r.add_expr(&Notrack);
         let comment = cstring("rule comment", &rule.comment)?;
-        r.set_comment(comment)
-            .map_err(|_| BatchError::CommentTooLong {
-                chain: chain.to_string(),
-                rule: position,
-                len: rule.comment.len(),
-            })?;
-        let what = format!(
-            "add rule inet {table} {chain} (rule {position}: {})",
-            rule_text(rule)
-        );
+        r.set_comment(comment).map_err(|_| BatchError::CommentTooLong {
+            chain: chain.to_string(),
+            rule: position,
+            len: rule.comment.len(),
+        })?;
+        let what = format!("add rule inet {table} {chain} (rule {position}: {})", rule_text(rule));
         self.push_written(MsgKind::NewRule, what, |buf, seq| {
             // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
             unsafe { r.write(buf, seq, MsgType::Add) }
@@ -821,11 +708,7 @@ impl BatchBuilder {
     /// Writes BATCH_END and returns the batch.
     pub fn finish(mut self) -> BatchBuffer {
         self.push_control(MsgKind::BatchEnd, &[], "batch end (commit)".to_string());
-        BatchBuffer {
-            bytes: self.bytes,
-            msgs: self.msgs,
-            genid: self.genid,
-        }
+        BatchBuffer { bytes: self.bytes, msgs: self.msgs, genid: self.genid }
     }
 }
 
@@ -854,10 +737,7 @@ mod tests {
             let u32at = |o: usize| u32::from_ne_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
             let u16at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
             let len = u32at(off) as usize;
-            assert!(
-                len >= NLMSG_HDRLEN + NFGENMSG_LEN && off + len <= b.len(),
-                "bad length {len} at {off}"
-            );
+            assert!(len >= NLMSG_HDRLEN + NFGENMSG_LEN && off + len <= b.len(), "bad length {len} at {off}");
             assert_eq!(u32at(off + 12), 0, "pid must be 0");
             out.push(Msg {
                 len,
@@ -907,8 +787,8 @@ mod tests {
         assert_eq!(
             kinds(&b),
             vec![
-                BatchBegin, NewTable, DelTable, NewTable, NewSet, NewSetElem, NewChain, NewChain,
-                NewRule, NewRule, NewRule, NewRule, NewRule, NewRule, BatchEnd
+                BatchBegin, NewTable, DelTable, NewTable, NewSet, NewSetElem, NewChain, NewChain, NewRule, NewRule,
+                NewRule, NewRule, NewRule, NewRule, BatchEnd
             ]
         );
         assert_eq!(msgs.len(), b.messages().len());
@@ -927,20 +807,11 @@ mod tests {
         assert!(attrs(&msgs[0].payload).is_empty());
         assert_eq!(msgs[msgs.len() - 1].ty, NFNL_MSG_BATCH_END);
         // Object messages are family inet.
-        assert!(msgs[1..msgs.len() - 1]
-            .iter()
-            .all(|m| m.payload[0] == libc::NFPROTO_INET as u8));
-        let flags =
-            |k: MsgKind| msgs[kinds(&b).iter().position(|x| *x == k).expect("present")].flags;
-        assert_eq!(
-            flags(NewRule) & (NLM_F_CREATE | NLM_F_APPEND),
-            NLM_F_CREATE | NLM_F_APPEND
-        );
+        assert!(msgs[1..msgs.len() - 1].iter().all(|m| m.payload[0] == libc::NFPROTO_INET as u8));
+        let flags = |k: MsgKind| msgs[kinds(&b).iter().position(|x| *x == k).expect("present")].flags;
+        assert_eq!(flags(NewRule) & (NLM_F_CREATE | NLM_F_APPEND), NLM_F_CREATE | NLM_F_APPEND);
         assert_eq!(flags(NewChain) & NLM_F_CREATE, NLM_F_CREATE);
-        assert_eq!(
-            flags(NewTable) & (NLM_F_CREATE | libc::NLM_F_EXCL as u16),
-            0
-        );
+        assert_eq!(flags(NewTable) & (NLM_F_CREATE | libc::NLM_F_EXCL as u16), 0);
     }
 
     #[test]
@@ -950,11 +821,7 @@ mod tests {
         assert_eq!(b.genid(), Some(0x0102_0304));
         let msgs = walk(b.as_bytes());
         let a = attrs(&msgs[0].payload);
-        assert_eq!(
-            a,
-            vec![(NFNL_BATCH_GENID, vec![1, 2, 3, 4])],
-            "u32 in network byte order"
-        );
+        assert_eq!(a, vec![(NFNL_BATCH_GENID, vec![1, 2, 3, 4])], "u32 in network byte order");
         assert!(msgs[1..].iter().all(|m| m.ty != NFNL_MSG_BATCH_BEGIN));
         let plain = encode(&t, None).expect("encodes");
         assert_eq!(plain.as_bytes().len() + 8, b.as_bytes().len());
@@ -973,44 +840,19 @@ mod tests {
 
     #[test]
     fn interval_elements_like_nft() {
-        let set = |elements, kind| SetIr {
-            name: "s".into(),
-            kind,
-            elements,
-        };
+        let set = |elements, kind| SetIr { name: "s".into(), kind, elements };
         let port = |lo, hi| Elem::Port(crate::model::PortRange { lo, hi });
         let end = libc::NFT_SET_ELEM_INTERVAL_END as u32;
-        let e = |key: &[u8], flags| ElemSpec {
-            key: key.to_vec(),
-            flags,
-            udata: None,
-        };
+        let e = |key: &[u8], flags| ElemSpec { key: key.to_vec(), flags, udata: None };
         // { 53, 1000-2000 }: 0 end, 53, 54 end, 1000, 2001 end (what nft 1.0.6 sends).
-        let v =
-            set_elements(&set(vec![port(53, 53), port(1000, 2000)], SetKind::Ports)).expect("ok");
-        assert_eq!(
-            v,
-            vec![
-                e(&[0, 0], end),
-                e(&[0, 53], 0),
-                e(&[0, 54], end),
-                e(&[3, 232], 0),
-                e(&[7, 209], end)
-            ]
-        );
+        let v = set_elements(&set(vec![port(53, 53), port(1000, 2000)], SetKind::Ports)).expect("ok");
+        assert_eq!(v, vec![e(&[0, 0], end), e(&[0, 53], 0), e(&[0, 54], end), e(&[3, 232], 0), e(&[7, 209], end)]);
         // A range reaching 65535 has no end element and is flagged interval-open.
-        let v =
-            set_elements(&set(vec![port(1, 10), port(65535, 65535)], SetKind::Ports)).expect("ok");
+        let v = set_elements(&set(vec![port(1, 10), port(65535, 65535)], SetKind::Ports)).expect("ok");
         assert_eq!(v.len(), 4);
         assert_eq!(v[3].key, vec![0xff, 0xff]);
-        assert_eq!(
-            v[3].udata,
-            Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN))
-        );
-        assert_eq!(
-            udata_u32(1, 1),
-            [vec![1u8, 4], 1u32.to_ne_bytes().to_vec()].concat()
-        );
+        assert_eq!(v[3].udata, Some(udata_u32(UDATA_SET_ELEM_FLAGS, SET_ELEM_F_INTERVAL_OPEN)));
+        assert_eq!(udata_u32(1, 1), [vec![1u8, 4], 1u32.to_ne_bytes().to_vec()].concat());
         // Starting at 0: no leading end element.
         let pre = crate::model::Prefix::V4(std::net::Ipv4Addr::new(0, 0, 0, 0), 1);
         let v = set_elements(&set(vec![Elem::Prefix(pre)], SetKind::Ipv4)).expect("ok");
@@ -1033,14 +875,10 @@ mod tests {
         );
         let b = encode(&table_for(&p, &Tag::preview()), None).expect("encodes");
         let msgs = walk(b.as_bytes());
-        let sets: Vec<_> = msgs
-            .iter()
-            .filter(|m| m.ty == MsgKind::NewSet.nlmsg_type())
-            .map(|m| attrs(&m.payload))
-            .collect();
+        let sets: Vec<_> =
+            msgs.iter().filter(|m| m.ty == MsgKind::NewSet.nlmsg_type()).map(|m| attrs(&m.payload)).collect();
         assert_eq!(sets.len(), 3);
-        let get =
-            |a: &Vec<(u16, Vec<u8>)>, t: u16| a.iter().find(|x| x.0 == t).map(|x| x.1.clone());
+        let get = |a: &Vec<(u16, Vec<u8>)>, t: u16| a.iter().find(|x| x.0 == t).map(|x| x.1.clone());
         let be32 = |v: u32| Some(v.to_be_bytes().to_vec());
         // NFTA_SET_FLAGS=3, KEY_TYPE=4, KEY_LEN=5, ID=10, USERDATA=13.
         assert_eq!(get(&sets[0], 3), be32(libc::NFT_SET_INTERVAL as u32));
@@ -1060,19 +898,11 @@ mod tests {
     fn unknown_set_is_refused_by_encode_but_buildable_by_hand() {
         let mut t = table_for(&Policy::builtin(), &Tag::preview());
         t.sets.clear();
-        t.sets.push(SetIr {
-            name: "other".into(),
-            kind: SetKind::Ports,
-            elements: vec![],
-        });
-        assert!(matches!(
-            encode(&t, None),
-            Err(BatchError::UnknownSet { .. })
-        ));
+        t.sets.push(SetIr { name: "other".into(), kind: SetKind::Ports, elements: vec![] });
+        assert!(matches!(encode(&t, None), Err(BatchError::UnknownSet { .. })));
         let mut b = BatchBuilder::new(Some(7));
         b.add_table("ctguard").expect("ok");
-        b.add_rule("ctguard", "prerouting", 1, &t.chains[0].rules[0])
-            .expect("ok");
+        b.add_rule("ctguard", "prerouting", 1, &t.chains[0].rules[0]).expect("ok");
         let buf = b.finish();
         assert_eq!(walk(buf.as_bytes()).len(), 4);
     }
@@ -1080,16 +910,9 @@ mod tests {
     #[test]
     fn large_sets_split_into_several_element_messages() {
         let ports: Vec<String> = (1..=30000u32).step_by(2).map(|p| p.to_string()).collect();
-        let p = policy(&format!(
-            "[[notrack]]\nprotocols = [\"udp\"]\nports = [{}]\n",
-            ports.join(",")
-        ));
+        let p = policy(&format!("[[notrack]]\nprotocols = [\"udp\"]\nports = [{}]\n", ports.join(",")));
         let b = encode(&table_for(&p, &Tag::preview()), None).expect("encodes");
-        let n = b
-            .messages()
-            .iter()
-            .filter(|m| m.kind == MsgKind::NewSetElem)
-            .count();
+        let n = b.messages().iter().filter(|m| m.kind == MsgKind::NewSetElem).count();
         assert!(n >= 2, "{n} element messages");
         for m in walk(b.as_bytes()) {
             assert!(m.len <= nftnl::nft_nlmsg_maxsize() as usize);

@@ -27,8 +27,8 @@ use std::ffi::CString;
 use std::ptr::NonNull;
 
 use nftnl::expr::{
-    Cmp, CmpOp, Expression, Ipv4HeaderField, Ipv6HeaderField, Meta, NetworkHeaderField, Payload,
-    TcpHeaderField, ToSlice, TransportHeaderField, UdpHeaderField,
+    Cmp, CmpOp, Expression, Ipv4HeaderField, Ipv6HeaderField, Meta, NetworkHeaderField, Payload, TcpHeaderField,
+    ToSlice, TransportHeaderField, UdpHeaderField,
 };
 use nftnl::nftnl_sys as sys;
 use nftnl::Rule;
@@ -81,10 +81,7 @@ pub struct Fib {
 
 impl Fib {
     /// `fib daddr type`: the address type of the destination address.
-    pub const DADDR_TYPE: Fib = Fib {
-        flags: NFTA_FIB_F_DADDR,
-        result: NFT_FIB_RESULT_ADDRTYPE,
-    };
+    pub const DADDR_TYPE: Fib = Fib { flags: NFTA_FIB_F_DADDR, result: NFT_FIB_RESULT_ADDRTYPE };
 }
 
 impl Expression for Fib {
@@ -92,16 +89,8 @@ impl Expression for Fib {
         let expr = alloc_expr(c"fib");
         // SAFETY: `expr` is a live fib expression; the attributes are fib attributes.
         unsafe {
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_FIB_DREG as u16,
-                libc::NFT_REG_1 as u32,
-            );
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_FIB_RESULT as u16,
-                self.result,
-            );
+            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_FIB_DREG as u16, libc::NFT_REG_1 as u32);
+            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_FIB_RESULT as u16, self.result);
             sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_FIB_FLAGS as u16, self.flags);
         }
         expr
@@ -120,10 +109,7 @@ pub struct LookupByName {
 impl LookupByName {
     /// A lookup in the set `name`. Fails when `name` contains a NUL byte.
     pub fn new(name: &str, set_id: Option<u32>) -> Result<LookupByName, std::ffi::NulError> {
-        Ok(LookupByName {
-            set: CString::new(name)?,
-            set_id,
-        })
+        Ok(LookupByName { set: CString::new(name)?, set_id })
     }
 }
 
@@ -132,16 +118,8 @@ impl Expression for LookupByName {
         let expr = alloc_expr(c"lookup");
         // SAFETY: `expr` is a live lookup expression; libnftnl copies the string.
         unsafe {
-            sys::nftnl_expr_set_str(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_LOOKUP_SET as u16,
-                self.set.as_ptr(),
-            );
-            sys::nftnl_expr_set_u32(
-                expr.as_ptr(),
-                sys::NFTNL_EXPR_LOOKUP_SREG as u16,
-                libc::NFT_REG_1 as u32,
-            );
+            sys::nftnl_expr_set_str(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set.as_ptr());
+            sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SREG as u16, libc::NFT_REG_1 as u32);
             if let Some(id) = self.set_id {
                 sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, id);
             }
@@ -213,17 +191,11 @@ pub fn ifname_key(name: &IfName) -> [u8; IFNAMSIZ] {
 }
 
 fn nfproto(v6: bool) -> [Expr; 2] {
-    [
-        Expr::Meta(Meta::NfProto),
-        Expr::CmpEq(Bytes(vec![if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }])),
-    ]
+    [Expr::Meta(Meta::NfProto), Expr::CmpEq(Bytes(vec![if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }]))]
 }
 
 fn l4proto(proto: Proto) -> [Expr; 2] {
-    [
-        Expr::Meta(Meta::L4Proto),
-        Expr::CmpEq(Bytes(vec![proto.number()])),
-    ]
+    [Expr::Meta(Meta::L4Proto), Expr::CmpEq(Bytes(vec![proto.number()]))]
 }
 
 fn addr_payload(v6: bool, source: bool) -> Payload {
@@ -247,13 +219,9 @@ fn port_payload(proto: Proto, source: bool) -> Payload {
 /// The expressions nft generates for `m` in an inet-family rule, in order. `set_id` gives the
 /// batch-local id of a set created in the same batch (None: name only). Fails only when a set
 /// name contains a NUL byte.
-pub fn match_exprs(
-    m: &Match,
-    set_id: impl Fn(&str) -> Option<u32>,
-) -> Result<Vec<Expr>, std::ffi::NulError> {
-    let lookup = |set: &str| -> Result<Expr, std::ffi::NulError> {
-        Ok(Expr::Lookup(LookupByName::new(set, set_id(set))?))
-    };
+pub fn match_exprs(m: &Match, set_id: impl Fn(&str) -> Option<u32>) -> Result<Vec<Expr>, std::ffi::NulError> {
+    let lookup =
+        |set: &str| -> Result<Expr, std::ffi::NulError> { Ok(Expr::Lookup(LookupByName::new(set, set_id(set))?)) };
     let mut v = Vec::with_capacity(4);
     match m {
         Match::IifnameInSet(set) => {
@@ -316,14 +284,7 @@ mod tests {
 
     #[test]
     fn address_match_has_nfproto_dependency() {
-        let v = match_exprs(
-            &Match::SaddrInSet {
-                v6: true,
-                set: "src6_0".into(),
-            },
-            |_| Some(3),
-        )
-        .expect("no NUL");
+        let v = match_exprs(&Match::SaddrInSet { v6: true, set: "src6_0".into() }, |_| Some(3)).expect("no NUL");
         assert_eq!(v.len(), 4);
         assert!(matches!(&v[1], Expr::CmpEq(b) if b.0 == vec![10]));
         assert!(matches!(&v[3], Expr::Lookup(l) if l.set_id == Some(3)));
