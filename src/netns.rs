@@ -102,6 +102,29 @@ impl Target {
         std::fs::metadata("/proc/1/ns/net").is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 
+    /// Moves the calling thread into this namespace for good (a target's dedicated worker
+    /// thread calls this once, DESIGN §3). Never call it on a thread that serves anything else.
+    pub fn enter_current_thread(&self) -> Result<(), NetnsError> {
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|source| NetnsError::Enter { path: self.path.clone(), source })
+    }
+
+    /// Keeps the namespace reachable after a crash: bind-mounts it onto `dst` (an empty file is
+    /// created first). Idempotent for the same `dst`. Undo with [`unpin`].
+    pub fn pin(&self, dst: &Path) -> Result<(), NetnsError> {
+        let open_err = |source| NetnsError::Open { path: dst.to_path_buf(), source };
+        if let Some(dir) = dst.parent() {
+            std::fs::create_dir_all(dir).map_err(open_err)?;
+        }
+        if std::fs::metadata(dst).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            return Ok(());
+        }
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dst).map_err(open_err)?;
+        let src = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file)));
+        nix::mount::mount(Some(&src), dst, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| open_err(std::io::Error::from(e)))
+    }
+
     /// Runs `f` on a fresh OS thread that entered this namespace first. Everything `f` does —
     /// sockets, `/proc/thread-self/net`, `/proc/sys/net`, spawned processes — happens in the
     /// target. The calling thread's namespace never changes.
@@ -115,6 +138,12 @@ impl Target {
             handle.join().map_err(|_| NetnsError::Panicked(self.path.clone()))?
         })
     }
+}
+
+/// Removes a pin made by [`Target::pin`]; a missing pin is fine (idempotent).
+pub fn unpin(dst: &Path) {
+    let _ = nix::mount::umount2(dst, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_file(dst);
 }
 
 #[cfg(test)]

@@ -239,7 +239,6 @@ fn design_drop_policy_one_table_appends() {
 
 /// tcp/53 is dropped by the chain tracked or not (only udp/53 is opened): no accept for tcp.
 #[test]
-#[ignore = "planner bug: the loopback reply (iif lo, tcp sport 53, established) is planned alone although the request it answers is dropped"]
 fn design_drop_policy_one_table_nothing_for_tcp() {
     let nft = planned("drop_policy_one_table").nft_script();
     assert!(!nft.contains("tcp"), "tcp/53 is dropped tracked too: nothing to insert for it\n{nft}");
@@ -247,7 +246,6 @@ fn design_drop_policy_one_table_nothing_for_tcp() {
 
 /// A wire accept without an interface match already covers `lo`: no second rule for it.
 #[test]
-#[ignore = "planner bug: the local view of the request adds `iifname \"lo\" … dport` next to a wire rule that already covers lo"]
 fn design_no_redundant_loopback_request_rule() {
     for case in ["drop_policy_one_table", "blocklist_above", "iptables_input_drop"] {
         let p = planned(case);
@@ -272,7 +270,6 @@ fn design_drop_policy_two_tables_one_each() {
 
 /// `meta nfproto` exists only in inet tables; `nft` refuses it in an ip / ip6 table.
 #[test]
-#[ignore = "planner bug: nft_accept_rule adds `meta nfproto ipv4` for an `ip` table (nft: only useful in the inet family)"]
 fn design_no_nfproto_outside_inet() {
     let nft = planned("drop_policy_two_tables").nft_script();
     for line in nft.lines().filter(|l| !l.contains(" inet ")) {
@@ -327,7 +324,6 @@ fn design_iptables_nft_tables_are_planned_through_iptables() {
 
 /// Stateless accepts pass the flow tracked or not: nothing to insert, nothing to report.
 #[test]
-#[ignore = "planner bug: a maybe-accept that does not depend on ct state (`udp sport 53 accept` for a flow with any source port) counts as a blackhole; the plan then opens oif/iif lo traffic the firewall drops"]
 fn design_stateless_accept_needs_nothing() {
     let p = planned("stateless_accept");
     assert!(p.insertions.is_empty() && p.decisions.is_empty(), "{}", p.nft_script());
@@ -575,7 +571,6 @@ fn apply_drop_policy_one_table() {
 }
 
 #[test]
-#[ignore = "planner bug: `meta nfproto ipv4` in a rule for an `ip` table; nft refuses the script"]
 fn apply_drop_policy_two_tables() {
     apply_case("drop_policy_two_tables");
 }

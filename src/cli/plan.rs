@@ -58,6 +58,7 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
     let initial_ns = target.is_initial();
     let label = match &spec {
         TargetSpec::Current if initial_ns => "host (initial network namespace)".to_string(),
+        TargetSpec::Current => "the caller's network namespace".to_string(),
         _ => format!("network namespace {}", target.path().display()),
     };
     let report = target

@@ -25,8 +25,30 @@ pub(super) struct RawPolicy {
     pub persist: bool,
     #[serde(default)]
     pub notrack: Vec<RawNotrack>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub sysctl: BTreeMap<String, RawScalar>,
+}
+
+/// A map that refuses a key given twice (serde_json would keep the last one silently; TOML
+/// refuses such documents on its own).
+fn unique_keys<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, RawScalar>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = BTreeMap<String, RawScalar>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table of sysctl keys")
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, RawScalar>()? {
+                if out.insert(k.clone(), v).is_some() {
+                    return Err(de::Error::custom(format!("key {k:?} is given twice")));
+                }
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V)
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,8 +97,41 @@ impl<'de> Deserialize<'de> for RawScalar {
     }
 }
 
+/// serde's derived structs also accept a sequence of field values in order; a policy must
+/// name its fields, so the document and every `[[notrack]]` entry must be tables/objects.
+fn check_shape(top_is_list: bool, entries: Option<Vec<bool>>) -> Result<(), PolicyError> {
+    let err = |path: String| PolicyError { path, reason: "must be a table (named fields), not a list".into() };
+    if top_is_list {
+        return Err(err(String::new()));
+    }
+    if let Some(i) = entries.and_then(|e| e.iter().position(|is_list| *is_list)) {
+        return Err(err(format!("notrack[{i}]")));
+    }
+    Ok(())
+}
+
 /// Deserializes `text`; the first type or syntax error comes back with its field path.
 pub(super) fn deserialize(text: &str, format: Format) -> Result<RawPolicy, PolicyError> {
+    // Documents that do not even parse as plain values get the typed parser's error, which
+    // carries the field path.
+    match format {
+        Format::Json => {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
+                let entries = v.get("notrack").and_then(|n| n.as_array()).map(|a| a.iter().map(|e| e.is_array()).collect());
+                check_shape(v.is_array(), entries)?;
+            }
+        }
+        Format::Toml => {
+            if let Ok(v) = toml::from_str::<toml::Table>(text) {
+                let entries = v.get("notrack").and_then(|n| n.as_array()).map(|a| a.iter().map(|e| e.is_array()).collect());
+                check_shape(false, entries)?;
+            }
+        }
+    }
+    deserialize_checked(text, format)
+}
+
+fn deserialize_checked(text: &str, format: Format) -> Result<RawPolicy, PolicyError> {
     match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_str(text);
@@ -102,6 +157,12 @@ pub(super) fn deserialize(text: &str, format: Format) -> Result<RawPolicy, Polic
 
 fn path_error(path: String, reason: String) -> PolicyError {
     let path = if path == "." { String::new() } else { path };
+    // serde_path_to_error joins map keys with dots; a sysctl key has dots of its own, so quote
+    // it the way validation errors do: sysctl."net.netfilter.nf_conntrack_max".
+    let path = match path.strip_prefix("sysctl.") {
+        Some(key) => format!("sysctl.\"{key}\""),
+        None => path,
+    };
     PolicyError { path, reason: one_line(&reason) }
 }
 

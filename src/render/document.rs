@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use super::iptables::{notrack_rules, IpFamily};
 use super::nft_ir::table_for;
 use super::nft_script::table_block;
-use crate::model::auto::{auto_conntrack_buckets, auto_conntrack_max, MachineFacts};
+use crate::model::auto::{auto_conntrack_buckets, auto_conntrack_max, kernel_rounded_buckets, MachineFacts};
 use crate::model::names::Tag;
 use crate::model::{Backend, Policy, SysctlValue};
 
@@ -34,7 +34,7 @@ impl DocFormat {
 
 /// The sysctl writes as `(key, value, note)`; `"auto"` resolved from `facts` (without a live
 /// value, so "never lowers" is applied later, by `plan`).
-pub fn sysctl_writes(policy: &Policy, facts: MachineFacts) -> Vec<(String, u64, &'static str)> {
+pub fn sysctl_writes(policy: &Policy, facts: MachineFacts) -> Vec<(String, u64, String)> {
     let max = match policy.sysctl.iter().find(|(k, _)| k.as_str() == "net.netfilter.nf_conntrack_max") {
         Some((_, SysctlValue::Int(n))) => *n,
         _ => auto_conntrack_max(facts, None),
@@ -43,11 +43,20 @@ pub fn sysctl_writes(policy: &Policy, facts: MachineFacts) -> Vec<(String, u64, 
         .sysctl
         .iter()
         .map(|(k, v)| match v {
-            SysctlValue::Int(n) => (k.to_string(), *n, ""),
-            SysctlValue::Auto if k.as_str() == "net.netfilter.nf_conntrack_buckets" => {
-                (k.to_string(), auto_conntrack_buckets(facts, max, None), " (auto: = nf_conntrack_max, rounded as the kernel does)")
+            SysctlValue::Int(n) if k.as_str() == "net.netfilter.nf_conntrack_buckets" => {
+                let stored = kernel_rounded_buckets(*n, facts.page_size);
+                let note = if stored == *n { String::new() } else { format!(" (the kernel rounds it up to {stored})") };
+                (k.to_string(), *n, note)
             }
-            SysctlValue::Auto => (k.to_string(), auto_conntrack_max(facts, None), " (auto: RAM / 16384 / (bits / 32), power of two)"),
+            SysctlValue::Int(n) => (k.to_string(), *n, String::new()),
+            SysctlValue::Auto if k.as_str() == "net.netfilter.nf_conntrack_buckets" => (
+                k.to_string(),
+                auto_conntrack_buckets(facts, max, None),
+                " (auto: = nf_conntrack_max, rounded as the kernel does)".to_string(),
+            ),
+            SysctlValue::Auto => {
+                (k.to_string(), auto_conntrack_max(facts, None), " (auto: RAM / 16384 / (bits / 32), power of two)".to_string())
+            }
         })
         .collect()
 }

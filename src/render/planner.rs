@@ -56,6 +56,9 @@ pub struct Insertion {
     pub position: Position,
     /// The rule: nft statement text, or iptables argument vectors (one or more rules).
     pub rule: RuleSpec,
+    /// True for a wire rule without interface match (it accepts the flow on lo too).
+    #[serde(skip)]
+    pub wire_any_iface: bool,
 }
 
 /// The text of an inserted rule in its front end's syntax.
@@ -90,14 +93,22 @@ pub struct Decision {
 impl Decision {
     /// The chain accepts (some of) the flow tracked and drops it untracked: NOTRACK alone
     /// would blackhole it here.
+    ///
+    /// A maybe-accept that holds for the untracked flow too (a rule that does not look at ct
+    /// state) does not count: it is not tracking that lets those packets in.
     pub fn blackholes(&self) -> bool {
-        self.tracked.accepts_some() && !self.untracked.accept
+        !self.untracked.accept && (self.tracked.accept || self.state_dependent_accept().is_some())
+    }
+
+    /// The first rule that accepts part of the flow while tracked but not once untracked.
+    fn state_dependent_accept(&self) -> Option<&FwRule> {
+        self.tracked.maybe_accepts.iter().find(|r| !self.untracked.maybe_accepts.contains(r))
     }
     /// The tracked accept depends on conditions the policy's flow does not carry (a source or
     /// interface restriction): an unconditional untracked accept would skip them.
     pub fn skips_restriction(&self) -> Option<&FwRule> {
         if self.blackholes() && !self.tracked.accept {
-            self.tracked.maybe_accepts.first()
+            self.state_dependent_accept()
         } else {
             None
         }
@@ -122,10 +133,13 @@ pub fn plan(policy: &Policy, live: &LiveState, tag: &Tag) -> InsertionPlan {
 pub fn plan_chains(policy: &Policy, tables: &FwTables, tag: &Tag) -> InsertionPlan {
     let mut out = InsertionPlan::default();
     for (i, entry) in policy.notrack.iter().enumerate() {
-        for (hook, dir, view, not_lo) in flow_views(entry) {
-            for chain in tables.base_chains(ChainKind::Filter, hook) {
+        let views = flow_views(entry);
+        for (hook, dir, view, not_lo) in &views {
+            let requests = requests_of(*hook, *dir, view, &views);
+            for chain in tables.base_chains(ChainKind::Filter, *hook) {
                 for &proto in &entry.protocols {
-                    plan_chain(&mut out, tables, chain, i, &view, proto, dir, not_lo, tag);
+                    let ctx = ChainCtx { tables, chain, entry_index: i, requests: &requests, tag };
+                    plan_chain(&mut out, &ctx, view, proto, *dir, *not_lo);
                 }
             }
         }
@@ -165,18 +179,47 @@ pub fn flow_views(entry: &NotrackRule) -> Vec<(FwHook, Direction, NotrackRule, b
     v
 }
 
-#[allow(clippy::too_many_arguments)]
-fn plan_chain(
-    out: &mut InsertionPlan,
-    tables: &FwTables,
-    chain: &FwChain,
-    i: usize,
-    entry: &NotrackRule,
-    proto: Proto,
-    dir: Direction,
-    not_lo: bool,
-    tag: &Tag,
-) {
+type View = (FwHook, Direction, NotrackRule, bool);
+
+/// The request views a reply view answers: a reply only needs accepting when its request gets
+/// in. Wire replies answer the wire request at the same hook family (input for output, forward
+/// for forward); loopback replies answer the local query on both its hooks.
+fn requests_of<'a>(hook: FwHook, dir: Direction, view: &NotrackRule, views: &'a [View]) -> Vec<&'a View> {
+    let on_lo = view.interfaces.iter().any(|n| n.as_str() == "lo") && view.interfaces.len() == 1;
+    views
+        .iter()
+        .filter(|(h, d, v, _)| match dir {
+            Direction::Request | Direction::LoopbackRequest => false,
+            Direction::Reply if hook == FwHook::Forward => *d == Direction::Request && *h == FwHook::Forward,
+            Direction::Reply if !on_lo => *d == Direction::Request && *h == FwHook::Input && v.interfaces == view.interfaces,
+            Direction::Reply | Direction::LoopbackReply => {
+                *d == Direction::LoopbackRequest
+                    || (*d == Direction::Request && *h == FwHook::Input && v.interfaces.len() == 1 && v.interfaces[0].as_str() == "lo")
+            }
+        })
+        .collect()
+}
+
+/// True when every base filter chain at the request's hook lets some of the tracked request in.
+fn request_passes(tables: &FwTables, req: &View, proto: Proto, v6: bool) -> bool {
+    let (hook, dir, view, not_lo) = req;
+    tables.base_chains(ChainKind::Filter, *hook).all(|c| {
+        c.owner.families() == (false, false)
+            || !(if v6 { c.owner.families().1 } else { c.owner.families().0 })
+            || evaluate(tables, c, &flow_for(view, proto, *dir, Some(v6), "new", *not_lo)).accepts_some()
+    })
+}
+
+struct ChainCtx<'a> {
+    tables: &'a FwTables,
+    chain: &'a FwChain,
+    entry_index: usize,
+    requests: &'a [&'a View],
+    tag: &'a Tag,
+}
+
+fn plan_chain(out: &mut InsertionPlan, ctx: &ChainCtx<'_>, entry: &NotrackRule, proto: Proto, dir: Direction, not_lo: bool) {
+    let (tables, chain, i, tag) = (ctx.tables, ctx.chain, ctx.entry_index, ctx.tag);
     let tracked_state = match dir {
         Direction::Request | Direction::LoopbackRequest => "new",
         Direction::Reply | Direction::LoopbackReply => "established",
@@ -191,6 +234,9 @@ fn plan_chain(
     }
     let mut found: Vec<Decision> = Vec::new();
     for v6 in fams {
+        if !ctx.requests.iter().all(|r| request_passes(tables, r, proto, v6)) {
+            continue;
+        }
         let tracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), tracked_state, not_lo));
         let untracked = evaluate(tables, chain, &flow_for(entry, proto, dir, Some(v6), "untracked", not_lo));
         let d = Decision { chain: chain.clone(), entry: i, proto, direction: dir, v6: Some(v6), tracked, untracked };
@@ -201,8 +247,21 @@ fn plan_chain(
     // Both families blackholed at the same place and no per-family sources: one rule for both.
     let merge = found.len() == 2 && entry.sources.is_empty() && found[0].untracked.at == found[1].untracked.at;
     let families: Vec<Option<bool>> = if merge { vec![None] } else { found.iter().map(|d| d.v6).collect() };
+    // The local view of a request or reply needs no rule of its own where the wire rule for the
+    // same flow has no interface match (it covers lo too).
+    let covered_by_wire = |v6: Option<bool>| {
+        let local = entry.interfaces.len() == 1 && entry.interfaces[0].as_str() == "lo" && matches!(dir, Direction::Request | Direction::Reply);
+        local
+            && out.insertions.iter().any(|o| {
+                o.chain == chain.label() && o.entry == i && o.proto == proto && o.direction == dir && o.wire_any_iface && (o.v6.is_none() || o.v6 == v6)
+            })
+    };
+    let covered: Vec<bool> = families.iter().map(|v6| covered_by_wire(*v6)).collect();
     if entry.accept_untracked {
-        for (v6, d) in families.into_iter().zip(found.iter()) {
+        for ((v6, d), covered) in families.into_iter().zip(found.iter()).zip(covered) {
+            if covered {
+                continue;
+            }
             let position = match &d.untracked.at {
                 DecidedAt::Rule(r) => Position::Before { handle: r.handle, index: r.index, rule: r.text.clone() },
                 DecidedAt::Policy => Position::Append,
@@ -218,6 +277,7 @@ fn plan_chain(
                 v6,
                 position,
                 rule: rule_spec(&chain.owner, entry, proto, dir, v6, tag),
+                wire_any_iface: not_lo && entry.interfaces.is_empty(),
             });
         }
     }
@@ -226,7 +286,7 @@ fn plan_chain(
 
 fn rule_spec(owner: &Owner, n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, tag: &Tag) -> RuleSpec {
     match owner {
-        Owner::Nft { .. } => RuleSpec::Nft(nft_accept_rule(n, proto, dir, v6, tag)),
+        Owner::Nft { family, .. } => RuleSpec::Nft(nft_accept_rule(n, proto, dir, v6, family == "inet", tag)),
         Owner::Iptables { v6: ip6, .. } => {
             use super::iptables::{accept_untracked_specs, Direction as D, IpFamily};
             let one = NotrackRule { protocols: vec![proto], ..n.clone() };
@@ -252,7 +312,9 @@ fn nft_set<T: std::fmt::Display>(items: &[T]) -> String {
 
 /// The nft accept rule for one flow: interface, addresses and ports as inline sets (a foreign
 /// table cannot see ctguard's named sets), `ct state untracked accept`, the tag as comment.
-pub fn nft_accept_rule(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, tag: &Tag) -> String {
+/// `inet` says whether the target table is of family inet (only there may a per-family rule
+/// need `meta nfproto`).
+pub fn nft_accept_rule(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, inet: bool, tag: &Tag) -> String {
     let mut s = String::new();
     let ifaces: Vec<String> = n.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
     let addrs: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
@@ -288,7 +350,7 @@ pub fn nft_accept_rule(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option
             let _ = write!(s, "{proto} sport {ports} ");
         }
     }
-    if v6.is_some() && addrs.is_empty() {
+    if inet && v6.is_some() && addrs.is_empty() {
         // A per-family rule in an inet table must not catch the other family.
         s.insert_str(0, if v6 == Some(true) { "meta nfproto ipv6 " } else { "meta nfproto ipv4 " });
     }
@@ -332,9 +394,12 @@ impl InsertionPlan {
         for (table, mut list) in by_table {
             let _ = writeln!(s, "*{table}");
             // Bottom-up by index; appends last in their original order.
-            list.sort_by_key(|(ins, _)| match &ins.position {
-                Position::Before { index, .. } => std::cmp::Reverse(*index),
-                Position::Append => std::cmp::Reverse(0),
+            list.sort_by_key(|(ins, _)| {
+                let idx = match &ins.position {
+                    Position::Before { index, .. } => *index,
+                    Position::Append => 0,
+                };
+                (ins.chain_name.clone(), std::cmp::Reverse(idx))
             });
             let mut appends = Vec::new();
             let mut i = 0;
