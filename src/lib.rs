@@ -6,12 +6,16 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod backend;
 pub mod cli;
+pub mod duration;
 pub mod exit;
+pub mod journal;
 pub mod lint;
 pub mod live;
 pub mod model;
 pub mod netns;
 pub mod render;
 pub mod sysctl;
+pub mod txn;

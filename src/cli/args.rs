@@ -56,6 +56,66 @@ pub enum Command {
     Plan(PlanArgs),
     /// Print what the policy itself becomes (pure: no live state, no insertions).
     Render(RenderArgs),
+    /// Apply a policy atomically and arm the dead-man timer (owned by the agent).
+    Apply(ApplyArgs),
+    /// Confirm a pending transaction (the single pending one without TXID).
+    Confirm(TxidArgs),
+    /// Move a pending transaction's deadline later.
+    Extend {
+        /// How much later: 90, 90s, 5m, 1h.
+        #[arg(long)]
+        by: String,
+        /// The transaction.
+        #[command(flatten)]
+        txid: TxidArgs,
+    },
+    /// Roll a pending transaction back now; returns when the prior state is restored.
+    Rollback(TxidArgs),
+    /// Pending transactions and conntrack usage.
+    Status,
+    /// The journal: every transaction, newest last.
+    History,
+    /// One transaction: who, when, from where, diff, outcome.
+    Show(ShowArgs),
+    /// Run the agent in the foreground.
+    Agent(AgentArgs),
+    /// Journal recovery alone (run at boot): close what a reboot ended, hand the rest to an agent.
+    Recover,
+}
+
+/// `apply [POLICY]`.
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Policy file; default: the built-in policy.
+    pub policy: Option<String>,
+    /// Dead-man timeout: 90, 90s, 5m, 1h.
+    #[arg(long, default_value = "60s")]
+    pub timeout: String,
+    /// Apply despite lint errors.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// An optional transaction id.
+#[derive(Debug, Args)]
+pub struct TxidArgs {
+    /// Transaction id (default: the single pending transaction).
+    pub txid: Option<String>,
+}
+
+/// `show TXID`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Transaction id.
+    pub txid: String,
+}
+
+/// `agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Started by the CLI: exit once nothing is pending.
+    #[arg(long, hide = true)]
+    pub detached: bool,
 }
 
 /// `plan [POLICY] [--check]`.

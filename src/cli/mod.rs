@@ -4,6 +4,7 @@
 pub mod args;
 mod plan;
 mod render;
+mod txn;
 
 use std::io::Read;
 
@@ -27,6 +28,15 @@ pub fn main() -> i32 {
     let result = match &cli.command {
         Command::Render(a) => render::run(a, &cli.global),
         Command::Plan(a) => plan::run(a, &cli.global),
+        Command::Apply(a) => txn::apply(a, &cli.global),
+        Command::Confirm(a) => txn::confirm(a, &cli.global),
+        Command::Extend { by, txid } => txn::extend(txid, by, &cli.global),
+        Command::Rollback(a) => txn::rollback(a, &cli.global),
+        Command::Status => txn::status(&cli.global),
+        Command::History => txn::history(&cli.global),
+        Command::Show(a) => txn::show(a, &cli.global),
+        Command::Agent(a) => txn::agent(a, &cli.global),
+        Command::Recover => txn::recover(&cli.global),
     };
     match result {
         Ok(exit) => exit.code(),

@@ -208,7 +208,7 @@ fn kernel_check(policy: &Policy, backend: Backend, plan: &InsertionPlan, live: &
 }
 
 /// A minimal line diff (longest common subsequence): `  ` kept, `- ` removed, `+ ` added.
-pub fn diff_lines(old: &[String], new: &[String]) -> Vec<String> {
+pub(crate) fn diff_lines(old: &[String], new: &[String]) -> Vec<String> {
     let (n, m) = (old.len(), new.len());
     let mut lcs = vec![vec![0usize; m + 1]; n + 1];
     for i in (0..n).rev() {

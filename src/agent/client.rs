@@ -1,0 +1,113 @@
+//! The CLI side of the agent socket: send one request, read one answer; start a detached agent
+//! when none answers (DESIGN §2).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::protocol::{Envelope, Request, Response, VERSION};
+
+/// Socket file name under the run dir.
+pub const SOCKET_NAME: &str = "ctguard.sock";
+/// Log of a detached agent, under the run dir.
+pub const LOG_NAME: &str = "agent.log";
+
+/// Errors talking to the agent (exit 6 unless said otherwise).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No agent answers on the socket.
+    #[error("agent unreachable at {path}: {source}")]
+    Unreachable {
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent answered something that is not a response.
+    #[error("agent sent a malformed answer: {0}")]
+    Malformed(String),
+    /// Starting an agent failed.
+    #[error("cannot start the agent: {0}")]
+    Start(String),
+}
+
+/// `$RUN_DIR/ctguard.sock`.
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(SOCKET_NAME)
+}
+
+/// Sends `request` and waits up to `timeout` for the answer.
+pub fn request(run_dir: &Path, request: Request, timeout: Duration) -> Result<Response, ClientError> {
+    let path = socket_path(run_dir);
+    let unreachable = |source| ClientError::Unreachable { path: path.clone(), source };
+    let mut stream = UnixStream::connect(&path).map_err(unreachable)?;
+    stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+    let mut line = serde_json::to_vec(&Envelope { v: VERSION, request }).map_err(|e| ClientError::Malformed(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(unreachable)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(unreachable)?;
+    if answer.is_empty() {
+        return Err(unreachable(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the agent closed the connection")));
+    }
+    serde_json::from_str(&answer).map_err(|e| ClientError::Malformed(format!("{e}: {}", answer.trim())))
+}
+
+/// True when an agent answers a ping.
+pub fn is_running(run_dir: &Path) -> bool {
+    request(run_dir, Request::Ping, Duration::from_secs(2)).is_ok()
+}
+
+/// Makes sure an agent serves `run_dir`: pings, and if none answers starts one detached —
+/// new session, no inherited descriptors (an inherited pipe would make `ssh host ctguard
+/// apply` hang), stdio to `$RUN_DIR/agent.log` — then waits up to 10 s for it to answer.
+pub fn ensure_agent(run_dir: &Path, state_dir: &Path) -> Result<(), ClientError> {
+    if is_running(run_dir) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| ClientError::Start(format!("{}: {e}", run_dir.display())))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join(LOG_NAME))
+        .map_err(|e| ClientError::Start(format!("{}: {e}", run_dir.join(LOG_NAME).display())))?;
+    let log2 = log.try_clone().map_err(|e| ClientError::Start(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| ClientError::Start(e.to_string()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("agent")
+        .arg("--detached")
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
+    // SAFETY: only async-signal-safe calls (setsid, close_range) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Close every inherited descriptor above stdio (SSH session pipes included).
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    cmd.spawn().map_err(|e| ClientError::Start(e.to_string()))?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if is_running(run_dir) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(ClientError::Start(format!(
+        "the agent did not answer within 10 s; see {}",
+        run_dir.join(LOG_NAME).display()
+    )))
+}

@@ -1,0 +1,68 @@
+//! What the agent asks of a transaction kind, run on the target's worker thread. The agent
+//! owns the state machine, the journal and the timer; an engine owns the netfilter work. A fake
+//! engine drives the agent's unit tests; [`PolicyEngine`] is the real one.
+
+use serde_json::Value;
+
+use crate::exit::Exit;
+use crate::lint::SshConn;
+use crate::model::auto::MachineFacts;
+use crate::model::names::Tag;
+use crate::model::Policy;
+
+/// An engine failure with the exit code it maps to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineError {
+    /// DESIGN §5 exit code.
+    pub exit: Exit,
+    /// One line.
+    pub message: String,
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Everything an apply needs, resolved by the agent.
+#[derive(Debug, Clone)]
+pub struct ApplyInput {
+    /// The validated policy.
+    pub policy: Policy,
+    /// `ctguard:TXID`.
+    pub tag: Tag,
+    /// Apply despite lint errors.
+    pub force: bool,
+    /// The requester's SSH connection.
+    pub ssh: Option<SshConn>,
+    /// Undo record of the COMMITTED policy transaction this one replaces, if any.
+    pub previous_undo: Option<Value>,
+    /// Machine facts for `"auto"`.
+    pub facts: MachineFacts,
+}
+
+/// A transaction that passed every check and has not changed anything yet.
+pub trait Prepared: Send {
+    /// What the rollback must undo if the agent dies during apply (journaled in PREPARED):
+    /// enough to roll back by tag.
+    fn planned_undo(&self) -> Value;
+    /// The listing before the change (for `show` and the diff).
+    fn before(&self) -> String;
+    /// Warnings (lint, skipped sysctls) to report to the requester.
+    fn warnings(&self) -> Vec<String>;
+    /// Applies the change; returns the undo record with what was actually created.
+    fn apply(self: Box<Self>) -> Result<Value, EngineError>;
+}
+
+/// A kind of transaction. All methods run on the target's worker thread.
+pub trait Engine: Send + Sync + 'static {
+    /// Preconditions, lint and kernel checks: changes nothing.
+    fn prepare(&self, input: &ApplyInput) -> Result<Box<dyn Prepared>, EngineError>;
+    /// Kernel-checks the rollback of `undo` without changing anything.
+    fn check_rollback(&self, undo: &Value) -> Result<(), EngineError>;
+    /// Undoes the change recorded in `undo`, by tag; idempotent.
+    fn rollback(&self, undo: &Value) -> Result<(), EngineError>;
+    /// The current listing (for `show` and the diff).
+    fn listing(&self, undo: &Value) -> Result<String, EngineError>;
+}

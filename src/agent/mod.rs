@@ -1,0 +1,10 @@
+//! The agent (DESIGN §2–§3): the detached process that owns every dead-man timer, so a dropped
+//! SSH session never leaves a bad change in place. [`client`] is the CLI's side of its socket.
+
+pub mod client;
+pub mod engine;
+pub mod protocol;
+pub mod server;
+pub mod timer;
+pub mod worker;
+pub mod policy_engine;

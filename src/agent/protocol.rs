@@ -1,0 +1,91 @@
+//! The agent's socket protocol (DESIGN §2): one JSON object per line each way, versioned. The
+//! CLI validates input before sending; the agent validates again (it trusts no client).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Protocol version; a request with another version is refused (exit 2).
+pub const VERSION: u32 = 1;
+
+/// Largest request line the agent reads (policies are at most 1 MiB, plus envelope).
+pub const MAX_REQUEST_BYTES: usize = 2 << 20;
+
+/// A request, with its version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// [`VERSION`].
+    pub v: u32,
+    /// The operation.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Is the agent there? Answers with its pid.
+    Ping,
+    /// Start a policy transaction.
+    Apply(ApplyRequest),
+    /// Confirm a pending transaction (the single one when `txid` is absent).
+    Confirm {
+        /// Transaction id.
+        txid: Option<String>,
+    },
+    /// Move a pending transaction's deadline later.
+    Extend {
+        /// Transaction id.
+        txid: Option<String>,
+        /// Seconds to add to the current deadline.
+        by_secs: u64,
+    },
+    /// Roll a pending transaction back now; answers when the rollback is complete.
+    Rollback {
+        /// Transaction id.
+        txid: Option<String>,
+    },
+}
+
+/// `apply` parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// Policy document; `None` = the built-in policy.
+    pub policy_text: Option<String>,
+    /// `"toml"` or `"json"`.
+    pub policy_format: Option<String>,
+    /// `--netns`; `None` = the caller's network namespace.
+    pub netns: Option<String>,
+    /// Dead-man timeout in seconds.
+    pub timeout_secs: u64,
+    /// Apply despite lint errors.
+    pub force: bool,
+    /// The requester's `SSH_CONNECTION`, if any (the lint's lockout check).
+    pub ssh: Option<String>,
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    /// [`VERSION`].
+    pub v: u32,
+    /// The exit code the CLI must return (DESIGN §5).
+    pub exit: i32,
+    /// One-line error, when `exit != 0`.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Verb-specific data.
+    #[serde(default)]
+    pub data: Value,
+}
+
+impl Response {
+    /// A success with data.
+    pub fn ok(data: Value) -> Response {
+        Response { v: VERSION, exit: 0, error: None, data }
+    }
+    /// A failure.
+    pub fn fail(exit: crate::exit::Exit, error: impl Into<String>) -> Response {
+        Response { v: VERSION, exit: exit.code(), error: Some(error.into()), data: Value::Null }
+    }
+}

@@ -1,0 +1,747 @@
+//! The agent (DESIGN §2–§3): owns every dead-man timer, serves the CLI on a root-only socket,
+//! journals each step before its effect, recovers unfinished transactions on start, and rolls
+//! back pending ones when stopped by SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Mutex;
+
+use super::engine::{ApplyInput, Engine};
+use super::protocol::{ApplyRequest, Envelope, Request, Response, MAX_REQUEST_BYTES, VERSION};
+use super::worker::Worker;
+use crate::exit::Exit;
+use crate::journal::{self, Journal};
+use crate::lint::SshConn;
+use crate::model::auto::MachineFacts;
+use crate::model::names::Tag;
+use crate::model::{parse_policy, Format, Policy};
+use crate::netns::{unpin, Target, TargetSpec};
+use crate::txn::{self, Deadline, Kind, Reason, Recovery, Requester, State, TargetRecord, TxnId, TxnRecord};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Socket, lock, pins and log live here.
+    pub run_dir: PathBuf,
+    /// The journal.
+    pub state_dir: PathBuf,
+    /// Started by the CLI: exits once nothing is pending and no client came for `idle_exit`.
+    pub detached: bool,
+    /// See `detached`.
+    pub idle_exit: Duration,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Setting up the run dir, lock or socket failed.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The journal cannot be used.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Setup { what, source }
+}
+
+fn now_wall() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+struct Shared {
+    opts: AgentOptions,
+    engine: Arc<dyn Engine>,
+    journal: Journal,
+    boot_id: String,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    workers: HashMap<(u64, u64), Worker>,
+    timers: HashMap<String, tokio::task::AbortHandle>,
+    last_activity: Option<Instant>,
+}
+
+/// Runs the agent until SIGTERM/SIGINT (rolling back what is pending first) or, when
+/// detached, until nothing is pending and it has been idle for `idle_exit`.
+pub fn run(opts: AgentOptions, engine: Arc<dyn Engine>) -> Result<(), AgentError> {
+    join_initial_mount_namespace();
+    create_private_dir(&opts.run_dir)?;
+    let lock_path = opts.run_dir.join("agent.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(setup(format!("cannot open {}", lock_path.display())))?;
+    // SAFETY: flock on a valid descriptor we own.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock_file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        tracing::info!("another agent holds {}; exiting", lock_path.display());
+        return Ok(());
+    }
+    if opts.detached {
+        // The kernel's OOM killer must not take the process that owns the rollback.
+        let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+    }
+    // A full or read-only state dir must not keep the agent from rolling back what is
+    // pending: fall back to the journal as it is (each apply checks for room itself).
+    let journal = match Journal::open(&opts.state_dir) {
+        Ok(j) => j,
+        Err(e @ (crate::journal::JournalError::NoSpace { .. } | crate::journal::JournalError::NotWritable { .. })) => {
+            tracing::error!("{e}; serving recovery and rollbacks only until there is room");
+            Journal::attach(&opts.state_dir)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let boot_id = journal::boot_id().map_err(setup("cannot read the boot id"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(setup("cannot start the runtime"))?;
+    let shared = Arc::new(Shared { opts, engine, journal, boot_id, inner: Mutex::new(Inner::default()) });
+    let result = rt.block_on(serve(shared));
+    drop(lock_file);
+    result
+}
+
+/// A process started under `ip netns exec` lives in a private mount namespace, where the
+/// namespace pins would be invisible to a later agent; join PID 1's when allowed.
+fn join_initial_mount_namespace() {
+    match std::fs::File::open("/proc/1/ns/mnt") {
+        Ok(f) => {
+            if let Err(e) = nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNS) {
+                tracing::warn!("cannot join the initial mount namespace: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("cannot open /proc/1/ns/mnt ({e}); staying in this mount namespace"),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(setup(format!("cannot create {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(setup(format!("cannot restrict {}", dir.display())))
+}
+
+async fn serve(shared: Arc<Shared>) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let sock = super::client::socket_path(&shared.opts.run_dir);
+    let _ = std::fs::remove_file(&sock); // stale: we hold the agent lock
+    let listener = UnixListener::bind(&sock).map_err(setup(format!("cannot bind {}", sock.display())))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(setup(format!("cannot restrict {}", sock.display())))?;
+    tracing::info!(pid = std::process::id(), "agent listening on {}", sock.display());
+
+    recover(&shared).await;
+
+    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel();
+    spawn_signal_thread(sig_tx)?;
+    shared.inner.lock().await.last_activity = Some(Instant::now());
+    let mut idle = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let s = shared.clone();
+                    tokio::spawn(async move { handle_connection(s, stream).await });
+                }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            },
+            Some(sig) = sig_rx.recv() => match sig {
+                Signal::Stop(name) => {
+                    tracing::warn!("{name} received: rolling back pending transactions before exit");
+                    stop_all(&shared).await;
+                    break;
+                }
+                Signal::Confirm(pid) => confirm_by_signal(&shared, pid).await,
+            },
+            _ = idle.tick(), if shared.opts.detached => {
+                let inner = shared.inner.lock().await;
+                let quiet = inner.last_activity.is_some_and(|t| t.elapsed() >= shared.opts.idle_exit);
+                drop(inner);
+                if quiet && unfinished(&shared).is_empty() {
+                    tracing::info!("nothing pending; detached agent exits");
+                    break;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+enum Signal {
+    Stop(&'static str),
+    Confirm(Option<i32>),
+}
+
+/// signal-hook on a plain thread: SIGHUP is caught and ignored (an agent that inherited a
+/// terminal must survive its loss), SIGTERM/SIGINT stop, SIGUSR1 confirms.
+fn spawn_signal_thread(tx: tokio::sync::mpsc::UnboundedSender<Signal>) -> Result<(), AgentError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    use signal_hook::iterator::exfiltrator::WithOrigin;
+    use signal_hook::iterator::SignalsInfo;
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGINT, SIGTERM, SIGUSR1])
+        .map_err(setup("cannot install signal handlers"))?;
+    std::thread::Builder::new()
+        .name("ctguard-signals".into())
+        .spawn(move || {
+            for info in signals.forever() {
+                let sent = match info.signal {
+                    SIGHUP => {
+                        tracing::info!("SIGHUP ignored");
+                        continue;
+                    }
+                    SIGTERM => tx.send(Signal::Stop("SIGTERM")),
+                    SIGINT => tx.send(Signal::Stop("SIGINT")),
+                    SIGUSR1 => tx.send(Signal::Confirm(info.process.map(|p| p.pid))),
+                    _ => continue,
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(setup("cannot start the signal thread"))?;
+    Ok(())
+}
+
+fn unfinished(shared: &Shared) -> Vec<TxnRecord> {
+    match shared.journal.unfinished() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("cannot read the journal: {e}");
+            Vec::new()
+        }
+    }
+}
+
+async fn handle_connection(shared: Arc<Shared>, stream: UnixStream) {
+    let peer = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("SO_PEERCRED failed: {e}");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
+    let mut line = String::new();
+    let response = if peer.uid() != 0 {
+        tracing::warn!(uid = peer.uid(), pid = ?peer.pid(), "refused a non-root client");
+        Response::fail(Exit::BadInput, "permission denied: the agent serves root only")
+    } else {
+        match reader.read_line(&mut line).await {
+            Ok(n) if n > MAX_REQUEST_BYTES => Response::fail(Exit::BadInput, "request too large"),
+            Ok(0) => return,
+            Ok(_) => match serde_json::from_str::<Envelope>(&line) {
+                Ok(env) if env.v != VERSION => {
+                    Response::fail(Exit::BadInput, format!("protocol version {} is not {VERSION}", env.v))
+                }
+                Ok(env) => {
+                    shared.inner.lock().await.last_activity = Some(Instant::now());
+                    let r = dispatch(&shared, env.request, peer.pid()).await;
+                    shared.inner.lock().await.last_activity = Some(Instant::now());
+                    r
+                }
+                Err(e) => Response::fail(Exit::BadInput, format!("malformed request: {e}")),
+            },
+            Err(e) => Response::fail(Exit::BadInput, format!("cannot read the request: {e}")),
+        }
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
+    out.push(b'\n');
+    let _ = write.write_all(&out).await;
+}
+
+async fn dispatch(shared: &Arc<Shared>, req: Request, peer_pid: Option<i32>) -> Response {
+    match req {
+        Request::Ping => Response::ok(json!({"pid": std::process::id()})),
+        Request::Apply(a) => apply(shared, a, peer_pid).await,
+        Request::Confirm { txid } => confirm(shared, txid.as_deref()).await,
+        Request::Extend { txid, by_secs } => extend(shared, txid.as_deref(), by_secs).await,
+        Request::Rollback { txid } => rollback_request(shared, txid.as_deref()).await,
+    }
+}
+
+/// The worker for a target, started on first use.
+async fn worker_for(shared: &Shared, target: Target) -> Result<Worker, Response> {
+    let id = target.id;
+    let mut inner = shared.inner.lock().await;
+    if let Some(w) = inner.workers.get(&id) {
+        return Ok(w.clone());
+    }
+    let w = Worker::spawn(target, format!("ctguard-ns-{}", id.1))
+        .map_err(|e| Response::fail(Exit::Internal, format!("cannot enter the target: {e}")))?;
+    inner.workers.insert(id, w.clone());
+    Ok(w)
+}
+
+fn ram_facts() -> MachineFacts {
+    MachineFacts::with_ram(crate::sysctl::mem_total_bytes().unwrap_or(0))
+}
+
+fn load_policy(a: &ApplyRequest) -> Result<Policy, Response> {
+    let Some(text) = &a.policy_text else { return Ok(Policy::builtin()) };
+    let format = match a.policy_format.as_deref() {
+        Some("json") => Format::Json,
+        _ => Format::Toml,
+    };
+    parse_policy(text, format).map_err(|errs| {
+        Response::fail(Exit::BadInput, errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+    })
+}
+
+async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> Response {
+    let policy = match load_policy(&a) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if a.timeout_secs == 0 || Duration::from_secs(a.timeout_secs) > crate::duration::MAX_DURATION {
+        return Response::fail(Exit::BadInput, "timeout: must be between 1 s and 7 days");
+    }
+    // The target: --netns, or the requester's own namespace (read while it is connected).
+    let (label, spec) = match &a.netns {
+        Some(n) => match TargetSpec::parse(n) {
+            Ok(s) => (n.clone(), s),
+            Err(e) => return Response::fail(Exit::BadInput, e.to_string()),
+        },
+        None => match peer_pid {
+            Some(pid) => ("caller".to_string(), TargetSpec::Path(PathBuf::from(format!("/proc/{pid}/ns/net")))),
+            None => return Response::fail(Exit::BadInput, "cannot tell the caller's namespace (no peer pid)"),
+        },
+    };
+    let target = match Target::open(&spec) {
+        Ok(t) => t,
+        Err(e) => return Response::fail(Exit::BadInput, e.to_string()),
+    };
+    let label = if label == "caller" && target.is_initial() { "host".to_string() } else { label };
+    let id = target.id;
+    // One pending transaction per target.
+    if let Some(p) = unfinished(shared).into_iter().find(|r| (r.target.dev, r.target.ino) == id) {
+        let left = p.seconds_left(journal::boottime_ns()).unwrap_or(0);
+        return Response {
+            v: VERSION,
+            exit: Exit::Busy.code(),
+            error: Some(format!("transaction {} is {} on this target ({left} s left)", p.id, p.state.name())),
+            data: json!({"pending": p.id.as_str(), "seconds_left": left}),
+        };
+    }
+    if let Err(e) = shared.journal.check_room() {
+        return Response::fail(Exit::BadInput, format!("state dir: {e}"));
+    }
+    let txid = match shared.journal.fresh_id(now_wall()) {
+        Ok(id) => id,
+        Err(e) => return Response::fail(Exit::Internal, e.to_string()),
+    };
+    let tag = match Tag::new(txid.as_str()) {
+        Ok(t) => t,
+        Err(e) => return Response::fail(Exit::Internal, e),
+    };
+    let pin = shared.opts.run_dir.join("ns").join(txid.as_str());
+    let target_path = target.path().display().to_string();
+    if let Err(e) = target.pin(&pin) {
+        return Response::fail(Exit::BadInput, format!("cannot pin the target namespace: {e}"));
+    }
+    let worker = match worker_for(shared, target).await {
+        Ok(w) => w,
+        Err(r) => {
+            unpin(&pin);
+            return r;
+        }
+    };
+    let previous_undo = last_committed(shared, id).map(|r| r.undo);
+    let input = ApplyInput {
+        policy: policy.clone(),
+        tag,
+        force: a.force,
+        ssh: a.ssh.as_deref().and_then(SshConn::from_env_value),
+        previous_undo,
+        facts: ram_facts(),
+    };
+    let engine = shared.engine.clone();
+    let prepared = match worker.call(move || engine.prepare(&input)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            unpin(&pin);
+            return Response::fail(e.exit, e.message);
+        }
+        Err(e) => {
+            unpin(&pin);
+            return Response::fail(Exit::Internal, e.to_string());
+        }
+    };
+    let warnings = prepared.warnings();
+    let target_rec = TargetRecord {
+        label: label.clone(),
+        path: target_path,
+        pin: Some(pin.display().to_string()),
+        dev: id.0,
+        ino: id.1,
+    };
+    let requester = Requester { uid: 0, pid: peer_pid.unwrap_or(0), ssh: a.ssh.clone() };
+    let mut rec = TxnRecord::new(txid.clone(), Kind::Policy, target_rec, requester, shared.boot_id.clone(), now_wall());
+    rec.policy = serde_json::to_value(&policy).ok();
+    rec.before = Some(prepared.before());
+    rec.undo = prepared.planned_undo();
+    if let Err(e) = shared.journal.write(&rec) {
+        unpin(&pin);
+        return Response::fail(Exit::BadInput, format!("journal: {e}"));
+    }
+    // The change. From here on, every failure rolls back.
+    let undo = match worker.call(move || prepared.apply()).await {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => return fail_and_roll_back(shared, &worker, rec, e.exit, e.message).await,
+        Err(e) => return fail_and_roll_back(shared, &worker, rec, Exit::Internal, e.to_string()).await,
+    };
+    rec.undo = undo.clone();
+    let engine = shared.engine.clone();
+    let undo2 = undo.clone();
+    match worker.call(move || engine.check_rollback(&undo2)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let msg = format!("the rollback does not pass the kernel check, so the change is undone: {e}");
+            return fail_and_roll_back(shared, &worker, rec, Exit::Refused, msg).await;
+        }
+        Err(e) => return fail_and_roll_back(shared, &worker, rec, Exit::Internal, e.to_string()).await,
+    }
+    let engine = shared.engine.clone();
+    let undo3 = undo.clone();
+    rec.after = worker.call(move || engine.listing(&undo3)).await.ok().and_then(Result::ok);
+    let now_bt = journal::boottime_ns();
+    let deadline_bt = now_bt + a.timeout_secs * 1_000_000_000;
+    let deadline = Deadline { boottime_ns: deadline_bt, boot_id: shared.boot_id.clone(), wall_unix: now_wall() + a.timeout_secs };
+    if let Err(e) = rec.to_pending(deadline, now_wall()) {
+        return fail_and_roll_back(shared, &worker, rec, Exit::Internal, e.to_string()).await;
+    }
+    if let Err(e) = shared.journal.write(&rec) {
+        return fail_and_roll_back(shared, &worker, rec, Exit::Internal, format!("journal: {e}")).await;
+    }
+    arm_timer(shared, txid.as_str().to_string(), deadline_bt).await;
+    tracing::info!(txid = txid.as_str(), target = %label, "applied; pending for {} s", a.timeout_secs);
+    Response::ok(json!({
+        "txid": txid.as_str(),
+        "target": label,
+        "deadline": txn::format_rfc3339(now_wall() + a.timeout_secs),
+        "seconds_left": a.timeout_secs,
+        "confirm": format!("ctguard confirm {}", txid.as_str()),
+        "warnings": warnings,
+    }))
+}
+
+/// The latest COMMITTED policy transaction on a target (the one a new apply replaces).
+fn last_committed(shared: &Shared, id: (u64, u64)) -> Option<TxnRecord> {
+    let all = shared.journal.list().ok()?;
+    all.into_iter()
+        .rev()
+        .find(|r| (r.target.dev, r.target.ino) == id && r.kind == Kind::Policy)
+        .filter(|r| r.state == State::Committed)
+}
+
+async fn fail_and_roll_back(shared: &Arc<Shared>, worker: &Worker, mut rec: TxnRecord, exit: Exit, msg: String) -> Response {
+    tracing::error!(txid = rec.id.as_str(), "{msg}; rolling back");
+    match do_rollback(shared, worker, &mut rec, Reason::ApplyFailed(msg.clone())).await {
+        Ok(()) => Response::fail(exit, format!("{msg} (rolled back)")),
+        Err(e) => Response::fail(Exit::RollbackFailed, format!("{msg}; then the rollback failed: {e}")),
+    }
+}
+
+/// Rolls back `rec` on `worker` and journals the outcome; on failure schedules a retry.
+async fn do_rollback(shared: &Arc<Shared>, worker: &Worker, rec: &mut TxnRecord, reason: Reason) -> Result<(), String> {
+    let engine = shared.engine.clone();
+    let undo = rec.undo.clone();
+    let result = match worker.call(move || engine.rollback(&undo)).await {
+        Ok(r) => r.map_err(|e| e.message),
+        Err(e) => Err(e.to_string()),
+    };
+    match result {
+        Ok(()) => {
+            let is_host = rec.target.label == "host";
+            let _ = rec.to_rolled_back(reason.clone(), now_wall());
+            if let Err(e) = shared.journal.write(rec) {
+                tracing::error!("journal: {e}");
+            }
+            if let Some(p) = &rec.target.pin {
+                unpin(Path::new(p));
+            }
+            tracing::warn!(txid = rec.id.as_str(), "rolled back ({reason})");
+            if is_host && reason == Reason::Deadline {
+                wall(&format!("ctguard: transaction {} not confirmed; automatic rollback complete", rec.id));
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = rec.to_rollback_failed(e.clone(), now_wall());
+            if let Err(je) = shared.journal.write(rec) {
+                tracing::error!("journal: {je}");
+            }
+            let attempts = match &rec.state {
+                State::RollbackFailed { attempts, .. } => *attempts,
+                _ => 1,
+            };
+            tracing::error!(txid = rec.id.as_str(), "ROLLBACK FAILED (attempt {attempts}): {e} — operator needed");
+            let delay = txn::retry_delay(attempts);
+            let s = shared.clone();
+            let id = rec.id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                retry_rollback(s, id).await;
+            });
+            Err(e)
+        }
+    }
+}
+
+fn retry_rollback(shared: Arc<Shared>, id: TxnId) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let Ok(mut rec) = shared.journal.load(&id) else { return };
+        if !matches!(rec.state, State::RollbackFailed { .. }) {
+            return;
+        }
+        if let Ok(w) = worker_for_record(&shared, &rec).await {
+            let _ = do_rollback(&shared, &w, &mut rec, Reason::Recovered).await;
+        }
+    })
+}
+
+/// Notifies logged-in users, Junos-style; best effort.
+fn wall(message: &str) {
+    if let Ok(tool) = crate::backend::exec::Tool::find("wall") {
+        let _ = tool.run(&[message], None);
+    }
+}
+
+async fn arm_timer(shared: &Arc<Shared>, txid: String, deadline_bt: u64) {
+    let s = shared.clone();
+    let id = txid.clone();
+    let handle = tokio::spawn(async move {
+        if let Err(e) = super::timer::sleep_until_boottime(deadline_bt).await {
+            tracing::error!("timerfd failed ({e}); rolling back now");
+        }
+        deadline_fired(s, id).await;
+    });
+    let mut inner = shared.inner.lock().await;
+    if let Some(old) = inner.timers.insert(txid, handle.abort_handle()) {
+        old.abort();
+    }
+}
+
+async fn deadline_fired(shared: Arc<Shared>, txid: String) {
+    let Ok(id) = TxnId::parse(&txid) else { return };
+    let Ok(mut rec) = shared.journal.load(&id) else { return };
+    shared.inner.lock().await.timers.remove(&txid);
+    if rec.state != State::Pending {
+        return;
+    }
+    tracing::warn!(txid = %txid, "deadline reached without confirmation; rolling back");
+    match worker_for_record(&shared, &rec).await {
+        Ok(w) => {
+            let _ = do_rollback(&shared, &w, &mut rec, Reason::Deadline).await;
+        }
+        Err(e) => {
+            let _ = rec.to_rollback_failed(e.clone(), now_wall());
+            let _ = shared.journal.write(&rec);
+            tracing::error!(txid = %txid, "ROLLBACK FAILED: {e}");
+        }
+    }
+}
+
+/// The worker of a journaled transaction's target, through its pin (survives agent crashes).
+async fn worker_for_record(shared: &Shared, rec: &TxnRecord) -> Result<Worker, String> {
+    let path = rec.target.pin.clone().unwrap_or_else(|| rec.target.path.clone());
+    let target = Target::open(&TargetSpec::Path(PathBuf::from(&path))).map_err(|e| e.to_string())?;
+    if target.id != (rec.target.dev, rec.target.ino) {
+        return Err(format!("{path} is no longer the transaction's namespace"));
+    }
+    worker_for(shared, target).await.map_err(|r| r.error.unwrap_or_default())
+}
+
+/// Finds the transaction a confirm/extend/rollback names, or the single unfinished one.
+fn pick(shared: &Shared, txid: Option<&str>) -> Result<TxnRecord, Response> {
+    match txid {
+        Some(t) => {
+            let id = TxnId::parse(t).map_err(|e| Response::fail(Exit::BadInput, e.to_string()))?;
+            shared.journal.load(&id).map_err(|e| Response::fail(Exit::BadInput, e.to_string()))
+        }
+        None => {
+            let mut pending: Vec<TxnRecord> = unfinished(shared);
+            match pending.len() {
+                0 => Err(Response::fail(Exit::BadInput, "no transaction is pending")),
+                1 => Ok(pending.remove(0)),
+                n => Err(Response::fail(Exit::BadInput, format!("{n} transactions are pending; name one"))),
+            }
+        }
+    }
+}
+
+async fn cancel_timer(shared: &Shared, txid: &str) {
+    if let Some(h) = shared.inner.lock().await.timers.remove(txid) {
+        h.abort();
+    }
+}
+
+async fn confirm(shared: &Arc<Shared>, txid: Option<&str>) -> Response {
+    let mut rec = match pick(shared, txid) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match &rec.state {
+        State::Committed => return Response::ok(json!({"txid": rec.id.as_str(), "state": "COMMITTED", "note": "already committed"})),
+        State::RolledBack { reason } => {
+            return Response::fail(Exit::RolledBack, format!("transaction {} was already rolled back ({reason})", rec.id))
+        }
+        State::RollbackFailed { .. } => {
+            return Response::fail(Exit::RollbackFailed, format!("transaction {}: rollback failed; state unknown", rec.id))
+        }
+        State::Prepared => return Response::fail(Exit::BadInput, format!("transaction {} is still being applied", rec.id)),
+        State::Pending => {}
+    }
+    cancel_timer(shared, rec.id.as_str()).await;
+    if let Err(e) = rec.to_committed(now_wall()) {
+        return Response::fail(Exit::Internal, e.to_string());
+    }
+    if let Err(e) = shared.journal.write(&rec) {
+        // Not journaled: keep the dead-man timer (safety first).
+        if let Some(d) = &rec.deadline {
+            arm_timer(shared, rec.id.as_str().to_string(), d.boottime_ns).await;
+        }
+        return Response::fail(Exit::Internal, format!("journal: {e}"));
+    }
+    if let Some(p) = &rec.target.pin {
+        unpin(Path::new(p));
+    }
+    let _ = shared.journal.prune(journal::DEFAULT_KEEP);
+    tracing::info!(txid = rec.id.as_str(), "confirmed");
+    Response::ok(json!({"txid": rec.id.as_str(), "state": "COMMITTED"}))
+}
+
+async fn extend(shared: &Arc<Shared>, txid: Option<&str>, by_secs: u64) -> Response {
+    let mut rec = match pick(shared, txid) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match &rec.state {
+        State::Pending => {}
+        State::RolledBack { reason } => {
+            return Response::fail(Exit::RolledBack, format!("transaction {} was already rolled back ({reason})", rec.id))
+        }
+        s => return Response::fail(Exit::BadInput, format!("transaction {} is {}, not pending", rec.id, s.name())),
+    }
+    let Some(old) = rec.deadline.clone() else { return Response::fail(Exit::Internal, "pending without a deadline") };
+    let by_ns = by_secs.saturating_mul(1_000_000_000);
+    let new = Deadline { boottime_ns: old.boottime_ns + by_ns, boot_id: old.boot_id.clone(), wall_unix: old.wall_unix + by_secs };
+    if let Err(e) = rec.extend(new.clone(), now_wall()) {
+        return Response::fail(Exit::BadInput, e.to_string());
+    }
+    if let Err(e) = shared.journal.write(&rec) {
+        return Response::fail(Exit::Internal, format!("journal: {e}"));
+    }
+    arm_timer(shared, rec.id.as_str().to_string(), new.boottime_ns).await;
+    let left = rec.seconds_left(journal::boottime_ns()).unwrap_or(0);
+    Response::ok(json!({"txid": rec.id.as_str(), "deadline": txn::format_rfc3339(new.wall_unix), "seconds_left": left}))
+}
+
+async fn rollback_request(shared: &Arc<Shared>, txid: Option<&str>) -> Response {
+    let mut rec = match pick(shared, txid) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match &rec.state {
+        State::Pending | State::Prepared | State::RollbackFailed { .. } => {}
+        State::RolledBack { reason } => {
+            return Response::ok(json!({"txid": rec.id.as_str(), "state": "ROLLED_BACK", "note": format!("already rolled back ({reason})")}))
+        }
+        State::Committed => {
+            return Response::fail(Exit::BadInput, format!("transaction {} is committed; apply a new policy to change it", rec.id))
+        }
+    }
+    cancel_timer(shared, rec.id.as_str()).await;
+    let worker = match worker_for_record(shared, &rec).await {
+        Ok(w) => w,
+        Err(e) => return Response::fail(Exit::RollbackFailed, e),
+    };
+    match do_rollback(shared, &worker, &mut rec, Reason::Cancelled).await {
+        Ok(()) => Response::ok(json!({"txid": rec.id.as_str(), "state": "ROLLED_BACK"})),
+        Err(e) => Response::fail(Exit::RollbackFailed, format!("rollback of {} failed: {e}", rec.id)),
+    }
+}
+
+async fn confirm_by_signal(shared: &Arc<Shared>, pid: Option<i32>) {
+    let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+    if !alive {
+        tracing::warn!("SIGUSR1 from a sender that is gone ({pid:?}): refused");
+        return;
+    }
+    let r = confirm(shared, None).await;
+    match r.error {
+        None => tracing::info!("SIGUSR1 from pid {pid:?} confirmed the pending transaction"),
+        Some(e) => tracing::warn!("SIGUSR1 from pid {pid:?} refused: {e}"),
+    }
+}
+
+/// SIGTERM/SIGINT: roll back everything unfinished before exit.
+async fn stop_all(shared: &Arc<Shared>) {
+    for mut rec in unfinished(shared) {
+        cancel_timer(shared, rec.id.as_str()).await;
+        match worker_for_record(shared, &rec).await {
+            Ok(w) => {
+                let _ = do_rollback(shared, &w, &mut rec, Reason::AgentStopping).await;
+            }
+            Err(e) => tracing::error!(txid = rec.id.as_str(), "cannot reach the target to roll back: {e}"),
+        }
+    }
+}
+
+/// Journal recovery on start (DESIGN §2).
+async fn recover(shared: &Arc<Shared>) {
+    let now = journal::boottime_ns();
+    for mut rec in unfinished(shared) {
+        match txn::recovery_action(&rec, &shared.boot_id, now) {
+            Recovery::Nothing => {}
+            Recovery::CloseRebooted => {
+                let _ = rec.to_rolled_back(Reason::Reboot, now_wall());
+                let _ = shared.journal.write(&rec);
+                if let Some(p) = &rec.target.pin {
+                    unpin(Path::new(p));
+                }
+                tracing::warn!(txid = rec.id.as_str(), "closed: the host rebooted (nothing restored)");
+            }
+            Recovery::Rearm { remaining_ns } => {
+                tracing::warn!(txid = rec.id.as_str(), "re-armed: {} s left", remaining_ns / 1_000_000_000);
+                if let Some(d) = &rec.deadline {
+                    arm_timer(shared, rec.id.as_str().to_string(), d.boottime_ns).await;
+                }
+            }
+            Recovery::RollBackNow | Recovery::RetryRollback => {
+                tracing::warn!(txid = rec.id.as_str(), "found {} at start: rolling back", rec.state.name());
+                match worker_for_record(shared, &rec).await {
+                    Ok(w) => {
+                        let _ = do_rollback(shared, &w, &mut rec, Reason::Recovered).await;
+                    }
+                    Err(e) => {
+                        let _ = rec.to_rollback_failed(e.clone(), now_wall());
+                        let _ = shared.journal.write(&rec);
+                        tracing::error!(txid = rec.id.as_str(), "ROLLBACK FAILED: {e}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The transaction verbs: `apply`, `confirm`, `extend`, `rollback` talk to the agent (started
+//! detached when none answers); `status`, `history`, `show` read the journal; `agent` and
+//! `recover` run the agent's side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::args::{AgentArgs, ApplyArgs, Global, ShowArgs, TxidArgs};
+use crate::agent::client::{self, ClientError};
+use crate::agent::protocol::{ApplyRequest, Request, Response};
+use crate::agent::server::{self, AgentOptions};
+use crate::exit::{Exit, Failure};
+use crate::journal::{self, Journal};
+use crate::model::Format;
+use crate::txn::{self, TxnId};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn client_failure(e: ClientError) -> Vec<Failure> {
+    vec![Failure::new(Exit::AgentUnreachable, e.to_string())]
+}
+
+/// Turns an agent answer into the CLI's exit code and output.
+fn finish(global: &Global, r: Response, text: impl FnOnce(&Value) -> String) -> Result<Exit, Vec<Failure>> {
+    if global.json {
+        super::print_json(&json!({"exit": r.exit, "error": r.error, "data": r.data}));
+    }
+    if r.exit != 0 {
+        let exit = exit_from_code(r.exit);
+        return Err(vec![Failure::new(exit, r.error.unwrap_or_else(|| "failed".into()))]);
+    }
+    if !global.json {
+        print!("{}", text(&r.data));
+    }
+    Ok(Exit::Ok)
+}
+
+fn exit_from_code(c: i32) -> Exit {
+    match c {
+        0 => Exit::Ok,
+        2 => Exit::BadInput,
+        3 => Exit::Refused,
+        4 => Exit::Busy,
+        5 => Exit::RolledBack,
+        6 => Exit::AgentUnreachable,
+        7 => Exit::RollbackFailed,
+        8 => Exit::ConfirmRefused,
+        _ => Exit::Internal,
+    }
+}
+
+fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure>> {
+    client::ensure_agent(&global.run_dir, &global.state_dir).map_err(client_failure)?;
+    client::request(&global.run_dir, req, REQUEST_TIMEOUT).map_err(client_failure)
+}
+
+pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    // Validate locally first: bad input never reaches the agent.
+    super::load_policy(a.policy.as_deref())?;
+    let timeout = crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
+    let (policy_text, policy_format) = match a.policy.as_deref() {
+        None => (None, None),
+        Some(p) => {
+            let text = if p == "-" {
+                return Err(vec![Failure::bad_input("apply: a policy from stdin is not supported; give a file")]);
+            } else {
+                std::fs::read_to_string(p).map_err(|e| vec![Failure::bad_input(format!("policy {p}: {e}"))])?
+            };
+            let fmt = match Format::detect(Some(p), &text) {
+                Format::Json => "json",
+                Format::Toml => "toml",
+            };
+            (Some(text), Some(fmt.to_string()))
+        }
+    };
+    let req = Request::Apply(ApplyRequest {
+        policy_text,
+        policy_format,
+        netns: global.netns.clone(),
+        timeout_secs: timeout.as_secs(),
+        force: a.force,
+        ssh: std::env::var("SSH_CONNECTION").ok(),
+    });
+    let r = ask(global, req)?;
+    finish(global, r, |d| {
+        let mut s = format!(
+            "applied {} on {}; pending until {} ({} s).\nConfirm from a NEW connection: {}\nWithout it, the change is rolled back automatically.\n",
+            d["txid"].as_str().unwrap_or("?"),
+            d["target"].as_str().unwrap_or("?"),
+            d["deadline"].as_str().unwrap_or("?"),
+            d["seconds_left"],
+            d["confirm"].as_str().unwrap_or("ctguard confirm")
+        );
+        for w in d["warnings"].as_array().into_iter().flatten() {
+            s.push_str(&format!("warning: {}\n", w.as_str().unwrap_or("")));
+        }
+        s
+    })
+}
+
+fn txid_arg(t: &Option<String>) -> Result<Option<String>, Vec<Failure>> {
+    match t {
+        Some(t) => TxnId::parse(t).map(|id| Some(id.as_str().to_string())).map_err(|e| vec![Failure::bad_input(e.to_string())]),
+        None => Ok(None),
+    }
+}
+
+pub(super) fn confirm(a: &TxidArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    let r = ask(global, Request::Confirm { txid: txid_arg(&a.txid)? })?;
+    finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")))
+}
+
+pub(super) fn extend(a: &TxidArgs, by: &str, global: &Global) -> Result<Exit, Vec<Failure>> {
+    let by = crate::duration::parse_duration(by).map_err(|e| vec![Failure::bad_input(format!("--by: {e}"))])?;
+    let r = ask(global, Request::Extend { txid: txid_arg(&a.txid)?, by_secs: by.as_secs() })?;
+    finish(global, r, |d| {
+        format!("{} now pending until {} ({} s)\n", d["txid"].as_str().unwrap_or("?"), d["deadline"].as_str().unwrap_or("?"), d["seconds_left"])
+    })
+}
+
+pub(super) fn rollback(a: &TxidArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    let r = ask(global, Request::Rollback { txid: txid_arg(&a.txid)? })?;
+    finish(global, r, |d| format!("{} rolled back\n", d["txid"].as_str().unwrap_or("?")))
+}
+
+/// The journal for reading (no room needed: `status` and `history` must work on a full disk).
+fn open_journal(global: &Global) -> Result<Journal, Vec<Failure>> {
+    Journal::attach(&global.state_dir).map_err(|e| vec![Failure::bad_input(e.to_string())])
+}
+
+/// Starts an agent when the journal holds unfinished work and none answers (DESIGN §2).
+fn revive_agent_if_needed(global: &Global, j: &Journal) {
+    if j.unfinished().is_ok_and(|u| !u.is_empty()) && !client::is_running(&global.run_dir) {
+        if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
+            eprintln!("ctguard: warning: unfinished transactions and no agent: {e}");
+        }
+    }
+}
+
+fn conntrack_usage() -> Value {
+    let read = |k: &str| std::fs::read_to_string(format!("/proc/sys/net/netfilter/{k}")).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    json!({"count": read("nf_conntrack_count"), "max": read("nf_conntrack_max")})
+}
+
+pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
+    let j = open_journal(global)?;
+    revive_agent_if_needed(global, &j);
+    let now = journal::boottime_ns();
+    let pending: Vec<Value> = j
+        .unfinished()
+        .map_err(|e| vec![Failure::internal(e.to_string())])?
+        .iter()
+        .filter(|r| global.netns.as_deref().is_none_or(|n| r.target.label == n))
+        .map(|r| txn::status_entry(r, now))
+        .collect();
+    let usage = conntrack_usage();
+    if global.json {
+        super::print_json(&json!({"pending": pending, "conntrack": usage, "agent_running": client::is_running(&global.run_dir)}));
+        return Ok(Exit::Ok);
+    }
+    if pending.is_empty() {
+        println!("no pending transaction");
+    }
+    for p in &pending {
+        println!(
+            "{}  {}  target {}  deadline {}  {} s left  requested by pid {}",
+            p["id"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+            p["target"].as_str().unwrap_or("?"),
+            p["deadline"].as_str().unwrap_or("-"),
+            p["seconds_left"],
+            p["requester"]["pid"]
+        );
+    }
+    if let (Some(c), Some(m)) = (usage["count"].as_u64(), usage["max"].as_u64()) {
+        println!("conntrack (this namespace): {c} of {m} entries");
+    }
+    Ok(Exit::Ok)
+}
+
+pub(super) fn history(global: &Global) -> Result<Exit, Vec<Failure>> {
+    let j = open_journal(global)?;
+    let all = j.list().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    let list: Vec<Value> = all
+        .iter()
+        .filter(|r| global.netns.as_deref().is_none_or(|n| r.target.label == n))
+        .map(txn::history_entry)
+        .collect();
+    if global.json {
+        super::print_json(&json!({"transactions": list}));
+        return Ok(Exit::Ok);
+    }
+    if list.is_empty() {
+        println!("no transactions");
+    }
+    for t in &list {
+        println!(
+            "{}  {}  {:<7}  target {}  {}",
+            t["started"].as_str().unwrap_or("?"),
+            t["id"].as_str().unwrap_or("?"),
+            t["kind"].as_str().unwrap_or("?"),
+            t["target"].as_str().unwrap_or("?"),
+            t["outcome"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(Exit::Ok)
+}
+
+pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    let id = TxnId::parse(&a.txid).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
+    let j = open_journal(global)?;
+    let rec = j.load(&id).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
+    let lines = |s: &Option<String>| -> Vec<String> { s.as_deref().unwrap_or("").lines().map(str::to_string).collect() };
+    let diff = super::plan::diff_lines(&lines(&rec.before), &lines(&rec.after));
+    let changed: Vec<&String> = diff.iter().filter(|l| !l.starts_with("  ")).collect();
+    if global.json {
+        let mut v = txn::history_entry(&rec);
+        v["requester"] = json!(rec.requester);
+        v["diff"] = json!(changed);
+        v["policy"] = rec.policy.clone().unwrap_or(Value::Null);
+        super::print_json(&v);
+        return Ok(Exit::Ok);
+    }
+    println!("transaction {} ({}) on {}", rec.id, rec.kind, rec.target.label);
+    println!("state:     {}", rec.state.outcome());
+    println!("requester: uid {} pid {}{}", rec.requester.uid, rec.requester.pid, rec.requester.ssh.as_deref().map(|s| format!(" ssh {s}")).unwrap_or_default());
+    println!("events:");
+    for e in &rec.events {
+        println!("  {}  {:<15} {}", txn::format_rfc3339(e.wall_unix), e.state, e.note);
+    }
+    println!("diff (before -> after apply):");
+    for l in changed {
+        println!("  {l}");
+    }
+    Ok(Exit::Ok)
+}
+
+pub(super) fn agent(a: &AgentArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    let opts = AgentOptions {
+        run_dir: global.run_dir.clone(),
+        state_dir: global.state_dir.clone(),
+        detached: a.detached,
+        idle_exit: Duration::from_secs(2),
+    };
+    server::run(opts, Arc::new(crate::agent::policy_engine::PolicyEngine))
+        .map_err(|e| vec![Failure::bad_input(e.to_string())])?;
+    Ok(Exit::Ok)
+}
+
+/// Journal recovery alone (the boot unit): transactions of another boot are closed without
+/// restoring anything; anything else unfinished is handed to an agent, which recovers it.
+pub(super) fn recover(global: &Global) -> Result<Exit, Vec<Failure>> {
+    let j = open_journal(global)?;
+    let boot = journal::boot_id().map_err(|e| vec![Failure::internal(format!("boot id: {e}"))])?;
+    let mut closed = 0;
+    let mut left = 0;
+    for mut rec in j.unfinished().map_err(|e| vec![Failure::internal(e.to_string())])? {
+        match txn::recovery_action(&rec, &boot, journal::boottime_ns()) {
+            txn::Recovery::CloseRebooted => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                rec.to_rolled_back(txn::Reason::Reboot, now).map_err(|e| vec![Failure::internal(e.to_string())])?;
+                j.write(&rec).map_err(|e| vec![Failure::internal(e.to_string())])?;
+                closed += 1;
+            }
+            txn::Recovery::Nothing => {}
+            _ => left += 1,
+        }
+    }
+    if left > 0 {
+        client::ensure_agent(&global.run_dir, &global.state_dir).map_err(client_failure)?;
+    }
+    if global.json {
+        super::print_json(&json!({"closed_by_reboot": closed, "handed_to_agent": left}));
+    } else {
+        println!("recover: {closed} closed (rebooted, nothing restored), {left} handed to the agent");
+    }
+    Ok(Exit::Ok)
+}
