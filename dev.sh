@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Developer entry point (run as root on Debian/Ubuntu):
 #   ./dev.sh setup   install the system packages ctguard and its tests need
-#   ./dev.sh demo    setup, build, then render + plan the built-in policy against a throwaway
-#                    network namespace with a stateful firewall (the host is never touched)
+#   ./dev.sh demo    setup, build, then in a throwaway network namespace with a stateful
+#                    firewall: plan, apply the built-in policy with a 5 s timeout, status, no
+#                    confirm, automatic rollback, and proof the ruleset is identical again
 #   ./dev.sh test    setup, then the whole test suite (unit, golden, CLI, real-kernel)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,9 +24,11 @@ setup() {
 demo() {
   setup
   cargo build --release --quiet
-  local bin=target/release/ctguard ns="ctg-demo-$$"
+  local bin=target/release/ctguard ns="ctg-demo-$$" tmp
+  tmp=$(mktemp -d /tmp/ctguard-demo.XXXXXX)
+  local ctg=("$bin" --state-dir "$tmp/state" --run-dir "$tmp/run")
   ip netns add "$ns"
-  trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
+  trap 'ip netns del "$ns" 2>/dev/null || true; rm -rf "$tmp"' EXIT
   ip netns exec "$ns" nft -f - <<'NFT'
 table inet host {
   chain input {
@@ -38,11 +41,34 @@ table inet host {
   }
 }
 NFT
-  echo "== ctguard render (the built-in policy, pure) =="
-  "$bin" render
+  local before after
+  before=$(ip netns exec "$ns" nft list ruleset)
+  echo "== a throwaway namespace $ns with a usual stateful firewall =="
+  echo "$before"
   echo
-  echo "== ctguard plan --check --netns $ns (diff, accept insertions, lint, kernel check) =="
-  "$bin" plan --check --netns "$ns"
+  echo "== ctguard plan --netns $ns (the built-in policy) =="
+  "${ctg[@]}" plan --netns "$ns" || true
+  echo
+  echo "== ctguard apply --netns $ns --timeout 5s =="
+  "${ctg[@]}" apply --netns "$ns" --timeout 5s
+  echo
+  echo "== ctguard status =="
+  "${ctg[@]}" status --netns "$ns"
+  echo
+  echo "== the ruleset while pending: ctguard's table and its accept insertion =="
+  ip netns exec "$ns" nft list ruleset
+  echo
+  echo "== not confirming; waiting for the dead-man timer =="
+  for i in 7 6 5 4 3 2 1; do printf '\r%s s ' "$i"; sleep 1; done; echo
+  "${ctg[@]}" history --netns "$ns"
+  after=$(ip netns exec "$ns" nft list ruleset)
+  if [ "$before" = "$after" ]; then
+    echo "== rolled back: the ruleset is byte-for-byte the one before apply =="
+  else
+    echo "== ERROR: the ruleset differs from the one before apply ==" >&2
+    diff <(echo "$before") <(echo "$after") >&2 || true
+    exit 1
+  fi
 }
 
 tests() {

@@ -106,7 +106,9 @@ impl TestAgent {
         };
         let engine = self.fake.clone();
         self.thread = Some(std::thread::spawn(move || {
-            if let Err(e) = server::run(opts, Arc::new(engine)) {
+            let engine = Arc::new(engine);
+            let engines = ctguard::agent::engine::Engines { policy: engine.clone(), ruleset: engine };
+            if let Err(e) = server::run(opts, engines) {
                 panic!("agent: {e}");
             }
         }));
@@ -134,6 +136,7 @@ impl TestAgent {
             timeout_secs,
             force: false,
             ssh: None,
+            ruleset: None,
         }))
     }
 
@@ -356,7 +359,7 @@ fn agent_refuses_other_protocol_versions_and_garbage() {
         return;
     }
     use std::io::{BufRead, BufReader, Write};
-    let mut a = TestAgent::start(Fake::default());
+    let a = TestAgent::start(Fake::default());
     for line in ["{\"v\":99,\"op\":\"ping\"}\n", "not json\n"] {
         let mut s = std::os::unix::net::UnixStream::connect(client::socket_path(&a.run_dir)).expect("connect");
         s.write_all(line.as_bytes()).expect("write");

@@ -25,11 +25,22 @@ impl std::fmt::Display for EngineError {
     }
 }
 
+/// A ruleset file for a ruleset transaction (`apply --ruleset FILE`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct RulesetInput {
+    /// The file's content.
+    pub text: String,
+    /// `"nft"` or `"iptables"` (an iptables-restore dump); detected by the CLI when not given.
+    pub format: String,
+}
+
 /// Everything an apply needs, resolved by the agent.
 #[derive(Debug, Clone)]
 pub struct ApplyInput {
-    /// The validated policy.
+    /// The validated policy (policy transactions; the built-in one otherwise, unused).
     pub policy: Policy,
+    /// The ruleset (ruleset transactions).
+    pub ruleset: Option<RulesetInput>,
     /// `ctguard:TXID`.
     pub tag: Tag,
     /// Apply despite lint errors.
@@ -53,6 +64,25 @@ pub trait Prepared: Send {
     fn warnings(&self) -> Vec<String>;
     /// Applies the change; returns the undo record with what was actually created.
     fn apply(self: Box<Self>) -> Result<Value, EngineError>;
+}
+
+/// The engines of both transaction kinds.
+#[derive(Clone)]
+pub struct Engines {
+    /// Policy transactions.
+    pub policy: std::sync::Arc<dyn Engine>,
+    /// Ruleset transactions.
+    pub ruleset: std::sync::Arc<dyn Engine>,
+}
+
+impl Engines {
+    /// The engine of `kind`.
+    pub fn of(&self, kind: crate::txn::Kind) -> std::sync::Arc<dyn Engine> {
+        match kind {
+            crate::txn::Kind::Policy => self.policy.clone(),
+            crate::txn::Kind::Ruleset => self.ruleset.clone(),
+        }
+    }
 }
 
 /// A kind of transaction. All methods run on the target's worker thread.

@@ -8,3 +8,4 @@ pub mod server;
 pub mod timer;
 pub mod worker;
 pub mod policy_engine;
+pub mod ruleset_engine;

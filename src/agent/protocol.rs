@@ -62,6 +62,9 @@ pub struct ApplyRequest {
     pub force: bool,
     /// The requester's `SSH_CONNECTION`, if any (the lint's lockout check).
     pub ssh: Option<String>,
+    /// A ruleset transaction instead of a policy one.
+    #[serde(default)]
+    pub ruleset: Option<crate::agent::engine::RulesetInput>,
 }
 
 /// The agent's answer.

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
-use super::engine::{ApplyInput, Engine};
+use super::engine::{ApplyInput, Engines};
 use super::protocol::{ApplyRequest, Envelope, Request, Response, MAX_REQUEST_BYTES, VERSION};
 use super::worker::Worker;
 use crate::exit::Exit;
@@ -65,7 +65,7 @@ fn now_wall() -> u64 {
 
 struct Shared {
     opts: AgentOptions,
-    engine: Arc<dyn Engine>,
+    engines: Engines,
     journal: Journal,
     boot_id: String,
     inner: Mutex<Inner>,
@@ -80,7 +80,7 @@ struct Inner {
 
 /// Runs the agent until SIGTERM/SIGINT (rolling back what is pending first) or, when
 /// detached, until nothing is pending and it has been idle for `idle_exit`.
-pub fn run(opts: AgentOptions, engine: Arc<dyn Engine>) -> Result<(), AgentError> {
+pub fn run(opts: AgentOptions, engines: Engines) -> Result<(), AgentError> {
     join_initial_mount_namespace();
     create_private_dir(&opts.run_dir)?;
     let lock_path = opts.run_dir.join("agent.lock");
@@ -114,7 +114,7 @@ pub fn run(opts: AgentOptions, engine: Arc<dyn Engine>) -> Result<(), AgentError
         .enable_all()
         .build()
         .map_err(setup("cannot start the runtime"))?;
-    let shared = Arc::new(Shared { opts, engine, journal, boot_id, inner: Mutex::new(Inner::default()) });
+    let shared = Arc::new(Shared { opts, engines, journal, boot_id, inner: Mutex::new(Inner::default()) });
     let result = rt.block_on(serve(shared));
     drop(lock_file);
     result
@@ -367,16 +367,18 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
             return r;
         }
     };
-    let previous_undo = last_committed(shared, id).map(|r| r.undo);
+    let kind = if a.ruleset.is_some() { Kind::Ruleset } else { Kind::Policy };
+    let previous_undo = if kind == Kind::Policy { last_committed(shared, id).map(|r| r.undo) } else { None };
     let input = ApplyInput {
         policy: policy.clone(),
+        ruleset: a.ruleset.clone(),
         tag,
         force: a.force,
         ssh: a.ssh.as_deref().and_then(SshConn::from_env_value),
         previous_undo,
         facts: ram_facts(),
     };
-    let engine = shared.engine.clone();
+    let engine = shared.engines.of(kind);
     let prepared = match worker.call(move || engine.prepare(&input)).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
@@ -397,8 +399,11 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
         ino: id.1,
     };
     let requester = Requester { uid: 0, pid: peer_pid.unwrap_or(0), ssh: a.ssh.clone() };
-    let mut rec = TxnRecord::new(txid.clone(), Kind::Policy, target_rec, requester, shared.boot_id.clone(), now_wall());
-    rec.policy = serde_json::to_value(&policy).ok();
+    let mut rec = TxnRecord::new(txid.clone(), kind, target_rec, requester, shared.boot_id.clone(), now_wall());
+    match &a.ruleset {
+        Some(r) => rec.ruleset = Some(r.text.clone()),
+        None => rec.policy = serde_json::to_value(&policy).ok(),
+    }
     rec.before = Some(prepared.before());
     rec.undo = prepared.planned_undo();
     if let Err(e) = shared.journal.write(&rec) {
@@ -412,7 +417,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
         Err(e) => return fail_and_roll_back(shared, &worker, rec, Exit::Internal, e.to_string()).await,
     };
     rec.undo = undo.clone();
-    let engine = shared.engine.clone();
+    let engine = shared.engines.of(kind);
     let undo2 = undo.clone();
     match worker.call(move || engine.check_rollback(&undo2)).await {
         Ok(Ok(())) => {}
@@ -422,7 +427,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
         }
         Err(e) => return fail_and_roll_back(shared, &worker, rec, Exit::Internal, e.to_string()).await,
     }
-    let engine = shared.engine.clone();
+    let engine = shared.engines.of(kind);
     let undo3 = undo.clone();
     rec.after = worker.call(move || engine.listing(&undo3)).await.ok().and_then(Result::ok);
     let now_bt = journal::boottime_ns();
@@ -465,7 +470,7 @@ async fn fail_and_roll_back(shared: &Arc<Shared>, worker: &Worker, mut rec: TxnR
 
 /// Rolls back `rec` on `worker` and journals the outcome; on failure schedules a retry.
 async fn do_rollback(shared: &Arc<Shared>, worker: &Worker, rec: &mut TxnRecord, reason: Reason) -> Result<(), String> {
-    let engine = shared.engine.clone();
+    let engine = shared.engines.of(rec.kind);
     let undo = rec.undo.clone();
     let result = match worker.call(move || engine.rollback(&undo)).await {
         Ok(r) => r.map_err(|e| e.message),

@@ -82,6 +82,7 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: std::env::var("SSH_CONNECTION").ok(),
+        ruleset: None,
     });
     let r = ask(global, req)?;
     finish(global, r, |d| {
@@ -244,7 +245,11 @@ pub(super) fn agent(a: &AgentArgs, global: &Global) -> Result<Exit, Vec<Failure>
         detached: a.detached,
         idle_exit: Duration::from_secs(2),
     };
-    server::run(opts, Arc::new(crate::agent::policy_engine::PolicyEngine))
+    let engines = crate::agent::engine::Engines {
+        policy: Arc::new(crate::agent::policy_engine::PolicyEngine),
+        ruleset: Arc::new(crate::agent::ruleset_engine::RulesetEngine),
+    };
+    server::run(opts, engines)
         .map_err(|e| vec![Failure::bad_input(e.to_string())])?;
     Ok(Exit::Ok)
 }
