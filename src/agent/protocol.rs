@@ -7,8 +7,8 @@ use serde_json::Value;
 /// Protocol version; a request with another version is refused (exit 2).
 pub const VERSION: u32 = 1;
 
-/// Largest request line the agent reads (policies are at most 1 MiB, plus envelope).
-pub const MAX_REQUEST_BYTES: usize = 2 << 20;
+/// Largest request line the agent reads (rulesets are at most 64 MiB; JSON escaping adds some).
+pub const MAX_REQUEST_BYTES: usize = 96 << 20;
 
 /// A request, with its version.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -94,6 +94,22 @@ pub struct ApplyArgs {
     /// Apply despite lint errors.
     #[arg(long)]
     pub force: bool,
+    /// A ruleset transaction instead: an nft script or an iptables-restore dump; rollback
+    /// restores the whole prior firewall.
+    #[arg(long, value_name = "FILE", conflicts_with = "policy")]
+    pub ruleset: Option<String>,
+    /// Format of `--ruleset` (detected when absent).
+    #[arg(long, value_enum, requires = "ruleset")]
+    pub format: Option<RulesetFormat>,
+}
+
+/// Format of a ruleset file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RulesetFormat {
+    /// An `nft -f` script.
+    Nft,
+    /// An iptables-restore dump.
+    Iptables,
 }
 
 /// An optional transaction id.

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::args::{AgentArgs, ApplyArgs, Global, ShowArgs, TxidArgs};
+use super::args::{AgentArgs, ApplyArgs, Global, RulesetFormat, ShowArgs, TxidArgs};
+use crate::agent::engine::RulesetInput;
 use crate::agent::client::{self, ClientError};
 use crate::agent::protocol::{ApplyRequest, Request, Response};
 use crate::agent::server::{self, AgentOptions};
@@ -56,9 +57,33 @@ fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure>> {
     client::request(&global.run_dir, req, REQUEST_TIMEOUT).map_err(client_failure)
 }
 
+/// Reads a `--ruleset` file (size-limited) and settles its format.
+fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInput, Vec<Failure>> {
+    use std::io::Read;
+    let bad = |m: String| vec![Failure::bad_input(m)];
+    let f = std::fs::File::open(path).map_err(|e| bad(format!("--ruleset {path}: {e}")))?;
+    let mut text = String::new();
+    f.take(MAX_RULESET_BYTES as u64 + 1).read_to_string(&mut text).map_err(|e| bad(format!("--ruleset {path}: {e}")))?;
+    if text.len() > MAX_RULESET_BYTES {
+        return Err(bad(format!("--ruleset {path}: larger than the {MAX_RULESET_BYTES} byte limit")));
+    }
+    let looks_iptables = text.lines().any(|l| l.starts_with('*')) && text.lines().any(|l| l.trim() == "COMMIT");
+    let format = match format {
+        Some(RulesetFormat::Nft) => "nft",
+        Some(RulesetFormat::Iptables) => "iptables",
+        None if looks_iptables => "iptables",
+        None => "nft",
+    };
+    Ok(RulesetInput { text, format: format.to_string() })
+}
+
+/// Largest ruleset file ctguard reads (64 MiB).
+pub const MAX_RULESET_BYTES: usize = 64 << 20;
+
 pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     // Validate locally first: bad input never reaches the agent.
     super::load_policy(a.policy.as_deref())?;
+    let ruleset = a.ruleset.as_deref().map(|p| load_ruleset(p, a.format)).transpose()?;
     let timeout = crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
     let (policy_text, policy_format) = match a.policy.as_deref() {
         None => (None, None),
@@ -82,7 +107,7 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: std::env::var("SSH_CONNECTION").ok(),
-        ruleset: None,
+        ruleset,
     });
     let r = ask(global, req)?;
     finish(global, r, |d| {
