@@ -35,6 +35,20 @@ pub const SRV6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0, 0, 0, 0, 0, 0, 1);
 pub const CLI6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0, 0, 0, 0, 0, 0, 2);
 /// Name of the veth end in both namespaces of a [`Pair`].
 pub const PAIR_IFACE: &str = "veth0";
+
+/// A usual stateful host firewall (policy drop, established accept, lo accept, udp/53 and
+/// tcp/22 new accept, reject): the seeds' setup that NOTRACK alone blackholes.
+pub const STATEFUL: &str = "table inet host {
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iif \"lo\" accept
+    udp dport 53 ct state new accept
+    tcp dport 22 ct state new accept
+    reject
+  }
+}
+";
 const SRV_MAC: &str = "02:c7:00:00:00:01";
 const CLI_MAC: &str = "02:c7:00:00:00:02";
 

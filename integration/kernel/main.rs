@@ -9,3 +9,4 @@ mod batch;
 mod iptables;
 mod traffic;
 mod plan_lint;
+

@@ -6,19 +6,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::harness::Ns;
+use crate::harness::{Ns, STATEFUL};
 
-const STATEFUL: &str = "table inet host {
-  chain input {
-    type filter hook input priority filter; policy drop;
-    ct state established,related accept
-    iif \"lo\" accept
-    udp dport 53 ct state new accept
-    tcp dport 22 ct state new accept
-    reject
-  }
-}
-";
 
 struct PlanRun {
     code: i32,

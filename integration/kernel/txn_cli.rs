@@ -1,0 +1,282 @@
+//! End-to-end policy transactions through the real binary and a real (detached) agent: apply,
+//! dead-man rollback, confirm, rollback now, busy target, SIGTERM, kill -9 + recovery, a
+//! simulated reboot. Each test has its own namespace, state dir and run dir (so its own agent).
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::harness::{udp_queries, Ns, Pair, UdpResponder, CLI4, SRV4, STATEFUL};
+
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One ctguard installation: its own state and run dirs (hence its own agent).
+struct Ctg {
+    base: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Ctg {
+    fn new() -> Ctg {
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let base = std::env::temp_dir().join(format!("ctguard-e2e-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        Ctg { base, env: Vec::new() }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let state = self.base.join("state");
+        let run = self.base.join("run");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+        cmd.arg("--state-dir").arg(&state).arg("--run-dir").arg(&run).args(args).env_remove("SSH_CONNECTION");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run ctguard")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.run(&a);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{args:?}: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        })
+    }
+
+    /// `apply --json` and the txid.
+    fn apply(&self, ns: &Ns, extra: &[&str]) -> (Output, String) {
+        let mut args = vec!["--json", "apply", "--netns", ns.name()];
+        args.extend_from_slice(extra);
+        let out = self.run(&args);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let id = v["data"]["txid"].as_str().unwrap_or_default().to_string();
+        (out, id)
+    }
+
+    fn state(&self, txid: &str) -> String {
+        let v = self.json(&["show", txid]);
+        v["state"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn outcome(&self, txid: &str) -> String {
+        self.json(&["show", txid])["outcome"].as_str().unwrap_or_default().to_string()
+    }
+
+    fn wait_state(&self, txid: &str, want: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let s = self.state(txid);
+            if s == want {
+                return;
+            }
+            assert!(start.elapsed() < limit, "{txid} is {s}, not {want}, after {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn agent_pid(&self) -> Option<i32> {
+        let v = self.json(&["status"]);
+        v["agent_pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// Sends `sig` to this installation's agent; returns its pid.
+    fn signal_agent(&self, sig: Signal) -> i32 {
+        let pid = self.agent_pid().expect("agent pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
+        pid
+    }
+}
+
+/// Waits until `pid` has exited (gone or a zombie).
+fn wait_gone(pid: i32, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(s) if s.contains(") Z") => return true,
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    false
+}
+
+impl Drop for Ctg {
+    fn drop(&mut self) {
+        // Roll back whatever is still pending, stop the agent, remove the dirs.
+        let v = self.json(&["status"]);
+        for p in v["pending"].as_array().into_iter().flatten() {
+            if let Some(id) = p["id"].as_str() {
+                let _ = self.run(&["rollback", id]);
+            }
+        }
+        if self.agent_pid().is_some() {
+            wait_gone(self.signal_agent(Signal::SIGTERM), Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_dir_all(&self.base);
+    }
+}
+
+fn ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn apply_without_confirm_rolls_back_to_the_identical_ruleset() {
+    let pair = Pair::new("e2e");
+    pair.srv.nft(STATEFUL);
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let before = pair.srv.nft_list();
+    let ctg = Ctg::new();
+    let t0 = Instant::now();
+    let (out, id) = ctg.apply(&pair.srv, &["--timeout", "3s"]);
+    let took = t0.elapsed();
+    ok(&out);
+    // apply returns at once: the detached agent holds none of our pipes.
+    assert!(took < Duration::from_secs(3), "apply took {took:?}");
+    let during = pair.srv.nft_list();
+    assert!(during.contains("table inet ctguard"), "{during}");
+    assert!(during.contains("ct state untracked accept"), "{during}");
+    let status = ctg.json(&["status"]);
+    assert_eq!(status["pending"][0]["id"].as_str(), Some(id.as_str()), "{status}");
+    // The change works while pending: answered, (almost) no conntrack entries.
+    pair.srv.conntrack_flush();
+    let base = pair.srv.conntrack_count();
+    let a = udp_queries(&pair.cli, (SRV4, 53).into(), 300, 20000);
+    let added = pair.srv.conntrack_count().saturating_sub(base);
+    eprintln!("pending: {}/{} answered, {added} entries added", a.answered, a.sent);
+    assert_eq!(a.answered, 300);
+    assert!(added <= 5, "{added}");
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+    assert_eq!(ctg.outcome(&id), "rolled back: deadline");
+    assert_eq!(pair.srv.nft_list(), before, "the ruleset differs after the rollback");
+    let _ = CLI4;
+}
+
+#[test]
+fn confirm_keeps_and_reapply_replaces_then_rollback_restores_the_committed_one() {
+    let ns = Ns::new("e2econf");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    let (out, a) = ctg.apply(&ns, &["--timeout", "2s"]);
+    ok(&out);
+    ok(&ctg.run(&["confirm", &a]));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(ctg.state(&a), "COMMITTED");
+    let committed = ns.nft_list();
+    assert!(committed.contains("table inet ctguard"));
+    // A second policy replaces the committed one; its rollback restores the committed one.
+    let dir = ctg.base.join("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let policy = dir.join("b.toml");
+    std::fs::write(&policy, "[[notrack]]\nprotocols = [\"udp\"]\nports = [5353]\n").expect("write");
+    let (out, b) = ctg.apply(&ns, &["--timeout", "60s", policy.to_str().expect("utf8")]);
+    ok(&out);
+    let during = ns.nft_list();
+    assert!(during.contains("5353"), "{during}");
+    ok(&ctg.run(&["rollback", &b]));
+    assert_eq!(ctg.state(&b), "ROLLED_BACK");
+    assert_eq!(ns.nft_list(), committed);
+}
+
+#[test]
+fn second_apply_is_busy_and_rollback_is_immediate() {
+    let ns = Ns::new("e2ebusy");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    let (out2, _) = ctg.apply(&ns, &["--timeout", "60s"]);
+    assert_eq!(out2.status.code(), Some(4), "{}", String::from_utf8_lossy(&out2.stderr));
+    assert!(String::from_utf8_lossy(&out2.stderr).contains(&id));
+    ok(&ctg.run(&["rollback", &id]));
+    assert_eq!(ns.nft_list(), before);
+}
+
+#[test]
+fn lint_error_refuses_unless_forced_and_host_only_sysctl_is_exit_2() {
+    let ns = Ns::new("e2elint");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let dir = ctg.base.join("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bh = dir.join("blackhole.toml");
+    std::fs::write(&bh, "[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\naccept_untracked = false\n").expect("write");
+    let (out, _) = ctg.apply(&ns, &["--timeout", "60s", bh.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ns.nft_list(), before);
+    let sys = dir.join("sysctl.toml");
+    std::fs::write(&sys, "[sysctl]\n\"net.netfilter.nf_conntrack_max\" = 1048576\n").expect("write");
+    let (out, _) = ctg.apply(&ns, &["--timeout", "60s", sys.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ns.nft_list(), before);
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s", "--force", bh.to_str().expect("utf8")]);
+    ok(&out);
+    ok(&ctg.run(&["rollback", &id]));
+    assert_eq!(ns.nft_list(), before);
+}
+
+#[test]
+fn sigterm_rolls_back_before_the_agent_exits() {
+    let ns = Ns::new("e2eterm");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    // SIGHUP changes nothing.
+    let pid = ctg.signal_agent(Signal::SIGHUP);
+    assert!(!wait_gone(pid, Duration::from_millis(300)), "SIGHUP killed the agent");
+    assert_eq!(ctg.state(&id), "PENDING");
+    ctg.signal_agent(Signal::SIGTERM);
+    assert!(wait_gone(pid, Duration::from_secs(10)), "agent did not exit");
+    assert_eq!(ns.nft_list(), before);
+    assert_eq!(ctg.outcome(&id), "rolled back: agent stopping");
+}
+
+#[test]
+fn kill_9_then_any_verb_starts_an_agent_that_recovers() {
+    let ns = Ns::new("e2ekill");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "3s"]);
+    ok(&out);
+    assert!(wait_gone(ctg.signal_agent(Signal::SIGKILL), Duration::from_secs(5)));
+    // `status` finds unfinished work and no agent: it starts one, which re-arms the timer.
+    let v = ctg.json(&["status"]);
+    assert_eq!(v["pending"][0]["id"].as_str(), Some(id.as_str()), "{v}");
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+    assert_eq!(ns.nft_list(), before);
+}
+
+#[test]
+fn simulated_reboot_restores_nothing_and_closes_the_transaction() {
+    let ns = Ns::new("e2eboot");
+    ns.nft(STATEFUL);
+    let mut ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    assert!(wait_gone(ctg.signal_agent(Signal::SIGKILL), Duration::from_secs(5)));
+    // Another boot: what the kernel holds now is the booted configuration; ctguard must not touch it.
+    let fresh = Ns::new("e2eboot2");
+    let boot = ctg.base.join("boot_id");
+    std::fs::write(&boot, "00000000-0000-0000-0000-000000000001\n").expect("boot id");
+    ctg.env.push(("CTGUARD_BOOT_ID_FILE".into(), boot.display().to_string()));
+    ok(&ctg.run(&["recover"]));
+    assert_eq!(ctg.outcome(&id), "rolled back: reboot (nothing restored)");
+    assert!(ns.nft_list().contains("table inet ctguard"), "recover touched the old namespace");
+    assert!(!fresh.nft_list().contains("ctguard"));
+}
