@@ -10,3 +10,5 @@ mod iptables;
 mod traffic;
 mod plan_lint;
 
+mod txn_cli;
+mod policy_txn;

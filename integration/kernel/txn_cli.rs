@@ -117,6 +117,10 @@ impl Drop for Ctg {
         if self.agent_pid().is_some() {
             wait_gone(self.signal_agent(Signal::SIGTERM), Duration::from_secs(5));
         }
+        // Pins of transactions closed without the agent (none should be left; be tidy anyway).
+        for e in std::fs::read_dir(self.base.join("run/ns")).into_iter().flatten().flatten() {
+            ctguard::netns::unpin(&e.path());
+        }
         let _ = std::fs::remove_dir_all(&self.base);
     }
 }

@@ -4,3 +4,4 @@ pub mod exec;
 pub mod iptables;
 pub mod live;
 pub mod netlink;
+pub mod policy_txn;

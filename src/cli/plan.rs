@@ -7,8 +7,9 @@ use serde_json::json;
 
 use super::args::{Global, PlanArgs};
 use crate::backend::exec::Tool;
-use crate::backend::iptables::{self as ipt_backend, Variant};
+use crate::backend::iptables as ipt_backend;
 use crate::backend::live as live_backend;
+use crate::backend::policy_txn::{effective_backend, variant_of};
 use crate::exit::{Exit, Failure};
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
 use crate::live::iptables_save;
@@ -84,24 +85,6 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
         return Err(vec![Failure::refused(format!("kernel check failed: {e}"))]);
     }
     Ok(Exit::Ok)
-}
-
-/// The backend `auto` resolves to on this machine.
-fn effective_backend(b: Backend) -> Backend {
-    match b {
-        Backend::Auto if Tool::find("nft").is_ok() => Backend::Nft,
-        Backend::Auto if Tool::find("iptables-nft-restore").is_ok() => Backend::IptablesNft,
-        Backend::Auto => Backend::IptablesLegacy,
-        b => b,
-    }
-}
-
-fn variant_of(b: Backend) -> Option<Variant> {
-    match b {
-        Backend::IptablesNft => Some(Variant::Nft),
-        Backend::IptablesLegacy => Some(Variant::Legacy),
-        _ => None,
-    }
 }
 
 /// Runs inside the target's thread.

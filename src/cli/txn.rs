@@ -183,7 +183,8 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
         .collect();
     let usage = conntrack_usage();
     if global.json {
-        super::print_json(&json!({"pending": pending, "conntrack": usage, "agent_running": client::is_running(&global.run_dir)}));
+        let agent_pid = client::request(&global.run_dir, Request::Ping, Duration::from_secs(2)).ok().map(|r| r.data["pid"].clone());
+        super::print_json(&json!({"pending": pending, "conntrack": usage, "agent_pid": agent_pid}));
         return Ok(Exit::Ok);
     }
     if pending.is_empty() {
@@ -292,6 +293,9 @@ pub(super) fn recover(global: &Global) -> Result<Exit, Vec<Failure>> {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                 rec.to_rolled_back(txn::Reason::Reboot, now).map_err(|e| vec![Failure::internal(e.to_string())])?;
                 j.write(&rec).map_err(|e| vec![Failure::internal(e.to_string())])?;
+                if let Some(p) = &rec.target.pin {
+                    crate::netns::unpin(std::path::Path::new(p));
+                }
                 closed += 1;
             }
             txn::Recovery::Nothing => {}

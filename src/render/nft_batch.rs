@@ -40,6 +40,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CString};
 use std::ptr::NonNull;
 
+use nftnl::expr::Expression;
 use nftnl::nftnl_sys as sys;
 use nftnl::{Chain, ChainType, MsgType, NlMsg, ProtoFamily, Rule, Table};
 
@@ -94,6 +95,11 @@ pub enum MsgKind {
     NewChain,
     /// `NFT_MSG_NEWRULE`.
     NewRule,
+    /// `NFT_MSG_NEWRULE` without `NLM_F_APPEND`: with `NFTA_RULE_POSITION` the rule goes just
+    /// before the rule of that handle (an insert, not an append).
+    InsertRule,
+    /// `NFT_MSG_DELRULE` (by handle).
+    DelRule,
     /// `NFNL_MSG_BATCH_END`.
     BatchEnd,
 }
@@ -109,7 +115,8 @@ impl MsgKind {
             MsgKind::NewSet => nft(libc::NFT_MSG_NEWSET),
             MsgKind::NewSetElem => nft(libc::NFT_MSG_NEWSETELEM),
             MsgKind::NewChain => nft(libc::NFT_MSG_NEWCHAIN),
-            MsgKind::NewRule => nft(libc::NFT_MSG_NEWRULE),
+            MsgKind::NewRule | MsgKind::InsertRule => nft(libc::NFT_MSG_NEWRULE),
+            MsgKind::DelRule => nft(libc::NFT_MSG_DELRULE),
             MsgKind::BatchEnd => NFNL_MSG_BATCH_END,
         }
     }
@@ -119,7 +126,7 @@ impl MsgKind {
         NLM_F_REQUEST
             | NLM_F_ACK
             | match self {
-                MsgKind::NewSet | MsgKind::NewSetElem | MsgKind::NewChain => NLM_F_CREATE,
+                MsgKind::NewSet | MsgKind::NewSetElem | MsgKind::NewChain | MsgKind::InsertRule => NLM_F_CREATE,
                 MsgKind::NewRule => NLM_F_CREATE | NLM_F_APPEND,
                 _ => 0,
             }
@@ -166,6 +173,41 @@ impl BatchBuffer {
     /// The generation id carried by BATCH_BEGIN, if any.
     pub fn genid(&self) -> Option<u32> {
         self.genid
+    }
+}
+
+/// Name nft gives an anonymous set in a batch; the kernel replaces `%d` at commit.
+pub const ANON_SET_NAME: &str = "__set%d";
+
+/// An anonymous set written into a batch: what a lookup of it must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnonSet {
+    /// `__set%d`.
+    pub name: String,
+    /// Batch-local set id (`NFTA_SET_ID` / `NFTA_LOOKUP_SET_ID`).
+    pub id: u32,
+}
+
+/// Where [`BatchBuilder::insert_rule`] puts a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulePosition {
+    /// Just before the rule with this handle.
+    Before(u64),
+    /// At the end of the chain.
+    Append,
+}
+
+/// The `NFPROTO_*` number of an nft family keyword ctguard writes into (`ip`, `ip6`, `inet`).
+pub fn nfproto_of(family: &str) -> Option<u16> {
+    proto_family_of(family).map(|f| f as u16)
+}
+
+fn proto_family_of(family: &str) -> Option<ProtoFamily> {
+    match family {
+        "ip" => Some(ProtoFamily::Ipv4),
+        "ip6" => Some(ProtoFamily::Ipv6),
+        "inet" => Some(ProtoFamily::Inet),
+        _ => None,
     }
 }
 
@@ -223,6 +265,9 @@ pub enum BatchError {
         /// Comment length in bytes.
         len: usize,
     },
+    /// A table family ctguard does not write into (only `ip`, `ip6`, `inet`).
+    #[error("nft family {0:?} is not one ctguard writes rules into")]
+    Family(String),
     /// A message came out larger than any netlink message can be.
     #[error("{what}: message of {len} bytes exceeds the netlink limit")]
     TooLarge {
@@ -240,24 +285,8 @@ pub enum BatchError {
 /// declared, elements of the right type, no overlaps), so an `Ok` batch fails in the kernel only
 /// for reasons the kernel alone knows.
 pub fn encode(table: &TableIr, genid: Option<u32>) -> Result<BatchBuffer, BatchError> {
-    check(table)?;
     let mut b = BatchBuilder::new(genid);
-    b.add_table(&table.name)?;
-    b.delete_table(&table.name)?;
-    if !table.is_empty() {
-        b.add_table(&table.name)?;
-        for set in &table.sets {
-            b.add_set(&table.name, set)?;
-        }
-        for chain in &table.chains {
-            b.add_chain(&table.name, chain)?;
-        }
-        for chain in &table.chains {
-            for (i, rule) in chain.rules.iter().enumerate() {
-                b.add_rule(&table.name, &chain.name, i + 1, rule)?;
-            }
-        }
-    }
+    b.replace_table(table)?;
     Ok(b.finish())
 }
 
@@ -540,6 +569,31 @@ impl BatchBuilder {
         })
     }
 
+    /// The messages of [`encode`] without the batch frame: declare, delete and recreate
+    /// `table inet <name>` with its sets, elements, base chains and rules (an empty table only
+    /// removes it). The table is checked first, as [`encode`] does, so only a name with a NUL
+    /// byte or an oversized message can fail later — discard the builder after any error.
+    pub fn replace_table(&mut self, table: &TableIr) -> Result<(), BatchError> {
+        check(table)?;
+        self.add_table(&table.name)?;
+        self.delete_table(&table.name)?;
+        if !table.is_empty() {
+            self.add_table(&table.name)?;
+            for set in &table.sets {
+                self.add_set(&table.name, set)?;
+            }
+            for chain in &table.chains {
+                self.add_chain(&table.name, chain)?;
+            }
+            for chain in &table.chains {
+                for (i, rule) in chain.rules.iter().enumerate() {
+                    self.add_rule(&table.name, &chain.name, i + 1, rule)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// NEWTABLE inet `name` (flags 0): creates the table, or is a no-op when it exists.
     pub fn add_table(&mut self, name: &str) -> Result<(), BatchError> {
         self.table_msg(MsgKind::NewTable, name)
@@ -554,27 +608,72 @@ impl BatchBuilder {
     /// whose element list fits a netlink attribute). The set gets the next batch-local set id,
     /// which later rules' lookups carry.
     pub fn add_set(&mut self, table: &str, set: &SetIr) -> Result<(), BatchError> {
-        let elems = set_elements(set)?;
-        let ctable = cstring("table name", table)?;
-        let cname = cstring("set name", &set.name)?;
         let id = self.next_set_id;
         self.next_set_id += 1;
         self.set_ids.insert((table.to_string(), set.name.clone()), id);
-        let (key_type, key_len, byteorder) = key_spec(set.kind);
         let flags = if set.kind.is_interval() { libc::NFT_SET_INTERVAL as u32 } else { 0 };
+        let flags_text = if set.kind.is_interval() { ", flags interval" } else { "" };
+        let what = format!("add set inet {table} {} ({}{flags_text})", set.name, set.kind.type_name());
+        self.set_messages(libc::NFPROTO_INET as u16, table, &set.name, set, flags, id, None, what)
+    }
+
+    /// NEWSET of an anonymous constant set (`{ a, b }` inside a rule, as nft creates one) in
+    /// `table` of nft family `family` (`ip`, `ip6`, `inet`), then its elements. Ports and
+    /// prefixes get `flags interval`. Returns the name and batch-local id a lookup must carry
+    /// (the kernel names the set `__setN` at commit).
+    pub fn add_anonymous_set(
+        &mut self,
+        family: &str,
+        table: &str,
+        kind: SetKind,
+        elements: Vec<Elem>,
+    ) -> Result<AnonSet, BatchError> {
+        let nfproto = nfproto_of(family).ok_or_else(|| BatchError::Family(family.to_string()))?;
+        let set = SetIr { name: ANON_SET_NAME.to_string(), kind, elements };
+        let elems = set_elements(&set)?;
+        let id = self.next_set_id;
+        self.next_set_id += 1;
+        let mut flags = (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT) as u32;
+        if kind.is_interval() {
+            flags |= libc::NFT_SET_INTERVAL as u32;
+        }
+        let what = format!("add anonymous set (id {id}, {}) to {family} {table}", kind.type_name());
+        self.set_messages(nfproto, table, ANON_SET_NAME, &set, flags, id, Some(elems.len() as u32), what)?;
+        Ok(AnonSet { name: ANON_SET_NAME.to_string(), id })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn set_messages(
+        &mut self,
+        nfproto: u16,
+        table: &str,
+        name: &str,
+        set: &SetIr,
+        flags: u32,
+        id: u32,
+        desc_size: Option<u32>,
+        what: String,
+    ) -> Result<(), BatchError> {
+        let elems = set_elements(set)?;
+        let ctable = cstring("table name", table)?;
+        let cname = cstring("set name", name)?;
+        let (key_type, key_len, byteorder) = key_spec(set.kind);
         let udata = udata_u32(UDATA_SET_KEYBYTEORDER, byteorder);
         let s = RawSet(non_null(unsafe { sys::nftnl_set_alloc() }));
         let p = s.0.as_ptr();
         // SAFETY: `p` is a live set; libnftnl copies strings and data; each element is handed
         // over to the set (nftnl_set_elem_add), which frees it with the set.
         unsafe {
-            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FAMILY as u16, u32::from(nfproto));
             sys::nftnl_set_set_str(p, sys::NFTNL_SET_TABLE as u16, ctable.as_ptr());
             sys::nftnl_set_set_str(p, sys::NFTNL_SET_NAME as u16, cname.as_ptr());
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_FLAGS as u16, flags);
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_TYPE as u16, key_type);
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_KEY_LEN as u16, key_len);
             sys::nftnl_set_set_u32(p, sys::NFTNL_SET_ID as u16, id);
+            if let Some(size) = desc_size {
+                sys::nftnl_set_set_u32(p, sys::NFTNL_SET_DESC_SIZE as u16, size);
+            }
             sys::nftnl_set_set_data(p, sys::NFTNL_SET_USERDATA as u16, udata.as_ptr().cast(), udata.len() as u32);
             for e in &elems {
                 let el = non_null(sys::nftnl_set_elem_alloc()).as_ptr();
@@ -588,20 +687,14 @@ impl BatchBuilder {
                 sys::nftnl_set_elem_add(p, el);
             }
         }
-        let flags_text = if set.kind.is_interval() { ", flags interval" } else { "" };
         let set_ty = MsgKind::NewSet.nlmsg_type() & 0xff;
-        self.push_written(
-            MsgKind::NewSet,
-            format!("add set inet {table} {} ({}{flags_text})", set.name, set.kind.type_name()),
-            |buf, seq| {
-                // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a set message is small.
-                unsafe {
-                    let nlh =
-                        sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), set_ty, libc::NFPROTO_INET as u16, 0, seq);
-                    sys::nftnl_set_nlmsg_build_payload(nlh, p);
-                }
-            },
-        )?;
+        self.push_written(MsgKind::NewSet, what.clone(), |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a set message is small.
+            unsafe {
+                let nlh = sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), set_ty, nfproto, 0, seq);
+                sys::nftnl_set_nlmsg_build_payload(nlh, p);
+            }
+        })?;
         if elems.is_empty() {
             return Ok(());
         }
@@ -619,24 +712,14 @@ impl BatchBuilder {
         let mut part = 1;
         loop {
             let mut more = 0;
-            self.push_written(
-                MsgKind::NewSetElem,
-                format!("add elements to set inet {table} {} (part {part})", set.name),
-                |buf, seq| {
-                    // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; libnftnl stops
-                    // adding elements before the element list attribute overflows 64 KiB.
-                    unsafe {
-                        let nlh = sys::nftnl_nlmsg_build_hdr(
-                            buf.cast::<c_char>(),
-                            elem_ty,
-                            libc::NFPROTO_INET as u16,
-                            0,
-                            seq,
-                        );
-                        more = sys::nftnl_set_elems_nlmsg_build_payload_iter(nlh, iter.0.as_ptr());
-                    }
-                },
-            )?;
+            self.push_written(MsgKind::NewSetElem, format!("{what}: elements (part {part})"), |buf, seq| {
+                // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; libnftnl stops
+                // adding elements before the element list attribute overflows 64 KiB.
+                unsafe {
+                    let nlh = sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), elem_ty, nfproto, 0, seq);
+                    more = sys::nftnl_set_elems_nlmsg_build_payload_iter(nlh, iter.0.as_ptr());
+                }
+            })?;
             if more <= 0 {
                 break;
             }
@@ -645,6 +728,73 @@ impl BatchBuilder {
         drop(iter);
         drop(s);
         Ok(())
+    }
+
+    /// A rule of expressions `exprs` (any nftnl [`Expression`]s, in order) with `comment` as
+    /// nft's userdata comment, put into `chain` of `table` (nft family `family`): just before
+    /// the rule with handle `h` for [`RulePosition::Before`] (`NFTA_RULE_POSITION`, no
+    /// `NLM_F_APPEND`), at the end for [`RulePosition::Append`]. `what` describes it in errors.
+    /// A position whose rule is gone makes the kernel refuse the whole batch (`ENOENT`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_rule<E: Expression>(
+        &mut self,
+        family: &str,
+        table: &str,
+        chain: &str,
+        at: RulePosition,
+        exprs: &[E],
+        comment: &str,
+        what: String,
+    ) -> Result<(), BatchError> {
+        let pf = proto_family_of(family).ok_or_else(|| BatchError::Family(family.to_string()))?;
+        let t = Table::new(cstring("table name", table)?, pf);
+        let c = Chain::new(cstring("chain name", chain)?, &t);
+        let mut r = Rule::new(&c);
+        for e in exprs {
+            r.add_expr(e);
+        }
+        r.set_comment(cstring("rule comment", comment)?).map_err(|_| BatchError::CommentTooLong {
+            chain: chain.to_string(),
+            rule: 0,
+            len: comment.len(),
+        })?;
+        let kind = match at {
+            RulePosition::Before(h) => {
+                r.set_position(h);
+                MsgKind::InsertRule
+            }
+            RulePosition::Append => MsgKind::NewRule,
+        };
+        self.push_written(kind, what, |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
+            unsafe { r.write(buf, seq, MsgType::Add) }
+        })
+    }
+
+    /// DELRULE: the rule with `handle` in `chain` of `table` (nft family `family`). The kernel
+    /// refuses the whole batch (`ENOENT`) when no such rule exists.
+    pub fn delete_rule(
+        &mut self,
+        family: &str,
+        table: &str,
+        chain: &str,
+        handle: u64,
+        what: String,
+    ) -> Result<(), BatchError> {
+        let pf = proto_family_of(family).ok_or_else(|| BatchError::Family(family.to_string()))?;
+        let t = Table::new(cstring("table name", table)?, pf);
+        let c = Chain::new(cstring("chain name", chain)?, &t);
+        let mut r = Rule::new(&c);
+        r.set_handle(handle);
+        self.push_written(MsgKind::DelRule, what, |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
+            unsafe { r.write(buf, seq, MsgType::Del) }
+        })
+    }
+
+    /// True when nothing but BATCH_BEGIN was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.msgs.len() <= 1
     }
 
     /// NEWCHAIN: the base chain `chain` in `table` (type filter, its hook and priority, policy
@@ -905,6 +1055,44 @@ mod tests {
         b.add_rule("ctguard", "prerouting", 1, &t.chains[0].rules[0]).expect("ok");
         let buf = b.finish();
         assert_eq!(walk(buf.as_bytes()).len(), 4);
+    }
+
+    #[test]
+    fn insert_delete_and_anonymous_set_messages() {
+        use crate::render::nft_expr::Expr;
+        let mut b = BatchBuilder::new(Some(3));
+        b.delete_rule("inet", "host", "input", 7, "del".into()).expect("ok");
+        let set = b
+            .add_anonymous_set("ip", "h4", SetKind::Ports, vec![Elem::Port(crate::model::PortRange::single(53))])
+            .expect("ok");
+        assert_eq!(set.name, ANON_SET_NAME);
+        b.insert_rule("ip", "h4", "in4", RulePosition::Before(9), &[Expr::Notrack], "ctguard:t", "ins".into())
+            .expect("ok");
+        b.insert_rule("ip6", "h6", "in6", RulePosition::Append, &[Expr::Notrack], "ctguard:t", "add".into())
+            .expect("ok");
+        assert!(matches!(
+            b.insert_rule("bridge", "b", "c", RulePosition::Append, &[Expr::Notrack], "x", "x".into()),
+            Err(BatchError::Family(_))
+        ));
+        let buf = b.finish();
+        use MsgKind::*;
+        assert_eq!(kinds(&buf), vec![BatchBegin, DelRule, NewSet, NewSetElem, InsertRule, NewRule, BatchEnd]);
+        let msgs = walk(buf.as_bytes());
+        let get = |a: &Vec<(u16, Vec<u8>)>, t: u16| a.iter().find(|x| x.0 == t).map(|x| x.1.clone());
+        // DELRULE carries the handle (NFTA_RULE_HANDLE = 3), flags REQUEST|ACK only.
+        assert_eq!(msgs[1].flags, NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(get(&attrs(&msgs[1].payload), 3), Some(7u64.to_be_bytes().to_vec()));
+        // The anonymous set: family ip, flags anonymous|constant|interval, a size.
+        assert_eq!(msgs[2].payload[0], libc::NFPROTO_IPV4 as u8);
+        let sa = attrs(&msgs[2].payload);
+        let flags = (libc::NFT_SET_ANONYMOUS | libc::NFT_SET_CONSTANT | libc::NFT_SET_INTERVAL) as u32;
+        assert_eq!(get(&sa, 3), Some(flags.to_be_bytes().to_vec()));
+        // The insert: no APPEND, NFTA_RULE_POSITION (6) = 9; the append: APPEND, no position.
+        assert_eq!(msgs[4].flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE);
+        assert_eq!(get(&attrs(&msgs[4].payload), 6), Some(9u64.to_be_bytes().to_vec()));
+        assert_eq!(msgs[5].flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND);
+        assert_eq!(get(&attrs(&msgs[5].payload), 6), None);
+        assert_eq!(msgs[5].payload[0], libc::NFPROTO_IPV6 as u8);
     }
 
     #[test]

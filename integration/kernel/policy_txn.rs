@@ -1,0 +1,588 @@
+//! Policy transactions against the real kernel (`cargo test --test kernel policy_txn`, as
+//! root): prepare / apply / check_rollback / rollback of `ctguard::backend::policy_txn` in
+//! namespaces the tests create. Each test has its own namespace(s); nothing touches the
+//! initial one. Figures are printed with `eprintln!` (`-- --nocapture`).
+
+use std::time::Instant;
+
+use ctguard::backend::policy_txn::{
+    apply, check_rollback, listing, prepare, rollback, PolicyRequest, PolicyTxnError, PolicyUndo, Prepared,
+};
+use ctguard::exit::Exit;
+use ctguard::model::auto::MachineFacts;
+use ctguard::model::names::{SysctlKey, Tag};
+use ctguard::model::{parse_policy, Format, Policy};
+
+use crate::harness::{host_conntrack_shared, sa, udp_queries, Ns, Pair, UdpResponder, SRV4, SRV6};
+
+/// A stateful host firewall: drop by default, an explicit catch-all drop at the end (the
+/// accept must land just before it), DNS and SSH accepted as new, loopback accepted.
+const HOST_FW: &str = "table inet host {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		ct state established,related accept
+		iif \"lo\" accept
+		udp dport 53 ct state new accept
+		tcp dport 22 ct state new accept
+		counter packets 0 bytes 0 drop
+	}
+}
+";
+
+/// Most conntrack entries a notracked phase may add (stray ND/MLD and the like).
+const HANDFUL: u64 = 10;
+
+fn policy(toml: &str) -> Policy {
+    match parse_policy(toml, Format::Toml) {
+        Ok(p) => p,
+        Err(e) => panic!("test policy does not parse: {e:?}\n{toml}"),
+    }
+}
+
+const UDP53: &str = "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n";
+
+fn facts() -> MachineFacts {
+    MachineFacts::with_ram(ctguard::sysctl::mem_total_bytes().unwrap_or(8 << 30))
+}
+
+fn request(p: &Policy, id: &str, previous: Option<PolicyUndo>) -> PolicyRequest {
+    PolicyRequest {
+        policy: p.clone(),
+        tag: Tag::new(id).unwrap_or_else(|e| panic!("{e}")),
+        force: false,
+        ssh: None,
+        previous,
+    }
+}
+
+fn keys(p: &Policy) -> Vec<SysctlKey> {
+    p.sysctl.keys().cloned().collect()
+}
+
+fn list(ns: &Ns, keys: &[SysctlKey]) -> String {
+    ns.run(|| listing(keys)).unwrap_or_else(|e| panic!("listing: {e}"))
+}
+
+fn prep(ns: &Ns, req: &PolicyRequest) -> Prepared {
+    let t = Instant::now();
+    let p = ns.run(|| prepare(req, facts())).unwrap_or_else(|e| panic!("prepare {}: {}", req.tag, chain(&e)));
+    eprintln!("policy_txn: prepare {} took {} ms", req.tag, t.elapsed().as_millis());
+    p
+}
+
+fn app(ns: &Ns, p: &Prepared) -> PolicyUndo {
+    let t = Instant::now();
+    let u = ns.run(|| apply(p)).unwrap_or_else(|e| panic!("apply {}: {}", p.request.tag, chain(&e)));
+    eprintln!("policy_txn: apply {} took {} ms", p.request.tag, t.elapsed().as_millis());
+    u
+}
+
+fn back(ns: &Ns, u: &PolicyUndo) {
+    ns.run(|| check_rollback(u)).unwrap_or_else(|e| panic!("check_rollback {}: {}", u.tag, chain(&e)));
+    let t = Instant::now();
+    ns.run(|| rollback(u)).unwrap_or_else(|e| panic!("rollback {}: {}", u.tag, chain(&e)));
+    eprintln!("policy_txn: rollback {} took {} ms", u.tag, t.elapsed().as_millis());
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(" <- ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The line-level difference of two listings, for assertion messages.
+fn diff(a: &str, b: &str) -> String {
+    let la: Vec<&str> = a.lines().collect();
+    let lb: Vec<&str> = b.lines().collect();
+    let mut out = String::new();
+    for l in &la {
+        if !lb.contains(l) {
+            out.push_str(&format!("- {l}\n"));
+        }
+    }
+    for l in &lb {
+        if !la.contains(l) {
+            out.push_str(&format!("+ {l}\n"));
+        }
+    }
+    out
+}
+
+fn assert_same(before: &str, after: &str, what: &str) {
+    assert!(before == after, "{what}: listings differ\n{}\n--- full after:\n{after}", diff(before, after));
+}
+
+/// `nft -a list chain` lines of a chain, trimmed.
+fn chain_lines(ns: &Ns, family: &str, table: &str, chain: &str) -> Vec<String> {
+    ns.exec("nft", &["-a", "list", "chain", family, table, chain]).lines().map(|l| l.trim().to_string()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn apply_then_rollback_behind_a_stateful_host_firewall() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("ptx-basic");
+    pair.srv.nft(HOST_FW);
+    let _r53 = UdpResponder::start(&pair.srv, sa(SRV4, 53));
+    let _r53v6 = UdpResponder::start(&pair.srv, sa(SRV6, 53));
+    let p = Policy::builtin();
+    let before = list(&pair.srv, &keys(&p));
+
+    // Control: answered and tracked.
+    pair.srv.conntrack_flush();
+    let c0 = pair.srv.conntrack_count();
+    let a = udp_queries(&pair.cli, sa(SRV4, 53), 300, 20000);
+    let tracked = pair.srv.conntrack_count().saturating_sub(c0);
+    eprintln!("policy_txn: before apply: answered {}/300, conntrack +{tracked}", a.answered);
+    assert_eq!(a.answered, 300);
+    assert!(tracked >= 290, "control: +{tracked}");
+
+    let req = request(&p, "ptx-basic-1", None);
+    let prepared = prep(&pair.srv, &req);
+    assert_same(&before, &prepared.before, "prepare changes nothing");
+    assert_same(&before, &list(&pair.srv, &keys(&p)), "prepare changes nothing (re-read)");
+    assert!(
+        prepared.warnings.iter().any(|w| w.contains("nf_conntrack_max skipped")),
+        "host-only auto sysctls are skipped in a namespace: {:?}",
+        prepared.warnings
+    );
+    let undo = app(&pair.srv, &prepared);
+    assert!(undo.genid_after.is_some());
+    assert_eq!(undo.nft_insertions.len(), 1, "{undo:#?}");
+    assert!(undo.nft_insertions[0].handle.is_some(), "handle read back: {undo:#?}");
+
+    let after = list(&pair.srv, &keys(&p));
+    assert!(after.contains("table inet ctguard {"), "{after}");
+    let lines = chain_lines(&pair.srv, "inet", "host", "input");
+    let ours = lines.iter().position(|l| l.contains("comment \"ctguard:ptx-basic-1\"")).expect("accept rule inserted");
+    let drop = lines.iter().position(|l| l.starts_with("counter packets")).expect("drop rule");
+    assert_eq!(ours + 1, drop, "the accept sits just before the dropping rule:\n{}", lines.join("\n"));
+    assert!(lines[ours].starts_with("udp dport 53 ct state untracked accept"), "{}", lines[ours]);
+
+    // Traffic: answered, not tracked.
+    pair.srv.conntrack_flush();
+    let c0 = pair.srv.conntrack_count();
+    let a = udp_queries(&pair.cli, sa(SRV4, 53), 300, 21000);
+    let a6 = udp_queries(&pair.cli, sa(SRV6, 53), 300, 22000);
+    let added = pair.srv.conntrack_count().saturating_sub(c0);
+    eprintln!("policy_txn: after apply: answered v4 {}/300 v6 {}/300, conntrack +{added}", a.answered, a6.answered);
+    assert_eq!((a.answered, a6.answered), (300, 300));
+    assert!(added <= HANDFUL, "notracked queries were tracked: +{added}");
+
+    back(&pair.srv, &undo);
+    assert_same(&before, &list(&pair.srv, &keys(&p)), "rollback restores the state exactly");
+    // Tracked again.
+    pair.srv.conntrack_flush();
+    let a = udp_queries(&pair.cli, sa(SRV4, 53), 100, 23000);
+    assert_eq!(a.answered, 100);
+    assert!(pair.srv.conntrack_count() >= 95);
+}
+
+#[test]
+fn rules_others_add_during_the_window_survive_rollback() {
+    let ns = Ns::new("ptx-others");
+    ns.nft(HOST_FW);
+    let p = policy(UDP53);
+    let before = list(&ns, &[]);
+    let undo = app(&ns, &prep(&ns, &request(&p, "ptx-others-1", None)));
+    // Others: a native nft rule in the host table, an iptables-nft rule, a legacy one.
+    ns.exec("nft", &["insert", "rule", "inet", "host", "input", "tcp", "dport", "2222", "accept"]);
+    ns.exec("iptables-nft", &["-w", "-A", "INPUT", "-p", "tcp", "--dport", "2223", "-j", "ACCEPT"]);
+    ns.exec("iptables-legacy", &["-w", "-A", "INPUT", "-p", "tcp", "--dport", "2224", "-j", "ACCEPT"]);
+    let with_others = list(&ns, &[]);
+    back(&ns, &undo);
+    let after = list(&ns, &[]);
+    assert!(!after.contains("ctguard"), "ctguard's objects are gone:\n{after}");
+    for needle in ["tcp dport 2222 accept", "--dport 2223 -j ACCEPT", "--dport 2224 -j ACCEPT"] {
+        assert!(after.contains(needle), "{needle} survives rollback:\n{after}");
+    }
+    // Exactly: the state before plus the others' changes.
+    let expected: Vec<&str> = with_others.lines().filter(|l| !l.contains("ctguard")).collect();
+    let got: Vec<&str> = after.lines().collect();
+    assert_eq!(
+        got.iter().filter(|l| !expected.contains(l)).collect::<Vec<_>>(),
+        Vec::<&&str>::new(),
+        "nothing but ctguard's objects went:\n{}",
+        diff(&with_others, &after)
+    );
+    assert!(before.lines().count() < after.lines().count());
+}
+
+/// A legacy iptables host firewall next to the nft one, so a re-apply moves rules of both.
+const LEGACY_FW: &str = "*filter
+:INPUT DROP [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -i lo -j ACCEPT
+-A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT
+-A INPUT -p udp -m udp --dport 5353 -m conntrack --ctstate NEW -j ACCEPT
+-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
+COMMIT
+";
+
+#[test]
+fn reapply_replaces_the_committed_policy_and_its_rollback_restores_it() {
+    let ns = Ns::new("ptx-reapply");
+    ns.nft(HOST_FW);
+    ns.nft("add rule inet host input udp dport 5353 ct state new accept\n");
+    ns.exec_stdin("iptables-legacy-restore", &["-w"], LEGACY_FW);
+    let a = policy(UDP53);
+    let b = policy("backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53, 5353]\nsources = [\"198.18.0.0/24\", \"fd42::/64\"]\n");
+    let before = list(&ns, &[]);
+    let undo_a = app(&ns, &prep(&ns, &request(&a, "ptx-a", None)));
+    assert!(!undo_a.ipt_insertions.is_empty(), "legacy INPUT gets an insertion too: {undo_a:#?}");
+    let after_a = list(&ns, &[]);
+    assert!(after_a.contains("ctguard:ptx-a"));
+
+    let prepared_b = prep(&ns, &request(&b, "ptx-b", Some(undo_a.clone())));
+    assert_eq!(
+        prepared_b.plan.insertions.iter().filter(|i| i.chain.contains("inet host")).count(),
+        2,
+        "B is planned as if A's rules were not there (v4 and v6 sources apart): {:#?}",
+        prepared_b.plan.insertions
+    );
+    let undo_b = app(&ns, &prepared_b);
+    assert!(!undo_b.removed_previous.is_empty());
+    let after_b = list(&ns, &[]);
+    assert!(!after_b.contains("ctguard:ptx-a"), "A's rules are replaced:\n{after_b}");
+    assert!(after_b.contains("ctguard:ptx-b"), "{after_b}");
+    assert!(after_b.contains("198.18.0.0/24"), "{after_b}");
+    assert_eq!(after_b.matches("table inet ctguard {").count(), 1);
+
+    back(&ns, &undo_b);
+    assert_same(&after_a, &list(&ns, &[]), "rolling back B restores A exactly");
+    back(&ns, &undo_a);
+    assert_same(&before, &list(&ns, &[]), "and rolling back A the state before");
+}
+
+fn iptables_backend(variant: &str) {
+    let ns = Ns::new(&format!("ptx-ipt-{variant}"));
+    let restore = format!("iptables-{variant}-restore");
+    let restore6 = format!("ip6tables-{variant}-restore");
+    let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A PREROUTING -p tcp -m tcp --dport 9999 -j CT --notrack\nCOMMIT\n";
+    ns.exec_stdin(&restore, &["-w"], &format!("{LEGACY_FW}{raw}"));
+    // IPv6: a filter table and (legacy only) a raw table, so both exist before; iptables-nft's
+    // missing ip6 raw table is created by apply and removed again by rollback.
+    let fw6 = LEGACY_FW.replace("-i lo -j ACCEPT", "-i lo -j ACCEPT\n-A INPUT -p ipv6-icmp -j ACCEPT");
+    let doc6 = if variant == "legacy" { format!("{fw6}{raw}") } else { fw6 };
+    ns.exec_stdin(&restore6, &["-w"], &doc6);
+    let p = policy(&format!(
+        "backend = \"iptables-{variant}\"\n[[notrack]]\nprotocols = [\"udp\", \"tcp\"]\nports = [53]\n"
+    ));
+    let before = list(&ns, &[]);
+    let prepared = prep(&ns, &request(&p, &format!("ptx-{variant}"), None));
+    assert_same(&before, &list(&ns, &[]), "prepare changes nothing");
+    let undo = app(&ns, &prepared);
+    let after = list(&ns, &[]);
+    let save = ns.exec(&format!("iptables-{variant}-save"), &[]);
+    let save6 = ns.exec(&format!("ip6tables-{variant}-save"), &[]);
+    for (s, had_raw) in [(&save, true), (&save6, variant == "legacy")] {
+        assert!(s.contains("-A PREROUTING -j CTGUARD-PRE"), "{s}");
+        assert!(s.contains("-A OUTPUT -j CTGUARD-OUT"), "{s}");
+        assert!(!had_raw || s.contains("--dport 9999 -j CT --notrack"), "existing raw rules stay: {s}");
+        assert!(
+            s.contains(&format!("--ctstate UNTRACKED -m comment --comment \"ctguard:ptx-{variant}\" -j ACCEPT")),
+            "{s}"
+        );
+    }
+    assert!(!after.contains("table inet ctguard"), "no nft table with an iptables backend");
+    back(&ns, &undo);
+    assert_same(&before, &list(&ns, &[]), &format!("iptables-{variant}: rollback restores every save exactly"));
+    // Re-apply over nothing, then a second rollback: idempotent.
+    back(&ns, &undo);
+    assert_same(&before, &list(&ns, &[]), "a second rollback changes nothing");
+}
+
+#[test]
+fn iptables_nft_backend_applies_and_rolls_back_exactly() {
+    iptables_backend("nft");
+}
+
+#[test]
+fn iptables_legacy_backend_applies_and_rolls_back_exactly() {
+    iptables_backend("legacy");
+}
+
+#[test]
+fn stale_generation_is_refused_with_nothing_applied() {
+    let ns = Ns::new("ptx-stale");
+    ns.nft(HOST_FW);
+    let p = policy(UDP53);
+    let prepared = prep(&ns, &request(&p, "ptx-stale-1", None));
+    ns.exec("nft", &["add", "table", "ip", "someone-else"]);
+    let before = list(&ns, &[]);
+    let err = ns.run(|| apply(&prepared)).err().unwrap_or_else(|| panic!("a stale apply must be refused"));
+    eprintln!("policy_txn: stale apply: {}", chain(&err));
+    assert_eq!(err.exit(), Exit::Refused, "{err}");
+    assert_same(&before, &list(&ns, &[]), "nothing applied");
+
+    // iptables-legacy changes do not move the generation id: the save comparison catches them.
+    let ns = Ns::new("ptx-stale-legacy");
+    ns.exec_stdin("iptables-legacy-restore", &["-w"], LEGACY_FW);
+    let prepared = prep(&ns, &request(&p, "ptx-stale-2", None));
+    assert!(!prepared.ipt_filter.is_empty());
+    ns.exec("iptables-legacy", &["-w", "-I", "INPUT", "1", "-s", "192.0.2.9", "-j", "DROP"]);
+    let before = list(&ns, &[]);
+    let err = ns.run(|| apply(&prepared)).err().unwrap_or_else(|| panic!("a stale apply must be refused"));
+    assert!(matches!(err, PolicyTxnError::Stale(_)), "{err}");
+    assert_eq!(err.exit(), Exit::Refused);
+    assert_same(&before, &list(&ns, &[]), "nothing applied");
+}
+
+#[test]
+fn lint_error_refuses_unless_forced() {
+    let ns = Ns::new("ptx-lint");
+    ns.nft(HOST_FW);
+    let p = policy("backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\naccept_untracked = false\n");
+    let before = list(&ns, &[]);
+    let mut req = request(&p, "ptx-lint-1", None);
+    let err = ns.run(|| prepare(&req, facts())).err().unwrap_or_else(|| panic!("a blackhole must be refused"));
+    assert!(matches!(err, PolicyTxnError::Lint(_)), "{err}");
+    assert_eq!(err.exit(), Exit::Refused);
+    assert!(err.to_string().contains("blackhole"), "{err}");
+    assert_same(&before, &list(&ns, &[]), "nothing changed");
+    req.force = true;
+    let prepared = prep(&ns, &req);
+    assert!(prepared.warnings.iter().any(|w| w.contains("blackhole")), "{:?}", prepared.warnings);
+    let undo = app(&ns, &prepared);
+    assert!(list(&ns, &[]).contains("table inet ctguard"));
+    assert!(undo.nft_insertions.is_empty(), "accept_untracked = false inserts nothing");
+    back(&ns, &undo);
+    assert_same(&before, &list(&ns, &[]), "rollback");
+}
+
+#[test]
+fn sysctls_host_only_refused_per_namespace_written_and_restored() {
+    let ns = Ns::new("ptx-sysctl");
+    ns.nft(HOST_FW);
+    let _ = ns.conntrack_count(); // nf_conntrack loaded, so its sysctls exist
+    let host_only = policy("backend = \"nft\"\n[sysctl]\n\"net.netfilter.nf_conntrack_max\" = 1000000\n");
+    let before = list(&ns, &keys(&host_only));
+    let err = ns
+        .run(|| prepare(&request(&host_only, "ptx-sys-1", None), facts()))
+        .err()
+        .unwrap_or_else(|| panic!("an explicit host-only sysctl must be refused in a namespace"));
+    assert_eq!(err.exit(), Exit::BadInput, "{err}");
+    assert!(err.to_string().contains("net.netfilter.nf_conntrack_max"), "names the key: {err}");
+    assert_same(&before, &list(&ns, &keys(&host_only)), "nothing changed");
+
+    let key = "net.netfilter.nf_conntrack_udp_timeout";
+    let p = policy(&format!(
+        "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n[sysctl]\n\"{key}\" = 17\n"
+    ));
+    let k = keys(&p);
+    let before = list(&ns, &k);
+    let old = ns.run(|| std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))).expect("readable");
+    assert_ne!(old.trim(), "17");
+    let undo = app(&ns, &prep(&ns, &request(&p, "ptx-sys-2", None)));
+    assert_eq!(undo.sysctls.len(), 1, "{undo:#?}");
+    let now = ns.run(|| std::fs::read_to_string(format!("/proc/sys/{}", key.replace('.', "/")))).expect("readable");
+    assert_eq!(now.trim(), "17");
+    back(&ns, &undo);
+    assert_same(&before, &list(&ns, &k), "sysctl restored");
+}
+
+#[test]
+fn rollback_is_idempotent_and_survives_objects_already_gone() {
+    let ns = Ns::new("ptx-idem");
+    ns.nft(HOST_FW);
+    let p = policy(UDP53);
+    let before = list(&ns, &[]);
+    let undo = app(&ns, &prep(&ns, &request(&p, "ptx-idem-1", None)));
+    back(&ns, &undo);
+    let once = list(&ns, &[]);
+    assert_same(&before, &once, "once");
+    back(&ns, &undo);
+    assert_same(&once, &list(&ns, &[]), "twice = once");
+
+    // Someone deleted ctguard's table (and then the host's whole table) meanwhile.
+    let undo = app(&ns, &prep(&ns, &request(&p, "ptx-idem-2", None)));
+    ns.exec("nft", &["delete", "table", "inet", "ctguard"]);
+    back(&ns, &undo);
+    assert_same(&before, &list(&ns, &[]), "a table already gone counts as rolled back");
+    let undo = app(&ns, &prep(&ns, &request(&p, "ptx-idem-3", None)));
+    ns.exec("nft", &["delete", "table", "inet", "host"]);
+    back(&ns, &undo);
+    let after = list(&ns, &[]);
+    assert!(!after.contains("ctguard"), "{after}");
+}
+
+/// The batch (what apply sends) and the `nft -f` script (what `nft -c` checked) give the same
+/// ruleset, for accept rules of every shape and tables of every family.
+#[test]
+fn batch_and_checked_script_give_the_same_ruleset() {
+    let hosts = [
+        ("inet", HOST_FW.to_string()),
+        (
+            "ip",
+            "table ip h4 {\n\tchain in4 {\n\t\ttype filter hook input priority filter; policy drop;\n\t\tct state established accept\n\t\tudp dport { 53, 1000-2000 } ct state new accept\n\t\ttcp dport 53 ct state new accept\n\t}\n}\n".to_string(),
+        ),
+        (
+            "ip6",
+            "table ip6 h6 {\n\tchain in6 {\n\t\ttype filter hook input priority filter; policy accept;\n\t\tct state established accept\n\t\tudp dport 53 ct state new accept\n\t\tudp dport 1000-2000 ct state new accept\n\t\treject\n\t}\n}\n".to_string(),
+        ),
+    ];
+    let policies = [
+        UDP53.to_string(),
+        "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\", \"tcp\"]\nports = [53, \"1000-2000\"]\nsources = [\"198.18.0.0/24\", \"192.0.2.1\", \"fd42::/64\", \"2001:db8::/33\"]\ninterfaces = [\"veth0\", \"eth1\"]\n".to_string(),
+        "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [\"1000-2000\"]\nsources = [\"10.0.0.0/9\"]\ninterfaces = [\"veth0\"]\n".to_string(),
+        "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nsources = [\"fd42::1\"]\n".to_string(),
+    ];
+    let mut checked = 0;
+    for (fam, fw) in &hosts {
+        for (i, text) in policies.iter().enumerate() {
+            let p = policy(text);
+            let via_batch = Ns::new("ptx-eq-batch");
+            let via_script = Ns::new("ptx-eq-script");
+            // Interface names are matched by name: they need not exist.
+            for ns in [&via_batch, &via_script] {
+                ns.nft(fw);
+            }
+            let req = request(&p, "ptx-eq", None);
+            let prepared = prep(&via_batch, &req);
+            let n = prepared.plan.insertions.len();
+            app(&via_batch, &prepared);
+            via_script.nft(&prepared.nft_script);
+            let (a, b) = (via_batch.nft_list(), via_script.nft_list());
+            assert!(
+                a == b,
+                "{fam} host, policy {i}: batch and script differ\n{}\n--- script:\n{}",
+                diff(&b, &a),
+                prepared.nft_script
+            );
+            eprintln!("policy_txn: {fam} host, policy {i}: {n} insertion(s), batch == script");
+            checked += n;
+        }
+    }
+    assert!(checked >= 8, "enough accept rules compared: {checked}");
+}
+
+#[test]
+fn flush_existing_deletes_only_the_policys_entries() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("ptx-flush");
+    pair.srv.nft(HOST_FW);
+    pair.srv.nft("insert rule inet host input udp dport 5353 ct state new accept\n");
+    let _r53 = UdpResponder::start(&pair.srv, sa(SRV4, 53));
+    let _r5353 = UdpResponder::start(&pair.srv, sa(SRV4, 5353));
+    pair.srv.conntrack_flush();
+    let a = udp_queries(&pair.cli, sa(SRV4, 53), 100, 24000);
+    let b = udp_queries(&pair.cli, sa(SRV4, 5353), 100, 25000);
+    assert_eq!((a.answered, b.answered), (100, 100));
+    let tracked = pair.srv.conntrack_count();
+    assert!(tracked >= 195, "{tracked}");
+    let p = policy("backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nflush_existing = true\n");
+    let prepared = prep(&pair.srv, &request(&p, "ptx-flush-1", None));
+    assert_eq!(prepared.flush.len(), 2, "one conntrack -D per family: {:?}", prepared.flush);
+    let undo = app(&pair.srv, &prepared);
+    assert!(undo.warnings.is_empty(), "{:?}", undo.warnings);
+    let left = pair.srv.conntrack_count();
+    let on53 = pair.srv.exec("conntrack", &["-L", "-p", "udp", "--orig-port-dst", "53"]);
+    eprintln!("policy_txn: flush_existing: {tracked} entries before, {left} after");
+    assert_eq!(on53.lines().filter(|l| l.starts_with("udp")).count(), 0, "{on53}");
+    assert!((95..=105).contains(&left), "the :5353 entries stay: {left}");
+    back(&pair.srv, &undo);
+}
+
+#[test]
+fn a_failing_step_undoes_every_earlier_step() {
+    let ns = Ns::new("ptx-fail");
+    ns.nft(HOST_FW);
+    ns.exec_stdin("iptables-legacy-restore", &["-w"], LEGACY_FW);
+    let key = "net.netfilter.nf_conntrack_udp_timeout";
+    let _ = ns.conntrack_count();
+    let p = policy(&format!(
+        "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n[sysctl]\n\"{key}\" = 19\n"
+    ));
+    let k = keys(&p);
+    let before = list(&ns, &k);
+    let mut prepared = prep(&ns, &request(&p, "ptx-fail-1", None));
+    assert!(!prepared.ipt_filter.is_empty() && !prepared.nft_script.is_empty());
+    // A raw document the kernel refuses: the filter insertions and the nft batch went in
+    // before it, and must come out again.
+    prepared.ipt_raw.push(ctguard::backend::policy_txn::IptDoc {
+        variant: ctguard::backend::policy_txn::Variant::Nft,
+        v6: true,
+        text: "*filter\n-A NO-SUCH-CHAIN -j ACCEPT\nCOMMIT\n".into(),
+    });
+    let err = ns.run(|| apply(&prepared)).err().unwrap_or_else(|| panic!("the bad step must fail"));
+    eprintln!("policy_txn: failing step: {}", chain(&err));
+    assert!(matches!(err, PolicyTxnError::ApplyFailed { .. }), "{err}");
+    assert_eq!(err.exit(), Exit::Refused);
+    assert_same(&before, &list(&ns, &k), "everything applied before the failing step is undone");
+}
+
+#[test]
+fn nft_backend_beside_an_iptables_nft_filter_table() {
+    let ns = Ns::new("ptx-iptnft");
+    ns.exec_stdin("iptables-nft-restore", &["-w"], LEGACY_FW);
+    let p = policy(UDP53);
+    let before = list(&ns, &[]);
+    let prepared = prep(&ns, &request(&p, "ptx-iptnft-1", None));
+    assert!(
+        prepared.ipt_filter.iter().any(|d| d.variant == ctguard::backend::policy_txn::Variant::Nft),
+        "the iptables-nft INPUT chain gets its accept through iptables-nft-restore"
+    );
+    assert!(!prepared.nft_script.contains(" ip filter "), "no native nft rule into the iptables-nft table");
+    let undo = app(&ns, &prepared);
+    assert!(
+        !undo.warnings.iter().any(|w| w.contains("generation moved")),
+        "one generation per iptables-nft table commit: {:?}",
+        undo.warnings
+    );
+    eprintln!("policy_txn: genid {} -> {:?}", undo.genid_before, undo.genid_after);
+    let save = ns.exec("iptables-nft-save", &[]);
+    assert!(save.contains("ctguard:ptx-iptnft-1"), "{save}");
+    assert!(list(&ns, &[]).contains("table inet ctguard {"));
+    back(&ns, &undo);
+    assert_same(&before, &list(&ns, &[]), "rollback");
+}
+
+#[test]
+fn reapply_across_backends_restores_each_committed_state() {
+    let ns = Ns::new("ptx-switch");
+    ns.nft(HOST_FW);
+    let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A PREROUTING -p tcp -m tcp --dport 9999 -j CT --notrack\nCOMMIT\n";
+    ns.exec_stdin("iptables-legacy-restore", &["-w"], &format!("{LEGACY_FW}{raw}"));
+    ns.exec_stdin("ip6tables-legacy-restore", &["-w"], raw);
+    let nft_a = policy(UDP53);
+    let legacy = |ports: &str| {
+        policy(&format!(
+            "backend = \"iptables-legacy\"\n[[notrack]]\nprotocols = [\"udp\", \"tcp\"]\nports = [{ports}]\n"
+        ))
+    };
+    let before = list(&ns, &[]);
+    let undo_a = app(&ns, &prep(&ns, &request(&nft_a, "ptx-sw-a", None)));
+    let after_a = list(&ns, &[]);
+
+    // nft -> iptables-legacy: the table goes, the raw chains come.
+    let undo_b = app(&ns, &prep(&ns, &request(&legacy("53"), "ptx-sw-b", Some(undo_a.clone()))));
+    let after_b = list(&ns, &[]);
+    assert!(!after_b.contains("table inet ctguard"), "{after_b}");
+    assert!(!after_b.contains("ctguard:ptx-sw-a"), "{after_b}");
+    assert!(after_b.contains("-A CTGUARD-PRE"), "{after_b}");
+    back(&ns, &undo_b);
+    assert_same(&after_a, &list(&ns, &[]), "rolling back the switch restores the nft policy");
+
+    // iptables-legacy over iptables-legacy: the raw chains are rewritten in place.
+    let undo_c = app(&ns, &prep(&ns, &request(&legacy("53"), "ptx-sw-c", Some(undo_a.clone()))));
+    let after_c = list(&ns, &[]);
+    let undo_d = app(&ns, &prep(&ns, &request(&legacy("53, 853"), "ptx-sw-d", Some(undo_c.clone()))));
+    let after_d = list(&ns, &[]);
+    assert!(after_d.contains("--dports 53,853"), "{after_d}");
+    assert!(!after_d.contains("ctguard:ptx-sw-c"), "{after_d}");
+    assert_eq!(after_d.matches("-A PREROUTING -j CTGUARD-PRE").count(), 2, "one jump per family:\n{after_d}");
+    back(&ns, &undo_d);
+    assert_same(&after_c, &list(&ns, &[]), "rolling back D restores C");
+    back(&ns, &undo_c);
+    assert_same(&after_a, &list(&ns, &[]), "rolling back C restores A");
+    back(&ns, &undo_a);
+    assert_same(&before, &list(&ns, &[]), "rolling back A restores the start");
+}

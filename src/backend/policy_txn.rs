@@ -1,0 +1,1652 @@
+//! Policy transactions (DESIGN §1, §6): prepare (read, plan, lint, kernel-check: changes
+//! nothing), apply (in the order that never leaves a flow untracked but not yet accepted),
+//! check the rollback, roll back by tag. Runs in the calling thread's network namespace: call
+//! it inside `crate::netns::Target::run`.
+//!
+//! What ctguard owns and therefore changes: `table inet ctguard`; the iptables raw chains
+//! `CTGUARD-PRE`/`CTGUARD-OUT` with one jump each; the `ct state untracked` accept rules it
+//! inserts into other tables' filter chains, each with the comment `ctguard:TXID`; the sysctls
+//! it writes. Nothing else is written, so what others change meanwhile survives a rollback.
+//!
+//! Atomicity:
+//! - **nft**: one netlink batch carrying the generation id read in [`prepare`]: the previous
+//!   transaction's accept rules deleted, `table inet ctguard` replaced (or deleted when the
+//!   backend is iptables and a table exists) and the accept rules inserted before the dropping
+//!   rule — all or nothing; a ruleset changed since the read refuses it (`ERESTART`).
+//! - **iptables**: `iptables-restore --noflush -w`, committed per table: the previous
+//!   transaction's rules deleted and the new ones inserted in the same table commit. Filter
+//!   insertions go first, ctguard's raw chains after the nft batch; IPv4 and IPv6 (and both
+//!   variants) are one unit: a failure anywhere undoes everything applied before it.
+//! - The **rollback** of the nft side is one `nft -f` transaction (the previous
+//!   `table inet ctguard` is restored from its listing, which round-trips, DESIGN §10; tagged
+//!   rules are deleted by handles read, with their tag, in the same fresh read), with the
+//!   generation id compared around it.
+//!
+//! Differences the kernel makes unavoidable: a legacy (x_tables) table, once instantiated in a
+//! namespace, cannot be removed — an apply that creates ctguard's raw chains where no legacy
+//! `raw` table existed leaves an empty one after rollback. iptables-nft's `table ip raw` and
+//! base chains created by apply are deleted again by rollback when they are empty (an object
+//! deletion through nft, never a rule written into an iptables-nft table).
+
+mod accept;
+mod ipt;
+mod nft_text;
+
+pub use ipt::{RawChains, Variant};
+
+use std::collections::BTreeMap;
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::exec::{ExecError, Tool};
+use crate::backend::iptables::{self as ipt_backend, IptablesError};
+use crate::backend::live::{self as live_backend, LiveError, SAVE_TOOLS};
+use crate::backend::netlink::{get_genid, send_batch, NetlinkError};
+use crate::exit::Exit;
+use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
+use crate::live::fw::{IptVariant, Owner};
+use crate::live::iptables_save::{self, SaveDump};
+use crate::live::{nft_json, LiveState};
+use crate::model::auto::MachineFacts;
+use crate::model::names::{SysctlKey, Tag, TAG_PREFIX};
+use crate::model::{Backend, Policy, Prefix};
+use crate::render::iptables::{notrack_rules, IpFamily};
+use crate::render::nft_batch::{BatchBuffer, BatchBuilder, BatchError, RulePosition};
+use crate::render::nft_ir::{table_for, TableIr, TABLE_NAME};
+use crate::render::nft_script::replace_script;
+use crate::render::planner::{plan as plan_insertions, InsertionPlan, Position, RuleSpec};
+use crate::render::sysctl::{plan_sysctls, SysctlChange};
+use crate::sysctl::SysctlError;
+
+/// How often [`prepare`] re-reads the live state when the generation id moved while it read.
+pub const SNAPSHOT_ATTEMPTS: usize = 5;
+/// Most ports of one `[[notrack]]` entry `flush_existing` deletes one by one; larger entries are
+/// skipped with a warning.
+pub const FLUSH_MAX_PORTS: usize = 256;
+/// How often the nft part of a rollback is rebuilt from a fresh read and retried.
+pub const NFT_ROLLBACK_ATTEMPTS: usize = 3;
+
+/// `net.netfilter.nf_conntrack_max`.
+const CONNTRACK_MAX: &str = "net.netfilter.nf_conntrack_max";
+/// `net.netfilter.nf_conntrack_count`.
+const CONNTRACK_COUNT: &str = "net.netfilter.nf_conntrack_count";
+
+/// Errors of a policy transaction. [`PolicyTxnError::exit`] maps each to the CLI contract.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyTxnError {
+    /// A tool the transaction needs is not installed (exit 2, nothing changed).
+    #[error("{tool} is needed but cannot be used")]
+    MissingTool {
+        /// The tool.
+        tool: String,
+        /// Why.
+        #[source]
+        source: ExecError,
+    },
+    /// Explicit sysctls the target does not let ctguard write (exit 2, nothing changed).
+    #[error("{}", .problems.join("; "))]
+    SysctlUnwritable {
+        /// `sysctl."KEY": reason`, one per key.
+        problems: Vec<String>,
+    },
+    /// Reading the live state failed.
+    #[error("reading the live state failed")]
+    Live(#[source] LiveError),
+    /// Reading the ruleset generation id failed.
+    #[error("reading the nf_tables generation id failed")]
+    Genid(#[source] NetlinkError),
+    /// The generation id moved during every snapshot attempt (exit 3).
+    #[error("the ruleset kept changing while it was read ({attempts} attempts); nothing was applied")]
+    Unstable {
+        /// Attempts made.
+        attempts: usize,
+    },
+    /// The lint found errors and `force` was not given (exit 3, nothing changed).
+    #[error("lint found {} error(s); refused without --force: {}", .0.len(), .0.join("; "))]
+    Lint(Vec<String>),
+    /// `nft -c` refused the apply (or rollback) script (exit 3, nothing changed).
+    #[error("kernel check of the nft script failed")]
+    NftCheck(#[source] ExecError),
+    /// The kernel refused an iptables document in a scratch namespace (exit 3).
+    #[error("kernel check of the {variant}/{family} iptables document failed")]
+    IptCheck {
+        /// Variant (`nft`, `legacy`).
+        variant: &'static str,
+        /// `iptables` or `ip6tables`.
+        family: &'static str,
+        /// The check's failure.
+        #[source]
+        source: Box<IptablesError>,
+    },
+    /// The ruleset changed between prepare and apply (exit 3, nothing applied).
+    #[error("the ruleset changed since it was read ({0}); nothing was applied")]
+    Stale(String),
+    /// The nft batch could not be encoded (exit 1, nothing applied).
+    #[error("encoding the nft batch failed")]
+    Batch(#[source] BatchError),
+    /// The kernel refused the batch because the ruleset changed since `genid` was read (exit 3);
+    /// everything applied before the batch was rolled back.
+    #[error("the ruleset changed since generation {genid} was read; nothing was applied")]
+    GenerationChanged {
+        /// The generation id the batch carried.
+        genid: u32,
+        /// The kernel's answer.
+        #[source]
+        source: NetlinkError,
+    },
+    /// A step of apply failed; everything applied before it was rolled back (exit 3).
+    #[error("{step} failed; what was applied before it was rolled back")]
+    ApplyFailed {
+        /// The step.
+        step: String,
+        /// Why.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// A step of apply failed and so did undoing the steps before it (exit 7).
+    #[error("{step} failed, and rolling back what was applied failed too: {rollback}")]
+    ApplyAndRollbackFailed {
+        /// The step.
+        step: String,
+        /// The rollback's failures.
+        rollback: String,
+        /// Why the step failed.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// Rollback could not undo everything (exit 7: state unknown, operator needed).
+    #[error("rollback failed: {}", .failures.join("; "))]
+    RollbackFailed {
+        /// What failed, one line each.
+        failures: Vec<String>,
+    },
+    /// The undo record is not usable (exit 2).
+    #[error("undo record: {0}")]
+    BadUndo(String),
+    /// Running a tool failed.
+    #[error("{what}")]
+    Exec {
+        /// What ctguard was doing.
+        what: String,
+        /// The tool's failure.
+        #[source]
+        source: ExecError,
+    },
+    /// An iptables operation failed.
+    #[error("iptables")]
+    Iptables(#[source] Box<IptablesError>),
+    /// A sysctl could not be read.
+    #[error("sysctl")]
+    Sysctl(#[source] SysctlError),
+    /// An iptables save could not be parsed.
+    #[error("{tool} printed an unusable dump")]
+    Dump {
+        /// The save tool.
+        tool: String,
+        /// Why.
+        #[source]
+        source: iptables_save::SaveParseError,
+    },
+    /// nft's JSON could not be parsed.
+    #[error("nft -j list ruleset")]
+    NftJson(#[source] nft_json::NftJsonError),
+}
+
+impl PolicyTxnError {
+    /// The CLI exit code (DESIGN §5): 2 failed precondition (unwritable sysctl, missing tool,
+    /// bad undo record); 3 refused (lint, kernel check, changed ruleset, a failed and undone
+    /// apply step); 7 a rollback that could not complete; 1 anything unexpected.
+    pub fn exit(&self) -> Exit {
+        use PolicyTxnError::*;
+        match self {
+            MissingTool { .. } | SysctlUnwritable { .. } | BadUndo(_) => Exit::BadInput,
+            Exec { source: ExecError::NotFound(_), .. } => Exit::BadInput,
+            Unstable { .. }
+            | Lint(_)
+            | NftCheck(_)
+            | IptCheck { .. }
+            | Stale(_)
+            | GenerationChanged { .. }
+            | ApplyFailed { .. }
+            | Dump { .. } => Exit::Refused,
+            Live(LiveError::Save { .. }) => Exit::Refused,
+            ApplyAndRollbackFailed { .. } | RollbackFailed { .. } => Exit::RollbackFailed,
+            _ => Exit::Internal,
+        }
+    }
+}
+
+/// What to apply: a policy under a transaction tag.
+#[derive(Debug, Clone)]
+pub struct PolicyRequest {
+    /// The validated policy.
+    pub policy: Policy,
+    /// `ctguard:TXID`: the comment of every rule this transaction creates.
+    pub tag: Tag,
+    /// Apply despite lint errors.
+    pub force: bool,
+    /// The requester's SSH connection, for the lint.
+    pub ssh: Option<SshConn>,
+    /// The undo record of the COMMITTED policy transaction this one replaces, if any: its
+    /// accept rules are removed (and put back by this one's rollback).
+    pub previous: Option<PolicyUndo>,
+}
+
+/// One iptables-restore document for one variant and family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IptDoc {
+    /// Variant.
+    pub variant: Variant,
+    /// IPv6 (`ip6tables-*`) when true.
+    pub v6: bool,
+    /// The text for `*-restore --noflush -w`.
+    pub text: String,
+}
+
+/// `table inet ctguard` before a transaction touched it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableBefore {
+    /// `nft list table inet ctguard` before, or `None` when there was none.
+    pub text: Option<String>,
+}
+
+/// An nft accept rule this transaction inserts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NftInsertion {
+    /// nft family of the table.
+    pub family: String,
+    /// Table.
+    pub table: String,
+    /// Chain.
+    pub chain: String,
+    /// Handle read back after the commit (a hint; `None` before).
+    pub handle: Option<u64>,
+    /// The rule as nft text.
+    pub rule: String,
+}
+
+/// An iptables accept rule this transaction inserts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IptInsertion {
+    /// Variant.
+    pub variant: Variant,
+    /// IPv6 when true.
+    pub v6: bool,
+    /// Table (`filter`).
+    pub table: String,
+    /// Chain.
+    pub chain: String,
+    /// The exact arguments after `-A CHAIN`.
+    pub spec: Vec<String>,
+}
+
+/// ctguard's raw chains of one variant and family before this transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawBefore {
+    /// Variant.
+    pub variant: Variant,
+    /// IPv6 when true.
+    pub v6: bool,
+    /// Contents and jumps before.
+    pub before: RawChains,
+    /// Jumps this transaction adds: (from, to).
+    pub jumps_added: Vec<(String, String)>,
+    /// iptables-nft only: whether nft had `table ip|ip6 raw` before.
+    pub nft_table_existed: bool,
+    /// iptables-nft only: the chains of that table before.
+    pub nft_chains_before: Vec<String>,
+}
+
+/// A sysctl this transaction writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysctlWritten {
+    /// Dotted key.
+    pub key: String,
+    /// Value before.
+    pub old: u64,
+    /// Value written.
+    pub new: u64,
+}
+
+/// An accept rule of the previous transaction that this one removes, with where it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Removed {
+    /// A native nft rule.
+    Nft {
+        /// Family.
+        family: String,
+        /// Table.
+        table: String,
+        /// Chain.
+        chain: String,
+        /// Its handle when removed.
+        handle: u64,
+        /// Its text as `nft -a list` printed it (round-trips through `nft -f`).
+        text: String,
+        /// Handle of the next rule that stays (it goes back before that one), if any.
+        anchor: Option<u64>,
+    },
+    /// An iptables rule.
+    Iptables {
+        /// Variant.
+        variant: Variant,
+        /// IPv6 when true.
+        v6: bool,
+        /// Table.
+        table: String,
+        /// Chain.
+        chain: String,
+        /// Its `-A` line as saved.
+        line: String,
+        /// Its 1-based index then.
+        index: usize,
+        /// The `-A` line of the next rule that stays, if any.
+        anchor: Option<String>,
+    },
+}
+
+/// Everything needed to undo one policy transaction, found by tag on a fresh read: what it
+/// created, what it replaced, the values it overwrote. Serializable for the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyUndo {
+    /// `ctguard:TXID`.
+    pub tag: String,
+    /// The effective backend of the transaction.
+    pub backend: Backend,
+    /// Generation id of the snapshot.
+    pub genid_before: u32,
+    /// Generation id after apply (None until applied).
+    pub genid_after: Option<u32>,
+    /// `Some` when the transaction replaced or deleted `table inet ctguard`.
+    pub table: Option<TableBefore>,
+    /// nft accept rules inserted.
+    pub nft_insertions: Vec<NftInsertion>,
+    /// iptables accept rules inserted.
+    pub ipt_insertions: Vec<IptInsertion>,
+    /// ctguard's raw chains touched, with their state before.
+    pub raw: Vec<RawBefore>,
+    /// Sysctls written, in order.
+    pub sysctls: Vec<SysctlWritten>,
+    /// The previous transaction's accept rules removed by this one.
+    pub removed_previous: Vec<Removed>,
+    /// Warnings of apply (skipped flushes, generation drift).
+    pub warnings: Vec<String>,
+}
+
+impl PolicyUndo {
+    fn tag(&self) -> Result<Tag, PolicyTxnError> {
+        let id = self
+            .tag
+            .strip_prefix(TAG_PREFIX)
+            .ok_or_else(|| PolicyTxnError::BadUndo(format!("{:?} is not a ctguard tag", self.tag)))?;
+        Tag::new(id).map_err(PolicyTxnError::BadUndo)
+    }
+
+    /// The sysctl keys this undo restores.
+    pub fn sysctl_keys(&self) -> Vec<SysctlKey> {
+        self.sysctls.iter().filter_map(|s| SysctlKey::parse(&s.key).ok()).collect()
+    }
+}
+
+/// What [`prepare`] found and built. Holding it changes nothing; [`apply`] applies exactly it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The request.
+    pub request: PolicyRequest,
+    /// Effective backend (`auto` resolved).
+    pub backend: Backend,
+    /// The live state as read (the previous transaction's rules included).
+    pub live: LiveState,
+    /// The planned accept insertions (planned without the previous transaction's rules).
+    pub plan: InsertionPlan,
+    /// Resolved sysctls.
+    pub sysctls: Vec<SysctlChange>,
+    /// Lint findings (errors only when `force`).
+    pub findings: Vec<Finding>,
+    /// Generation id read before and after the snapshot (equal).
+    pub genid: u32,
+    /// [`listing`] before, for display and tests.
+    pub before: String,
+    /// The nft side as one `nft -f` script: what the batch does (kernel-checked with `nft -c`).
+    pub nft_script: String,
+    /// iptables filter documents (insertions, previous rules removed), applied first.
+    pub ipt_filter: Vec<IptDoc>,
+    /// iptables raw documents (ctguard's chains), applied after the nft batch.
+    pub ipt_raw: Vec<IptDoc>,
+    /// `conntrack` argument vectors for `flush_existing`.
+    pub flush: Vec<Vec<String>>,
+    /// Warnings (skipped sysctls, skipped flushes).
+    pub warnings: Vec<String>,
+    table: Option<TableIr>,
+    dumps: Vec<(Variant, bool, String)>,
+    undo: PolicyUndo,
+}
+
+impl Prepared {
+    /// The undo record of everything [`apply`] will do (handles not yet known; every planned
+    /// sysctl write included): journal it before applying, so a crash mid-apply can be rolled
+    /// back by tag. Rolling it back when nothing was applied changes nothing that matters.
+    pub fn undo_record(&self) -> PolicyUndo {
+        let mut u = self.undo.clone();
+        u.sysctls = self.sysctl_writes();
+        u
+    }
+
+    fn sysctl_writes(&self) -> Vec<SysctlWritten> {
+        self.sysctls
+            .iter()
+            .filter(|c| c.skipped.is_none() && !c.unchanged)
+            .filter_map(|c| c.old.map(|old| SysctlWritten { key: c.key.to_string(), old, new: c.new }))
+            .collect()
+    }
+
+    /// True when applying would change nothing.
+    pub fn is_noop(&self) -> bool {
+        self.table.is_none()
+            && self.ipt_filter.is_empty()
+            && self.ipt_raw.is_empty()
+            && self.plan.insertions.is_empty()
+            && self.undo.removed_previous.is_empty()
+            && self.sysctl_writes().is_empty()
+    }
+}
+
+/// The backend `auto` resolves to on this machine: nft when installed, else iptables-nft,
+/// else iptables-legacy. Other values are returned as they are.
+pub fn effective_backend(b: Backend) -> Backend {
+    match b {
+        Backend::Auto if Tool::find("nft").is_ok() => Backend::Nft,
+        Backend::Auto if Tool::find("iptables-nft-restore").is_ok() => Backend::IptablesNft,
+        Backend::Auto => Backend::IptablesLegacy,
+        b => b,
+    }
+}
+
+/// The iptables variant of an iptables backend (`None` for nft and auto).
+pub fn variant_of(b: Backend) -> Option<IptVariant> {
+    match b {
+        Backend::IptablesNft => Some(IptVariant::Nft),
+        Backend::IptablesLegacy => Some(IptVariant::Legacy),
+        _ => None,
+    }
+}
+
+fn family(v6: bool) -> IpFamily {
+    if v6 {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    }
+}
+
+fn tool(name: &str) -> Result<Tool, PolicyTxnError> {
+    Tool::find(name).map_err(|source| PolicyTxnError::MissingTool { tool: name.to_string(), source })
+}
+
+fn boxed(e: impl StdError + Send + Sync + 'static) -> Box<dyn StdError + Send + Sync> {
+    Box::new(e)
+}
+
+/// One consistent read: live state, `nft -a list ruleset` and ctguard's table, between two
+/// equal generation ids.
+struct Snapshot {
+    genid: u32,
+    live: LiveState,
+    listed: Vec<nft_text::ListedRule>,
+    table_text: Option<String>,
+}
+
+fn snapshot() -> Result<Snapshot, PolicyTxnError> {
+    let nft = Tool::find("nft").ok();
+    for attempt in 1..=SNAPSHOT_ATTEMPTS {
+        let g0 = get_genid().map_err(PolicyTxnError::Genid)?;
+        let live = live_backend::read().map_err(PolicyTxnError::Live)?;
+        let listed = match &nft {
+            Some(t) => nft_text::rules(
+                &t.run(&["-a", "list", "ruleset"], None)
+                    .map_err(|source| PolicyTxnError::Exec { what: "nft -a list ruleset".into(), source })?,
+            ),
+            None => Vec::new(),
+        };
+        let table_text = live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)?;
+        let g1 = get_genid().map_err(PolicyTxnError::Genid)?;
+        if g0 == g1 {
+            return Ok(Snapshot { genid: g0, live, listed, table_text });
+        }
+        tracing::debug!(attempt, g0, g1, "the generation id moved during the snapshot; reading again");
+    }
+    Err(PolicyTxnError::Unstable { attempts: SNAPSHOT_ATTEMPTS })
+}
+
+fn dump_of(live: &LiveState, variant: IptVariant, v6: bool) -> Option<&crate::live::IptDump> {
+    live.iptables.iter().find(|d| d.variant == variant && d.v6 == v6)
+}
+
+fn parse_dump(text: &str, variant: IptVariant, v6: bool) -> Result<SaveDump, PolicyTxnError> {
+    iptables_save::parse(text).map_err(|source| PolicyTxnError::Dump { tool: variant.tool(v6, "-save"), source })
+}
+
+/// The previous transaction's accept rules in the snapshot, and the live state without them.
+fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(LiveState, Vec<Removed>), PolicyTxnError> {
+    let mut live = snap.live.clone();
+    let Some(prev) = previous else { return Ok((live, Vec::new())) };
+    let tag = prev.tag.as_str();
+    let mut removed = Vec::new();
+    // nft: the chains the previous transaction inserted into, in listing order.
+    let mut nft_chains: Vec<(&str, &str, &str)> =
+        prev.nft_insertions.iter().map(|i| (i.family.as_str(), i.table.as_str(), i.chain.as_str())).collect();
+    nft_chains.sort_unstable();
+    nft_chains.dedup();
+    for (f, t, c) in &nft_chains {
+        let rules: Vec<&nft_text::ListedRule> =
+            snap.listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c).collect();
+        for (i, r) in rules.iter().enumerate() {
+            if r.comment.as_deref() != Some(tag) {
+                continue;
+            }
+            let anchor = rules[i + 1..].iter().find(|x| x.comment.as_deref() != Some(tag)).map(|x| x.handle);
+            removed.push(Removed::Nft {
+                family: r.family.clone(),
+                table: r.table.clone(),
+                chain: r.chain.clone(),
+                handle: r.handle,
+                text: r.text.clone(),
+                anchor,
+            });
+        }
+        for ch in live.nft.fw.chains.iter_mut() {
+            if matches!(&ch.owner, Owner::Nft { family, table } if family == f && table == t) && ch.name == *c {
+                ch.rules.retain(|r| r.comment.as_deref() != Some(tag));
+                for (i, r) in ch.rules.iter_mut().enumerate() {
+                    r.index = i + 1;
+                }
+            }
+        }
+    }
+    // iptables.
+    let mut ipt_chains: Vec<(Variant, bool, &str, &str)> =
+        prev.ipt_insertions.iter().map(|i| (i.variant, i.v6, i.table.as_str(), i.chain.as_str())).collect();
+    ipt_chains.sort_unstable();
+    ipt_chains.dedup();
+    for (variant, v6, table, chain) in ipt_chains {
+        let Some(d) = dump_of(&snap.live, variant.into(), v6) else { continue };
+        let dump = parse_dump(&d.text, variant.into(), v6)?;
+        let Some(c) = dump.chain(table, chain) else { continue };
+        for (i, r) in c.rules.iter().enumerate() {
+            if ipt::comment(r).as_deref() != Some(tag) {
+                continue;
+            }
+            let anchor =
+                c.rules[i + 1..].iter().find(|x| ipt::comment(x).as_deref() != Some(tag)).map(|x| x.line.clone());
+            removed.push(Removed::Iptables {
+                variant,
+                v6,
+                table: table.to_string(),
+                chain: chain.to_string(),
+                line: r.line.clone(),
+                index: i + 1,
+                anchor,
+            });
+        }
+        for dd in live.iptables.iter_mut().filter(|x| Variant::from(x.variant) == variant && x.v6 == v6) {
+            for ch in dd.fw.chains.iter_mut() {
+                if matches!(&ch.owner, Owner::Iptables { table: t, .. } if t == table) && ch.name == chain {
+                    ch.rules.retain(|r| r.comment.as_deref() != Some(tag));
+                    for (i, r) in ch.rules.iter_mut().enumerate() {
+                        r.index = i + 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok((live, removed))
+}
+
+/// Reads the target, plans, lints and kernel-checks the apply documents.
+///
+/// Guarantees: **changes nothing** in the target (reads only; kernel checks run with `nft -c`
+/// and in a scratch namespace; no iptables command that could instantiate a table). The live
+/// state is read between two equal generation ids (up to [`SNAPSHOT_ATTEMPTS`] reads). Fails
+/// with exit 2 for a missing tool or an explicit sysctl the target cannot write (naming the
+/// key), exit 3 for lint errors without `force` or a refused kernel check.
+pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, PolicyTxnError> {
+    let policy = &req.policy;
+    let tag = &req.tag;
+    let backend = effective_backend(policy.backend);
+    if backend == Backend::Nft {
+        tool("nft")?;
+    }
+    let snap = snapshot()?;
+    let (stripped, removed) = strip_previous(&snap, req.previous.as_ref())?;
+    let plan = plan_insertions(policy, &stripped, tag);
+
+    // Sysctls.
+    let sysctl_live = live_backend::read_sysctls(policy.sysctl.keys()).map_err(PolicyTxnError::Live)?;
+    let (sysctls, problems) = plan_sysctls(policy, &sysctl_live, facts);
+    if !problems.is_empty() {
+        return Err(PolicyTxnError::SysctlUnwritable {
+            problems: problems.iter().map(|p| format!("sysctl.\"{}\": {}", p.key, p.reason)).collect(),
+        });
+    }
+    let mut warnings: Vec<String> = sysctls
+        .iter()
+        .filter_map(|c| c.skipped.as_ref().map(|why| format!("sysctl {} skipped: {why}", c.key)))
+        .collect();
+
+    // Lint.
+    let tables = stripped.chains();
+    let findings = lint(&LintInput { policy, tables: &tables, plan: &plan, sysctls: &sysctls, ssh: req.ssh });
+    let errors: Vec<String> =
+        findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
+    if !errors.is_empty() && !req.force {
+        return Err(PolicyTxnError::Lint(errors));
+    }
+    for f in findings.iter().filter(|f| f.severity == Severity::Error) {
+        warnings.push(format!("forced past: {f}"));
+    }
+
+    // The nft side.
+    let table = if backend == Backend::Nft {
+        Some(table_for(policy, tag))
+    } else if snap.table_text.is_some() {
+        Some(TableIr { name: TABLE_NAME.into(), sets: Vec::new(), chains: Vec::new() })
+    } else {
+        None
+    };
+    let mut nft_script = String::new();
+    if let Some(t) = &table {
+        nft_script.push_str(&replace_script(t));
+    }
+    for r in &removed {
+        if let Removed::Nft { family, table, chain, handle, .. } = r {
+            let _ = writeln!(nft_script, "delete rule {family} {table} {chain} handle {handle}");
+        }
+    }
+    nft_script.push_str(&plan.nft_script());
+    if !nft_script.is_empty() {
+        tool("nft")?;
+    }
+
+    // The iptables side.
+    let variant = variant_of(backend);
+    let mut ipt_filter = Vec::new();
+    let mut ipt_raw = Vec::new();
+    let mut raw_before = Vec::new();
+    for v in IptVariant::ALL {
+        for v6 in [false, true] {
+            let dump = dump_of(&snap.live, v, v6);
+            // Filter: previous rules out, new ones in, in one table commit.
+            let mut extra: Vec<(String, Vec<String>)> = Vec::new();
+            for r in &removed {
+                if let Removed::Iptables { variant: rv, v6: r6, table, line, .. } = r {
+                    if IptVariant::from(*rv) == v && *r6 == v6 {
+                        let del = match line.strip_prefix("-A ") {
+                            Some(rest) => format!("-D {rest}"),
+                            None => continue,
+                        };
+                        match extra.iter_mut().find(|(t, _)| t == table) {
+                            Some((_, l)) => l.push(del),
+                            None => extra.push((table.clone(), vec![del])),
+                        }
+                    }
+                }
+            }
+            let text = ipt::merge_first(&plan.iptables_restore(v, v6), &extra);
+            if !text.is_empty() {
+                tool(&v.tool(v6, "-restore"))?;
+                ipt_filter.push(IptDoc { variant: v.into(), v6, text });
+            }
+            // Raw: ctguard's chains for the backend's variant; removed from any other.
+            let Some(dump) = dump else {
+                if variant == Some(v) {
+                    return Err(PolicyTxnError::MissingTool {
+                        tool: v.tool(v6, "-save"),
+                        source: ExecError::NotFound(v.tool(v6, "-save")),
+                    });
+                }
+                continue;
+            };
+            let parsed = parse_dump(&dump.text, v, v6)?;
+            let now = ipt::raw_chains(&parsed);
+            let rules = notrack_rules(policy, family(v6), tag);
+            let (doc, jumps_added) = if variant == Some(v) && !rules.is_empty() {
+                let missing: Vec<_> = rules
+                    .jumps
+                    .iter()
+                    .filter(|j| !now.jumps.iter().any(|(f, t)| f == j.from && t == j.to))
+                    .cloned()
+                    .collect();
+                let added = missing.iter().map(|j| (j.from.to_string(), j.to.to_string())).collect();
+                (Some(rules.restore_text(&missing)), added)
+            } else {
+                (ipt::raw_restore(&RawChains::default(), &now, &[]), Vec::new())
+            };
+            let Some(doc) = doc else { continue };
+            tool(&v.tool(v6, "-restore"))?;
+            let nft_family = if v6 { "ip6" } else { "ip" };
+            let nft_table_existed = v == IptVariant::Nft && snap.live.nft.has_table(nft_family, "raw");
+            let nft_chains_before = snap
+                .live
+                .nft
+                .fw
+                .chains
+                .iter()
+                .filter(|c| matches!(&c.owner, Owner::Nft { family, table } if family == nft_family && table == "raw"))
+                .map(|c| c.name.clone())
+                .collect();
+            raw_before.push(RawBefore {
+                variant: v.into(),
+                v6,
+                before: now,
+                jumps_added,
+                nft_table_existed,
+                nft_chains_before,
+            });
+            ipt_raw.push(IptDoc { variant: v.into(), v6, text: doc });
+        }
+    }
+
+    // flush_existing.
+    let (flush, flush_warnings) = flush_commands(policy);
+    warnings.extend(flush_warnings);
+    if !flush.is_empty() {
+        tool("conntrack")?;
+    }
+
+    // Kernel checks.
+    if !nft_script.is_empty() {
+        tool("nft")?.run(&["-c", "-f", "-"], Some(nft_script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
+    }
+    let ipsets = ipt_backend::ipset_save().ok();
+    let mut dumps = Vec::new();
+    for v in IptVariant::ALL {
+        for v6 in [false, true] {
+            let mut doc = String::new();
+            for d in ipt_filter.iter().chain(ipt_raw.iter()) {
+                if IptVariant::from(d.variant) == v && d.v6 == v6 {
+                    doc.push_str(&d.text);
+                }
+            }
+            if doc.is_empty() {
+                continue;
+            }
+            let live_text = dump_of(&snap.live, v, v6).map(|d| d.text.as_str()).unwrap_or("");
+            ipt_backend::scratch_check(v, family(v6), live_text, ipsets.as_deref(), &doc).map_err(|source| {
+                PolicyTxnError::IptCheck {
+                    variant: v.as_str(),
+                    family: family(v6).tool_prefix(),
+                    source: Box::new(source),
+                }
+            })?;
+            dumps.push((v.into(), v6, ipt::normalize_save(live_text)));
+        }
+    }
+
+    // The undo record as planned.
+    let nft_insertions = plan
+        .insertions
+        .iter()
+        .filter_map(|ins| match (&ins.owner, &ins.rule) {
+            (Owner::Nft { family, table }, RuleSpec::Nft(rule)) => Some(NftInsertion {
+                family: family.clone(),
+                table: table.clone(),
+                chain: ins.chain_name.clone(),
+                handle: None,
+                rule: rule.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut ipt_insertions = Vec::new();
+    for ins in &plan.insertions {
+        if let (Owner::Iptables { variant, v6, table }, RuleSpec::Iptables(specs)) = (&ins.owner, &ins.rule) {
+            for spec in specs {
+                ipt_insertions.push(IptInsertion {
+                    variant: (*variant).into(),
+                    v6: *v6,
+                    table: table.clone(),
+                    chain: ins.chain_name.clone(),
+                    spec: spec.clone(),
+                });
+            }
+        }
+    }
+    let undo = PolicyUndo {
+        tag: tag.as_str().to_string(),
+        backend,
+        genid_before: snap.genid,
+        genid_after: None,
+        table: table.as_ref().map(|_| TableBefore { text: snap.table_text.clone() }),
+        nft_insertions,
+        ipt_insertions,
+        raw: raw_before,
+        sysctls: Vec::new(),
+        removed_previous: removed,
+        warnings: Vec::new(),
+    };
+    let mut keys: Vec<SysctlKey> = policy.sysctl.keys().cloned().collect();
+    if let Some(p) = &req.previous {
+        keys.extend(p.sysctl_keys());
+    }
+    keys.sort();
+    keys.dedup();
+    let before = listing(&keys)?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(Prepared {
+        request: req.clone(),
+        backend,
+        live: snap.live,
+        plan,
+        sysctls,
+        findings,
+        genid: snap.genid,
+        before,
+        nft_script,
+        ipt_filter,
+        ipt_raw,
+        flush,
+        warnings,
+        table,
+        dumps,
+        undo,
+    })
+}
+
+/// `conntrack -D` argument vectors for the entries with `flush_existing` (both families, one
+/// per protocol, port and source prefix), and warnings for entries too large to flush.
+fn flush_commands(policy: &Policy) -> (Vec<Vec<String>>, Vec<String>) {
+    let mut cmds = Vec::new();
+    let mut warnings = Vec::new();
+    for (i, n) in policy.notrack.iter().enumerate() {
+        if !n.flush_existing {
+            continue;
+        }
+        let count: usize = n.ports.iter().map(|r| usize::from(r.hi - r.lo) + 1).sum();
+        if count > FLUSH_MAX_PORTS {
+            warnings.push(format!(
+                "notrack[{i}].flush_existing: {count} ports is more than {FLUSH_MAX_PORTS}; existing entries were not flushed"
+            ));
+            continue;
+        }
+        for (fam, v6) in [("ipv4", false), ("ipv6", true)] {
+            let srcs: Vec<&Prefix> = n.sources.iter().filter(|p| p.is_v6() == v6).collect();
+            if !n.sources.is_empty() && srcs.is_empty() {
+                continue;
+            }
+            let src_args: Vec<Vec<String>> =
+                if srcs.is_empty() { vec![Vec::new()] } else { srcs.iter().map(|p| source_args(p)).collect() };
+            for proto in &n.protocols {
+                for r in &n.ports {
+                    for port in r.lo..=r.hi {
+                        for s in &src_args {
+                            let mut a: Vec<String> = ["-D", "-f", fam, "-p", proto.as_str(), "--orig-port-dst"]
+                                .iter()
+                                .map(|x| x.to_string())
+                                .collect();
+                            a.push(port.to_string());
+                            a.extend(s.iter().cloned());
+                            cmds.push(a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (cmds, warnings)
+}
+
+fn source_args(p: &Prefix) -> Vec<String> {
+    match p {
+        Prefix::V4(a, l) => {
+            let m = crate::model::mask_v4(u32::MAX, *l);
+            vec!["-s".into(), a.to_string(), "--mask-src".into(), std::net::Ipv4Addr::from(m).to_string()]
+        }
+        Prefix::V6(a, l) => {
+            let m = crate::model::mask_v6(u128::MAX, *l);
+            vec!["-s".into(), a.to_string(), "--mask-src".into(), std::net::Ipv6Addr::from(m).to_string()]
+        }
+    }
+}
+
+/// The batch of [`apply`]: previous accept rules deleted, the table replaced, the accept rules
+/// inserted, carrying `genid`. `None` when there is nothing for nft to do.
+fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchError> {
+    let mut b = BatchBuilder::new(Some(genid));
+    for r in &p.undo.removed_previous {
+        if let Removed::Nft { family, table, chain, handle, text, .. } = r {
+            b.delete_rule(
+                family,
+                table,
+                chain,
+                *handle,
+                format!("delete rule {family} {table} {chain} handle {handle} ({text})"),
+            )?;
+        }
+    }
+    if let Some(t) = &p.table {
+        b.replace_table(t)?;
+    }
+    for ins in &p.plan.insertions {
+        let (Owner::Nft { family, table }, RuleSpec::Nft(text)) = (&ins.owner, &ins.rule) else { continue };
+        let Some(entry) = p.request.policy.notrack.get(ins.entry) else { continue };
+        let at = match &ins.position {
+            Position::Before { handle: Some(h), .. } => RulePosition::Before(*h),
+            _ => RulePosition::Append,
+        };
+        accept::add_accept_rule(
+            &mut b,
+            &accept::AcceptSpec {
+                family,
+                table,
+                chain: &ins.chain_name,
+                at,
+                entry,
+                proto: ins.proto,
+                dir: ins.direction,
+                v6: ins.v6,
+                tag: &p.request.tag,
+                text,
+            },
+        )?;
+    }
+    Ok((!b.is_empty()).then(|| b.finish()))
+}
+
+/// Undoes `undo` after a failed step and builds the error to return.
+fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + Sync>) -> PolicyTxnError {
+    tracing::warn!("{step} failed ({source}); rolling back what was applied");
+    match rollback(undo) {
+        Ok(_) => PolicyTxnError::ApplyFailed { step: step.to_string(), source },
+        Err(e) => PolicyTxnError::ApplyAndRollbackFailed { step: step.to_string(), rollback: e.to_string(), source },
+    }
+}
+
+/// Applies `p`: (1) the iptables filter insertions (the previous transaction's rules removed in
+/// the same table commit), (2) one netlink batch carrying the generation id of the snapshot
+/// (re-read after ctguard's own iptables-nft step) with the nft rule deletions, the table and
+/// the nft accept insertions, (3) ctguard's iptables raw chains, (4) the sysctls, (5)
+/// `flush_existing`. Returns the undo record with the handles read back by tag.
+///
+/// Guarantees: refuses with nothing applied when the ruleset changed since [`prepare`]
+/// (generation id, or an iptables save that differs: exit 3). A step that fails undoes every
+/// earlier step (exit 3, [`PolicyTxnError::ApplyFailed`]); if that undo fails too, exit 7.
+/// At no point is a flow notracked without its accept rules in place. A failed flush is a
+/// warning in the record, not an error.
+pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
+    // Nothing changed since the snapshot?
+    let g = get_genid().map_err(PolicyTxnError::Genid)?;
+    if g != p.genid {
+        return Err(PolicyTxnError::Stale(format!("nf_tables generation {} is now {g}", p.genid)));
+    }
+    for (v, v6, text) in &p.dumps {
+        let now = ipt_backend::save((*v).into(), family(*v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+        if ipt::normalize_save(&now) != *text {
+            return Err(PolicyTxnError::Stale(format!("{} output differs", IptVariant::from(*v).tool(*v6, "-save"))));
+        }
+    }
+    let mut undo = p.undo.clone();
+    // What a failed step must undo: only the steps already done (the table and the raw chains
+    // are added as their steps succeed; rules found by tag are simply not found before).
+    let mut done = p.undo.clone();
+    done.table = None;
+    done.raw.clear();
+
+    // (1) iptables filter insertions.
+    let mut own_commits: u32 = 0;
+    for doc in &p.ipt_filter {
+        let v = IptVariant::from(doc.variant);
+        if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
+            return Err(compensate(&done, &format!("{} (filter insertions)", v.tool(doc.v6, "-restore")), boxed(e)));
+        }
+        if v == IptVariant::Nft {
+            own_commits += doc.text.lines().filter(|l| l.starts_with('*')).count() as u32;
+        }
+    }
+
+    // (2) the nft batch.
+    let mut genid = p.genid;
+    if own_commits > 0 {
+        genid = match get_genid() {
+            Ok(g) => g,
+            Err(e) => return Err(compensate(&done, "reading the generation id", boxed(e))),
+        };
+        let moved = genid.wrapping_sub(p.genid);
+        if moved != own_commits {
+            let w = format!(
+                "the nf_tables generation moved by {moved} during ctguard's iptables-nft step ({own_commits} expected): another writer changed the ruleset meanwhile"
+            );
+            tracing::warn!("{w}");
+            undo.warnings.push(w);
+        }
+    }
+    let batch = match build_batch(p, genid) {
+        Ok(b) => b,
+        Err(e) => return Err(compensate(&done, "encoding the nft batch", boxed(e))),
+    };
+    if let Some(batch) = batch {
+        if let Err(e) = send_batch(&batch) {
+            return Err(match e {
+                NetlinkError::GenerationChanged { .. } => match rollback(&done) {
+                    Ok(_) => PolicyTxnError::GenerationChanged { genid, source: e },
+                    Err(r) => PolicyTxnError::ApplyAndRollbackFailed {
+                        step: "the nft batch".into(),
+                        rollback: r.to_string(),
+                        source: boxed(e),
+                    },
+                },
+                other => compensate(&done, "the nft batch", boxed(other)),
+            });
+        }
+        done.table = undo.table.clone();
+        if !undo.nft_insertions.is_empty() {
+            match read_listed() {
+                Ok(listed) => fill_handles(&mut undo, &listed),
+                Err(e) => undo.warnings.push(format!("reading the inserted rules' handles back failed: {e}")),
+            }
+        }
+    }
+
+    // (3) ctguard's raw chains.
+    for (i, doc) in p.ipt_raw.iter().enumerate() {
+        let v = IptVariant::from(doc.variant);
+        if let Some(r) = undo.raw.get(i) {
+            done.raw.push(r.clone());
+        }
+        if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
+            return Err(compensate(&done, &format!("{} (raw chains)", v.tool(doc.v6, "-restore")), boxed(e)));
+        }
+    }
+
+    // (4) sysctls.
+    for w in p.sysctl_writes() {
+        let key = match SysctlKey::parse(&w.key) {
+            Ok(k) => k,
+            Err(e) => return Err(compensate(&done, "sysctl", boxed(PolicyTxnError::BadUndo(e)))),
+        };
+        done.sysctls.push(w.clone());
+        if let Err(e) = crate::sysctl::write(&key, w.new) {
+            return Err(compensate(&done, &format!("writing sysctl {key}"), boxed(e)));
+        }
+        undo.sysctls.push(w);
+    }
+
+    // (5) flush_existing.
+    if !p.flush.is_empty() {
+        match Tool::find("conntrack") {
+            Ok(ct) => {
+                for args in &p.flush {
+                    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                    match ct.output(&a, None) {
+                        Ok(o) if o.status.success() => {}
+                        Ok(o) if String::from_utf8_lossy(&o.stderr).contains("0 flow entries") => {}
+                        Ok(o) => undo.warnings.push(format!(
+                            "conntrack {} failed ({}): {}",
+                            a.join(" "),
+                            o.status,
+                            crate::backend::exec::one_line(&String::from_utf8_lossy(&o.stderr))
+                        )),
+                        Err(e) => undo.warnings.push(format!("conntrack {}: {e}", a.join(" "))),
+                    }
+                }
+            }
+            Err(e) => undo.warnings.push(format!("flush_existing skipped: {e}")),
+        }
+    }
+    undo.genid_after = get_genid().ok();
+    for w in &undo.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(undo)
+}
+
+fn read_listed() -> Result<Vec<nft_text::ListedRule>, PolicyTxnError> {
+    let Ok(nft) = Tool::find("nft") else { return Ok(Vec::new()) };
+    let text = nft
+        .run(&["-a", "list", "ruleset"], None)
+        .map_err(|source| PolicyTxnError::Exec { what: "nft -a list ruleset".into(), source })?;
+    Ok(nft_text::rules(&text))
+}
+
+/// Handles of the inserted rules, matched by chain and tag in listing order.
+fn fill_handles(undo: &mut PolicyUndo, listed: &[nft_text::ListedRule]) {
+    let tag = undo.tag.clone();
+    let mut used: Vec<u64> = Vec::new();
+    for ins in undo.nft_insertions.iter_mut() {
+        let candidates = |r: &&nft_text::ListedRule| {
+            r.family == ins.family
+                && r.table == ins.table
+                && r.chain == ins.chain
+                && r.comment.as_deref() == Some(tag.as_str())
+                && !used.contains(&r.handle)
+        };
+        // The same text first; nft may print a rule differently from how it was written.
+        let found =
+            listed.iter().filter(candidates).find(|r| r.text == ins.rule).or_else(|| listed.iter().find(candidates));
+        if let Some(r) = found {
+            used.push(r.handle);
+            ins.handle = Some(r.handle);
+        }
+    }
+}
+
+/// What a rollback did besides succeeding.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RollbackReport {
+    /// Warnings (e.g. a conntrack max restored below the current count, generation drift).
+    pub warnings: Vec<String>,
+}
+
+/// The documents of a rollback, built from a fresh read.
+struct RollbackDocs {
+    raw: Vec<IptDoc>,
+    filter: Vec<IptDoc>,
+}
+
+fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
+    let mut raw = Vec::new();
+    for r in &u.raw {
+        let v = IptVariant::from(r.variant);
+        let (_, dump) = ipt_backend::save_parsed(v, family(r.v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+        let now = ipt::raw_chains(&dump);
+        if let Some(text) = ipt::raw_restore(&r.before, &now, &r.jumps_added) {
+            raw.push(IptDoc { variant: r.variant, v6: r.v6, text });
+        }
+    }
+    let mut keys: Vec<(Variant, bool)> = u.ipt_insertions.iter().map(|i| (i.variant, i.v6)).collect();
+    for r in &u.removed_previous {
+        if let Removed::Iptables { variant, v6, .. } = r {
+            keys.push((*variant, *v6));
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    let mut filter = Vec::new();
+    for (variant, v6) in keys {
+        let v = IptVariant::from(variant);
+        let (_, dump) = ipt_backend::save_parsed(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+        // Chains by table: those of this transaction's rules and of the removed ones.
+        let mut chains: Vec<(String, String)> = u
+            .ipt_insertions
+            .iter()
+            .filter(|i| i.variant == variant && i.v6 == v6)
+            .map(|i| (i.table.clone(), i.chain.clone()))
+            .collect();
+        for r in &u.removed_previous {
+            if let Removed::Iptables { variant: rv, v6: r6, table, chain, .. } = r {
+                if *rv == variant && *r6 == v6 {
+                    chains.push((table.clone(), chain.clone()));
+                }
+            }
+        }
+        chains.sort();
+        chains.dedup();
+        let mut tables: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut sims: BTreeMap<(String, String), ipt::ChainSim> = BTreeMap::new();
+        for (table, chain) in &chains {
+            for (_, rule) in ipt::tagged(&dump, table, chain, &u.tag) {
+                tables.entry(table.clone()).or_default().push(ipt::delete_line(rule));
+            }
+            sims.insert(
+                (table.clone(), chain.clone()),
+                ipt::ChainSim::new(&dump, table, chain, |r| ipt::comment(r).as_deref() == Some(u.tag.as_str())),
+            );
+        }
+        for r in &u.removed_previous {
+            let Removed::Iptables { variant: rv, v6: r6, table, chain, line, index, anchor } = r else { continue };
+            if *rv != variant || *r6 != v6 || dump.chain(table, chain).is_none() {
+                continue;
+            }
+            let Some(sim) = sims.get_mut(&(table.clone(), chain.clone())) else { continue };
+            if sim.contains(line) {
+                continue;
+            }
+            let cmd = sim.insert(chain, line, anchor.as_deref(), *index);
+            tables.entry(table.clone()).or_default().push(cmd);
+        }
+        let mut text = String::new();
+        for (table, lines) in tables {
+            if lines.is_empty() {
+                continue;
+            }
+            let _ = writeln!(text, "*{table}");
+            for l in lines {
+                text.push_str(&l);
+                text.push('\n');
+            }
+            text.push_str("COMMIT\n");
+        }
+        if !text.is_empty() {
+            filter.push(IptDoc { variant, v6, text });
+        }
+    }
+    Ok(RollbackDocs { raw, filter })
+}
+
+/// The nft side of a rollback as one `nft -f` script, from a fresh listing: the previous
+/// `table inet ctguard` restored (or the table deleted), this transaction's tagged rules
+/// deleted by the handles of that listing, the previous transaction's removed rules put back
+/// before the rule that followed them. Empty when there is nothing to do.
+fn nft_rollback_script(u: &PolicyUndo, listed: &[nft_text::ListedRule], chains: &nft_json::NftRuleset) -> String {
+    let mut s = String::new();
+    if let Some(t) = &u.table {
+        let _ = writeln!(s, "table inet {TABLE_NAME}\ndelete table inet {TABLE_NAME}");
+        if let Some(text) = &t.text {
+            s.push_str(text);
+            if !text.ends_with('\n') {
+                s.push('\n');
+            }
+        }
+    }
+    let mut ours: Vec<(&str, &str, &str)> =
+        u.nft_insertions.iter().map(|i| (i.family.as_str(), i.table.as_str(), i.chain.as_str())).collect();
+    ours.sort_unstable();
+    ours.dedup();
+    let mut deleted: Vec<u64> = Vec::new();
+    for (f, t, c) in &ours {
+        if *f == "inet" && *t == TABLE_NAME {
+            continue;
+        }
+        for r in listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c) {
+            if r.comment.as_deref() == Some(u.tag.as_str()) {
+                let _ = writeln!(s, "delete rule {f} {t} {c} handle {}", r.handle);
+                deleted.push(r.handle);
+            }
+        }
+    }
+    for r in &u.removed_previous {
+        let Removed::Nft { family, table, chain, text, anchor, .. } = r else { continue };
+        let chain_exists = chains.fw.chains.iter().any(|ch| {
+            matches!(&ch.owner, Owner::Nft { family: f, table: t } if f == family && t == table) && ch.name == *chain
+        });
+        if !chain_exists {
+            continue;
+        }
+        let in_chain = |x: &&nft_text::ListedRule| x.family == *family && x.table == *table && x.chain == *chain;
+        if listed.iter().filter(in_chain).any(|x| x.text == *text && !deleted.contains(&x.handle)) {
+            continue;
+        }
+        let anchor_ok =
+            anchor.filter(|a| listed.iter().filter(in_chain).any(|x| x.handle == *a && !deleted.contains(a)));
+        match anchor_ok {
+            Some(a) => {
+                let _ = writeln!(s, "insert rule {family} {table} {chain} position {a} {text}");
+            }
+            None => {
+                let _ = writeln!(s, "add rule {family} {table} {chain} {text}");
+            }
+        }
+    }
+    s
+}
+
+fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRuleset), PolicyTxnError> {
+    let Ok(nft) = Tool::find("nft") else { return Ok((Vec::new(), nft_json::NftRuleset::default())) };
+    let listed = read_listed()?;
+    let json = nft
+        .run(&["-j", "list", "ruleset"], None)
+        .map_err(|source| PolicyTxnError::Exec { what: "nft -j list ruleset".into(), source })?;
+    let parsed = nft_json::parse(&json).map_err(PolicyTxnError::NftJson)?;
+    Ok((listed, parsed))
+}
+
+/// Kernel-checks the rollback of `u` against the current state: the nft script with `nft -c`,
+/// the iptables documents in a scratch namespace loaded with the current saves.
+///
+/// Guarantees: changes nothing. `Ok` means the rollback built now would be accepted by the
+/// kernel; it is rebuilt from a fresh read when it runs.
+pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
+    u.tag()?;
+    for s in &u.sysctls {
+        let key = SysctlKey::parse(&s.key).map_err(PolicyTxnError::BadUndo)?;
+        if !crate::sysctl::writable(&key) {
+            return Err(PolicyTxnError::SysctlUnwritable { problems: vec![format!("sysctl.\"{key}\": not writable")] });
+        }
+    }
+    let (listed, chains) = read_nft_for_rollback()?;
+    let script = nft_rollback_script(u, &listed, &chains);
+    if !script.is_empty() {
+        tool("nft")?.run(&["-c", "-f", "-"], Some(script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
+    }
+    let docs = rollback_ipt_docs(u)?;
+    let ipsets = ipt_backend::ipset_save().ok();
+    for v in IptVariant::ALL {
+        for v6 in [false, true] {
+            let mut doc = String::new();
+            for d in docs.raw.iter().chain(docs.filter.iter()) {
+                if IptVariant::from(d.variant) == v && d.v6 == v6 {
+                    doc.push_str(&d.text);
+                }
+            }
+            if doc.is_empty() {
+                continue;
+            }
+            let live = ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+            ipt_backend::scratch_check(v, family(v6), &live, ipsets.as_deref(), &doc).map_err(|source| {
+                PolicyTxnError::IptCheck {
+                    variant: v.as_str(),
+                    family: family(v6).tool_prefix(),
+                    source: Box::new(source),
+                }
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Undoes `u`, in reverse order of apply, finding every object by its tag on a fresh read:
+/// sysctls restored (a warning first when a conntrack max goes below the current count);
+/// ctguard's raw chains restored to their previous contents (or removed with their jumps);
+/// in one `nft -f` transaction the previous `table inet ctguard` restored (or deleted), the
+/// tagged nft accept rules deleted and the previous transaction's rules put back; the tagged
+/// iptables rules deleted by their exact spec and the previous ones put back, per table commit.
+///
+/// Guarantees: only ctguard's objects change, so rules others added meanwhile survive; an
+/// object already gone counts as undone; idempotent (a second run changes nothing). Every step
+/// is attempted even when an earlier one fails; then [`PolicyTxnError::RollbackFailed`]
+/// (exit 7) lists what failed.
+pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
+    u.tag()?;
+    let mut report = RollbackReport::default();
+    let mut failures: Vec<String> = Vec::new();
+
+    // Sysctls, last written first.
+    for s in u.sysctls.iter().rev() {
+        let key = match SysctlKey::parse(&s.key) {
+            Ok(k) => k,
+            Err(e) => {
+                failures.push(e);
+                continue;
+            }
+        };
+        if s.key == CONNTRACK_MAX {
+            if let Ok(count_key) = SysctlKey::parse(CONNTRACK_COUNT) {
+                if let Ok(Some(count)) = crate::sysctl::read(&count_key) {
+                    if s.old < count {
+                        let w = format!(
+                            "restoring {key} = {} below the {count} connections tracked now: new connections may be dropped until the count falls",
+                            s.old
+                        );
+                        tracing::warn!("{w}");
+                        report.warnings.push(w);
+                    }
+                }
+            }
+        }
+        if crate::sysctl::read(&key).ok().flatten() == Some(s.old) {
+            continue;
+        }
+        if let Err(e) = crate::sysctl::write(&key, s.old) {
+            failures.push(e.to_string());
+        }
+    }
+
+    let docs = match rollback_ipt_docs(u) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            failures.push(format!("reading iptables state: {}", chain_text(&e)));
+            None
+        }
+    };
+
+    // ctguard's raw chains (raw before filter), then iptables-nft leftovers.
+    if let Some(d) = &docs {
+        for doc in &d.raw {
+            let v = IptVariant::from(doc.variant);
+            if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
+                failures.push(format!("{} (raw chains): {}", v.tool(doc.v6, "-restore"), chain_text(&e)));
+            }
+        }
+        if let Err(e) = cleanup_nft_raw(u) {
+            failures.push(format!("removing the iptables-nft raw table ctguard created: {}", chain_text(&e)));
+        }
+    }
+
+    // nft: one transaction, rebuilt from a fresh read on failure.
+    let mut last_err = None;
+    for _ in 0..NFT_ROLLBACK_ATTEMPTS {
+        let g0 = get_genid().ok();
+        let script = match read_nft_for_rollback() {
+            Ok((listed, chains)) => nft_rollback_script(u, &listed, &chains),
+            Err(e) => {
+                last_err = Some(chain_text(&e));
+                continue;
+            }
+        };
+        if script.is_empty() {
+            last_err = None;
+            break;
+        }
+        let res = Tool::find("nft")
+            .map_err(|e| e.to_string())
+            .and_then(|nft| nft.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ()).map_err(|e| e.to_string()));
+        match res {
+            Ok(()) => {
+                let g1 = get_genid().ok();
+                if let (Some(a), Some(b)) = (g0, g1) {
+                    if b.wrapping_sub(a) != 1 {
+                        let w = format!("the nf_tables generation moved by {} around the rollback's nft transaction (1 expected): another writer was active", b.wrapping_sub(a));
+                        tracing::warn!("{w}");
+                        report.warnings.push(w);
+                    }
+                }
+                last_err = None;
+                break;
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    if let Some(e) = last_err {
+        failures.push(format!("nft rollback: {e}"));
+    }
+
+    // iptables filter rules.
+    if let Some(d) = &docs {
+        for doc in &d.filter {
+            let v = IptVariant::from(doc.variant);
+            if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
+                failures.push(format!("{} (filter rules): {}", v.tool(doc.v6, "-restore"), chain_text(&e)));
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(report)
+    } else {
+        for f in &failures {
+            tracing::error!("rollback of {}: {f}", u.tag);
+        }
+        Err(PolicyTxnError::RollbackFailed { failures })
+    }
+}
+
+/// iptables-nft creates `table ip raw` and its base chains on demand; where they did not exist
+/// before the transaction and are empty now, delete them so the nft ruleset is as before.
+fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
+    let todo: Vec<&RawBefore> = u.raw.iter().filter(|r| r.variant == Variant::Nft).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let (_, ruleset) = read_nft_for_rollback()?;
+    let mut script = String::new();
+    for r in todo {
+        let fam = if r.v6 { "ip6" } else { "ip" };
+        let chains: Vec<_> = ruleset
+            .fw
+            .chains
+            .iter()
+            .filter(|c| matches!(&c.owner, Owner::Nft { family, table } if family == fam && table == "raw"))
+            .collect();
+        if chains.is_empty() {
+            continue;
+        }
+        let empty = chains.iter().all(|c| c.rules.is_empty());
+        if !r.nft_table_existed {
+            if empty {
+                let _ = writeln!(script, "delete table {fam} raw");
+            }
+            continue;
+        }
+        for c in chains {
+            if c.rules.is_empty() && !r.nft_chains_before.contains(&c.name) {
+                let _ = writeln!(script, "delete chain {fam} raw {}", c.name);
+            }
+        }
+    }
+    if script.is_empty() {
+        return Ok(());
+    }
+    tool("nft")?.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ()).map_err(|source| PolicyTxnError::Exec {
+        what: "nft: deleting the empty iptables-nft raw objects".into(),
+        source,
+    })
+}
+
+/// An error and its sources on one line.
+fn chain_text(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The state a policy transaction must restore, as comparable text: `nft list ruleset`
+/// (counters zeroed), every installed iptables save of both variants and families (`#` lines
+/// dropped, counters zeroed) and the values of `keys`. For before/after display and tests.
+///
+/// Guarantees: read-only; two calls on an unchanged target return equal strings.
+pub fn listing(keys: &[SysctlKey]) -> Result<String, PolicyTxnError> {
+    let mut s = String::new();
+    if let Ok(nft) = Tool::find("nft") {
+        let text = nft
+            .run(&["list", "ruleset"], None)
+            .map_err(|source| PolicyTxnError::Exec { what: "nft list ruleset".into(), source })?;
+        s.push_str("### nft list ruleset\n");
+        for line in text.lines() {
+            s.push_str(&zero_nft_counters(line));
+            s.push('\n');
+        }
+    }
+    for &(name, _, _) in SAVE_TOOLS {
+        let Ok(t) = Tool::find(name) else { continue };
+        let text = t.run(&[], None).map_err(|source| PolicyTxnError::Exec { what: name.to_string(), source })?;
+        let _ = writeln!(s, "### {name}");
+        s.push_str(&ipt::normalize_save(&text));
+    }
+    s.push_str("### sysctl\n");
+    for k in keys {
+        let v = crate::sysctl::read(k).map_err(PolicyTxnError::Sysctl)?;
+        let _ = writeln!(s, "{k} = {}", v.map_or("(missing)".to_string(), |v| v.to_string()));
+    }
+    Ok(s)
+}
+
+/// `counter packets N bytes M` → `counter packets 0 bytes 0`.
+fn zero_nft_counters(line: &str) -> String {
+    let words: Vec<&str> = line.split(' ').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        if words[i] == "packets" || words[i] == "bytes" {
+            if let Some(n) = words.get(i + 1) {
+                if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && out.last() != Some(&"quota") {
+                    out.push(words[i]);
+                    out.push("0");
+                    i += 2;
+                    continue;
+                }
+            }
+        }
+        out.push(words[i]);
+        i += 1;
+    }
+    out.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nft_counters_are_zeroed() {
+        assert_eq!(
+            zero_nft_counters("\t\tudp dport 53 counter packets 12 bytes 840 accept"),
+            "\t\tudp dport 53 counter packets 0 bytes 0 accept"
+        );
+    }
+
+    #[test]
+    fn flush_commands_per_port_family_and_source() {
+        let p = crate::model::parse_policy(
+            "[[notrack]]\nprotocols = [\"udp\"]\nports = [53, \"60-61\"]\nsources = [\"10.0.0.0/8\"]\nflush_existing = true\n",
+            crate::model::Format::Toml,
+        )
+        .expect("valid");
+        let (cmds, w) = flush_commands(&p);
+        assert!(w.is_empty());
+        assert_eq!(cmds.len(), 3, "{cmds:?}");
+        assert_eq!(
+            cmds[0],
+            ["-D", "-f", "ipv4", "-p", "udp", "--orig-port-dst", "53", "-s", "10.0.0.0", "--mask-src", "255.0.0.0"]
+        );
+        let big = crate::model::parse_policy(
+            "[[notrack]]\nprotocols = [\"udp\"]\nports = [\"1000-2000\"]\nflush_existing = true\n",
+            crate::model::Format::Toml,
+        )
+        .expect("valid");
+        let (cmds, w) = flush_commands(&big);
+        assert!(cmds.is_empty());
+        assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn undo_round_trips_through_json() {
+        let u = PolicyUndo {
+            tag: "ctguard:t-1".into(),
+            backend: Backend::Nft,
+            genid_before: 3,
+            genid_after: Some(5),
+            table: Some(TableBefore { text: None }),
+            nft_insertions: vec![NftInsertion {
+                family: "inet".into(),
+                table: "host".into(),
+                chain: "input".into(),
+                handle: Some(9),
+                rule: "udp dport 53 ct state untracked accept comment \"ctguard:t-1\"".into(),
+            }],
+            ipt_insertions: Vec::new(),
+            raw: vec![RawBefore {
+                variant: Variant::Legacy,
+                v6: false,
+                before: RawChains::default(),
+                jumps_added: vec![("PREROUTING".into(), "CTGUARD-PRE".into())],
+                nft_table_existed: false,
+                nft_chains_before: Vec::new(),
+            }],
+            sysctls: vec![SysctlWritten { key: "net.netfilter.nf_conntrack_udp_timeout".into(), old: 30, new: 10 }],
+            removed_previous: vec![Removed::Nft {
+                family: "inet".into(),
+                table: "host".into(),
+                chain: "input".into(),
+                handle: 4,
+                text: "x".into(),
+                anchor: Some(5),
+            }],
+            warnings: Vec::new(),
+        };
+        let j = serde_json::to_string(&u).expect("serializes");
+        let back: PolicyUndo = serde_json::from_str(&j).expect("deserializes");
+        assert_eq!(back, u);
+        assert_eq!(u.tag().expect("valid").as_str(), "ctguard:t-1");
+    }
+}

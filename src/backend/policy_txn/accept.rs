@@ -1,0 +1,231 @@
+//! The planner's nft accept rules as netlink messages (DESIGN §6 `accept_untracked`): the same
+//! rule [`crate::render::planner::nft_accept_rule`] prints as text, built expression by
+//! expression so it can ride in ctguard's one netlink batch next to `table inet ctguard`.
+//!
+//! | text | expressions |
+//! | --- | --- |
+//! | `meta nfproto ipv4` (inet only) | `meta load nfproto`, `cmp eq 2` |
+//! | `iifname "eth0"` / `oifname …` | `meta load iifname`, `cmp eq` 16 bytes NUL-padded |
+//! | `iifname { "a", "b" }` | `meta load iifname`, `lookup` in an anonymous `ifname` set |
+//! | `iif "lo"` / `oif "lo"` | `meta load iif`/`oif`, `cmp eq 1` (loopback is ifindex 1 in every namespace) |
+//! | `ip saddr 192.0.2.1` | [`meta nfproto` in inet], `payload load 4b @ network + 12`, `cmp eq` |
+//! | `ip saddr 10.0.0.0/8` | …, `payload load`, `bitwise & mask`, `cmp eq` network |
+//! | `ip saddr { … }` | …, `payload load`, `lookup` in an anonymous interval set |
+//! | `udp dport 53` | `meta load l4proto`, `cmp eq 17`, `payload load 2b @ transport + 2`, `cmp eq` |
+//! | `udp dport 1000-2000` | …, `cmp gte 1000`, `cmp lte 2000` |
+//! | `udp dport { 53, 1000-2000 }` | …, `lookup` in an anonymous interval set |
+//! | `ct state untracked` | `ct load state`, `bitwise & 0x40`, `cmp neq 0` |
+//! | `accept`, `comment "…"` | `immediate accept`, rule userdata |
+//!
+//! A kernel test proves a rule built here lists exactly like the planner's text loaded by nft.
+
+use nftnl::expr::{
+    Bitwise, Cmp, CmpOp, Conntrack, Expression, Ipv4HeaderField, Ipv6HeaderField, Meta, NetworkHeaderField, Payload,
+    TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict,
+};
+use nftnl::nftnl_sys as sys;
+use nftnl::Rule;
+
+use crate::model::names::Tag;
+use crate::model::{NotrackRule, PortRange, Prefix, Proto};
+use crate::render::flow::Direction;
+use crate::render::nft_batch::{BatchBuilder, BatchError, RulePosition};
+use crate::render::nft_expr::{ifname_key, Bytes, LookupByName, NFPROTO_IPV4, NFPROTO_IPV6};
+use crate::render::nft_ir::{Elem, SetKind};
+
+/// `ifindex` of the loopback device: 1 in every network namespace (`LOOPBACK_IFINDEX`).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+/// `NF_CT_STATE_UNTRACKED_BIT` as `ct state` loads it.
+const CT_STATE_UNTRACKED: u32 = 0x40;
+
+/// One expression of an accept rule (`Rule::add_expr` needs one sized type).
+enum AcceptExpr {
+    Meta(Meta),
+    Payload(Payload),
+    Cmp(CmpOp, Bytes),
+    Mask(Bytes),
+    Lookup(LookupByName),
+    CtState,
+    Accept,
+}
+
+impl Expression for AcceptExpr {
+    fn to_expr(&self, rule: &Rule) -> std::ptr::NonNull<sys::nftnl_expr> {
+        match self {
+            AcceptExpr::Meta(m) => m.to_expr(rule),
+            AcceptExpr::Payload(p) => p.to_expr(rule),
+            AcceptExpr::Cmp(op, b) => Cmp::new(*op, b.clone()).to_expr(rule),
+            AcceptExpr::Mask(m) => Bitwise::new(m.clone(), Bytes(vec![0; m.0.len()])).to_expr(rule),
+            AcceptExpr::Lookup(l) => l.to_expr(rule),
+            AcceptExpr::CtState => Conntrack::State.to_expr(rule),
+            AcceptExpr::Accept => Verdict::Accept.to_expr(rule),
+        }
+    }
+}
+
+/// Where and what: one planned nft accept insertion, in the terms of the policy.
+pub struct AcceptSpec<'a> {
+    /// nft family of the target table (`ip`, `ip6`, `inet`).
+    pub family: &'a str,
+    /// Target table.
+    pub table: &'a str,
+    /// Target chain.
+    pub chain: &'a str,
+    /// Before which rule, or appended.
+    pub at: RulePosition,
+    /// The `[[notrack]]` entry.
+    pub entry: &'a NotrackRule,
+    /// Protocol of this rule.
+    pub proto: Proto,
+    /// Flow direction at this hook.
+    pub dir: Direction,
+    /// Family restriction (None: both).
+    pub v6: Option<bool>,
+    /// The transaction tag (the rule's comment).
+    pub tag: &'a Tag,
+    /// Text for error messages (the planner's rule text).
+    pub text: &'a str,
+}
+
+/// Appends the anonymous sets and the rule for `spec` to `b`: the same rule
+/// [`crate::render::planner::nft_accept_rule`] describes.
+pub fn add_accept_rule(b: &mut BatchBuilder, spec: &AcceptSpec<'_>) -> Result<(), BatchError> {
+    let inet = spec.family == "inet";
+    let n = spec.entry;
+    let v6 = spec.v6;
+    let addrs: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
+    let addr_v6 = v6 == Some(true);
+    let mut e: Vec<AcceptExpr> = Vec::new();
+    if inet && v6.is_some() && addrs.is_empty() {
+        e.push(AcceptExpr::Meta(Meta::NfProto));
+        e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(vec![if addr_v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }])));
+    }
+    let (iface, addr_source, port_source) = match spec.dir {
+        Direction::Request => (Some((Meta::IifName, false)), true, false),
+        Direction::Reply => (Some((Meta::OifName, false)), false, true),
+        Direction::LoopbackRequest => (Some((Meta::Oif, true)), true, false),
+        Direction::LoopbackReply => (Some((Meta::Iif, true)), false, true),
+    };
+    match iface {
+        Some((meta, true)) => {
+            e.push(AcceptExpr::Meta(meta));
+            e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(LOOPBACK_IFINDEX.to_ne_bytes().to_vec())));
+        }
+        Some((meta, false)) if !n.interfaces.is_empty() => {
+            e.push(AcceptExpr::Meta(meta));
+            if let [one] = n.interfaces.as_slice() {
+                e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(ifname_key(one).to_vec())));
+            } else {
+                let elems: Vec<Elem> = n.interfaces.iter().cloned().map(Elem::Ifname).collect();
+                e.push(anon_lookup(b, spec, SetKind::Ifname, elems)?);
+            }
+        }
+        _ => {}
+    }
+    if !addrs.is_empty() {
+        if inet {
+            e.push(AcceptExpr::Meta(Meta::NfProto));
+            e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(vec![if addr_v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }])));
+        }
+        e.push(AcceptExpr::Payload(addr_payload(addr_v6, addr_source)));
+        if let [one] = addrs.as_slice() {
+            let (net, mask) = prefix_bytes(one);
+            if !one.is_host() {
+                e.push(AcceptExpr::Mask(Bytes(mask)));
+            }
+            e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(net)));
+        } else {
+            let kind = if addr_v6 { SetKind::Ipv6 } else { SetKind::Ipv4 };
+            let elems: Vec<Elem> = addrs.iter().copied().map(Elem::Prefix).collect();
+            e.push(anon_lookup(b, spec, kind, elems)?);
+        }
+    }
+    e.push(AcceptExpr::Meta(Meta::L4Proto));
+    e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(vec![spec.proto.number()])));
+    e.push(AcceptExpr::Payload(port_payload(spec.proto, port_source)));
+    match n.ports.as_slice() {
+        [p] if p.is_single() => e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(p.lo.to_be_bytes().to_vec()))),
+        [PortRange { lo, hi }] => {
+            e.push(AcceptExpr::Cmp(CmpOp::Gte, Bytes(lo.to_be_bytes().to_vec())));
+            e.push(AcceptExpr::Cmp(CmpOp::Lte, Bytes(hi.to_be_bytes().to_vec())));
+        }
+        ports => {
+            let elems: Vec<Elem> = ports.iter().copied().map(Elem::Port).collect();
+            e.push(anon_lookup(b, spec, SetKind::Ports, elems)?);
+        }
+    }
+    e.push(AcceptExpr::CtState);
+    e.push(AcceptExpr::Mask(Bytes(CT_STATE_UNTRACKED.to_ne_bytes().to_vec())));
+    e.push(AcceptExpr::Cmp(CmpOp::Neq, Bytes(vec![0; 4])));
+    e.push(AcceptExpr::Accept);
+    let what = match spec.at {
+        RulePosition::Before(h) => {
+            format!("insert rule {} {} {} position {h} {}", spec.family, spec.table, spec.chain, spec.text)
+        }
+        RulePosition::Append => format!("add rule {} {} {} {}", spec.family, spec.table, spec.chain, spec.text),
+    };
+    b.insert_rule(spec.family, spec.table, spec.chain, spec.at, &e, spec.tag.as_str(), what)
+}
+
+fn anon_lookup(
+    b: &mut BatchBuilder,
+    spec: &AcceptSpec<'_>,
+    kind: SetKind,
+    elems: Vec<Elem>,
+) -> Result<AcceptExpr, BatchError> {
+    let set = b.add_anonymous_set(spec.family, spec.table, kind, elems)?;
+    let lookup = LookupByName::new(&set.name, Some(set.id)).map_err(|source| BatchError::Nul {
+        what: "set name",
+        name: set.name.clone(),
+        source,
+    })?;
+    Ok(AcceptExpr::Lookup(lookup))
+}
+
+fn addr_payload(v6: bool, source: bool) -> Payload {
+    Payload::Network(match (v6, source) {
+        (false, true) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Saddr),
+        (false, false) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Daddr),
+        (true, true) => NetworkHeaderField::Ipv6(Ipv6HeaderField::Saddr),
+        (true, false) => NetworkHeaderField::Ipv6(Ipv6HeaderField::Daddr),
+    })
+}
+
+fn port_payload(proto: Proto, source: bool) -> Payload {
+    Payload::Transport(match (proto, source) {
+        (Proto::Tcp, true) => TransportHeaderField::Tcp(TcpHeaderField::Sport),
+        (Proto::Tcp, false) => TransportHeaderField::Tcp(TcpHeaderField::Dport),
+        (Proto::Udp, true) => TransportHeaderField::Udp(UdpHeaderField::Sport),
+        (Proto::Udp, false) => TransportHeaderField::Udp(UdpHeaderField::Dport),
+    })
+}
+
+/// Network address and mask of a prefix, in network byte order.
+fn prefix_bytes(p: &Prefix) -> (Vec<u8>, Vec<u8>) {
+    match p {
+        Prefix::V4(a, l) => {
+            let mask = if *l == 0 { 0 } else { u32::MAX << (32 - u32::from(*l)) };
+            (a.octets().to_vec(), mask.to_be_bytes().to_vec())
+        }
+        Prefix::V6(a, l) => {
+            let mask = if *l == 0 { 0 } else { u128::MAX << (128 - u32::from(*l)) };
+            (a.octets().to_vec(), mask.to_be_bytes().to_vec())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_masks() {
+        let p = Prefix::V4(std::net::Ipv4Addr::new(10, 0, 0, 0), 8);
+        assert_eq!(prefix_bytes(&p), (vec![10, 0, 0, 0], vec![255, 0, 0, 0]));
+        let p = Prefix::V6("fd00::".parse().expect("addr"), 8);
+        let (net, mask) = prefix_bytes(&p);
+        assert_eq!(net[0], 0xfd);
+        assert_eq!(mask[0], 0xff);
+        assert!(mask[1..].iter().all(|b| *b == 0));
+    }
+}
