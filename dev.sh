@@ -24,11 +24,14 @@ setup() {
 demo() {
   setup
   cargo build --release --quiet
-  local bin=target/release/ctguard ns="ctg-demo-$$" tmp
-  tmp=$(mktemp -d /tmp/ctguard-demo.XXXXXX)
+  local bin=target/release/ctguard
+  # Globals: the EXIT trap runs after this function has returned.
+  DEMO_NS="ctg-demo-$$"
+  DEMO_TMP=$(mktemp -d /tmp/ctguard-demo.XXXXXX)
+  local ns="$DEMO_NS" tmp="$DEMO_TMP"
   local ctg=("$bin" --state-dir "$tmp/state" --run-dir "$tmp/run")
   ip netns add "$ns"
-  trap 'ip netns del "$ns" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+  trap 'ip netns del "$DEMO_NS" 2>/dev/null || true; rm -rf "$DEMO_TMP"' EXIT
   ip netns exec "$ns" nft -f - <<'NFT'
 table inet host {
   chain input {
