@@ -29,11 +29,18 @@ impl Ctg {
     }
 
     fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    fn run_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
         let state = self.base.join("state");
         let run = self.base.join("run");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
         cmd.arg("--state-dir").arg(&state).arg("--run-dir").arg(&run).args(args).env_remove("SSH_CONNECTION");
         for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
             cmd.env(k, v);
         }
         cmd.output().expect("run ctguard")
@@ -283,4 +290,101 @@ fn simulated_reboot_restores_nothing_and_closes_the_transaction() {
     assert_eq!(ctg.outcome(&id), "rolled back: reboot (nothing restored)");
     assert!(ns.nft_list().contains("table inet ctguard"), "recover touched the old namespace");
     assert!(!fresh.nft_list().contains("ctguard"));
+}
+
+/// What recovery must leave after the agent dies at `point` (the README's crash table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum After {
+    Prior,
+    Committed,
+}
+
+/// Kills the agent (abort, like SIGKILL) at `point` during apply, confirm or rollback; then a
+/// CLI verb starts a new agent, which recovers. The state is the prior one or the committed
+/// one, never a mix.
+fn crash_at(point: &str, expect: After) {
+    let ns = Ns::new("crash");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let env = [(ctguard::agent::server::FAULT_ENV, point)];
+    let out = ctg.run_env(&["--json", "apply", "--netns", ns.name(), "--timeout", "3s"], &env);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut id = v["data"]["txid"].as_str().unwrap_or_default().to_string();
+    if point.starts_with("apply:") {
+        assert_ne!(out.status.code(), Some(0), "{point}: apply succeeded despite the fault");
+    } else {
+        ok(&out);
+        let verb = if point.starts_with("confirm:") { "confirm" } else { "rollback" };
+        let out = ctg.run(&[verb, &id]);
+        assert_eq!(out.status.code(), Some(6), "{point}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    if id.is_empty() {
+        let h = ctg.json(&["history"]);
+        id = h["transactions"][0]["id"].as_str().expect("journaled").to_string();
+    }
+    // Any verb starts a new agent (no fault this time), which recovers.
+    let _ = ctg.run(&["status"]);
+    let start = Instant::now();
+    loop {
+        let state = ctg.state(&id);
+        let done = match expect {
+            After::Prior => state == "ROLLED_BACK",
+            After::Committed => state == "COMMITTED",
+        };
+        if done {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "{point}: still {state}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let now = ns.nft_list();
+    match expect {
+        After::Prior => assert_eq!(now, before, "{point}: not the prior state"),
+        After::Committed => assert!(now.contains("table inet ctguard") && now.contains("untracked accept"), "{point}: {now}"),
+    }
+    eprintln!("{point}: recovered to {expect:?} ({})", ctg.outcome(&id));
+}
+
+#[test]
+fn crash_apply_after_prepared() {
+    crash_at("apply:after-prepared", After::Prior);
+}
+
+#[test]
+fn crash_apply_after_apply() {
+    crash_at("apply:after-apply", After::Prior);
+}
+
+#[test]
+fn crash_apply_after_pending() {
+    crash_at("apply:after-pending", After::Prior);
+}
+
+#[test]
+fn crash_confirm_before_journal() {
+    crash_at("confirm:before-journal", After::Prior);
+}
+
+#[test]
+fn crash_confirm_after_journal() {
+    crash_at("confirm:after-journal", After::Committed);
+}
+
+#[test]
+fn crash_rollback_before_engine() {
+    crash_at("rollback:before-engine", After::Prior);
+}
+
+#[test]
+fn crash_rollback_after_engine() {
+    crash_at("rollback:after-engine", After::Prior);
+}
+
+#[test]
+fn every_fault_point_has_a_test() {
+    let me = include_str!("txn_cli.rs");
+    for p in ctguard::agent::server::FAULT_POINTS {
+        assert!(me.contains(&format!("crash_at(\"{p}\"")), "no crash test for {p}");
+    }
 }

@@ -59,6 +59,30 @@ fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     move |source| AgentError::Setup { what, source }
 }
 
+/// Environment variable naming a fault point (test-only): the agent aborts there, as if killed
+/// with SIGKILL at that step, so crash recovery can be tested at every step.
+pub const FAULT_ENV: &str = "CTGUARD_FAULT";
+
+/// The named points [`FAULT_ENV`] can stop the agent at.
+pub const FAULT_POINTS: &[&str] = &[
+    "apply:after-prepared",
+    "apply:after-apply",
+    "apply:after-pending",
+    "confirm:before-journal",
+    "confirm:after-journal",
+    "rollback:before-engine",
+    "rollback:after-engine",
+];
+
+fn fault(point: &str) {
+    if std::env::var(FAULT_ENV).is_ok_and(|p| p == point) {
+        tracing::error!("fault hook {point}: aborting");
+        // No core file for a deliberate crash.
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+        std::process::abort();
+    }
+}
+
 fn now_wall() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -410,12 +434,14 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
         unpin(&pin);
         return Response::fail(Exit::BadInput, format!("journal: {e}"));
     }
+    fault("apply:after-prepared");
     // The change. From here on, every failure rolls back.
     let undo = match worker.call(move || prepared.apply()).await {
         Ok(Ok(u)) => u,
         Ok(Err(e)) => return fail_and_roll_back(shared, &worker, rec, e.exit, e.message).await,
         Err(e) => return fail_and_roll_back(shared, &worker, rec, Exit::Internal, e.to_string()).await,
     };
+    fault("apply:after-apply");
     rec.undo = undo.clone();
     let engine = shared.engines.of(kind);
     let undo2 = undo.clone();
@@ -439,6 +465,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
     if let Err(e) = shared.journal.write(&rec) {
         return fail_and_roll_back(shared, &worker, rec, Exit::Internal, format!("journal: {e}")).await;
     }
+    fault("apply:after-pending");
     arm_timer(shared, txid.as_str().to_string(), deadline_bt).await;
     tracing::info!(txid = txid.as_str(), target = %label, "applied; pending for {} s", a.timeout_secs);
     Response::ok(json!({
@@ -472,10 +499,12 @@ async fn fail_and_roll_back(shared: &Arc<Shared>, worker: &Worker, mut rec: TxnR
 async fn do_rollback(shared: &Arc<Shared>, worker: &Worker, rec: &mut TxnRecord, reason: Reason) -> Result<(), String> {
     let engine = shared.engines.of(rec.kind);
     let undo = rec.undo.clone();
+    fault("rollback:before-engine");
     let result = match worker.call(move || engine.rollback(&undo)).await {
         Ok(r) => r.map_err(|e| e.message),
         Err(e) => Err(e.to_string()),
     };
+    fault("rollback:after-engine");
     match result {
         Ok(()) => {
             let is_host = rec.target.label == "host";
@@ -619,6 +648,7 @@ async fn confirm(shared: &Arc<Shared>, txid: Option<&str>) -> Response {
         State::Pending => {}
     }
     cancel_timer(shared, rec.id.as_str()).await;
+    fault("confirm:before-journal");
     if let Err(e) = rec.to_committed(now_wall()) {
         return Response::fail(Exit::Internal, e.to_string());
     }
@@ -629,6 +659,7 @@ async fn confirm(shared: &Arc<Shared>, txid: Option<&str>) -> Response {
         }
         return Response::fail(Exit::Internal, format!("journal: {e}"));
     }
+    fault("confirm:after-journal");
     if let Some(p) = &rec.target.pin {
         unpin(Path::new(p));
     }
