@@ -388,3 +388,42 @@ fn every_fault_point_has_a_test() {
         assert!(me.contains(&format!("crash_at(\"{p}\"")), "no crash test for {p}");
     }
 }
+
+/// Runs `ctguard ARGS` as `nobody` (setpriv from util-linux).
+fn as_nobody(ctg: &Ctg, args: &[&str]) -> Output {
+    let state = ctg.base.join("state");
+    let run = ctg.base.join("run");
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_ctguard"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--run-dir")
+        .arg(&run)
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn a_non_root_client_is_refused_by_mode_and_by_peer_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = Ns::new("auth");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    let sock = ctg.base.join("run").join("ctguard.sock");
+    // The run dir and the socket are root-only: nobody cannot even connect.
+    let out = as_nobody(&ctg, &["confirm", &id]);
+    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    // Opened up for the test, the SO_PEERCRED check refuses it all the same.
+    std::fs::set_permissions(ctg.base.join("run"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(ctg.base.join("state"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let out = as_nobody(&ctg, &["confirm", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("root only"), "{err}");
+    assert_eq!(ctg.state(&id), "PENDING");
+}
