@@ -427,3 +427,102 @@ fn a_non_root_client_is_refused_by_mode_and_by_peer_credentials() {
     assert!(err.contains("root only"), "{err}");
     assert_eq!(ctg.state(&id), "PENDING");
 }
+
+#[test]
+fn an_agent_started_under_ip_netns_exec_still_finds_and_recovers_its_target() {
+    let ns = Ns::new("netnsexec");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    // As over `ssh host ip netns exec NAME ctguard apply`: no --netns, the caller's namespace.
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_ctguard"), "--json", "--state-dir"])
+        .arg(ctg.base.join("state"))
+        .arg("--run-dir")
+        .arg(ctg.base.join("run"))
+        .args(["apply", "--timeout", "3s"])
+        .output()
+        .expect("ip netns exec");
+    ok(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = v["data"]["txid"].as_str().expect("txid").to_string();
+    assert_eq!(v["data"]["target"].as_str(), Some(ns.name()), "{v}");
+    assert!(ns.nft_list().contains("table inet ctguard"));
+    // The agent dies; one started from the initial namespaces recovers the target by name.
+    assert!(wait_gone(ctg.signal_agent(Signal::SIGKILL), Duration::from_secs(5)));
+    let _ = ctg.run(&["status"]);
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+    assert_eq!(ctg.outcome(&id), "rolled back: deadline");
+    assert_eq!(ns.nft_list(), before);
+}
+
+/// `ssh -t host ctguard apply` whose connection drops: the session's pty hangs up (SIGHUP to
+/// its processes). The agent is in its own session, so the deadline still rolls back.
+#[test]
+fn a_session_with_a_pty_that_hangs_up_changes_nothing() {
+    let ns = Ns::new("pty");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let cmd = format!(
+        "{} --state-dir {} --run-dir {} apply --netns {} --timeout 3s; sleep 30",
+        env!("CARGO_BIN_EXE_ctguard"),
+        ctg.base.join("state").display(),
+        ctg.base.join("run").display(),
+        ns.name()
+    );
+    // `script` gives the command a pty and its own session, like sshd does.
+    let mut session = Command::new("setsid")
+        .args(["script", "-qfc", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("script");
+    let start = Instant::now();
+    let id = loop {
+        let h = ctg.json(&["history"]);
+        if let Some(id) = h["transactions"][0]["id"].as_str() {
+            break id.to_string();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "apply did not happen");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ctg.wait_state(&id, "PENDING", Duration::from_secs(10));
+    // Hang up the whole session (what a dropped SSH connection does to a pty session).
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(session.id() as i32), Signal::SIGHUP);
+    let _ = session.kill();
+    let _ = session.wait();
+    assert_eq!(ctg.state(&id), "PENDING", "the hang-up changed the transaction");
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+    assert_eq!(ns.nft_list(), before);
+}
+
+/// A session without a pty (Ansible) only sees EPIPE when the connection drops: `apply`
+/// writing its answer to a closed pipe must not matter either.
+#[test]
+fn a_session_without_a_pty_that_loses_its_pipe_changes_nothing() {
+    let ns = Ns::new("epipe");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ctguard"))
+        .arg("--state-dir")
+        .arg(ctg.base.join("state"))
+        .arg("--run-dir")
+        .arg(ctg.base.join("run"))
+        .args(["apply", "--netns", ns.name(), "--timeout", "3s"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The connection is gone: nobody reads the answer.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let _ = child.wait();
+    let h = ctg.json(&["history"]);
+    let id = h["transactions"][0]["id"].as_str().expect("applied").to_string();
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+    assert_eq!(ns.nft_list(), before);
+}

@@ -356,7 +356,14 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
         Ok(t) => t,
         Err(e) => return Response::fail(Exit::BadInput, e.to_string()),
     };
-    let label = if label == "caller" && target.is_initial() { "host".to_string() } else { label };
+    // The caller's namespace may be a named one (`ip netns exec NAME ctguard apply`): record
+    // its name and path, which outlive the caller's pid and a pin hidden in a private mount
+    // namespace.
+    let (label, target_path) = match (label.as_str(), named_netns_of(target.id)) {
+        ("caller", Some((name, path))) => (name, path),
+        ("caller", None) if target.is_initial() => ("host".to_string(), target.path().display().to_string()),
+        _ => (label, target.path().display().to_string()),
+    };
     let id = target.id;
     // One pending transaction per target.
     if let Some(p) = unfinished(shared).into_iter().find(|r| (r.target.dev, r.target.ino) == id) {
@@ -380,7 +387,6 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
         Err(e) => return Response::fail(Exit::Internal, e),
     };
     let pin = shared.opts.run_dir.join("ns").join(txid.as_str());
-    let target_path = target.path().display().to_string();
     if let Err(e) = target.pin(&pin) {
         return Response::fail(Exit::BadInput, format!("cannot pin the target namespace: {e}"));
     }
@@ -597,14 +603,29 @@ async fn deadline_fired(shared: Arc<Shared>, txid: String) {
     }
 }
 
-/// The worker of a journaled transaction's target, through its pin (survives agent crashes).
+/// A name under /run/netns whose namespace is `id`, with its path.
+fn named_netns_of(id: (u64, u64)) -> Option<(String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(crate::netns::NETNS_RUN_DIR).ok()?.flatten().find_map(|e| {
+        let m = std::fs::metadata(e.path()).ok()?;
+        ((m.dev(), m.ino()) == id).then(|| (e.file_name().to_string_lossy().into_owned(), e.path().display().to_string()))
+    })
+}
+
+/// The worker of a journaled transaction's target: through its pin (survives agent crashes),
+/// else through the recorded path — each checked against the recorded device and inode.
 async fn worker_for_record(shared: &Shared, rec: &TxnRecord) -> Result<Worker, String> {
-    let path = rec.target.pin.clone().unwrap_or_else(|| rec.target.path.clone());
-    let target = Target::open(&TargetSpec::Path(PathBuf::from(&path))).map_err(|e| e.to_string())?;
-    if target.id != (rec.target.dev, rec.target.ino) {
-        return Err(format!("{path} is no longer the transaction's namespace"));
+    let mut tried = Vec::new();
+    for path in rec.target.pin.iter().chain(std::iter::once(&rec.target.path)) {
+        match Target::open(&TargetSpec::Path(PathBuf::from(path))) {
+            Ok(t) if t.id == (rec.target.dev, rec.target.ino) => {
+                return worker_for(shared, t).await.map_err(|r| r.error.unwrap_or_default());
+            }
+            Ok(_) => tried.push(format!("{path} is another namespace now")),
+            Err(e) => tried.push(e.to_string()),
+        }
     }
-    worker_for(shared, target).await.map_err(|r| r.error.unwrap_or_default())
+    Err(format!("the transaction's namespace is gone or unreachable: {}", tried.join("; ")))
 }
 
 /// Finds the transaction a confirm/extend/rollback names, or the single unfinished one.
