@@ -418,6 +418,7 @@ fn a_non_root_client_is_refused_by_mode_and_by_peer_credentials() {
     let out = as_nobody(&ctg, &["confirm", &id]);
     assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
     // Opened up for the test, the SO_PEERCRED check refuses it all the same.
+    std::fs::set_permissions(&ctg.base, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(ctg.base.join("run"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(ctg.base.join("state"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
@@ -524,5 +525,36 @@ fn a_session_without_a_pty_that_loses_its_pipe_changes_nothing() {
     let h = ctg.json(&["history"]);
     let id = h["transactions"][0]["id"].as_str().expect("applied").to_string();
     ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+    assert_eq!(ns.nft_list(), before);
+}
+
+#[test]
+fn extend_through_the_cli_and_an_unusable_state_dir_is_exit_2() {
+    let ns = Ns::new("extend");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "2s"]);
+    ok(&out);
+    let v = ctg.json(&["extend", "--by", "1m", &id]);
+    assert_eq!(v["exit"], 0, "{v}");
+    assert!(v["data"]["seconds_left"].as_u64().is_some_and(|s| s > 55), "{v}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(ctg.state(&id), "PENDING");
+    ok(&ctg.run(&["rollback", &id]));
+    assert_eq!(ns.nft_list(), before);
+    // A state dir that cannot hold a journal: refused before anything changes.
+    let file = ctg.base.join("not-a-dir");
+    std::fs::write(&file, "x").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_ctguard"))
+        .arg("--state-dir")
+        .arg(&file)
+        .arg("--run-dir")
+        .arg(ctg.base.join("run2"))
+        .args(["apply", "--netns", ns.name(), "--timeout", "60s"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("state dir"));
     assert_eq!(ns.nft_list(), before);
 }

@@ -69,6 +69,9 @@ pub fn ensure_agent(run_dir: &Path, state_dir: &Path) -> Result<(), ClientError>
     if is_running(run_dir) {
         return Ok(());
     }
+    if start_systemd_unit(run_dir) {
+        return wait_for_agent(run_dir);
+    }
     std::fs::create_dir_all(run_dir).map_err(|e| ClientError::Start(format!("{}: {e}", run_dir.display())))?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -99,6 +102,35 @@ pub fn ensure_agent(run_dir: &Path, state_dir: &Path) -> Result<(), ClientError>
         });
     }
     cmd.spawn().map_err(|e| ClientError::Start(e.to_string()))?;
+    wait_for_agent(run_dir)
+}
+
+/// Run dir the systemd unit serves.
+pub const UNIT_RUN_DIR: &str = "/run/ctguard";
+/// The agent's unit.
+pub const UNIT: &str = "ctguard.service";
+
+/// When systemd is PID 1 and `ctguard.service` is installed (and the default run dir is in
+/// use), starts the unit: the agent then lives outside the SSH session's cgroup, safe from
+/// logind's KillUserProcesses. False when that does not apply or fails.
+fn start_systemd_unit(run_dir: &Path) -> bool {
+    if run_dir != Path::new(UNIT_RUN_DIR) || !Path::new("/run/systemd/system").is_dir() {
+        return false;
+    }
+    let Ok(systemctl) = crate::backend::exec::Tool::find("systemctl") else { return false };
+    if systemctl.run(&["cat", UNIT], None).is_err() {
+        return false;
+    }
+    match systemctl.run(&["start", UNIT], None) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!("systemctl start {UNIT} failed ({e}); starting a detached agent instead");
+            false
+        }
+    }
+}
+
+fn wait_for_agent(run_dir: &Path) -> Result<(), ClientError> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
         if is_running(run_dir) {

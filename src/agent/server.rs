@@ -93,6 +93,21 @@ struct Shared {
     journal: Journal,
     boot_id: String,
     inner: Mutex<Inner>,
+    /// Woken (after `idle_exit`) when a request or a transaction ended: a detached agent then
+    /// checks whether it may exit. No periodic wake-ups.
+    idle: tokio::sync::Notify,
+}
+
+/// Asks the main loop to check for idleness once `idle_exit` has passed.
+fn schedule_idle_check(shared: &Arc<Shared>) {
+    if !shared.opts.detached {
+        return;
+    }
+    let s = shared.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(s.opts.idle_exit).await;
+        s.idle.notify_one();
+    });
 }
 
 #[derive(Default)]
@@ -138,7 +153,14 @@ pub fn run(opts: AgentOptions, engines: Engines) -> Result<(), AgentError> {
         .enable_all()
         .build()
         .map_err(setup("cannot start the runtime"))?;
-    let shared = Arc::new(Shared { opts, engines, journal, boot_id, inner: Mutex::new(Inner::default()) });
+    let shared = Arc::new(Shared {
+        opts,
+        engines,
+        journal,
+        boot_id,
+        inner: Mutex::new(Inner::default()),
+        idle: tokio::sync::Notify::new(),
+    });
     let result = rt.block_on(serve(shared));
     drop(lock_file);
     result
@@ -178,7 +200,7 @@ async fn serve(shared: Arc<Shared>) -> Result<(), AgentError> {
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel();
     spawn_signal_thread(sig_tx)?;
     shared.inner.lock().await.last_activity = Some(Instant::now());
-    let mut idle = tokio::time::interval(Duration::from_millis(500));
+    schedule_idle_check(&shared);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -196,7 +218,7 @@ async fn serve(shared: Arc<Shared>) -> Result<(), AgentError> {
                 }
                 Signal::Confirm(pid) => confirm_by_signal(&shared, pid).await,
             },
-            _ = idle.tick(), if shared.opts.detached => {
+            _ = shared.idle.notified(), if shared.opts.detached => {
                 let inner = shared.inner.lock().await;
                 let quiet = inner.last_activity.is_some_and(|t| t.elapsed() >= shared.opts.idle_exit);
                 drop(inner);
@@ -268,11 +290,13 @@ async fn handle_connection(shared: Arc<Shared>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
+    // Read the request first (bounded) so the client can always read the answer.
+    let read = reader.read_line(&mut line).await;
     let response = if peer.uid() != 0 {
         tracing::warn!(uid = peer.uid(), pid = ?peer.pid(), "refused a non-root client");
         Response::fail(Exit::BadInput, "permission denied: the agent serves root only")
     } else {
-        match reader.read_line(&mut line).await {
+        match read {
             Ok(n) if n > MAX_REQUEST_BYTES => Response::fail(Exit::BadInput, "request too large"),
             Ok(0) => return,
             Ok(_) => match serde_json::from_str::<Envelope>(&line) {
@@ -281,7 +305,7 @@ async fn handle_connection(shared: Arc<Shared>, stream: UnixStream) {
                 }
                 Ok(env) => {
                     shared.inner.lock().await.last_activity = Some(Instant::now());
-                    let r = dispatch(&shared, env.request, peer.pid()).await;
+                    let r = dispatch(&shared, env.request, peer.pid(), peer.uid()).await;
                     shared.inner.lock().await.last_activity = Some(Instant::now());
                     r
                 }
@@ -293,12 +317,13 @@ async fn handle_connection(shared: Arc<Shared>, stream: UnixStream) {
     let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
     out.push(b'\n');
     let _ = write.write_all(&out).await;
+    schedule_idle_check(&shared);
 }
 
-async fn dispatch(shared: &Arc<Shared>, req: Request, peer_pid: Option<i32>) -> Response {
+async fn dispatch(shared: &Arc<Shared>, req: Request, peer_pid: Option<i32>, peer_uid: u32) -> Response {
     match req {
         Request::Ping => Response::ok(json!({"pid": std::process::id()})),
-        Request::Apply(a) => apply(shared, a, peer_pid).await,
+        Request::Apply(a) => apply(shared, a, peer_pid, peer_uid).await,
         Request::Confirm { txid } => confirm(shared, txid.as_deref()).await,
         Request::Extend { txid, by_secs } => extend(shared, txid.as_deref(), by_secs).await,
         Request::Rollback { txid } => rollback_request(shared, txid.as_deref()).await,
@@ -318,6 +343,25 @@ async fn worker_for(shared: &Shared, target: Target) -> Result<Worker, Response>
     Ok(w)
 }
 
+/// The tools a transaction may run, by absolute path (journaled, DESIGN §1).
+pub const JOURNALED_TOOLS: &[&str] = &[
+    "nft",
+    "iptables-nft-restore",
+    "ip6tables-nft-restore",
+    "iptables-legacy-restore",
+    "ip6tables-legacy-restore",
+    "ipset",
+    "conntrack",
+];
+
+fn journaled_tools() -> std::collections::BTreeMap<String, String> {
+    JOURNALED_TOOLS
+        .iter()
+        .filter_map(|t| crate::backend::exec::Tool::find(t).ok())
+        .map(|t| (t.name, t.path.display().to_string()))
+        .collect()
+}
+
 fn ram_facts() -> MachineFacts {
     MachineFacts::with_ram(crate::sysctl::mem_total_bytes().unwrap_or(0))
 }
@@ -333,7 +377,7 @@ fn load_policy(a: &ApplyRequest) -> Result<Policy, Response> {
     })
 }
 
-async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> Response {
+async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, peer_uid: u32) -> Response {
     let policy = match load_policy(&a) {
         Ok(p) => p,
         Err(r) => return r,
@@ -428,7 +472,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
         dev: id.0,
         ino: id.1,
     };
-    let requester = Requester { uid: 0, pid: peer_pid.unwrap_or(0), ssh: a.ssh.clone() };
+    let requester = Requester { uid: peer_uid, pid: peer_pid.unwrap_or(0), ssh: a.ssh.clone() };
     let mut rec = TxnRecord::new(txid.clone(), kind, target_rec, requester, shared.boot_id.clone(), now_wall());
     match &a.ruleset {
         Some(r) => rec.ruleset = Some(r.text.clone()),
@@ -436,6 +480,8 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
     }
     rec.before = Some(prepared.before());
     rec.undo = prepared.planned_undo();
+    rec.tools = journaled_tools();
+    rec.genid_before = rec.undo.get("genid_before").and_then(serde_json::Value::as_u64).map(|g| g as u32);
     if let Err(e) = shared.journal.write(&rec) {
         unpin(&pin);
         return Response::fail(Exit::BadInput, format!("journal: {e}"));
@@ -449,6 +495,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>) -> 
     };
     fault("apply:after-apply");
     rec.undo = undo.clone();
+    rec.genid_after = undo.get("genid_after").and_then(serde_json::Value::as_u64).map(|g| g as u32);
     let engine = shared.engines.of(kind);
     let undo2 = undo.clone();
     match worker.call(move || engine.check_rollback(&undo2)).await {
@@ -521,6 +568,8 @@ async fn do_rollback(shared: &Arc<Shared>, worker: &Worker, rec: &mut TxnRecord,
             if let Some(p) = &rec.target.pin {
                 unpin(Path::new(p));
             }
+            let _ = shared.journal.prune(journal::DEFAULT_KEEP);
+            schedule_idle_check(shared);
             tracing::warn!(txid = rec.id.as_str(), "rolled back ({reason})");
             if is_host && reason == Reason::Deadline {
                 wall(&format!("ctguard: transaction {} not confirmed; automatic rollback complete", rec.id));

@@ -84,6 +84,10 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
     // Validate locally first: bad input never reaches the agent.
     super::load_policy(a.policy.as_deref())?;
     let ruleset = a.ruleset.as_deref().map(|p| load_ruleset(p, a.format)).transpose()?;
+    // Precondition: the journal can be written, with room (the agent checks again).
+    Journal::open(&global.state_dir)
+        .and_then(|j| j.check_room())
+        .map_err(|e| vec![Failure::bad_input(format!("state dir: {e}"))])?;
     let timeout = crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
     let (policy_text, policy_format) = match a.policy.as_deref() {
         None => (None, None),
