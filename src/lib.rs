@@ -17,5 +17,6 @@ pub mod live;
 pub mod model;
 pub mod netns;
 pub mod render;
+pub mod snapshot;
 pub mod sysctl;
 pub mod txn;

@@ -323,8 +323,9 @@ pub struct ApplyInfo {
 }
 
 /// The undo record of a ruleset transaction (the `undo` JSON in the journal). Guarantees: a
-/// rollback needs nothing else — the snapshot alone (as journaled in PREPARED, `apply` and
-/// `applied` still empty) restores the prior state.
+/// rollback needs nothing else — the snapshot alone (as journaled in PREPARED, `apply` still
+/// empty) restores the prior state. What ctguard applied is not repeated here: it is the
+/// listing the agent journals right after the apply (`after`), the baseline of the drift.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UndoRecord {
     /// Always `"ruleset"`.
@@ -333,14 +334,17 @@ pub struct UndoRecord {
     pub version: u32,
     /// The state to restore.
     pub snapshot: Snapshot,
+    /// Generation id the snapshot was read at (the agent journals it as `genid_before`).
+    #[serde(default)]
+    pub genid_before: Option<u32>,
+    /// Generation id right after the apply (journaled as `genid_after`); `None` until then.
+    #[serde(default)]
+    pub genid_after: Option<u32>,
     /// How the file was applied (`None` until it was).
     #[serde(default)]
     pub apply: Option<ApplyInfo>,
-    /// The state right after the apply, to tell what others changed during the window.
-    #[serde(default)]
-    pub applied: Option<FwState>,
-    /// What others changed during the window (applied → state at rollback), filled at
-    /// rollback; overwritten by the rollback, reported.
+    /// What others changed during the window ([`overwritten`]), filled in by the agent from
+    /// the rollback's report.
     #[serde(default)]
     pub drift: Vec<DriftSection>,
     /// Tools used, by absolute path.
@@ -354,9 +358,10 @@ impl UndoRecord {
         UndoRecord {
             kind: "ruleset".into(),
             version: SNAPSHOT_VERSION,
+            genid_before: snapshot.state.genid,
+            genid_after: None,
             snapshot,
             apply: None,
-            applied: None,
             drift: Vec::new(),
             tools,
         }
@@ -395,7 +400,10 @@ pub fn split_nft_tables(listing: &str) -> Result<Vec<NftTable>, SnapshotError> {
         }
     }
     if let Some((_, _, text)) = open {
-        return Err(SnapshotError::NftListing { line: listing.lines().count(), text: text.lines().next().unwrap_or_default().to_string() });
+        return Err(SnapshotError::NftListing {
+            line: listing.lines().count(),
+            text: text.lines().next().unwrap_or_default().to_string(),
+        });
     }
     Ok(out)
 }
@@ -632,7 +640,10 @@ pub fn nft_restore_script(snapshot: &Snapshot, current: &[TableId]) -> String {
 /// table present now (`current`) but not in the snapshot, emptied (built-in chains with
 /// policy ACCEPT, no rules, no user chains) — a legacy table cannot be removed. `None` when
 /// there is nothing to restore.
-pub fn legacy_restore_doc(snapshot_save: Option<&str>, current_save: Option<&str>) -> Result<Option<String>, SnapshotError> {
+pub fn legacy_restore_doc(
+    snapshot_save: Option<&str>,
+    current_save: Option<&str>,
+) -> Result<Option<String>, SnapshotError> {
     let parse = |t: &str| {
         iptables_save::parse(t).map_err(|source| SnapshotError::Save { tool: "iptables-legacy-save".into(), source })
     };
@@ -710,7 +721,9 @@ pub fn choose_variant(snapshot: &Snapshot) -> (IptVariant, Option<String>) {
         snapshot.state.save(IptVariant::Legacy, v6).is_some_and(|s| {
             iptables_save::parse(&s.text).is_ok_and(|d| {
                 d.tables.iter().any(|t| {
-                    t.chains.iter().any(|c| !c.rules.is_empty() || !c.is_builtin() || c.policy.as_deref() != Some("ACCEPT"))
+                    t.chains
+                        .iter()
+                        .any(|c| !c.rules.is_empty() || !c.is_builtin() || c.policy.as_deref() != Some("ACCEPT"))
                 })
             })
         })
@@ -720,7 +733,9 @@ pub fn choose_variant(snapshot: &Snapshot) -> (IptVariant, Option<String>) {
         (true, false) => (IptVariant::Legacy, None),
         (true, true) => (
             IptVariant::Nft,
-            Some("both iptables-legacy and iptables-nft tables are in use; the dump is applied with iptables-nft".into()),
+            Some(
+                "both iptables-legacy and iptables-nft tables are in use; the dump is applied with iptables-nft".into(),
+            ),
         ),
         _ => (IptVariant::Nft, None),
     }
@@ -739,7 +754,9 @@ pub fn normalize_nft_line(line: &str) -> String {
     while i < toks.len() {
         let t = toks[i];
         let next = toks.get(i + 1).copied();
-        let is_num = |s: Option<&str>| s.is_some_and(|s| !s.is_empty() && s.trim_end_matches([',', '}']).bytes().all(|b| b.is_ascii_digit()));
+        let is_num = |s: Option<&str>| {
+            s.is_some_and(|s| !s.is_empty() && s.trim_end_matches([',', '}']).bytes().all(|b| b.is_ascii_digit()))
+        };
         match t {
             "packets" | "bytes" if is_num(next) => {
                 out.push(t.to_string());
@@ -868,6 +885,37 @@ pub fn listing(state: &FwState) -> String {
     out
 }
 
+/// Reads a [`listing`] back into a state (normalised values, no generation id): the inverse
+/// of `listing` as far as [`sections`] can tell. Unknown `## ` headers are errors.
+pub fn state_from_listing(text: &str) -> Result<FwState, SnapshotError> {
+    let mut st = FwState::default();
+    let mut current: Option<(String, String)> = None;
+    let flush = |st: &mut FwState, cur: Option<(String, String)>| -> Result<(), SnapshotError> {
+        let Some((head, body)) = cur else { return Ok(()) };
+        if head == "nft list ruleset" {
+            st.nft = split_nft_tables(&body)?;
+        } else if head == "ipset save" {
+            st.ipsets = Some(body);
+        } else if let Some(&(variant, v6)) = SAVE_ORDER.iter().find(|(v, v6)| v.tool(*v6, "-save") == head) {
+            st.saves.push(SaveText { variant, v6, text: body });
+        } else {
+            return Err(SnapshotError::NftListing { line: 0, text: format!("## {head}") });
+        }
+        Ok(())
+    };
+    for line in text.lines() {
+        if let Some(head) = line.strip_prefix("## ") {
+            flush(&mut st, current.take())?;
+            current = Some((head.to_string(), String::new()));
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    flush(&mut st, current.take())?;
+    Ok(st)
+}
+
 /// Sections of a state for the drift diff: nft tables, save tables and ipsets, each under a
 /// stable key, normalised.
 pub fn sections(state: &FwState) -> BTreeMap<String, String> {
@@ -899,6 +947,11 @@ pub struct DriftSection {
     pub section: String,
     /// Changed lines only: `- old`, `+ new`.
     pub diff: Vec<String>,
+    /// True when a rollback replaces this section with the snapshot's (every nft table and
+    /// iptables table); false for ipset contents, which a rollback keeps (see
+    /// [`missing_ipsets_restore`]).
+    #[serde(default)]
+    pub overwritten: bool,
 }
 
 /// What differs between `from` (e.g. what ctguard applied) and `to` (what is there now),
@@ -911,14 +964,38 @@ pub fn drift(from: &FwState, to: &FwState) -> Vec<DriftSection> {
     for k in keys {
         let (old, new) = (a.get(k).map(String::as_str).unwrap_or(""), b.get(k).map(String::as_str).unwrap_or(""));
         if old != new {
-            out.push(DriftSection { section: k.clone(), diff: changed_lines(old, new) });
+            out.push(DriftSection {
+                section: k.clone(),
+                diff: changed_lines(old, new),
+                overwritten: !k.starts_with("ipset "),
+            });
         }
     }
     out
 }
 
+/// What others changed during the window, which a rollback to `snapshot` overwrites (ipset
+/// contents excepted, flagged `overwritten: false`): the sections where the state `now` differs both from what ctguard `applied` and from the
+/// snapshot, each as the diff applied → now. A section already back to its snapshot content
+/// is not drift (a second rollback reports nothing); counters and timers are ignored.
+pub fn overwritten(snapshot: &FwState, applied: &FwState, now: &FwState) -> Vec<DriftSection> {
+    let s = sections(snapshot);
+    let a = sections(applied);
+    let n = sections(now);
+    let keys: BTreeSet<&String> = a.keys().chain(n.keys()).collect();
+    let get = |m: &BTreeMap<String, String>, k: &String| m.get(k).cloned().unwrap_or_default();
+    keys.into_iter()
+        .filter(|k| get(&n, k) != get(&a, k) && get(&n, k) != get(&s, k))
+        .map(|k| DriftSection {
+            section: k.clone(),
+            diff: changed_lines(&get(&a, k), &get(&n, k)),
+            overwritten: !k.starts_with("ipset "),
+        })
+        .collect()
+}
+
 /// The changed lines between two texts (`- old`, `+ new`): common head and tail trimmed, the
-/// middle aligned with [`crate::cli::plan::diff_lines`] when small enough
+/// middle aligned with the CLI's line diff (`cli::plan::diff_lines`) when small enough
 /// ([`DIFF_CELL_LIMIT`]), else listed whole.
 pub fn changed_lines(old: &str, new: &str) -> Vec<String> {
     let a: Vec<String> = old.lines().map(str::to_string).collect();
@@ -1016,14 +1093,20 @@ mod tests {
 
     #[test]
     fn restore_script_deletes_current_native_tables_and_recreates_the_snapshot() {
-        let snap = Snapshot { version: 1, state: state(), iptables_nft: vec![TableId { family: "ip".into(), name: "filter".into() }] };
+        let snap = Snapshot {
+            version: 1,
+            state: state(),
+            iptables_nft: vec![TableId { family: "ip".into(), name: "filter".into() }],
+        };
         let current = vec![
             TableId { family: "inet".into(), name: "t1".into() },
             TableId { family: "ip".into(), name: "filter".into() },
             TableId { family: "ip".into(), name: "mangle".into() },
         ];
         let s = nft_restore_script(&snap, &current);
-        assert!(s.starts_with("add table inet t1\ndelete table inet t1\nadd table ip mangle\ndelete table ip mangle\ntable inet t1 {\n"));
+        assert!(s.starts_with(
+            "add table inet t1\ndelete table inet t1\nadd table ip mangle\ndelete table ip mangle\ntable inet t1 {\n"
+        ));
         assert!(!s.contains("delete table ip filter"));
         assert!(!s.contains("flush"));
         assert!(!s.contains("table ip filter {"));
@@ -1049,7 +1132,10 @@ mod tests {
 
     #[test]
     fn normalises_volatile_values() {
-        assert_eq!(normalize_nft_line("\t\tcounter packets 3 bytes 180 accept"), "\t\tcounter packets 0 bytes 0 accept");
+        assert_eq!(
+            normalize_nft_line("\t\tcounter packets 3 bytes 180 accept"),
+            "\t\tcounter packets 0 bytes 0 accept"
+        );
         assert_eq!(normalize_nft_line("\t\tquota over 10 mbytes used 123 kbytes"), "\t\tquota over 10 mbytes");
         assert_eq!(normalize_nft_line("\t\tquota 1 mbytes used 86 bytes"), "\t\tquota 1 mbytes");
         assert_eq!(
@@ -1058,7 +1144,10 @@ mod tests {
         );
         assert_eq!(normalize_nft_line("\t\tlast used 2s ago drop"), "\t\tlast drop");
         assert_eq!(normalize_nft_line("\t\tlast used never drop"), "\t\tlast drop");
-        assert_eq!(normalize_nft_line("\t\tip saddr 1.2.3.4  counter packets 1 bytes 2 drop"), "\t\tip saddr 1.2.3.4  counter packets 0 bytes 0 drop");
+        assert_eq!(
+            normalize_nft_line("\t\tip saddr 1.2.3.4  counter packets 1 bytes 2 drop"),
+            "\t\tip saddr 1.2.3.4  counter packets 0 bytes 0 drop"
+        );
         assert_eq!(normalize_save(&state().saves[0].text), "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -s 1.2.3.4/32 -j DROP\nCOMMIT\n");
         assert!(normalize_ipsets("add blk 1.2.3.4 timeout 30\n").contains("timeout 0"));
     }
@@ -1074,7 +1163,29 @@ mod tests {
         let d = drift(&a, &b);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].section, "nft table inet t1");
-        assert_eq!(d[0].diff, vec!["+ \t\tcounter packets 0 bytes 0 drop".to_string(), "- \t\tcounter packets 0 bytes 0 accept".to_string()]);
+        assert_eq!(
+            d[0].diff,
+            vec![
+                "+ \t\tcounter packets 0 bytes 0 drop".to_string(),
+                "- \t\tcounter packets 0 bytes 0 accept".to_string()
+            ]
+        );
+        // Back to the snapshot is not drift; a third change is.
+        assert!(overwritten(&a, &b, &a).is_empty());
+        let mut c = a.clone();
+        c.nft[1].text = c.nft[1].text.replace("drop", "reject");
+        let o = overwritten(&a, &b, &c);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o[0].section, "nft table ip filter");
+    }
+
+    #[test]
+    fn listing_reads_back() {
+        let st = state();
+        let back = state_from_listing(&listing(&st)).expect("parses");
+        assert_eq!(sections(&back), sections(&st));
+        assert_eq!(back.nft.len(), 2);
+        assert!(state_from_listing("## nope\n").is_err());
     }
 
     #[test]
@@ -1090,7 +1201,11 @@ mod tests {
     fn variant_choice() {
         let mut snap = Snapshot { version: 1, state: FwState::default(), iptables_nft: vec![] };
         assert_eq!(choose_variant(&snap).0, IptVariant::Nft);
-        snap.state.saves.push(SaveText { variant: IptVariant::Legacy, v6: false, text: "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n".into() });
+        snap.state.saves.push(SaveText {
+            variant: IptVariant::Legacy,
+            v6: false,
+            text: "*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n".into(),
+        });
         assert_eq!(choose_variant(&snap).0, IptVariant::Nft, "an empty legacy table is not use");
         snap.state.saves[0].text = "*filter\n:INPUT DROP [0:0]\nCOMMIT\n".into();
         assert_eq!(choose_variant(&snap).0, IptVariant::Legacy);

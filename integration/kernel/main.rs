@@ -9,6 +9,7 @@ mod batch;
 mod iptables;
 mod traffic;
 mod plan_lint;
+mod ruleset_txn;
 
 mod txn_cli;
 mod policy_txn;

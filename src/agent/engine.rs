@@ -93,6 +93,15 @@ pub trait Engine: Send + Sync + 'static {
     fn check_rollback(&self, undo: &Value) -> Result<(), EngineError>;
     /// Undoes the change recorded in `undo`, by tag; idempotent.
     fn rollback(&self, undo: &Value) -> Result<(), EngineError>;
+    /// [`Engine::rollback`], returning what the rollback found and overwrote, for the agent to
+    /// merge into the undo record and report (a ruleset transaction's `{"drift": [...]}`: what
+    /// others changed during the window, measured against `after`, the journaled listing taken
+    /// right after the apply); `Value::Null` when there is nothing to report. Same guarantees
+    /// as `rollback`.
+    fn rollback_report(&self, undo: &Value, after: Option<&str>) -> Result<Value, EngineError> {
+        let _ = after;
+        self.rollback(undo).map(|()| Value::Null)
+    }
     /// The current listing (for `show` and the diff).
     fn listing(&self, undo: &Value) -> Result<String, EngineError>;
 }

@@ -1,24 +1,167 @@
-//! The engine for ruleset transactions (`apply --ruleset FILE`): full snapshot and restore.
+//! The engine for ruleset transactions (`apply --ruleset FILE`): full snapshot and restore
+//! (DESIGN §1), on top of [`crate::backend::ruleset_txn`] and [`crate::snapshot`].
+//!
+//! The undo record is a serialised [`UndoRecord`]: the snapshot (already complete in the
+//! PREPARED record, so a crash mid-apply rolls back from it) and how the file was applied. What
+//! others changed during the window is measured at rollback against the listing the agent
+//! journals right after the apply ([`Engine::rollback_report`]'s `after`).
 
 use serde_json::Value;
 
 use super::engine::{ApplyInput, Engine, EngineError, Prepared};
+use crate::backend::ruleset_txn::{self, chain_text, Candidate, RulesetTxnError};
 use crate::exit::Exit;
+use crate::snapshot::{self, RulesetFormat, Snapshot, UndoRecord};
 
-/// Ruleset transactions (DESIGN §1).
+/// Ruleset transactions (DESIGN §1). Every method runs on the target's worker thread.
 pub struct RulesetEngine;
 
+fn engine_err(e: RulesetTxnError) -> EngineError {
+    EngineError { exit: e.exit(), message: chain_text(&e) }
+}
+
+fn parse_undo(undo: &Value) -> Result<UndoRecord, EngineError> {
+    serde_json::from_value(undo.clone()).map_err(|e| EngineError {
+        exit: Exit::Internal,
+        message: format!("the undo record is not a ruleset snapshot: {e}"),
+    })
+}
+
+fn to_value(rec: &UndoRecord) -> Result<Value, EngineError> {
+    serde_json::to_value(rec).map_err(|e| EngineError { exit: Exit::Internal, message: format!("undo record: {e}") })
+}
+
+impl RulesetEngine {
+    /// [`Engine::rollback`], returning what others changed during the window: the drift the
+    /// rollback overwrote, measured against `after` (the [`Engine::listing`] taken right after
+    /// the apply, as the agent journals it); empty without `after`, or when the apply never
+    /// completed. Idempotent: a second call restores the same state.
+    pub fn rollback_with_drift(
+        &self,
+        undo: &Value,
+        after: Option<&str>,
+    ) -> Result<Vec<snapshot::DriftSection>, EngineError> {
+        let rec = parse_undo(undo)?;
+        let applied = match (&rec.apply, after) {
+            (Some(_), Some(text)) => match snapshot::state_from_listing(text) {
+                Ok(st) => Some(st),
+                Err(e) => {
+                    tracing::warn!("the listing after the apply is unreadable, no drift report: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let genid_after = rec.apply.as_ref().and_then(|a| a.genid_after);
+        let report = ruleset_txn::restore(&rec.snapshot, applied.as_ref(), genid_after)
+            .map_err(|e| EngineError { exit: Exit::RollbackFailed, message: chain_text(&e) })?;
+        tracing::info!(steps = ?report.steps, drift = report.drift.len(), raced = report.raced, "ruleset restored from the snapshot");
+        Ok(report.drift)
+    }
+}
+
 impl Engine for RulesetEngine {
-    fn prepare(&self, _input: &ApplyInput) -> Result<Box<dyn Prepared>, EngineError> {
-        Err(EngineError { exit: Exit::BadInput, message: "ruleset transactions are not available yet".into() })
+    fn prepare(&self, input: &ApplyInput) -> Result<Box<dyn Prepared>, EngineError> {
+        let Some(file) = &input.ruleset else {
+            return Err(EngineError {
+                exit: Exit::BadInput,
+                message: "a ruleset transaction needs a ruleset file".into(),
+            });
+        };
+        let tools = ruleset_txn::tools().map_err(engine_err)?;
+        let (format, family) =
+            snapshot::resolve_format(&file.format, &file.text).map_err(|e| engine_err(RulesetTxnError::Snapshot(e)))?;
+        let snap = ruleset_txn::take_snapshot().map_err(engine_err)?;
+        let mut warnings = Vec::new();
+        let variant = match format {
+            RulesetFormat::Nft => None,
+            RulesetFormat::Iptables => {
+                let (v, w) = snapshot::choose_variant(&snap);
+                warnings.extend(w);
+                Some(v)
+            }
+        };
+        let candidate = Candidate { text: file.text.clone(), format, family, variant };
+        ruleset_txn::check_candidate(&candidate, &snap).map_err(engine_err)?;
+        ruleset_txn::check_restore(&snap).map_err(engine_err)?;
+        if let (Some(v), Some(f)) = (variant, family) {
+            warnings.push(format!(
+                "the iptables dump is applied as {} with {}",
+                if f.is_v6() { "IPv6" } else { "IPv4" },
+                v.tool(f.is_v6(), "-restore")
+            ));
+        }
+        if variant == Some(crate::live::fw::IptVariant::Legacy) {
+            warnings.push(
+                "legacy iptables tables the dump creates cannot be removed by the rollback: they are left empty".into(),
+            );
+        }
+        Ok(Box::new(PreparedRuleset { undo: UndoRecord::planned(snap, tools), candidate, warnings }))
     }
-    fn check_rollback(&self, _undo: &Value) -> Result<(), EngineError> {
-        Err(EngineError { exit: Exit::Internal, message: "ruleset transactions are not available yet".into() })
+
+    fn check_rollback(&self, undo: &Value) -> Result<(), EngineError> {
+        let rec = parse_undo(undo)?;
+        ruleset_txn::check_restore(&rec.snapshot).map_err(engine_err)
     }
-    fn rollback(&self, _undo: &Value) -> Result<(), EngineError> {
-        Err(EngineError { exit: Exit::Internal, message: "ruleset transactions are not available yet".into() })
+
+    fn rollback(&self, undo: &Value) -> Result<(), EngineError> {
+        self.rollback_with_drift(undo, None).map(|_| ())
     }
+
+    fn rollback_report(&self, undo: &Value, after: Option<&str>) -> Result<Value, EngineError> {
+        let drift = self.rollback_with_drift(undo, after)?;
+        Ok(if drift.is_empty() { Value::Null } else { serde_json::json!({ "drift": drift }) })
+    }
+
     fn listing(&self, _undo: &Value) -> Result<String, EngineError> {
-        Ok(String::new())
+        ruleset_txn::listing().map_err(engine_err)
+    }
+}
+
+/// A checked ruleset transaction: snapshot taken and proven restorable, file kernel-checked.
+struct PreparedRuleset {
+    undo: UndoRecord,
+    candidate: Candidate,
+    warnings: Vec<String>,
+}
+
+impl PreparedRuleset {
+    /// A snapshot still valid for the apply: retaken (and its restore re-checked) when the
+    /// generation id moved since it was taken.
+    fn fresh_snapshot(&self) -> Result<(Snapshot, bool), RulesetTxnError> {
+        let now = crate::backend::netlink::get_genid().map_err(RulesetTxnError::Genid)?;
+        if self.undo.snapshot.state.genid == Some(now) {
+            return Ok((self.undo.snapshot.clone(), false));
+        }
+        tracing::warn!("the ruleset changed between the snapshot and the apply; taking it again");
+        let snap = ruleset_txn::take_snapshot()?;
+        ruleset_txn::check_restore(&snap)?;
+        Ok((snap, true))
+    }
+}
+
+impl Prepared for PreparedRuleset {
+    fn planned_undo(&self) -> Value {
+        serde_json::to_value(&self.undo).unwrap_or(Value::Null)
+    }
+
+    fn before(&self) -> String {
+        snapshot::listing(&self.undo.snapshot.state)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
+    fn apply(self: Box<Self>) -> Result<Value, EngineError> {
+        let (snap, resnapshot) = self.fresh_snapshot().map_err(engine_err)?;
+        let mut info = ruleset_txn::apply(&self.candidate).map_err(engine_err)?;
+        info.resnapshot = resnapshot;
+        let mut rec = self.undo;
+        rec.genid_before = snap.state.genid;
+        rec.genid_after = info.genid_after;
+        rec.snapshot = snap;
+        rec.apply = Some(info);
+        to_value(&rec)
     }
 }

@@ -552,14 +552,20 @@ async fn fail_and_roll_back(shared: &Arc<Shared>, worker: &Worker, mut rec: TxnR
 async fn do_rollback(shared: &Arc<Shared>, worker: &Worker, rec: &mut TxnRecord, reason: Reason) -> Result<(), String> {
     let engine = shared.engines.of(rec.kind);
     let undo = rec.undo.clone();
+    let after = rec.after.clone();
     fault("rollback:before-engine");
-    let result = match worker.call(move || engine.rollback(&undo)).await {
+    let result = match worker.call(move || engine.rollback_report(&undo, after.as_deref())).await {
         Ok(r) => r.map_err(|e| e.message),
         Err(e) => Err(e.to_string()),
     };
     fault("rollback:after-engine");
     match result {
-        Ok(()) => {
+        Ok(report) => {
+            // What the rollback found and overwrote (a ruleset transaction's drift) joins the
+            // undo record, journaled with the outcome below.
+            if let (serde_json::Value::Object(extra), Some(undo)) = (report, rec.undo.as_object_mut()) {
+                undo.extend(extra);
+            }
             let is_host = rec.target.label == "host";
             let _ = rec.to_rolled_back(reason.clone(), now_wall());
             if let Err(e) = shared.journal.write(rec) {

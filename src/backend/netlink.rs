@@ -481,6 +481,70 @@ pub fn get_genid() -> Result<u32, NetlinkError> {
     }
 }
 
+/// nft family keyword of an `NFPROTO_*` value, as `nft list tables` prints it.
+fn nft_family_name(f: u8) -> Option<&'static str> {
+    match f {
+        1 => Some("inet"),
+        2 => Some("ip"),
+        3 => Some("arp"),
+        5 => Some("netdev"),
+        7 => Some("bridge"),
+        10 => Some("ip6"),
+        _ => None,
+    }
+}
+
+/// Lists the nf_tables tables of the calling thread's network namespace as (family keyword,
+/// name), in the kernel's order (`NFT_MSG_GETTABLE` dump). Read-only. Guarantees the same
+/// tables as `nft list tables` at one instant, without nft's full-cache fetch (which costs as
+/// much as `nft list ruleset`: 0.5 s with 20k rules, measured).
+pub fn list_tables() -> Result<Vec<(String, String)>, NetlinkError> {
+    const NFT_MSG_GETTABLE: u16 = 1;
+    const NFT_MSG_NEWTABLE: u16 = 0;
+    const NFTA_TABLE_NAME: u16 = 1;
+    const NLMSG_DONE: u16 = 3;
+    let query = |source: io::Error| NetlinkError::Query { what: "GETTABLE (list the nf_tables tables)", source };
+    let mut s = NfSocket::open()?;
+    let seq = FIRST_SEQ;
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + 4);
+    req.extend_from_slice(&((NLMSG_HDRLEN + 4) as u32).to_ne_bytes());
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&seq.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    s.send(&req)?;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    let mut out = Vec::new();
+    loop {
+        let Some(replies) = s.recv(deadline.saturating_duration_since(Instant::now()))? else {
+            return Err(query(io::Error::from(io::ErrorKind::TimedOut)));
+        };
+        for r in replies.iter().filter(|r| r.seq == seq) {
+            if r.ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
+                let family = r.payload.first().copied().and_then(nft_family_name);
+                let name = parse_attrs(r.payload.get(4..).unwrap_or_default())
+                    .into_iter()
+                    .find(|(t, _)| *t == NFTA_TABLE_NAME)
+                    .map(|(_, d)| {
+                        String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+                    });
+                match (family, name) {
+                    (Some(f), Some(n)) => out.push((f.to_string(), n)),
+                    _ => return Err(NetlinkError::Malformed("GETTABLE reply without a known family or a name".into())),
+                }
+            } else if r.ty == NLMSG_DONE {
+                return Ok(out);
+            } else if r.ty == NLMSG_ERROR {
+                let (code, _) = parse_error(r)?;
+                if code != 0 {
+                    return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

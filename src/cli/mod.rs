@@ -2,7 +2,7 @@
 //! Every error leaves as one line on stderr (`ctguard: error: …`) and a documented exit code.
 
 pub mod args;
-mod plan;
+pub(crate) mod plan;
 mod render;
 mod txn;
 

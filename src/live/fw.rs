@@ -28,7 +28,7 @@ pub enum Owner {
 }
 
 /// iptables variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IptVariant {
     /// iptables-nft (x_tables rules stored in nf_tables).

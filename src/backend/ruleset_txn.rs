@@ -1,0 +1,576 @@
+//! Side effects of ruleset transactions (DESIGN §1): reading the whole firewall of the calling
+//! thread's network namespace, proving each table's restore route in a scratch namespace,
+//! kernel-checking and applying a ruleset file, and restoring a [`Snapshot`]. The pure parts
+//! (restore documents, listing, drift) are in [`crate::snapshot`].
+//!
+//! Every tool runs by absolute path with an argument vector ([`Tool`]), never through a shell.
+//! Call these inside `crate::netns::Target::run` (the agent's target thread) so they act on
+//! the target; scratch checks run on a thread of their own in a fresh namespace and never
+//! enter or change the target.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::backend::exec::{ExecError, Tool};
+use crate::backend::iptables::{self, IptablesError};
+use crate::backend::netlink::{self, NetlinkError};
+use crate::exit::Exit;
+use crate::live::fw::IptVariant;
+use crate::render::iptables::IpFamily;
+use crate::snapshot::{
+    self, ApplyInfo, DriftSection, Family, FwState, NftTable, RulesetFormat, SaveText, Snapshot, SnapshotError,
+    TableId, SAVE_ORDER, SNAPSHOT_VERSION,
+};
+
+/// How many times a snapshot is re-read when the generation id moved while it was read.
+pub const SNAPSHOT_ATTEMPTS: usize = 5;
+/// How many times the rollback's `nft -f` is redone when another commit raced it.
+pub const RESTORE_ATTEMPTS: usize = 3;
+
+/// Errors of ruleset transactions, each with the exit code it maps to ([`RulesetTxnError::exit`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RulesetTxnError {
+    /// A required tool is missing (precondition, exit 2).
+    #[error("a required tool is missing")]
+    MissingTool(#[source] ExecError),
+    /// Reading the live state failed.
+    #[error("reading the firewall: {what}")]
+    Read {
+        /// Which read.
+        what: String,
+        /// The tool failure.
+        #[source]
+        source: ExecError,
+    },
+    /// The generation id or the table list could not be read over netlink.
+    #[error("reading nf_tables over netlink")]
+    Genid(#[source] NetlinkError),
+    /// The pure logic refused (unparsable listing, unrestorable table, bad format).
+    #[error("snapshot")]
+    Snapshot(#[source] SnapshotError),
+    /// The ruleset kept changing while it was read.
+    #[error("the nf_tables ruleset kept changing while it was read ({0} attempts); nothing changed")]
+    Unstable(usize),
+    /// The ruleset file does not pass the kernel check (`nft -c -f`).
+    #[error("the kernel refuses the ruleset file (nft -c); nothing changed")]
+    CandidateRefused(#[source] ExecError),
+    /// The iptables dump does not load in a scratch namespace.
+    #[error("the kernel refuses the iptables dump (scratch namespace); nothing changed")]
+    CandidateIptRefused(#[source] IptablesError),
+    /// The restore script does not pass the kernel check.
+    #[error("the rollback script does not pass the kernel check (nft -c)")]
+    RestoreRefused(#[source] ExecError),
+    /// A scratch-namespace step failed.
+    #[error("scratch namespace: {what}")]
+    Scratch {
+        /// The step.
+        what: String,
+        /// The tool failure.
+        #[source]
+        source: ExecError,
+    },
+    /// The scratch namespace could not be created.
+    #[error("cannot create a scratch network namespace")]
+    Unshare(#[source] nix::Error),
+    /// The scratch thread panicked.
+    #[error("the scratch-namespace thread panicked")]
+    ScratchPanicked,
+    /// Applying the ruleset file failed.
+    #[error("applying the ruleset file failed")]
+    Apply(#[source] ExecError),
+    /// Applying the iptables dump failed.
+    #[error("applying the iptables dump failed")]
+    ApplyIpt(#[source] IptablesError),
+    /// A rollback step failed.
+    #[error("rollback step `{step}` failed")]
+    Restore {
+        /// The step (tool name).
+        step: String,
+        /// The tool failure.
+        #[source]
+        source: ExecError,
+    },
+}
+
+impl RulesetTxnError {
+    /// The DESIGN §5 exit code: 2 for a missing tool or bad input, 3 for a refusal (nothing
+    /// changed — a failed apply is rolled back by the agent), 1 for other failures.
+    pub fn exit(&self) -> Exit {
+        match self {
+            RulesetTxnError::MissingTool(_) => Exit::BadInput,
+            RulesetTxnError::Snapshot(SnapshotError::Format(_) | SnapshotError::MixedFamilies { .. }) => Exit::BadInput,
+            RulesetTxnError::Snapshot(_)
+            | RulesetTxnError::Unstable(_)
+            | RulesetTxnError::CandidateRefused(_)
+            | RulesetTxnError::CandidateIptRefused(_)
+            | RulesetTxnError::RestoreRefused(_)
+            | RulesetTxnError::Apply(_)
+            | RulesetTxnError::ApplyIpt(_)
+            | RulesetTxnError::Scratch { .. } => Exit::Refused,
+            _ => Exit::Internal,
+        }
+    }
+}
+
+/// The whole error chain on one line (`outer: inner: …`).
+pub fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn nft() -> Result<Tool, RulesetTxnError> {
+    Tool::find("nft").map_err(RulesetTxnError::MissingTool)
+}
+
+/// Absolute paths of the tools a ruleset transaction uses here (for the journal); `nft` is
+/// required (exit 2 without it), the others are used when installed.
+pub fn tools() -> Result<BTreeMap<String, String>, RulesetTxnError> {
+    let mut out = BTreeMap::new();
+    let n = nft()?;
+    out.insert(n.name, n.path.display().to_string());
+    let mut names = vec!["ipset".to_string()];
+    for (v, v6) in SAVE_ORDER {
+        names.push(v.tool(v6, "-save"));
+        names.push(v.tool(v6, "-restore"));
+    }
+    for name in names {
+        if let Ok(t) = Tool::find(&name) {
+            out.insert(t.name, t.path.display().to_string());
+        }
+    }
+    Ok(out)
+}
+
+fn genid() -> Result<u32, RulesetTxnError> {
+    netlink::get_genid().map_err(RulesetTxnError::Genid)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+/// `nft list ruleset`, split into tables, with the tables nft says hold compat expressions.
+fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
+    let out = nft()?
+        .output(&["list", "ruleset"], None)
+        .map_err(|source| RulesetTxnError::Read { what: "nft list ruleset".into(), source })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(RulesetTxnError::Read {
+            what: "nft list ruleset".into(),
+            source: ExecError::Failed {
+                cmd: "nft list ruleset".into(),
+                status: out.status.to_string(),
+                stderr: crate::backend::exec::one_line(&stderr),
+            },
+        });
+    }
+    let mut tables =
+        snapshot::split_nft_tables(&String::from_utf8_lossy(&out.stdout)).map_err(RulesetTxnError::Snapshot)?;
+    let xt = snapshot::xt_tables(&stderr);
+    for t in &mut tables {
+        t.xt = xt.contains(&t.id());
+    }
+    Ok(tables)
+}
+
+/// The installed saves of `which` (variant, v6), read with `-c`.
+fn read_saves(which: &[(IptVariant, bool)]) -> Result<Vec<SaveText>, RulesetTxnError> {
+    let mut out = Vec::new();
+    for &(variant, v6) in which {
+        let name = variant.tool(v6, "-save");
+        let Ok(t) = Tool::find(&name) else { continue };
+        let text = t.run(&["-c"], None).map_err(|source| RulesetTxnError::Read { what: name.clone(), source })?;
+        out.push(SaveText { variant, v6, text });
+    }
+    Ok(out)
+}
+
+fn read_ipsets() -> Result<Option<String>, RulesetTxnError> {
+    let Ok(t) = Tool::find("ipset") else { return Ok(None) };
+    t.run(&["save"], None).map(Some).map_err(|source| RulesetTxnError::Read { what: "ipset save".into(), source })
+}
+
+/// Reads the whole firewall of the calling thread's namespace: `nft list ruleset`, every
+/// installed iptables save (`-c`, both variants and families; "incompatible" warnings kept
+/// as text, judged later) and `ipset save`, with the generation id read before. Read-only.
+pub fn read_state() -> Result<FwState, RulesetTxnError> {
+    let genid = Some(genid()?);
+    Ok(FwState { genid, nft: read_nft()?, saves: read_saves(&SAVE_ORDER)?, ipsets: read_ipsets()? })
+}
+
+/// The current nft tables, in kernel order (a netlink dump: `nft list tables` fetches the
+/// whole ruleset first).
+pub fn current_tables() -> Result<Vec<TableId>, RulesetTxnError> {
+    let tables = netlink::list_tables().map_err(RulesetTxnError::Genid)?;
+    Ok(tables.into_iter().map(|(family, name)| TableId { family, name }).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot
+
+/// Takes a [`Snapshot`] of the calling thread's namespace: the state read between two equal
+/// generation ids (re-read up to [`SNAPSHOT_ATTEMPTS`] times, then [`RulesetTxnError::Unstable`]),
+/// each `ip`/`ip6` table iptables-nft lists proven in a scratch namespace to come back exactly
+/// from `iptables-nft-restore -c` (else it is native, if nft can restore it), and the legacy
+/// saves proven to load. Refuses (exit 3) a table no route restores exactly: compat (xt)
+/// expressions that iptables-nft-save does not represent faithfully. Changes nothing.
+pub fn take_snapshot() -> Result<Snapshot, RulesetTxnError> {
+    let mut attempt = 0;
+    let state = loop {
+        attempt += 1;
+        let before = genid()?;
+        let mut st = read_state()?;
+        let after = genid()?;
+        if before == after {
+            st.genid = Some(before);
+            break st;
+        }
+        tracing::debug!(before, after, attempt, "generation id moved while reading the snapshot; re-reading");
+        if attempt >= SNAPSHOT_ATTEMPTS {
+            return Err(RulesetTxnError::Unstable(attempt));
+        }
+        std::thread::sleep(Duration::from_millis(20 * attempt as u64));
+    };
+    classify(state)
+}
+
+/// Decides each table's restore route (see [`take_snapshot`]).
+fn classify(state: FwState) -> Result<Snapshot, RulesetTxnError> {
+    let candidates = snapshot::ipt_nft_candidates(&state);
+    let proven = scratch_prove(&state, &candidates)?;
+    let mut iptables_nft = Vec::new();
+    for t in &state.nft {
+        let id = t.id();
+        match proven.get(&id) {
+            Some(Ok(())) => iptables_nft.push(id),
+            Some(Err(why)) if t.xt => {
+                return Err(RulesetTxnError::Snapshot(SnapshotError::Unrestorable {
+                    family: t.family.clone(),
+                    name: t.name.clone(),
+                    why: format!("it holds iptables compat expressions nft cannot load, and iptables-nft-save does not give it back exactly ({why})"),
+                }))
+            }
+            _ if t.xt => {
+                return Err(RulesetTxnError::Snapshot(SnapshotError::Unrestorable {
+                    family: t.family.clone(),
+                    name: t.name.clone(),
+                    why: "it holds iptables compat expressions nft cannot load, and iptables-nft-save does not list it as compatible (ebtables-nft/arptables-nft tables and native objects in an iptables-nft table are not supported)".into(),
+                }))
+            }
+            Some(Err(why)) => tracing::debug!(table = %id, "restored natively: {why}"),
+            None => {}
+        }
+    }
+    Ok(Snapshot { version: SNAPSHOT_VERSION, state, iptables_nft })
+}
+
+/// Runs `f` on a new thread in a fresh network namespace that disappears with it.
+fn in_scratch<T: Send>(f: impl FnOnce() -> Result<T, RulesetTxnError> + Send) -> Result<T, RulesetTxnError> {
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(RulesetTxnError::Unshare)?;
+            f()
+        });
+        h.join().map_err(|_| RulesetTxnError::ScratchPanicked)?
+    })
+}
+
+/// In a scratch namespace with the target's ipsets recreated: restores each candidate table
+/// alone with `iptables-nft-restore -c` and compares its `nft list` with the live one (chain
+/// order aside), and loads each legacy save. Returns per candidate `Ok` (exact) or why not.
+fn scratch_prove(
+    state: &FwState,
+    candidates: &[TableId],
+) -> Result<BTreeMap<TableId, Result<(), String>>, RulesetTxnError> {
+    let legacy: Vec<(String, &str)> = [false, true]
+        .into_iter()
+        .filter_map(|v6| state.save(IptVariant::Legacy, v6))
+        .filter(|s| !snapshot::split_save(&s.text).blocks.is_empty())
+        .map(|s| (s.variant.tool(s.v6, "-restore"), s.text.as_str()))
+        .collect();
+    if candidates.is_empty() && legacy.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let ipsets = state.ipsets.as_deref().filter(|s| !s.trim().is_empty());
+    let ipset_tool = match ipsets {
+        Some(_) => Some(Tool::find("ipset").map_err(RulesetTxnError::MissingTool)?),
+        None => None,
+    };
+    let mut restore_tools = BTreeMap::new();
+    for name in candidates
+        .iter()
+        .map(|c| IptVariant::Nft.tool(c.family == "ip6", "-restore"))
+        .chain(legacy.iter().map(|(n, _)| n.clone()))
+    {
+        let t = Tool::find(&name).map_err(RulesetTxnError::MissingTool)?;
+        restore_tools.insert(name, t);
+    }
+    let nft_tool = nft()?;
+    in_scratch(|| {
+        if let (Some(t), Some(text)) = (&ipset_tool, ipsets) {
+            t.run(&["restore"], Some(text.as_bytes())).map_err(|source| RulesetTxnError::Scratch {
+                what: "recreating the ipsets (ipset restore)".into(),
+                source,
+            })?;
+        }
+        let mut out = BTreeMap::new();
+        for id in candidates {
+            let name = IptVariant::Nft.tool(id.family == "ip6", "-restore");
+            let docs = snapshot::ipt_nft_restore_docs(state, std::slice::from_ref(id));
+            let result = match (restore_tools.get(&name), docs.first()) {
+                (Some(t), Some((_, doc))) => {
+                    t.run(&["-w", "-c"], Some(doc.as_bytes())).map(|_| ()).map_err(|e| chain_text(&e))
+                }
+                _ => Err("no restore document".to_string()),
+            };
+            out.insert(id.clone(), result);
+        }
+        if !candidates.is_empty() {
+            let listed = nft_tool
+                .run(&["list", "ruleset"], None)
+                .map_err(|source| RulesetTxnError::Scratch { what: "nft list ruleset".into(), source })?;
+            let scratch = snapshot::split_nft_tables(&listed).map_err(RulesetTxnError::Snapshot)?;
+            for (id, result) in out.iter_mut() {
+                if result.is_err() {
+                    continue;
+                }
+                let live = state.table(id).map(|t| snapshot::table_items(&t.text));
+                let back = scratch.iter().find(|t| t.id() == *id).map(|t| snapshot::table_items(&t.text));
+                if live != back {
+                    let a = state.table(id).map(|t| snapshot::normalize_nft(&t.text)).unwrap_or_default();
+                    let b = scratch
+                        .iter()
+                        .find(|t| t.id() == *id)
+                        .map(|t| snapshot::normalize_nft(&t.text))
+                        .unwrap_or_default();
+                    *result =
+                        Err(format!("restored, it lists differently: {}", snapshot::changed_lines(&a, &b).join(" | ")));
+                }
+            }
+        }
+        for (name, text) in &legacy {
+            if let Some(t) = restore_tools.get(name) {
+                t.run(&["-w", "-c"], Some(text.as_bytes())).map_err(|source| RulesetTxnError::Scratch {
+                    what: format!("the live {name} save does not load back"),
+                    source,
+                })?;
+            }
+        }
+        Ok(out)
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+
+/// `nft -c -f -` of `script` in the calling thread's namespace: the kernel validates the whole
+/// transaction and aborts it. Changes nothing.
+pub fn nft_check(script: &str) -> Result<(), ExecError> {
+    let t = Tool::find("nft")?;
+    t.run(&["-c", "-f", "-"], Some(script.as_bytes())).map(|_| ())
+}
+
+/// A ruleset file, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The file's text.
+    pub text: String,
+    /// Its format.
+    pub format: RulesetFormat,
+    /// Family of a dump.
+    pub family: Option<Family>,
+    /// Variant a dump is restored with.
+    pub variant: Option<IptVariant>,
+}
+
+fn ip_family(f: Family) -> IpFamily {
+    match f {
+        Family::V4 => IpFamily::V4,
+        Family::V6 => IpFamily::V6,
+    }
+}
+
+/// Kernel-checks the ruleset file without changing the target: an nft script with `nft -c -f`
+/// in the target; an iptables dump by loading it into a scratch namespace (with the ipsets of
+/// `snapshot` recreated there) with the variant's restore tool.
+pub fn check_candidate(c: &Candidate, snapshot: &Snapshot) -> Result<(), RulesetTxnError> {
+    match (c.format, c.family) {
+        (RulesetFormat::Nft, _) => nft_check(&c.text).map_err(RulesetTxnError::CandidateRefused),
+        (RulesetFormat::Iptables, family) => {
+            let family = ip_family(family.unwrap_or(Family::V4));
+            let variant = c.variant.unwrap_or(IptVariant::Nft);
+            iptables::scratch_check(variant, family, "", snapshot.state.ipsets.as_deref(), &c.text)
+                .map_err(RulesetTxnError::CandidateIptRefused)
+        }
+    }
+}
+
+/// Kernel-checks the rollback of `snapshot` against the calling thread's namespace as it is
+/// now: `nft -c -f` of the restore script built from the current tables. (The iptables
+/// documents were proven when the snapshot was taken.) Changes nothing.
+pub fn check_restore(snapshot: &Snapshot) -> Result<(), RulesetTxnError> {
+    let script = snapshot::nft_restore_script(snapshot, &current_tables()?);
+    if script.is_empty() {
+        return Ok(());
+    }
+    nft_check(&script).map_err(RulesetTxnError::RestoreRefused)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apply
+
+/// Applies the ruleset file in the calling thread's namespace: an nft script as one `nft -f`
+/// transaction; an iptables dump with `VARIANT-restore -w` (tables in the dump replaced, each
+/// committed on its own; others untouched). The generation id is read around it; `concurrent`
+/// is set when it moved by more than the apply's own commits (nft -f: 1; iptables-nft: one
+/// per table, measured). Reads nothing else: the state after is the agent's listing.
+pub fn apply(c: &Candidate) -> Result<ApplyInfo, RulesetTxnError> {
+    let before = genid()?;
+    let own_commits: u32 = match (c.format, c.family) {
+        (RulesetFormat::Nft, _) => {
+            nft()?.run(&["-f", "-"], Some(c.text.as_bytes())).map_err(RulesetTxnError::Apply)?;
+            1
+        }
+        (RulesetFormat::Iptables, family) => {
+            let family = family.unwrap_or(Family::V4);
+            let variant = c.variant.unwrap_or(IptVariant::Nft);
+            iptables::restore(variant, ip_family(family), &c.text, false).map_err(RulesetTxnError::ApplyIpt)?;
+            match variant {
+                IptVariant::Nft => snapshot::split_save(&c.text).blocks.len() as u32,
+                IptVariant::Legacy => 0,
+            }
+        }
+    };
+    let after = genid()?;
+    let concurrent = after.wrapping_sub(before) > own_commits;
+    if concurrent {
+        tracing::warn!(before, after, own_commits, "another nf_tables commit happened during the apply");
+    }
+    let info = ApplyInfo {
+        format: c.format,
+        family: c.family,
+        variant: c.variant,
+        genid_before: Some(before),
+        genid_after: Some(after),
+        concurrent,
+        resnapshot: false,
+    };
+    Ok(info)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore
+
+/// What a rollback did and found.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct RestoreReport {
+    /// What others changed during the window ([`snapshot::overwritten`]: what ctguard applied →
+    /// what was there before the rollback, where that is not the snapshot already); the
+    /// rollback overwrites it. Empty when nobody changed anything, or when the apply never
+    /// completed (no record of what it applied).
+    pub drift: Vec<DriftSection>,
+    /// The rollback's `nft -f` was redone because another commit raced it.
+    pub raced: bool,
+    /// Steps run, in order (tool names).
+    pub steps: Vec<String>,
+}
+
+fn restore_with(step: &str, args: &[&str], doc: &str) -> Result<(), RulesetTxnError> {
+    let t = Tool::find(step).map_err(RulesetTxnError::MissingTool)?;
+    t.run(args, Some(doc.as_bytes()))
+        .map(|_| ())
+        .map_err(|source| RulesetTxnError::Restore { step: step.into(), source })
+}
+
+/// Restores `snapshot` in the calling thread's namespace (DESIGN §1), idempotently:
+/// 1. the ipsets the snapshot's rules reference that are missing now are recreated from the
+///    snapshot (existing sets are left alone);
+/// 2. one `nft -f`: `delete table` for every table present now except those restored by
+///    iptables-nft, then the snapshot's native tables — redone (up to [`RESTORE_ATTEMPTS`])
+///    when the generation id shows another commit raced it;
+/// 3. `iptables-nft-restore -w -c` of the snapshot's iptables-nft tables (each replaced
+///    atomically; tables not in the snapshot were deleted in step 2);
+/// 4. `iptables-legacy-restore -w -c` per family: the snapshot's tables, and tables created
+///    since emptied (a legacy table cannot be removed).
+///
+/// Counters come back to their snapshot values (except ip6tables-nft's, which its restore
+/// ignores). With `applied` (the state right after the apply, e.g. read back from the agent's
+/// listing) and `genid_after` (the generation id right after the apply), what others changed
+/// since is returned as drift ([`snapshot::overwritten`]); the nft side is read only when the
+/// generation id moved since the apply.
+pub fn restore(
+    snapshot: &Snapshot,
+    applied: Option<&FwState>,
+    genid_after: Option<u32>,
+) -> Result<RestoreReport, RulesetTxnError> {
+    let mut report = RestoreReport::default();
+    let g0 = genid()?;
+    let legacy_now = read_saves(&[(IptVariant::Legacy, false), (IptVariant::Legacy, true)])?;
+    let ipsets_now = read_ipsets()?;
+    if let Some(applied) = applied {
+        let (nft, ipt_nft) = if genid_after == Some(g0) {
+            (applied.nft.clone(), applied.saves.iter().filter(|s| s.variant == IptVariant::Nft).cloned().collect())
+        } else {
+            (read_nft()?, read_saves(&[(IptVariant::Nft, false), (IptVariant::Nft, true)])?)
+        };
+        let mut saves: Vec<SaveText> = ipt_nft;
+        saves.extend(legacy_now.iter().cloned());
+        let now = FwState { genid: Some(g0), nft, saves, ipsets: ipsets_now.clone() };
+        report.drift = snapshot::overwritten(&snapshot.state, applied, &now);
+        for d in &report.drift {
+            let fate =
+                if d.overwritten { "the rollback overwrites it" } else { "kept (ipset contents are not restored)" };
+            tracing::warn!(section = %d.section, "changed by someone else during the window; {fate}: {}", d.diff.join(" | "));
+        }
+    }
+    // 1. ipsets the snapshot's rules need.
+    if let Some(text) = snapshot::missing_ipsets_restore(&snapshot.state, ipsets_now.as_deref().unwrap_or_default()) {
+        restore_with("ipset", &["-exist", "restore"], &text)?;
+        report.steps.push("ipset".into());
+    }
+    // 2. nft-native tables, one transaction.
+    for attempt in 1..=RESTORE_ATTEMPTS {
+        let before = genid()?;
+        let script = snapshot::nft_restore_script(snapshot, &current_tables()?);
+        if script.is_empty() {
+            break;
+        }
+        restore_with("nft", &["-f", "-"], &script)?;
+        report.steps.push("nft".into());
+        let after = genid()?;
+        if after.wrapping_sub(before) <= 1 {
+            break;
+        }
+        report.raced = true;
+        tracing::warn!(before, after, attempt, "another nf_tables commit raced the rollback's nft -f; redoing it");
+    }
+    // 3. iptables-nft tables, in the snapshot's order.
+    for (v6, doc) in snapshot::ipt_nft_restore_docs(&snapshot.state, &snapshot.iptables_nft) {
+        let step = IptVariant::Nft.tool(v6, "-restore");
+        restore_with(&step, &["-w", "-c"], &doc)?;
+        report.steps.push(step);
+    }
+    // 4. legacy tables.
+    for v6 in [false, true] {
+        let snap = snapshot.state.save(IptVariant::Legacy, v6).map(|s| s.text.as_str());
+        let now = legacy_now.iter().find(|s| s.v6 == v6).map(|s| s.text.as_str());
+        if let Some(doc) = snapshot::legacy_restore_doc(snap, now).map_err(RulesetTxnError::Snapshot)? {
+            let step = IptVariant::Legacy.tool(v6, "-restore");
+            restore_with(&step, &["-w", "-c"], &doc)?;
+            report.steps.push(step);
+        }
+    }
+    Ok(report)
+}
+
+/// The listing of the calling thread's namespace now ([`snapshot::listing`]): `nft list
+/// ruleset`, every installed save and `ipset save`, counters zeroed. Read-only.
+pub fn listing() -> Result<String, RulesetTxnError> {
+    Ok(snapshot::listing(&read_state()?))
+}
