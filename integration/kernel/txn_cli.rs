@@ -558,3 +558,37 @@ fn extend_through_the_cli_and_an_unusable_state_dir_is_exit_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("state dir"));
     assert_eq!(ns.nft_list(), before);
 }
+
+/// `apply --ruleset FILE` in both formats: the dead-man timer restores the whole prior
+/// firewall, and a change someone else made during the window is reported in `show`.
+#[test]
+fn ruleset_files_in_both_formats_roll_back_at_the_deadline() {
+    let ns = Ns::new("rsfile");
+    ns.nft(STATEFUL);
+    ns.exec("iptables-legacy", &["-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT"]);
+    let listing = |ns: &Ns| format!("{}\n{}", ns.nft_list(), ns.exec("iptables-legacy-save", &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n"));
+    let before = listing(&ns);
+    let ctg = Ctg::new();
+    let dir = ctg.base.join("files");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let nft = dir.join("new.nft");
+    std::fs::write(&nft, "flush ruleset\ntable inet open {\n  chain input {\n    type filter hook input priority filter; policy accept;\n  }\n}\n").expect("write");
+    let ipt = dir.join("new.rules");
+    std::fs::write(&ipt, "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\nCOMMIT\n").expect("write");
+    for (file, format) in [(&nft, "nft"), (&ipt, "iptables")] {
+        let (out, id) = ctg.apply(&ns, &["--timeout", "2s", "--ruleset", file.to_str().expect("utf8"), "--format", format]);
+        ok(&out);
+        assert_ne!(listing(&ns), before, "{format}: nothing applied");
+        if format == "nft" {
+            // Someone else's change during the window: overwritten by the rollback, reported.
+            ns.nft("add table ip other\n");
+        }
+        ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+        assert_eq!(listing(&ns), before, "{format}: not the prior firewall");
+        if format == "nft" {
+            let show = ctg.run(&["show", &id]);
+            let text = String::from_utf8_lossy(&show.stdout);
+            assert!(text.contains("other"), "drift not reported: {text}");
+        }
+    }
+}

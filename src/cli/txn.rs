@@ -251,6 +251,7 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
         v["requester"] = json!(rec.requester);
         v["diff"] = json!(changed);
         v["policy"] = rec.policy.clone().unwrap_or(Value::Null);
+        v["drift"] = rec.undo.get("drift").cloned().unwrap_or(Value::Null);
         super::print_json(&v);
         return Ok(Exit::Ok);
     }
@@ -264,6 +265,17 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
     println!("diff (before -> after apply):");
     for l in changed {
         println!("  {l}");
+    }
+    // Ruleset transactions: what others changed during the window (overwritten by the rollback).
+    if let Some(drift) = rec.undo.get("drift").and_then(Value::as_array).filter(|d| !d.is_empty()) {
+        println!("changed by others while pending:");
+        for d in drift {
+            let verb = if d["overwritten"].as_bool().unwrap_or(false) { "overwritten" } else { "kept" };
+            println!("  {} ({verb}):", d["section"].as_str().unwrap_or("?"));
+            for l in d["diff"].as_array().into_iter().flatten() {
+                println!("    {}", l.as_str().unwrap_or(""));
+            }
+        }
     }
     Ok(Exit::Ok)
 }
