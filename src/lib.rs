@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod backend;
 pub mod cli;
+pub mod doctor;
 pub mod duration;
 pub mod exit;
 pub mod journal;
@@ -16,6 +17,8 @@ pub mod lint;
 pub mod live;
 pub mod model;
 pub mod netns;
+pub mod persist;
+pub mod probe;
 pub mod render;
 pub mod snapshot;
 pub mod sysctl;

@@ -99,7 +99,7 @@ impl Target {
 
     /// True when this is the initial network namespace (that of PID 1): the host.
     pub fn is_initial(&self) -> bool {
-        std::fs::metadata("/proc/1/ns/net").is_ok_and(|m| (m.dev(), m.ino()) == self.id)
+        is_initial_id(self.id)
     }
 
     /// Moves the calling thread into this namespace for good (a target's dedicated worker
@@ -137,6 +137,19 @@ impl Target {
             });
             handle.join().map_err(|_| NetnsError::Panicked(self.path.clone()))?
         })
+    }
+}
+
+/// Inode the kernel gives the initial network namespace (`PROC_NET_INIT_INO`, fixed).
+pub const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+
+/// True when the namespace with this (device, inode) is the initial one: compared with PID 1's
+/// when `/proc/1/ns/net` can be read, else with the kernel's fixed inode of `init_net` (in some
+/// containers PID 1's namespace links are unreadable even to root).
+pub fn is_initial_id(id: (u64, u64)) -> bool {
+    match std::fs::metadata("/proc/1/ns/net") {
+        Ok(m) => (m.dev(), m.ino()) == id,
+        Err(_) => id.1 == INIT_NET_INO,
     }
 }
 

@@ -316,6 +316,31 @@ pub struct Requester {
     /// SSH connection, `"client_ip client_port server_ip server_port"`, when there is one.
     #[serde(default)]
     pub ssh: Option<String>,
+    /// Where the apply came from, as the new-connection proof derived it (DESIGN §4); `None`
+    /// when the proof was not asked (`--allow-same-connection`) or in older records.
+    #[serde(default)]
+    pub origin: Option<crate::agent::proof::Origin>,
+}
+
+/// What an apply asked for beyond the change itself; journaled so a restarted agent and later
+/// confirms honour it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnOptions {
+    /// Confirming over the connection that applied is allowed.
+    #[serde(default)]
+    pub allow_same_connection: bool,
+    /// Probe specs (`tcp:HOST:PORT`, …).
+    #[serde(default)]
+    pub probes: Vec<String>,
+    /// Repeat the probes every this many seconds until the deadline.
+    #[serde(default)]
+    pub probe_interval_secs: Option<u64>,
+    /// Commit when every probe of the first round passes.
+    #[serde(default)]
+    pub auto_confirm: bool,
+    /// Make the change survive reboot once COMMITTED.
+    #[serde(default)]
+    pub persist: bool,
 }
 
 /// When a pending transaction rolls back.
@@ -391,6 +416,9 @@ pub struct TxnRecord {
     /// History, oldest first.
     #[serde(default)]
     pub events: Vec<Event>,
+    /// Options of the apply.
+    #[serde(default)]
+    pub options: TxnOptions,
 }
 
 impl TxnRecord {
@@ -423,6 +451,7 @@ impl TxnRecord {
             deadline: None,
             boot_id,
             events: Vec::new(),
+            options: TxnOptions::default(),
         };
         let note = format!("created ({} transaction on {})", rec.kind, rec.target.label);
         rec.push_event(now_wall, note);
@@ -727,7 +756,7 @@ mod tests {
                 dev: 4,
                 ino: 4026531840,
             },
-            Requester { uid: 0, pid: 4242, ssh: Some("198.18.0.1 50000 198.18.0.2 22".into()) },
+            Requester { uid: 0, pid: 4242, ssh: Some("198.18.0.1 50000 198.18.0.2 22".into()), origin: None },
             BOOT.into(),
             T0,
         )

@@ -137,6 +137,7 @@ impl TestAgent {
             force: false,
             ssh: None,
             ruleset: None,
+            ..Default::default()
         }))
     }
 
@@ -301,7 +302,7 @@ fn record(journal: &Journal, boot_id: &str, state_pending: bool, deadline_in: Du
         dev: me.dev(),
         ino: me.ino(),
     };
-    let mut rec = TxnRecord::new(id, Kind::Policy, target, Requester { uid: 0, pid: 1, ssh: None }, boot_id.into(), 1_700_000_000);
+    let mut rec = TxnRecord::new(id, Kind::Policy, target, Requester { uid: 0, pid: 1, ssh: None, origin: None }, boot_id.into(), 1_700_000_000);
     rec.undo = json!({"tag": format!("ctguard:{}", rec.id)});
     if state_pending {
         let d = txn::Deadline {

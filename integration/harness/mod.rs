@@ -748,3 +748,4 @@ pub fn raise_nofile(want: u64) {
 pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
+pub mod sshd;

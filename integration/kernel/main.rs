@@ -13,3 +13,7 @@ mod ruleset_txn;
 
 mod txn_cli;
 mod policy_txn;
+mod probe;
+mod proof;
+mod doctor;
+mod ops;

@@ -9,3 +9,4 @@ pub mod timer;
 pub mod worker;
 pub mod policy_engine;
 pub mod ruleset_engine;
+pub mod proof;

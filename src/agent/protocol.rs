@@ -48,7 +48,7 @@ pub enum Request {
 }
 
 /// `apply` parameters.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ApplyRequest {
     /// Policy document; `None` = the built-in policy.
     pub policy_text: Option<String>,
@@ -65,6 +65,21 @@ pub struct ApplyRequest {
     /// A ruleset transaction instead of a policy one.
     #[serde(default)]
     pub ruleset: Option<crate::agent::engine::RulesetInput>,
+    /// Skip the new-connection proof.
+    #[serde(default)]
+    pub allow_same_connection: bool,
+    /// Probe specs.
+    #[serde(default)]
+    pub probes: Vec<String>,
+    /// Repeat the probes every this many seconds until the deadline.
+    #[serde(default)]
+    pub probe_interval_secs: Option<u64>,
+    /// Commit when the first probe round passes.
+    #[serde(default)]
+    pub auto_confirm: bool,
+    /// Make the change survive reboot once committed.
+    #[serde(default)]
+    pub persist: bool,
 }
 
 /// The agent's answer.

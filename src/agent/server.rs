@@ -22,7 +22,10 @@ use crate::model::auto::MachineFacts;
 use crate::model::names::Tag;
 use crate::model::{parse_policy, Format, Policy};
 use crate::netns::{unpin, Target, TargetSpec};
-use crate::txn::{self, Deadline, Kind, Reason, Recovery, Requester, State, TargetRecord, TxnId, TxnRecord};
+use crate::probe::{self, Probe, ProbeResult};
+use crate::txn::{self, Deadline, Kind, Reason, Recovery, Requester, State, TargetRecord, TxnId, TxnOptions, TxnRecord};
+use super::proof;
+use serde_json::Value;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -324,7 +327,7 @@ async fn dispatch(shared: &Arc<Shared>, req: Request, peer_pid: Option<i32>, pee
     match req {
         Request::Ping => Response::ok(json!({"pid": std::process::id()})),
         Request::Apply(a) => apply(shared, a, peer_pid, peer_uid).await,
-        Request::Confirm { txid } => confirm(shared, txid.as_deref()).await,
+        Request::Confirm { txid } => confirm(shared, txid.as_deref(), peer_pid).await,
         Request::Extend { txid, by_secs } => extend(shared, txid.as_deref(), by_secs).await,
         Request::Rollback { txid } => rollback_request(shared, txid.as_deref()).await,
     }
@@ -385,6 +388,32 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     if a.timeout_secs == 0 || Duration::from_secs(a.timeout_secs) > crate::duration::MAX_DURATION {
         return Response::fail(Exit::BadInput, "timeout: must be between 1 s and 7 days");
     }
+    let probes = match a.probes.iter().map(|p| Probe::parse(p)).collect::<Result<Vec<_>, _>>() {
+        Ok(p) => p,
+        Err(e) => return Response::fail(Exit::BadInput, format!("--probe: {e}")),
+    };
+    if a.auto_confirm && probes.is_empty() {
+        return Response::fail(Exit::BadInput, "--auto-confirm needs at least one --probe");
+    }
+    if a.probe_interval_secs == Some(0) {
+        return Response::fail(Exit::BadInput, "--probe-interval: must be positive");
+    }
+    // Who asks, over which SSH connection (DESIGN §4). A requester under sshd whose connection
+    // cannot be identified is refused, never taken for a local shell.
+    let origin = if a.allow_same_connection {
+        None
+    } else {
+        match peer_pid.map(proof::origin_of) {
+            Some(Ok(o)) => Some(o),
+            Some(Err(e)) => {
+                return Response::fail(
+                    Exit::BadInput,
+                    format!("cannot identify your SSH connection ({e}); retry, or pass --allow-same-connection"),
+                )
+            }
+            None => return Response::fail(Exit::BadInput, "cannot identify the requester (no peer pid)"),
+        }
+    };
     // The target: --netns, or the requester's own namespace (read while it is connected).
     let (label, spec) = match &a.netns {
         Some(n) => match TargetSpec::parse(n) {
@@ -409,6 +438,12 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
         _ => (label, target.path().display().to_string()),
     };
     let id = target.id;
+    // Persistence describes the host's boot: a namespace has none. (A policy file saying
+    // `persist = true` applied to a namespace — `ctguard restore` re-applying the saved one —
+    // is applied, and its commit reports that nothing was persisted.)
+    if a.persist && !target.is_initial() {
+        return Response::fail(Exit::BadInput, "--persist: only the host's own namespace boots from /etc");
+    }
     // One pending transaction per target.
     if let Some(p) = unfinished(shared).into_iter().find(|r| (r.target.dev, r.target.ino) == id) {
         let left = p.seconds_left(journal::boottime_ns()).unwrap_or(0);
@@ -441,6 +476,24 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
             return r;
         }
     };
+    if a.auto_confirm {
+        let p2 = probes.clone();
+        let local = worker.call(move || p2.iter().filter(|p| probe::aims_at_local_address(p)).map(|p| p.to_string()).collect::<Vec<_>>()).await;
+        match local {
+            Ok(l) if l.is_empty() => {}
+            Ok(l) => {
+                unpin(&pin);
+                return Response::fail(
+                    Exit::BadInput,
+                    format!("--auto-confirm: {} aim(s) at the target's own addresses; over loopback they prove nothing", l.join(", ")),
+                );
+            }
+            Err(e) => {
+                unpin(&pin);
+                return Response::fail(Exit::Internal, e.to_string());
+            }
+        }
+    }
     let kind = if a.ruleset.is_some() { Kind::Ruleset } else { Kind::Policy };
     let previous_undo = if kind == Kind::Policy { last_committed(shared, id).map(|r| r.undo) } else { None };
     let input = ApplyInput {
@@ -448,7 +501,10 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
         ruleset: a.ruleset.clone(),
         tag,
         force: a.force,
-        ssh: a.ssh.as_deref().and_then(SshConn::from_env_value),
+        ssh: origin
+            .as_ref()
+            .and_then(|o| o.conn().map(|c| c.lint_conn()))
+            .or_else(|| a.ssh.as_deref().and_then(SshConn::from_env_value)),
         previous_undo,
         facts: ram_facts(),
     };
@@ -472,7 +528,8 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
         dev: id.0,
         ino: id.1,
     };
-    let requester = Requester { uid: peer_uid, pid: peer_pid.unwrap_or(0), ssh: a.ssh.clone() };
+    let ssh = origin.as_ref().and_then(|o| o.conn().map(|c| c.to_env_value())).or_else(|| a.ssh.clone());
+    let requester = Requester { uid: peer_uid, pid: peer_pid.unwrap_or(0), ssh, origin: origin.clone() };
     let mut rec = TxnRecord::new(txid.clone(), kind, target_rec, requester, shared.boot_id.clone(), now_wall());
     match &a.ruleset {
         Some(r) => rec.ruleset = Some(r.text.clone()),
@@ -481,6 +538,13 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     rec.before = Some(prepared.before());
     rec.undo = prepared.planned_undo();
     rec.tools = journaled_tools();
+    rec.options = TxnOptions {
+        allow_same_connection: a.allow_same_connection,
+        probes: a.probes.clone(),
+        probe_interval_secs: a.probe_interval_secs,
+        auto_confirm: a.auto_confirm,
+        persist: a.persist,
+    };
     rec.genid_before = rec.undo.get("genid_before").and_then(serde_json::Value::as_u64).map(|g| g as u32);
     if let Err(e) = shared.journal.write(&rec) {
         unpin(&pin);
@@ -521,14 +585,91 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     fault("apply:after-pending");
     arm_timer(shared, txid.as_str().to_string(), deadline_bt).await;
     tracing::info!(txid = txid.as_str(), target = %label, "applied; pending for {} s", a.timeout_secs);
+    // The command that confirms: from a new connection when the proof applies.
+    let confirm_cmd = match origin.as_ref().and_then(|o| o.conn()) {
+        Some(c) => proof::ConfirmRefusal { conn: *c }.new_connection_command(Some(txid.as_str())),
+        None => format!("ctguard confirm {}", txid.as_str()),
+    };
+    let mut probe_results = Value::Null;
+    let mut state = "PENDING";
+    if !probes.is_empty() {
+        // The first round: apply answers only after it (exit 5 if it rolled back).
+        let results = run_probes(&worker, probes.clone()).await;
+        probe_results = json!(results);
+        let failed: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.probe, r.detail)).collect();
+        if !failed.is_empty() {
+            cancel_timer(shared, txid.as_str()).await;
+            let detail = failed.join("; ");
+            return match do_rollback(shared, &worker, &mut rec, Reason::ProbeFailed(detail.clone())).await {
+                Ok(()) => Response {
+                    v: VERSION,
+                    exit: Exit::RolledBack.code(),
+                    error: Some(format!("probe failed, rolled back: {detail}")),
+                    data: json!({"txid": txid.as_str(), "probes": probe_results}),
+                },
+                Err(e) => Response::fail(Exit::RollbackFailed, format!("probe failed ({detail}); then the rollback failed: {e}")),
+            };
+        }
+        rec.note(now_wall(), format!("first probe round passed ({} probes)", results.len()));
+        let _ = shared.journal.write(&rec);
+        if a.auto_confirm {
+            let r = commit(shared, rec.clone(), "auto-confirmed: every probe passed").await;
+            if r.exit != 0 {
+                return r;
+            }
+            state = "COMMITTED";
+        } else if let Some(every) = a.probe_interval_secs {
+            spawn_probe_rounds(shared.clone(), worker.clone(), txid.clone(), probes, Duration::from_secs(every));
+        }
+    }
     Response::ok(json!({
+        "state": state,
+        "probes": probe_results,
+        "needs_new_connection": origin.as_ref().is_some_and(|o| o.conn().is_some()),
         "txid": txid.as_str(),
         "target": label,
         "deadline": txn::format_rfc3339(now_wall() + a.timeout_secs),
         "seconds_left": a.timeout_secs,
-        "confirm": format!("ctguard confirm {}", txid.as_str()),
+        "confirm": confirm_cmd,
         "warnings": warnings,
     }))
+}
+
+/// Each probe's timeout.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+async fn run_probes(worker: &Worker, probes: Vec<Probe>) -> Vec<ProbeResult> {
+    match worker.call(move || probe::run_all(&probes, PROBE_TIMEOUT)).await {
+        Ok(r) => r,
+        Err(e) => vec![ProbeResult { probe: "worker".into(), ok: false, detail: e.to_string(), elapsed_ms: 0 }],
+    }
+}
+
+/// `--probe-interval`: repeats the probes until the transaction is no longer pending; any
+/// failure rolls back at once.
+fn spawn_probe_rounds(shared: Arc<Shared>, worker: Worker, txid: TxnId, probes: Vec<Probe>, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Ok(mut rec) = shared.journal.load(&txid) else { return };
+            if rec.state != State::Pending {
+                return;
+            }
+            let results = run_probes(&worker, probes.clone()).await;
+            let failed: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| format!("{}: {}", r.probe, r.detail)).collect();
+            // The state may have changed while the probes ran.
+            let Ok(fresh) = shared.journal.load(&txid) else { return };
+            if fresh.state != State::Pending {
+                return;
+            }
+            if !failed.is_empty() {
+                tracing::warn!(txid = txid.as_str(), "probe failed: {}; rolling back", failed.join("; "));
+                cancel_timer(&shared, txid.as_str()).await;
+                let _ = do_rollback(&shared, &worker, &mut rec, Reason::ProbeFailed(failed.join("; "))).await;
+                return;
+            }
+        }
+    });
 }
 
 /// The latest COMMITTED policy transaction on a target (the one a new apply replaces).
@@ -707,8 +848,8 @@ async fn cancel_timer(shared: &Shared, txid: &str) {
     }
 }
 
-async fn confirm(shared: &Arc<Shared>, txid: Option<&str>) -> Response {
-    let mut rec = match pick(shared, txid) {
+async fn confirm(shared: &Arc<Shared>, txid: Option<&str>, peer_pid: Option<i32>) -> Response {
+    let rec = match pick(shared, txid) {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -723,8 +864,38 @@ async fn confirm(shared: &Arc<Shared>, txid: Option<&str>) -> Response {
         State::Prepared => return Response::fail(Exit::BadInput, format!("transaction {} is still being applied", rec.id)),
         State::Pending => {}
     }
+    // The proof of a new connection (DESIGN §4).
+    let mut note = "confirmed".to_string();
+    if !rec.options.allow_same_connection {
+        let confirming = match peer_pid.map(proof::origin_of) {
+            Some(Ok(o)) => o,
+            Some(Err(e)) => {
+                return Response::fail(Exit::ConfirmRefused, format!("confirm refused: cannot identify its SSH connection ({e})"))
+            }
+            None => return Response::fail(Exit::ConfirmRefused, "confirm refused: the sender is gone"),
+        };
+        if let Some(applied) = &rec.requester.origin {
+            if let Err(refusal) = proof::check_confirm(applied, &confirming) {
+                return Response::fail(
+                    Exit::ConfirmRefused,
+                    format!(
+                        "confirm refused: it came over the same SSH connection as the apply ({}); confirm from a NEW connection: {}",
+                        refusal.conn,
+                        refusal.new_connection_command(Some(rec.id.as_str()))
+                    ),
+                );
+            }
+        }
+        note = format!("confirmed from {confirming}");
+    }
+    commit(shared, rec, &note).await
+}
+
+/// PENDING → COMMITTED: cancel the timer, journal, persist when asked, unpin.
+async fn commit(shared: &Arc<Shared>, mut rec: TxnRecord, note: &str) -> Response {
     cancel_timer(shared, rec.id.as_str()).await;
     fault("confirm:before-journal");
+    rec.note(now_wall(), note);
     if let Err(e) = rec.to_committed(now_wall()) {
         return Response::fail(Exit::Internal, e.to_string());
     }
@@ -736,12 +907,33 @@ async fn confirm(shared: &Arc<Shared>, txid: Option<&str>) -> Response {
         return Response::fail(Exit::Internal, format!("journal: {e}"));
     }
     fault("confirm:after-journal");
+    let mut persist_note = Value::Null;
+    if crate::persist::wants_persist(&rec) {
+        let paths = crate::persist::PersistPaths::detect(Path::new("/"), shared.journal.state_dir());
+        match crate::persist::on_committed(&rec, &paths) {
+            Ok(Some(written)) => {
+                persist_note = serde_json::to_value(&written).unwrap_or(Value::Null);
+                if let Some(u) = rec.undo.as_object_mut() {
+                    u.insert("persisted".into(), persist_note.clone());
+                }
+                if let Err(e) = shared.journal.write(&rec) {
+                    tracing::error!("journal: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(txid = rec.id.as_str(), "committed, but persisting failed: {e}");
+                persist_note = json!({"error": e.to_string()});
+            }
+        }
+    }
     if let Some(p) = &rec.target.pin {
         unpin(Path::new(p));
     }
     let _ = shared.journal.prune(journal::DEFAULT_KEEP);
-    tracing::info!(txid = rec.id.as_str(), "confirmed");
-    Response::ok(json!({"txid": rec.id.as_str(), "state": "COMMITTED"}))
+    schedule_idle_check(shared);
+    tracing::info!(txid = rec.id.as_str(), "{note}");
+    Response::ok(json!({"txid": rec.id.as_str(), "state": "COMMITTED", "persisted": persist_note}))
 }
 
 async fn extend(shared: &Arc<Shared>, txid: Option<&str>, by_secs: u64) -> Response {
@@ -801,7 +993,7 @@ async fn confirm_by_signal(shared: &Arc<Shared>, pid: Option<i32>) {
         tracing::warn!("SIGUSR1 from a sender that is gone ({pid:?}): refused");
         return;
     }
-    let r = confirm(shared, None).await;
+    let r = confirm(shared, None, pid).await;
     match r.error {
         None => tracing::info!("SIGUSR1 from pid {pid:?} confirmed the pending transaction"),
         Some(e) => tracing::warn!("SIGUSR1 from pid {pid:?} refused: {e}"),

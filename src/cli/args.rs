@@ -47,6 +47,9 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+    /// The systemd journal, with the transaction id as the field `CTGUARD_TXID` (chosen
+    /// automatically when stderr is the journal, i.e. `JOURNAL_STREAM` names it).
+    Journald,
 }
 
 /// The verbs.
@@ -77,10 +80,50 @@ pub enum Command {
     History,
     /// One transaction: who, when, from where, diff, outcome.
     Show(ShowArgs),
+    /// Conntrack diagnosis: usage, drops, kernel log, what fills the table, and the fix.
+    Doctor(DoctorArgs),
     /// Run the agent in the foreground.
     Agent(AgentArgs),
     /// Journal recovery alone (run at boot): close what a reboot ended, hand the rest to an agent.
     Recover,
+    /// Re-apply the committed, persisted policy (run at boot by ctguard-restore.service); does
+    /// nothing when it is already in place.
+    Restore(RestoreArgs),
+    /// Print the manual page (roff) on stdout, or write one page per verb with --out-dir.
+    Man(ManArgs),
+    /// Print a shell completion script on stdout.
+    Completions(CompletionsArgs),
+}
+
+/// `restore [--policy-file F]`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The policy to re-apply (default: committed-policy.toml in the state dir, written when a
+    /// transaction with persistence was committed).
+    #[arg(long, value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// Dead-man timeout of the re-apply, which is confirmed at once when it succeeds.
+    #[arg(long, default_value = "60s")]
+    pub timeout: String,
+    /// Re-apply despite lint errors.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `man [--out-dir DIR]`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write ctguard.8 and one ctguard-VERB.8 per verb into DIR instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+}
+
+/// `completions SHELL`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `apply [POLICY]`.
@@ -101,6 +144,30 @@ pub struct ApplyArgs {
     /// Format of `--ruleset` (detected when absent).
     #[arg(long, value_enum, requires = "ruleset")]
     pub format: Option<RulesetFormat>,
+    /// Once COMMITTED, make the change survive reboot (sysctl.d, modules-load.d, modprobe.d and
+    /// the committed policy re-applied at boot; with --ruleset, the host firewall service's
+    /// file). Same as `persist = true` in the policy.
+    #[arg(long)]
+    pub persist: bool,
+    /// A connectivity probe run by the agent in the target: `tcp:HOST:PORT`,
+    /// `udp-dns:HOST:PORT:NAME`, `icmp:HOST`, `exec:CMD ARGS` (repeatable). `apply` waits for
+    /// the first round: exit 0 if all pass, 5 if it rolled back.
+    #[arg(long, value_name = "SPEC")]
+    pub probe: Vec<String>,
+    /// Repeat the probes at this interval until the deadline; any failure rolls back.
+    #[arg(long, value_name = "D")]
+    pub probe_interval: Option<String>,
+    /// Commit when every probe of the first round passes (probes must not aim at the
+    /// target's own addresses).
+    #[arg(long)]
+    pub auto_confirm: bool,
+    /// Accept a confirm over the connection that applied (skips the new-connection proof).
+    #[arg(long)]
+    pub allow_same_connection: bool,
+    /// Stay and count down (`netplan try` style): Ctrl-C rolls back now; Enter confirms where
+    /// the new-connection proof is off.
+    #[arg(long)]
+    pub wait: bool,
 }
 
 /// Format of a ruleset file.
@@ -164,4 +231,21 @@ pub enum RenderFormat {
     Iptables,
     /// The IPv6 iptables-restore document.
     Ip6tables,
+}
+
+/// `doctor [--emit-policy] [--prometheus FILE|-] [--top N]`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print a ready policy (TOML) for the target instead of the report (with --json: the
+    /// report carries it as "policy"). Outside the initial namespace it leaves out the sysctls
+    /// only the host can write, and says so.
+    #[arg(long)]
+    pub emit_policy: bool,
+    /// Also write the figures in the node_exporter textfile format: to FILE atomically (temp
+    /// file and rename), or to stdout with `-` (then nothing else is printed).
+    #[arg(long, value_name = "FILE|-")]
+    pub prometheus: Option<String>,
+    /// How many (protocol, port, state) groups to show.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub top: u16,
 }

@@ -3,6 +3,8 @@
 
 pub mod args;
 pub(crate) mod plan;
+mod doctor;
+mod ops;
 mod render;
 mod txn;
 
@@ -12,7 +14,7 @@ use clap::Parser;
 
 use crate::exit::{Exit, Failure};
 use crate::model::{parse_policy, Format, Policy, MAX_POLICY_BYTES};
-use args::{Cli, Command, LogFormat};
+use args::{Cli, Command};
 
 /// Runs the CLI with the process arguments; returns the exit code.
 pub fn main() -> i32 {
@@ -24,7 +26,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(cli.global.verbose, cli.global.log_format);
+    ops::init_logging(cli.global.verbose, cli.global.log_format);
     let result = match &cli.command {
         Command::Render(a) => render::run(a, &cli.global),
         Command::Plan(a) => plan::run(a, &cli.global),
@@ -35,8 +37,12 @@ pub fn main() -> i32 {
         Command::Status => txn::status(&cli.global),
         Command::History => txn::history(&cli.global),
         Command::Show(a) => txn::show(a, &cli.global),
+        Command::Doctor(a) => doctor::run(a, &cli.global),
         Command::Agent(a) => txn::agent(a, &cli.global),
         Command::Recover => txn::recover(&cli.global),
+        Command::Restore(a) => ops::restore(a, &cli.global),
+        Command::Man(a) => ops::man(a),
+        Command::Completions(a) => ops::completions(a),
     };
     match result {
         Ok(exit) => exit.code(),
@@ -49,23 +55,6 @@ pub fn main() -> i32 {
             code.code()
         }
     }
-}
-
-fn init_logging(verbose: u8, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 /// Loads the policy named on the command line: a path, `-` for stdin, or none for the
@@ -100,9 +89,13 @@ pub(crate) fn load_policy(arg: Option<&str>) -> Result<Policy, Vec<Failure>> {
 }
 
 /// Prints a JSON value on stdout (pretty, one document).
+/// A closed stdout (`ctguard … --json | head`) is not an error worth a panic.
 pub(crate) fn print_json(v: &serde_json::Value) {
+    use std::io::Write;
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => {
+            let _ = writeln!(std::io::stdout().lock(), "{s}");
+        }
         Err(e) => eprintln!("ctguard: error: cannot encode JSON: {e}"),
     }
 }

@@ -157,8 +157,14 @@ fn build_report(
     Ok(Report { target, initial_ns, backend, current, desired, plan, sysctls, findings, check })
 }
 
+/// Non-empty lines, with every transaction tag read as `ctguard:preview`: a committed policy
+/// compares equal to its rendering (so `changed` is false when nothing would change).
 fn lines(s: &str) -> Vec<String> {
-    s.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).map(str::to_string).collect()
+    s.lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .map(crate::model::names::normalize_tags)
+        .collect()
 }
 
 /// Asks the kernel without changing anything: `nft -c` for the table and nft insertions, and

@@ -84,6 +84,15 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
     // Validate locally first: bad input never reaches the agent.
     super::load_policy(a.policy.as_deref())?;
     let ruleset = a.ruleset.as_deref().map(|p| load_ruleset(p, a.format)).transpose()?;
+    for p in &a.probe {
+        crate::probe::Probe::parse(p).map_err(|e| vec![Failure::bad_input(format!("--probe: {e}"))])?;
+    }
+    let probe_interval = a
+        .probe_interval
+        .as_deref()
+        .map(crate::duration::parse_duration)
+        .transpose()
+        .map_err(|e| vec![Failure::bad_input(format!("--probe-interval: {e}"))])?;
     // Precondition: the journal can be written, with room (the agent checks again).
     Journal::open(&global.state_dir)
         .and_then(|j| j.check_room())
@@ -112,11 +121,29 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
         force: a.force,
         ssh: std::env::var("SSH_CONNECTION").ok(),
         ruleset,
+        allow_same_connection: a.allow_same_connection,
+        probes: a.probe.clone(),
+        probe_interval_secs: probe_interval.map(|d| d.as_secs()),
+        auto_confirm: a.auto_confirm,
+        persist: a.persist,
     });
     let r = ask(global, req)?;
-    finish(global, r, |d| {
+    let data = r.data.clone();
+    let exit = finish(global, r, |d| {
+        if d["state"] == "COMMITTED" {
+            return format!(
+                "applied {} on {} and committed: every probe passed (--auto-confirm).\n",
+                d["txid"].as_str().unwrap_or("?"),
+                d["target"].as_str().unwrap_or("?")
+            );
+        }
+        let how = if d["needs_new_connection"].as_bool().unwrap_or(false) {
+            "Confirm from a NEW connection"
+        } else {
+            "Confirm with"
+        };
         let mut s = format!(
-            "applied {} on {}; pending until {} ({} s).\nConfirm from a NEW connection: {}\nWithout it, the change is rolled back automatically.\n",
+            "applied {} on {}; pending until {} ({} s).\n{how}: {}\nWithout it, the change is rolled back automatically.\n",
             d["txid"].as_str().unwrap_or("?"),
             d["target"].as_str().unwrap_or("?"),
             d["deadline"].as_str().unwrap_or("?"),
@@ -127,7 +154,80 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
             s.push_str(&format!("warning: {}\n", w.as_str().unwrap_or("")));
         }
         s
-    })
+    })?;
+    if a.wait && data["state"] == "PENDING" {
+        return wait_for_outcome(global, &data);
+    }
+    Ok(exit)
+}
+
+/// `apply --wait`: a countdown in the `netplan try` style. With the new-connection proof on it
+/// waits for a confirm from a new connection; Ctrl-C rolls back now; Enter confirms only where
+/// the proof is off. A lost terminal changes nothing: the agent's deadline stands.
+fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>> {
+    use std::io::{IsTerminal, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let txid = data["txid"].as_str().unwrap_or_default().to_string();
+    let id = TxnId::parse(&txid).map_err(|e| vec![Failure::internal(e.to_string())])?;
+    let proof_on = data["needs_new_connection"].as_bool().unwrap_or(false);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())
+        .map_err(|e| vec![Failure::internal(format!("cannot catch Ctrl-C: {e}"))])?;
+    let (enter_tx, enter_rx) = std::sync::mpsc::channel();
+    if proof_on {
+        eprintln!("waiting for the confirmation from a NEW connection: {}", data["confirm"].as_str().unwrap_or(""));
+        eprintln!("Ctrl-C rolls back now.");
+    } else {
+        eprintln!("press Enter to confirm, Ctrl-C to roll back now.");
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+                let _ = enter_tx.send(());
+            }
+        });
+    }
+    let tty = std::io::stderr().is_terminal();
+    let journal = open_journal(global)?;
+    let mut last_print = None::<std::time::Instant>;
+    loop {
+        if interrupted.load(Ordering::SeqCst) {
+            eprintln!();
+            let r = ask(global, Request::Rollback { txid: Some(txid.clone()) })?;
+            return match r.exit {
+                0 => Err(vec![Failure::new(Exit::RolledBack, format!("{txid} rolled back (Ctrl-C)"))]),
+                c => Err(vec![Failure::new(exit_from_code(c), r.error.unwrap_or_default())]),
+            };
+        }
+        if enter_rx.try_recv().is_ok() {
+            let r = ask(global, Request::Confirm { txid: Some(txid.clone()) })?;
+            return finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")));
+        }
+        let rec = journal.load(&id).map_err(|e| vec![Failure::internal(e.to_string())])?;
+        match &rec.state {
+            txn::State::Committed => {
+                eprintln!("{}{txid} committed", if tty { "\r" } else { "" });
+                return Ok(Exit::Ok);
+            }
+            txn::State::RolledBack { reason } => {
+                return Err(vec![Failure::new(Exit::RolledBack, format!("{txid} rolled back ({reason})"))]);
+            }
+            txn::State::RollbackFailed { error, .. } => {
+                return Err(vec![Failure::new(Exit::RollbackFailed, format!("{txid}: rollback failed: {error}"))]);
+            }
+            _ => {}
+        }
+        if last_print.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            let left = rec.seconds_left(journal::boottime_ns()).unwrap_or(0);
+            if tty {
+                eprint!("\r{left:>5} s left before the automatic rollback ");
+                let _ = std::io::stderr().flush();
+            } else {
+                eprintln!("{left} s left before the automatic rollback");
+            }
+            last_print = Some(std::time::Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn txid_arg(t: &Option<String>) -> Result<Option<String>, Vec<Failure>> {
@@ -252,6 +352,7 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
         v["diff"] = json!(changed);
         v["policy"] = rec.policy.clone().unwrap_or(Value::Null);
         v["drift"] = rec.undo.get("drift").cloned().unwrap_or(Value::Null);
+        v["persisted"] = rec.undo.get("persisted").cloned().unwrap_or(Value::Null);
         super::print_json(&v);
         return Ok(Exit::Ok);
     }
@@ -265,6 +366,12 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
     println!("diff (before -> after apply):");
     for l in changed {
         println!("  {l}");
+    }
+    if let Some(p) = rec.undo.get("persisted").and_then(|v| serde_json::from_value::<crate::persist::PersistRecord>(v.clone()).ok()) {
+        println!("persisted:");
+        for l in p.describe() {
+            println!("  {l}");
+        }
     }
     // Ruleset transactions: what others changed during the window (overwritten by the rollback).
     if let Some(drift) = rec.undo.get("drift").and_then(Value::as_array).filter(|d| !d.is_empty()) {

@@ -149,6 +149,22 @@ impl fmt::Display for Tag {
     }
 }
 
+/// Replaces every `ctguard:ID` tag in `line` by `ctguard:preview`, so listings of different
+/// transactions (and `render`'s preview) compare equal when only the tag differs.
+pub fn normalize_tags(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find(TAG_PREFIX) {
+        let after = &rest[i + TAG_PREFIX.len()..];
+        let id_len = after.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).unwrap_or(after.len());
+        out.push_str(&rest[..i]);
+        out.push_str(Tag::preview().as_str());
+        rest = &after[id_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Validates a set or chain name ctguard generates: `[a-z][a-z0-9_]{0,30}`.
 pub fn check_object_name(s: &str) -> Result<(), String> {
     let mut chars = s.chars();

@@ -1,0 +1,522 @@
+//! `ctguard doctor` against the real kernel (the doctor issue's tests): a DNS flood is found
+//! and the policy the doctor emits removes it; a table-full episode (the global
+//! `nf_conntrack_max` lowered for the test only) shows in the drop counters and the kernel log;
+//! a fake proc root gives a partial report. The real binary is run with `--netns`.
+//!
+//! Figures are printed with `eprintln!` (`cargo test --test kernel doctor -- --nocapture`).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use ctguard::doctor::sources::Sources;
+use ctguard::doctor::{diagnose, Options};
+use ctguard::model::names::Tag;
+use ctguard::model::{parse_policy, Format};
+use ctguard::render::{nft_ir, nft_script, planner};
+
+use crate::harness::{
+    host_conntrack_exclusive, host_conntrack_shared, sa, udp_queries, Ns, Pair, TcpResponder, UdpResponder, SRV4,
+};
+
+/// srv's firewall: stateful, policy drop; DNS over UDP and tcp/8080 accepted as new.
+const SRV_FIREWALL: &str = "table inet host {
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iif \"lo\" accept
+    udp dport 53 ct state new accept
+    tcp dport 8080 ct state new accept
+    reject
+  }
+}
+";
+
+/// A firewall that accepts everything but uses ct, so the namespace tracks.
+const TRACKING: &str = "table inet host {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    ct state established,related accept
+  }
+}
+";
+
+/// Most entries a NOTRACK'd phase may add (stray ND/MLD and the like).
+const HANDFUL: u64 = 10;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        match serde_json::from_str(&self.stdout) {
+            Ok(v) => v,
+            Err(e) => panic!("doctor printed no JSON ({e}):\n{}\nstderr: {}", self.stdout, self.stderr),
+        }
+    }
+}
+
+/// Runs the real binary: `ctguard doctor [--netns NS] ARGS…`.
+fn ctguard(args: &[&str]) -> Run {
+    let out = match Command::new(env!("CARGO_BIN_EXE_ctguard")).args(args).env_remove("SSH_CONNECTION").output() {
+        Ok(o) => o,
+        Err(e) => panic!("cannot run ctguard: {e}"),
+    };
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn doctor(ns: &Ns, extra: &[&str]) -> Run {
+    let mut args = vec!["doctor", "--netns", ns.name()];
+    args.extend_from_slice(extra);
+    ctguard(&args)
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ctguard-doctor-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    if let Err(e) = std::fs::create_dir_all(&d) {
+        panic!("creating {}: {e}", d.display());
+    }
+    d
+}
+
+/// `n` TCP connections from `ns` to `dst`, each closed at once; returns how many connected.
+fn tcp_connections(ns: &Ns, dst: std::net::SocketAddr, n: usize) -> usize {
+    ns.run(move || (0..n).filter(|_| TcpStream::connect_timeout(&dst, Duration::from_secs(2)).is_ok()).count())
+}
+
+fn groups(j: &Value) -> Vec<(String, Option<u64>, String, u64)> {
+    j["top_flows"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|g| {
+                    (
+                        g["proto"].as_str().unwrap_or("").to_string(),
+                        g["port"].as_u64(),
+                        g["state"].as_str().unwrap_or("").to_string(),
+                        g["count"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn kinds(j: &Value) -> Vec<String> {
+    j["recommendations"]
+        .as_array()
+        .map(|a| a.iter().map(|r| r["kind"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. What fills the table, and the policy that empties it
+
+#[test]
+fn doctor_finds_the_dns_flood_and_its_policy_removes_it() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("doc");
+    let (srv, cli) = (&pair.srv, &pair.cli);
+    srv.nft(SRV_FIREWALL);
+    let _dns = UdpResponder::start(srv, sa(SRV4, 53));
+    let web = TcpResponder::start(srv, sa(SRV4, 8080));
+
+    let a = udp_queries(cli, sa(SRV4, 53), 3000, 20000);
+    assert_eq!(a.answered, 3000, "every query is answered before the policy: {a:?}");
+    assert_eq!(tcp_connections(cli, sa(SRV4, 8080), 200), 200);
+    web.wait_accepted(200, Duration::from_secs(5));
+
+    let dir = temp_dir("flood");
+    let prom = dir.join("ctguard.prom");
+    let prom_arg = prom.display().to_string();
+    let run = doctor(srv, &["--json", "--top", "5", "--prometheus", &prom_arg]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    let g = groups(&j);
+    eprintln!("doctor: top_flows {g:?}");
+    eprintln!(
+        "doctor: count {} of max {}, scanned {} in {:.1} ms from {}",
+        j["count"],
+        j["max"],
+        j["entries"]["scanned"],
+        j["entries"]["seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+        j["entries"]["source"]
+    );
+    assert_eq!(j["initial_namespace"], false);
+    assert!(j["count"].as_u64().is_some_and(|c| c >= 3000), "{}", j["count"]);
+    assert!(j["max"].as_u64().is_some() && j["buckets"].as_u64().is_some() && j["usage"].as_f64().is_some());
+    assert!(j["entry_bytes"].as_u64().is_some_and(|b| b > 0), "{}", j["entry_bytes"]);
+    assert!(j["drops"]["drop"].as_u64().is_some(), "{}", j["drops"]);
+    assert!(j["table_full_events"]["count"].as_u64().is_some(), "{}", j["table_full_events"]);
+    assert_eq!(j["unreadable"].as_array().map(Vec::len), Some(0), "{}", j["unreadable"]);
+    // udp/53 first with ~3,000, the TCP port second.
+    assert_eq!((g[0].0.as_str(), g[0].1), ("udp", Some(53)), "{g:?}");
+    assert!(g[0].3 >= 2940 && g[0].3 <= 3000, "udp/53 holds ~3000: {g:?}");
+    assert_eq!((g[1].0.as_str(), g[1].1), ("tcp", Some(8080)), "{g:?}");
+    let tcp_total: u64 = g.iter().filter(|x| x.0 == "tcp" && x.1 == Some(8080)).map(|x| x.3).sum();
+    assert!((190..=200).contains(&tcp_total), "tcp/8080 holds ~200: {g:?}");
+    let counts: Vec<u64> = g.iter().map(|x| x.3).collect();
+    assert!(counts.windows(2).all(|w| w[0] >= w[1]), "sorted by count: {counts:?}");
+    let recs = j["recommendations"].as_array().cloned().unwrap_or_default();
+    let notrack = recs.iter().find(|r| r["kind"] == "notrack" && r["proto"] == "udp" && r["port"] == 53);
+    let Some(notrack) = notrack else { panic!("no NOTRACK udp/53 among {recs:#?}") };
+    assert!(notrack["reason"].as_str().is_some_and(|r| r.contains("udp/53")), "{notrack}");
+    assert!(notrack["warning"].as_str().is_some_and(|w| w.contains("UNTRACKED")), "{notrack}");
+
+    // The textfile, written atomically.
+    let text = match std::fs::read_to_string(&prom) {
+        Ok(t) => t,
+        Err(e) => panic!("--prometheus wrote nothing: {e}"),
+    };
+    let line = format!("ctguard_conntrack_flow_entries{{netns=\"{}\",proto=\"udp\",port=\"53\"", srv.name());
+    assert!(text.contains(&line), "{text}");
+    assert!(text.contains("# TYPE ctguard_conntrack_drop_total counter"), "{text}");
+    let leftovers = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(leftovers, 1, "no temporary file left behind");
+
+    // The human screen: aligned table, no colour when stdout is not a terminal.
+    let human = doctor(srv, &[]);
+    assert_eq!(human.code, 0, "{}", human.stderr);
+    eprintln!("{}", human.stdout);
+    assert!(!human.stdout.contains('\x1b'), "colour on a pipe");
+    assert!(human.stdout.contains("NOTRACK udp/53"), "{}", human.stdout);
+    assert!(human.stdout.contains("PROTO") && human.stdout.contains("ENTRIES"), "{}", human.stdout);
+
+    // The emitted policy: valid, no host-only sysctl, passes plan --check in srv.
+    let emitted = doctor(srv, &["--emit-policy"]);
+    assert_eq!(emitted.code, 0, "{}", emitted.stderr);
+    eprintln!("doctor: emitted policy:\n{}", emitted.stdout);
+    let policy = match parse_policy(&emitted.stdout, Format::Toml) {
+        Ok(p) => p,
+        Err(e) => panic!("the emitted policy does not parse: {e:?}\n{}", emitted.stdout),
+    };
+    assert!(policy.sysctl.keys().all(|k| !k.is_host_only()), "{}", emitted.stdout);
+    assert!(policy.notrack.iter().any(|n| n.has_port(ctguard::model::Proto::Udp, 53) && n.accept_untracked));
+    let file = dir.join("fix.toml");
+    if let Err(e) = std::fs::write(&file, &emitted.stdout) {
+        panic!("writing {}: {e}", file.display());
+    }
+    let file_arg = file.display().to_string();
+    let plan = ctguard(&["plan", "--check", "--json", "--netns", srv.name(), &file_arg]);
+    assert_eq!(plan.code, 0, "plan --check refused the emitted policy: {}\n{}", plan.stderr, plan.stdout);
+    assert_eq!(plan.json()["check"]["ok"], true, "{}", plan.stdout);
+
+    // Apply it as `apply` would (ctguard's table, then the planned accept insertions) and
+    // replay the same traffic.
+    let tag = Tag::preview();
+    srv.nft(&nft_script::replace_script(&nft_ir::table_for(&policy, &tag)));
+    let live = match srv.run(ctguard::backend::live::read) {
+        Ok(l) => l,
+        Err(e) => panic!("reading srv's live state: {e}"),
+    };
+    let ins = planner::plan(&policy, &live, &tag);
+    srv.nft(&ins.nft_script());
+    for (key, value) in &policy.sysctl {
+        if let ctguard::model::SysctlValue::Int(v) = value {
+            srv.sysctl_write(key.as_str(), &v.to_string());
+        }
+    }
+    srv.conntrack_flush();
+    let before = srv.conntrack_count();
+    let a = udp_queries(cli, sa(SRV4, 53), 3000, 20000);
+    let after_udp = srv.conntrack_count();
+    let connected = tcp_connections(cli, sa(SRV4, 8080), 200);
+    let after_tcp = srv.conntrack_count();
+    eprintln!(
+        "doctor: after the emitted policy: udp/53 answered {}/3000, +{} entries; tcp/8080 {}/200 connected, +{} entries",
+        a.answered,
+        after_udp.saturating_sub(before),
+        connected,
+        after_tcp.saturating_sub(after_udp)
+    );
+    assert_eq!(a.answered, 3000, "the policy must not blackhole DNS (accept_untracked)");
+    assert!(after_udp.saturating_sub(before) <= HANDFUL, "udp/53 still tracked: +{}", after_udp - before);
+    assert_eq!(connected, 200);
+    assert!(after_tcp.saturating_sub(before) <= 200 + HANDFUL, "only the TCP service stays tracked");
+    let again = doctor(srv, &["--json"]).json();
+    assert!(!groups(&again).iter().any(|x| x.0 == "udp" && x.1 == Some(53)), "{:?}", groups(&again));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A table-full episode
+
+const MAX_PATH: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+const COUNT_PATH: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
+
+fn read_u64(path: &str) -> u64 {
+    match std::fs::read_to_string(path).map(|t| t.trim().parse::<u64>()) {
+        Ok(Ok(v)) => v,
+        other => panic!("reading {path}: {other:?}"),
+    }
+}
+
+/// The global `nf_conntrack_max` lowered for the test; Drop restores it, also on a panic.
+struct LoweredMax {
+    original: u64,
+}
+
+impl LoweredMax {
+    fn lower(to: u64) -> LoweredMax {
+        let original = read_u64(MAX_PATH);
+        let guard = LoweredMax { original };
+        if let Err(e) = std::fs::write(MAX_PATH, format!("{to}\n")) {
+            panic!("lowering {MAX_PATH} to {to}: {e}");
+        }
+        guard
+    }
+}
+
+impl Drop for LoweredMax {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(MAX_PATH, format!("{}\n", self.original)) {
+            eprintln!("doctor: RESTORING {MAX_PATH} TO {} FAILED: {e}", self.original);
+        }
+    }
+}
+
+/// Seconds since boot on the printk clock's side (CLOCK_MONOTONIC, close to it).
+fn monotonic_seconds() -> f64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9,
+        Err(e) => panic!("clock_gettime: {e}"),
+    }
+}
+
+#[test]
+fn doctor_reports_a_table_full_episode() {
+    let _host = host_conntrack_exclusive();
+    // The test process lives in the host's namespace: only there is the global max writable.
+    assert!(
+        ctguard::sysctl::writable(
+            &ctguard::model::names::SysctlKey::parse("net.netfilter.nf_conntrack_max").expect("key")
+        ),
+        "{MAX_PATH} is not writable here: the test must run in the initial namespace as root"
+    );
+    let pair = Pair::new("docfull");
+    let (srv, cli) = (&pair.srv, &pair.cli);
+    srv.nft(TRACKING);
+    let _dns = UdpResponder::start(srv, sa(SRV4, 53));
+    let original = read_u64(MAX_PATH);
+    let mut fresh = 0usize;
+    let mut j = Value::Null;
+    let mut lowered_to = 0;
+    for attempt in 1..=3 {
+        let t0 = monotonic_seconds() - 1.0;
+        srv.conntrack_flush();
+        // Room for the host's own entries (the limit is compared with each namespace's count).
+        lowered_to = read_u64(COUNT_PATH) + 200;
+        let flood = (lowered_to + 600) as usize;
+        let run = {
+            let _lowered = LoweredMax::lower(lowered_to);
+            let a = udp_queries(cli, sa(SRV4, 53), flood, 10000);
+            eprintln!(
+                "doctor: attempt {attempt}: max lowered to {lowered_to}, flood of {flood}: {} answered, srv count {}",
+                a.answered,
+                srv.conntrack_count()
+            );
+            // Diagnose while the episode lasts; the guard restores the max right after.
+            doctor(srv, &["--json"])
+        };
+        assert_eq!(read_u64(MAX_PATH), original, "the max is restored");
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        j = run.json();
+        fresh = j["table_full_events"]["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|e| e["seconds_since_boot"].as_f64().is_some_and(|s| s >= t0))
+                    // 6.x names the namespace; older kernels do not (then any fresh event counts).
+                    .filter(|e| e["netns"].is_null() || e["in_target"] == true)
+                    .count()
+            })
+            .unwrap_or(0);
+        if fresh > 0 {
+            break;
+        }
+        // net_ratelimit is shared by every rate-limited message: wait for its window to pass.
+        eprintln!("doctor: no fresh table-full event in the log (rate-limited?), trying again");
+        std::thread::sleep(Duration::from_secs(6));
+    }
+    eprintln!("doctor: recommendations {:?}", kinds(&j));
+    let drops = &j["drops"];
+    let events = &j["table_full_events"];
+    eprintln!("doctor: drops {drops}");
+    eprintln!(
+        "doctor: table_full_events count {} (in srv {}, fresh {fresh}), ratelimit_suppressed {}, latest {:?}",
+        events["count"],
+        events["in_target"],
+        events["ratelimit_suppressed"],
+        events["events"].as_array().and_then(|a| a.last()).map(ToString::to_string)
+    );
+    assert_eq!(j["max"].as_u64(), Some(lowered_to), "the report saw the lowered max");
+    assert!(j["usage"].as_f64().is_some_and(|u| u >= 0.95), "usage {}", j["usage"]);
+    assert!(drops["drop"].as_u64().is_some_and(|d| d > 0), "the flood shows in drops: {drops}");
+    assert!(events["count"].as_u64().is_some_and(|c| c > 0), "{events}");
+    assert!(fresh > 0, "a table-full event from this flood is in the kernel log: {events}");
+    assert_eq!(events["host_wide"], true);
+    assert_eq!(events["target_netns_inode"].as_u64(), Some(srv.target().id.1));
+    assert!(
+        events["in_target"].as_u64().is_some_and(|n| n > 0) || events["unattributed"].as_u64().is_some_and(|n| n > 0),
+        "the events are attributed to srv (or to no namespace on older kernels): {events}"
+    );
+    let notes = j["notes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        notes.iter().any(|n| n.as_str().is_some_and(|n| n.contains("host-wide"))),
+        "the report says the log is host-wide: {notes:?}"
+    );
+    // The recommendation to raise the limit names the figure.
+    let ram = ctguard::sysctl::mem_total_bytes().expect("MemTotal");
+    let count = j["count"].as_u64().unwrap_or(0);
+    let expected = ctguard::model::auto::conntrack_max_for_ram(ram, usize::BITS)
+        .max(count.saturating_mul(2).max(1).next_power_of_two());
+    let recs = j["recommendations"].as_array().cloned().unwrap_or_default();
+    let Some(raise) = recs.iter().find(|r| r["kind"] == "raise_conntrack_max") else {
+        panic!("no raise_conntrack_max among {recs:#?}")
+    };
+    eprintln!("doctor: {}", raise["reason"]);
+    assert_eq!(raise["current"].as_u64(), Some(lowered_to));
+    assert_eq!(raise["recommended"].as_u64(), Some(expected), "{raise}");
+    assert!(raise["reason"].as_str().is_some_and(|r| r.contains(&expected.to_string())), "{raise}");
+    assert_eq!(raise["applies_here"], false);
+    assert!(raise["memory_bytes"].as_u64().is_some_and(|m| m > 0), "{raise}");
+
+    // After the episode (max restored, the drop counter remains): the emitted policy for srv
+    // leaves the host-only sysctls out and says so, and passes plan --check.
+    let emitted = doctor(srv, &["--emit-policy"]);
+    assert_eq!(emitted.code, 0, "{}", emitted.stderr);
+    eprintln!("doctor: emitted policy after the episode:\n{}", emitted.stdout);
+    let policy = match parse_policy(&emitted.stdout, Format::Toml) {
+        Ok(p) => p,
+        Err(e) => panic!("{e:?}\n{}", emitted.stdout),
+    };
+    assert!(policy.sysctl.keys().all(|k| !k.is_host_only()), "{}", emitted.stdout);
+    assert!(emitted.stdout.contains("#   \"net.netfilter.nf_conntrack_max\" = "), "{}", emitted.stdout);
+    assert!(emitted.stdout.contains("only the initial network namespace"), "{}", emitted.stdout);
+    let dir = temp_dir("full");
+    let file = dir.join("fix.toml");
+    if let Err(e) = std::fs::write(&file, &emitted.stdout) {
+        panic!("{e}");
+    }
+    let plan = ctguard(&["plan", "--check", "--netns", srv.name(), &file.display().to_string()]);
+    assert_eq!(plan.code, 0, "{}\n{}", plan.stderr, plan.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Unreadable or missing sources
+
+#[test]
+fn fake_proc_root_gives_a_partial_report() {
+    let root = temp_dir("fakeroot");
+    // Only the count exists; no conntrack files, no stat, no slabinfo, and the kernel log is a
+    // directory (a read fails) — then missing altogether.
+    let nf = root.join("sys/net/netfilter");
+    if let Err(e) = std::fs::create_dir_all(&nf).and_then(|()| std::fs::write(nf.join("nf_conntrack_count"), "7\n")) {
+        panic!("{e}");
+    }
+    for kmsg in [root.clone(), root.join("no-such-kmsg")] {
+        let opts = Options { sources: Sources::fake(&root, Some(kmsg.clone())), top: 10 };
+        let r = match diagnose(None, &opts) {
+            Ok(r) => r,
+            Err(e) => panic!("a missing file must not fail the diagnosis: {e}"),
+        };
+        let what: Vec<&str> = r.unreadable.iter().map(|u| u.what.as_str()).collect();
+        eprintln!("doctor: fake root, kmsg {}: unreadable {what:?}", kmsg.display());
+        assert!(r.partial);
+        assert_eq!(r.count, Some(7));
+        for w in ["nf_conntrack_max", "drop counters", "entry size", "kernel log", "conntrack entries"] {
+            assert!(what.contains(&w), "{w} not reported in {what:?}");
+        }
+        let log = r.unreadable.iter().find(|u| u.what == "kernel log").map(|u| u.path.clone());
+        assert_eq!(log.as_deref(), Some(kmsg.display().to_string().as_str()));
+        let j = r.to_json();
+        assert!(j["max"].is_null() && j["drops"].is_null() && j["table_full_events"].is_null(), "{j}");
+        assert_eq!(j["top_flows"], Value::Array(Vec::new()));
+        assert!(ctguard::doctor::report::prometheus(&r, 0.0).contains("ctguard_doctor_unreadable_sources"));
+        let p = ctguard::doctor::advice::emit_policy(&r);
+        assert!(p.contains("partial"), "{p}");
+        assert!(parse_policy(&p, Format::Toml).is_ok(), "{p}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn doctor_cli_errors() {
+    let r = ctguard(&["doctor", "--netns", "ctg-does-not-exist-0"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = ctguard(&["doctor", "--json", "--prometheus", "-"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = ctguard(&["doctor", "--prometheus", "/nonexistent-dir/x.prom"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(!Path::new("/nonexistent-dir").exists());
+    let r = ctguard(&["doctor", "--top", "0"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+/// Reading 100k real entries: prints how long the scan took (no timed assertion).
+#[test]
+#[ignore = "measurement: cargo test --test kernel doctor_scan_100k -- --ignored --nocapture"]
+fn doctor_scan_100k_real_entries() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("doc100k");
+    pair.srv.nft(TRACKING);
+    let _dns = UdpResponder::start(&pair.srv, sa(SRV4, 53));
+    let _r2 = UdpResponder::start(&pair.srv, sa(SRV4, 54));
+    let start = Instant::now();
+    udp_queries(&pair.cli, sa(SRV4, 53), 50_000, 10_000);
+    udp_queries(&pair.cli, sa(SRV4, 54), 50_000, 10_000);
+    eprintln!(
+        "doctor: 100k flows made in {:.1} s; srv count {}",
+        start.elapsed().as_secs_f64(),
+        pair.srv.conntrack_count()
+    );
+    let j = doctor(&pair.srv, &["--json"]).json();
+    eprintln!(
+        "doctor: scanned {} entries from {} in {:.1} ms; top {:?}",
+        j["entries"]["scanned"],
+        j["entries"]["source"],
+        j["entries"]["seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+        groups(&j).iter().take(3).collect::<Vec<_>>()
+    );
+    assert!(j["entries"]["scanned"].as_u64().is_some_and(|n| n >= 95_000));
+}
+
+/// Without `/proc/…/net/nf_conntrack` the entries are streamed from `conntrack -L -o extended`,
+/// run inside the target.
+#[test]
+fn entries_fall_back_to_the_conntrack_tool() {
+    let _host = host_conntrack_shared();
+    let ns = Ns::new("docfallback");
+    ns.nft(TRACKING);
+    let _dns = UdpResponder::start(&ns, sa([127, 0, 0, 1], 53));
+    let a = udp_queries(&ns, sa([127, 0, 0, 1], 53), 500, 30000);
+    assert_eq!(a.answered, 500);
+    // A proc root without the entries file; the tool is allowed.
+    let root = temp_dir("fallback");
+    let sources = Sources { conntrack_tool: true, ..Sources::fake(&root, None) };
+    let r = match diagnose(Some(ns.name()), &Options { sources, top: 3 }) {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let Some(e) = &r.entries else { panic!("no entries: {:?}", r.unreadable) };
+    eprintln!("doctor: fallback read {} entries from {} in {:.1} ms", e.scan.scanned, e.source, e.seconds * 1000.0);
+    assert!(e.source.contains("conntrack -L -o extended"), "{}", e.source);
+    assert!(e.scan.scanned >= 500, "{}", e.scan.scanned);
+    let top = &r.top_flows[0];
+    assert_eq!((top.proto.as_str(), top.port), ("udp", Some(53)), "{:?}", r.top_flows);
+    assert!(top.count >= 500);
+    assert!(r.unreadable.iter().all(|u| u.what != "conntrack entries"), "{:?}", r.unreadable);
+    let _ = std::fs::remove_dir_all(&root);
+}

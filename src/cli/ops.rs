@@ -1,0 +1,435 @@
+//! Operations verbs: `restore` (the boot-time re-apply of the committed, persisted policy),
+//! `man` and `completions` (generated from the clap definition), and the logging setup
+//! (stderr text or JSON with timestamps, or the systemd journal).
+//!
+//! `restore` goes **through the agent**: an ordinary policy transaction with a short dead-man
+//! timeout, confirmed as soon as it is applied. So a re-apply is journaled with its own id
+//! (`history`, `show`), takes the one-pending-transaction lock of its target, passes the same
+//! preconditions, lint and kernel checks as `apply`, is tagged so a later `apply` replaces it
+//! and a rollback finds it, and a crash in the middle is recovered like any apply. If the
+//! confirm fails, the agent's timer rolls it back: the host keeps the firewall it booted with.
+//! Before asking the agent, `restore` checks in the target whether the policy is already in
+//! place (ctguard's objects equal up to the transaction tag, no accept insertion missing, every
+//! sysctl at its value) and then does nothing: it is idempotent.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::CommandFactory;
+use serde_json::{json, Value};
+
+use super::args::{Cli, CompletionsArgs, Global, LogFormat, ManArgs, RestoreArgs};
+use crate::agent::client;
+use crate::agent::protocol::{ApplyRequest, Request, Response};
+use crate::backend::live as live_backend;
+use crate::backend::policy_txn::{effective_backend, variant_of};
+use crate::exit::{Exit, Failure};
+use crate::live::iptables_save;
+use crate::model::auto::MachineFacts;
+use crate::model::names::Tag;
+use crate::model::{Format, Policy};
+use crate::netns::{Target, TargetSpec};
+use crate::persist::COMMITTED_POLICY_FILE;
+use crate::render::iptables::{notrack_rules, IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
+use crate::render::nft_ir::table_for;
+use crate::render::nft_script::table_block;
+use crate::render::planner::plan as plan_insertions;
+use crate::render::sysctl::plan_sysctls;
+
+/// Prefix of ctguard's fields in the journal (`txid` becomes `CTGUARD_TXID`).
+pub const JOURNAL_FIELD_PREFIX: &str = "CTGUARD";
+
+/// Longest wait for one agent answer during `restore`.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+// ---------------------------------------------------------------------------------------------
+// Logging
+
+/// Parses `JOURNAL_STREAM` (`DEV:INO`, decimal).
+fn parse_journal_stream(v: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = v.trim().split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+/// True when stderr is connected to the systemd journal: `JOURNAL_STREAM` names the device and
+/// inode of file descriptor 2 (systemd sets it for services whose output goes to the journal;
+/// an inherited value with stderr redirected elsewhere does not match).
+fn stderr_is_journal() -> bool {
+    let Some((dev, ino)) = std::env::var("JOURNAL_STREAM").ok().as_deref().and_then(parse_journal_stream) else {
+        return false;
+    };
+    let Ok(st) = nix::sys::stat::fstat(std::io::stderr()) else { return false };
+    #[allow(clippy::unnecessary_cast)] // dev_t and ino_t are not u64 on every target
+    let stderr_id = (st.st_dev as u64, st.st_ino as u64);
+    stderr_id == (dev, ino)
+}
+
+/// Sets up tracing: `-v` levels (RUST_LOG overrides); text lines with timestamps on stderr,
+/// one JSON object per line, or the systemd journal — chosen by `--log-format journald`, or
+/// automatically for the default text format when stderr is the journal. Journal entries carry
+/// ctguard's fields with the [`JOURNAL_FIELD_PREFIX`] (`journalctl CTGUARD_TXID=…`). When the
+/// journal cannot be reached, logs go to stderr as text, with a warning.
+pub(super) fn init_logging(verbose: u8, format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let journald = format == LogFormat::Journald || (format == LogFormat::Text && stderr_is_journal());
+    if journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer
+                    .with_field_prefix(Some(JOURNAL_FIELD_PREFIX.to_string()))
+                    .with_syslog_identifier("ctguard".to_string());
+                let _ = tracing_subscriber::registry().with(filter()).with(layer).try_init();
+                return;
+            }
+            Err(e) => eprintln!("ctguard: warning: cannot reach the systemd journal ({e}); logging to stderr"),
+        }
+    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text | LogFormat::Journald => builder.try_init(),
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// man and completions
+
+/// Hand-written sections appended to the generated main page (roff).
+const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
+.TP
+\fB0\fR
+ok (also: confirm of an already committed transaction)
+.TP
+\fB1\fR
+internal error
+.TP
+\fB2\fR
+bad input, unknown id or failed precondition; nothing changed
+.TP
+\fB3\fR
+refused by the kernel, a backend, a check or a lint error; nothing changed
+.TP
+\fB4\fR
+another transaction is pending on that target, or the lock is held
+.TP
+\fB5\fR
+the transaction was rolled back instead of doing what was asked
+.TP
+\fB6\fR
+the agent is unreachable
+.TP
+\fB7\fR
+rollback failed: state unknown, operator needed
+.TP
+\fB8\fR
+confirmation refused (not a new connection)
+.SH FILES
+.TP
+\fI/run/ctguard/ctguard.sock\fR
+the agent's socket (root only); \fI/run/ctguard/agent.log\fR is the log of a detached agent,
+\fI/run/ctguard/ns/\fR holds the namespace pins
+.TP
+\fI/var/lib/ctguard/txn/\fR
+the journal, one JSON record per transaction
+.TP
+\fI/var/lib/ctguard/committed\-policy.toml\fR
+the committed policy saved by persistence, re\-applied at boot by \fBctguard restore\fR
+.TP
+\fI/etc/sysctl.d/90\-ctguard.conf\fR, \fI/etc/modules\-load.d/ctguard.conf\fR, \fI/etc/modprobe.d/ctguard.conf\fR
+written when a transaction with persistence is committed
+.TP
+\fIctguard.service\fR, \fIctguard\-recover.service\fR, \fIctguard\-restore.service\fR
+the agent; journal recovery at boot; the boot\-time re\-apply of the persisted policy
+.SH ENVIRONMENT
+.TP
+\fBCTGUARD_STATE_DIR\fR, \fBCTGUARD_RUN_DIR\fR
+defaults of \fB\-\-state\-dir\fR and \fB\-\-run\-dir\fR
+.TP
+\fBRUST_LOG\fR
+log filter (overrides \fB\-v\fR)
+.TP
+\fBJOURNAL_STREAM\fR
+when it names standard error, logs go to the systemd journal with the field \fBCTGUARD_TXID\fR
+.SH "SEE ALSO"
+\fBnft\fR(8), \fBiptables\-apply\fR(8), \fBnetplan\-try\fR(8), \fBsystemd\-sysctl.service\fR(8)
+"#;
+
+fn man_page(cmd: clap::Command) -> clap_mangen::Man {
+    let version = cmd.get_version().unwrap_or("").to_string();
+    clap_mangen::Man::new(cmd).section("8").manual("System Administration").source(format!("ctguard {version}"))
+}
+
+/// The generated main page with [`MAN_EXTRA`] inserted before its VERSION section.
+fn render_main_page(cmd: clap::Command, out: &mut dyn Write) -> std::io::Result<()> {
+    let mut page = Vec::new();
+    man_page(cmd).render(&mut page)?;
+    let page = String::from_utf8_lossy(&page);
+    let at = page.find(".SH VERSION").unwrap_or(page.len());
+    out.write_all(page[..at].as_bytes())?;
+    out.write_all(MAN_EXTRA.as_bytes())?;
+    out.write_all(page[at..].as_bytes())
+}
+
+/// `ctguard man`: the main page on stdout (roff, section 8), or with `--out-dir` that page as
+/// `ctguard.8` plus `ctguard-VERB.8` for every verb.
+pub(super) fn man(a: &ManArgs) -> Result<Exit, Vec<Failure>> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let Some(dir) = &a.out_dir else {
+        let mut out = Vec::new();
+        render_main_page(cmd, &mut out).map_err(|e| vec![Failure::internal(format!("man: {e}"))])?;
+        std::io::stdout().write_all(&out).map_err(|e| vec![Failure::internal(format!("stdout: {e}"))])?;
+        return Ok(Exit::Ok);
+    };
+    let fail = |p: &Path, e: std::io::Error| vec![Failure::bad_input(format!("{}: {e}", p.display()))];
+    std::fs::create_dir_all(dir).map_err(|e| fail(dir, e))?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let path = man_page(sub.clone()).generate_to(dir).map_err(|e| fail(dir, e))?;
+        println!("{}", path.display());
+    }
+    let main = dir.join("ctguard.8");
+    let mut out = Vec::new();
+    render_main_page(cmd, &mut out).map_err(|e| fail(&main, e))?;
+    std::fs::write(&main, out).map_err(|e| fail(&main, e))?;
+    println!("{}", main.display());
+    Ok(Exit::Ok)
+}
+
+/// `ctguard completions SHELL`: the completion script on stdout.
+pub(super) fn completions(a: &CompletionsArgs) -> Result<Exit, Vec<Failure>> {
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(a.shell, &mut cmd, "ctguard", &mut out);
+    std::io::stdout().write_all(&out).map_err(|e| vec![Failure::internal(format!("stdout: {e}"))])?;
+    Ok(Exit::Ok)
+}
+
+// ---------------------------------------------------------------------------------------------
+// restore
+
+
+fn normalized_lines(text: &str) -> Vec<String> {
+    text.lines().map(|l| crate::model::names::normalize_tags(l.trim())).filter(|l| !l.is_empty()).collect()
+}
+
+/// What differs between `policy` and the live state of the calling thread's namespace; empty
+/// when the policy is in place. Reads only.
+pub(crate) fn differences(policy: &Policy, facts: MachineFacts) -> Result<Vec<String>, String> {
+    let live = live_backend::read().map_err(|e| e.to_string())?;
+    let tag = Tag::preview();
+    let backend = effective_backend(policy.backend);
+    let mut diffs = Vec::new();
+    match variant_of(backend) {
+        None => {
+            let current = live_backend::ctguard_table_text().map_err(|e| e.to_string())?;
+            let t = table_for(policy, &tag);
+            let desired = if t.is_empty() { String::new() } else { table_block(&t) };
+            if normalized_lines(current.as_deref().unwrap_or("")) != normalized_lines(&desired) {
+                diffs.push(match current {
+                    None => "table inet ctguard is missing".to_string(),
+                    Some(_) => "table inet ctguard differs from the policy".to_string(),
+                });
+            }
+        }
+        Some(v) => {
+            for fam in IpFamily::ALL {
+                let v6 = fam == IpFamily::V6;
+                let rules = notrack_rules(policy, fam, &tag);
+                let dump = match live.iptables.iter().find(|d| d.variant == v && d.v6 == v6) {
+                    Some(d) => Some(iptables_save::parse(&d.text).map_err(|e| e.to_string())?),
+                    None => None,
+                };
+                let mut current = Vec::new();
+                for chain in [CHAIN_PRE, CHAIN_OUT] {
+                    if let Some(c) = dump.as_ref().and_then(|d| d.chain(RAW_TABLE, chain)) {
+                        current.extend(c.rules.iter().map(|r| crate::model::names::normalize_tags(&r.line)));
+                    }
+                }
+                let desired: Vec<String> = rules.rules.iter().map(|r| crate::model::names::normalize_tags(&r.append_line())).collect();
+                if current != desired {
+                    diffs.push(format!("{} raw CTGUARD-PRE/CTGUARD-OUT differ from the policy", fam.tool_prefix()));
+                }
+                if rules.is_empty() {
+                    continue;
+                }
+                for j in &rules.jumps {
+                    let present = dump.as_ref().and_then(|d| d.chain(RAW_TABLE, j.from)).is_some_and(|c| {
+                        c.rules.iter().any(|r| r.args.len() == 2 && r.args[0] == "-j" && r.args[1] == j.to)
+                    });
+                    if !present {
+                        diffs.push(format!("{} raw {}: the jump to {} is missing", fam.tool_prefix(), j.from, j.to));
+                    }
+                }
+            }
+        }
+    }
+    let plan = plan_insertions(policy, &live, &tag);
+    for ins in &plan.insertions {
+        diffs.push(format!("{}: the accept for untracked flows is missing", ins.chain));
+    }
+    let sysctl_live = live_backend::read_sysctls(policy.sysctl.keys()).map_err(|e| e.to_string())?;
+    let (sysctls, _) = plan_sysctls(policy, &sysctl_live, facts);
+    for c in sysctls.iter().filter(|c| !c.unchanged && c.skipped.is_none()) {
+        let old = c.old.map_or("(missing)".to_string(), |v| v.to_string());
+        diffs.push(format!("sysctl {} is {old}, the policy wants {}", c.key, c.new));
+    }
+    Ok(diffs)
+}
+
+fn exit_from_code(c: i32) -> Exit {
+    match c {
+        0 => Exit::Ok,
+        2 => Exit::BadInput,
+        3 => Exit::Refused,
+        4 => Exit::Busy,
+        5 => Exit::RolledBack,
+        6 => Exit::AgentUnreachable,
+        7 => Exit::RollbackFailed,
+        8 => Exit::ConfirmRefused,
+        _ => Exit::Internal,
+    }
+}
+
+fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure>> {
+    let unreachable = |e: client::ClientError| vec![Failure::new(Exit::AgentUnreachable, e.to_string())];
+    client::ensure_agent(&global.run_dir, &global.state_dir).map_err(unreachable)?;
+    client::request(&global.run_dir, req, REQUEST_TIMEOUT).map_err(unreachable)
+}
+
+fn refused_by_agent(r: &Response, what: &str) -> Vec<Failure> {
+    vec![Failure::new(exit_from_code(r.exit), format!("{what}: {}", r.error.as_deref().unwrap_or("failed")))]
+}
+
+/// `ctguard restore [--policy-file F]`: re-applies the committed policy persistence saved
+/// (default `$STATE_DIR/committed-policy.toml`) to the target (`--netns`, else the caller's
+/// namespace), through the agent, confirmed at once; nothing when it is already in place or
+/// when nothing was persisted (the default file is absent).
+pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    let explicit = a.policy_file.is_some();
+    let path: PathBuf = a.policy_file.clone().unwrap_or_else(|| global.state_dir.join(COMMITTED_POLICY_FILE));
+    let shown = path.display().to_string();
+    if !explicit && !path.exists() {
+        if global.json {
+            super::print_json(&json!({"changed": false, "persisted": false, "policy_file": shown}));
+        } else {
+            println!("restore: nothing persisted ({shown} does not exist); nothing to do");
+        }
+        return Ok(Exit::Ok);
+    }
+    let policy = super::load_policy(Some(&shown))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| vec![Failure::bad_input(format!("policy {shown}: {e}"))])?;
+    let timeout =
+        crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
+    let spec = match &global.netns {
+        Some(s) => TargetSpec::parse(s).map_err(|e| vec![Failure::bad_input(e.to_string())])?,
+        None => TargetSpec::Current,
+    };
+    let target = Target::open(&spec).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
+    let ram = crate::sysctl::mem_total_bytes()
+        .ok_or_else(|| vec![Failure::internal("cannot read MemTotal from /proc/meminfo")])?;
+    let facts = MachineFacts::with_ram(ram);
+    let diffs = target
+        .run(|| differences(&policy, facts))
+        .map_err(|e| vec![Failure::internal(e.to_string())])?
+        .map_err(|e| vec![Failure::refused(format!("cannot read the live state: {e}"))])?;
+    drop(target);
+    if diffs.is_empty() {
+        if global.json {
+            super::print_json(&json!({"changed": false, "persisted": true, "policy_file": shown}));
+        } else {
+            println!("restore: the committed policy ({shown}) is already in place; nothing to do");
+        }
+        return Ok(Exit::Ok);
+    }
+    for d in &diffs {
+        tracing::info!("restore: {d}");
+    }
+    let format = match Format::detect(Some(&shown), &text) {
+        Format::Json => "json",
+        Format::Toml => "toml",
+    };
+    let req = Request::Apply(ApplyRequest {
+        policy_text: Some(text),
+        policy_format: Some(format.to_string()),
+        netns: global.netns.clone(),
+        timeout_secs: timeout.as_secs(),
+        force: a.force,
+        ssh: None,
+        ruleset: None,
+        // A boot unit has no SSH connection to prove anything about.
+        allow_same_connection: true,
+        ..Default::default()
+    });
+    let r = ask(global, req)?;
+    if r.exit != 0 {
+        return Err(refused_by_agent(&r, "restore: apply"));
+    }
+    let txid = r.data["txid"].as_str().unwrap_or_default().to_string();
+    let warnings: Vec<Value> = r.data["warnings"].as_array().cloned().unwrap_or_default();
+    let c = ask(global, Request::Confirm { txid: Some(txid.clone()) })?;
+    if c.exit != 0 {
+        // Not confirmed: roll back now rather than at the deadline (best effort; the agent's
+        // timer does it anyway).
+        let _ = ask(global, Request::Rollback { txid: Some(txid.clone()) });
+        return Err(refused_by_agent(&c, &format!("restore: confirm of {txid} (rolled back)")));
+    }
+    tracing::info!(txid = txid.as_str(), "restore: re-applied and committed {shown}");
+    if global.json {
+        super::print_json(&json!({
+            "changed": true,
+            "persisted": true,
+            "policy_file": shown,
+            "txid": txid,
+            "differences": diffs,
+            "warnings": warnings,
+        }));
+    } else {
+        println!("restore: re-applied {shown} as {txid} (committed)");
+        for d in &diffs {
+            println!("  was: {d}");
+        }
+        for w in &warnings {
+            println!("warning: {}", w.as_str().unwrap_or(""));
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_normalized() {
+        assert_eq!(
+            crate::model::names::normalize_tags(r#"udp dport @ports_0 notrack comment "ctguard:20261123-162354-ed34""#),
+            r#"udp dport @ports_0 notrack comment "ctguard:preview""#
+        );
+        assert_eq!(
+            crate::model::names::normalize_tags("-A CTGUARD-PRE -m comment --comment ctguard:20261123-162354-ed34 -j CT --notrack"),
+            "-A CTGUARD-PRE -m comment --comment ctguard:preview -j CT --notrack"
+        );
+        assert_eq!(crate::model::names::normalize_tags("a ctguard:x b ctguard:y"), "a ctguard:preview b ctguard:preview");
+        assert_eq!(crate::model::names::normalize_tags("no tag"), "no tag");
+        assert_eq!(crate::model::names::normalize_tags("ctguard:"), "ctguard:preview");
+    }
+
+    #[test]
+    fn journal_stream_parses() {
+        assert_eq!(parse_journal_stream("8:12345"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream("8:12345\n"), Some((8, 12345)));
+        assert_eq!(parse_journal_stream("x:1"), None);
+        assert_eq!(parse_journal_stream("81"), None);
+    }
+}

@@ -1,0 +1,443 @@
+//! Side effects of the doctor: reading `/proc` (under a configurable root, so tests can use a
+//! fake one), `/dev/kmsg` without blocking, the conntrack entries as a stream, and writing the
+//! Prometheus textfile atomically. Call [`collect`] on a thread inside the target namespace
+//! (`crate::netns::Target::run`): it reads `/proc/thread-self/net/...` and `/proc/sys/net`,
+//! which show the calling thread's namespace (DESIGN §3).
+//!
+//! Nothing here fails the diagnosis: whatever cannot be read is listed in
+//! [`Observations::unreadable`] and the rest goes on.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::flows::{aggregate_reader, FlowAggregator, FlowScan};
+use super::parse::{self, DropCounters, KmsgScan, ParseError};
+use super::report::Unreadable;
+use crate::backend::exec::{one_line, ExecError, Tool};
+
+/// Errors reading one source or writing the textfile.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file was read but not understood.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ParseError,
+    },
+    /// A sysctl holds something that is not an integer.
+    #[error("{path}: {value:?} is not an integer")]
+    NotInteger {
+        /// The file.
+        path: PathBuf,
+        /// What it held.
+        value: String,
+    },
+    /// The `conntrack` tool could not be used.
+    #[error(transparent)]
+    Tool(#[from] ExecError),
+    /// The `conntrack` tool ran too long and was killed.
+    #[error("conntrack -L was killed after {0:?}")]
+    Timeout(Duration),
+    /// The slab cache is not listed.
+    #[error("{path}: no nf_conntrack cache listed (module not loaded, or the cache is merged)")]
+    NoSlab {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Where the doctor reads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    /// Root of the proc file system (`/proc`).
+    pub proc_root: PathBuf,
+    /// The kernel log device (`/dev/kmsg`); `None` to skip the log.
+    pub kmsg: Option<PathBuf>,
+    /// Fall back to `conntrack -L -o extended` when the entries file cannot be read.
+    pub conntrack_tool: bool,
+    /// Most kernel log records read (the buffer is bounded anyway; a chatty kernel is not).
+    pub kmsg_max_records: u64,
+    /// Longest the kernel log and the `conntrack` tool may take each.
+    pub time_limit: Duration,
+}
+
+impl Sources {
+    /// The real system: `/proc`, `/dev/kmsg`, the `conntrack` tool as fallback.
+    pub fn system() -> Self {
+        Sources {
+            proc_root: PathBuf::from("/proc"),
+            kmsg: Some(PathBuf::from("/dev/kmsg")),
+            conntrack_tool: true,
+            kmsg_max_records: 1_000_000,
+            time_limit: Duration::from_secs(120),
+        }
+    }
+
+    /// A fake root (tests): every file under `root`, the log at `kmsg`, no tool.
+    pub fn fake(root: &Path, kmsg: Option<PathBuf>) -> Self {
+        Sources { proc_root: root.to_path_buf(), kmsg, conntrack_tool: false, ..Sources::system() }
+    }
+
+    fn sysctl_path(&self, name: &str) -> PathBuf {
+        self.proc_root.join("sys/net/netfilter").join(name)
+    }
+
+    /// `…/thread-self/net/REL`: the calling thread's namespace.
+    fn net_path(&self, rel: &str) -> PathBuf {
+        self.proc_root.join("thread-self/net").join(rel)
+    }
+}
+
+/// Everything read from the target, before analysis.
+#[derive(Debug, Clone, Default)]
+pub struct Observations {
+    /// `nf_conntrack_count`.
+    pub count: Option<u64>,
+    /// `nf_conntrack_max`.
+    pub max: Option<u64>,
+    /// `nf_conntrack_buckets`.
+    pub buckets: Option<u64>,
+    /// `nf_conntrack_udp_timeout`.
+    pub udp_timeout: Option<u64>,
+    /// `nf_conntrack_udp_timeout_stream`.
+    pub udp_timeout_stream: Option<u64>,
+    /// Drop counters.
+    pub drops: Option<DropCounters>,
+    /// The kernel log.
+    pub kmsg: Option<KmsgScan>,
+    /// Slab object size.
+    pub entry_bytes: Option<u64>,
+    /// `MemTotal`.
+    pub ram_bytes: Option<u64>,
+    /// The entries, summarised, with where they came from and how long it took.
+    pub flows: Option<(FlowScan, String, Duration)>,
+    /// Unix time of boot in µs (realtime − CLOCK_BOOTTIME), for the log's times.
+    pub boot_unix_usec: Option<i64>,
+    /// What could not be read.
+    pub unreadable: Vec<Unreadable>,
+}
+
+impl Observations {
+    fn failed(&mut self, what: &str, path: &Path, e: &SourceError) {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            let t = s.to_string();
+            if !msg.contains(&t) {
+                msg.push_str(": ");
+                msg.push_str(&t);
+            }
+            src = s.source();
+        }
+        self.unreadable.push(Unreadable { what: what.to_string(), path: path.display().to_string(), error: msg });
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, SourceError> {
+    std::fs::read_to_string(path).map_err(|source| SourceError::Io { path: path.to_path_buf(), source })
+}
+
+fn read_u64(path: &Path) -> Result<u64, SourceError> {
+    let t = read_text(path)?;
+    let v = t.trim();
+    v.parse().map_err(|_| SourceError::NotInteger { path: path.to_path_buf(), value: v.chars().take(40).collect() })
+}
+
+fn sysctl(src: &Sources, o: &mut Observations, name: &str) -> Option<u64> {
+    let path = src.sysctl_path(name);
+    match read_u64(&path) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            o.failed(name, &path, &e);
+            None
+        }
+    }
+}
+
+/// Reads everything (call inside the target's thread). `capacity` bounds the flow summary.
+pub fn collect(src: &Sources, capacity: usize) -> Observations {
+    let mut o = Observations::default();
+    o.count = sysctl(src, &mut o, "nf_conntrack_count");
+    o.max = sysctl(src, &mut o, "nf_conntrack_max");
+    o.buckets = sysctl(src, &mut o, "nf_conntrack_buckets");
+    o.udp_timeout = sysctl(src, &mut o, "nf_conntrack_udp_timeout");
+    o.udp_timeout_stream = sysctl(src, &mut o, "nf_conntrack_udp_timeout_stream");
+
+    let stat = src.net_path("stat/nf_conntrack");
+    match read_text(&stat)
+        .and_then(|t| parse::parse_stat(&t).map_err(|source| SourceError::Parse { path: stat.clone(), source }))
+    {
+        Ok(d) => o.drops = Some(d),
+        Err(e) => o.failed("drop counters", &stat, &e),
+    }
+
+    let slab = src.proc_root.join("slabinfo");
+    let size = read_text(&slab).and_then(|t| {
+        parse::parse_slab_object_size(&t, "nf_conntrack")
+            .map_err(|source| SourceError::Parse { path: slab.clone(), source })?
+            .ok_or_else(|| SourceError::NoSlab { path: slab.clone() })
+    });
+    match size {
+        Ok(s) => o.entry_bytes = Some(s),
+        Err(e) => o.failed("entry size", &slab, &e),
+    }
+
+    let meminfo = src.proc_root.join("meminfo");
+    match read_text(&meminfo) {
+        Ok(t) => match crate::sysctl::parse_mem_total(&t) {
+            Some(r) => o.ram_bytes = Some(r),
+            None => o.unreadable.push(Unreadable {
+                what: "MemTotal".into(),
+                path: meminfo.display().to_string(),
+                error: "no MemTotal line".into(),
+            }),
+        },
+        Err(e) => o.failed("MemTotal", &meminfo, &e),
+    }
+
+    if let Some(kmsg) = &src.kmsg {
+        match read_kmsg(kmsg, src.kmsg_max_records, src.time_limit) {
+            Ok(s) => o.kmsg = Some(s),
+            Err(e) => o.failed("kernel log", kmsg, &e),
+        }
+    }
+    o.boot_unix_usec = boot_unix_usec();
+
+    let entries = src.net_path("nf_conntrack");
+    let start = Instant::now();
+    let mut agg = FlowAggregator::new(capacity);
+    match File::open(&entries) {
+        Ok(f) => match aggregate_reader(BufReader::with_capacity(64 * 1024, f), &mut agg) {
+            Ok(()) => o.flows = Some((agg.finish(), entries.display().to_string(), start.elapsed())),
+            Err(source) => o.failed("conntrack entries", &entries, &SourceError::Io { path: entries.clone(), source }),
+        },
+        Err(source) => {
+            let proc_err = SourceError::Io { path: entries.clone(), source };
+            if src.conntrack_tool {
+                match stream_conntrack_tool(&mut agg, src.time_limit) {
+                    Ok(cmd) => o.flows = Some((agg.finish(), cmd, start.elapsed())),
+                    Err(e) => {
+                        o.failed("conntrack entries", &entries, &proc_err);
+                        o.failed("conntrack entries", Path::new("conntrack -L -o extended"), &e);
+                    }
+                }
+            } else {
+                o.failed("conntrack entries", &entries, &proc_err);
+            }
+        }
+    }
+    o
+}
+
+/// Reads the kernel log from its oldest record until there is nothing more to read (EAGAIN),
+/// without blocking. Records the kernel overwrites meanwhile (EPIPE) are counted and skipped.
+pub fn read_kmsg(path: &Path, max_records: u64, limit: Duration) -> Result<KmsgScan, SourceError> {
+    let io = |source| SourceError::Io { path: path.to_path_buf(), source };
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io)?;
+    // One read of /dev/kmsg returns one whole record; a record is at most ~8 KiB with its
+    // dictionary (CONSOLE_LOG_MAX), so a 16 KiB buffer never splits one.
+    let mut r = BufReader::with_capacity(16 * 1024, f);
+    let mut scan = KmsgScan::default();
+    let mut line = Vec::with_capacity(1024);
+    let deadline = Instant::now() + limit;
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) => break,
+            Ok(_) => scan.push_line(&String::from_utf8_lossy(&line)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {
+                scan.lost += 1;
+                continue;
+            }
+            Err(e) => return Err(io(e)),
+        }
+        if scan.records >= max_records || Instant::now() >= deadline {
+            scan.truncated = true;
+            break;
+        }
+    }
+    Ok(scan)
+}
+
+/// Unix time of boot in µs, as `dmesg -T` computes it (realtime − CLOCK_BOOTTIME).
+fn boot_unix_usec() -> Option<i64> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
+    let up = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let up_us = up.tv_sec() * 1_000_000 + up.tv_nsec() / 1000;
+    Some(now.as_micros() as i64 - up_us)
+}
+
+/// Streams `conntrack -L -o extended` (run in the calling thread's namespace) into `agg`,
+/// killing it after `limit`. Returns the command line read from.
+fn stream_conntrack_tool(agg: &mut FlowAggregator, limit: Duration) -> Result<String, SourceError> {
+    let tool = Tool::find("conntrack")?;
+    let args = ["-L", "-o", "extended"];
+    let spawn_err = |source| ExecError::Spawn { path: tool.path.clone(), source };
+    let mut child = Command::new(&tool.path)
+        .args(args)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (read_result, stderr_text, timed_out) = std::thread::scope(|s| {
+        // The child is reaped only after this scope, so its pid cannot be reused meanwhile.
+        let watchdog = s.spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(limit) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                return true;
+            }
+            false
+        });
+        let err_reader = s.spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(e) = stderr {
+                let _ = e.take(64 * 1024).read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let res = match stdout {
+            Some(out) => aggregate_reader(BufReader::with_capacity(64 * 1024, out), agg),
+            None => Ok(()),
+        };
+        let _ = done_tx.send(());
+        let timed_out = watchdog.join().unwrap_or(false);
+        (res, err_reader.join().unwrap_or_default(), timed_out)
+    });
+    let status = child.wait().map_err(spawn_err)?;
+    if timed_out {
+        return Err(SourceError::Timeout(limit));
+    }
+    if !status.success() {
+        return Err(SourceError::Tool(ExecError::Failed {
+            cmd: format!("conntrack {}", args.join(" ")),
+            status: status.to_string(),
+            stderr: one_line(&stderr_text),
+        }));
+    }
+    read_result.map_err(|source| SourceError::Io { path: tool.path.clone(), source })?;
+    Ok(format!("{} {}", tool.path.display(), args.join(" ")))
+}
+
+/// Writes `text` to `path` atomically: a temporary file in the same directory, flushed to disk,
+/// mode 0644 (node_exporter reads it as another user), then renamed over `path`.
+pub fn write_atomic(path: &Path, text: &str) -> Result<(), SourceError> {
+    let io = |source| SourceError::Io { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.ctguard-{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ctguard-doctor-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).expect("temp dir");
+        d
+    }
+
+    #[test]
+    fn empty_fake_root_gives_a_partial_report() {
+        let root = tempdir("empty");
+        let o = collect(&Sources::fake(&root, Some(root.join("no-kmsg"))), 64);
+        assert!(o.count.is_none() && o.drops.is_none() && o.kmsg.is_none() && o.flows.is_none());
+        let whats: Vec<&str> = o.unreadable.iter().map(|u| u.what.as_str()).collect();
+        for w in
+            ["nf_conntrack_count", "nf_conntrack_max", "drop counters", "entry size", "kernel log", "conntrack entries"]
+        {
+            assert!(whats.contains(&w), "{w} missing from {whats:?}");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn fake_root_with_files() {
+        let root = tempdir("full");
+        let nf = root.join("sys/net/netfilter");
+        std::fs::create_dir_all(&nf).expect("dir");
+        for (k, v) in
+            [("nf_conntrack_count", "2\n"), ("nf_conntrack_max", "1024\n"), ("nf_conntrack_buckets", "junk\n")]
+        {
+            std::fs::write(nf.join(k), v).expect("write");
+        }
+        std::fs::create_dir_all(root.join("thread-self/net/stat")).expect("dir");
+        std::fs::write(
+            root.join("thread-self/net/stat/nf_conntrack"),
+            "entries drop early_drop insert_failed\n00000002 00000010 00000000 00000001\n00000002 00000001 00000000 00000000\n",
+        )
+        .expect("write");
+        std::fs::write(
+            root.join("thread-self/net/nf_conntrack"),
+            "ipv4 2 udp 17 20 src=1.1.1.1 dst=2.2.2.2 sport=1 dport=53 src=2.2.2.2 dst=1.1.1.1 sport=53 dport=1 mark=0 use=1\n",
+        )
+        .expect("write");
+        std::fs::write(root.join("kmsg"), "4,1,1000000,-;nf_conntrack: table full, dropping packet\n4,2,2000000,-;net_ratelimit: 9 callbacks suppressed\n").expect("write");
+        let o = collect(&Sources::fake(&root, Some(root.join("kmsg"))), 64);
+        assert_eq!((o.count, o.max, o.buckets), (Some(2), Some(1024), None));
+        assert!(o.unreadable.iter().any(|u| u.what == "nf_conntrack_buckets" && u.error.contains("not an integer")));
+        assert_eq!(o.drops.map(|d| (d.drop, d.insert_failed, d.cpus)), Some((0x11, 1, 2)));
+        let k = o.kmsg.expect("log read");
+        assert_eq!((k.table_full, k.ratelimit_suppressed), (1, 9));
+        let (f, source, _) = o.flows.expect("flows");
+        assert_eq!(f.scanned, 1);
+        assert!(source.ends_with("thread-self/net/nf_conntrack"));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn atomic_write_replaces() {
+        let d = tempdir("atomic");
+        let p = d.join("ctguard.prom");
+        write_atomic(&p, "a 1\n").expect("write");
+        write_atomic(&p, "a 2\n").expect("rewrite");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "a 2\n");
+        let names: Vec<_> = std::fs::read_dir(&d).expect("dir").filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        assert!(write_atomic(&d.join("missing/x.prom"), "x").is_err());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
