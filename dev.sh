@@ -4,7 +4,8 @@
 #   ./dev.sh demo    setup, build, then in a throwaway network namespace with a stateful
 #                    firewall: plan, apply the built-in policy with a 5 s timeout, status, no
 #                    confirm, automatic rollback, and proof the ruleset is identical again
-#   ./dev.sh test    setup, then the whole test suite (unit, golden, CLI, real-kernel)
+#   ./dev.sh test    setup, then the whole test suite: the Debian package check, then unit,
+#                    golden, CLI, agent and real-kernel tests
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -76,6 +77,9 @@ NFT
 
 tests() {
   setup
+  # The Debian package: built, unpacked into a scratch root, checked in a throwaway namespace.
+  integration/deb-test.sh
+  # Unit, golden, CLI, agent and real-kernel tests (the kernel ones in throwaway namespaces).
   cargo test --all-targets -- --test-threads=4
 }
 

@@ -13,7 +13,7 @@
 # then: the file list and Depends of the .deb, `ctguard --version` and `ctguard plan --check`
 # from the unpacked package in a throwaway network namespace with a stateful firewall, the
 # packaged man page and bash completion, and `systemd-analyze verify` of the packaged units.
-# Not part of ./dev.sh test.
+# Run by ./dev.sh test (before the cargo tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
