@@ -19,8 +19,9 @@
 //!    the journaled CLOCK_BOOTTIME deadline;
 //! 4. the idle agent with one transaction pending: VmRSS, and context switches over 3 s.
 //!
-//! `cargo test` never runs it: `cargo bench` passes `--bench`, and without it (or
-//! `CTGUARD_BENCH=1`) `main` returns at once. `CTGUARD_BENCH_QUICK=1` is a smoke run (1k only,
+//! Only `cargo bench` measures: it passes `--bench`. `cargo test --all-targets` (or `--benches`)
+//! also runs this binary, without `--bench`; then (unless `CTGUARD_BENCH=1`) `main` prints
+//! "not run" and returns at once. A plain `cargo test` does not build it. `CTGUARD_BENCH_QUICK=1` is a smoke run (1k only,
 //! two runs, two slips); `CTGUARD_BENCH_RUNS=N` sets the number of runs,
 //! `CTGUARD_BENCH_SIZES=1000,10000` the rule counts, `CTGUARD_BENCH_ONLY=policy,ruleset,slip,rss`
 //! the sections.
