@@ -30,6 +30,22 @@ impl Exit {
     pub fn code(self) -> i32 {
         self as i32
     }
+
+    /// The exit a numeric code stands for (an agent answer carries the number); unknown codes
+    /// are internal errors.
+    pub fn from_code(c: i32) -> Exit {
+        match c {
+            0 => Exit::Ok,
+            2 => Exit::BadInput,
+            3 => Exit::Refused,
+            4 => Exit::Busy,
+            5 => Exit::RolledBack,
+            6 => Exit::AgentUnreachable,
+            7 => Exit::RollbackFailed,
+            8 => Exit::ConfirmRefused,
+            _ => Exit::Internal,
+        }
+    }
 }
 
 /// An error that carries the exit code it must produce and a one-line message for stderr.

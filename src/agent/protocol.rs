@@ -65,21 +65,9 @@ pub struct ApplyRequest {
     /// A ruleset transaction instead of a policy one.
     #[serde(default)]
     pub ruleset: Option<crate::agent::engine::RulesetInput>,
-    /// Skip the new-connection proof.
-    #[serde(default)]
-    pub allow_same_connection: bool,
-    /// Probe specs.
-    #[serde(default)]
-    pub probes: Vec<String>,
-    /// Repeat the probes every this many seconds until the deadline.
-    #[serde(default)]
-    pub probe_interval_secs: Option<u64>,
-    /// Commit when the first probe round passes.
-    #[serde(default)]
-    pub auto_confirm: bool,
-    /// Make the change survive reboot once committed.
-    #[serde(default)]
-    pub persist: bool,
+    /// Proof, probes and persistence options (journaled as they are).
+    #[serde(flatten)]
+    pub options: crate::txn::TxnOptions,
 }
 
 /// The agent's answer.

@@ -23,7 +23,7 @@ use crate::model::names::Tag;
 use crate::model::{parse_policy, Format, Policy};
 use crate::netns::{unpin, Target, TargetSpec};
 use crate::probe::{self, Probe, ProbeResult};
-use crate::txn::{self, Deadline, Kind, Reason, Recovery, Requester, State, TargetRecord, TxnId, TxnOptions, TxnRecord};
+use crate::txn::{self, Deadline, Kind, Reason, Recovery, Requester, State, TargetRecord, TxnId, TxnRecord};
 use super::proof;
 use serde_json::Value;
 
@@ -388,19 +388,19 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     if a.timeout_secs == 0 || Duration::from_secs(a.timeout_secs) > crate::duration::MAX_DURATION {
         return Response::fail(Exit::BadInput, "timeout: must be between 1 s and 7 days");
     }
-    let probes = match a.probes.iter().map(|p| Probe::parse(p)).collect::<Result<Vec<_>, _>>() {
+    let probes = match a.options.probes.iter().map(|p| Probe::parse(p)).collect::<Result<Vec<_>, _>>() {
         Ok(p) => p,
         Err(e) => return Response::fail(Exit::BadInput, format!("--probe: {e}")),
     };
-    if a.auto_confirm && probes.is_empty() {
+    if a.options.auto_confirm && probes.is_empty() {
         return Response::fail(Exit::BadInput, "--auto-confirm needs at least one --probe");
     }
-    if a.probe_interval_secs == Some(0) {
+    if a.options.probe_interval_secs == Some(0) {
         return Response::fail(Exit::BadInput, "--probe-interval: must be positive");
     }
     // Who asks, over which SSH connection (DESIGN §4). A requester under sshd whose connection
     // cannot be identified is refused, never taken for a local shell.
-    let origin = if a.allow_same_connection {
+    let origin = if a.options.allow_same_connection {
         None
     } else {
         match peer_pid.map(proof::origin_of) {
@@ -441,7 +441,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     // Persistence describes the host's boot: a namespace has none. (A policy file saying
     // `persist = true` applied to a namespace — `ctguard restore` re-applying the saved one —
     // is applied, and its commit reports that nothing was persisted.)
-    if a.persist && !target.is_initial() {
+    if a.options.persist && !target.is_initial() {
         return Response::fail(Exit::BadInput, "--persist: only the host's own namespace boots from /etc");
     }
     // One pending transaction per target.
@@ -476,7 +476,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
             return r;
         }
     };
-    if a.auto_confirm {
+    if a.options.auto_confirm {
         let p2 = probes.clone();
         let local = worker.call(move || p2.iter().filter(|p| probe::aims_at_local_address(p)).map(|p| p.to_string()).collect::<Vec<_>>()).await;
         match local {
@@ -538,13 +538,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     rec.before = Some(prepared.before());
     rec.undo = prepared.planned_undo();
     rec.tools = journaled_tools();
-    rec.options = TxnOptions {
-        allow_same_connection: a.allow_same_connection,
-        probes: a.probes.clone(),
-        probe_interval_secs: a.probe_interval_secs,
-        auto_confirm: a.auto_confirm,
-        persist: a.persist,
-    };
+    rec.options = a.options.clone();
     rec.genid_before = rec.undo.get("genid_before").and_then(serde_json::Value::as_u64).map(|g| g as u32);
     if let Err(e) = shared.journal.write(&rec) {
         unpin(&pin);
@@ -612,13 +606,13 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
         }
         rec.note(now_wall(), format!("first probe round passed ({} probes)", results.len()));
         let _ = shared.journal.write(&rec);
-        if a.auto_confirm {
+        if a.options.auto_confirm {
             let r = commit(shared, rec.clone(), "auto-confirmed: every probe passed").await;
             if r.exit != 0 {
                 return r;
             }
             state = "COMMITTED";
-        } else if let Some(every) = a.probe_interval_secs {
+        } else if let Some(every) = a.options.probe_interval_secs {
             spawn_probe_rounds(shared.clone(), worker.clone(), txid.clone(), probes, Duration::from_secs(every));
         }
     }

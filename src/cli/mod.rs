@@ -88,6 +88,22 @@ pub(crate) fn load_policy(arg: Option<&str>) -> Result<Policy, Vec<Failure>> {
     })
 }
 
+/// The target of `--netns` (or the caller's namespace), opened, and this machine's facts for
+/// `"auto"`. Bad names and missing namespaces are exit 2.
+pub(crate) fn open_target(
+    global: &args::Global,
+) -> Result<(crate::netns::TargetSpec, crate::netns::Target, crate::model::auto::MachineFacts), Vec<Failure>> {
+    use crate::netns::{Target, TargetSpec};
+    let spec = match &global.netns {
+        Some(s) => TargetSpec::parse(s).map_err(|e| vec![Failure::bad_input(e.to_string())])?,
+        None => TargetSpec::Current,
+    };
+    let target = Target::open(&spec).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
+    let ram = crate::sysctl::mem_total_bytes()
+        .ok_or_else(|| vec![Failure::internal("cannot read MemTotal from /proc/meminfo")])?;
+    Ok((spec, target, crate::model::auto::MachineFacts::with_ram(ram)))
+}
+
 /// Prints a JSON value on stdout (pretty, one document).
 /// A closed stdout (`ctguard … --json | head`) is not an error worth a panic.
 pub(crate) fn print_json(v: &serde_json::Value) {

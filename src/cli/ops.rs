@@ -14,13 +14,11 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use clap::CommandFactory;
 use serde_json::{json, Value};
 
 use super::args::{Cli, CompletionsArgs, Global, LogFormat, ManArgs, RestoreArgs};
-use crate::agent::client;
 use crate::agent::protocol::{ApplyRequest, Request, Response};
 use crate::backend::live as live_backend;
 use crate::backend::policy_txn::{effective_backend, variant_of};
@@ -29,7 +27,6 @@ use crate::live::iptables_save;
 use crate::model::auto::MachineFacts;
 use crate::model::names::Tag;
 use crate::model::{Format, Policy};
-use crate::netns::{Target, TargetSpec};
 use crate::persist::COMMITTED_POLICY_FILE;
 use crate::render::iptables::{notrack_rules, IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
 use crate::render::nft_ir::table_for;
@@ -41,7 +38,6 @@ use crate::render::sysctl::plan_sysctls;
 pub const JOURNAL_FIELD_PREFIX: &str = "CTGUARD";
 
 /// Longest wait for one agent answer during `restore`.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 // ---------------------------------------------------------------------------------------------
 // Logging
@@ -287,28 +283,8 @@ pub(crate) fn differences(policy: &Policy, facts: MachineFacts) -> Result<Vec<St
     Ok(diffs)
 }
 
-fn exit_from_code(c: i32) -> Exit {
-    match c {
-        0 => Exit::Ok,
-        2 => Exit::BadInput,
-        3 => Exit::Refused,
-        4 => Exit::Busy,
-        5 => Exit::RolledBack,
-        6 => Exit::AgentUnreachable,
-        7 => Exit::RollbackFailed,
-        8 => Exit::ConfirmRefused,
-        _ => Exit::Internal,
-    }
-}
-
-fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure>> {
-    let unreachable = |e: client::ClientError| vec![Failure::new(Exit::AgentUnreachable, e.to_string())];
-    client::ensure_agent(&global.run_dir, &global.state_dir).map_err(unreachable)?;
-    client::request(&global.run_dir, req, REQUEST_TIMEOUT).map_err(unreachable)
-}
-
 fn refused_by_agent(r: &Response, what: &str) -> Vec<Failure> {
-    vec![Failure::new(exit_from_code(r.exit), format!("{what}: {}", r.error.as_deref().unwrap_or("failed")))]
+    vec![Failure::new(Exit::from_code(r.exit), format!("{what}: {}", r.error.as_deref().unwrap_or("failed")))]
 }
 
 /// `ctguard restore [--policy-file F]`: re-applies the committed policy persistence saved
@@ -331,14 +307,7 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
     let text = std::fs::read_to_string(&path).map_err(|e| vec![Failure::bad_input(format!("policy {shown}: {e}"))])?;
     let timeout =
         crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
-    let spec = match &global.netns {
-        Some(s) => TargetSpec::parse(s).map_err(|e| vec![Failure::bad_input(e.to_string())])?,
-        None => TargetSpec::Current,
-    };
-    let target = Target::open(&spec).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
-    let ram = crate::sysctl::mem_total_bytes()
-        .ok_or_else(|| vec![Failure::internal("cannot read MemTotal from /proc/meminfo")])?;
-    let facts = MachineFacts::with_ram(ram);
+    let (_, target, facts) = super::open_target(global)?;
     let diffs = target
         .run(|| differences(&policy, facts))
         .map_err(|e| vec![Failure::internal(e.to_string())])?
@@ -368,20 +337,20 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
         ssh: None,
         ruleset: None,
         // A boot unit has no SSH connection to prove anything about.
-        allow_same_connection: true,
+        options: crate::txn::TxnOptions { allow_same_connection: true, ..Default::default() },
         ..Default::default()
     });
-    let r = ask(global, req)?;
+    let r = super::txn::ask(global, req)?;
     if r.exit != 0 {
         return Err(refused_by_agent(&r, "restore: apply"));
     }
     let txid = r.data["txid"].as_str().unwrap_or_default().to_string();
     let warnings: Vec<Value> = r.data["warnings"].as_array().cloned().unwrap_or_default();
-    let c = ask(global, Request::Confirm { txid: Some(txid.clone()) })?;
+    let c = super::txn::ask(global, Request::Confirm { txid: Some(txid.clone()) })?;
     if c.exit != 0 {
         // Not confirmed: roll back now rather than at the deadline (best effort; the agent's
         // timer does it anyway).
-        let _ = ask(global, Request::Rollback { txid: Some(txid.clone()) });
+        let _ = super::txn::ask(global, Request::Rollback { txid: Some(txid.clone()) });
         return Err(refused_by_agent(&c, &format!("restore: confirm of {txid} (rolled back)")));
     }
     tracing::info!(txid = txid.as_str(), "restore: re-applied and committed {shown}");

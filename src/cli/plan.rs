@@ -16,7 +16,7 @@ use crate::live::iptables_save;
 use crate::model::auto::MachineFacts;
 use crate::model::names::Tag;
 use crate::model::{Backend, Policy};
-use crate::netns::{Target, TargetSpec};
+use crate::netns::TargetSpec;
 use crate::render::iptables::{notrack_rules, IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
 use crate::render::nft_ir::table_for;
 use crate::render::nft_script::{replace_script, table_block};
@@ -47,14 +47,7 @@ impl Report {
 
 pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     let policy = super::load_policy(args.policy.as_deref())?;
-    let spec = match &global.netns {
-        Some(s) => TargetSpec::parse(s).map_err(|e| vec![Failure::bad_input(e.to_string())])?,
-        None => TargetSpec::Current,
-    };
-    let target = Target::open(&spec).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
-    let ram = crate::sysctl::mem_total_bytes()
-        .ok_or_else(|| vec![Failure::internal("cannot read MemTotal from /proc/meminfo")])?;
-    let facts = MachineFacts::with_ram(ram);
+    let (spec, target, facts) = super::open_target(global)?;
     let ssh = std::env::var("SSH_CONNECTION").ok().and_then(|v| SshConn::from_env_value(&v));
     let initial_ns = target.is_initial();
     let label = match &spec {

@@ -29,7 +29,7 @@ fn finish(global: &Global, r: Response, text: impl FnOnce(&Value) -> String) -> 
         super::print_json(&json!({"exit": r.exit, "error": r.error, "data": r.data}));
     }
     if r.exit != 0 {
-        let exit = exit_from_code(r.exit);
+        let exit = Exit::from_code(r.exit);
         return Err(vec![Failure::new(exit, r.error.unwrap_or_else(|| "failed".into()))]);
     }
     if !global.json {
@@ -38,21 +38,8 @@ fn finish(global: &Global, r: Response, text: impl FnOnce(&Value) -> String) -> 
     Ok(Exit::Ok)
 }
 
-fn exit_from_code(c: i32) -> Exit {
-    match c {
-        0 => Exit::Ok,
-        2 => Exit::BadInput,
-        3 => Exit::Refused,
-        4 => Exit::Busy,
-        5 => Exit::RolledBack,
-        6 => Exit::AgentUnreachable,
-        7 => Exit::RollbackFailed,
-        8 => Exit::ConfirmRefused,
-        _ => Exit::Internal,
-    }
-}
-
-fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure>> {
+/// Sends a request to the agent, starting one first when none answers (exit 6 when that fails).
+pub(super) fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure>> {
     client::ensure_agent(&global.run_dir, &global.state_dir).map_err(client_failure)?;
     client::request(&global.run_dir, req, REQUEST_TIMEOUT).map_err(client_failure)
 }
@@ -121,11 +108,13 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
         force: a.force,
         ssh: std::env::var("SSH_CONNECTION").ok(),
         ruleset,
-        allow_same_connection: a.allow_same_connection,
-        probes: a.probe.clone(),
-        probe_interval_secs: probe_interval.map(|d| d.as_secs()),
-        auto_confirm: a.auto_confirm,
-        persist: a.persist,
+        options: txn::TxnOptions {
+            allow_same_connection: a.allow_same_connection,
+            probes: a.probe.clone(),
+            probe_interval_secs: probe_interval.map(|d| d.as_secs()),
+            auto_confirm: a.auto_confirm,
+            persist: a.persist,
+        },
     });
     let r = ask(global, req)?;
     let data = r.data.clone();
@@ -195,7 +184,7 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
             let r = ask(global, Request::Rollback { txid: Some(txid.clone()) })?;
             return match r.exit {
                 0 => Err(vec![Failure::new(Exit::RolledBack, format!("{txid} rolled back (Ctrl-C)"))]),
-                c => Err(vec![Failure::new(exit_from_code(c), r.error.unwrap_or_default())]),
+                c => Err(vec![Failure::new(Exit::from_code(c), r.error.unwrap_or_default())]),
             };
         }
         if enter_rx.try_recv().is_ok() {
