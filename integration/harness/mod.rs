@@ -749,3 +749,4 @@ pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
 pub mod sshd;
+pub mod dns;

@@ -17,3 +17,4 @@ mod probe;
 mod proof;
 mod doctor;
 mod ops;
+mod confirm_e2e;

@@ -3,15 +3,12 @@
 //! at the timeout, the spec parser, local-address detection, and the namespace facts they rely
 //! on (threads inherit the spawning thread's namespace; a fresh namespace disables ping sockets).
 
-use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ctguard::probe::{aims_at_local_address, run, run_all, Probe, ProbeResult};
 
+use crate::harness::dns::DnsServer;
 use crate::harness::{sa, spawn_tool, Ns, Pair, TcpResponder, UdpResponder, CLI4, CLI6, SRV4, SRV6};
 
 /// Timeout of probes expected to fail by silence.
@@ -69,88 +66,6 @@ fn my_netns() -> u64 {
         Ok(m) => m.ino(),
         Err(e) => panic!("/proc/thread-self/ns/net: {e}"),
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A tiny DNS server
-
-/// Answers DNS queries on a UDP socket inside a namespace: same id, QR and RA set, RD copied,
-/// the question echoed; NXDOMAIN for names whose first label starts with `nx`, else NOERROR with
-/// one A record. Stopped and joined on `Drop`.
-struct DnsServer {
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicU64>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl DnsServer {
-    fn start(ns: &Ns, addr: SocketAddr) -> DnsServer {
-        let sock = match ns.run(move || UdpSocket::bind(addr)) {
-            Ok(s) => s,
-            Err(e) => panic!("DNS server bind {addr}: {e}"),
-        };
-        if let Err(e) = sock.set_read_timeout(Some(Duration::from_millis(20))) {
-            panic!("set_read_timeout: {e}");
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let (s, a) = (stop.clone(), answered.clone());
-        let handle = std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !s.load(Ordering::Relaxed) {
-                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                    if let Some(reply) = dns_answer(&buf[..n]) {
-                        if sock.send_to(&reply, peer).is_ok() {
-                            a.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-        });
-        DnsServer { stop, answered, handle: Some(handle) }
-    }
-
-    fn answered(&self) -> u64 {
-        self.answered.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for DnsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
-    if q.len() < 12 || q[2] & 0x80 != 0 || q[4..6] != [0, 1] {
-        return None;
-    }
-    let mut i = 12;
-    loop {
-        let l = *q.get(i)? as usize;
-        i += 1;
-        if l == 0 {
-            break;
-        }
-        i += l;
-    }
-    let qend = i + 4;
-    if q.len() < qend {
-        return None;
-    }
-    let nx = q.get(13..15) == Some(b"nx");
-    let mut r = q[..qend].to_vec();
-    r[2] = 0x80 | (q[2] & 0x01);
-    r[3] = 0x80 | if nx { 3 } else { 0 };
-    r[6..12].copy_from_slice(&[0, u8::from(!nx), 0, 0, 0, 0]);
-    if !nx {
-        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-        r.extend_from_slice(&SRV4.octets());
-    }
-    Some(r)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,24 +15,24 @@ use crate::harness::{udp_queries, Ns, Pair, UdpResponder, CLI4, SRV4, STATEFUL};
 static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// One ctguard installation: its own state and run dirs (hence its own agent).
-struct Ctg {
-    base: PathBuf,
-    env: Vec<(String, String)>,
+pub(crate) struct Ctg {
+    pub(crate) base: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
 }
 
 impl Ctg {
-    fn new() -> Ctg {
+    pub(crate) fn new() -> Ctg {
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let base = std::env::temp_dir().join(format!("ctguard-e2e-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         Ctg { base, env: Vec::new() }
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.run_env(args, &[])
     }
 
-    fn run_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+    pub(crate) fn run_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
         let state = self.base.join("state");
         let run = self.base.join("run");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
@@ -46,7 +46,7 @@ impl Ctg {
         cmd.output().expect("run ctguard")
     }
 
-    fn json(&self, args: &[&str]) -> Value {
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.run(&a);
@@ -56,7 +56,7 @@ impl Ctg {
     }
 
     /// `apply --json` and the txid.
-    fn apply(&self, ns: &Ns, extra: &[&str]) -> (Output, String) {
+    pub(crate) fn apply(&self, ns: &Ns, extra: &[&str]) -> (Output, String) {
         let mut args = vec!["--json", "apply", "--netns", ns.name()];
         args.extend_from_slice(extra);
         let out = self.run(&args);
@@ -65,16 +65,16 @@ impl Ctg {
         (out, id)
     }
 
-    fn state(&self, txid: &str) -> String {
+    pub(crate) fn state(&self, txid: &str) -> String {
         let v = self.json(&["show", txid]);
         v["state"].as_str().unwrap_or_default().to_string()
     }
 
-    fn outcome(&self, txid: &str) -> String {
+    pub(crate) fn outcome(&self, txid: &str) -> String {
         self.json(&["show", txid])["outcome"].as_str().unwrap_or_default().to_string()
     }
 
-    fn wait_state(&self, txid: &str, want: &str, limit: Duration) {
+    pub(crate) fn wait_state(&self, txid: &str, want: &str, limit: Duration) {
         let start = Instant::now();
         loop {
             let s = self.state(txid);
@@ -86,13 +86,13 @@ impl Ctg {
         }
     }
 
-    fn agent_pid(&self) -> Option<i32> {
+    pub(crate) fn agent_pid(&self) -> Option<i32> {
         let v = self.json(&["status"]);
         v["agent_pid"].as_i64().map(|p| p as i32)
     }
 
     /// Sends `sig` to this installation's agent; returns its pid.
-    fn signal_agent(&self, sig: Signal) -> i32 {
+    pub(crate) fn signal_agent(&self, sig: Signal) -> i32 {
         let pid = self.agent_pid().expect("agent pid");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
         pid
@@ -100,7 +100,7 @@ impl Ctg {
 }
 
 /// Waits until `pid` has exited (gone or a zombie).
-fn wait_gone(pid: i32, limit: Duration) -> bool {
+pub(crate) fn wait_gone(pid: i32, limit: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -132,7 +132,7 @@ impl Drop for Ctg {
     }
 }
 
-fn ok(out: &Output) {
+pub(crate) fn ok(out: &Output) {
     assert_eq!(
         out.status.code(),
         Some(0),

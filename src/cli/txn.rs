@@ -176,11 +176,17 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
         });
     }
     let tty = std::io::stderr().is_terminal();
+    // Ends the countdown line on a tty (carriage return, erase line) before a final message.
+    let end_line = || {
+        if tty {
+            eprint!("\r\x1b[2K");
+        }
+    };
     let journal = open_journal(global)?;
     let mut last_print = None::<std::time::Instant>;
     loop {
         if interrupted.load(Ordering::SeqCst) {
-            eprintln!();
+            end_line();
             let r = ask(global, Request::Rollback { txid: Some(txid.clone()) })?;
             return match r.exit {
                 0 => Err(vec![Failure::new(Exit::RolledBack, format!("{txid} rolled back (Ctrl-C)"))]),
@@ -188,19 +194,23 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
             };
         }
         if enter_rx.try_recv().is_ok() {
+            end_line();
             let r = ask(global, Request::Confirm { txid: Some(txid.clone()) })?;
             return finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")));
         }
         let rec = journal.load(&id).map_err(|e| vec![Failure::internal(e.to_string())])?;
         match &rec.state {
             txn::State::Committed => {
-                eprintln!("{}{txid} committed", if tty { "\r" } else { "" });
+                end_line();
+                eprintln!("{txid} committed");
                 return Ok(Exit::Ok);
             }
             txn::State::RolledBack { reason } => {
+                end_line();
                 return Err(vec![Failure::new(Exit::RolledBack, format!("{txid} rolled back ({reason})"))]);
             }
             txn::State::RollbackFailed { error, .. } => {
+                end_line();
                 return Err(vec![Failure::new(Exit::RollbackFailed, format!("{txid}: rollback failed: {error}"))]);
             }
             _ => {}
