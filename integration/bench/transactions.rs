@@ -586,11 +586,11 @@ fn bench_policy(cfg: &Config, tmp: &Path, rows: &mut Vec<Row>) {
         rows.push(Row::timing("policy: rollback", size, &s.rollback, "`nft -f` restore", &s.bare_restore, Some(1.10)));
         rows.push(
             Row::timing("(component) `nft -a list ruleset`", size, &s.list_a, "—", &[], None)
-                .note("read by prepare, by apply after the batch (handles), by check rollback and rollback"),
+                .note("read by prepare; by apply only when a handle was not echoed; by (check) rollback only to put a previous transaction's rules back"),
         );
         rows.push(
             Row::timing("(component) `nft -j list ruleset`", size, &s.list_j, "—", &[], None)
-                .note("read by prepare, check rollback and rollback"),
+                .note("read by prepare; by (check) rollback only to put a previous transaction's rules back"),
         );
         rows.push(Row::timing("(setup) load host ruleset, `nft -f`", size, &s.load, "—", &[], None));
     }

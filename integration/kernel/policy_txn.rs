@@ -586,3 +586,110 @@ fn reapply_across_backends_restores_each_committed_state() {
     back(&ns, &undo_a);
     assert_same(&before, &list(&ns, &[]), "rolling back A restores the start");
 }
+
+/// (handle, comment) of every rule line of `nft -a list chain`, in chain order.
+fn listed_handles(ns: &Ns, family: &str, table: &str, chain: &str) -> Vec<(u64, Option<String>)> {
+    chain_lines(ns, family, table, chain)
+        .iter()
+        .filter_map(|l| {
+            let h = l.rsplit_once("# handle ").and_then(|(_, h)| h.trim().parse().ok())?;
+            if l.starts_with("chain ") || l.starts_with("type ") {
+                return None;
+            }
+            let comment = l.split_once("comment \"").and_then(|(_, r)| r.split_once('"')).map(|(c, _)| c.to_string());
+            Some((h, comment))
+        })
+        .collect()
+}
+
+#[test]
+fn echoed_handles_and_chain_dumps_match_the_nft_listing() {
+    use ctguard::backend::netlink::{dump_chain_rules, get_rule, send_batch_echoed};
+    use ctguard::render::nft_batch::{BatchBuilder, RulePosition};
+    use ctguard::render::nft_expr::Expr;
+
+    let ns = Ns::new("ptx-echo");
+    ns.nft(HOST_FW);
+    let p = policy(UDP53);
+    let before = list(&ns, &keys(&p));
+
+    // A raw batch: two echoed inserts (one before the catch-all drop, one appended) and one
+    // that is not echoed.
+    let drop = listed_handles(&ns, "inet", "host", "input").last().map(|x| x.0).expect("the drop rule");
+    let mut b = BatchBuilder::new(None);
+    b.echo_inserts(true);
+    b.insert_rule("inet", "host", "input", RulePosition::Before(drop), &[Expr::Notrack], "echo:a", "a".into())
+        .expect("encodes");
+    b.insert_rule("inet", "host", "input", RulePosition::Append, &[Expr::Notrack], "echo:b", "b".into())
+        .expect("encodes");
+    b.echo_inserts(false);
+    b.insert_rule("inet", "host", "input", RulePosition::Append, &[Expr::Notrack], "echo:c", "c".into())
+        .expect("encodes");
+    let echoed = ns.run(|| send_batch_echoed(&b.finish())).unwrap_or_else(|e| panic!("send: {e}"));
+    let listed = listed_handles(&ns, "inet", "host", "input");
+    let handle_of = |c: &str| listed.iter().find(|x| x.1.as_deref() == Some(c)).map(|x| x.0);
+    assert_eq!(echoed.len(), 2, "{echoed:#?}");
+    for (r, c) in echoed.iter().zip(["echo:a", "echo:b"]) {
+        assert_eq!((r.family.as_str(), r.table.as_str(), r.chain.as_str()), ("inet", "host", "input"));
+        assert_eq!(r.comment.as_deref(), Some(c));
+        assert_eq!(Some(r.handle), handle_of(c), "echoed handle of {c} vs nft -a list:\n{listed:?}");
+    }
+
+    // The chain dump gives the listing's handles and comments, in order.
+    let dumped = ns.run(|| dump_chain_rules("inet", "host", "input")).unwrap_or_else(|e| panic!("dump: {e}"));
+    let dumped: Vec<(u64, Option<String>)> = dumped.into_iter().map(|r| (r.handle, r.comment)).collect();
+    assert_eq!(dumped, listed);
+    for (t, c) in [("nope", "input"), ("host", "nope")] {
+        let d = ns.run(|| dump_chain_rules("inet", t, c)).unwrap_or_else(|e| panic!("dump {t} {c}: {e}"));
+        assert!(d.is_empty(), "{d:?}");
+    }
+    ns.nft(&format!(
+        "delete rule inet host input handle {}\ndelete rule inet host input handle {}\ndelete rule inet host input handle {}\n",
+        handle_of("echo:a").unwrap_or_default(),
+        handle_of("echo:b").unwrap_or_default(),
+        handle_of("echo:c").unwrap_or_default()
+    ));
+    assert_same(&before, &list(&ns, &keys(&p)), "raw rules removed");
+
+    // apply: the handles it records are the ones nft lists for the tagged rules.
+    let undo = app(&ns, &prep(&ns, &request(&p, "ptx-echo-1", None)));
+    let listed = listed_handles(&ns, "inet", "host", "input");
+    let mut tagged: Vec<u64> =
+        listed.iter().filter(|x| x.1.as_deref() == Some("ctguard:ptx-echo-1")).map(|x| x.0).collect();
+    let mut recorded: Vec<u64> = undo.nft_insertions.iter().filter_map(|i| i.handle).collect();
+    assert_eq!(recorded.len(), undo.nft_insertions.len(), "{undo:#?}");
+    tagged.sort_unstable();
+    recorded.sort_unstable();
+    assert!(!tagged.is_empty());
+    assert_eq!(recorded, tagged);
+    assert!(undo.warnings.is_empty(), "{:?}", undo.warnings);
+
+    // One rule by handle; a missing handle, chain or table is None.
+    let got = ns.run(|| get_rule("inet", "host", "input", recorded[0])).unwrap_or_else(|e| panic!("get: {e}"));
+    assert_eq!(got.map(|r| (r.handle, r.comment)), Some((recorded[0], Some("ctguard:ptx-echo-1".to_string()))));
+    for (t, c, h) in [("host", "input", 999_999), ("host", "nope", recorded[0]), ("nope", "input", recorded[0])] {
+        let got = ns.run(|| get_rule("inet", t, c, h)).unwrap_or_else(|e| panic!("get {t} {c} {h}: {e}"));
+        assert!(got.is_none(), "{got:?}");
+    }
+
+    // A rule someone else adds meanwhile survives the netlink rollback, even when the recorded
+    // handle points at it (a stale hint: the tag decides, the chain is dumped); the state is
+    // restored.
+    ns.nft("add rule inet host input tcp dport 8080 accept comment \"other\"\n");
+    let other = listed_handles(&ns, "inet", "host", "input")
+        .iter()
+        .find(|x| x.1.as_deref() == Some("other"))
+        .map(|x| x.0)
+        .expect("other rule");
+    let mut stale = undo.clone();
+    for i in stale.nft_insertions.iter_mut() {
+        i.handle = Some(other);
+    }
+    back(&ns, &stale);
+    let after = listed_handles(&ns, "inet", "host", "input");
+    assert!(after.iter().any(|x| x.1.as_deref() == Some("other")), "{after:?}");
+    assert!(!after.iter().any(|x| x.1.as_deref() == Some("ctguard:ptx-echo-1")), "{after:?}");
+    let other = after.iter().find(|x| x.1.as_deref() == Some("other")).map(|x| x.0).unwrap_or_default();
+    ns.nft(&format!("delete rule inet host input handle {other}\n"));
+    assert_same(&before, &list(&ns, &keys(&p)), "rollback restores the state exactly");
+}

@@ -37,6 +37,22 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 const NFT_MSG_NEWGEN: u16 = 15;
 /// `NFTA_GEN_ID`: u32, network byte order.
 const NFTA_GEN_ID: u16 = 1;
+/// `NFT_MSG_NEWRULE`: an echoed rule, or one rule of a GETRULE dump.
+const NFT_MSG_NEWRULE: u16 = 6;
+/// `NFT_MSG_GETRULE`.
+const NFT_MSG_GETRULE: u16 = 7;
+/// `NFTA_RULE_TABLE`, `_CHAIN` (NUL-terminated strings), `_HANDLE` (u64, network byte order),
+/// `_USERDATA` (nftnl udata TLVs).
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_HANDLE: u16 = 3;
+const NFTA_RULE_USERDATA: u16 = 7;
+/// `NFTNL_UDATA_RULE_COMMENT`: the comment TLV in a rule's userdata (NUL-terminated).
+const UDATA_RULE_COMMENT: u8 = 0;
+/// `NLMSG_DONE`: the end of a dump.
+const NLMSG_DONE: u16 = 3;
+/// `NLM_F_DUMP_INTR`: the dump was interrupted by a change (inconsistent).
+const NLM_F_DUMP_INTR: u16 = 0x10;
 
 #[cfg(any(target_arch = "mips", target_arch = "mips64", target_arch = "mips32r6", target_arch = "mips64r6"))]
 const SO_SNDBUFFORCE: libc::c_int = 31;
@@ -329,6 +345,69 @@ fn kernel_acks_batch_end() -> bool {
     }
 }
 
+/// A rule as nf_tables reports it: echoed after a commit (`NLM_F_ECHO`) or one entry of a
+/// GETRULE dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    /// Sequence number of the message that carried it (for an echo: the request's).
+    pub seq: u32,
+    /// nft family keyword (`inet`, `ip`, …).
+    pub family: String,
+    /// Table.
+    pub table: String,
+    /// Chain.
+    pub chain: String,
+    /// The kernel's handle (unique in its table until the table is recreated).
+    pub handle: u64,
+    /// The comment nft keeps in the rule's userdata, if any.
+    pub comment: Option<String>,
+}
+
+fn nul_str(d: &[u8]) -> String {
+    String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+}
+
+/// The comment TLV (`NFTNL_UDATA_RULE_COMMENT`) of a rule's userdata: `type u8, len u8, value`.
+fn udata_comment(mut b: &[u8]) -> Option<String> {
+    while b.len() >= 2 {
+        let (ty, len) = (b[0], b[1] as usize);
+        let v = b.get(2..2 + len)?;
+        if ty == UDATA_RULE_COMMENT {
+            return Some(nul_str(v));
+        }
+        b = &b[2 + len..];
+    }
+    None
+}
+
+/// Parses a NEWRULE message (nfgenmsg + attributes).
+fn parse_rule(r: &Reply) -> Result<RuleInfo, NetlinkError> {
+    let family = r
+        .payload
+        .first()
+        .copied()
+        .and_then(nft_family_name)
+        .ok_or_else(|| NetlinkError::Malformed("NEWRULE of an unknown family".into()))?;
+    let (mut table, mut chain, mut handle, mut comment) = (None, None, None, None);
+    for (t, d) in parse_attrs(r.payload.get(4..).unwrap_or_default()) {
+        match t {
+            NFTA_RULE_TABLE => table = Some(nul_str(d)),
+            NFTA_RULE_CHAIN => chain = Some(nul_str(d)),
+            NFTA_RULE_HANDLE if d.len() == 8 => {
+                handle = Some(u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]))
+            }
+            NFTA_RULE_USERDATA => comment = udata_comment(d),
+            _ => {}
+        }
+    }
+    match (table, chain, handle) {
+        (Some(table), Some(chain), Some(handle)) => {
+            Ok(RuleInfo { seq: r.seq, family: family.to_string(), table, chain, handle, comment })
+        }
+        _ => Err(NetlinkError::Malformed("NEWRULE without table, chain or handle".into())),
+    }
+}
+
 /// Sends `batch` on a fresh NETLINK_NETFILTER socket in the calling thread's network namespace
 /// and returns once the kernel has proved the commit.
 ///
@@ -341,6 +420,17 @@ fn kernel_acks_batch_end() -> bool {
 /// as [`crate::render::nft_batch::encode`]'s are (declare, delete, recreate the table): sending
 /// one twice leaves one copy. Blocks at most about 10 s waiting for replies.
 pub fn send_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
+    send_batch_echoed(batch).map(|_| ())
+}
+
+/// [`send_batch`], returning the rules the kernel echoed after the commit for the messages
+/// that carry `NLM_F_ECHO` ([`crate::render::nft_batch::BatchBuilder::echo_inserts`]), in
+/// batch order, each with its handle and comment.
+///
+/// Guarantees: those of [`send_batch`]. The echoes are read from the same socket as the ACKs
+/// (the kernel queues them during the commit, before the BATCH_END ACK); one that did not
+/// arrive is simply missing from the result (read the rule back by tag then).
+pub fn send_batch_echoed(batch: &BatchBuffer) -> Result<Vec<RuleInfo>, NetlinkError> {
     let mut s = NfSocket::open()?;
     let bytes = batch.as_bytes();
     let msgs = batch.messages();
@@ -349,10 +439,13 @@ pub fn send_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
     if bytes.len() > 64 * 1024 {
         s.raise_buffer(SO_SNDBUFFORCE, libc::SO_SNDBUF, bytes.len() + 4096);
     }
-    if msgs.len() > 128 {
-        s.raise_buffer(SO_RCVBUFFORCE, libc::SO_RCVBUF, msgs.len() * 1024);
+    let echo_seqs: std::collections::HashSet<u32> = msgs.iter().filter(|m| m.echo).map(|m| m.seq).collect();
+    // An echoed rule (expressions and all) takes a few KiB more until read.
+    if msgs.len() > 128 || echo_seqs.len() > 16 {
+        s.raise_buffer(SO_RCVBUFFORCE, libc::SO_RCVBUF, msgs.len() * 1024 + echo_seqs.len() * 4096);
     }
     s.send(bytes)?;
+    let mut echoed: Vec<RuleInfo> = Vec::new();
 
     let ends_acked = kernel_acks_batch_end();
     let begin_seq = FIRST_SEQ;
@@ -377,12 +470,18 @@ pub fn send_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
         // Once conclusive, only drain what is already queued.
         let wait = if conclusive { Duration::ZERO } else { deadline.saturating_duration_since(Instant::now()) };
         let Some(replies) = s.recv(wait)? else { break };
-        for r in replies.iter().filter(|r| r.ty == NLMSG_ERROR) {
-            let (code, ext) = parse_error(r)?;
-            got.entry(r.seq).or_insert((code, ext));
+        for r in &replies {
+            if r.ty == NLMSG_ERROR {
+                let (code, ext) = parse_error(r)?;
+                got.entry(r.seq).or_insert((code, ext));
+            } else if r.ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE && echo_seqs.contains(&r.seq) {
+                echoed.push(parse_rule(r)?);
+            }
         }
     }
-    outcome(batch, &got, &expected, ends_acked)
+    outcome(batch, &got, &expected, ends_acked)?;
+    echoed.sort_by_key(|r| r.seq.wrapping_sub(FIRST_SEQ));
+    Ok(echoed)
 }
 
 /// Decides what the replies prove.
@@ -502,7 +601,6 @@ pub fn list_tables() -> Result<Vec<(String, String)>, NetlinkError> {
     const NFT_MSG_GETTABLE: u16 = 1;
     const NFT_MSG_NEWTABLE: u16 = 0;
     const NFTA_TABLE_NAME: u16 = 1;
-    const NLMSG_DONE: u16 = 3;
     let query = |source: io::Error| NetlinkError::Query { what: "GETTABLE (list the nf_tables tables)", source };
     let mut s = NfSocket::open()?;
     let seq = FIRST_SEQ;
@@ -540,6 +638,124 @@ pub fn list_tables() -> Result<Vec<(String, String)>, NetlinkError> {
                 if code != 0 {
                     return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
                 }
+            }
+        }
+    }
+}
+
+/// The rules of one chain (`NFT_MSG_GETRULE` dump filtered in the kernel by
+/// `NFTA_RULE_TABLE` + `NFTA_RULE_CHAIN`), in chain order, with handles and comments. A table
+/// or chain that does not exist gives an empty list. Read-only; costs the kernel's dump of
+/// that chain only, not of the ruleset (no `nft` process, no cache load).
+///
+/// Guarantees: one consistent read — a dump the kernel marks interrupted by a concurrent
+/// change (`NLM_F_DUMP_INTR`) is an error. To act on what it found, read the generation id
+/// ([`get_genid`]) before it and let the batch carry that id.
+pub fn dump_chain_rules(family: &str, table: &str, chain: &str) -> Result<Vec<RuleInfo>, NetlinkError> {
+    const WHAT: &str = "GETRULE (dump one chain's rules)";
+    let query = |source: io::Error| NetlinkError::Query { what: WHAT, source };
+    let seq = FIRST_SEQ;
+    let req = getrule_request(family, table, chain, None, seq).map_err(query)?;
+    let mut s = NfSocket::open()?;
+    s.send(&req)?;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    let mut out = Vec::new();
+    loop {
+        let Some(replies) = s.recv(deadline.saturating_duration_since(Instant::now()))? else {
+            return Err(query(io::Error::from(io::ErrorKind::TimedOut)));
+        };
+        for r in replies.iter().filter(|r| r.seq == seq) {
+            if r.flags & NLM_F_DUMP_INTR != 0 {
+                return Err(query(io::Error::other("the dump was interrupted by a concurrent change")));
+            }
+            if r.ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE {
+                out.push(parse_rule(r)?);
+            } else if r.ty == NLMSG_DONE {
+                let code = u32_ne(&r.payload, 0).map(|c| c as i32).unwrap_or(0);
+                if code < 0 && code.saturating_neg() != libc::ENOENT {
+                    return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
+                }
+                return Ok(out);
+            } else if r.ty == NLMSG_ERROR {
+                let (code, _) = parse_error(r)?;
+                if code.saturating_neg() == libc::ENOENT {
+                    return Ok(Vec::new());
+                }
+                if code != 0 {
+                    return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
+                }
+            }
+        }
+    }
+}
+
+/// A GETRULE request for `chain` of `table`: a dump of the chain (`NLM_F_DUMP`) without
+/// `handle`, else the one rule with that handle (`NLM_F_ACK`).
+fn getrule_request(family: &str, table: &str, chain: &str, handle: Option<u64>, seq: u32) -> io::Result<Vec<u8>> {
+    let nfproto = crate::render::nft_batch::nfproto_of(family)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("unknown nft family {family:?}")))?;
+    let flags = match handle {
+        None => libc::NLM_F_REQUEST | libc::NLM_F_DUMP,
+        Some(_) => libc::NLM_F_REQUEST | libc::NLM_F_ACK,
+    };
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + 4 + 2 * 36 + 12);
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE).to_ne_bytes());
+    req.extend_from_slice(&(flags as u16).to_ne_bytes());
+    req.extend_from_slice(&seq.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[nfproto as u8, 0, 0, 0]);
+    let mut attr = |ty: u16, d: &[u8]| {
+        req.extend_from_slice(&((4 + d.len()) as u16).to_ne_bytes());
+        req.extend_from_slice(&ty.to_ne_bytes());
+        req.extend_from_slice(d);
+        while req.len() % 4 != 0 {
+            req.push(0);
+        }
+    };
+    for (ty, v) in [(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)] {
+        if v.contains('\0') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("NUL byte in {v:?}")));
+        }
+        let mut d = v.as_bytes().to_vec();
+        d.push(0);
+        attr(ty, &d);
+    }
+    if let Some(h) = handle {
+        attr(NFTA_RULE_HANDLE, &h.to_be_bytes());
+    }
+    let total = req.len() as u32;
+    req[0..4].copy_from_slice(&total.to_ne_bytes());
+    Ok(req)
+}
+
+/// The rule with `handle` in `chain` of `table` (`NFT_MSG_GETRULE` without a dump: the kernel
+/// looks the handle up and serializes that rule only), `None` when no such rule, chain or
+/// table exists. Read-only. A handle is unique in its table only until the table is
+/// recreated: check what comes back (its comment) before acting on it.
+pub fn get_rule(family: &str, table: &str, chain: &str, handle: u64) -> Result<Option<RuleInfo>, NetlinkError> {
+    const WHAT: &str = "GETRULE (read one rule by handle)";
+    let query = |source: io::Error| NetlinkError::Query { what: WHAT, source };
+    let seq = FIRST_SEQ;
+    let req = getrule_request(family, table, chain, Some(handle), seq).map_err(query)?;
+    let mut s = NfSocket::open()?;
+    s.send(&req)?;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    let mut found = None;
+    loop {
+        let Some(replies) = s.recv(deadline.saturating_duration_since(Instant::now()))? else {
+            return Err(query(io::Error::from(io::ErrorKind::TimedOut)));
+        };
+        for r in replies.iter().filter(|r| r.seq == seq) {
+            if r.ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE {
+                found = Some(parse_rule(r)?);
+            } else if r.ty == NLMSG_ERROR {
+                let (code, _) = parse_error(r)?;
+                return match code.saturating_neg() {
+                    0 => Ok(found),
+                    libc::ENOENT => Ok(None),
+                    e => Err(query(io::Error::from_raw_os_error(e))),
+                };
             }
         }
     }
@@ -620,6 +836,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn parses_a_newrule_with_handle_and_comment() {
+        fn attr(b: &mut Vec<u8>, ty: u16, d: &[u8]) {
+            b.extend_from_slice(&((4 + d.len()) as u16).to_ne_bytes());
+            b.extend_from_slice(&ty.to_ne_bytes());
+            b.extend_from_slice(d);
+            while b.len() % 4 != 0 {
+                b.push(0);
+            }
+        }
+        let mut p = vec![libc::NFPROTO_INET as u8, 0, 0, 7];
+        attr(&mut p, NFTA_RULE_TABLE, b"host\0");
+        attr(&mut p, NFTA_RULE_CHAIN, b"input\0");
+        attr(&mut p, NFTA_RULE_HANDLE, &42u64.to_be_bytes());
+        attr(&mut p, 4 | 0x8000, &[0u8; 8]);
+        // userdata: an unknown TLV, then the comment.
+        let mut ud = vec![9u8, 1, 0xff, UDATA_RULE_COMMENT, 10];
+        ud.extend_from_slice(b"ctguard:x\0");
+        attr(&mut p, NFTA_RULE_USERDATA, &ud);
+        let r = Reply { ty: (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE, flags: 0, seq: 5, pid: 0, payload: p };
+        let info = parse_rule(&r).expect("parses");
+        assert_eq!(
+            info,
+            RuleInfo {
+                seq: 5,
+                family: "inet".into(),
+                table: "host".into(),
+                chain: "input".into(),
+                handle: 42,
+                comment: Some("ctguard:x".into()),
+            }
+        );
+        let mut short = r;
+        short.payload.truncate(4);
+        assert!(parse_rule(&short).is_err());
+        assert_eq!(udata_comment(&[UDATA_RULE_COMMENT, 5, b'a']), None, "truncated TLV");
     }
 
     #[test]

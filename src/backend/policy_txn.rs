@@ -43,7 +43,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::exec::{ExecError, Tool};
 use crate::backend::iptables::{self as ipt_backend, IptablesError};
 use crate::backend::live::{self as live_backend, LiveError, SAVE_TOOLS};
-use crate::backend::netlink::{get_genid, send_batch, NetlinkError};
+use crate::backend::netlink::{
+    dump_chain_rules, get_genid, get_rule, send_batch, send_batch_echoed, NetlinkError, RuleInfo,
+};
 use crate::exit::Exit;
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
 use crate::live::fw::{IptVariant, Owner};
@@ -192,6 +194,15 @@ pub enum PolicyTxnError {
     /// nft's JSON could not be parsed.
     #[error("nft -j list ruleset")]
     NftJson(#[source] nft_json::NftJsonError),
+    /// Reading the rules of a chain over netlink (GETRULE dump) failed.
+    #[error("reading the rules of {chain} over netlink failed")]
+    RuleDump {
+        /// `family table chain`.
+        chain: String,
+        /// Why.
+        #[source]
+        source: NetlinkError,
+    },
 }
 
 impl PolicyTxnError {
@@ -931,6 +942,8 @@ fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchErr
     if let Some(t) = &p.table {
         b.replace_table(t)?;
     }
+    // The kernel echoes each inserted rule after the commit, with its handle.
+    b.echo_inserts(true);
     for ins in &p.plan.insertions {
         let (Owner::Nft { family, table }, RuleSpec::Nft(text)) = (&ins.owner, &ins.rule) else { continue };
         let Some(entry) = p.request.policy.notrack.get(ins.entry) else { continue };
@@ -970,7 +983,8 @@ fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + S
 /// the same table commit), (2) one netlink batch carrying the generation id of the snapshot
 /// (re-read after ctguard's own iptables-nft step) with the nft rule deletions, the table and
 /// the nft accept insertions, (3) ctguard's iptables raw chains, (4) the sysctls, (5)
-/// `flush_existing`. Returns the undo record with the handles read back by tag.
+/// `flush_existing`. Returns the undo record with the inserted rules' handles as the kernel
+/// echoed them after the commit (`NLM_F_ECHO`; a full `nft -a` listing only if one is missing).
 ///
 /// Guarantees: refuses with nothing applied when the ruleset changed since [`prepare`]
 /// (generation id, or an iptables save that differs: exit 3). A step that fails undoes every
@@ -1029,24 +1043,36 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         Err(e) => return Err(compensate(&done, "encoding the nft batch", boxed(e))),
     };
     if let Some(batch) = batch {
-        if let Err(e) = send_batch(&batch) {
-            return Err(match e {
-                NetlinkError::GenerationChanged { .. } => match rollback(&done) {
-                    Ok(_) => PolicyTxnError::GenerationChanged { genid, source: e },
-                    Err(r) => PolicyTxnError::ApplyAndRollbackFailed {
-                        step: "the nft batch".into(),
-                        rollback: r.to_string(),
-                        source: boxed(e),
+        let echoed = match send_batch_echoed(&batch) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(match e {
+                    NetlinkError::GenerationChanged { .. } => match rollback(&done) {
+                        Ok(_) => PolicyTxnError::GenerationChanged { genid, source: e },
+                        Err(r) => PolicyTxnError::ApplyAndRollbackFailed {
+                            step: "the nft batch".into(),
+                            rollback: r.to_string(),
+                            source: boxed(e),
+                        },
                     },
-                },
-                other => compensate(&done, "the nft batch", boxed(other)),
-            });
-        }
+                    other => compensate(&done, "the nft batch", boxed(other)),
+                })
+            }
+        };
         done.table = undo.table.clone();
         if !undo.nft_insertions.is_empty() {
-            match read_listed() {
-                Ok(listed) => fill_handles(&mut undo, &listed),
-                Err(e) => undo.warnings.push(format!("reading the inserted rules' handles back failed: {e}")),
+            // The handles the kernel echoed; a full listing only when some did not come back.
+            let listed: Vec<nft_text::ListedRule> = echoed.into_iter().map(listed_of).collect();
+            fill_handles(&mut undo, &listed);
+            if undo.nft_insertions.iter().any(|i| i.handle.is_none()) {
+                tracing::debug!("not every inserted rule was echoed; reading the handles back with nft");
+                for ins in undo.nft_insertions.iter_mut() {
+                    ins.handle = None;
+                }
+                match read_listed() {
+                    Ok(listed) => fill_handles(&mut undo, &listed),
+                    Err(e) => undo.warnings.push(format!("reading the inserted rules' handles back failed: {e}")),
+                }
             }
         }
     }
@@ -1110,6 +1136,64 @@ fn read_listed() -> Result<Vec<nft_text::ListedRule>, PolicyTxnError> {
         .run(&["-a", "list", "ruleset"], None)
         .map_err(|source| PolicyTxnError::Exec { what: "nft -a list ruleset".into(), source })?;
     Ok(nft_text::rules(&text))
+}
+
+/// A rule read over netlink as a listed rule (no text: netlink gives expressions, not nft's
+/// text; only family, table, chain, handle and comment are used from it).
+fn listed_of(r: RuleInfo) -> nft_text::ListedRule {
+    nft_text::ListedRule {
+        family: r.family,
+        table: r.table,
+        chain: r.chain,
+        handle: r.handle,
+        text: String::new(),
+        comment: r.comment,
+    }
+}
+
+/// The chains outside `table inet ctguard` that `u` inserted into: (family, table, chain).
+fn insertion_chains(u: &PolicyUndo) -> Vec<(&str, &str, &str)> {
+    let mut ours: Vec<(&str, &str, &str)> = u
+        .nft_insertions
+        .iter()
+        .map(|i| (i.family.as_str(), i.table.as_str(), i.chain.as_str()))
+        .filter(|(f, t, _)| !(*f == "inet" && *t == TABLE_NAME))
+        .collect();
+    ours.sort_unstable();
+    ours.dedup();
+    ours
+}
+
+/// The rules a rollback of `u` deletes from the chains `u` inserted into, read over netlink
+/// (no `nft` listing): per chain, when apply recorded every insertion's handle, the rules with
+/// those handles (`GETRULE` by handle); when one is missing, gone or no longer carries `u`'s tag
+/// (the handle is only a hint: a recreated table reuses handles), every rule of the chain (a
+/// `GETRULE` dump filtered to that chain in the kernel), among which the caller finds the tag.
+fn read_insertion_chains(u: &PolicyUndo) -> Result<Vec<nft_text::ListedRule>, PolicyTxnError> {
+    let mut out = Vec::new();
+    for (f, t, c) in insertion_chains(u) {
+        let err = |source| PolicyTxnError::RuleDump { chain: format!("{f} {t} {c}"), source };
+        let hints: Vec<Option<u64>> = u
+            .nft_insertions
+            .iter()
+            .filter(|i| i.family == f && i.table == t && i.chain == c)
+            .map(|i| i.handle)
+            .collect();
+        let mut by_handle = Vec::new();
+        for h in hints.iter() {
+            let Some(h) = h else { break };
+            match get_rule(f, t, c, *h).map_err(err)? {
+                Some(r) if r.comment.as_deref() == Some(u.tag.as_str()) && r.chain == c => by_handle.push(r),
+                _ => break,
+            }
+        }
+        if by_handle.len() == hints.len() {
+            out.extend(by_handle.into_iter().map(listed_of));
+        } else {
+            out.extend(dump_chain_rules(f, t, c).map_err(err)?.into_iter().map(listed_of));
+        }
+    }
+    Ok(out)
 }
 
 /// Handles of the inserted rules, matched by chain and tag in listing order.
@@ -1242,15 +1326,8 @@ fn nft_rollback_script(u: &PolicyUndo, listed: &[nft_text::ListedRule], chains: 
             }
         }
     }
-    let mut ours: Vec<(&str, &str, &str)> =
-        u.nft_insertions.iter().map(|i| (i.family.as_str(), i.table.as_str(), i.chain.as_str())).collect();
-    ours.sort_unstable();
-    ours.dedup();
     let mut deleted: Vec<u64> = Vec::new();
-    for (f, t, c) in &ours {
-        if *f == "inet" && *t == TABLE_NAME {
-            continue;
-        }
+    for (f, t, c) in &insertion_chains(u) {
         for r in listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c) {
             if r.comment.as_deref() == Some(u.tag.as_str()) {
                 let _ = writeln!(s, "delete rule {f} {t} {c} handle {}", r.handle);
@@ -1284,14 +1361,62 @@ fn nft_rollback_script(u: &PolicyUndo, listed: &[nft_text::ListedRule], chains: 
     s
 }
 
-/// The listing with handles, and — only when `u` has removed rules of a previous transaction
-/// to put back (their chains must still exist) — the parsed JSON ruleset. Each full listing
-/// costs about 0.4 s at 10k rules, so the JSON is not read when nothing needs it.
-fn read_nft_for_rollback_of(u: &PolicyUndo) -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRuleset), PolicyTxnError> {
-    if u.removed_previous.is_empty() {
-        return Ok((read_listed()?, nft_json::NftRuleset::default()));
+/// True when `u` has nft rules of a previous transaction to put back: only then does its
+/// rollback need nft's text of the rules (to find them) and the JSON ruleset (their chains
+/// must still exist).
+fn puts_back_nft(u: &PolicyUndo) -> bool {
+    u.removed_previous.iter().any(|r| matches!(r, Removed::Nft { .. }))
+}
+
+/// The rules a rollback of `u` must look at, and — only when `u` has removed nft rules of a
+/// previous transaction to put back — the parsed JSON ruleset. Without rules to put back, the
+/// rules are read over netlink from the chains `u` inserted into only; otherwise with two full
+/// listings (`nft -a`, `nft -j`: about 0.4 s each at 10k rules).
+fn read_nft_for_rollback_of(
+    u: &PolicyUndo,
+) -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRuleset), PolicyTxnError> {
+    if !puts_back_nft(u) {
+        return Ok((read_insertion_chains(u)?, nft_json::NftRuleset::default()));
     }
     read_nft_for_rollback()
+}
+
+/// The nft side of a rollback of `u` that puts no previous rules back, as one netlink batch
+/// carrying `genid` (read before `listed` was): `table inet ctguard` deleted when the
+/// transaction created it from nothing, and the rules in `listed` tagged with `u`'s tag deleted
+/// by handle. `None` when `u` needs the script (a previous table or rules to put back) or when
+/// there is nothing to do (`Some(None)`).
+fn nft_rollback_batch(
+    u: &PolicyUndo,
+    listed: &[nft_text::ListedRule],
+    genid: u32,
+) -> Option<Result<Option<BatchBuffer>, BatchError>> {
+    if puts_back_nft(u) || u.table.as_ref().is_some_and(|t| t.text.is_some()) {
+        return None;
+    }
+    let build = || -> Result<Option<BatchBuffer>, BatchError> {
+        let mut b = BatchBuilder::new(Some(genid));
+        if u.table.is_some() {
+            // Declare, then delete: deleting a table that is already gone is no error.
+            b.add_table(TABLE_NAME)?;
+            b.delete_table(TABLE_NAME)?;
+        }
+        for (f, t, c) in &insertion_chains(u) {
+            for r in listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c) {
+                if r.comment.as_deref() == Some(u.tag.as_str()) {
+                    b.delete_rule(
+                        f,
+                        t,
+                        c,
+                        r.handle,
+                        format!("delete rule {f} {t} {c} handle {} ({})", r.handle, u.tag),
+                    )?;
+                }
+            }
+        }
+        Ok((!b.is_empty()).then(|| b.finish()))
+    };
+    Some(build())
 }
 
 fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRuleset), PolicyTxnError> {
@@ -1351,8 +1476,10 @@ pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
 /// Undoes `u`, in reverse order of apply, finding every object by its tag on a fresh read:
 /// sysctls restored (a warning first when a conntrack max goes below the current count);
 /// ctguard's raw chains restored to their previous contents (or removed with their jumps);
-/// in one `nft -f` transaction the previous `table inet ctguard` restored (or deleted), the
-/// tagged nft accept rules deleted and the previous transaction's rules put back; the tagged
+/// in one nft transaction the previous `table inet ctguard` restored (or deleted), the
+/// tagged nft accept rules deleted and the previous transaction's rules put back (a netlink
+/// batch carrying the generation id read before the tagged rules were, found over netlink in
+/// the chains inserted into; `nft -f` when a previous table or rules must be put back); the tagged
 /// iptables rules deleted by their exact spec and the previous ones put back, per table commit.
 ///
 /// Guarantees: only ctguard's objects change, so rules others added meanwhile survive; an
@@ -1420,13 +1547,37 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     let mut last_err = None;
     for _ in 0..NFT_ROLLBACK_ATTEMPTS {
         let g0 = get_genid().ok();
-        let script = match read_nft_for_rollback_of(u) {
-            Ok((listed, chains)) => nft_rollback_script(u, &listed, &chains),
+        let (listed, chains) = match read_nft_for_rollback_of(u) {
+            Ok(r) => r,
             Err(e) => {
                 last_err = Some(chain_text(&e));
                 continue;
             }
         };
+        // Without previous objects to put back: one netlink batch carrying the generation id
+        // read before the rules were, so a ruleset changed in between refuses it (retried).
+        if let Some(g) = g0 {
+            match nft_rollback_batch(u, &listed, g) {
+                None => {}
+                Some(Ok(None)) => {
+                    last_err = None;
+                    break;
+                }
+                Some(Ok(Some(batch))) => match send_batch(&batch) {
+                    Ok(()) => {
+                        last_err = None;
+                        break;
+                    }
+                    Err(e) => {
+                        last_err = Some(chain_text(&e));
+                        continue;
+                    }
+                },
+                // Not encodable as a batch: the script below says the same with nft.
+                Some(Err(e)) => tracing::warn!("rollback batch of {}: {e}; using nft -f", u.tag),
+            }
+        }
+        let script = nft_rollback_script(u, &listed, &chains);
         if script.is_empty() {
             last_err = None;
             break;

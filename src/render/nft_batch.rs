@@ -64,6 +64,8 @@ const NLM_F_REQUEST: u16 = libc::NLM_F_REQUEST as u16;
 const NLM_F_ACK: u16 = libc::NLM_F_ACK as u16;
 const NLM_F_CREATE: u16 = libc::NLM_F_CREATE as u16;
 const NLM_F_APPEND: u16 = libc::NLM_F_APPEND as u16;
+/// `NLM_F_ECHO`: the kernel sends the committed object back to the sender (after the commit).
+pub const NLM_F_ECHO: u16 = libc::NLM_F_ECHO as u16;
 const NLMSG_HDRLEN: usize = 16;
 const NFGENMSG_LEN: usize = 4;
 
@@ -146,6 +148,9 @@ pub struct BatchMsg {
     pub len: usize,
     /// Human description for error messages, e.g. `add set inet ctguard ports_0`.
     pub what: String,
+    /// `NLM_F_ECHO` is set on it: after the commit the kernel sends the object back (for a
+    /// rule: with its handle), with this message's sequence number.
+    pub echo: bool,
 }
 
 /// The bytes of one netlink batch (BATCH_BEGIN … BATCH_END), ready for one `sendto` on a
@@ -464,6 +469,7 @@ pub struct BatchBuilder {
     next_set_id: u32,
     set_ids: HashMap<(String, String), u32>,
     scratch: Scratch,
+    echo_inserts: bool,
 }
 
 impl BatchBuilder {
@@ -477,6 +483,7 @@ impl BatchBuilder {
             next_set_id: 1,
             set_ids: HashMap::new(),
             scratch: Scratch::new(),
+            echo_inserts: false,
         };
         let attr = genid.map(|g| {
             let mut a = Vec::with_capacity(8);
@@ -507,7 +514,14 @@ impl BatchBuilder {
         self.bytes.extend_from_slice(&NFNL_SUBSYS_NFTABLES.to_be_bytes());
         self.bytes.extend_from_slice(attrs);
         self.pad();
-        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
+        self.msgs.push(BatchMsg { seq, kind, offset, len, what, echo: false });
+    }
+
+    /// From now on, rules written with [`BatchBuilder::insert_rule`] carry `NLM_F_ECHO` (on
+    /// when `on`): the kernel sends each committed rule back with its handle
+    /// ([`crate::backend::netlink::send_batch_echoed`] collects them).
+    pub fn echo_inserts(&mut self, on: bool) {
+        self.echo_inserts = on;
     }
 
     fn take_seq(&mut self) -> u32 {
@@ -530,6 +544,17 @@ impl BatchBuilder {
         what: String,
         write: impl FnOnce(*mut c_void, u32),
     ) -> Result<(), BatchError> {
+        self.push_written_echo(kind, what, false, write)
+    }
+
+    /// [`BatchBuilder::push_written`], with `NLM_F_ECHO` added when `echo`.
+    fn push_written_echo(
+        &mut self,
+        kind: MsgKind,
+        what: String,
+        echo: bool,
+        write: impl FnOnce(*mut c_void, u32),
+    ) -> Result<(), BatchError> {
         let seq = self.take_seq();
         write(self.scratch.ptr(), seq);
         let s = self.scratch.bytes();
@@ -539,10 +564,11 @@ impl BatchBuilder {
         }
         let offset = self.bytes.len();
         self.bytes.extend_from_slice(&s[..len]);
-        self.bytes[offset + 6..offset + 8].copy_from_slice(&kind.nlmsg_flags().to_ne_bytes());
+        let flags = kind.nlmsg_flags() | if echo { NLM_F_ECHO } else { 0 };
+        self.bytes[offset + 6..offset + 8].copy_from_slice(&flags.to_ne_bytes());
         self.pad();
         self.scratch.clear(len);
-        self.msgs.push(BatchMsg { seq, kind, offset, len, what });
+        self.msgs.push(BatchMsg { seq, kind, offset, len, what, echo });
         Ok(())
     }
 
@@ -765,7 +791,8 @@ impl BatchBuilder {
             }
             RulePosition::Append => MsgKind::NewRule,
         };
-        self.push_written(kind, what, |buf, seq| {
+        let echo = self.echo_inserts;
+        self.push_written_echo(kind, what, echo, |buf, seq| {
             // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
             unsafe { r.write(buf, seq, MsgType::Add) }
         })
@@ -1093,6 +1120,26 @@ mod tests {
         assert_eq!(msgs[5].flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND);
         assert_eq!(get(&attrs(&msgs[5].payload), 6), None);
         assert_eq!(msgs[5].payload[0], libc::NFPROTO_IPV6 as u8);
+    }
+
+    #[test]
+    fn echoed_inserts_carry_nlm_f_echo() {
+        use crate::render::nft_expr::Expr;
+        let mut b = BatchBuilder::new(None);
+        b.insert_rule("inet", "h", "c", RulePosition::Append, &[Expr::Notrack], "ctguard:t", "plain".into())
+            .expect("ok");
+        b.echo_inserts(true);
+        b.insert_rule("inet", "h", "c", RulePosition::Before(4), &[Expr::Notrack], "ctguard:t", "echo".into())
+            .expect("ok");
+        b.delete_rule("inet", "h", "c", 7, "del".into()).expect("ok");
+        let buf = b.finish();
+        let msgs = walk(buf.as_bytes());
+        let echo: Vec<bool> = buf.messages().iter().map(|m| m.echo).collect();
+        assert_eq!(echo, vec![false, false, true, false, false]);
+        for (m, d) in msgs.iter().zip(buf.messages()) {
+            let expected = d.kind.nlmsg_flags() | if d.echo { NLM_F_ECHO } else { 0 };
+            assert_eq!(m.flags, expected, "{}", d.what);
+        }
     }
 
     #[test]
