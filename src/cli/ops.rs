@@ -37,8 +37,6 @@ use crate::render::sysctl::plan_sysctls;
 /// Prefix of ctguard's fields in the journal (`txid` becomes `CTGUARD_TXID`).
 pub const JOURNAL_FIELD_PREFIX: &str = "CTGUARD";
 
-/// Longest wait for one agent answer during `restore`.
-
 // ---------------------------------------------------------------------------------------------
 // Logging
 
@@ -338,7 +336,6 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
         ruleset: None,
         // A boot unit has no SSH connection to prove anything about.
         options: crate::txn::TxnOptions { allow_same_connection: true, ..Default::default() },
-        ..Default::default()
     });
     let r = super::txn::ask(global, req)?;
     if r.exit != 0 {
