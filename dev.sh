@@ -33,18 +33,7 @@ demo() {
   local ctg=("$bin" --state-dir "$tmp/state" --run-dir "$tmp/run")
   ip netns add "$ns"
   trap 'ip netns del "$DEMO_NS" 2>/dev/null || true; rm -rf "$DEMO_TMP"' EXIT
-  ip netns exec "$ns" nft -f - <<'NFT'
-table inet host {
-  chain input {
-    type filter hook input priority filter; policy drop;
-    ct state established,related accept
-    iif "lo" accept
-    udp dport 53 ct state new accept
-    tcp dport 22 ct state new accept
-    reject
-  }
-}
-NFT
+  ip netns exec "$ns" nft -f integration/stateful.nft
   local before after
   before=$(ip netns exec "$ns" nft list ruleset)
   echo "== a throwaway namespace $ns with a usual stateful firewall =="

@@ -137,18 +137,7 @@ step "ctguard --version"
 step "ctguard plan --check in the throwaway namespace $ns"
 ip netns add "$ns"
 ip netns exec "$ns" ip link set lo up
-ip netns exec "$ns" nft -f - <<'NFT'
-table inet host {
-  chain input {
-    type filter hook input priority filter; policy drop;
-    ct state established,related accept
-    iif "lo" accept
-    udp dport 53 ct state new accept
-    tcp dport 22 ct state new accept
-    reject
-  }
-}
-NFT
+ip netns exec "$ns" nft -f integration/stateful.nft
 "$ctg" --state-dir "$state/state" --run-dir "$state/run" plan --check --netns "$ns"
 "$ctg" --state-dir "$state/state" --run-dir "$state/run" plan --check --netns "$ns" \
   "$(dirname "$ctg")/../share/ctguard/example-policy.toml" >/dev/null

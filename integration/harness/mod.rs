@@ -38,17 +38,7 @@ pub const PAIR_IFACE: &str = "veth0";
 
 /// A usual stateful host firewall (policy drop, established accept, lo accept, udp/53 and
 /// tcp/22 new accept, reject): the seeds' setup that NOTRACK alone blackholes.
-pub const STATEFUL: &str = "table inet host {
-  chain input {
-    type filter hook input priority filter; policy drop;
-    ct state established,related accept
-    iif \"lo\" accept
-    udp dport 53 ct state new accept
-    tcp dport 22 ct state new accept
-    reject
-  }
-}
-";
+pub const STATEFUL: &str = include_str!("../stateful.nft");
 const SRV_MAC: &str = "02:c7:00:00:00:01";
 const CLI_MAC: &str = "02:c7:00:00:00:02";
 

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -17,6 +17,7 @@ use ctguard::model::{parse_policy, Format};
 use ctguard::persist::{persist_committed, PersistPaths};
 use ctguard::txn::TxnId;
 
+use crate::txn_cli::{ok, wait_gone};
 use crate::harness::{Ns, STATEFUL};
 
 static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -95,28 +96,6 @@ impl Drop for Inst {
         }
         let _ = std::fs::remove_dir_all(&self.base);
     }
-}
-
-fn wait_gone(pid: i32, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return true,
-            Ok(s) if s.contains(") Z") => return true,
-            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-    false
-}
-
-fn ok(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `apply --json` and the txid.
