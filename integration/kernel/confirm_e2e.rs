@@ -365,7 +365,12 @@ fn same_connection_confirm_is_refused_and_a_new_connection_commits() {
     assert_eq!(field(&out.stdout, "sudo").as_deref(), Some("8"), "{out:?}");
     // sudo strips SSH_CONNECTION: the proof comes from the process ancestry.
     assert_eq!(field(&out.stdout, "sudo-env").as_deref(), Some(""), "{out:?}");
-    let cmd = format!("ssh -o ControlPath=none 198.18.0.1 ctguard confirm {id}");
+    // The printed command reaches this test's agent: it carries the non-default dirs.
+    let cmd = format!(
+        "ssh -o ControlPath=none 198.18.0.1 ctguard --state-dir {} --run-dir {} confirm {id}",
+        ctg.base.join("state").display(),
+        ctg.base.join("run").display()
+    );
     let refusals = out.stderr.matches(&cmd).count();
     assert_eq!(refusals, 2, "both refusals must name the new-connection command {cmd:?}: {out:?}");
     assert!(out.stderr.contains("NEW connection"), "{out:?}");
@@ -596,7 +601,7 @@ fn wait_over_ssh_enter_only_without_the_proof() {
     let mut term = Term::ssh(&pair.cli, &sshd, &remote(&ctg, "apply --timeout 30s --wait"));
     term.wait_for("waiting for the confirmation from a NEW connection", WAIT);
     let b = new_txid(&ctg, &seen, WAIT);
-    term.wait_for(&format!("ssh -o ControlPath=none 198.18.0.1 ctguard confirm {b}"), WAIT);
+    term.wait_for(&format!("--run-dir {} confirm {b}", ctg.base.join("run").display()), WAIT);
     term.send(b"\r");
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(ctg.state(&b), "PENDING", "Enter confirmed over the applying connection:\n{}", term.text());

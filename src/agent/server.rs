@@ -580,10 +580,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     arm_timer(shared, txid.as_str().to_string(), deadline_bt).await;
     tracing::info!(txid = txid.as_str(), target = %label, "applied; pending for {} s", a.timeout_secs);
     // The command that confirms: from a new connection when the proof applies.
-    let confirm_cmd = match origin.as_ref().and_then(|o| o.conn()) {
-        Some(c) => proof::ConfirmRefusal { conn: *c }.new_connection_command(Some(txid.as_str())),
-        None => format!("ctguard confirm {}", txid.as_str()),
-    };
+    let confirm_cmd = confirm_command(shared, origin.as_ref().and_then(|o| o.conn()), txid.as_str());
     let mut probe_results = Value::Null;
     let mut state = "PENDING";
     if !probes.is_empty() {
@@ -627,6 +624,30 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
         "confirm": confirm_cmd,
         "warnings": warnings,
     }))
+}
+
+/// `ctguard` with the run and state dirs this agent serves when they are not the defaults, so a
+/// printed confirm command reaches this agent.
+fn ctguard_invocation(shared: &Shared) -> String {
+    let mut s = String::from("ctguard");
+    if shared.opts.state_dir != Path::new("/var/lib/ctguard") {
+        s.push_str(&format!(" --state-dir {}", shared.opts.state_dir.display()));
+    }
+    if shared.opts.run_dir != Path::new(super::client::UNIT_RUN_DIR) {
+        s.push_str(&format!(" --run-dir {}", shared.opts.run_dir.display()));
+    }
+    s
+}
+
+/// The command that confirms `txid` from a new connection (or locally).
+fn confirm_command(shared: &Shared, conn: Option<&proof::SshConn4>, txid: &str) -> String {
+    let local = format!("{} confirm {txid}", ctguard_invocation(shared));
+    match conn {
+        Some(c) => proof::ConfirmRefusal { conn: *c }
+            .new_connection_command(Some(txid))
+            .replace(&format!("ctguard confirm {txid}"), &local),
+        None => local,
+    }
 }
 
 /// Each probe's timeout.
@@ -875,7 +896,7 @@ async fn confirm(shared: &Arc<Shared>, txid: Option<&str>, peer_pid: Option<i32>
                     format!(
                         "confirm refused: it came over the same SSH connection as the apply ({}); confirm from a NEW connection: {}",
                         refusal.conn,
-                        refusal.new_connection_command(Some(rec.id.as_str()))
+                        confirm_command(shared, Some(&refusal.conn), rec.id.as_str())
                     ),
                 );
             }
