@@ -18,3 +18,4 @@ mod proof;
 mod doctor;
 mod ops;
 mod confirm_e2e;
+mod ansible;
