@@ -186,31 +186,113 @@ fn nat_bypass(input: &LintInput<'_>, out: &mut Vec<Finding>) {
     }
 }
 
-fn ssh_lockout(input: &LintInput<'_>, out: &mut Vec<Finding>) {
-    let Some(ssh) = input.ssh else { return };
-    let client = match ssh.client {
+/// The requester's client address as a host prefix (/32 or /128).
+fn client_prefix(client: IpAddr) -> Prefix {
+    match client {
         IpAddr::V4(a) => Prefix::V4(a, 32),
         IpAddr::V6(a) => Prefix::V6(a, 128),
+    }
+}
+
+/// The packets of the requester's SSH connection (DESIGN §4) in one direction and conntrack
+/// state: [`Direction::Request`] is client → server port (the input hook),
+/// [`Direction::Reply`] (or any other direction) is server port → client (the output hook).
+/// TCP, the client's family only; a client address that is not a loopback address never
+/// crosses `lo`, a loopback one crosses nothing else.
+pub fn ssh_flow(ssh: SshConn, dir: Direction, ct: &str) -> Flow {
+    let client = client_prefix(ssh.client);
+    let port = vec![crate::model::PortRange::single(ssh.server_port)];
+    let (lo, not_lo) = if ssh.client.is_loopback() {
+        (vec!["lo".to_string()], Vec::new())
+    } else {
+        (Vec::new(), vec!["lo".to_string()])
     };
+    let mut f = Flow {
+        proto: Proto::Tcp,
+        dports: Vec::new(),
+        sports: Vec::new(),
+        saddr: Vec::new(),
+        daddr: Vec::new(),
+        iif: Vec::new(),
+        oif: Vec::new(),
+        iif_not: Vec::new(),
+        oif_not: Vec::new(),
+        v6: Some(client.is_v6()),
+        ct: ct.to_string(),
+    };
+    if dir == Direction::Request {
+        f.dports = port;
+        f.saddr = vec![client];
+        f.iif = lo;
+        f.iif_not = not_lo;
+    } else {
+        f.sports = port;
+        f.daddr = vec![client];
+        f.oif = lo;
+        f.oif_not = not_lo;
+    }
+    f
+}
+
+/// The `ssh-lockout` check of a whole ruleset (a ruleset transaction's result, DESIGN §1/§7):
+/// for every base filter chain of the client's family, on the input hook the connection's
+/// packets in conntrack states `new` (a new connection must get in: it is how the change is
+/// confirmed) and `established`, and on the output hook the replies (`established`). Each
+/// chain that definitely drops one of them — decided by a rule or by its policy, with no rule
+/// before that may accept part of it — is an error naming the chain and the rule. A "maybe"
+/// (a condition static evaluation cannot decide) is no finding. Pure; sorted, deduplicated.
+pub fn ssh_lockout_of_ruleset(tables: &FwTables, ssh: SshConn) -> Vec<Finding> {
+    let v6 = ssh.client.is_ipv6();
+    let checks = [
+        (FwHook::Input, Direction::Request, "new", "a new SSH connection from you (how the change is confirmed)"),
+        (FwHook::Input, Direction::Request, "established", "your SSH connection's packets"),
+        (FwHook::Output, Direction::Reply, "established", "the replies to your SSH connection"),
+    ];
+    let mut out = Vec::new();
+    for (hook, dir, ct, what) in checks {
+        let flow = ssh_flow(ssh, dir, ct);
+        for chain in tables.base_chains(ChainKind::Filter, hook) {
+            let (has_v4, has_v6) = chain.owner.families();
+            if !(if v6 { has_v6 } else { has_v4 }) {
+                continue;
+            }
+            let outcome = evaluate(tables, chain, &flow);
+            if outcome.accepts_some() {
+                continue;
+            }
+            let rule = match &outcome.at {
+                crate::render::flow::DecidedAt::Rule(r) => Some(r.text.clone()),
+                crate::render::flow::DecidedAt::Policy => None,
+            };
+            out.push(Finding {
+                severity: Severity::Error,
+                code: "ssh-lockout",
+                chain: Some(chain.label()),
+                rule,
+                message: format!(
+                    "the ruleset drops {what} ({} port {}, ct state {ct}) at {}: you would be locked out",
+                    ssh.client,
+                    ssh.server_port,
+                    where_dropped(&outcome.at)
+                ),
+            });
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|f| seen.insert(f.to_string()));
+    out
+}
+
+fn ssh_lockout(input: &LintInput<'_>, out: &mut Vec<Finding>) {
+    let Some(ssh) = input.ssh else { return };
+    let client = client_prefix(ssh.client);
     for (i, entry) in input.policy.notrack.iter().enumerate() {
         let covered = entry.has_port(Proto::Tcp, ssh.server_port)
             && (entry.sources.is_empty() || entry.sources.iter().any(|p| p.covers(&client)));
         if !covered || entry.accept_untracked {
             continue;
         }
-        let flow = |ct: &str| Flow {
-            proto: Proto::Tcp,
-            dports: vec![crate::model::PortRange::single(ssh.server_port)],
-            sports: Vec::new(),
-            saddr: vec![client],
-            daddr: Vec::new(),
-            iif: Vec::new(),
-            oif: Vec::new(),
-            iif_not: Vec::new(),
-            oif_not: Vec::new(),
-            v6: Some(client.is_v6()),
-            ct: ct.to_string(),
-        };
+        let flow = |ct: &str| ssh_flow(ssh, Direction::Request, ct);
         for chain in input.tables.base_chains(ChainKind::Filter, FwHook::Input) {
             let tracked = evaluate(input.tables, chain, &flow("established"));
             let untracked = evaluate(input.tables, chain, &flow("untracked"));
@@ -238,7 +320,9 @@ fn invalid_drop(input: &LintInput<'_>, out: &mut Vec<Finding>) {
         for chain in input.tables.base_chains(ChainKind::Filter, hook) {
             for rule in &chain.rules {
                 let drops_invalid = matches!(rule.verdict, Verdict::Drop | Verdict::Reject)
-                    && rule.conds.iter().any(|c| matches!(c, Cond::CtState { neg: false, states } if states.iter().any(|s| s == "invalid")));
+                    && rule.conds.iter().any(
+                        |c| matches!(c, Cond::CtState { neg: false, states } if states.iter().any(|s| s == "invalid")),
+                    );
                 if drops_invalid {
                     out.push(Finding {
                         severity: Severity::Warning,
@@ -270,5 +354,103 @@ fn open_resolver(input: &LintInput<'_>, out: &mut Vec<Finding>) {
                 ),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::live::{iptables_fw, iptables_save, nft_json, IptDump, LiveState};
+
+    /// `nft -j list ruleset` (nft 1.0.6) of a stateful host firewall that lets SSH in.
+    const STATEFUL_JSON: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "host", "handle": 1}}, {"chain": {"family": "inet", "table": "host", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}}, {"chain": {"family": "inet", "table": "host", "name": "output", "handle": 2, "type": "filter", "hook": "output", "prio": 0, "policy": "accept"}}, {"rule": {"family": "inet", "table": "host", "chain": "input", "handle": 3, "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "host", "chain": "input", "handle": 4, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "host", "chain": "input", "handle": 5, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 22}}, {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "host", "chain": "input", "handle": 6, "expr": [{"reject": {"type": "icmpx", "expr": "port-unreachable"}}]}}]}"#;
+
+    /// Established traffic and loopback only, policy drop: a new SSH connection never gets in.
+    const NO_NEW_JSON: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "inet", "name": "lockout", "handle": 1}}, {"chain": {"family": "inet", "table": "lockout", "name": "input", "handle": 1, "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}}, {"rule": {"family": "inet", "table": "lockout", "chain": "input", "handle": 2, "expr": [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}, {"accept": null}]}}, {"rule": {"family": "inet", "table": "lockout", "chain": "input", "handle": 3, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lo"}}, {"accept": null}]}}]}"#;
+
+    fn nft(json: &str) -> FwTables {
+        LiveState { nft: nft_json::parse(json).expect("nft json"), iptables: Vec::new() }.chains()
+    }
+
+    fn ipt(text: &str, v6: bool) -> FwTables {
+        let dump = iptables_save::parse(text).expect("save");
+        let fw = iptables_fw::convert(&dump, crate::live::fw::IptVariant::Nft, v6);
+        LiveState {
+            nft: Default::default(),
+            iptables: vec![IptDump { variant: crate::live::fw::IptVariant::Nft, v6, text: text.into(), fw }],
+        }
+        .chains()
+    }
+
+    fn conn(s: &str) -> SshConn {
+        SshConn { client: s.parse().expect("address"), server_port: 22 }
+    }
+
+    #[test]
+    fn stateful_host_lets_ssh_in() {
+        assert_eq!(ssh_lockout_of_ruleset(&nft(STATEFUL_JSON), conn("198.18.0.2")), Vec::new());
+    }
+
+    #[test]
+    fn drop_policy_without_ssh_accept_is_a_lockout() {
+        let f = ssh_lockout_of_ruleset(&nft(NO_NEW_JSON), conn("198.18.0.2"));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].severity, Severity::Error);
+        assert_eq!(f[0].code, "ssh-lockout");
+        assert_eq!(f[0].chain.as_deref(), Some("nft inet lockout input"));
+        assert_eq!(f[0].rule, None);
+        assert!(f[0].message.contains("ct state new") && f[0].message.contains("drop policy"), "{}", f[0]);
+        // An inet table filters IPv6 clients the same way.
+        assert_eq!(ssh_lockout_of_ruleset(&nft(NO_NEW_JSON), conn("2001:db8::2")).len(), 1);
+    }
+
+    #[test]
+    fn loopback_client_is_not_locked_out_by_an_lo_accept() {
+        assert_eq!(ssh_lockout_of_ruleset(&nft(NO_NEW_JSON), conn("127.0.0.1")), Vec::new());
+    }
+
+    #[test]
+    fn iptables_input_drop_without_port_22() {
+        let text = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT\nCOMMIT\n";
+        let f = ssh_lockout_of_ruleset(&ipt(text, false), conn("198.18.0.2"));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].chain.as_deref(), Some("iptables-nft filter INPUT"));
+        // An IPv6 client is not filtered by an IPv4 table.
+        assert_eq!(ssh_lockout_of_ruleset(&ipt(text, false), conn("2001:db8::2")), Vec::new());
+        let ok = text.replace("--dport 80", "--dport 22");
+        assert_eq!(ssh_lockout_of_ruleset(&ipt(&ok, false), conn("198.18.0.2")), Vec::new());
+    }
+
+    #[test]
+    fn explicit_drop_rule_and_output_are_named() {
+        let text = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -s 198.18.0.0/24 -j DROP\n-A OUTPUT -p tcp -m tcp --sport 22 -j REJECT\nCOMMIT\n";
+        let f = ssh_lockout_of_ruleset(&ipt(text, false), conn("198.18.0.2"));
+        let rules: Vec<(Option<&str>, Option<&str>)> =
+            f.iter().map(|f| (f.chain.as_deref(), f.rule.as_deref())).collect();
+        assert!(
+            rules.contains(&(Some("iptables-nft filter INPUT"), Some("-A INPUT -s 198.18.0.0/24 -j DROP"))),
+            "{f:?}"
+        );
+        assert!(
+            rules
+                .iter()
+                .any(|(c, r)| *c == Some("iptables-nft filter OUTPUT") && r.is_some_and(|r| r.contains("--sport 22"))),
+            "{f:?}"
+        );
+        // Another client is not affected.
+        assert_eq!(
+            ssh_lockout_of_ruleset(&ipt(text, false), conn("203.0.113.9"))
+                .iter()
+                .filter(|f| f.chain.as_deref() == Some("iptables-nft filter INPUT"))
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_maybe_is_no_finding() {
+        // An ipset match is opaque: the client may be in it.
+        let text = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -m set --match-set admins src -j ACCEPT\nCOMMIT\n";
+        assert_eq!(ssh_lockout_of_ruleset(&ipt(text, false), conn("198.18.0.2")), Vec::new());
     }
 }

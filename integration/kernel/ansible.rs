@@ -425,15 +425,13 @@ fn ansible_lockout_that_loses_the_apply_reply_is_rolled_back() {
     assert_eq!(history_len(&c, "srv"), 1);
 }
 
-/// KNOWN PRODUCT BUG (kept out of test.sh's default run with `--skip known_bug`; run it with
-/// `integration/ansible/test.sh known_bug`): DESIGN §1/§7 say the lint refuses, for both kinds
-/// of transaction, a result that blocks the requester's own SSH connection unless `--force`.
-/// The `ssh-lockout` lint exists only for policies (`lint::ssh_lockout` looks at `notrack`):
-/// a ruleset that drops every packet is applied without `force`, and only the dead-man timer
-/// saves the host.
+/// Regression (bug: "ruleset transactions had no ssh-lockout lint"): DESIGN §1/§7 say the lint
+/// refuses, for both kinds of transaction, a result that blocks the requester's own SSH
+/// connection unless `--force`. A ruleset that drops every packet was applied without `force`
+/// and only the dead-man timer saved the host; now it is refused up front (exit 3).
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
-fn known_bug_ruleset_lockout_without_force_is_refused_by_the_lint() {
+fn regression_ruleset_lockout_without_force_is_refused_by_the_lint() {
     let pair = Pair::new("ans-nolint");
     pair.srv.nft(STATEFUL);
     let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);

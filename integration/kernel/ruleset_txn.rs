@@ -617,3 +617,84 @@ fn ruleset_10k_phase_timings() {
          rollback {rb:?} (bare restore {bare_restore:?})"
     );
 }
+
+/// The requester's SSH connection, as the agent derives it.
+fn ssh_conn() -> ctguard::lint::SshConn {
+    ctguard::lint::SshConn { client: "198.18.0.2".parse().expect("address"), server_port: 22 }
+}
+
+/// Prepares `text` with the requester's SSH connection known: the ruleset lint (DESIGN §1/§7).
+fn prepare_with_ssh(ns: &Ns, text: &str, format: &str, force: bool) -> Result<Vec<String>, (Exit, String)> {
+    let mut inp = input(text, format);
+    inp.ssh = Some(ssh_conn());
+    inp.force = force;
+    ns.run(|| RulesetEngine.prepare(&inp).map(|p| p.warnings()).map_err(|e| (e.exit, e.message)))
+}
+
+const DROP_ALL_INPUT: &str =
+    "flush ruleset\ntable inet lockout {\n  chain input {\n    type filter hook input priority filter; policy drop;\n  }\n}\n";
+
+/// A ruleset whose result drops the requester's SSH connection is refused (exit 3) with
+/// nothing changed, unless forced (then it is a warning); one that lets tcp/22 in (new and
+/// established) is no finding; an iptables dump with INPUT DROP and no port-22 accept is
+/// refused too.
+#[test]
+fn ssh_lockout_lint_refuses_a_ruleset_that_blocks_the_requester() {
+    let ns = Ns::new("rs-lockout");
+    ns.nft(include_str!("../stateful.nft"));
+    let before = capture(&ns);
+
+    let (exit, msg) = prepare_with_ssh(&ns, DROP_ALL_INPUT, "nft", false).expect_err("refused");
+    eprintln!("refused: {msg}");
+    assert_eq!(exit, Exit::Refused, "{msg}");
+    assert!(msg.contains("ssh-lockout") && msg.contains("nft inet lockout input") && msg.contains("force"), "{msg}");
+    assert_same("after the refusal", &before, &capture(&ns));
+
+    let warnings = prepare_with_ssh(&ns, DROP_ALL_INPUT, "nft", true).expect("forced");
+    assert!(warnings.iter().any(|w| w.starts_with("forced past: error [ssh-lockout]")), "{warnings:?}");
+    assert_same("after a prepare", &before, &capture(&ns));
+
+    // The existing firewall plus a file that adds an unrelated rule: SSH still gets in.
+    let warnings = prepare_with_ssh(&ns, "add rule inet host input udp dport 9999 drop\n", "nft", false).expect("ok");
+    assert!(!warnings.iter().any(|w| w.contains("ssh-lockout")), "{warnings:?}");
+    // A whole new ruleset that accepts tcp/22 (new and established) before dropping the rest.
+    let accepts = "flush ruleset\ntable inet only {\n  chain input {\n    type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    tcp dport 22 accept\n  }\n}\n";
+    let warnings = prepare_with_ssh(&ns, accepts, "nft", false).expect("ok");
+    assert!(!warnings.iter().any(|w| w.contains("ssh-lockout")), "{warnings:?}");
+    // The existing firewall's ssh accept removed by the file: only the result counts.
+    let (exit, msg) =
+        prepare_with_ssh(&ns, "delete rule inet host input handle 5\n", "nft", false).expect_err("refused");
+    assert_eq!(exit, Exit::Refused, "{msg}");
+
+    let dump = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -p tcp -m tcp --dport 80 -j ACCEPT\nCOMMIT\n";
+    let (exit, msg) = prepare_with_ssh(&ns, dump, "iptables", false).expect_err("refused");
+    eprintln!("refused: {msg}");
+    assert_eq!(exit, Exit::Refused, "{msg}");
+    assert!(msg.contains("ssh-lockout") && msg.contains("filter INPUT"), "{msg}");
+    let ok = dump.replace("--dport 80", "--dport 22");
+    let warnings = prepare_with_ssh(&ns, &ok, "iptables", false).expect("ok");
+    assert!(!warnings.iter().any(|w| w.contains("ssh-lockout")), "{warnings:?}");
+    assert_same("after every prepare", &before, &capture(&ns));
+}
+
+/// The lint builds the result from the rich firewall (every family, sets, ipsets, both
+/// iptables variants) and from rules bound to an interface of the target: it evaluates it (no
+/// "could not evaluate" warning), finds nothing to refuse, and changes nothing.
+#[test]
+fn ssh_lockout_lint_evaluates_a_rich_result() {
+    let ns = Ns::new("rs-lint-rich");
+    setup_rich(&ns);
+    ns.exec("ip", &["link", "add", "eth9", "type", "veth", "peer", "name", "eth9p"]);
+    ns.nft("table inet dev { chain c { type filter hook input priority 20; policy accept; iif \"eth9\" counter accept; }; }\n");
+    let before = capture(&ns);
+    let warnings = prepare_with_ssh(&ns, CHANGE_NFT, "nft", false).expect("prepared");
+    assert!(!warnings.iter().any(|w| w.contains("ssh-lockout")), "{warnings:?}");
+    let warnings = prepare_with_ssh(&ns, "add rule inet dev c oif \"eth9\" drop\n", "nft", false).expect("prepared");
+    assert!(!warnings.iter().any(|w| w.contains("ssh-lockout")), "{warnings:?}");
+    // Appended after the opaque `tcp dport vmap @portv` it would be a "maybe"; first, it is sure.
+    let (exit, msg) = prepare_with_ssh(&ns, "insert rule inet rich input ip saddr 198.18.0.2 drop\n", "nft", false)
+        .expect_err("refused");
+    assert_eq!(exit, Exit::Refused, "{msg}");
+    assert!(msg.contains("nft inet rich input") && msg.contains("ip saddr 198.18.0.2 drop"), "{msg}");
+    assert_same("after the prepares", &before, &capture(&ns));
+}

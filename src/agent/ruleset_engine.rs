@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::engine::{ApplyInput, Engine, EngineError, Prepared};
 use crate::backend::ruleset_txn::{self, chain_text, Candidate, RulesetTxnError};
 use crate::exit::Exit;
+use crate::lint::{Severity, SshConn};
 use crate::snapshot::{self, RulesetFormat, Snapshot, UndoRecord};
 
 /// Ruleset transactions (DESIGN §1). Every method runs on the target's worker thread.
@@ -29,6 +30,47 @@ fn parse_undo(undo: &Value) -> Result<UndoRecord, EngineError> {
 
 fn to_value(rec: &UndoRecord) -> Result<Value, EngineError> {
     serde_json::to_value(rec).map_err(|e| EngineError { exit: Exit::Internal, message: format!("undo record: {e}") })
+}
+
+/// The lint of a ruleset transaction (DESIGN §1, §7): the result (snapshot + file, built in a
+/// scratch namespace) must not block the requester's SSH connection. Errors refuse (exit 3)
+/// unless `force`, then they are warnings. A result that cannot be built or read is a warning:
+/// the kernel check passed, and the dead-man timer still guards the connection.
+fn lint_result(
+    candidate: &Candidate,
+    snap: &Snapshot,
+    ssh: SshConn,
+    force: bool,
+    warnings: &mut Vec<String>,
+) -> Result<(), EngineError> {
+    let live = match ruleset_txn::scratch_result(candidate, snap) {
+        Ok(live) => live,
+        Err(e) => {
+            let msg = format!(
+                "the ssh-lockout lint could not evaluate the result ({}); only the dead-man timer guards your SSH connection",
+                chain_text(&e)
+            );
+            tracing::warn!("{msg}");
+            warnings.push(msg);
+            return Ok(());
+        }
+    };
+    let findings = crate::lint::ssh_lockout_of_ruleset(&live.chains(), ssh);
+    let errors: Vec<String> =
+        findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
+    if !errors.is_empty() && !force {
+        return Err(EngineError {
+            exit: Exit::Refused,
+            message: format!("lint found {} error(s); refused without --force: {}", errors.len(), errors.join("; ")),
+        });
+    }
+    for f in &findings {
+        warnings.push(match f.severity {
+            Severity::Error => format!("forced past: {f}"),
+            Severity::Warning => f.to_string(),
+        });
+    }
+    Ok(())
 }
 
 impl RulesetEngine {
@@ -84,6 +126,9 @@ impl Engine for RulesetEngine {
         let candidate = Candidate { text: file.text.clone(), format, family, variant };
         ruleset_txn::check_candidate(&candidate, &snap).map_err(engine_err)?;
         ruleset_txn::check_restore(&snap).map_err(engine_err)?;
+        if let Some(ssh) = input.ssh {
+            lint_result(&candidate, &snap, ssh, input.force, &mut warnings)?;
+        }
         if let (Some(v), Some(f)) = (variant, family) {
             warnings.push(format!(
                 "the iptables dump is applied as {} with {}",

@@ -75,6 +75,9 @@ pub enum RulesetTxnError {
     /// The scratch thread panicked.
     #[error("the scratch-namespace thread panicked")]
     ScratchPanicked,
+    /// Reading the firewall a scratch namespace holds failed.
+    #[error("scratch namespace: reading the result")]
+    ScratchRead(#[source] crate::backend::live::LiveError),
     /// Applying the ruleset file failed.
     #[error("applying the ruleset file failed")]
     Apply(#[source] ExecError),
@@ -420,6 +423,46 @@ pub fn check_restore(snapshot: &Snapshot) -> Result<(), RulesetTxnError> {
         return Ok(());
     }
     nft_check(&script).map_err(RulesetTxnError::RestoreRefused)
+}
+
+/// Names of the calling thread's namespace's network interfaces other than `lo`, from
+/// `ip -o link show` (empty when `ip` is missing or fails).
+fn interface_names() -> Vec<String> {
+    let Ok(ip) = Tool::find("ip") else { return Vec::new() };
+    let Ok(text) = ip.run(&["-o", "link", "show"], None) else { return Vec::new() };
+    text.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| !n.is_empty() && n != "lo")
+        .collect()
+}
+
+/// What the target's firewall would be after applying `c`, read without changing the target
+/// (for the lint, DESIGN §7): in a scratch namespace holding stand-in interfaces (dummy, else
+/// veth) named like the target's (rules and base chains bound to a device load only when it
+/// exists), `snapshot` is restored exactly as a rollback restores it, `c` is applied on top
+/// exactly as [`apply`] applies it, and the result is read back with
+/// [`crate::backend::live::read`].
+pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<crate::live::LiveState, RulesetTxnError> {
+    let ifaces = interface_names();
+    let ip = Tool::find("ip").ok();
+    in_scratch(|| {
+        if let Some(ip) = &ip {
+            // A dummy where the kernel has the module, else one end of a veth pair.
+            for (i, name) in ifaces.iter().enumerate() {
+                let peer = format!("ctgscratch{i}");
+                let made = ip
+                    .run(&["link", "add", name, "type", "dummy"], None)
+                    .or_else(|_| ip.run(&["link", "add", name, "type", "veth", "peer", "name", &peer], None));
+                if let Err(e) = made {
+                    tracing::debug!(interface = %name, "no stand-in interface in the scratch namespace: {e}");
+                }
+            }
+        }
+        restore(snapshot, None, None)?;
+        apply(c)?;
+        crate::backend::live::read().map_err(RulesetTxnError::ScratchRead)
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
