@@ -18,10 +18,12 @@
 //! Namespaces are made with `unshare(CLONE_NEWNET)` on a fresh thread; the tools are spawned
 //! from that thread and never see the initial namespace.
 
+mod common;
+use common::*;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 use ctguard::live::fw::IptVariant;
 use ctguard::live::{iptables_fw, iptables_save, nft_json, IptDump, LiveState};
@@ -46,9 +48,6 @@ fn planner_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join("planner")
 }
 
-fn bless() -> bool {
-    std::env::var_os("CTGUARD_BLESS").is_some_and(|v| v == "1")
-}
 
 fn cases() -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
@@ -150,20 +149,6 @@ fn iptables_sections(text: &str) -> Vec<(String, String)> {
     out
 }
 
-fn first_difference(expected: &str, actual: &str) -> String {
-    let (e, a): (Vec<&str>, Vec<&str>) = (expected.lines().collect(), actual.lines().collect());
-    for i in 0..e.len().max(a.len()) {
-        if e.get(i) != a.get(i) {
-            return format!(
-                "first difference at line {}:\n  expected: {:?}\n  actual:   {:?}\nwhole actual text:\n{actual}",
-                i + 1,
-                e.get(i),
-                a.get(i)
-            );
-        }
-    }
-    "texts differ only in the final newline".to_string()
-}
 
 #[test]
 fn every_required_case_exists() {
@@ -338,68 +323,10 @@ fn design_iif_lo_accept_only_the_wire_rule() {
 // ---------------------------------------------------------------------------------------------
 // Real tools, each case in a namespace of its own.
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
-fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("SKIPPED {test}: needs root (network namespaces and netfilter)");
-    true
-}
 
-fn run(tool_name: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    use std::io::Write;
-    let path = ctguard::backend::exec::Tool::find(tool_name).unwrap_or_else(|e| panic!("{e}")).path;
-    let mut child = Command::new(path)
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {tool_name}: {e}"));
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        let _ = pipe.write_all(text.as_bytes());
-    }
-    child.wait_with_output().unwrap_or_else(|e| panic!("{tool_name}: {e}"))
-}
 
-fn run_ok(tool_name: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let out = run(tool_name, args, stdin);
-    assert!(
-        out.status.success(),
-        "{tool_name} {} failed ({}):\n{}\ninput:\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        stdin.unwrap_or("")
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
-/// Runs `f` on a new thread that first moved into a network namespace of its own.
-fn in_fresh_netns<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let what = what.to_string();
-    let handle = std::thread::Builder::new()
-        .name(format!("netns-{what}"))
-        .spawn(move || {
-            let before = fs::read_link("/proc/thread-self/ns/net").expect("read own netns");
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .unwrap_or_else(|e| panic!("{what}: unshare(CLONE_NEWNET): {e}"));
-            let after = fs::read_link("/proc/thread-self/ns/net").expect("read own netns");
-            assert_ne!(before, after, "{what}: unshare did not give this thread a new namespace");
-            f()
-        })
-        .expect("spawn namespace thread");
-    match handle.join() {
-        Ok(v) => v,
-        Err(p) => std::panic::resume_unwind(p),
-    }
-}
 
 /// The setup files of a case: (file, restore tool or `nft`, v6, variant).
 fn setup_files(dir: &Path) -> Vec<(PathBuf, Option<(IptVariant, bool)>)> {
