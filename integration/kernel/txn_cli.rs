@@ -592,3 +592,33 @@ fn ruleset_files_in_both_formats_roll_back_at_the_deadline() {
         }
     }
 }
+
+/// DESIGN §8: a ruleset whose application changes no listing is committed at once.
+#[test]
+fn a_ruleset_that_changes_nothing_is_committed_at_once() {
+    let ns = Ns::new("rsnoop");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    let dir = ctg.base.join("files");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("extra.nft");
+    // A whole-ruleset file (as `/etc/nftables.conf` is): re-applying it changes nothing.
+    let content = format!(
+        "flush ruleset\n{STATEFUL}table inet extra {{\n  chain input {{\n    type filter hook input priority 10; policy accept;\n    tcp dport 8080 accept\n  }}\n}}\n"
+    );
+    std::fs::write(&file, content).expect("write");
+    let f = file.to_str().expect("utf8");
+    let (out, first) = ctg.apply(&ns, &["--timeout", "60s", "--ruleset", f]);
+    ok(&out);
+    assert_eq!(ctg.state(&first), "PENDING");
+    ok(&ctg.run(&["confirm", &first]));
+    let after_first = ns.nft_list();
+    let out = ctg.run(&["--json", "apply", "--netns", ns.name(), "--timeout", "60s", "--ruleset", f]);
+    ok(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["data"]["noop"], true, "{v}");
+    assert_eq!(v["data"]["state"], "COMMITTED", "{v}");
+    let second = v["data"]["txid"].as_str().expect("txid").to_string();
+    assert_eq!(ctg.state(&second), "COMMITTED");
+    assert_eq!(ns.nft_list(), after_first);
+}

@@ -583,7 +583,15 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     let confirm_cmd = confirm_command(shared, origin.as_ref().and_then(|o| o.conn()), txid.as_str());
     let mut probe_results = Value::Null;
     let mut state = "PENDING";
-    if !probes.is_empty() {
+    // A ruleset that changed no listing is committed at once (DESIGN §8): nothing to guard.
+    let noop = kind == Kind::Ruleset && rec.before.is_some() && rec.before == rec.after;
+    if noop {
+        let r = commit(shared, rec.clone(), "no-op: applying the ruleset changed no listing; committed at once").await;
+        if r.exit != 0 {
+            return r;
+        }
+        state = "COMMITTED";
+    } else if !probes.is_empty() {
         // The first round: apply answers only after it (exit 5 if it rolled back).
         let results = run_probes(&worker, probes.clone()).await;
         probe_results = json!(results);
@@ -615,6 +623,7 @@ async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, pee
     }
     Response::ok(json!({
         "state": state,
+        "noop": noop,
         "probes": probe_results,
         "needs_new_connection": origin.as_ref().is_some_and(|o| o.conn().is_some()),
         "txid": txid.as_str(),

@@ -119,6 +119,13 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
     let r = ask(global, req)?;
     let data = r.data.clone();
     let exit = finish(global, r, |d| {
+        if d["noop"].as_bool().unwrap_or(false) {
+            return format!(
+                "applied {} on {}: it changed nothing, so it is committed at once.\n",
+                d["txid"].as_str().unwrap_or("?"),
+                d["target"].as_str().unwrap_or("?")
+            );
+        }
         if d["state"] == "COMMITTED" {
             return format!(
                 "applied {} on {} and committed: every probe passed (--auto-confirm).\n",
