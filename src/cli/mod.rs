@@ -27,6 +27,11 @@ pub fn main() -> i32 {
         }
     };
     ops::init_logging(cli.global.verbose, cli.global.log_format);
+    // Every verb that may act on or report transactions first revives a missing agent.
+    match &cli.command {
+        Command::Agent(_) | Command::Recover | Command::Render(_) | Command::Man(_) | Command::Completions(_) => {}
+        _ => txn::revive_agent_if_needed(&cli.global),
+    }
     let result = match &cli.command {
         Command::Render(a) => render::run(a, &cli.global),
         Command::Plan(a) => plan::run(a, &cli.global),

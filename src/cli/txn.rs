@@ -266,8 +266,11 @@ fn open_journal(global: &Global) -> Result<Journal, Vec<Failure>> {
     Journal::attach(&global.state_dir).map_err(|e| vec![Failure::bad_input(e.to_string())])
 }
 
-/// Starts an agent when the journal holds unfinished work and none answers (DESIGN §2).
-fn revive_agent_if_needed(global: &Global, j: &Journal) {
+/// Starts an agent when the journal holds unfinished work and none answers (DESIGN §2: a
+/// killed agent is restarted by the next CLI verb, whatever it is). Quiet when there is no
+/// journal yet.
+pub(super) fn revive_agent_if_needed(global: &Global) {
+    let Ok(j) = Journal::attach(&global.state_dir) else { return };
     if j.unfinished().is_ok_and(|u| !u.is_empty()) && !client::is_running(&global.run_dir) {
         if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
             eprintln!("ctguard: warning: unfinished transactions and no agent: {e}");
@@ -282,7 +285,6 @@ fn conntrack_usage() -> Value {
 
 pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
     let j = open_journal(global)?;
-    revive_agent_if_needed(global, &j);
     let now = journal::boottime_ns();
     let pending: Vec<Value> = j
         .unfinished()
