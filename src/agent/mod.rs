@@ -1,7 +1,10 @@
 //! The agent (DESIGN §2–§3): the detached process that owns every dead-man timer, so a dropped
 //! SSH session never leaves a bad change in place. [`client`] is the CLI's side of its socket.
 
+mod apply;
 pub mod client;
+mod decide;
+mod lifecycle;
 pub mod engine;
 pub mod protocol;
 pub mod server;
