@@ -183,11 +183,26 @@ fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
 }
 
 /// The installed saves of `which` (variant, v6), read with `-c`.
+/// True when the calling thread's namespace has no legacy (x_tables) table of that family: the
+/// kernel's `ip{,6}_tables_names` is empty or absent, and `ip{,6}tables-legacy-save` would print
+/// nothing. Saves a process spawn per family on every snapshot and rollback.
+fn no_legacy_tables(v6: bool) -> bool {
+    let file = if v6 { "ip6_tables_names" } else { "ip_tables_names" };
+    match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
+        Ok(names) => names.trim().is_empty(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
 fn read_saves(which: &[(IptVariant, bool)]) -> Result<Vec<SaveText>, RulesetTxnError> {
     let mut out = Vec::new();
     for &(variant, v6) in which {
         let name = variant.tool(v6, "-save");
         let Ok(t) = Tool::find(&name) else { continue };
+        if variant == IptVariant::Legacy && no_legacy_tables(v6) {
+            out.push(SaveText { variant, v6, text: String::new() });
+            continue;
+        }
         let text = t.run(&["-c"], None).map_err(|source| RulesetTxnError::Read { what: name.clone(), source })?;
         out.push(SaveText { variant, v6, text });
     }
