@@ -215,17 +215,7 @@ fn host_ruleset(n: usize) -> String {
 }
 
 /// What a ruleset transaction finds before (small, so the restore is cheap and comparable).
-const PRIOR_NFT: &str = "table inet host {
-	chain input {
-		type filter hook input priority filter; policy drop;
-		ct state established,related accept
-		iif \"lo\" accept
-		udp dport 53 ct state new accept
-		tcp dport 22 ct state new accept
-		counter packets 0 bytes 0 drop
-	}
-}
-";
+const PRIOR_NFT: &str = include_str!("../stateful-catchall.nft");
 
 /// An `nft -f` file replacing the whole ruleset with one of `n` rules (named sets).
 fn nft_ruleset_file(n: usize) -> String {

@@ -36,6 +36,33 @@ pub const CLI6: Ipv6Addr = Ipv6Addr::new(0xfd42, 0, 0, 0, 0, 0, 0, 2);
 /// Name of the veth end in both namespaces of a [`Pair`].
 pub const PAIR_IFACE: &str = "veth0";
 
+/// Bytes read so far from a child's pipe by [`drain`].
+pub type Captured = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// Reads `pipe` to its end on a thread, collecting everything; the buffer can be read at any
+/// time (what a terminal showed so far, what a client logged so far).
+pub fn drain(mut pipe: impl std::io::Read + Send + 'static) -> (Captured, std::thread::JoinHandle<()>) {
+    let out: Captured = Default::default();
+    let sink = out.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    (out, reader)
+}
+
+/// The text of [`Captured`] bytes.
+pub fn captured_text(c: &Captured) -> String {
+    c.lock().map(|s| String::from_utf8_lossy(&s).into_owned()).unwrap_or_default()
+}
+
 /// A usual stateful host firewall (policy drop, established accept, lo accept, udp/53 and
 /// tcp/22 new accept, reject): the seeds' setup that NOTRACK alone blackholes.
 pub const STATEFUL: &str = include_str!("../stateful.nft");

@@ -11,13 +11,11 @@
 //! [`Sshd::ssh_args`]. The remote command goes through the remote login shell, as with any ssh.
 //! Needs `openssh-server` and `openssh-client` (listed in `integration/packages.txt`).
 
-use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -371,7 +369,7 @@ pub fn ssh_opts(cli: &Ns, sshd: &Sshd, extra: &[&str], remote_cmd: &[&str], tty:
 #[derive(Debug)]
 pub struct SshClient {
     child: Child,
-    stderr: Arc<Mutex<String>>,
+    stderr: super::Captured,
     reader: Option<JoinHandle<()>>,
 }
 
@@ -402,7 +400,7 @@ impl SshClient {
 
     /// What it wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+        super::captured_text(&self.stderr)
     }
 }
 
@@ -442,20 +440,12 @@ pub fn ssh_spawn(cli: &Ns, sshd: &Sshd, extra: &[&str], remote_cmd: &[&str], tty
         Ok(c) => c,
         Err(e) => panic!("harness: cannot start {SSH} in {}: {e}", cli.name()),
     };
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let reader = child.stderr.take().map(|mut pipe| {
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        })
-    });
+    let (stderr, reader) = match child.stderr.take() {
+        Some(pipe) => {
+            let (out, reader) = super::drain(pipe);
+            (out, Some(reader))
+        }
+        None => (super::Captured::default(), None),
+    };
     SshClient { child, stderr, reader }
 }

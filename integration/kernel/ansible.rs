@@ -268,12 +268,18 @@ fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
 
+/// A `srv`/`cli` pair, `srv` behind the usual stateful firewall and running sshd on port 22.
+fn stateful_target(label: &str) -> (Pair, Sshd) {
+    let pair = Pair::new(label);
+    pair.srv.nft(STATEFUL);
+    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    (pair, sshd)
+}
+
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_check_diff_commit_and_idempotence() {
-    let pair = Pair::new("ans-commit");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-commit");
     let c = Controller::new();
     let hosts = [host("srv", &sshd)];
     let inv = c.inventory("dns", &hosts, &[]);
@@ -331,9 +337,7 @@ fn ansible_check_diff_commit_and_idempotence() {
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_ruleset_rollout_idempotence_and_lockout_rollback() {
-    let pair = Pair::new("ans-lockout");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-lockout");
     let c = Controller::new();
     let dest = c.dir.join("srv-candidate.nft");
     let inv = c.inventory("targets", &[host("srv", &sshd)], &[]);
@@ -396,9 +400,7 @@ const LOCKOUT_BOTH_WAYS: &str = "flush ruleset\ntable inet lockout {\n  chain in
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_lockout_that_loses_the_apply_reply_is_rolled_back() {
-    let pair = Pair::new("ans-lost");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-lost");
     let c = Controller::new();
     let src = c.dir.join("lockout.nft");
     std::fs::write(&src, LOCKOUT_BOTH_WAYS).expect("ruleset");
@@ -432,9 +434,7 @@ fn ansible_lockout_that_loses_the_apply_reply_is_rolled_back() {
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn regression_ruleset_lockout_without_force_is_refused_by_the_lint() {
-    let pair = Pair::new("ans-nolint");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-nolint");
     let c = Controller::new();
     let src = c.dir.join("lockout.nft");
     std::fs::write(&src, LOCKOUT).expect("ruleset");
@@ -554,9 +554,7 @@ fn ansible_fleet_canary_stops_at_the_locked_out_canary() {
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_two_task_pattern_then_rolled_back() {
-    let pair = Pair::new("ans-twotask");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-twotask");
     let c = Controller::new();
     let inv = c.inventory("dns", &[host("srv", &sshd)], &[]);
     let r = c.playbook(&pair.cli, &inv, &playbook("two_task_pending_confirm.yml"), json!({}), &[]);
@@ -599,9 +597,7 @@ fn ansible_two_task_pattern_then_rolled_back() {
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_confirm_over_the_same_connection_is_refused() {
-    let pair = Pair::new("ans-same");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-same");
     let c = Controller::new();
     let inv = c.inventory("dns", &[host("srv", &sshd)], &[]);
     let before = pair.srv.nft_list();
@@ -624,9 +620,7 @@ fn ansible_confirm_over_the_same_connection_is_refused() {
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_probes_and_auto_confirm() {
-    let pair = Pair::new("ans-probe");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-probe");
     let responder = TcpResponder::start(&pair.cli, sa(CLI4, 8053));
     let c = Controller::new();
     let inv = c.inventory("dns", &[host("srv", &sshd)], &[]);
@@ -669,9 +663,7 @@ fn ansible_probes_and_auto_confirm() {
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_two_task_pattern_with_become() {
-    let pair = Pair::new("ans-become");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-become");
     let c = Controller::new();
     let inv = c.inventory("dns", &[host("srv", &sshd)], &[]);
     // What `become` does to the environment here (the premise of this test).
@@ -709,9 +701,7 @@ fn ansible_two_task_pattern_with_become() {
 #[test]
 #[ignore = "needs ansible-core: run integration/ansible/test.sh"]
 fn ansible_bad_parameters_name_the_field_and_change_nothing() {
-    let pair = Pair::new("ans-badparam");
-    pair.srv.nft(STATEFUL);
-    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let (pair, sshd) = stateful_target("ans-badparam");
     let c = Controller::new();
     let inv = c.inventory("dns", &[host("srv", &sshd)], &[]);
     let before = pair.srv.nft_list();

@@ -16,9 +16,8 @@
 //!
 //! Facts are printed with `eprintln!` (`cargo test --test kernel confirm_e2e -- --nocapture`).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -132,7 +131,7 @@ fn pending(ctg: &Ctg) -> Vec<Value> {
 struct Term {
     child: Child,
     stdin: Option<ChildStdin>,
-    out: Arc<Mutex<Vec<u8>>>,
+    out: crate::harness::Captured,
     reader: Option<JoinHandle<()>>,
 }
 
@@ -163,21 +162,13 @@ impl Term {
             Err(e) => panic!("cannot start a terminal: {e}"),
         };
         let stdin = child.stdin.take();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let reader = child.stdout.take().map(|mut pipe| {
-            let sink = out.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    if let Ok(mut s) = sink.lock() {
-                        s.extend_from_slice(&buf[..n]);
-                    }
-                }
-            })
-        });
+        let (out, reader) = match child.stdout.take() {
+            Some(pipe) => {
+                let (out, reader) = crate::harness::drain(pipe);
+                (out, Some(reader))
+            }
+            None => (crate::harness::Captured::default(), None),
+        };
         Term { child, stdin, out, reader }
     }
 
@@ -187,7 +178,7 @@ impl Term {
 
     /// What the terminal showed so far.
     fn text(&self) -> String {
-        self.out.lock().map(|s| String::from_utf8_lossy(&s).into_owned()).unwrap_or_default()
+        crate::harness::captured_text(&self.out)
     }
 
     /// Types `keys`.

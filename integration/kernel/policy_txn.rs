@@ -17,17 +17,7 @@ use crate::harness::{host_conntrack_shared, sa, udp_queries, Ns, Pair, UdpRespon
 
 /// A stateful host firewall: drop by default, an explicit catch-all drop at the end (the
 /// accept must land just before it), DNS and SSH accepted as new, loopback accepted.
-const HOST_FW: &str = "table inet host {
-	chain input {
-		type filter hook input priority filter; policy drop;
-		ct state established,related accept
-		iif \"lo\" accept
-		udp dport 53 ct state new accept
-		tcp dport 22 ct state new accept
-		counter packets 0 bytes 0 drop
-	}
-}
-";
+const HOST_FW: &str = include_str!("../stateful-catchall.nft");
 
 /// Most conntrack entries a notracked phase may add (stray ND/MLD and the like).
 const HANDFUL: u64 = 10;

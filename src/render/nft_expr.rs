@@ -198,7 +198,8 @@ fn l4proto(proto: Proto) -> [Expr; 2] {
     [Expr::Meta(Meta::L4Proto), Expr::CmpEq(Bytes(vec![proto.number()]))]
 }
 
-fn addr_payload(v6: bool, source: bool) -> Payload {
+/// The network-header field of an address match: source or destination, IPv4 or IPv6.
+pub fn addr_payload(v6: bool, source: bool) -> Payload {
     Payload::Network(match (v6, source) {
         (false, true) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Saddr),
         (false, false) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Daddr),
@@ -207,7 +208,8 @@ fn addr_payload(v6: bool, source: bool) -> Payload {
     })
 }
 
-fn port_payload(proto: Proto, source: bool) -> Payload {
+/// The transport-header field of a port match: source or destination, TCP or UDP.
+pub fn port_payload(proto: Proto, source: bool) -> Payload {
     Payload::Transport(match (proto, source) {
         (Proto::Tcp, true) => TransportHeaderField::Tcp(TcpHeaderField::Sport),
         (Proto::Tcp, false) => TransportHeaderField::Tcp(TcpHeaderField::Dport),

@@ -19,10 +19,7 @@
 //!
 //! A kernel test proves a rule built here lists exactly like the planner's text loaded by nft.
 
-use nftnl::expr::{
-    Bitwise, Cmp, CmpOp, Conntrack, Expression, Ipv4HeaderField, Ipv6HeaderField, Meta, NetworkHeaderField, Payload,
-    TcpHeaderField, TransportHeaderField, UdpHeaderField, Verdict,
-};
+use nftnl::expr::{Bitwise, Cmp, CmpOp, Conntrack, Expression, Meta, Payload, Verdict};
 use nftnl::nftnl_sys as sys;
 use nftnl::Rule;
 
@@ -30,7 +27,9 @@ use crate::model::names::Tag;
 use crate::model::{NotrackRule, PortRange, Prefix, Proto};
 use crate::render::flow::Direction;
 use crate::render::nft_batch::{BatchBuilder, BatchError, RulePosition};
-use crate::render::nft_expr::{ifname_key, Bytes, LookupByName, NFPROTO_IPV4, NFPROTO_IPV6};
+use crate::render::nft_expr::{
+    addr_payload, ifname_key, port_payload, Bytes, LookupByName, NFPROTO_IPV4, NFPROTO_IPV6,
+};
 use crate::render::nft_ir::{Elem, SetKind};
 
 /// `ifindex` of the loopback device: 1 in every network namespace (`LOOPBACK_IFINDEX`).
@@ -180,24 +179,6 @@ fn anon_lookup(
         source,
     })?;
     Ok(AcceptExpr::Lookup(lookup))
-}
-
-fn addr_payload(v6: bool, source: bool) -> Payload {
-    Payload::Network(match (v6, source) {
-        (false, true) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Saddr),
-        (false, false) => NetworkHeaderField::Ipv4(Ipv4HeaderField::Daddr),
-        (true, true) => NetworkHeaderField::Ipv6(Ipv6HeaderField::Saddr),
-        (true, false) => NetworkHeaderField::Ipv6(Ipv6HeaderField::Daddr),
-    })
-}
-
-fn port_payload(proto: Proto, source: bool) -> Payload {
-    Payload::Transport(match (proto, source) {
-        (Proto::Tcp, true) => TransportHeaderField::Tcp(TcpHeaderField::Sport),
-        (Proto::Tcp, false) => TransportHeaderField::Tcp(TcpHeaderField::Dport),
-        (Proto::Udp, true) => TransportHeaderField::Udp(UdpHeaderField::Sport),
-        (Proto::Udp, false) => TransportHeaderField::Udp(UdpHeaderField::Dport),
-    })
 }
 
 /// Network address and mask of a prefix, in network byte order.
