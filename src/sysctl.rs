@@ -56,9 +56,7 @@ pub fn read(key: &SysctlKey) -> Result<Option<u64>, SysctlError> {
         Err(source) => return Err(SysctlError::Read { key: key.to_string(), source }),
     };
     let t = text.trim();
-    t.parse::<u64>()
-        .map(Some)
-        .map_err(|_| SysctlError::NotInteger { key: key.to_string(), value: t.to_string() })
+    t.parse::<u64>().map(Some).map_err(|_| SysctlError::NotInteger { key: key.to_string(), value: t.to_string() })
 }
 
 /// True when the current thread may write `key` (in a non-initial namespace the host-wide
@@ -70,8 +68,11 @@ pub fn writable(key: &SysctlKey) -> bool {
 /// Writes `value` to `key` and reads it back. Not atomic across keys: the transaction layer
 /// undoes earlier writes when a later one fails.
 pub fn write(key: &SysctlKey, value: u64) -> Result<(), SysctlError> {
-    std::fs::write(path_of(key), format!("{value}\n"))
-        .map_err(|source| SysctlError::Write { key: key.to_string(), value, source })
+    std::fs::write(path_of(key), format!("{value}\n")).map_err(|source| SysctlError::Write {
+        key: key.to_string(),
+        value,
+        source,
+    })
 }
 
 /// `MemTotal` from `/proc/meminfo`, in bytes.

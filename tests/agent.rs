@@ -161,7 +161,11 @@ impl Drop for TestAgent {
     fn drop(&mut self) {
         // Leave nothing pending so the agent exits, then remove the dirs and any pins.
         for r in self.journal().unfinished().unwrap_or_default() {
-            let _ = client::request(&self.run_dir, Request::Rollback { txid: Some(r.id.to_string()) }, Duration::from_secs(10));
+            let _ = client::request(
+                &self.run_dir,
+                Request::Rollback { txid: Some(r.id.to_string()) },
+                Duration::from_secs(10),
+            );
             if let Some(p) = &r.target.pin {
                 ctguard::netns::unpin(std::path::Path::new(p));
             }
@@ -196,7 +200,11 @@ fn deadline_rolls_back_and_measures_slip() {
         std::thread::sleep(Duration::from_millis(5));
     }
     let slip = start.elapsed().saturating_sub(Duration::from_secs(1));
-    eprintln!("deadline -> rolled back observed after {:?} (timeout 1 s; slip upper bound {:?})", start.elapsed(), slip);
+    eprintln!(
+        "deadline -> rolled back observed after {:?} (timeout 1 s; slip upper bound {:?})",
+        start.elapsed(),
+        slip
+    );
     assert_eq!(a.state_of(&id), State::RolledBack { reason: Reason::Deadline });
     assert!(a.fake.0.lock().expect("lock").applied.is_empty());
     // Confirming now says it was rolled back (exit 5).
@@ -302,7 +310,14 @@ fn record(journal: &Journal, boot_id: &str, state_pending: bool, deadline_in: Du
         dev: me.dev(),
         ino: me.ino(),
     };
-    let mut rec = TxnRecord::new(id, Kind::Policy, target, Requester { uid: 0, pid: 1, ssh: None, origin: None }, boot_id.into(), 1_700_000_000);
+    let mut rec = TxnRecord::new(
+        id,
+        Kind::Policy,
+        target,
+        Requester { uid: 0, pid: 1, ssh: None, origin: None },
+        boot_id.into(),
+        1_700_000_000,
+    );
     rec.undo = json!({"tag": format!("ctguard:{}", rec.id)});
     if state_pending {
         let d = txn::Deadline {
@@ -336,12 +351,7 @@ fn recovery_on_start_closes_other_boots_and_rolls_back_prepared() {
         r
     };
     let rearm = record(&j, &boot, true, Duration::from_secs(1));
-    let mut a = TestAgent {
-        run_dir: base.join("run"),
-        state_dir: state.clone(),
-        fake: fake.clone(),
-        thread: None,
-    };
+    let mut a = TestAgent { run_dir: base.join("run"), state_dir: state.clone(), fake: fake.clone(), thread: None };
     a.spawn();
     assert_eq!(a.state_of(rebooted.id.as_str()), State::RolledBack { reason: Reason::Reboot });
     assert_eq!(a.state_of(prepared.id.as_str()), State::RolledBack { reason: Reason::Recovered });

@@ -43,7 +43,6 @@ fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
 
-
 /// Every directory directly under `tests/fixtures/` that holds a `policy.toml`, sorted.
 fn cases() -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
@@ -64,7 +63,6 @@ fn load_policy(case: &str, dir: &Path) -> Policy {
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     parse_policy(&text, Format::Toml).unwrap_or_else(|e| panic!("fixture {case}: policy.toml does not validate: {e:?}"))
 }
-
 
 #[test]
 fn builtin_fixture_is_the_builtin_policy() {
@@ -188,12 +186,6 @@ fn golden_files_follow_the_design() {
 
 // ---------------------------------------------------------------------------------------------
 // Kernel checks, each in a namespace of its own.
-
-
-
-
-
-
 
 #[test]
 fn expected_nft_loads_with_nft_check() {

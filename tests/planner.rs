@@ -48,7 +48,6 @@ fn planner_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join("planner")
 }
 
-
 fn cases() -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
     for e in fs::read_dir(planner_dir()).expect("tests/fixtures/planner is readable") {
@@ -148,7 +147,6 @@ fn iptables_sections(text: &str) -> Vec<(String, String)> {
     }
     out
 }
-
 
 #[test]
 fn every_required_case_exists() {
@@ -322,11 +320,6 @@ fn design_iif_lo_accept_only_the_wire_rule() {
 
 // ---------------------------------------------------------------------------------------------
 // Real tools, each case in a namespace of its own.
-
-
-
-
-
 
 /// The setup files of a case: (file, restore tool or `nft`, v6, variant).
 fn setup_files(dir: &Path) -> Vec<(PathBuf, Option<(IptVariant, bool)>)> {

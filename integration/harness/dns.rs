@@ -37,8 +37,11 @@ impl DnsServer {
             while !s.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = sock.recv_from(&mut buf) {
                     if let Some(reply) = dns_answer(&buf[..n]) {
-                        if sock.send_to(&reply, peer).is_ok() {
-                            a.fetch_add(1, Ordering::Relaxed);
+                        // Counted before the send (taken back if it fails), so a client that
+                        // has the answer always sees it counted (issue 10).
+                        a.fetch_add(1, Ordering::SeqCst);
+                        if sock.send_to(&reply, peer).is_err() {
+                            a.fetch_sub(1, Ordering::SeqCst);
                         }
                     }
                 }
@@ -47,9 +50,9 @@ impl DnsServer {
         DnsServer { stop, answered, handle: Some(handle) }
     }
 
-    /// Answers sent so far.
+    /// Answers sent so far. An answer the client has received is already counted.
     pub fn answered(&self) -> u64 {
-        self.answered.load(Ordering::Relaxed)
+        self.answered.load(Ordering::SeqCst)
     }
 }
 

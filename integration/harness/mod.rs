@@ -518,15 +518,17 @@ impl UdpResponder {
             let mut buf = [0u8; 2048];
             while !s.load(Ordering::Relaxed) {
                 match sock.recv_from(&mut buf) {
-                    Ok((n, peer)) => match sock.send_to(&buf[..n], peer) {
-                        Ok(_) => {
-                            r.fetch_add(1, Ordering::Relaxed);
+                    // Counted before the send, so a client that has the reply always sees
+                    // it counted (issue 10: a count read right after a reply raced the
+                    // responder thread); taken back if the send fails.
+                    Ok((n, peer)) => {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        if sock.send_to(&buf[..n], peer).is_err() {
+                            // EPERM: the reply was dropped by netfilter (DESIGN §10).
+                            r.fetch_sub(1, Ordering::SeqCst);
+                            re.fetch_add(1, Ordering::SeqCst);
                         }
-                        // EPERM: the reply was dropped by netfilter (DESIGN §10).
-                        Err(_) => {
-                            re.fetch_add(1, Ordering::Relaxed);
-                        }
-                    },
+                    }
                     Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                     Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
@@ -540,14 +542,14 @@ impl UdpResponder {
         self.addr
     }
 
-    /// Replies sent so far.
+    /// Replies sent so far. A reply the client has received is already counted.
     pub fn replies(&self) -> u64 {
-        self.replies.load(Ordering::Relaxed)
+        self.replies.load(Ordering::SeqCst)
     }
 
     /// Replies whose `sendto` failed (e.g. EPERM: dropped by the local output path).
     pub fn reply_errors(&self) -> u64 {
-        self.reply_errors.load(Ordering::Relaxed)
+        self.reply_errors.load(Ordering::SeqCst)
     }
 }
 
@@ -587,7 +589,7 @@ impl TcpResponder {
             while !s.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((conn, _)) => {
-                        a.fetch_add(1, Ordering::Relaxed);
+                        a.fetch_add(1, Ordering::SeqCst);
                         drop(conn);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -602,9 +604,19 @@ impl TcpResponder {
         self.addr
     }
 
-    /// Connections accepted so far.
+    /// Connections accepted so far. A client's connect completes before the accept is counted,
+    /// so right after a connect this can still be one short: use [`TcpResponder::wait_accepted`]
+    /// for "at least n", and [`TcpResponder::accepted_settled`] for an exact count.
     pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The count once `n` connections were accepted (waiting at most `timeout`) and no further
+    /// one arrived for `quiet`: an exact count that a late accept cannot move afterwards, and
+    /// that also catches a connection that slipped through but was not counted yet.
+    pub fn accepted_settled(&self, n: u64, timeout: Duration, quiet: Duration) -> u64 {
+        let seen = self.wait_accepted(n, timeout);
+        self.wait_accepted(seen + 1, quiet)
     }
 
     /// Waits (at most `timeout`) until `n` connections were accepted; returns the count then.
@@ -765,5 +777,5 @@ pub fn raise_nofile(want: u64) {
 pub fn sa(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
-pub mod sshd;
 pub mod dns;
+pub mod sshd;

@@ -164,9 +164,13 @@ impl Controller {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         // The JSON callback prints one document; warnings may precede it on stdout.
-        let json = stdout.find("{\n").and_then(|i| serde_json::from_str::<Value>(&stdout[i..]).ok()).unwrap_or_else(|| {
-            panic!("ansible-playbook printed no JSON (exit {:?}):\n{stdout}\n--- stderr ---\n{stderr}", out.status.code())
-        });
+        let json =
+            stdout.find("{\n").and_then(|i| serde_json::from_str::<Value>(&stdout[i..]).ok()).unwrap_or_else(|| {
+                panic!(
+                    "ansible-playbook printed no JSON (exit {:?}):\n{stdout}\n--- stderr ---\n{stderr}",
+                    out.status.code()
+                )
+            });
         let r = Run { code: out.status.code().unwrap_or(-1), json, stdout, stderr, elapsed: started.elapsed() };
         eprintln!(
             "ansible: {} {} -> exit {} in {:.1} s",
@@ -345,7 +349,10 @@ fn ansible_ruleset_rollout_idempotence_and_lockout_rollback() {
 
     // A ruleset that changes something: committed, with its diff; then again: a no-op.
     let good = c.dir.join("good.nft");
-    let good_text = STATEFUL.replace("    tcp dport 22 ct state new accept\n", "    tcp dport 22 ct state new accept\n    tcp dport 8080 ct state new accept\n");
+    let good_text = STATEFUL.replace(
+        "    tcp dport 22 ct state new accept\n",
+        "    tcp dport 22 ct state new accept\n    tcp dport 8080 ct state new accept\n",
+    );
     assert_ne!(good_text, STATEFUL);
     std::fs::write(&good, format!("flush ruleset\n{good_text}")).expect("ruleset");
     let vars = json!({"ruleset_src": good, "ruleset_dest": dest, "ctguard_timeout": "60s"});
@@ -514,8 +521,7 @@ fn ansible_fleet_canary_stops_at_the_locked_out_canary() {
     std::fs::write(&bad, LOCKOUT).expect("ruleset");
     let good = c.dir.join("good.nft");
     std::fs::write(&good, format!("flush ruleset\n{STATEFUL}")).expect("ruleset");
-    let hosts: Vec<Host<'_>> =
-        (0..3).map(|i| host(&format!("srv{}", i + 1), &sshds[i])).collect();
+    let hosts: Vec<Host<'_>> = (0..3).map(|i| host(&format!("srv{}", i + 1), &sshds[i])).collect();
     // Host variables (extra vars would override them): the canary gets the lockout.
     let mut hv = vec![("srv1:ruleset_src".to_string(), json!(bad))];
     for h in &hosts[1..] {
@@ -602,7 +608,13 @@ fn ansible_confirm_over_the_same_connection_is_refused() {
     let inv = c.inventory("dns", &[host("srv", &sshd)], &[]);
     let before = pair.srv.nft_list();
     let policy = json!({"notrack": [{"protocols": ["udp"], "ports": [53]}]});
-    let r = c.playbook(&pair.cli, &inv, &test_playbook("same_connection_confirm.yml"), json!({"ctguard_policy": policy}), &[]);
+    let r = c.playbook(
+        &pair.cli,
+        &inv,
+        &test_playbook("same_connection_confirm.yml"),
+        json!({"ctguard_policy": policy}),
+        &[],
+    );
     assert_eq!(r.code, 0, "{}", r.dump());
     let txid = s(&r.task("Apply and leave pending", "srv")["txid"]);
     let cf = r.task("Confirm without a new connection", "srv");
@@ -638,7 +650,7 @@ fn ansible_probes_and_auto_confirm() {
     assert_eq!(t["changed"], true, "{t}");
     assert_eq!(t["outcome"], "committed", "{t}");
     assert_eq!(show(&c, "srv", &s(&t["txid"]))["state"], "COMMITTED");
-    assert!(responder.accepted() >= 1, "the probe never connected");
+    assert!(responder.wait_accepted(1, std::time::Duration::from_secs(1)) >= 1, "the probe never connected");
 
     // A probe that fails: rolled back by the agent, the task fails saying so.
     let policy = json!({"notrack": [{"protocols": ["udp"], "ports": [5353]}]});
@@ -667,7 +679,13 @@ fn ansible_two_task_pattern_with_become() {
     let c = Controller::new();
     let inv = c.inventory("dns", &[host("srv", &sshd)], &[]);
     // What `become` does to the environment here (the premise of this test).
-    let r = c.playbook(&pair.cli, &inv, &test_playbook("become_env.yml"), json!({"ansible_become_method": "sudo"}), &["--become"]);
+    let r = c.playbook(
+        &pair.cli,
+        &inv,
+        &test_playbook("become_env.yml"),
+        json!({"ansible_become_method": "sudo"}),
+        &["--become"],
+    );
     assert_eq!(r.code, 0, "{}", r.dump());
     let env = s(&r.task("Environment", "srv")["stdout"]);
     let stripped = !env.lines().any(|l| l.starts_with("SSH_CONNECTION="));
@@ -716,7 +734,8 @@ fn ansible_bad_parameters_name_the_field_and_change_nothing() {
 
     // An unknown key in the policy.
     let bad_key = json!({"notrack": [{"protocols": ["udp"], "ports": [53], "portz": [54]}]});
-    let r = c.playbook(&pair.cli, &inv, &playbook("dns_notrack_committed.yml"), json!({"ctguard_policy": bad_key}), &[]);
+    let r =
+        c.playbook(&pair.cli, &inv, &playbook("dns_notrack_committed.yml"), json!({"ctguard_policy": bad_key}), &[]);
     let t = r.task(task, "srv");
     assert_eq!(t["failed"], true, "{}", r.dump());
     assert!(s(&t["msg"]).contains("portz"), "{t}");
@@ -724,7 +743,8 @@ fn ansible_bad_parameters_name_the_field_and_change_nothing() {
 
     // A port out of range.
     let bad_port = json!({"notrack": [{"protocols": ["udp"], "ports": [70000]}]});
-    let r = c.playbook(&pair.cli, &inv, &playbook("dns_notrack_committed.yml"), json!({"ctguard_policy": bad_port}), &[]);
+    let r =
+        c.playbook(&pair.cli, &inv, &playbook("dns_notrack_committed.yml"), json!({"ctguard_policy": bad_port}), &[]);
     let t = r.task(task, "srv");
     assert_eq!(t["failed"], true, "{}", r.dump());
     let msg = s(&t["msg"]);

@@ -8,29 +8,23 @@ use std::os::unix::fs::MetadataExt;
 
 use ctguard::backend::exec::Tool;
 use ctguard::backend::iptables::{
-    check_rule, ipset_save, missing_jumps, restore, save, save_parsed, scratch_check,
-    IptablesError, Variant,
+    check_rule, ipset_save, missing_jumps, restore, save, save_parsed, scratch_check, IptablesError, Variant,
 };
 use ctguard::live::iptables_save::{parse, SaveDump, SaveParseError};
 use ctguard::model::names::Tag;
 use ctguard::model::{parse_policy, Format, Policy};
 use ctguard::render::iptables::{
-    accept_untracked_specs, notrack_rules, spec_to_line, Direction, IpFamily, NotrackRules,
-    CHAIN_OUT, CHAIN_PRE, RAW_TABLE,
+    accept_untracked_specs, notrack_rules, spec_to_line, Direction, IpFamily, NotrackRules, CHAIN_OUT, CHAIN_PRE,
+    RAW_TABLE,
 };
 
 /// Runs `f` on a new thread inside a fresh network namespace; panics propagate.
 fn in_fresh_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    let id = || {
-        std::fs::metadata("/proc/thread-self/ns/net")
-            .map(|m| (m.dev(), m.ino()))
-            .expect("ns inode")
-    };
+    let id = || std::fs::metadata("/proc/thread-self/ns/net").map(|m| (m.dev(), m.ino())).expect("ns inode");
     let outer = id();
     std::thread::scope(|s| {
         let h = s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("unshare(CLONE_NEWNET)");
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
             assert_ne!(id(), outer, "still in the caller's namespace");
             f()
         });
@@ -81,13 +75,7 @@ fn setup_base(variant: Variant, family: IpFamily) -> SaveDump {
     run("ipset", &["restore"], Some(ipsets(family)));
     restore(variant, family, BASE, false).expect("base rules load");
     let (_, dump) = save_parsed(variant, family).expect("save");
-    assert_eq!(
-        dump.chain("filter", "INPUT")
-            .expect("INPUT")
-            .policy
-            .as_deref(),
-        Some("DROP")
-    );
+    assert_eq!(dump.chain("filter", "INPUT").expect("INPUT").policy.as_deref(), Some("DROP"));
     dump
 }
 
@@ -120,18 +108,13 @@ fn apply(variant: Variant, family: IpFamily, r: &NotrackRules) -> usize {
     let missing = missing_jumps(variant, family, &r.jumps).expect("missing jumps");
     restore(variant, family, &r.restore_text(&missing), true).expect("noflush restore");
     for j in &r.jumps {
-        assert!(
-            check_rule(variant, family, j.table, j.from, &j.spec()).expect("-C"),
-            "jump {j:?} present"
-        );
+        assert!(check_rule(variant, family, j.table, j.from, &j.spec()).expect("-C"), "jump {j:?} present");
     }
     missing.len()
 }
 
 fn lines(d: &SaveDump, table: &str, chain: &str) -> Vec<String> {
-    d.chain(table, chain)
-        .map(|c| c.rules.iter().map(|r| r.line.clone()).collect())
-        .unwrap_or_default()
+    d.chain(table, chain).map(|c| c.rules.iter().map(|r| r.line.clone()).collect()).unwrap_or_default()
 }
 
 /// Every table, chain, policy and rule of `before` is in `after`, in order; the only
@@ -139,13 +122,9 @@ fn lines(d: &SaveDump, table: &str, chain: &str) -> Vec<String> {
 /// OUTPUT.
 fn assert_preserved(before: &SaveDump, after: &SaveDump) {
     for t in &before.tables {
-        let at = after
-            .table(&t.name)
-            .unwrap_or_else(|| panic!("table {} gone", t.name));
+        let at = after.table(&t.name).unwrap_or_else(|| panic!("table {} gone", t.name));
         for c in &t.chains {
-            let ac = at
-                .chain(&c.name)
-                .unwrap_or_else(|| panic!("chain {} {} gone", t.name, c.name));
+            let ac = at.chain(&c.name).unwrap_or_else(|| panic!("chain {} {} gone", t.name, c.name));
             assert_eq!(ac.policy, c.policy, "{} {}", t.name, c.name);
             let mut got = lines(after, &t.name, &c.name);
             let want = lines(before, &t.name, &c.name);
@@ -188,20 +167,9 @@ fn apply_keeps_foreign_rules(variant: Variant, family: IpFamily) {
         let (text1, after1) = save_parsed(variant, family).expect("save");
         assert_preserved(&before, &after1);
         // ctguard's chains hold exactly the rendered rules, byte for byte as save prints them.
-        assert_eq!(
-            lines(&after1, RAW_TABLE, CHAIN_PRE),
-            rendered(&r, CHAIN_PRE),
-            "\n{text1}"
-        );
-        assert_eq!(
-            lines(&after1, RAW_TABLE, CHAIN_OUT),
-            rendered(&r, CHAIN_OUT),
-            "\n{text1}"
-        );
-        assert_eq!(
-            after1.chain(RAW_TABLE, CHAIN_PRE).expect("chain").policy,
-            None
-        );
+        assert_eq!(lines(&after1, RAW_TABLE, CHAIN_PRE), rendered(&r, CHAIN_PRE), "\n{text1}");
+        assert_eq!(lines(&after1, RAW_TABLE, CHAIN_OUT), rendered(&r, CHAIN_OUT), "\n{text1}");
+        assert_eq!(after1.chain(RAW_TABLE, CHAIN_PRE).expect("chain").policy, None);
 
         // Second apply: nothing new (no duplicate rules, no second jump).
         assert_eq!(apply(variant, family, &r), 0);
@@ -213,14 +181,8 @@ fn apply_keeps_foreign_rules(variant: Variant, family: IpFamily) {
         assert_eq!(apply(variant, family, &r2), 0);
         let after3 = parse(&save(variant, family).expect("save")).expect("parse");
         assert_preserved(&before, &after3);
-        assert_eq!(
-            lines(&after3, RAW_TABLE, CHAIN_PRE),
-            rendered(&r2, CHAIN_PRE)
-        );
-        assert_eq!(
-            lines(&after3, RAW_TABLE, CHAIN_OUT),
-            rendered(&r2, CHAIN_OUT)
-        );
+        assert_eq!(lines(&after3, RAW_TABLE, CHAIN_PRE), rendered(&r2, CHAIN_PRE));
+        assert_eq!(lines(&after3, RAW_TABLE, CHAIN_OUT), rendered(&r2, CHAIN_OUT));
 
         // The accept rules of DESIGN §6, inserted into filter INPUT/OUTPUT, print back the same.
         let tag = Tag::new("t2").expect("tag");
@@ -244,26 +206,14 @@ fn apply_keeps_foreign_rules(variant: Variant, family: IpFamily) {
         restore(variant, family, &text, true).expect("accepts load");
         let after4 = parse(&save(variant, family).expect("save")).expect("parse");
         for (chain, spec) in &specs {
-            assert!(
-                check_rule(variant, family, "filter", chain, spec).expect("-C"),
-                "{spec:?}"
-            );
+            assert!(check_rule(variant, family, "filter", chain, spec).expect("-C"), "{spec:?}");
             let line = format!("-A {chain} {}", spec_to_line(spec));
-            assert!(
-                lines(&after4, "filter", chain).contains(&line),
-                "{line} not in save"
-            );
+            assert!(lines(&after4, "filter", chain).contains(&line), "{line} not in save");
         }
         // A jump to a chain that does not exist is a usage error (exit 2), not "absent".
         let bad = vec!["-j".to_string(), "NO-SUCH-CHAIN".to_string()];
-        assert!(matches!(
-            check_rule(variant, family, "filter", "INPUT", &bad),
-            Err(IptablesError::Check { .. })
-        ));
-        eprintln!(
-            "{variant:?} {family:?}: raw after apply:\n{}",
-            lines(&after1, RAW_TABLE, CHAIN_PRE).join("\n")
-        );
+        assert!(matches!(check_rule(variant, family, "filter", "INPUT", &bad), Err(IptablesError::Check { .. })));
+        eprintln!("{variant:?} {family:?}: raw after apply:\n{}", lines(&after1, RAW_TABLE, CHAIN_PRE).join("\n"));
     })
 }
 
@@ -280,23 +230,18 @@ fn scratch_checks(variant: Variant, family: IpFamily) {
         scratch_check(variant, family, &live, Some(&sets), &good).expect("good candidate passes");
         // A candidate using the live ipset passes too.
         let uses_set = "*filter\n-I INPUT 1 -m set --match-set blk src -j DROP\nCOMMIT\n";
-        scratch_check(variant, family, &live, Some(&sets), uses_set)
-            .expect("ipset candidate passes");
+        scratch_check(variant, family, &live, Some(&sets), uses_set).expect("ipset candidate passes");
         // Without the ipsets the live dump itself cannot load: it is the recreation that works.
         let e = scratch_check(variant, family, &live, None, &good).expect_err("no ipsets");
         assert!(matches!(e, IptablesError::ScratchLive { .. }), "{e:?}");
 
-        let bad_ports = "*raw\n:CTGUARD-PRE - [0:0]\n-A CTGUARD-PRE -p udp -m multiport --dports 0:0:0 -j CT --notrack\nCOMMIT\n";
+        let bad_ports =
+            "*raw\n:CTGUARD-PRE - [0:0]\n-A CTGUARD-PRE -p udp -m multiport --dports 0:0:0 -j CT --notrack\nCOMMIT\n";
         let no_set = "*filter\n-I INPUT 1 -m set --match-set nosuch src -j DROP\nCOMMIT\n";
         // Passes `--test` (userspace only); only the kernel refuses CT outside raw.
-        let kernel_only =
-            "*filter\n:CTGUARD-PRE - [0:0]\n-A CTGUARD-PRE -p udp -j CT --notrack\nCOMMIT\n";
+        let kernel_only = "*filter\n:CTGUARD-PRE - [0:0]\n-A CTGUARD-PRE -p udp -j CT --notrack\nCOMMIT\n";
         let restore_tool = variant.tool(family == IpFamily::V6, "-restore");
-        run(
-            &restore_tool,
-            &["-w", "--test", "--noflush"],
-            Some(kernel_only),
-        );
+        run(&restore_tool, &["-w", "--test", "--noflush"], Some(kernel_only));
         for bad in [bad_ports, no_set, kernel_only] {
             match scratch_check(variant, family, &live, Some(&sets), bad) {
                 Err(IptablesError::Rejected { source, .. }) => {
@@ -338,28 +283,14 @@ per_variant_family! {
 #[test]
 fn incompatible_nft_table_is_refused() {
     in_fresh_netns(|| {
-        restore(
-            Variant::Nft,
-            IpFamily::V4,
-            "*filter\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n",
-            true,
-        )
-        .expect("load");
+        restore(Variant::Nft, IpFamily::V4, "*filter\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n", true)
+            .expect("load");
         assert!(save(Variant::Nft, IpFamily::V4).is_ok());
-        run(
-            "nft",
-            &[
-                "add", "rule", "ip", "filter", "INPUT", "fib", "daddr", "type", "local", "counter",
-            ],
-            None,
-        );
+        run("nft", &["add", "rule", "ip", "filter", "INPUT", "fib", "daddr", "type", "local", "counter"], None);
         let raw = run("iptables-nft-save", &[], None);
         assert!(raw.contains("incompatible"), "{raw}");
         match save(Variant::Nft, IpFamily::V4) {
-            Err(IptablesError::Dump {
-                source: SaveParseError::Incompatible { text, .. },
-                ..
-            }) => {
+            Err(IptablesError::Dump { source: SaveParseError::Incompatible { text, .. }, .. }) => {
                 eprintln!("measured: iptables-nft-save prints {text:?} and exits 0")
             }
             other => panic!("{other:?}"),

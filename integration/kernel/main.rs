@@ -7,15 +7,15 @@ mod harness;
 
 mod batch;
 mod iptables;
-mod traffic;
 mod plan_lint;
 mod ruleset_txn;
+mod traffic;
 
-mod txn_cli;
+mod ansible;
+mod confirm_e2e;
+mod doctor;
+mod ops;
 mod policy_txn;
 mod probe;
 mod proof;
-mod doctor;
-mod ops;
-mod confirm_e2e;
-mod ansible;
+mod txn_cli;

@@ -17,8 +17,8 @@ use ctguard::model::{parse_policy, Format};
 use ctguard::persist::{persist_committed, PersistPaths};
 use ctguard::txn::TxnId;
 
-use crate::txn_cli::{ok, wait_gone};
 use crate::harness::{Ns, STATEFUL};
+use crate::txn_cli::{ok, wait_gone};
 
 static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 

@@ -8,7 +8,6 @@ use serde_json::Value;
 
 use crate::harness::{Ns, STATEFUL};
 
-
 struct PlanRun {
     code: i32,
     json: Value,
@@ -41,7 +40,9 @@ fn codes(r: &PlanRun) -> Vec<(String, String)> {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|f| (f["severity"].as_str().unwrap_or("").to_string(), f["code"].as_str().unwrap_or("").to_string()))
+                .map(|f| {
+                    (f["severity"].as_str().unwrap_or("").to_string(), f["code"].as_str().unwrap_or("").to_string())
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -68,10 +69,15 @@ fn plan_check_works_in_a_namespace_and_is_idempotent_after_apply() {
     assert_eq!(ns.nft_list(), before, "plan --check changed the ruleset");
 
     // Apply what plan said (table + insertion): plan then reports nothing to change.
-    let table = ctguard::render::nft_ir::table_for(&ctguard::model::Policy::builtin(), &ctguard::model::names::Tag::preview());
+    let table =
+        ctguard::render::nft_ir::table_for(&ctguard::model::Policy::builtin(), &ctguard::model::names::Tag::preview());
     ns.nft(&ctguard::render::nft_script::replace_script(&table));
     let live = ns.run(ctguard::backend::live::read).expect("live");
-    let p = ctguard::render::planner::plan(&ctguard::model::Policy::builtin(), &live, &ctguard::model::names::Tag::preview());
+    let p = ctguard::render::planner::plan(
+        &ctguard::model::Policy::builtin(),
+        &live,
+        &ctguard::model::names::Tag::preview(),
+    );
     ns.nft(&p.nft_script());
     let again = plan(&ns, None, &[], &[]);
     assert_eq!(again.code, 0, "{}", again.stderr);
@@ -100,13 +106,28 @@ fn lint_nat_bypass_for_nft_redirect_and_iptables_dnat() {
     let legacy = Ns::new("natlegacy");
     legacy.exec(
         "iptables-legacy",
-        &["-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "53", "-j", "DNAT", "--to-destination", "192.0.2.1:53"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "53",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "192.0.2.1:53",
+        ],
     );
     let r = plan(&legacy, None, &[], &[]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     let f = r.json["findings"].as_array().expect("findings");
     assert!(
-        f.iter().any(|f| f["code"] == "nat-bypass" && f["chain"].as_str().is_some_and(|c| c.contains("iptables-legacy nat"))),
+        f.iter().any(
+            |f| f["code"] == "nat-bypass" && f["chain"].as_str().is_some_and(|c| c.contains("iptables-legacy nat"))
+        ),
         "{f:?}"
     );
 }

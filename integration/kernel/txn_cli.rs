@@ -11,7 +11,6 @@ use serde_json::Value;
 
 use crate::harness::{udp_queries, Ns, Pair, UdpResponder, CLI4, SRV4, STATEFUL};
 
-
 static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// One ctguard installation: its own state and run dirs (hence its own agent).
@@ -341,7 +340,9 @@ fn crash_at(point: &str, expect: After) {
     let now = ns.nft_list();
     match expect {
         After::Prior => assert_eq!(now, before, "{point}: not the prior state"),
-        After::Committed => assert!(now.contains("table inet ctguard") && now.contains("untracked accept"), "{point}: {now}"),
+        After::Committed => {
+            assert!(now.contains("table inet ctguard") && now.contains("untracked accept"), "{point}: {now}")
+        }
     }
     eprintln!("{point}: recovered to {expect:?} ({})", ctg.outcome(&id));
 }
@@ -566,7 +567,13 @@ fn ruleset_files_in_both_formats_roll_back_at_the_deadline() {
     let ns = Ns::new("rsfile");
     ns.nft(STATEFUL);
     ns.exec("iptables-legacy", &["-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT"]);
-    let listing = |ns: &Ns| format!("{}\n{}", ns.nft_list(), ns.exec("iptables-legacy-save", &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n"));
+    let listing = |ns: &Ns| {
+        format!(
+            "{}\n{}",
+            ns.nft_list(),
+            ns.exec("iptables-legacy-save", &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+        )
+    };
     let before = listing(&ns);
     let ctg = Ctg::new();
     let dir = ctg.base.join("files");
@@ -574,9 +581,14 @@ fn ruleset_files_in_both_formats_roll_back_at_the_deadline() {
     let nft = dir.join("new.nft");
     std::fs::write(&nft, "flush ruleset\ntable inet open {\n  chain input {\n    type filter hook input priority filter; policy accept;\n  }\n}\n").expect("write");
     let ipt = dir.join("new.rules");
-    std::fs::write(&ipt, "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\nCOMMIT\n").expect("write");
+    std::fs::write(
+        &ipt,
+        "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\nCOMMIT\n",
+    )
+    .expect("write");
     for (file, format) in [(&nft, "nft"), (&ipt, "iptables")] {
-        let (out, id) = ctg.apply(&ns, &["--timeout", "2s", "--ruleset", file.to_str().expect("utf8"), "--format", format]);
+        let (out, id) =
+            ctg.apply(&ns, &["--timeout", "2s", "--ruleset", file.to_str().expect("utf8"), "--format", format]);
         ok(&out);
         assert_ne!(listing(&ns), before, "{format}: nothing applied");
         if format == "nft" {

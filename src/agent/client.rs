@@ -46,13 +46,17 @@ pub fn request(run_dir: &Path, request: Request, timeout: Duration) -> Result<Re
     let unreachable = |source| ClientError::Unreachable { path: path.clone(), source };
     let mut stream = UnixStream::connect(&path).map_err(unreachable)?;
     stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
-    let mut line = serde_json::to_vec(&Envelope { v: VERSION, request }).map_err(|e| ClientError::Malformed(e.to_string()))?;
+    let mut line =
+        serde_json::to_vec(&Envelope { v: VERSION, request }).map_err(|e| ClientError::Malformed(e.to_string()))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(unreachable)?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(unreachable)?;
     if answer.is_empty() {
-        return Err(unreachable(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the agent closed the connection")));
+        return Err(unreachable(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the agent closed the connection",
+        )));
     }
     serde_json::from_str(&answer).map_err(|e| ClientError::Malformed(format!("{e}: {}", answer.trim())))
 }
@@ -138,8 +142,5 @@ fn wait_for_agent(run_dir: &Path) -> Result<(), ClientError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(ClientError::Start(format!(
-        "the agent did not answer within 10 s; see {}",
-        run_dir.join(LOG_NAME).display()
-    )))
+    Err(ClientError::Start(format!("the agent did not answer within 10 s; see {}", run_dir.join(LOG_NAME).display())))
 }

@@ -4,12 +4,12 @@
 mod apply;
 pub mod client;
 mod decide;
-mod lifecycle;
 pub mod engine;
+mod lifecycle;
+pub mod policy_engine;
+pub mod proof;
 pub mod protocol;
+pub mod ruleset_engine;
 pub mod server;
 pub mod timer;
 pub mod worker;
-pub mod policy_engine;
-pub mod ruleset_engine;
-pub mod proof;

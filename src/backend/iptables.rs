@@ -83,10 +83,7 @@ pub enum IptablesError {
 }
 
 fn tool(name: &str) -> Result<Tool, IptablesError> {
-    Tool::find(name).map_err(|source| IptablesError::Exec {
-        what: format!("cannot use {name}"),
-        source,
-    })
+    Tool::find(name).map_err(|source| IptablesError::Exec { what: format!("cannot use {name}"), source })
 }
 
 /// `iptables-VARIANT-save` (or `ip6tables-…`) of the calling thread's namespace. The text is
@@ -97,34 +94,20 @@ pub fn save(variant: Variant, family: IpFamily) -> Result<String, IptablesError>
 }
 
 /// [`save`], returning the parsed dump as well.
-pub fn save_parsed(
-    variant: Variant,
-    family: IpFamily,
-) -> Result<(String, SaveDump), IptablesError> {
+pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDump), IptablesError> {
     let name = variant.tool(family == IpFamily::V6, "-save");
     let t = tool(&name)?;
-    let text = t.run(&[], None).map_err(|source| IptablesError::Exec {
-        what: format!("{name} failed"),
-        source,
-    })?;
-    let dump =
-        iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
+    let text = t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
+    let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
     Ok((text, dump))
 }
 
 /// Loads `text` with `iptables-VARIANT-restore -w` (plus `--noflush` when asked). Tables are
 /// committed one by one, in the order of the text.
-pub fn restore(
-    variant: Variant,
-    family: IpFamily,
-    text: &str,
-    noflush: bool,
-) -> Result<(), IptablesError> {
+pub fn restore(variant: Variant, family: IpFamily, text: &str, noflush: bool) -> Result<(), IptablesError> {
     let name = variant.tool(family == IpFamily::V6, "-restore");
-    restore_with(&tool(&name)?, text, noflush).map_err(|source| IptablesError::Exec {
-        what: format!("{name} failed"),
-        source,
-    })
+    restore_with(&tool(&name)?, text, noflush)
+        .map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })
 }
 
 fn restore_with(t: &Tool, text: &str, noflush: bool) -> Result<(), ExecError> {
@@ -150,12 +133,8 @@ pub fn check_rule(
     let t = tool(&name)?;
     let mut args: Vec<&str> = vec!["-w", "-t", table, "-C", chain];
     args.extend(spec.iter().map(String::as_str));
-    let out = t
-        .output(&args, None)
-        .map_err(|source| IptablesError::Exec {
-            what: format!("{name} -C failed"),
-            source,
-        })?;
+    let out =
+        t.output(&args, None).map_err(|source| IptablesError::Exec { what: format!("{name} -C failed"), source })?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
@@ -172,16 +151,11 @@ pub fn check_rule(
 /// itself fails with status 2: "Chain 'CTGUARD-PRE' does not exist" / "Couldn't load target");
 /// otherwise `-C` decides. Another writer adding the same jump between this check and the
 /// restore would leave two; rollback deletes every copy (`-D` until `-C` finds none).
-pub fn missing_jumps(
-    variant: Variant,
-    family: IpFamily,
-    jumps: &[Jump],
-) -> Result<Vec<Jump>, IptablesError> {
+pub fn missing_jumps(variant: Variant, family: IpFamily, jumps: &[Jump]) -> Result<Vec<Jump>, IptablesError> {
     let (_, dump) = save_parsed(variant, family)?;
     let mut missing = Vec::new();
     for j in jumps {
-        let exists = dump.chain(j.table, j.to).is_some()
-            && check_rule(variant, family, j.table, j.from, &j.spec())?;
+        let exists = dump.chain(j.table, j.to).is_some() && check_rule(variant, family, j.table, j.from, &j.spec())?;
         if !exists {
             missing.push(j.clone());
         }
@@ -222,17 +196,11 @@ pub fn scratch_check(
                     .map_err(|source| IptablesError::ScratchIpsets { source })?;
             }
             if !live_dump.trim().is_empty() {
-                restore_with(&restore_tool, live_dump, false).map_err(|source| {
-                    IptablesError::ScratchLive {
-                        tool: name.clone(),
-                        source,
-                    }
-                })?;
+                restore_with(&restore_tool, live_dump, false)
+                    .map_err(|source| IptablesError::ScratchLive { tool: name.clone(), source })?;
             }
-            restore_with(&restore_tool, candidate, true).map_err(|source| IptablesError::Rejected {
-                tool: name.clone(),
-                source,
-            })
+            restore_with(&restore_tool, candidate, true)
+                .map_err(|source| IptablesError::Rejected { tool: name.clone(), source })
         });
         h.join().map_err(|_| IptablesError::ScratchPanicked)?
     })
@@ -242,10 +210,7 @@ pub fn scratch_check(
 pub fn ipset_save() -> Result<String, IptablesError> {
     tool("ipset")?
         .run(&["save"], None)
-        .map_err(|source| IptablesError::Exec {
-            what: "ipset save failed".into(),
-            source,
-        })
+        .map_err(|source| IptablesError::Exec { what: "ipset save failed".into(), source })
 }
 
 #[cfg(test)]

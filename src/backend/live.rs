@@ -67,7 +67,9 @@ pub fn ctguard_table_text() -> Result<Option<String>, LiveError> {
 }
 
 /// Value and writability of each key.
-pub fn read_sysctls<'a>(keys: impl Iterator<Item = &'a SysctlKey>) -> Result<BTreeMap<SysctlKey, LiveSysctl>, LiveError> {
+pub fn read_sysctls<'a>(
+    keys: impl Iterator<Item = &'a SysctlKey>,
+) -> Result<BTreeMap<SysctlKey, LiveSysctl>, LiveError> {
     let mut out = BTreeMap::new();
     for k in keys {
         let value = crate::sysctl::read(k)?;

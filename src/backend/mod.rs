@@ -4,5 +4,5 @@ pub mod exec;
 pub mod iptables;
 pub mod live;
 pub mod netlink;
-pub mod ruleset_txn;
 pub mod policy_txn;
+pub mod ruleset_txn;

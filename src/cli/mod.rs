@@ -2,9 +2,9 @@
 //! Every error leaves as one line on stderr (`ctguard: error: …`) and a documented exit code.
 
 pub mod args;
-pub(crate) mod plan;
 mod doctor;
 mod ops;
+pub(crate) mod plan;
 mod render;
 mod txn;
 
@@ -75,9 +75,7 @@ pub(crate) fn load_policy(arg: Option<&str>) -> Result<Policy, Vec<Failure>> {
         match std::fs::File::open(arg) {
             Ok(f) => {
                 if f.metadata().is_ok_and(|m| m.len() > MAX_POLICY_BYTES as u64) {
-                    return Err(bad(format!(
-                        "policy {arg}: file is larger than the {MAX_POLICY_BYTES} byte limit"
-                    )));
+                    return Err(bad(format!("policy {arg}: file is larger than the {MAX_POLICY_BYTES} byte limit")));
                 }
                 f.take(limit).read_to_string(&mut text)
             }
@@ -88,9 +86,8 @@ pub(crate) fn load_policy(arg: Option<&str>) -> Result<Policy, Vec<Failure>> {
         return Err(bad(format!("policy {arg}: cannot read: {e}")));
     }
     let format = Format::detect(Some(arg), &text);
-    parse_policy(&text, format).map_err(|errs| {
-        errs.into_iter().map(|e| Failure::bad_input(format!("policy {arg}: {e}"))).collect()
-    })
+    parse_policy(&text, format)
+        .map_err(|errs| errs.into_iter().map(|e| Failure::bad_input(format!("policy {arg}: {e}"))).collect())
 }
 
 /// The target of `--netns` (or the caller's namespace), opened, and this machine's facts for

@@ -212,7 +212,6 @@ pub(super) fn completions(a: &CompletionsArgs) -> Result<Exit, Vec<Failure>> {
 // ---------------------------------------------------------------------------------------------
 // restore
 
-
 fn normalized_lines(text: &str) -> Vec<String> {
     text.lines().map(|l| crate::model::names::normalize_tags(l.trim())).filter(|l| !l.is_empty()).collect()
 }
@@ -250,7 +249,8 @@ pub(crate) fn differences(policy: &Policy, facts: MachineFacts) -> Result<Vec<St
                         current.extend(c.rules.iter().map(|r| crate::model::names::normalize_tags(&r.line)));
                     }
                 }
-                let desired: Vec<String> = rules.rules.iter().map(|r| crate::model::names::normalize_tags(&r.append_line())).collect();
+                let desired: Vec<String> =
+                    rules.rules.iter().map(|r| crate::model::names::normalize_tags(&r.append_line())).collect();
                 if current != desired {
                     diffs.push(format!("{} raw CTGUARD-PRE/CTGUARD-OUT differ from the policy", fam.tool_prefix()));
                 }
@@ -383,10 +383,15 @@ mod tests {
             r#"udp dport @ports_0 notrack comment "ctguard:preview""#
         );
         assert_eq!(
-            crate::model::names::normalize_tags("-A CTGUARD-PRE -m comment --comment ctguard:20261123-162354-ed34 -j CT --notrack"),
+            crate::model::names::normalize_tags(
+                "-A CTGUARD-PRE -m comment --comment ctguard:20261123-162354-ed34 -j CT --notrack"
+            ),
             "-A CTGUARD-PRE -m comment --comment ctguard:preview -j CT --notrack"
         );
-        assert_eq!(crate::model::names::normalize_tags("a ctguard:x b ctguard:y"), "a ctguard:preview b ctguard:preview");
+        assert_eq!(
+            crate::model::names::normalize_tags("a ctguard:x b ctguard:y"),
+            "a ctguard:preview b ctguard:preview"
+        );
         assert_eq!(crate::model::names::normalize_tags("no tag"), "no tag");
         assert_eq!(crate::model::names::normalize_tags("ctguard:"), "ctguard:preview");
     }

@@ -72,7 +72,9 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
     }
     let errors = report.findings.iter().filter(|f| f.severity == Severity::Error).count();
     if errors > 0 {
-        return Err(vec![Failure::refused(format!("lint found {errors} error(s); apply would refuse without --force"))]);
+        return Err(vec![Failure::refused(format!(
+            "lint found {errors} error(s); apply would refuse without --force"
+        ))]);
     }
     if let Some(Err(e)) = &report.check {
         return Err(vec![Failure::refused(format!("kernel check failed: {e}"))]);
@@ -153,16 +155,18 @@ fn build_report(
 /// Non-empty lines, with every transaction tag read as `ctguard:preview`: a committed policy
 /// compares equal to its rendering (so `changed` is false when nothing would change).
 fn lines(s: &str) -> Vec<String> {
-    s.lines()
-        .map(str::trim_end)
-        .filter(|l| !l.trim().is_empty())
-        .map(crate::model::names::normalize_tags)
-        .collect()
+    s.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).map(crate::model::names::normalize_tags).collect()
 }
 
 /// Asks the kernel without changing anything: `nft -c` for the table and nft insertions, and
 /// a scratch namespace for every iptables document.
-fn kernel_check(policy: &Policy, backend: Backend, plan: &InsertionPlan, live: &crate::live::LiveState, tag: &Tag) -> Result<(), String> {
+fn kernel_check(
+    policy: &Policy,
+    backend: Backend,
+    plan: &InsertionPlan,
+    live: &crate::live::LiveState,
+    tag: &Tag,
+) -> Result<(), String> {
     let mut nft_script = String::new();
     if backend == Backend::Nft {
         nft_script.push_str(&replace_script(&table_for(policy, tag)));
@@ -224,11 +228,9 @@ fn insertion_text(ins: &crate::render::planner::Insertion) -> String {
     };
     let rule = match &ins.rule {
         RuleSpec::Nft(r) => r.clone(),
-        RuleSpec::Iptables(specs) => specs
-            .iter()
-            .map(|s| crate::render::iptables::spec_to_line(s))
-            .collect::<Vec<_>>()
-            .join(" ; "),
+        RuleSpec::Iptables(specs) => {
+            specs.iter().map(|s| crate::render::iptables::spec_to_line(s)).collect::<Vec<_>>().join(" ; ")
+        }
     };
     format!("{} {where_}: {rule}", ins.chain)
 }
@@ -237,7 +239,8 @@ fn report_text(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "target:  {}", r.target);
     let _ = writeln!(s, "backend: {}", r.backend.as_str());
-    let objects = if variant_of(r.backend).is_some() { "iptables raw CTGUARD-PRE/CTGUARD-OUT" } else { "table inet ctguard" };
+    let objects =
+        if variant_of(r.backend).is_some() { "iptables raw CTGUARD-PRE/CTGUARD-OUT" } else { "table inet ctguard" };
     if r.current == r.desired {
         let _ = writeln!(s, "\n{objects}: unchanged");
     } else {
@@ -278,10 +281,14 @@ fn report_text(r: &Report) -> String {
         }
     }
     if let Some(c) = &r.check {
-        let _ = writeln!(s, "\nkernel check: {}", match c {
-            Ok(()) => "ok".to_string(),
-            Err(e) => format!("FAILED: {e}"),
-        });
+        let _ = writeln!(
+            s,
+            "\nkernel check: {}",
+            match c {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("FAILED: {e}"),
+            }
+        );
     }
     let _ = writeln!(s, "\nchanged: {}", if r.changed() { "yes" } else { "no" });
     s

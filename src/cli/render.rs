@@ -21,10 +21,8 @@ pub(super) fn run(args: &RenderArgs, global: &Global) -> Result<Exit, Vec<Failur
     let facts = MachineFacts::with_ram(ram);
     let text = render_document(&policy, format, &Tag::preview(), facts);
     if global.json {
-        let sysctl: Vec<_> = sysctl_writes(&policy, facts)
-            .into_iter()
-            .map(|(k, v, _)| json!({"key": k, "value": v}))
-            .collect();
+        let sysctl: Vec<_> =
+            sysctl_writes(&policy, facts).into_iter().map(|(k, v, _)| json!({"key": k, "value": v})).collect();
         let name = match format {
             DocFormat::Nft => "nft",
             DocFormat::Iptables => "iptables",

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::args::{AgentArgs, ApplyArgs, Global, RulesetFormat, ShowArgs, TxidArgs};
-use crate::agent::engine::RulesetInput;
 use crate::agent::client::{self, ClientError};
+use crate::agent::engine::RulesetInput;
 use crate::agent::protocol::{ApplyRequest, Request, Response};
 use crate::agent::server::{self, AgentOptions};
 use crate::exit::{Exit, Failure};
@@ -50,7 +50,9 @@ fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInpu
     let bad = |m: String| vec![Failure::bad_input(m)];
     let f = std::fs::File::open(path).map_err(|e| bad(format!("--ruleset {path}: {e}")))?;
     let mut text = String::new();
-    f.take(MAX_RULESET_BYTES as u64 + 1).read_to_string(&mut text).map_err(|e| bad(format!("--ruleset {path}: {e}")))?;
+    f.take(MAX_RULESET_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(format!("--ruleset {path}: {e}")))?;
     if text.len() > MAX_RULESET_BYTES {
         return Err(bad(format!("--ruleset {path}: larger than the {MAX_RULESET_BYTES} byte limit")));
     }
@@ -84,7 +86,8 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
     Journal::open(&global.state_dir)
         .and_then(|j| j.check_room())
         .map_err(|e| vec![Failure::bad_input(format!("state dir: {e}"))])?;
-    let timeout = crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
+    let timeout =
+        crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
     let (policy_text, policy_format) = match a.policy.as_deref() {
         None => (None, None),
         Some(p) => {
@@ -238,7 +241,9 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
 
 fn txid_arg(t: &Option<String>) -> Result<Option<String>, Vec<Failure>> {
     match t {
-        Some(t) => TxnId::parse(t).map(|id| Some(id.as_str().to_string())).map_err(|e| vec![Failure::bad_input(e.to_string())]),
+        Some(t) => {
+            TxnId::parse(t).map(|id| Some(id.as_str().to_string())).map_err(|e| vec![Failure::bad_input(e.to_string())])
+        }
         None => Ok(None),
     }
 }
@@ -252,7 +257,12 @@ pub(super) fn extend(a: &TxidArgs, by: &str, global: &Global) -> Result<Exit, Ve
     let by = crate::duration::parse_duration(by).map_err(|e| vec![Failure::bad_input(format!("--by: {e}"))])?;
     let r = ask(global, Request::Extend { txid: txid_arg(&a.txid)?, by_secs: by.as_secs() })?;
     finish(global, r, |d| {
-        format!("{} now pending until {} ({} s)\n", d["txid"].as_str().unwrap_or("?"), d["deadline"].as_str().unwrap_or("?"), d["seconds_left"])
+        format!(
+            "{} now pending until {} ({} s)\n",
+            d["txid"].as_str().unwrap_or("?"),
+            d["deadline"].as_str().unwrap_or("?"),
+            d["seconds_left"]
+        )
     })
 }
 
@@ -279,7 +289,9 @@ pub(super) fn revive_agent_if_needed(global: &Global) {
 }
 
 fn conntrack_usage() -> Value {
-    let read = |k: &str| std::fs::read_to_string(format!("/proc/sys/net/netfilter/{k}")).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let read = |k: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{k}")).ok().and_then(|s| s.trim().parse::<u64>().ok())
+    };
     json!({"count": read("nf_conntrack_count"), "max": read("nf_conntrack_max")})
 }
 
@@ -295,7 +307,8 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
         .collect();
     let usage = conntrack_usage();
     if global.json {
-        let agent_pid = client::request(&global.run_dir, Request::Ping, Duration::from_secs(2)).ok().map(|r| r.data["pid"].clone());
+        let agent_pid =
+            client::request(&global.run_dir, Request::Ping, Duration::from_secs(2)).ok().map(|r| r.data["pid"].clone());
         super::print_json(&json!({"pending": pending, "conntrack": usage, "agent_pid": agent_pid}));
         return Ok(Exit::Ok);
     }
@@ -351,7 +364,8 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
     let id = TxnId::parse(&a.txid).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
     let j = open_journal(global)?;
     let rec = j.load(&id).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
-    let lines = |s: &Option<String>| -> Vec<String> { s.as_deref().unwrap_or("").lines().map(str::to_string).collect() };
+    let lines =
+        |s: &Option<String>| -> Vec<String> { s.as_deref().unwrap_or("").lines().map(str::to_string).collect() };
     let diff = super::plan::diff_lines(&lines(&rec.before), &lines(&rec.after));
     let changed: Vec<&String> = diff.iter().filter(|l| !l.starts_with("  ")).collect();
     if global.json {
@@ -366,7 +380,12 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
     }
     println!("transaction {} ({}) on {}", rec.id, rec.kind, rec.target.label);
     println!("state:     {}", rec.state.outcome());
-    println!("requester: uid {} pid {}{}", rec.requester.uid, rec.requester.pid, rec.requester.ssh.as_deref().map(|s| format!(" ssh {s}")).unwrap_or_default());
+    println!(
+        "requester: uid {} pid {}{}",
+        rec.requester.uid,
+        rec.requester.pid,
+        rec.requester.ssh.as_deref().map(|s| format!(" ssh {s}")).unwrap_or_default()
+    );
     println!("events:");
     for e in &rec.events {
         println!("  {}  {:<15} {}", txn::format_rfc3339(e.wall_unix), e.state, e.note);
@@ -375,7 +394,9 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
     for l in changed {
         println!("  {l}");
     }
-    if let Some(p) = rec.undo.get("persisted").and_then(|v| serde_json::from_value::<crate::persist::PersistRecord>(v.clone()).ok()) {
+    if let Some(p) =
+        rec.undo.get("persisted").and_then(|v| serde_json::from_value::<crate::persist::PersistRecord>(v.clone()).ok())
+    {
         println!("persisted:");
         for l in p.describe() {
             println!("  {l}");
@@ -406,8 +427,7 @@ pub(super) fn agent(a: &AgentArgs, global: &Global) -> Result<Exit, Vec<Failure>
         policy: Arc::new(crate::agent::policy_engine::PolicyEngine),
         ruleset: Arc::new(crate::agent::ruleset_engine::RulesetEngine),
     };
-    server::run(opts, engines)
-        .map_err(|e| vec![Failure::bad_input(e.to_string())])?;
+    server::run(opts, engines).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
     Ok(Exit::Ok)
 }
 
@@ -421,7 +441,10 @@ pub(super) fn recover(global: &Global) -> Result<Exit, Vec<Failure>> {
     for mut rec in j.unfinished().map_err(|e| vec![Failure::internal(e.to_string())])? {
         match txn::recovery_action(&rec, &boot, journal::boottime_ns()) {
             txn::Recovery::CloseRebooted => {
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 rec.to_rolled_back(txn::Reason::Reboot, now).map_err(|e| vec![Failure::internal(e.to_string())])?;
                 j.write(&rec).map_err(|e| vec![Failure::internal(e.to_string())])?;
                 if let Some(p) = &rec.target.pin {

@@ -75,12 +75,9 @@ impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Owner::Nft { family, table } => write!(f, "nft {family} {table}"),
-            Owner::Iptables { variant, v6, table } => write!(
-                f,
-                "{}-{} {table}",
-                if *v6 { "ip6tables" } else { "iptables" },
-                variant.as_str()
-            ),
+            Owner::Iptables { variant, v6, table } => {
+                write!(f, "{}-{} {table}", if *v6 { "ip6tables" } else { "iptables" }, variant.as_str())
+            }
         }
     }
 }

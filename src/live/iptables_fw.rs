@@ -23,7 +23,14 @@ pub fn convert(dump: &SaveDump, variant: IptVariant, v6: bool) -> FwTables {
                 .map(|(i, r)| {
                     let view = RuleView::from_args(&r.args);
                     let (conds, verdict) = conds_of(&view, v6);
-                    FwRule { conds, verdict, handle: None, index: i + 1, text: r.line.clone(), comment: view.comment.clone() }
+                    FwRule {
+                        conds,
+                        verdict,
+                        handle: None,
+                        index: i + 1,
+                        text: r.line.clone(),
+                        comment: view.comment.clone(),
+                    }
                 })
                 .collect();
             out.chains.push(FwChain {
@@ -112,7 +119,28 @@ fn conds_of(v: &RuleView, v6: bool) -> (Vec<Cond>, Verdict) {
 
 /// Targets are upper case by convention; user chains are anything not a known target name.
 fn is_user_chain(name: &str) -> bool {
-    !matches!(name, "QUEUE" | "NFQUEUE" | "TPROXY" | "SET" | "AUDIT" | "TEE" | "TRACE" | "SECMARK" | "CONNSECMARK" | "CLASSIFY" | "DSCP" | "TOS" | "TTL" | "HL" | "ULOG" | "IDLETIMER" | "LED" | "RATEEST" | "SYNPROXY")
+    !matches!(
+        name,
+        "QUEUE"
+            | "NFQUEUE"
+            | "TPROXY"
+            | "SET"
+            | "AUDIT"
+            | "TEE"
+            | "TRACE"
+            | "SECMARK"
+            | "CONNSECMARK"
+            | "CLASSIFY"
+            | "DSCP"
+            | "TOS"
+            | "TTL"
+            | "HL"
+            | "ULOG"
+            | "IDLETIMER"
+            | "LED"
+            | "RATEEST"
+            | "SYNPROXY"
+    )
 }
 
 #[cfg(test)]

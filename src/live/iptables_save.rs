@@ -118,11 +118,7 @@ impl SaveTable {
         let i = match self.chains.iter().position(|c| c.name == name) {
             Some(i) => i,
             None => {
-                self.chains.push(SaveChain {
-                    name: name.to_string(),
-                    policy: None,
-                    rules: Vec::new(),
-                });
+                self.chains.push(SaveChain { name: name.to_string(), policy: None, rules: Vec::new() });
                 self.chains.len() - 1
             }
         };
@@ -150,20 +146,13 @@ pub fn parse(text: &str) -> Result<SaveDump, SaveParseError> {
     for (i, raw) in text.lines().enumerate() {
         let lineno = i + 1;
         let line = raw.trim_end_matches('\r').trim();
-        let unexpected = |what: &'static str| SaveParseError::Unexpected {
-            line: lineno,
-            what,
-            text: raw.to_string(),
-        };
+        let unexpected = |what: &'static str| SaveParseError::Unexpected { line: lineno, what, text: raw.to_string() };
         if line.is_empty() {
             continue;
         }
         if line.starts_with('#') {
             if is_incompatible_warning(line) {
-                return Err(SaveParseError::Incompatible {
-                    line: lineno,
-                    text: line.to_string(),
-                });
+                return Err(SaveParseError::Incompatible { line: lineno, text: line.to_string() });
             }
             continue;
         }
@@ -177,10 +166,7 @@ pub fn parse(text: &str) -> Result<SaveDump, SaveParseError> {
             if dump.table(name).is_some() {
                 return Err(unexpected("second block for the same table"));
             }
-            open = Some(SaveTable {
-                name: name.to_string(),
-                chains: Vec::new(),
-            });
+            open = Some(SaveTable { name: name.to_string(), chains: Vec::new() });
             continue;
         }
         let Some(table) = open.as_mut() else {
@@ -201,11 +187,7 @@ pub fn parse(text: &str) -> Result<SaveDump, SaveParseError> {
                 return Err(unexpected("chain declared twice"));
             }
             let policy = (policy != "-").then(|| policy.to_string());
-            table.chains.push(SaveChain {
-                name: name.to_string(),
-                policy,
-                rules: Vec::new(),
-            });
+            table.chains.push(SaveChain { name: name.to_string(), policy, rules: Vec::new() });
             continue;
         }
         // `[pkts:bytes] -A …` with `-c`.
@@ -216,16 +198,10 @@ pub fn parse(text: &str) -> Result<SaveDump, SaveParseError> {
             },
             None => line,
         };
-        let tokens = tokenize(body)
-            .map_err(|UnterminatedQuote| SaveParseError::UnterminatedQuote { line: lineno })?;
+        let tokens = tokenize(body).map_err(|UnterminatedQuote| SaveParseError::UnterminatedQuote { line: lineno })?;
         match tokens.as_slice() {
             [a, chain, args @ ..] if a == "-A" => {
-                let rule = SaveRule {
-                    chain: chain.clone(),
-                    args: args.to_vec(),
-                    line: body.to_string(),
-                    lineno,
-                };
+                let rule = SaveRule { chain: chain.clone(), args: args.to_vec(), line: body.to_string(), lineno };
                 table.chain_mut(chain).rules.push(rule);
             }
             _ => return Err(unexpected("command (only -A appears in a save)")),
@@ -238,9 +214,8 @@ pub fn parse(text: &str) -> Result<SaveDump, SaveParseError> {
 }
 
 fn is_counter_pair(s: &str) -> bool {
-    s.split_once(':').is_some_and(|(a, b)| {
-        !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
-    })
+    s.split_once(':')
+        .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()))
 }
 
 /// A rule line whose double quote is never closed.
@@ -380,11 +355,7 @@ impl RuleView {
             let vals = &args[start..i];
             let neg = std::mem::take(&mut negate);
             let text = || {
-                let mut t = if neg {
-                    format!("! {opt}")
-                } else {
-                    opt.to_string()
-                };
+                let mut t = if neg { format!("! {opt}") } else { opt.to_string() };
                 for x in vals {
                     t.push(' ');
                     t.push_str(x);
@@ -422,9 +393,7 @@ impl RuleView {
                 }
                 // Inside a module not understood, its options (all long) belong to it; the
                 // short generic options end it.
-                _ if unknown_module.is_some()
-                    && !matches!(opt, "-p" | "-s" | "-d" | "-i" | "-o") =>
-                {
+                _ if unknown_module.is_some() && !matches!(opt, "-p" | "-s" | "-d" | "-i" | "-o") => {
                     if let Some(t) = unknown_module.as_mut() {
                         t.push(' ');
                         t.push_str(&text());
@@ -445,20 +414,13 @@ impl RuleView {
                                 v.unknown.push(text());
                             }
                         } else {
-                            v.proto = Some(Neg {
-                                negated: neg,
-                                value: p,
-                            });
+                            v.proto = Some(Neg { negated: neg, value: p });
                         }
                     }
                     None => v.unknown.push(text()),
                 },
-                "-i" | "--in-interface" => {
-                    set_once(&mut v.in_iface, one.cloned(), neg, text(), &mut v.unknown)
-                }
-                "-o" | "--out-interface" => {
-                    set_once(&mut v.out_iface, one.cloned(), neg, text(), &mut v.unknown)
-                }
+                "-i" | "--in-interface" => set_once(&mut v.in_iface, one.cloned(), neg, text(), &mut v.unknown),
+                "-o" | "--out-interface" => set_once(&mut v.out_iface, one.cloned(), neg, text(), &mut v.unknown),
                 "-s" | "--source" | "--src" => {
                     let p = one.and_then(|s| parse_prefix(s));
                     set_once(&mut v.src, p, neg, text(), &mut v.unknown);
@@ -468,17 +430,10 @@ impl RuleView {
                     set_once(&mut v.dst, p, neg, text(), &mut v.unknown);
                 }
                 "--dport" | "--destination-port" | "--sport" | "--source-port"
-                    if matches!(
-                        module.as_deref(),
-                        None | Some("tcp" | "udp" | "sctp" | "udplite" | "dccp")
-                    ) =>
+                    if matches!(module.as_deref(), None | Some("tcp" | "udp" | "sctp" | "udplite" | "dccp")) =>
                 {
                     let r = one.and_then(|s| parse_port_range(s)).map(|r| vec![r]);
-                    let field = if opt.starts_with("--d") {
-                        &mut v.dports
-                    } else {
-                        &mut v.sports
-                    };
+                    let field = if opt.starts_with("--d") { &mut v.dports } else { &mut v.sports };
                     set_once(field, r, neg, text(), &mut v.unknown);
                 }
                 "--dports" | "--destination-ports" | "--sports" | "--source-ports" | "--ports"
@@ -521,31 +476,14 @@ impl RuleView {
 }
 
 /// Modules whose options [`RuleView`] reads (others go to `unknown` whole).
-const KNOWN_MODULES: &[&str] = &[
-    "tcp",
-    "udp",
-    "sctp",
-    "udplite",
-    "dccp",
-    "multiport",
-    "conntrack",
-    "state",
-    "comment",
-];
+const KNOWN_MODULES: &[&str] = &["tcp", "udp", "sctp", "udplite", "dccp", "multiport", "conntrack", "state", "comment"];
 
 fn is_option(s: &str) -> bool {
-    s == "!"
-        || (s.starts_with('-') && s.len() > 1 && !s[1..].starts_with(|c: char| c.is_ascii_digit()))
+    s == "!" || (s.starts_with('-') && s.len() > 1 && !s[1..].starts_with(|c: char| c.is_ascii_digit()))
 }
 
 /// Sets `field` once; a missing value, an unparsable one or a repeat goes to `unknown`.
-fn set_once<T>(
-    field: &mut Option<Neg<T>>,
-    value: Option<T>,
-    negated: bool,
-    text: String,
-    unknown: &mut Vec<String>,
-) {
+fn set_once<T>(field: &mut Option<Neg<T>>, value: Option<T>, negated: bool, text: String, unknown: &mut Vec<String>) {
     match value {
         Some(value) if field.is_none() => *field = Some(Neg { negated, value }),
         _ => unknown.push(text),
@@ -613,10 +551,7 @@ pub fn parse_port_list(s: &str) -> Option<Vec<RangeInclusive<u16>>> {
 }
 
 fn parse_states(s: &str) -> BTreeSet<String> {
-    s.split(',')
-        .filter(|x| !x.is_empty())
-        .map(|x| x.to_ascii_uppercase())
-        .collect()
+    s.split(',').filter(|x| !x.is_empty()).map(|x| x.to_ascii_uppercase()).collect()
 }
 
 #[cfg(test)]
@@ -631,24 +566,11 @@ mod tests {
     fn tokenizer_quotes_and_escapes() {
         assert_eq!(
             args(r#"-m comment --comment "a \"q\" x\\y  z" -j ACCEPT"#),
-            vec![
-                "-m",
-                "comment",
-                "--comment",
-                "a \"q\" x\\y  z",
-                "-j",
-                "ACCEPT"
-            ]
+            vec!["-m", "comment", "--comment", "a \"q\" x\\y  z", "-j", "ACCEPT"]
         );
-        assert_eq!(
-            args(r#"--comment "" -j X"#),
-            vec!["--comment", "", "-j", "X"]
-        );
+        assert_eq!(args(r#"--comment "" -j X"#), vec!["--comment", "", "-j", "X"]);
         assert_eq!(args("a\\b  c\t d"), vec!["a\\b", "c", "d"]);
-        assert_eq!(
-            args(r#"--log-prefix "dropped: ""#),
-            vec!["--log-prefix", "dropped: "]
-        );
+        assert_eq!(args(r#"--log-prefix "dropped: ""#), vec!["--log-prefix", "dropped: "]);
         assert!(tokenize(r#"--comment "open"#).is_err());
     }
 
@@ -712,10 +634,7 @@ COMMIT
     #[test]
     fn real_world_dump() {
         let d = parse(REAL).expect("parses");
-        assert_eq!(
-            d.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-            vec!["raw", "filter", "nat"]
-        );
+        assert_eq!(d.tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["raw", "filter", "nat"]);
         let f = d.table("filter").expect("filter");
         assert_eq!(f.chains.len(), 8);
         let input = f.chain("INPUT").expect("INPUT");
@@ -747,99 +666,41 @@ COMMIT
         assert_eq!(v.unknown, vec!["-m limit --limit 5/min"]);
         let t = v.target.expect("target");
         assert_eq!((t.name.as_str(), t.goto), ("LOG", false));
-        assert_eq!(
-            t.args,
-            vec!["--log-prefix", "iptables denied: ", "--log-level", "7"]
-        );
+        assert_eq!(t.args, vec!["--log-prefix", "iptables denied: ", "--log-level", "7"]);
 
         // fail2ban jump: multiport dports 22, tcp.
         let v = RuleView::from_args(&input.rules[0].args);
-        assert_eq!(
-            v.proto,
-            Some(Neg {
-                negated: false,
-                value: "tcp".into()
-            })
-        );
-        assert_eq!(
-            v.dports,
-            Some(Neg {
-                negated: false,
-                value: vec![22..=22]
-            })
-        );
+        assert_eq!(v.proto, Some(Neg { negated: false, value: "tcp".into() }));
+        assert_eq!(v.dports, Some(Neg { negated: false, value: vec![22..=22] }));
         assert_eq!(v.target.as_ref().map(|t| t.name.as_str()), Some("f2b-sshd"));
         assert!(v.fully_understood());
 
         let v = RuleView::from_args(&input.rules[2].args);
-        assert_eq!(
-            v.states
-                .expect("states")
-                .value
-                .into_iter()
-                .collect::<Vec<_>>(),
-            vec!["ESTABLISHED", "RELATED"]
-        );
+        assert_eq!(v.states.expect("states").value.into_iter().collect::<Vec<_>>(), vec!["ESTABLISHED", "RELATED"]);
 
         let v = RuleView::from_args(&input.rules[5].args);
-        assert_eq!(
-            v.src,
-            Some(Neg {
-                negated: false,
-                value: Prefix::V4([192, 0, 2, 0].into(), 24)
-            })
-        );
+        assert_eq!(v.src, Some(Neg { negated: false, value: Prefix::V4([192, 0, 2, 0].into(), 24) }));
         assert_eq!(v.proto.expect("proto").value, "udp");
 
         let v = RuleView::from_args(&input.rules[7].args);
         assert!(v.fully_understood());
-        assert_eq!(
-            v.target.expect("t").args,
-            vec!["--reject-with", "icmp-port-unreachable"]
-        );
+        assert_eq!(v.target.expect("t").args, vec!["--reject-with", "icmp-port-unreachable"]);
 
         let docker = &f.chain("DOCKER").expect("DOCKER").rules[0];
         let v = RuleView::from_args(&docker.args);
-        assert_eq!(
-            v.in_iface,
-            Some(Neg {
-                negated: true,
-                value: "docker0".into()
-            })
-        );
-        assert_eq!(
-            v.out_iface,
-            Some(Neg {
-                negated: false,
-                value: "docker0".into()
-            })
-        );
-        assert_eq!(
-            v.dst.expect("dst").value,
-            Prefix::V4([172, 17, 0, 2].into(), 32)
-        );
+        assert_eq!(v.in_iface, Some(Neg { negated: true, value: "docker0".into() }));
+        assert_eq!(v.out_iface, Some(Neg { negated: false, value: "docker0".into() }));
+        assert_eq!(v.dst.expect("dst").value, Prefix::V4([172, 17, 0, 2].into(), 32));
 
         let f2b_set = &f.chain("f2b-sshd").expect("f2b").rules[1];
-        assert_eq!(
-            RuleView::from_args(&f2b_set.args).unknown,
-            vec!["-m set --match-set f2b-sshd-set src"]
-        );
+        assert_eq!(RuleView::from_args(&f2b_set.args).unknown, vec!["-m set --match-set f2b-sshd-set src"]);
 
         let nat = d.table("nat").expect("nat");
         let v = RuleView::from_args(&nat.chain("OUTPUT").expect("OUTPUT").rules[0].args);
-        assert_eq!(
-            v.dst,
-            Some(Neg {
-                negated: true,
-                value: Prefix::V4([127, 0, 0, 0].into(), 8)
-            })
-        );
+        assert_eq!(v.dst, Some(Neg { negated: true, value: Prefix::V4([127, 0, 0, 0].into(), 8) }));
         assert_eq!(v.unknown, vec!["-m addrtype --dst-type LOCAL"]);
         assert_eq!(
-            d.chain("raw", "PREROUTING").expect("raw").rules[0]
-                .args
-                .last()
-                .map(String::as_str),
+            d.chain("raw", "PREROUTING").expect("raw").rules[0].args.last().map(String::as_str),
             Some("--notrack")
         );
     }
@@ -865,14 +726,8 @@ COMMIT
 
     #[test]
     fn malformed_dumps() {
-        assert!(matches!(
-            parse("*filter\n:INPUT ACCEPT [0:0]\n"),
-            Err(SaveParseError::MissingCommit { .. })
-        ));
-        assert!(matches!(
-            parse("-A INPUT -j ACCEPT\n"),
-            Err(SaveParseError::Unexpected { line: 1, .. })
-        ));
+        assert!(matches!(parse("*filter\n:INPUT ACCEPT [0:0]\n"), Err(SaveParseError::MissingCommit { .. })));
+        assert!(matches!(parse("-A INPUT -j ACCEPT\n"), Err(SaveParseError::Unexpected { line: 1, .. })));
         assert!(matches!(
             parse("*filter\n-I INPUT 1 -j ACCEPT\nCOMMIT\n"),
             Err(SaveParseError::Unexpected { line: 2, .. })
@@ -881,136 +736,71 @@ COMMIT
             parse("*filter\n-A INPUT -m comment --comment \"x\nCOMMIT\n"),
             Err(SaveParseError::UnterminatedQuote { line: 2 })
         ));
-        assert!(matches!(
-            parse("*filter\nCOMMIT\n*filter\nCOMMIT\n"),
-            Err(SaveParseError::Unexpected { line: 3, .. })
-        ));
+        assert!(matches!(parse("*filter\nCOMMIT\n*filter\nCOMMIT\n"), Err(SaveParseError::Unexpected { line: 3, .. })));
         assert_eq!(parse("").expect("empty").tables.len(), 0);
     }
 
     #[test]
     fn counters_and_undeclared_chains() {
         let d =
-            parse("*filter\n:INPUT ACCEPT [5:6]\n[1:2] -A INPUT -j ACCEPT\n-A X -j DROP\nCOMMIT\n")
-                .expect("parses");
+            parse("*filter\n:INPUT ACCEPT [5:6]\n[1:2] -A INPUT -j ACCEPT\n-A X -j DROP\nCOMMIT\n").expect("parses");
         let t = d.table("filter").expect("filter");
-        assert_eq!(
-            t.chain("INPUT").expect("INPUT").rules[0].line,
-            "-A INPUT -j ACCEPT"
-        );
+        assert_eq!(t.chain("INPUT").expect("INPUT").rules[0].line, "-A INPUT -j ACCEPT");
         assert_eq!(t.chain("X").expect("X").policy, None);
     }
 
     #[test]
     fn negations_and_ports() {
         let v = RuleView::from_args(&args("! -s 10.0.0.5/8 ! -p udp -m multiport ! --dports 53,1000:2000 -m conntrack ! --ctstate NEW,untracked -g OTHER"));
-        assert_eq!(
-            v.src,
-            Some(Neg {
-                negated: true,
-                value: Prefix::V4([10, 0, 0, 0].into(), 8)
-            })
-        );
-        assert_eq!(
-            v.proto,
-            Some(Neg {
-                negated: true,
-                value: "udp".into()
-            })
-        );
-        assert_eq!(
-            v.dports,
-            Some(Neg {
-                negated: true,
-                value: vec![53..=53, 1000..=2000]
-            })
-        );
+        assert_eq!(v.src, Some(Neg { negated: true, value: Prefix::V4([10, 0, 0, 0].into(), 8) }));
+        assert_eq!(v.proto, Some(Neg { negated: true, value: "udp".into() }));
+        assert_eq!(v.dports, Some(Neg { negated: true, value: vec![53..=53, 1000..=2000] }));
         let st = v.states.clone().expect("states");
         assert!(st.negated && st.value.contains("UNTRACKED") && st.value.contains("NEW"));
         assert!(v.fully_understood());
         let t = v.target.expect("target");
         assert!(t.goto && t.name == "OTHER");
 
-        let v = RuleView::from_args(&args(
-            "-p tcp --sport 1024: -m state --state ESTABLISHED -j ACCEPT",
-        ));
-        assert_eq!(
-            v.sports,
-            Some(Neg {
-                negated: false,
-                value: vec![1024..=65535]
-            })
-        );
+        let v = RuleView::from_args(&args("-p tcp --sport 1024: -m state --state ESTABLISHED -j ACCEPT"));
+        assert_eq!(v.sports, Some(Neg { negated: false, value: vec![1024..=65535] }));
         assert!(v.states.expect("s").value.contains("ESTABLISHED"));
 
         let v = RuleView::from_args(&args(
             "-p udp -m udp ! --dport 53 -m multiport --sports 1,2 -m multiport --ports 5:6 -j DROP",
         ));
-        assert_eq!(
-            v.dports,
-            Some(Neg {
-                negated: true,
-                value: vec![53..=53]
-            })
-        );
+        assert_eq!(v.dports, Some(Neg { negated: true, value: vec![53..=53] }));
         assert_eq!(v.sports.expect("sports").value, vec![1..=1, 2..=2]);
         assert_eq!(v.any_ports.expect("ports").value, vec![5..=6]);
 
         let v = RuleView::from_args(&args("-s fd42::1/64 -d ::1/128 -p 17 -i eth+ -j ACCEPT"));
-        assert_eq!(
-            v.src.expect("src").value,
-            Prefix::V6("fd42::".parse().expect("v6"), 64)
-        );
+        assert_eq!(v.src.expect("src").value, Prefix::V6("fd42::".parse().expect("v6"), 64));
         assert_eq!(v.proto.expect("p").value, "udp");
         assert_eq!(v.in_iface.expect("iif").value, "eth+");
 
         let v = RuleView::from_args(&args("-s 10.0.0.0/255.255.0.0 -p all -j ACCEPT"));
-        assert_eq!(
-            v.src.expect("src").value,
-            Prefix::V4([10, 0, 0, 0].into(), 16)
-        );
+        assert_eq!(v.src.expect("src").value, Prefix::V4([10, 0, 0, 0].into(), 16));
         assert_eq!(v.proto, None);
     }
 
     #[test]
     fn unknown_options_are_listed() {
         let v = RuleView::from_args(&args("-p tcp -m tcp --dport ssh --tcp-flags FIN,SYN,RST,ACK SYN -m recent --name x --rcheck -m comment --comment \"ctguard:tx\" -j DROP"));
-        assert_eq!(
-            v.unknown,
-            vec![
-                "--dport ssh",
-                "--tcp-flags FIN,SYN,RST,ACK SYN",
-                "-m recent --name x --rcheck"
-            ]
-        );
+        assert_eq!(v.unknown, vec!["--dport ssh", "--tcp-flags FIN,SYN,RST,ACK SYN", "-m recent --name x --rcheck"]);
         assert_eq!(v.comment.as_deref(), Some("ctguard:tx"));
         assert_eq!(v.dports, None);
         // A hostname or a non-contiguous mask cannot be evaluated.
         let v = RuleView::from_args(&args("-s example.org -d 10.0.0.0/255.0.255.0 -f -j ACCEPT"));
-        assert_eq!(
-            v.unknown,
-            vec!["-s example.org", "-d 10.0.0.0/255.0.255.0", "-f"]
-        );
+        assert_eq!(v.unknown, vec!["-s example.org", "-d 10.0.0.0/255.0.255.0", "-f"]);
         // `--dport` under a module that does not define it is not a port match.
-        let v = RuleView::from_args(&args(
-            "-m conntrack --ctstate NEW --ctorigdstport 53 -j ACCEPT",
-        ));
+        let v = RuleView::from_args(&args("-m conntrack --ctstate NEW --ctorigdstport 53 -j ACCEPT"));
         assert_eq!(v.unknown, vec!["--ctorigdstport 53"]);
         // A negated module (rare) is not understood.
-        let v = RuleView::from_args(&args(
-            "-m comment --comment x -m addrtype ! --src-type LOCAL -j RETURN",
-        ));
+        let v = RuleView::from_args(&args("-m comment --comment x -m addrtype ! --src-type LOCAL -j RETURN"));
         assert_eq!(v.unknown, vec!["-m addrtype ! --src-type LOCAL"]);
         // A generic option after a module not understood ends that module.
         let v = RuleView::from_args(&args("-m limit --limit 5/min ! -s 10.0.0.0/8 -j ACCEPT"));
         assert_eq!(v.unknown, vec!["-m limit --limit 5/min"]);
-        assert_eq!(
-            v.src,
-            Some(Neg {
-                negated: true,
-                value: Prefix::V4([10, 0, 0, 0].into(), 8)
-            })
-        );
+        assert_eq!(v.src, Some(Neg { negated: true, value: Prefix::V4([10, 0, 0, 0].into(), 8) }));
         // No target.
         assert_eq!(RuleView::from_args(&args("-p udp")).target, None);
     }

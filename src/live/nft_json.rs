@@ -106,10 +106,9 @@ impl Ctx<'_> {
     /// The values a right-hand side stands for: inline set, named set, or a single value.
     fn values(&self, right: &Value) -> Option<Vec<Value>> {
         match right {
-            Value::String(s) if s.starts_with('@') => self
-                .sets
-                .get(&(self.family.to_string(), self.table.to_string(), s[1..].to_string()))
-                .cloned(),
+            Value::String(s) if s.starts_with('@') => {
+                self.sets.get(&(self.family.to_string(), self.table.to_string(), s[1..].to_string())).cloned()
+            }
             Value::Array(a) => Some(a.clone()),
             Value::Object(o) if o.contains_key("set") => o.get("set").and_then(Value::as_array).cloned(),
             v => Some(vec![v.clone()]),
@@ -238,7 +237,11 @@ fn convert_match(m: &Value, ctx: &Ctx<'_>) -> Vec<Cond> {
         let key = str_of(meta, "key");
         let vals = ctx.values(right).unwrap_or_default();
         match key.as_str() {
-            "l4proto" => match vals.iter().map(|v| v.as_str().and_then(proto_number).or_else(|| v.as_u64().map(|n| n as u8))).collect::<Option<Vec<u8>>>() {
+            "l4proto" => match vals
+                .iter()
+                .map(|v| v.as_str().and_then(proto_number).or_else(|| v.as_u64().map(|n| n as u8)))
+                .collect::<Option<Vec<u8>>>()
+            {
                 Some(protos) => vec![Cond::Proto { neg, protos }],
                 None => opaque(),
             },
@@ -333,17 +336,14 @@ mod tests {
     fn parses_a_real_listing() {
         let r = parse(SAMPLE).expect("parses");
         assert!(r.has_table("inet", "host"));
-        let input = r
-            .fw
-            .find(&Owner::Nft { family: "inet".into(), table: "host".into() }, "input")
-            .expect("input chain");
+        let input =
+            r.fw.find(&Owner::Nft { family: "inet".into(), table: "host".into() }, "input").expect("input chain");
         assert_eq!(input.hook, Some(FwHook::Input));
         assert_eq!(input.policy_accept, Some(false));
         // ip saddr @bl drop: the named set resolves to its prefix.
-        assert!(input.rules[0].conds.contains(&Cond::Saddr {
-            neg: false,
-            prefixes: vec![Prefix::V4("10.9.0.0".parse().expect("addr"), 16)]
-        }));
+        assert!(input.rules[0]
+            .conds
+            .contains(&Cond::Saddr { neg: false, prefixes: vec![Prefix::V4("10.9.0.0".parse().expect("addr"), 16)] }));
         assert_eq!(input.rules[0].verdict, Verdict::Drop);
         // udp dport 53 ct state new accept
         let r4 = &input.rules[4];

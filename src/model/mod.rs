@@ -60,11 +60,7 @@ pub fn parse_policy(text: &str, format: Format) -> Result<Policy, Vec<PolicyErro
     if text.len() > MAX_POLICY_BYTES {
         return Err(vec![PolicyError {
             path: String::new(),
-            reason: format!(
-                "document is {} bytes, more than the {} byte limit",
-                text.len(),
-                MAX_POLICY_BYTES
-            ),
+            reason: format!("document is {} bytes, more than the {} byte limit", text.len(), MAX_POLICY_BYTES),
         }]);
     }
     let raw = raw::deserialize(text, format).map_err(|e| vec![e])?;

@@ -39,9 +39,7 @@ impl IfName {
             return Err(format!("{s:?} is not a valid interface name"));
         }
         if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || "_.@+-".contains(*c))) {
-            return Err(format!(
-                "{s:?} contains {c:?}; interface names may use only letters, digits and _ . @ + -"
-            ));
+            return Err(format!("{s:?} contains {c:?}; interface names may use only letters, digits and _ . @ + -"));
         }
         Ok(IfName(s.to_string()))
     }
@@ -63,11 +61,8 @@ impl fmt::Display for IfName {
 pub struct SysctlKey(String);
 
 /// Sysctls that only the initial network namespace can write (DESIGN §10).
-pub const HOST_ONLY_SYSCTLS: &[&str] = &[
-    "net.netfilter.nf_conntrack_max",
-    "net.netfilter.nf_conntrack_buckets",
-    "net.netfilter.nf_conntrack_expect_max",
-];
+pub const HOST_ONLY_SYSCTLS: &[&str] =
+    &["net.netfilter.nf_conntrack_max", "net.netfilter.nf_conntrack_buckets", "net.netfilter.nf_conntrack_expect_max"];
 
 impl SysctlKey {
     /// Accepts `net.netfilter.` followed by one or more `[a-z0-9_]` components joined by dots.
@@ -77,13 +72,10 @@ impl SysctlKey {
         };
         if rest.is_empty()
             || rest.split('.').any(|part| {
-                part.is_empty()
-                    || !part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                part.is_empty() || !part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             })
         {
-            return Err(format!(
-                "{s:?} is not a sysctl name (lower-case letters, digits and _ between dots)"
-            ));
+            return Err(format!("{s:?} is not a sysctl name (lower-case letters, digits and _ between dots)"));
         }
         if s.len() > 128 {
             return Err(format!("{s:?} is too long for a sysctl name"));
@@ -121,10 +113,7 @@ pub const TAG_PREFIX: &str = "ctguard:";
 impl Tag {
     /// Builds `ctguard:ID`; `id` must be 1..=64 of `[A-Za-z0-9-]`.
     pub fn new(id: &str) -> Result<Tag, String> {
-        if id.is_empty()
-            || id.len() > 64
-            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
+        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(format!("{id:?} is not a transaction id (1-64 of A-Z a-z 0-9 -)"));
         }
         Ok(Tag(format!("{TAG_PREFIX}{id}")))
@@ -169,10 +158,7 @@ pub fn normalize_tags(line: &str) -> String {
 pub fn check_object_name(s: &str) -> Result<(), String> {
     let mut chars = s.chars();
     let ok_first = chars.next().is_some_and(|c| c.is_ascii_lowercase());
-    if !ok_first
-        || s.len() > 31
-        || !s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    {
+    if !ok_first || s.len() > 31 || !s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
         return Err(format!("{s:?} is not a valid object name"));
     }
     Ok(())

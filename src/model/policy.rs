@@ -149,12 +149,8 @@ impl Prefix {
     /// True when `other` lies entirely inside `self` (same family).
     pub fn covers(&self, other: &Prefix) -> bool {
         match (self, other) {
-            (Prefix::V4(a, la), Prefix::V4(b, lb)) => {
-                la <= lb && mask_v4(u32::from(*b), *la) == u32::from(*a)
-            }
-            (Prefix::V6(a, la), Prefix::V6(b, lb)) => {
-                la <= lb && mask_v6(u128::from(*b), *la) == u128::from(*a)
-            }
+            (Prefix::V4(a, la), Prefix::V4(b, lb)) => la <= lb && mask_v4(u32::from(*b), *la) == u32::from(*a),
+            (Prefix::V6(a, la), Prefix::V6(b, lb)) => la <= lb && mask_v6(u128::from(*b), *la) == u128::from(*a),
             _ => false,
         }
     }

@@ -117,13 +117,15 @@ pub(super) fn deserialize(text: &str, format: Format) -> Result<RawPolicy, Polic
     match format {
         Format::Json => {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
-                let entries = v.get("notrack").and_then(|n| n.as_array()).map(|a| a.iter().map(|e| e.is_array()).collect());
+                let entries =
+                    v.get("notrack").and_then(|n| n.as_array()).map(|a| a.iter().map(|e| e.is_array()).collect());
                 check_shape(v.is_array(), entries)?;
             }
         }
         Format::Toml => {
             if let Ok(v) = toml::from_str::<toml::Table>(text) {
-                let entries = v.get("notrack").and_then(|n| n.as_array()).map(|a| a.iter().map(|e| e.is_array()).collect());
+                let entries =
+                    v.get("notrack").and_then(|n| n.as_array()).map(|a| a.iter().map(|e| e.is_array()).collect());
                 check_shape(false, entries)?;
             }
         }
@@ -145,12 +147,9 @@ fn deserialize_checked(text: &str, format: Format) -> Result<RawPolicy, PolicyEr
             }
         }
         Format::Toml => {
-            let de = toml::Deserializer::parse(text).map_err(|e| PolicyError {
-                path: String::new(),
-                reason: one_line(&e.to_string()),
-            })?;
-            serde_path_to_error::deserialize(de)
-                .map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))
+            let de = toml::Deserializer::parse(text)
+                .map_err(|e| PolicyError { path: String::new(), reason: one_line(&e.to_string()) })?;
+            serde_path_to_error::deserialize(de).map_err(|e| path_error(e.path().to_string(), e.inner().to_string()))
         }
     }
 }

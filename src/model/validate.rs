@@ -16,8 +16,7 @@ pub const MAX_SOURCES: usize = 16384;
 pub const MAX_INTERFACES: usize = 256;
 
 /// Sysctls that accept `"auto"`.
-pub const AUTO_SYSCTLS: &[&str] =
-    &["net.netfilter.nf_conntrack_max", "net.netfilter.nf_conntrack_buckets"];
+pub const AUTO_SYSCTLS: &[&str] = &["net.netfilter.nf_conntrack_max", "net.netfilter.nf_conntrack_buckets"];
 
 struct Errors(Vec<PolicyError>);
 
@@ -30,17 +29,10 @@ impl Errors {
 pub(super) fn validate(raw: RawPolicy) -> Result<Policy, Vec<PolicyError>> {
     let mut errs = Errors(Vec::new());
     if raw.notrack.len() > MAX_NOTRACK_ENTRIES {
-        errs.push(
-            "notrack",
-            format!("{} entries, more than the limit of {MAX_NOTRACK_ENTRIES}", raw.notrack.len()),
-        );
+        errs.push("notrack", format!("{} entries, more than the limit of {MAX_NOTRACK_ENTRIES}", raw.notrack.len()));
     }
-    let notrack: Vec<NotrackRule> = raw
-        .notrack
-        .iter()
-        .enumerate()
-        .map(|(i, n)| notrack_rule(&format!("notrack[{i}]"), n, &mut errs))
-        .collect();
+    let notrack: Vec<NotrackRule> =
+        raw.notrack.iter().enumerate().map(|(i, n)| notrack_rule(&format!("notrack[{i}]"), n, &mut errs)).collect();
     let mut sysctl = BTreeMap::new();
     for (k, v) in &raw.sysctl {
         let path = format!("sysctl.\"{}\"", k.escape_debug());
@@ -221,10 +213,7 @@ pub fn parse_prefix(s: &str) -> Result<Prefix, String> {
             }
             let net = super::mask_v4(u32::from(a), len);
             if net != u32::from(a) {
-                return Err(format!(
-                    "{s:?} has host bits set (did you mean {}/{len}?)",
-                    std::net::Ipv4Addr::from(net)
-                ));
+                return Err(format!("{s:?} has host bits set (did you mean {}/{len}?)", std::net::Ipv4Addr::from(net)));
             }
             Ok(Prefix::V4(a, len))
         }
@@ -235,10 +224,7 @@ pub fn parse_prefix(s: &str) -> Result<Prefix, String> {
             }
             let net = super::mask_v6(u128::from(a), len);
             if net != u128::from(a) {
-                return Err(format!(
-                    "{s:?} has host bits set (did you mean {}/{len}?)",
-                    std::net::Ipv6Addr::from(net)
-                ));
+                return Err(format!("{s:?} has host bits set (did you mean {}/{len}?)", std::net::Ipv6Addr::from(net)));
             }
             Ok(Prefix::V6(a, len))
         }
@@ -283,10 +269,20 @@ sources = ["10.0.0.1/8", "fd42::/64", "nope"]
 interfaces = ["eth0", "x\" accept"]
 "#,
         );
-        assert!(e.contains(&"notrack[0].protocols[1]: \"icmp\" is not a supported protocol (\"udp\" or \"tcp\")".to_string()), "{e:?}");
+        assert!(
+            e.contains(
+                &"notrack[0].protocols[1]: \"icmp\" is not a supported protocol (\"udp\" or \"tcp\")".to_string()
+            ),
+            "{e:?}"
+        );
         assert!(e.contains(&"notrack[0].ports[2]: 70000 is not a port (1-65535)".to_string()), "{e:?}");
         assert!(e.iter().any(|m| m.starts_with("notrack[0].ports[3]: \"9-3\" is an empty range")), "{e:?}");
-        assert!(e.iter().any(|m| m.starts_with("notrack[0].sources[0]: \"10.0.0.1/8\" has host bits set (did you mean 10.0.0.0/8?)")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m
+                    .starts_with("notrack[0].sources[0]: \"10.0.0.1/8\" has host bits set (did you mean 10.0.0.0/8?)")),
+            "{e:?}"
+        );
         assert!(e.iter().any(|m| m.starts_with("notrack[0].sources[2]:")), "{e:?}");
         assert!(e.iter().any(|m| m.starts_with("notrack[0].interfaces[1]:")), "{e:?}");
         assert_eq!(e.len(), 6, "{e:?}");
@@ -312,11 +308,8 @@ interfaces = ["eth0", "x\" accept"]
 
     #[test]
     fn json_is_accepted_and_strict() {
-        let p = parse_policy(
-            r#"{"notrack":[{"protocols":["udp"],"ports":[53,"5300-5310"]}]}"#,
-            Format::Json,
-        )
-        .expect("valid");
+        let p = parse_policy(r#"{"notrack":[{"protocols":["udp"],"ports":[53,"5300-5310"]}]}"#, Format::Json)
+            .expect("valid");
         assert_eq!(p.notrack[0].ports.len(), 2);
         let e = parse_policy(r#"{"notrack":[{"protocols":["udp"],"ports":[53.5]}]}"#, Format::Json)
             .expect_err("float port");

@@ -54,9 +54,11 @@ pub fn sysctl_writes(policy: &Policy, facts: MachineFacts) -> Vec<(String, u64, 
                 auto_conntrack_buckets(facts, max, None),
                 " (auto: = nf_conntrack_max, rounded as the kernel does)".to_string(),
             ),
-            SysctlValue::Auto => {
-                (k.to_string(), auto_conntrack_max(facts, None), " (auto: RAM / 16384 / (bits / 32), power of two)".to_string())
-            }
+            SysctlValue::Auto => (
+                k.to_string(),
+                auto_conntrack_max(facts, None),
+                " (auto: RAM / 16384 / (bits / 32), power of two)".to_string(),
+            ),
         })
         .collect()
 }

@@ -104,7 +104,9 @@ pub fn evaluate(tables: &FwTables, chain: &FwChain, flow: &Flow) -> Outcome {
     let mut ma = Vec::new();
     let mut md = Vec::new();
     match walk(tables, chain, flow, 0, &mut ma, &mut md, false) {
-        Walk::Final(accept, Some(rule)) => Outcome { accept, at: DecidedAt::Rule(rule), maybe_accepts: ma, maybe_drops: md },
+        Walk::Final(accept, Some(rule)) => {
+            Outcome { accept, at: DecidedAt::Rule(rule), maybe_accepts: ma, maybe_drops: md }
+        }
         Walk::Final(accept, None) => Outcome { accept, at: DecidedAt::Policy, maybe_accepts: ma, maybe_drops: md },
         Walk::Fallthrough => Outcome {
             accept: chain.policy_accept.unwrap_or(true),
@@ -156,7 +158,11 @@ fn walk(
                     if sure {
                         return Walk::Final(accept, Some(rule.clone()));
                     }
-                    if accept { ma.push(rule.clone()) } else { md.push(rule.clone()) }
+                    if accept {
+                        ma.push(rule.clone())
+                    } else {
+                        md.push(rule.clone())
+                    }
                 }
             }
             Verdict::Goto(name) => {

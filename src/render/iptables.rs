@@ -154,16 +154,8 @@ impl NotrackRules {
 /// The jumps ctguard needs in `raw`: `PREROUTING → CTGUARD-PRE`, `OUTPUT → CTGUARD-OUT`.
 pub fn jumps() -> Vec<Jump> {
     vec![
-        Jump {
-            table: RAW_TABLE,
-            from: "PREROUTING",
-            to: CHAIN_PRE,
-        },
-        Jump {
-            table: RAW_TABLE,
-            from: "OUTPUT",
-            to: CHAIN_OUT,
-        },
+        Jump { table: RAW_TABLE, from: "PREROUTING", to: CHAIN_PRE },
+        Jump { table: RAW_TABLE, from: "OUTPUT", to: CHAIN_OUT },
     ]
 }
 
@@ -195,20 +187,14 @@ pub fn notrack_rules(policy: &Policy, family: IpFamily, tag: &Tag) -> NotrackRul
                             a.push_all(&["-m", "addrtype", "--dst-type", "LOCAL"]);
                         }
                         a.notrack(tag);
-                        pre.push(RuleSpec {
-                            chain: CHAIN_PRE.into(),
-                            args: a.0,
-                        });
+                        pre.push(RuleSpec { chain: CHAIN_PRE.into(), args: a.0 });
 
                         let mut a = Args::default();
                         a.addr("-d", src);
                         a.iface("-o", iface);
                         a.ports(proto, "--sports", &chunk);
                         a.notrack(tag);
-                        out.push(RuleSpec {
-                            chain: CHAIN_OUT.into(),
-                            args: a.0,
-                        });
+                        out.push(RuleSpec { chain: CHAIN_OUT.into(), args: a.0 });
                     }
                     if n.covers_loopback() {
                         let mut a = Args::default();
@@ -216,21 +202,14 @@ pub fn notrack_rules(policy: &Policy, family: IpFamily, tag: &Tag) -> NotrackRul
                         a.push_all(&["-o", "lo"]);
                         a.ports(proto, "--dports", &chunk);
                         a.notrack(tag);
-                        out.push(RuleSpec {
-                            chain: CHAIN_OUT.into(),
-                            args: a.0,
-                        });
+                        out.push(RuleSpec { chain: CHAIN_OUT.into(), args: a.0 });
                     }
                 }
             }
         }
     }
     pre.extend(out);
-    NotrackRules {
-        family,
-        rules: pre,
-        jumps: jumps(),
-    }
+    NotrackRules { family, rules: pre, jumps: jumps() }
 }
 
 /// The accept rules DESIGN §6 inserts into a filter chain for one NOTRACK entry, as argument
@@ -256,11 +235,7 @@ pub fn accept_untracked_specs(
         return specs;
     }
     let lo = [None];
-    let ifaces: Vec<Option<&IfName>> = if loopback {
-        lo.to_vec()
-    } else {
-        iface_options(rule)
-    };
+    let ifaces: Vec<Option<&IfName>> = if loopback { lo.to_vec() } else { iface_options(rule) };
     for src in family_sources(rule, family) {
         for &proto in &rule.protocols {
             for chunk in multiport_chunks(&rule.ports) {
@@ -350,15 +325,11 @@ pub fn spec_to_line(args: &[String]) -> String {
         }
         let save_style = matches!(prev, Some("--comment" | "--log-prefix" | "--nflog-prefix"));
         let bare = if save_style {
-            !a.is_empty()
-                && a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         } else {
             !a.is_empty()
                 && !a.starts_with('#')
-                && !a
-                    .chars()
-                    .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\'))
+                && !a.chars().any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | '\\'))
         };
         if bare {
             s.push_str(a);
@@ -383,11 +354,7 @@ fn family_sources(n: &NotrackRule, family: IpFamily) -> Vec<Option<&Prefix>> {
     if n.sources.is_empty() {
         vec![None]
     } else {
-        n.sources
-            .iter()
-            .filter(|p| family.contains(p))
-            .map(Some)
-            .collect()
+        n.sources.iter().filter(|p| family.contains(p)).map(Some).collect()
     }
 }
 
@@ -423,15 +390,7 @@ impl Args {
         self.0.push(multiport_list(chunk));
     }
     fn notrack(&mut self, tag: &Tag) {
-        self.push_all(&[
-            "-m",
-            "comment",
-            "--comment",
-            tag.as_str(),
-            "-j",
-            "CT",
-            "--notrack",
-        ]);
+        self.push_all(&["-m", "comment", "--comment", tag.as_str(), "-j", "CT", "--notrack"]);
     }
 }
 
@@ -457,8 +416,12 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                format!("-A CTGUARD-PRE -p tcp -m multiport --dports 53 -m addrtype --dst-type LOCAL {C} -j CT --notrack"),
-                format!("-A CTGUARD-PRE -p udp -m multiport --dports 53 -m addrtype --dst-type LOCAL {C} -j CT --notrack"),
+                format!(
+                    "-A CTGUARD-PRE -p tcp -m multiport --dports 53 -m addrtype --dst-type LOCAL {C} -j CT --notrack"
+                ),
+                format!(
+                    "-A CTGUARD-PRE -p udp -m multiport --dports 53 -m addrtype --dst-type LOCAL {C} -j CT --notrack"
+                ),
                 format!("-A CTGUARD-OUT -p tcp -m multiport --sports 53 {C} -j CT --notrack"),
                 format!("-A CTGUARD-OUT -o lo -p tcp -m multiport --dports 53 {C} -j CT --notrack"),
                 format!("-A CTGUARD-OUT -p udp -m multiport --sports 53 {C} -j CT --notrack"),
@@ -466,42 +429,21 @@ mod tests {
             ]
         );
         // Same rules for v6 when no sources restrict the family.
-        assert_eq!(
-            lines(&notrack_rules(
-                &Policy::builtin(),
-                IpFamily::V6,
-                &Tag::preview()
-            )),
-            l
-        );
+        assert_eq!(lines(&notrack_rules(&Policy::builtin(), IpFamily::V6, &Tag::preview())), l);
     }
 
     #[test]
     fn restore_text_declares_chains_and_optional_jumps() {
         let r = notrack_rules(&Policy::builtin(), IpFamily::V4, &Tag::preview());
         let t = r.restore_text(&[]);
-        assert!(
-            t.starts_with("*raw\n:CTGUARD-PRE - [0:0]\n:CTGUARD-OUT - [0:0]\n-A CTGUARD-PRE "),
-            "{t}"
-        );
+        assert!(t.starts_with("*raw\n:CTGUARD-PRE - [0:0]\n:CTGUARD-OUT - [0:0]\n-A CTGUARD-PRE "), "{t}");
         assert!(t.ends_with("--notrack\nCOMMIT\n"), "{t}");
         assert!(!t.contains("-I "), "{t}");
-        assert!(
-            !t.contains("-N ")
-                && !t.contains("-F")
-                && !t.contains(":PREROUTING")
-                && !t.contains(":OUTPUT")
-        );
+        assert!(!t.contains("-N ") && !t.contains("-F") && !t.contains(":PREROUTING") && !t.contains(":OUTPUT"));
         let t = r.restore_text_with_jumps();
-        assert!(
-            t.ends_with("-I PREROUTING 1 -j CTGUARD-PRE\n-I OUTPUT 1 -j CTGUARD-OUT\nCOMMIT\n"),
-            "{t}"
-        );
+        assert!(t.ends_with("-I PREROUTING 1 -j CTGUARD-PRE\n-I OUTPUT 1 -j CTGUARD-OUT\nCOMMIT\n"), "{t}");
         let only_out = r.restore_text(&r.jumps[1..]);
-        assert!(
-            only_out.contains("-I OUTPUT 1 -j CTGUARD-OUT\n")
-                && !only_out.contains("-I PREROUTING")
-        );
+        assert!(only_out.contains("-I OUTPUT 1 -j CTGUARD-OUT\n") && !only_out.contains("-I PREROUTING"));
         assert_eq!(r.jumps[0].spec(), vec!["-j", "CTGUARD-PRE"]);
         assert_eq!(r.jumps[1].from, "OUTPUT");
     }
@@ -512,20 +454,10 @@ mod tests {
         let c = multiport_chunks(&singles);
         assert_eq!(c.iter().map(Vec::len).collect::<Vec<_>>(), vec![15, 1]);
         // 7 ranges (14) + 1 single = 15 fits; an 8th range does not.
-        let mut v: Vec<PortRange> = (1..=7)
-            .map(|i| PortRange {
-                lo: i * 10,
-                hi: i * 10 + 1,
-            })
-            .collect();
+        let mut v: Vec<PortRange> = (1..=7).map(|i| PortRange { lo: i * 10, hi: i * 10 + 1 }).collect();
         v.push(PortRange::single(100));
         assert_eq!(multiport_chunks(&v).len(), 1);
-        let mut w: Vec<PortRange> = (1..=8)
-            .map(|i| PortRange {
-                lo: i * 10,
-                hi: i * 10 + 1,
-            })
-            .collect();
+        let mut w: Vec<PortRange> = (1..=8).map(|i| PortRange { lo: i * 10, hi: i * 10 + 1 }).collect();
         w.push(PortRange::single(100));
         let c = multiport_chunks(&w);
         assert_eq!(c.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![7, 2]);
@@ -535,17 +467,8 @@ mod tests {
         // 14 singles then a range: the range starts a new chunk.
         let mut x: Vec<PortRange> = (1..=14).map(PortRange::single).collect();
         x.push(PortRange { lo: 100, hi: 200 });
-        assert_eq!(
-            multiport_chunks(&x)
-                .iter()
-                .map(Vec::len)
-                .collect::<Vec<_>>(),
-            vec![14, 1]
-        );
-        assert_eq!(
-            multiport_list(&[PortRange::single(53), PortRange { lo: 1000, hi: 2000 }]),
-            "53,1000:2000"
-        );
+        assert_eq!(multiport_chunks(&x).iter().map(Vec::len).collect::<Vec<_>>(), vec![14, 1]);
+        assert_eq!(multiport_list(&[PortRange::single(53), PortRange { lo: 1000, hi: 2000 }]), "53,1000:2000");
     }
 
     #[test]
@@ -556,10 +479,7 @@ mod tests {
             ports.join(",")
         ));
         let r = notrack_rules(&p, IpFamily::V4, &Tag::preview());
-        let pre: Vec<_> = r
-            .chain_rules(CHAIN_PRE)
-            .map(RuleSpec::append_line)
-            .collect();
+        let pre: Vec<_> = r.chain_rules(CHAIN_PRE).map(RuleSpec::append_line).collect();
         assert_eq!(
             pre,
             vec![
@@ -591,45 +511,28 @@ mod tests {
         );
         let v6 = lines(&notrack_rules(&p, IpFamily::V6, &Tag::preview()));
         assert_eq!(v6.len(), 3);
-        assert!(
-            v6[0].starts_with("-A CTGUARD-PRE -s fd42::/64 -p udp"),
-            "{v6:?}"
-        );
-        assert!(
-            v6[1].starts_with("-A CTGUARD-OUT -d fd42::/64 -p udp"),
-            "{v6:?}"
-        );
-        assert!(
-            v6[2].starts_with("-A CTGUARD-OUT -s fd42::/64 -o lo -p udp"),
-            "{v6:?}"
-        );
+        assert!(v6[0].starts_with("-A CTGUARD-PRE -s fd42::/64 -p udp"), "{v6:?}");
+        assert!(v6[1].starts_with("-A CTGUARD-OUT -d fd42::/64 -p udp"), "{v6:?}");
+        assert!(v6[2].starts_with("-A CTGUARD-OUT -s fd42::/64 -o lo -p udp"), "{v6:?}");
 
         // Only v4 sources: the v6 family gets nothing at all (not "any source").
         let p = policy("[[notrack]]\nprotocols=[\"udp\"]\nports=[53]\nsources=[\"10.0.0.0/8\"]\n");
         let r6 = notrack_rules(&p, IpFamily::V6, &Tag::preview());
         assert!(r6.is_empty());
-        assert_eq!(
-            r6.restore_text(&[]),
-            "*raw\n:CTGUARD-PRE - [0:0]\n:CTGUARD-OUT - [0:0]\nCOMMIT\n"
-        );
+        assert_eq!(r6.restore_text(&[]), "*raw\n:CTGUARD-PRE - [0:0]\n:CTGUARD-OUT - [0:0]\nCOMMIT\n");
     }
 
     #[test]
     fn interfaces_one_rule_each_and_loopback_once() {
-        let p = policy(
-            "[[notrack]]\nprotocols=[\"tcp\"]\nports=[53]\ninterfaces=[\"eth0\",\"lo\"]\nlocal_only=false\n",
-        );
+        let p =
+            policy("[[notrack]]\nprotocols=[\"tcp\"]\nports=[53]\ninterfaces=[\"eth0\",\"lo\"]\nlocal_only=false\n");
         let l = lines(&notrack_rules(&p, IpFamily::V4, &Tag::preview()));
         assert_eq!(
             l,
             vec![
-                format!(
-                    "-A CTGUARD-PRE -i eth0 -p tcp -m multiport --dports 53 {C} -j CT --notrack"
-                ),
+                format!("-A CTGUARD-PRE -i eth0 -p tcp -m multiport --dports 53 {C} -j CT --notrack"),
                 format!("-A CTGUARD-PRE -i lo -p tcp -m multiport --dports 53 {C} -j CT --notrack"),
-                format!(
-                    "-A CTGUARD-OUT -o eth0 -p tcp -m multiport --sports 53 {C} -j CT --notrack"
-                ),
+                format!("-A CTGUARD-OUT -o eth0 -p tcp -m multiport --sports 53 {C} -j CT --notrack"),
                 format!("-A CTGUARD-OUT -o lo -p tcp -m multiport --sports 53 {C} -j CT --notrack"),
                 format!("-A CTGUARD-OUT -o lo -p tcp -m multiport --dports 53 {C} -j CT --notrack"),
             ]
@@ -638,61 +541,26 @@ mod tests {
 
     #[test]
     fn accept_specs_both_directions_and_loopback() {
-        let p = policy(
-            "[[notrack]]\nprotocols=[\"udp\"]\nports=[53,\"5300-5301\"]\nsources=[\"10.0.0.0/8\"]\n",
-        );
+        let p = policy("[[notrack]]\nprotocols=[\"udp\"]\nports=[53,\"5300-5301\"]\nsources=[\"10.0.0.0/8\"]\n");
         let n = &p.notrack[0];
         let t = Tag::new("tx1").expect("tag");
         let j = |v: Vec<Vec<String>>| v.iter().map(|a| spec_to_line(a)).collect::<Vec<_>>();
-        let tail =
-            "-m conntrack --ctstate UNTRACKED -m comment --comment \"ctguard:tx1\" -j ACCEPT";
+        let tail = "-m conntrack --ctstate UNTRACKED -m comment --comment \"ctguard:tx1\" -j ACCEPT";
         assert_eq!(
-            j(accept_untracked_specs(
-                n,
-                IpFamily::V4,
-                Direction::Input,
-                false,
-                &t
-            )),
-            vec![format!(
-                "-s 10.0.0.0/8 -p udp -m multiport --dports 53,5300:5301 {tail}"
-            )]
+            j(accept_untracked_specs(n, IpFamily::V4, Direction::Input, false, &t)),
+            vec![format!("-s 10.0.0.0/8 -p udp -m multiport --dports 53,5300:5301 {tail}")]
         );
         assert_eq!(
-            j(accept_untracked_specs(
-                n,
-                IpFamily::V4,
-                Direction::Output,
-                false,
-                &t
-            )),
-            vec![format!(
-                "-d 10.0.0.0/8 -p udp -m multiport --sports 53,5300:5301 {tail}"
-            )]
+            j(accept_untracked_specs(n, IpFamily::V4, Direction::Output, false, &t)),
+            vec![format!("-d 10.0.0.0/8 -p udp -m multiport --sports 53,5300:5301 {tail}")]
         );
         assert_eq!(
-            j(accept_untracked_specs(
-                n,
-                IpFamily::V4,
-                Direction::Input,
-                true,
-                &t
-            )),
-            vec![format!(
-                "-d 10.0.0.0/8 -i lo -p udp -m multiport --sports 53,5300:5301 {tail}"
-            )]
+            j(accept_untracked_specs(n, IpFamily::V4, Direction::Input, true, &t)),
+            vec![format!("-d 10.0.0.0/8 -i lo -p udp -m multiport --sports 53,5300:5301 {tail}")]
         );
         assert_eq!(
-            j(accept_untracked_specs(
-                n,
-                IpFamily::V4,
-                Direction::Output,
-                true,
-                &t
-            )),
-            vec![format!(
-                "-s 10.0.0.0/8 -o lo -p udp -m multiport --dports 53,5300:5301 {tail}"
-            )]
+            j(accept_untracked_specs(n, IpFamily::V4, Direction::Output, true, &t)),
+            vec![format!("-s 10.0.0.0/8 -o lo -p udp -m multiport --dports 53,5300:5301 {tail}")]
         );
         assert!(accept_untracked_specs(n, IpFamily::V6, Direction::Input, false, &t).is_empty());
 
@@ -707,24 +575,12 @@ mod tests {
     #[test]
     fn quoting() {
         let s = |v: &[&str]| spec_to_line(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>());
-        assert_eq!(
-            s(&["-m", "comment", "--comment", "plain"]),
-            "-m comment --comment plain"
-        );
+        assert_eq!(s(&["-m", "comment", "--comment", "plain"]), "-m comment --comment plain");
         assert_eq!(s(&["--comment", "ctguard:x"]), "--comment \"ctguard:x\"");
-        assert_eq!(
-            s(&["--comment", "a \"q\" x\\y"]),
-            r#"--comment "a \"q\" x\\y""#
-        );
+        assert_eq!(s(&["--comment", "a \"q\" x\\y"]), r#"--comment "a \"q\" x\\y""#);
         assert_eq!(s(&["--comment", ""]), "--comment \"\"");
-        assert_eq!(
-            s(&["--log-prefix", "dropped: "]),
-            "--log-prefix \"dropped: \""
-        );
-        assert_eq!(
-            s(&["-s", "10.0.0.0/8", "--dports", "53,1000:2000"]),
-            "-s 10.0.0.0/8 --dports 53,1000:2000"
-        );
+        assert_eq!(s(&["--log-prefix", "dropped: "]), "--log-prefix \"dropped: \"");
+        assert_eq!(s(&["-s", "10.0.0.0/8", "--dports", "53,1000:2000"]), "-s 10.0.0.0/8 --dports 53,1000:2000");
         assert_eq!(s(&["--foo", "it's"]), r#"--foo "it\'s""#);
         assert_eq!(s(&["--foo", "#x"]), "--foo \"#x\"");
         assert_eq!(s(&["--foo", "a\tb"]), "--foo \"a\tb\"");

@@ -177,11 +177,7 @@ pub fn table_for(policy: &Policy, tag: &Tag) -> TableIr {
         entry_rules(i, n, tag, &mut sets, &mut pre, &mut out);
     }
     let chain = |hook: Hook, rules| ChainIr { name: hook.as_str().into(), hook, priority: RAW_PRIORITY, rules };
-    TableIr {
-        name: TABLE_NAME.into(),
-        sets,
-        chains: vec![chain(Hook::Prerouting, pre), chain(Hook::Output, out)],
-    }
+    TableIr { name: TABLE_NAME.into(), sets, chains: vec![chain(Hook::Prerouting, pre), chain(Hook::Output, out)] }
 }
 
 fn entry_rules(
@@ -204,8 +200,7 @@ fn entry_rules(
         families.push(None);
     }
     for (v6, kind, name) in [(false, SetKind::Ipv4, format!("src4_{i}")), (true, SetKind::Ipv6, format!("src6_{i}"))] {
-        let elements: Vec<Elem> =
-            n.sources.iter().filter(|p| p.is_v6() == v6).copied().map(Elem::Prefix).collect();
+        let elements: Vec<Elem> = n.sources.iter().filter(|p| p.is_v6() == v6).copied().map(Elem::Prefix).collect();
         if !elements.is_empty() {
             sets.push(SetIr { name: name.clone(), kind, elements });
             families.push(Some((v6, name)));

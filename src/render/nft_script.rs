@@ -61,12 +61,8 @@ pub fn elem(e: &Elem) -> String {
 
 fn chain_block(s: &mut String, c: &ChainIr) {
     let _ = writeln!(s, "\tchain {} {{", c.name);
-    let _ = writeln!(
-        s,
-        "\t\ttype filter hook {} priority {}; policy accept;",
-        c.hook.as_str(),
-        priority_name(c.priority)
-    );
+    let _ =
+        writeln!(s, "\t\ttype filter hook {} priority {}; policy accept;", c.hook.as_str(), priority_name(c.priority));
     for r in &c.rules {
         let _ = writeln!(s, "\t\t{}", rule_text(r));
     }

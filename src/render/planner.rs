@@ -191,10 +191,15 @@ fn requests_of<'a>(hook: FwHook, dir: Direction, view: &NotrackRule, views: &'a 
         .filter(|(h, d, v, _)| match dir {
             Direction::Request | Direction::LoopbackRequest => false,
             Direction::Reply if hook == FwHook::Forward => *d == Direction::Request && *h == FwHook::Forward,
-            Direction::Reply if !on_lo => *d == Direction::Request && *h == FwHook::Input && v.interfaces == view.interfaces,
+            Direction::Reply if !on_lo => {
+                *d == Direction::Request && *h == FwHook::Input && v.interfaces == view.interfaces
+            }
             Direction::Reply | Direction::LoopbackReply => {
                 *d == Direction::LoopbackRequest
-                    || (*d == Direction::Request && *h == FwHook::Input && v.interfaces.len() == 1 && v.interfaces[0].as_str() == "lo")
+                    || (*d == Direction::Request
+                        && *h == FwHook::Input
+                        && v.interfaces.len() == 1
+                        && v.interfaces[0].as_str() == "lo")
             }
         })
         .collect()
@@ -218,7 +223,14 @@ struct ChainCtx<'a> {
     tag: &'a Tag,
 }
 
-fn plan_chain(out: &mut InsertionPlan, ctx: &ChainCtx<'_>, entry: &NotrackRule, proto: Proto, dir: Direction, not_lo: bool) {
+fn plan_chain(
+    out: &mut InsertionPlan,
+    ctx: &ChainCtx<'_>,
+    entry: &NotrackRule,
+    proto: Proto,
+    dir: Direction,
+    not_lo: bool,
+) {
     let (tables, chain, i, tag) = (ctx.tables, ctx.chain, ctx.entry_index, ctx.tag);
     let tracked_state = match dir {
         Direction::Request | Direction::LoopbackRequest => "new",
@@ -250,10 +262,17 @@ fn plan_chain(out: &mut InsertionPlan, ctx: &ChainCtx<'_>, entry: &NotrackRule, 
     // The local view of a request or reply needs no rule of its own where the wire rule for the
     // same flow has no interface match (it covers lo too).
     let covered_by_wire = |v6: Option<bool>| {
-        let local = entry.interfaces.len() == 1 && entry.interfaces[0].as_str() == "lo" && matches!(dir, Direction::Request | Direction::Reply);
+        let local = entry.interfaces.len() == 1
+            && entry.interfaces[0].as_str() == "lo"
+            && matches!(dir, Direction::Request | Direction::Reply);
         local
             && out.insertions.iter().any(|o| {
-                o.chain == chain.label() && o.entry == i && o.proto == proto && o.direction == dir && o.wire_any_iface && (o.v6.is_none() || o.v6 == v6)
+                o.chain == chain.label()
+                    && o.entry == i
+                    && o.proto == proto
+                    && o.direction == dir
+                    && o.wire_any_iface
+                    && (o.v6.is_none() || o.v6 == v6)
             })
     };
     let covered: Vec<bool> = families.iter().map(|v6| covered_by_wire(*v6)).collect();
@@ -314,7 +333,14 @@ fn nft_set<T: std::fmt::Display>(items: &[T]) -> String {
 /// table cannot see ctguard's named sets), `ct state untracked accept`, the tag as comment.
 /// `inet` says whether the target table is of family inet (only there may a per-family rule
 /// need `meta nfproto`).
-pub fn nft_accept_rule(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>, inet: bool, tag: &Tag) -> String {
+pub fn nft_accept_rule(
+    n: &NotrackRule,
+    proto: Proto,
+    dir: Direction,
+    v6: Option<bool>,
+    inet: bool,
+    tag: &Tag,
+) -> String {
     let mut s = String::new();
     let ifaces: Vec<String> = n.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
     let addrs: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
@@ -322,11 +348,8 @@ pub fn nft_accept_rule(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option
     let ports = nft_set(&n.ports);
     match dir {
         Direction::Request | Direction::Reply => {
-            let (iface_kw, addr_kw, port_kw) = if dir == Direction::Request {
-                ("iifname", "saddr", "dport")
-            } else {
-                ("oifname", "daddr", "sport")
-            };
+            let (iface_kw, addr_kw, port_kw) =
+                if dir == Direction::Request { ("iifname", "saddr", "dport") } else { ("oifname", "daddr", "sport") };
             if !ifaces.is_empty() {
                 let _ = write!(s, "{iface_kw} {} ", nft_set(&ifaces));
             }
@@ -415,7 +438,10 @@ impl InsertionPlan {
                         // counting upward so their order is kept.
                         let group: Vec<_> = list[i..]
                             .iter()
-                            .take_while(|(o, _)| matches!(&o.position, Position::Before { index: j, .. } if j == index) && o.chain_name == ins.chain_name)
+                            .take_while(|(o, _)| {
+                                matches!(&o.position, Position::Before { index: j, .. } if j == index)
+                                    && o.chain_name == ins.chain_name
+                            })
                             .copied()
                             .collect();
                         let mut k = *index;

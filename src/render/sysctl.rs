@@ -127,7 +127,8 @@ mod tests {
 
     #[test]
     fn buckets_compare_rounded() {
-        let p = parse_policy("[sysctl]\n\"net.netfilter.nf_conntrack_buckets\" = 300001\n", Format::Toml).expect("valid");
+        let p =
+            parse_policy("[sysctl]\n\"net.netfilter.nf_conntrack_buckets\" = 300001\n", Format::Toml).expect("valid");
         let mut live = BTreeMap::new();
         live.insert(key("net.netfilter.nf_conntrack_buckets"), LiveSysctl { value: Some(300_032), writable: true });
         let (c, _) = plan_sysctls(&p, &live, MachineFacts::with_ram(1 << 30));
