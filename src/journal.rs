@@ -8,6 +8,8 @@
 //! txn/ID.json              one record per transaction, replaced atomically
 //! txn/.ID.json.tmp         a write in progress (or interrupted by a crash: ignored, removed
 //!                          by `scan` once older than STALE_TMP_AGE)
+//! txn/.ID.reserve          disk set aside for the later records of an unfinished transaction
+//!                          (given back when a write meets a full disk)
 //! ```
 //!
 //! Side effects: files only (and reading `/proc` and the clocks in the free functions).
@@ -310,6 +312,21 @@ impl Journal {
     /// serialized by the caller.
     pub fn write(&self, rec: &TxnRecord) -> Result<(), JournalError> {
         let bytes = rec.to_json().map_err(|source| JournalError::Encode { id: rec.id.to_string(), source })?;
+        match self.write_bytes(rec, &bytes) {
+            // A full disk and a final record (committed, rolled back): give the record's
+            // reserve back and try once more (DESIGN §2: a failed apply must still reach a
+            // terminal state in the journal). Intermediate records do not use the reserve.
+            Err(JournalError::Write { source, .. })
+                if is_no_space(&source) && rec.state.is_finished() && self.release_reserve(&rec.id) =>
+            {
+                tracing::warn!(txid = rec.id.as_str(), "state dir full: writing the record into its reserve");
+                self.write_bytes(rec, &bytes)
+            }
+            other => other,
+        }
+    }
+
+    fn write_bytes(&self, rec: &TxnRecord, bytes: &[u8]) -> Result<(), JournalError> {
         let tmp = self.tmp_path(&rec.id);
         let dest = self.record_path(&rec.id);
         let step = |step: &'static str, path: &Path| {
@@ -324,7 +341,7 @@ impl Journal {
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(step("create", &tmp))?;
-            f.write_all(&bytes).map_err(step("write", &tmp))?;
+            f.write_all(bytes).map_err(step("write", &tmp))?;
             f.sync_all().map_err(step("fsync", &tmp))?;
             drop(f);
             fs::rename(&tmp, &dest).map_err(step("rename", &dest))
@@ -335,6 +352,55 @@ impl Journal {
         }
         replaced?;
         fsync_dir(&self.txn_dir).map_err(step("fsync directory", &self.txn_dir))
+    }
+
+    fn reserve_path(&self, id: &TxnId) -> PathBuf {
+        self.txn_dir.join(format!(".{id}.reserve"))
+    }
+
+    /// Sets `bytes` of disk aside for the final record of `id` (fallocate'd, so a full disk
+    /// cannot take them): [`Journal::write`] of a finished record gives them back and retries
+    /// when it meets ENOSPC.
+    /// Crash-safe (a leftover reserve is only space; [`Journal::prune_reserves`] removes it).
+    pub fn reserve(&self, id: &TxnId, bytes: u64) -> Result<(), JournalError> {
+        let path = self.reserve_path(id);
+        let err = |source| JournalError::Write { path: path.clone(), step: "reserve", source };
+        let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).map_err(err)?;
+        let len = libc::off_t::try_from(bytes.max(1)).unwrap_or(libc::off_t::MAX);
+        // SAFETY: fallocate on a descriptor we own.
+        let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            drop(f);
+            let _ = fs::remove_file(&path);
+            return Err(err(e));
+        }
+        f.sync_all().map_err(err)?;
+        fsync_dir(&self.txn_dir).map_err(err)
+    }
+
+    /// Removes the reserve of `id`; true when there was one. Idempotent.
+    pub fn release_reserve(&self, id: &TxnId) -> bool {
+        let removed = fs::remove_file(self.reserve_path(id)).is_ok();
+        if removed {
+            let _ = fsync_dir(&self.txn_dir);
+        }
+        removed
+    }
+
+    /// Removes every reserve whose transaction is not in `keep` (crash leftovers). Returns how
+    /// many were removed. Idempotent.
+    pub fn prune_reserves(&self, keep: &[TxnId]) -> usize {
+        let Ok(entries) = fs::read_dir(&self.txn_dir) else { return 0 };
+        let mut n = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_prefix('.').and_then(|s| s.strip_suffix(".reserve")) else { continue };
+            if !keep.iter().any(|k| k.as_str() == id) && fs::remove_file(e.path()).is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Reads the record of `id`. Unknown id → [`JournalError::NotFound`]; a file that does not
@@ -571,6 +637,11 @@ fn check_space(dir: &Path) -> Result<(), JournalError> {
         return Err(JournalError::NoSpace { path: dir.to_path_buf(), free, need: MIN_FREE_BYTES });
     }
     Ok(())
+}
+
+/// ENOSPC or EDQUOT: the disk (or the quota) is full.
+pub fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {

@@ -29,7 +29,7 @@ pub const RECORD_VERSION: u32 = 1;
 pub const MAX_WALL_UNIX: u64 = 253_402_300_799;
 
 /// Cap of [`retry_delay`].
-pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// Errors of the state machine and of record (de)serialization.
 #[derive(Debug, thiserror::Error)]
@@ -633,7 +633,7 @@ pub fn recovery_action(rec: &TxnRecord, current_boot_id: &str, now_boottime_ns: 
 }
 
 /// Delay before retrying a rollback that has failed `attempts` times: 1 s, 2 s, 4 s, … capped
-/// at [`MAX_RETRY_DELAY`] (60 s). `attempts` 0 and 1 both give 1 s. Never overflows.
+/// at [`MAX_RETRY_DELAY`] (30 s). `attempts` 0 and 1 both give 1 s. Never overflows.
 pub fn retry_delay(attempts: u32) -> Duration {
     let exp = attempts.saturating_sub(1);
     let secs = if exp >= 6 { MAX_RETRY_DELAY.as_secs() } else { (1u64 << exp).min(MAX_RETRY_DELAY.as_secs()) };
@@ -1016,7 +1016,7 @@ mod tests {
     #[test]
     fn backoff() {
         let secs: Vec<u64> = (0..=10).map(|a| retry_delay(a).as_secs()).collect();
-        assert_eq!(secs, [1, 1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(secs, [1, 1, 2, 4, 8, 16, 30, 30, 30, 30, 30]);
         assert_eq!(retry_delay(u32::MAX), MAX_RETRY_DELAY);
     }
 

@@ -163,7 +163,7 @@ impl Drop for TestAgent {
         for r in self.journal().unfinished().unwrap_or_default() {
             let _ = client::request(
                 &self.run_dir,
-                Request::Rollback { txid: Some(r.id.to_string()) },
+                Request::Rollback { txid: Some(r.id.to_string()), netns: None },
                 Duration::from_secs(10),
             );
             if let Some(p) = &r.target.pin {
@@ -208,7 +208,7 @@ fn deadline_rolls_back_and_measures_slip() {
     assert_eq!(a.state_of(&id), State::RolledBack { reason: Reason::Deadline });
     assert!(a.fake.0.lock().expect("lock").applied.is_empty());
     // Confirming now says it was rolled back (exit 5).
-    let c = a.ask(Request::Confirm { txid: Some(id) });
+    let c = a.ask(Request::Confirm { txid: Some(id), netns: None });
     assert_eq!(c.exit, Exit::RolledBack.code(), "{c:?}");
 }
 
@@ -219,13 +219,13 @@ fn confirm_keeps_the_change_past_the_deadline() {
     }
     let mut a = TestAgent::start(Fake::default());
     let id = txid(&a.apply(1));
-    let c = a.ask(Request::Confirm { txid: None });
+    let c = a.ask(Request::Confirm { txid: None, netns: None });
     assert_eq!(c.exit, 0, "{c:?}");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(a.state_of(&id), State::Committed);
     assert_eq!(a.fake.0.lock().expect("lock").applied.len(), 1);
     // Confirming a committed transaction again is fine (exit 0).
-    assert_eq!(a.ask(Request::Confirm { txid: Some(id) }).exit, 0);
+    assert_eq!(a.ask(Request::Confirm { txid: Some(id), netns: None }).exit, 0);
 }
 
 #[test]
@@ -248,17 +248,17 @@ fn extend_then_rollback_now() {
     }
     let mut a = TestAgent::start(Fake::default());
     let id = txid(&a.apply(2));
-    let e = a.ask(Request::Extend { txid: Some(id.clone()), by_secs: 60 });
+    let e = a.ask(Request::Extend { txid: Some(id.clone()), by_secs: 60, netns: None });
     assert_eq!(e.exit, 0, "{e:?}");
     assert!(e.data["seconds_left"].as_u64().is_some_and(|s| s > 55), "{e:?}");
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(a.state_of(&id), State::Pending, "the old deadline still fired");
-    let r = a.ask(Request::Rollback { txid: Some(id.clone()) });
+    let r = a.ask(Request::Rollback { txid: Some(id.clone()), netns: None });
     assert_eq!(r.exit, 0, "{r:?}");
     // rollback returns when the effect is complete.
     assert_eq!(a.state_of(&id), State::RolledBack { reason: Reason::Cancelled });
     assert!(a.fake.0.lock().expect("lock").applied.is_empty());
-    let e = a.ask(Request::Extend { txid: Some(id), by_secs: 10 });
+    let e = a.ask(Request::Extend { txid: Some(id), by_secs: 10, netns: None });
     assert_eq!(e.exit, Exit::RolledBack.code());
 }
 
@@ -286,7 +286,7 @@ fn rollback_failure_is_exit_7_and_retried() {
     fake.0.lock().expect("lock").fail_rollback = 1;
     let mut a = TestAgent::start(fake);
     let id = txid(&a.apply(60));
-    let r = a.ask(Request::Rollback { txid: Some(id.clone()) });
+    let r = a.ask(Request::Rollback { txid: Some(id.clone()), netns: None });
     assert_eq!(r.exit, Exit::RollbackFailed.code(), "{r:?}");
     assert!(matches!(a.state_of(&id), State::RollbackFailed { attempts: 1, .. }));
     // The agent retries with backoff (1 s for the first retry).

@@ -18,4 +18,5 @@ mod ops;
 mod policy_txn;
 mod probe;
 mod proof;
+mod races;
 mod txn_cli;

@@ -27,6 +27,16 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket is served by another user than root (exit 6): nothing was sent.
+    #[error("{path} is served by uid {uid} (pid {pid}), not root: refusing to talk to it")]
+    NotRoot {
+        /// Socket path.
+        path: PathBuf,
+        /// The server's uid.
+        uid: u32,
+        /// The server's pid.
+        pid: i32,
+    },
     /// The agent answered something that is not a response.
     #[error("agent sent a malformed answer: {0}")]
     Malformed(String),
@@ -45,13 +55,25 @@ pub fn request(run_dir: &Path, request: Request, timeout: Duration) -> Result<Re
     let path = socket_path(run_dir);
     let unreachable = |source| ClientError::Unreachable { path: path.clone(), source };
     let mut stream = UnixStream::connect(&path).map_err(unreachable)?;
+    // Nothing is sent to a socket that root does not serve (a planted socket in a run dir).
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| unreachable(std::io::Error::from(e)))?;
+    if cred.uid() != 0 {
+        return Err(ClientError::NotRoot { path: path.clone(), uid: cred.uid(), pid: cred.pid() });
+    }
     stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
     let mut line =
         serde_json::to_vec(&Envelope { v: VERSION, request }).map_err(|e| ClientError::Malformed(e.to_string()))?;
     line.push(b'\n');
-    stream.write_all(&line).map_err(unreachable)?;
+    // The agent may answer (a refusal) before reading the request and close: read its answer
+    // even when the write fails.
+    let written = stream.write_all(&line);
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer).map_err(unreachable)?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
+    if answer.is_empty() {
+        written.map_err(unreachable)?;
+    }
+    read.map_err(unreachable)?;
     if answer.is_empty() {
         return Err(unreachable(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,

@@ -28,24 +28,39 @@ pub enum Request {
     Ping,
     /// Start a policy transaction.
     Apply(ApplyRequest),
-    /// Confirm a pending transaction (the single one when `txid` is absent).
+    /// Confirm a pending transaction (the single one — of `netns` when given — when `txid` is
+    /// absent).
     Confirm {
         /// Transaction id.
         txid: Option<String>,
+        /// `--netns`: picks that target's transaction when `txid` is absent.
+        #[serde(default)]
+        netns: Option<String>,
     },
-    /// Move a pending transaction's deadline later.
+    /// Move a pending transaction's deadline later (at most [`MAX_EXTEND_SECS`] from now).
     Extend {
         /// Transaction id.
         txid: Option<String>,
         /// Seconds to add to the current deadline.
         by_secs: u64,
+        /// `--netns`, as for `Confirm`.
+        #[serde(default)]
+        netns: Option<String>,
     },
     /// Roll a pending transaction back now; answers when the rollback is complete.
     Rollback {
         /// Transaction id.
         txid: Option<String>,
+        /// `--netns`, as for `Confirm`.
+        #[serde(default)]
+        netns: Option<String>,
     },
+    /// What the agent holds in memory: every unfinished transaction and its phase.
+    Status,
 }
+
+/// Latest deadline `extend` may set, counted from now (7 days, the `--timeout` maximum).
+pub const MAX_EXTEND_SECS: u64 = 7 * 24 * 3600;
 
 /// `apply` parameters.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

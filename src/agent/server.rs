@@ -1,28 +1,25 @@
-//! The agent (DESIGN §2–§3): owns every dead-man timer, serves the CLI on a root-only socket,
-//! journals each step before its effect, recovers unfinished transactions on start, and rolls
-//! back pending ones when stopped by SIGTERM/SIGINT.
+//! The agent process (DESIGN §2–§3): the root-only socket, the signals, the idle exit, and
+//! start-up (locks, descriptor limit, journal, recovery). Every state change is the owner's
+//! ([`super::owner`]); this module only decodes requests and hands them over.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Mutex;
 
-use super::apply::apply;
-pub use super::apply::{JOURNALED_TOOLS, PROBE_TIMEOUT};
-use super::decide::{confirm, confirm_by_signal, extend, rollback_request};
 use super::engine::Engines;
-use super::lifecycle::{recover, stop_all};
+use super::owner;
 use super::protocol::{Envelope, Request, Response, MAX_REQUEST_BYTES, VERSION};
-use super::worker::Worker;
+use super::rollback::schedule_idle_check;
+use super::state::Shared;
 use crate::exit::Exit;
 use crate::journal::{self, Journal};
-use crate::netns::Target;
-use crate::txn::TxnRecord;
+
+pub use super::steps::{FAULT_ENV, FAULT_POINTS, JOURNALED_TOOLS, PROBE_TIMEOUT};
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -31,7 +28,8 @@ pub struct AgentOptions {
     pub run_dir: PathBuf,
     /// The journal.
     pub state_dir: PathBuf,
-    /// Started by the CLI: exits once nothing is pending and no client came for `idle_exit`.
+    /// Started by the CLI: exits once nothing is unfinished, no request is in flight and no
+    /// client came for `idle_exit`.
     pub detached: bool,
     /// See `detached`.
     pub idle_exit: Duration,
@@ -49,91 +47,43 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// Another agent serves this run dir or state dir (exit 4).
+    #[error("another agent{} already serves {path}; this one exits", pid_text(*.pid))]
+    AlreadyRunning {
+        /// Its lock file.
+        path: PathBuf,
+        /// Its pid, when it wrote one.
+        pid: Option<i32>,
+    },
     /// The journal cannot be used.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
 }
 
-pub(super) fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+fn pid_text(pid: Option<i32>) -> String {
+    pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+}
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
     let what = what.into();
     move |source| AgentError::Setup { what, source }
 }
 
-/// Environment variable naming a fault point (test-only): the agent aborts there, as if killed
-/// with SIGKILL at that step, so crash recovery can be tested at every step.
-pub const FAULT_ENV: &str = "CTGUARD_FAULT";
+/// Most clients served at once; more are answered "busy" at once and closed, so a flood of
+/// connections can never take the descriptors a rollback needs.
+pub const MAX_CLIENTS: usize = 64;
 
-/// The named points [`FAULT_ENV`] can stop the agent at.
-pub const FAULT_POINTS: &[&str] = &[
-    "apply:after-prepared",
-    "apply:after-apply",
-    "apply:after-pending",
-    "confirm:before-journal",
-    "confirm:after-journal",
-    "rollback:before-engine",
-    "rollback:after-engine",
-];
-
-pub(super) fn fault(point: &str) {
-    if std::env::var(FAULT_ENV).is_ok_and(|p| p == point) {
-        tracing::error!("fault hook {point}: aborting");
-        // No core file for a deliberate crash.
-        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
-        std::process::abort();
-    }
-}
-
-pub(super) fn now_wall() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-pub(super) struct Shared {
-    pub(super) opts: AgentOptions,
-    pub(super) engines: Engines,
-    pub(super) journal: Journal,
-    pub(super) boot_id: String,
-    pub(super) inner: Mutex<Inner>,
-    /// Woken (after `idle_exit`) when a request or a transaction ended: a detached agent then
-    /// checks whether it may exit. No periodic wake-ups.
-    pub(super) idle: tokio::sync::Notify,
-}
-
-/// Asks the main loop to check for idleness once `idle_exit` has passed.
-pub(super) fn schedule_idle_check(shared: &Arc<Shared>) {
-    if !shared.opts.detached {
-        return;
-    }
-    let s = shared.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(s.opts.idle_exit).await;
-        s.idle.notify_one();
-    });
-}
-
-#[derive(Default)]
-pub(super) struct Inner {
-    pub(super) workers: HashMap<(u64, u64), Worker>,
-    pub(super) timers: HashMap<String, tokio::task::AbortHandle>,
-    pub(super) last_activity: Option<Instant>,
-}
+/// A client must send its whole request within this time (an idle connection is closed).
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the agent until SIGTERM/SIGINT (rolling back what is pending first) or, when
-/// detached, until nothing is pending and it has been idle for `idle_exit`.
+/// detached, until nothing is unfinished, no request is in flight and it has been idle for
+/// `idle_exit`. One agent per run dir and per state dir.
 pub fn run(opts: AgentOptions, engines: Engines) -> Result<(), AgentError> {
     join_initial_mount_namespace();
     create_private_dir(&opts.run_dir)?;
-    let lock_path = opts.run_dir.join("agent.lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(setup(format!("cannot open {}", lock_path.display())))?;
-    // SAFETY: flock on a valid descriptor we own.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock_file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        tracing::info!("another agent holds {}; exiting", lock_path.display());
-        return Ok(());
-    }
+    let _run_lock = exclusive_lock(&opts.run_dir.join("agent.lock"))?;
+    raise_nofile_limit();
     if opts.detached {
         // The kernel's OOM killer must not take the process that owns the rollback.
         let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
@@ -148,27 +98,55 @@ pub fn run(opts: AgentOptions, engines: Engines) -> Result<(), AgentError> {
         }
         Err(e) => return Err(e.into()),
     };
+    let _state_lock = exclusive_lock(&opts.state_dir.join("agent.lock"))?;
     let boot_id = journal::boot_id().map_err(setup("cannot read the boot id"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(setup("cannot start the runtime"))?;
-    let shared = Arc::new(Shared {
-        opts,
-        engines,
-        journal,
-        boot_id,
-        inner: Mutex::new(Inner::default()),
-        idle: tokio::sync::Notify::new(),
-    });
-    let result = rt.block_on(serve(shared));
-    drop(lock_file);
-    result
+    let shared = Arc::new(Shared::new(opts, engines, journal, boot_id));
+    rt.block_on(serve(shared))
+}
+
+/// An exclusive flock held for the agent's life, with our pid written in it.
+fn exclusive_lock(path: &Path) -> Result<std::fs::File, AgentError> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(setup(format!("cannot open {}", path.display())))?;
+    // SAFETY: flock on a valid descriptor we own.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut s = String::new();
+        let pid = f.read_to_string(&mut s).ok().and_then(|_| s.trim().parse().ok());
+        return Err(AgentError::AlreadyRunning { path: path.to_path_buf(), pid });
+    }
+    let _ = f.set_len(0);
+    let _ = f.write_all(format!("{}\n", std::process::id()).as_bytes());
+    Ok(f)
+}
+
+/// Raises the soft descriptor limit to the hard one (at most 65,536): the client cap, not the
+/// limit, bounds what clients can take.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(65_536);
+        if want > soft {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
+        }
+    }
 }
 
 /// A process started under `ip netns exec` lives in a private mount namespace, where the
 /// namespace pins would be invisible to a later agent; join PID 1's when allowed.
-pub(super) fn join_initial_mount_namespace() {
+fn join_initial_mount_namespace() {
     match std::fs::File::open("/proc/1/ns/mnt") {
         Ok(f) => {
             if let Err(e) = nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNS) {
@@ -179,14 +157,36 @@ pub(super) fn join_initial_mount_namespace() {
     }
 }
 
-pub(super) fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
+fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).map_err(setup(format!("cannot create {}", dir.display())))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(setup(format!("cannot restrict {}", dir.display())))
 }
 
-pub(super) async fn serve(shared: Arc<Shared>) -> Result<(), AgentError> {
+/// At most one log line a second for a repeating failure, with how many were suppressed.
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn warn(&mut self, msg: &str) {
+        if self.last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.suppressed += 1;
+            return;
+        }
+        if self.suppressed > 0 {
+            tracing::warn!("{msg} ({} more like it suppressed)", self.suppressed);
+        } else {
+            tracing::warn!("{msg}");
+        }
+        self.last = Some(Instant::now());
+        self.suppressed = 0;
+    }
+}
+
+async fn serve(shared: Arc<Shared>) -> Result<(), AgentError> {
     use std::os::unix::fs::PermissionsExt;
     let sock = super::client::socket_path(&shared.opts.run_dir);
     let _ = std::fs::remove_file(&sock); // stale: we hold the agent lock
@@ -195,35 +195,63 @@ pub(super) async fn serve(shared: Arc<Shared>) -> Result<(), AgentError> {
         .map_err(setup(format!("cannot restrict {}", sock.display())))?;
     tracing::info!(pid = std::process::id(), "agent listening on {}", sock.display());
 
-    recover(&shared).await;
+    owner::recover(&shared).await;
 
     let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel();
     spawn_signal_thread(sig_tx)?;
-    shared.inner.lock().await.last_activity = Some(Instant::now());
+    shared.touch();
     schedule_idle_check(&shared);
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    let mut accept_log = RateLimitedLog { last: None, suppressed: 0 };
+    let mut backoff = Duration::from_millis(10);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    backoff = Duration::from_millis(10);
+                    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+                    shared.touch();
                     let s = shared.clone();
-                    tokio::spawn(async move { handle_connection(s, stream).await });
+                    match clients.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(async move {
+                                handle_connection(&s, stream).await;
+                                drop(permit);
+                                end_request(&s);
+                            });
+                        }
+                        Err(_) => {
+                            accept_log.warn(&format!("more than {MAX_CLIENTS} clients at once: refusing new ones"));
+                            tokio::spawn(async move {
+                                let r = Response::fail(
+                                    Exit::Busy,
+                                    format!("the agent is serving {MAX_CLIENTS} clients; try again"),
+                                );
+                                answer(stream, &r).await;
+                                end_request(&s);
+                            });
+                        }
+                    }
                 }
-                Err(e) => tracing::warn!("accept failed: {e}"),
+                // Out of descriptors (or another transient failure): back off, log rarely. The
+                // timers and rollbacks keep running meanwhile (the reserve is theirs).
+                Err(e) => {
+                    accept_log.warn(&format!("accept failed: {e}; backing off {} ms", backoff.as_millis()));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
             },
             Some(sig) = sig_rx.recv() => match sig {
                 Signal::Stop(name) => {
                     tracing::warn!("{name} received: rolling back pending transactions before exit");
-                    stop_all(&shared).await;
+                    owner::stop_all(&shared).await;
                     break;
                 }
-                Signal::Confirm(pid) => confirm_by_signal(&shared, pid).await,
+                Signal::Confirm(pid) => owner::confirm_by_signal(&shared, pid).await,
             },
             _ = shared.idle.notified(), if shared.opts.detached => {
-                let inner = shared.inner.lock().await;
-                let quiet = inner.last_activity.is_some_and(|t| t.elapsed() >= shared.opts.idle_exit);
-                drop(inner);
-                if quiet && unfinished(&shared).is_empty() {
-                    tracing::info!("nothing pending; detached agent exits");
+                if shared.quiet_for() >= shared.opts.idle_exit && shared.is_idle() {
+                    tracing::info!("nothing unfinished and no client; detached agent exits");
                     break;
                 }
             }
@@ -233,14 +261,20 @@ pub(super) async fn serve(shared: Arc<Shared>) -> Result<(), AgentError> {
     Ok(())
 }
 
-pub(super) enum Signal {
+fn end_request(shared: &Arc<Shared>) {
+    shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    shared.touch();
+    schedule_idle_check(shared);
+}
+
+enum Signal {
     Stop(&'static str),
     Confirm(Option<i32>),
 }
 
 /// signal-hook on a plain thread: SIGHUP is caught and ignored (an agent that inherited a
 /// terminal must survive its loss), SIGTERM/SIGINT stop, SIGUSR1 confirms.
-pub(super) fn spawn_signal_thread(tx: tokio::sync::mpsc::UnboundedSender<Signal>) -> Result<(), AgentError> {
+fn spawn_signal_thread(tx: tokio::sync::mpsc::UnboundedSender<Signal>) -> Result<(), AgentError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
     use signal_hook::iterator::exfiltrator::WithOrigin;
     use signal_hook::iterator::SignalsInfo;
@@ -269,17 +303,16 @@ pub(super) fn spawn_signal_thread(tx: tokio::sync::mpsc::UnboundedSender<Signal>
     Ok(())
 }
 
-pub(super) fn unfinished(shared: &Shared) -> Vec<TxnRecord> {
-    match shared.journal.unfinished() {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::error!("cannot read the journal: {e}");
-            Vec::new()
-        }
-    }
+async fn answer(stream: UnixStream, response: &Response) {
+    let (_, mut write) = stream.into_split();
+    let mut out = serde_json::to_vec(response).unwrap_or_else(|_| b"{}".to_vec());
+    out.push(b'\n');
+    let _ = tokio::time::timeout(Duration::from_secs(5), write.write_all(&out)).await;
 }
 
-pub(super) async fn handle_connection(shared: Arc<Shared>, stream: UnixStream) {
+/// One client: the peer is checked before a byte is read (root only), then one bounded
+/// request line is read within [`REQUEST_READ_TIMEOUT`], handed to the owner, answered.
+async fn handle_connection(shared: &Arc<Shared>, stream: UnixStream) {
     let peer = match stream.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -287,58 +320,52 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, stream: UnixStream) {
             return;
         }
     };
+    if peer.uid() != 0 {
+        tracing::warn!(uid = peer.uid(), pid = ?peer.pid(), "refused a non-root client");
+        let r = Response::fail(Exit::BadInput, "permission denied: the agent serves root only (run as root)");
+        return answer(stream, &r).await;
+    }
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
-    // Read the request first (bounded) so the client can always read the answer.
-    let read = reader.read_line(&mut line).await;
-    let response = if peer.uid() != 0 {
-        tracing::warn!(uid = peer.uid(), pid = ?peer.pid(), "refused a non-root client");
-        Response::fail(Exit::BadInput, "permission denied: the agent serves root only")
-    } else {
-        match read {
-            Ok(n) if n > MAX_REQUEST_BYTES => Response::fail(Exit::BadInput, "request too large"),
-            Ok(0) => return,
-            Ok(_) => match serde_json::from_str::<Envelope>(&line) {
-                Ok(env) if env.v != VERSION => {
-                    Response::fail(Exit::BadInput, format!("protocol version {} is not {VERSION}", env.v))
-                }
-                Ok(env) => {
-                    shared.inner.lock().await.last_activity = Some(Instant::now());
-                    let r = dispatch(&shared, env.request, peer.pid(), peer.uid()).await;
-                    shared.inner.lock().await.last_activity = Some(Instant::now());
-                    r
-                }
-                Err(e) => Response::fail(Exit::BadInput, format!("malformed request: {e}")),
-            },
-            Err(e) => Response::fail(Exit::BadInput, format!("cannot read the request: {e}")),
+    let read = match tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::debug!(pid = ?peer.pid(), "a client sent no request in time; closed");
+            return;
         }
+    };
+    let response = match read {
+        Ok(n) if n > MAX_REQUEST_BYTES => Response::fail(Exit::BadInput, "request too large"),
+        Ok(0) => return,
+        Ok(_) => match serde_json::from_str::<Envelope>(&line) {
+            Ok(env) if env.v != VERSION => {
+                Response::fail(Exit::BadInput, format!("protocol version {} is not {VERSION}", env.v))
+            }
+            Ok(env) => {
+                drop(line);
+                dispatch(shared, env.request, peer.pid(), peer.uid()).await
+            }
+            Err(e) => Response::fail(Exit::BadInput, format!("malformed request: {e}")),
+        },
+        Err(e) => Response::fail(Exit::BadInput, format!("cannot read the request: {e}")),
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
     out.push(b'\n');
     let _ = write.write_all(&out).await;
-    schedule_idle_check(&shared);
 }
 
-pub(super) async fn dispatch(shared: &Arc<Shared>, req: Request, peer_pid: Option<i32>, peer_uid: u32) -> Response {
+async fn dispatch(shared: &Arc<Shared>, req: Request, peer_pid: Option<i32>, peer_uid: u32) -> Response {
     match req {
         Request::Ping => Response::ok(json!({"pid": std::process::id()})),
-        Request::Apply(a) => apply(shared, a, peer_pid, peer_uid).await,
-        Request::Confirm { txid } => confirm(shared, txid.as_deref(), peer_pid).await,
-        Request::Extend { txid, by_secs } => extend(shared, txid.as_deref(), by_secs).await,
-        Request::Rollback { txid } => rollback_request(shared, txid.as_deref()).await,
+        Request::Status => owner::status(shared),
+        Request::Apply(a) => owner::apply(shared, a, peer_pid, peer_uid).await,
+        Request::Confirm { txid, netns } => owner::confirm(shared, txid.as_deref(), netns.as_deref(), peer_pid).await,
+        Request::Extend { txid, by_secs, netns } => {
+            owner::extend(shared, txid.as_deref(), netns.as_deref(), by_secs, peer_pid).await
+        }
+        Request::Rollback { txid, netns } => {
+            owner::rollback_request(shared, txid.as_deref(), netns.as_deref(), peer_pid).await
+        }
     }
-}
-
-/// The worker for a target, started on first use.
-pub(super) async fn worker_for(shared: &Shared, target: Target) -> Result<Worker, Response> {
-    let id = target.id;
-    let mut inner = shared.inner.lock().await;
-    if let Some(w) = inner.workers.get(&id) {
-        return Ok(w.clone());
-    }
-    let w = Worker::spawn(target, format!("ctguard-ns-{}", id.1))
-        .map_err(|e| Response::fail(Exit::Internal, format!("cannot enter the target: {e}")))?;
-    inner.workers.insert(id, w.clone());
-    Ok(w)
 }

@@ -343,11 +343,11 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
     }
     let txid = r.data["txid"].as_str().unwrap_or_default().to_string();
     let warnings: Vec<Value> = r.data["warnings"].as_array().cloned().unwrap_or_default();
-    let c = super::txn::ask(global, Request::Confirm { txid: Some(txid.clone()) })?;
+    let c = super::txn::ask(global, Request::Confirm { txid: Some(txid.clone()), netns: None })?;
     if c.exit != 0 {
         // Not confirmed: roll back now rather than at the deadline (best effort; the agent's
         // timer does it anyway).
-        let _ = super::txn::ask(global, Request::Rollback { txid: Some(txid.clone()) });
+        let _ = super::txn::ask(global, Request::Rollback { txid: Some(txid.clone()), netns: None });
         return Err(refused_by_agent(&c, &format!("restore: confirm of {txid} (rolled back)")));
     }
     tracing::info!(txid = txid.as_str(), "restore: re-applied and committed {shown}");

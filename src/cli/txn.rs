@@ -197,7 +197,7 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
     loop {
         if interrupted.load(Ordering::SeqCst) {
             end_line();
-            let r = ask(global, Request::Rollback { txid: Some(txid.clone()) })?;
+            let r = ask(global, Request::Rollback { txid: Some(txid.clone()), netns: None })?;
             return match r.exit {
                 0 => Err(vec![Failure::new(Exit::RolledBack, format!("{txid} rolled back (Ctrl-C)"))]),
                 c => Err(vec![Failure::new(Exit::from_code(c), r.error.unwrap_or_default())]),
@@ -205,7 +205,7 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
         }
         if enter_rx.try_recv().is_ok() {
             end_line();
-            let r = ask(global, Request::Confirm { txid: Some(txid.clone()) })?;
+            let r = ask(global, Request::Confirm { txid: Some(txid.clone()), netns: None })?;
             return finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")));
         }
         let rec = journal.load(&id).map_err(|e| vec![Failure::internal(e.to_string())])?;
@@ -249,13 +249,14 @@ fn txid_arg(t: &Option<String>) -> Result<Option<String>, Vec<Failure>> {
 }
 
 pub(super) fn confirm(a: &TxidArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
-    let r = ask(global, Request::Confirm { txid: txid_arg(&a.txid)? })?;
+    let r = ask(global, Request::Confirm { txid: txid_arg(&a.txid)?, netns: global.netns.clone() })?;
     finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")))
 }
 
 pub(super) fn extend(a: &TxidArgs, by: &str, global: &Global) -> Result<Exit, Vec<Failure>> {
     let by = crate::duration::parse_duration(by).map_err(|e| vec![Failure::bad_input(format!("--by: {e}"))])?;
-    let r = ask(global, Request::Extend { txid: txid_arg(&a.txid)?, by_secs: by.as_secs() })?;
+    let r =
+        ask(global, Request::Extend { txid: txid_arg(&a.txid)?, by_secs: by.as_secs(), netns: global.netns.clone() })?;
     finish(global, r, |d| {
         format!(
             "{} now pending until {} ({} s)\n",
@@ -267,7 +268,7 @@ pub(super) fn extend(a: &TxidArgs, by: &str, global: &Global) -> Result<Exit, Ve
 }
 
 pub(super) fn rollback(a: &TxidArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
-    let r = ask(global, Request::Rollback { txid: txid_arg(&a.txid)? })?;
+    let r = ask(global, Request::Rollback { txid: txid_arg(&a.txid)?, netns: global.netns.clone() })?;
     finish(global, r, |d| format!("{} rolled back\n", d["txid"].as_str().unwrap_or("?")))
 }
 
@@ -281,7 +282,9 @@ fn open_journal(global: &Global) -> Result<Journal, Vec<Failure>> {
 /// journal yet.
 pub(super) fn revive_agent_if_needed(global: &Global) {
     let Ok(j) = Journal::attach(&global.state_dir) else { return };
-    if j.unfinished().is_ok_and(|u| !u.is_empty()) && !client::is_running(&global.run_dir) {
+    // A namespace pin left by a crash is work for an agent too: it removes it at start.
+    let leftover_pins = std::fs::read_dir(global.run_dir.join("ns")).is_ok_and(|mut d| d.next().is_some());
+    if (leftover_pins || j.unfinished().is_ok_and(|u| !u.is_empty())) && !client::is_running(&global.run_dir) {
         if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
             eprintln!("ctguard: warning: unfinished transactions and no agent: {e}");
         }
@@ -295,29 +298,43 @@ fn conntrack_usage() -> Value {
     json!({"count": read("nf_conntrack_count"), "max": read("nf_conntrack_max")})
 }
 
+/// `status`: unfinished transactions from the journal, overlaid with the agent's in-memory
+/// view when an agent answers (its phase — applying, rolling back, rollback owed — and the
+/// transactions whose journal file is damaged or could not be written); damaged journal files
+/// are listed, never taken for "nothing pending".
 pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
     let j = open_journal(global)?;
     let now = journal::boottime_ns();
-    let pending: Vec<Value> = j
-        .unfinished()
-        .map_err(|e| vec![Failure::internal(e.to_string())])?
-        .iter()
-        .filter(|r| global.netns.as_deref().is_none_or(|n| r.target.label == n))
-        .map(|r| txn::status_entry(r, now))
-        .collect();
+    let scan = j.scan().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    let mut pending: Vec<Value> =
+        scan.records.iter().filter(|r| !r.state.is_finished()).map(|r| txn::status_entry(r, now)).collect();
+    let damaged: Vec<String> = scan.skipped.iter().map(|e| e.to_string()).collect();
+    let agent = client::request(&global.run_dir, Request::Status, Duration::from_secs(2)).ok();
+    if let Some(a) = &agent {
+        for t in a.data["transactions"].as_array().into_iter().flatten() {
+            match pending.iter_mut().find(|p| p["id"] == t["id"]) {
+                Some(p) => *p = t.clone(),
+                None => pending.push(t.clone()),
+            }
+        }
+    }
+    pending.retain(|p| global.netns.as_deref().is_none_or(|n| p["target"] == n));
     let usage = conntrack_usage();
     if global.json {
-        let agent_pid =
-            client::request(&global.run_dir, Request::Ping, Duration::from_secs(2)).ok().map(|r| r.data["pid"].clone());
-        super::print_json(&json!({"pending": pending, "conntrack": usage, "agent_pid": agent_pid}));
+        let agent_pid = agent.as_ref().map(|r| r.data["pid"].clone());
+        super::print_json(&json!({"pending": pending, "damaged": damaged, "conntrack": usage, "agent_pid": agent_pid}));
         return Ok(Exit::Ok);
+    }
+    for d in &damaged {
+        println!("DAMAGED journal file: {d}");
     }
     if pending.is_empty() {
         println!("no pending transaction");
     }
     for p in &pending {
+        let phase = p["phase"].as_str().map(|ph| format!(" ({ph})")).unwrap_or_default();
         println!(
-            "{}  {}  target {}  deadline {}  {} s left  requested by pid {}",
+            "{}  {}{phase}  target {}  deadline {}  {} s left  requested by pid {}",
             p["id"].as_str().unwrap_or("?"),
             p["state"].as_str().unwrap_or("?"),
             p["target"].as_str().unwrap_or("?"),
@@ -325,6 +342,12 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
             p["seconds_left"],
             p["requester"]["pid"]
         );
+        if let Some(e) = p["rollback_error"].as_str() {
+            println!("    rollback failed {} time(s), retrying: {e}", p["rollback_attempts"]);
+        }
+        if let Some(e) = p["journal_error"].as_str() {
+            println!("    journal: {e}");
+        }
     }
     if let (Some(c), Some(m)) = (usage["count"].as_u64(), usage["max"].as_u64()) {
         println!("conntrack (this namespace): {c} of {m} entries");
@@ -427,8 +450,11 @@ pub(super) fn agent(a: &AgentArgs, global: &Global) -> Result<Exit, Vec<Failure>
         policy: Arc::new(crate::agent::policy_engine::PolicyEngine),
         ruleset: Arc::new(crate::agent::ruleset_engine::RulesetEngine),
     };
-    server::run(opts, engines).map_err(|e| vec![Failure::bad_input(e.to_string())])?;
-    Ok(Exit::Ok)
+    match server::run(opts, engines) {
+        Ok(()) => Ok(Exit::Ok),
+        Err(e @ server::AgentError::AlreadyRunning { .. }) => Err(vec![Failure::new(Exit::Busy, e.to_string())]),
+        Err(e) => Err(vec![Failure::bad_input(e.to_string())]),
+    }
 }
 
 /// Journal recovery alone (the boot unit): transactions of another boot are closed without
@@ -438,6 +464,9 @@ pub(super) fn recover(global: &Global) -> Result<Exit, Vec<Failure>> {
     let boot = journal::boot_id().map_err(|e| vec![Failure::internal(format!("boot id: {e}"))])?;
     let mut closed = 0;
     let mut left = 0;
+    // Every journal writer holds the state-dir lock for its read-modify-write (DESIGN §1).
+    let _lock =
+        if j.state_dir().is_dir() { Some(j.lock().map_err(|e| vec![Failure::internal(e.to_string())])?) } else { None };
     for mut rec in j.unfinished().map_err(|e| vec![Failure::internal(e.to_string())])? {
         match txn::recovery_action(&rec, &boot, journal::boottime_ns()) {
             txn::Recovery::CloseRebooted => {
@@ -456,6 +485,7 @@ pub(super) fn recover(global: &Global) -> Result<Exit, Vec<Failure>> {
             _ => left += 1,
         }
     }
+    drop(_lock);
     if left > 0 {
         client::ensure_agent(&global.run_dir, &global.state_dir).map_err(client_failure)?;
     }

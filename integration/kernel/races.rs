@@ -1,0 +1,365 @@
+//! Issue 11: the agent as the single owner of every transaction, shown by racing it — parallel
+//! applies on one target, confirm and extend sent at the deadline ±50 ms, a full disk between
+//! the snapshot and the journal write, a damaged PENDING record, a flood of idle clients under
+//! a 1,024 descriptor limit. In every trial the exit code, the journal and the kernel agree.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::txn_cli::{ok, Ctg};
+use crate::harness::{Ns, STATEFUL};
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Starts this installation's agent (a `status` with a pending-free journal does not).
+fn start_agent(ctg: &Ctg) {
+    let out = ctg.run(&["rollback"]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    assert!(ctg.agent_pid().is_some(), "no agent");
+}
+
+/// Runs `n` copies of `args` at once (released together by a barrier); their outputs.
+fn parallel(ctg: &Ctg, n: usize, args: &[&str]) -> Vec<Output> {
+    let barrier = std::sync::Barrier::new(n);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    ctg.run(args)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    })
+}
+
+/// Exactly one apply won (exit 0, its txid), every other got exit 4 naming it; one record.
+fn one_winner(ctg: &Ctg, outs: &[Output]) -> String {
+    let winners: Vec<&Output> = outs.iter().filter(|o| code(o) == 0).collect();
+    let codes: Vec<i32> = outs.iter().map(code).collect();
+    assert_eq!(winners.len(), 1, "exit codes {codes:?}");
+    let v: Value = serde_json::from_slice(&winners[0].stdout).expect("json");
+    let id = v["data"]["txid"].as_str().expect("txid").to_string();
+    for o in outs.iter().filter(|o| code(o) != 0) {
+        assert_eq!(code(o), 4, "{}", text(o));
+        assert!(text(o).contains(&id), "the loser does not name the winner {id}: {}", text(o));
+    }
+    let h = ctg.json(&["history"]);
+    assert_eq!(h["transactions"].as_array().map(Vec::len), Some(1), "only the winner is journaled: {h}");
+    id
+}
+
+#[test]
+fn twenty_parallel_ruleset_applies_one_winner_and_the_prior_state_back() {
+    let ns = Ns::new("race-rs");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    start_agent(&ctg);
+    let file = ctg.base.join("drop-all.nft");
+    std::fs::write(
+        &file,
+        "flush ruleset\ntable inet lock {\n  chain input {\n    type filter hook input priority filter; policy drop;\n  }\n}\n",
+    )
+    .expect("write");
+    let args = ["--json", "apply", "--netns", ns.name(), "--timeout", "3s", "--ruleset", file.to_str().expect("utf8")];
+    let outs = parallel(&ctg, 20, &args);
+    let id = one_winner(&ctg, &outs);
+    assert!(ns.nft_list().contains("table inet lock"));
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(20));
+    assert_eq!(ns.nft_list(), before, "not the prior ruleset after the rollback");
+}
+
+#[test]
+fn twenty_parallel_policy_applies_one_winner_and_the_prior_state_back() {
+    let ns = Ns::new("race-pol");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    start_agent(&ctg);
+    let outs = parallel(&ctg, 20, &["--json", "apply", "--netns", ns.name(), "--timeout", "3s"]);
+    let id = one_winner(&ctg, &outs);
+    let during = ns.nft_list();
+    assert!(during.contains("table inet ctguard") && during.contains("untracked accept"), "{during}");
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(20));
+    assert_eq!(ns.nft_list(), before, "not the prior ruleset after the rollback");
+}
+
+/// Over a committed policy: two re-applies at once never leave a mix of old and new.
+#[test]
+fn parallel_reapplies_over_a_committed_policy_never_mix() {
+    let ns = Ns::new("race-re");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    let (out, first) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    ok(&ctg.run(&["confirm", &first]));
+    let committed = ns.nft_list();
+    let dir = ctg.base.join("p");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let policy = dir.join("b.toml");
+    std::fs::write(&policy, "[[notrack]]\nprotocols = [\"udp\"]\nports = [5353]\n").expect("write");
+    let outs = parallel(&ctg, 8, &["--json", "apply", "--netns", ns.name(), "--timeout", "60s", policy.to_str().expect("utf8")]);
+    let winners = outs.iter().filter(|o| code(o) == 0).count();
+    assert_eq!(winners, 1, "{:?}", outs.iter().map(code).collect::<Vec<_>>());
+    let during = ns.nft_list();
+    assert!(during.contains("5353") && !during.contains(" 53 "), "a mix of the old and the new policy: {during}");
+    ok(&ctg.run(&["--netns", ns.name(), "rollback"]));
+    assert_eq!(ns.nft_list(), committed, "the committed policy is not back");
+}
+
+/// The record file of `id`, parsed.
+fn record(ctg: &Ctg, id: &str) -> Value {
+    let p = ctg.base.join("state").join("txn").join(format!("{id}.json"));
+    serde_json::from_slice(&std::fs::read(p).expect("record")).expect("record json")
+}
+
+/// Sleeps until CLOCK_BOOTTIME reaches `deadline_ns` + `offset_ms` (which may be negative).
+fn sleep_until(deadline_ns: u64, offset_ms: i64) {
+    let target = (deadline_ns as i128 + i128::from(offset_ms) * 1_000_000) as u64;
+    let now = ctguard::journal::boottime_ns();
+    if target > now {
+        std::thread::sleep(Duration::from_nanos(target - now));
+    }
+}
+
+/// The final state of `id` once its deadline has certainly passed (or it was committed).
+fn settled(ctg: &Ctg, id: &str, deadline_ns: u64) -> String {
+    sleep_until(deadline_ns, 300);
+    let start = Instant::now();
+    loop {
+        let s = ctg.state(id);
+        if s == "COMMITTED" || s == "ROLLED_BACK" || start.elapsed() > Duration::from_secs(10) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One race: a transaction with a 1 s deadline in a fresh namespace (a policy one in even
+/// trials, a ruleset one in odd trials), then `verb` (`confirm` or `extend`) sent at the
+/// deadline + `offset_ms`. Checks that the exit code, the journal and the kernel agree;
+/// returns the exit code.
+fn deadline_trial(ctg: &Ctg, n: usize, verb: &str, offset_ms: i64) -> i32 {
+    let ns = Ns::new(&format!("race-{verb}{n}"));
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let marker = "table inet ctguard_marker";
+    let (out, id) = if n % 2 == 0 {
+        ctg.apply(&ns, &["--timeout", "1s"])
+    } else {
+        let file = ctg.base.join(format!("marker-{n}.nft"));
+        std::fs::write(&file, format!("flush ruleset\n{STATEFUL}{marker} {{\n}}\n")).expect("write");
+        ctg.apply(&ns, &["--timeout", "1s", "--ruleset", file.to_str().expect("utf8")])
+    };
+    ok(&out);
+    let changed = |k: &str| k.contains("table inet ctguard");
+    let deadline = record(ctg, &id)["deadline"]["boottime_ns"].as_u64().expect("deadline");
+    sleep_until(deadline, offset_ms);
+    let out = if verb == "confirm" { ctg.run(&["confirm", &id]) } else { ctg.run(&["extend", "--by", "30s", &id]) };
+    let c = code(&out);
+    let state = settled(ctg, &id, deadline);
+    let kernel = ns.nft_list();
+    let what = format!("{verb} of {id} at the deadline {offset_ms:+} ms: exit {c}, journal {state}");
+    match (verb, c) {
+        ("confirm", 0) => {
+            assert_eq!(state, "COMMITTED", "{what}");
+            assert!(changed(&kernel), "{what}, but the kernel was rolled back");
+        }
+        ("extend", 0) => {
+            assert_eq!(state, "PENDING", "{what}");
+            assert!(changed(&kernel), "{what}, but the kernel was rolled back");
+            ok(&ctg.run(&["rollback", &id]));
+            assert_eq!(ns.nft_list(), before, "{what}: the rollback after the extend");
+        }
+        (_, 5) => {
+            assert_eq!(state, "ROLLED_BACK", "{what}");
+            assert_eq!(kernel, before, "{what}, but the kernel is not the prior state");
+        }
+        _ => panic!("{what}: {}", text(&out)),
+    }
+    c
+}
+
+fn deadline_races(verb: &str, trials: usize) {
+    const PARALLEL: usize = 5;
+    let ctg = Ctg::new();
+    start_agent(&ctg);
+    let codes: Vec<i32> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..PARALLEL)
+            .map(|i| {
+                let ctg = &ctg;
+                s.spawn(move || {
+                    (0..trials / PARALLEL)
+                        .map(|k| {
+                            // Offsets from -50 to +50 ms, spread over the trials.
+                            let n = k * PARALLEL + i;
+                            let offset = -50 + (n as i64 * 100) / (trials as i64 - 1).max(1);
+                            deadline_trial(ctg, n, verb, offset)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("trial")).collect()
+    });
+    let won = codes.iter().filter(|c| **c == 0).count();
+    eprintln!(
+        "{verb} at the deadline ±50 ms: {} trials, {won} exit 0, {} exit 5; exit code, journal and kernel agreed in each",
+        codes.len(),
+        codes.len() - won
+    );
+    assert_eq!(codes.len(), trials);
+}
+
+#[test]
+fn thirty_confirms_at_the_deadline_agree_with_journal_and_kernel() {
+    deadline_races("confirm", 30);
+}
+
+#[test]
+fn twenty_extends_at_the_deadline_agree_with_journal_and_kernel() {
+    deadline_races("extend", 20);
+}
+
+/// A small tmpfs mounted as a state dir for the test's life (unmounted on drop).
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(path: PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&path).expect("mkdir");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "ctguard-test"])
+            .arg(&path)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs");
+        SmallDisk(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_full_disk_after_the_snapshot_ends_rolled_back_and_never_restores_an_older_state() {
+    let ns = Ns::new("race-full");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let disk = SmallDisk::mount(ctg.base.join("state"), "4m");
+    // The agent starts with the fault armed: right after PREPARED it fills the state dir.
+    let env = [(ctguard::agent::server::FAULT_ENV, "apply:fill-disk")];
+    let out = ctg.run_env(&["--json", "apply", "--netns", ns.name(), "--timeout", "30s"], &env);
+    eprintln!("apply on a disk that fills up: {}", text(&out).trim());
+    assert_eq!(code(&out), 1, "{}", text(&out));
+    assert!(text(&out).contains("No space left") && text(&out).contains("rolled back"), "{}", text(&out));
+    assert_eq!(ns.nft_list(), before, "the kernel is not back to the prior state");
+    let h = ctg.json(&["history"]);
+    let id = h["transactions"][0]["id"].as_str().expect("journaled").to_string();
+    assert_eq!(h["transactions"][0]["state"], "ROLLED_BACK", "{h}");
+    // Room again; a hand-made change; the agent killed and a new one started: recovery must
+    // not restore the old snapshot over the hand-made change.
+    std::fs::remove_file(disk.0.join("txn").join("filler")).expect("filler");
+    ns.nft("table ip handmade {\n}\n");
+    ctg.signal_agent(nix::sys::signal::Signal::SIGKILL);
+    let (out, id2) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    assert!(ns.nft_list().contains("table ip handmade"), "recovery restored an older state");
+    ok(&ctg.run(&["rollback", &id2]));
+    assert!(ns.nft_list().contains("table ip handmade"));
+    assert_eq!(ctg.state(&id), "ROLLED_BACK");
+    drop(ctg);
+    drop(disk);
+}
+
+#[test]
+fn a_damaged_pending_record_keeps_its_deadline_and_shows_in_status() {
+    let ns = Ns::new("race-dmg");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "3s"]);
+    ok(&out);
+    let path = ctg.base.join("state").join("txn").join(format!("{id}.json"));
+    let bytes = std::fs::read(&path).expect("record");
+    std::fs::write(&path, &bytes[..bytes.len() / 3]).expect("truncate");
+    let status = ctg.json(&["status"]);
+    eprintln!("status with a damaged record: {status}");
+    assert_eq!(status["pending"][0]["id"].as_str(), Some(id.as_str()), "{status}");
+    assert!(status["damaged"].as_array().is_some_and(|d| d.iter().any(|e| e.as_str().unwrap_or("").contains(&id))), "{status}");
+    // The deadline still fires, from the agent's own copy, and writes a whole record again.
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(20));
+    assert_eq!(ns.nft_list(), before);
+    assert_eq!(ctg.outcome(&id), "rolled back: deadline");
+}
+
+/// Opens `n` connections to `sock` and keeps them (idle) until dropped; connects that would
+/// block (the listen backlog is full) are kept pending as they are.
+fn idle_clients(sock: &std::path::Path, n: usize) -> Vec<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let addr = UnixAddr::new(sock).expect("addr");
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)
+            .expect("socket");
+        let _ = connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr);
+        v.push(fd);
+    }
+    v
+}
+
+#[test]
+fn eleven_hundred_idle_clients_under_a_1024_fd_limit_do_not_delay_the_deadline() {
+    crate::harness::raise_nofile(2048);
+    let ns = Ns::new("race-fds");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    // The agent is started by this apply, under the limit, and inherits it.
+    let state = ctg.base.join("state");
+    let run = ctg.base.join("run");
+    let out = std::process::Command::new("prlimit")
+        .arg("--nofile=1024:1024")
+        .arg(env!("CARGO_BIN_EXE_ctguard"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--run-dir")
+        .arg(&run)
+        .args(["--json", "apply", "--netns", ns.name(), "--timeout", "4s"])
+        .output()
+        .expect("prlimit");
+    ok(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = v["data"]["txid"].as_str().expect("txid").to_string();
+    let deadline = record(&ctg, &id)["deadline"]["boottime_ns"].as_u64().expect("deadline");
+    let clients = idle_clients(&run.join("ctguard.sock"), 1100);
+    sleep_until(deadline, 0);
+    let start = Instant::now();
+    while ns.nft_list() != before {
+        assert!(start.elapsed() < Duration::from_secs(1), "not rolled back within 1 s of the deadline");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let late = start.elapsed();
+    drop(clients);
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(10));
+    let log = std::fs::metadata(run.join("agent.log")).map(|m| m.len()).unwrap_or(0);
+    eprintln!("1,100 idle clients, nofile 1024: kernel restored {late:?} after the deadline; agent log {log} bytes");
+    assert!(log < 1 << 20, "agent log {log} bytes");
+    // The agent still serves.
+    assert!(ctg.agent_pid().is_some());
+}

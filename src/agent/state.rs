@@ -1,0 +1,285 @@
+//! The agent's shared state: one [`Owner`] per target namespace, through which every state
+//! change of that target's transactions goes (DESIGN §2 "One owner per target"), the worker
+//! threads, and what the idle check and the descriptor reserve need.
+//!
+//! An owner has two locks with two jobs:
+//! - `slot` (a plain mutex, never held across an `.await`): what is going on now — the
+//!   in-memory copy of the unfinished transaction and its phase. Claiming a target is a
+//!   check-and-set on it, so two applies can never both win.
+//! - `op` (an async mutex, held for a whole operation): serializes apply, confirm, extend,
+//!   rollback, the deadline, probe rounds, recovery and signals of that target. A confirm that
+//!   meets a running rollback waits for it, then sees its outcome.
+//!
+//! While the agent lives, the in-memory record is authoritative: a damaged journal file never
+//! disarms a timer or hides a pending transaction.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::engine::Engines;
+use super::server::AgentOptions;
+use super::worker::Worker;
+use crate::journal::{self, Journal};
+use crate::netns::Target;
+use crate::txn::{Reason, TxnRecord};
+
+/// A target namespace: device and inode of its nsfs file.
+pub type TargetId = (u64, u64);
+
+/// What the owner is doing with its unfinished transaction (the journaled states say where it
+/// stands after a crash; the phases say what is happening now).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Claimed: being prepared, applied, checked (the journal says PREPARED, or nothing yet).
+    Applying,
+    /// Applied and armed: waiting for a confirm or the deadline.
+    Pending,
+    /// A rollback is running.
+    RollingBack,
+    /// A rollback failed; it is retried with backoff until it succeeds.
+    RollbackOwed {
+        /// Failed attempts so far.
+        attempts: u32,
+        /// The last failure.
+        error: String,
+        /// Why it is rolled back.
+        reason: Reason,
+    },
+    /// The kernel is back to the prior state but the journal could not record that (disk
+    /// full): the target refuses new work until the record is written (retried).
+    Wedged {
+        /// The journal error.
+        error: String,
+    },
+}
+
+impl Phase {
+    /// Short name for `status` and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Applying => "applying",
+            Phase::Pending => "pending",
+            Phase::RollingBack => "rolling back",
+            Phase::RollbackOwed { .. } => "rollback owed",
+            Phase::Wedged { .. } => "journal unwritable",
+        }
+    }
+}
+
+/// The unfinished transaction of a target, in memory.
+#[derive(Debug)]
+pub struct Current {
+    /// The record as last decided (also when the journal could not store it).
+    pub rec: TxnRecord,
+    /// What is happening now.
+    pub phase: Phase,
+    /// The armed dead-man timer (PENDING only).
+    pub timer: Option<tokio::task::AbortHandle>,
+    /// The last journal write or read that failed for this record, if any.
+    pub journal_error: Option<String>,
+}
+
+/// The single owner of one target's transactions.
+#[derive(Debug)]
+pub struct Owner {
+    /// The target.
+    pub id: TargetId,
+    /// Held for a whole operation on this target (see the module doc).
+    pub op: tokio::sync::Mutex<()>,
+    slot: Mutex<Option<Current>>,
+}
+
+impl Owner {
+    fn new(id: TargetId) -> Owner {
+        Owner { id, op: tokio::sync::Mutex::new(()), slot: Mutex::new(None) }
+    }
+
+    /// The slot (never hold the guard across an `.await`).
+    pub fn slot(&self) -> MutexGuard<'_, Option<Current>> {
+        self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The current transaction's id and phase, if any.
+    pub fn current(&self) -> Option<(String, Phase)> {
+        self.slot().as_ref().map(|c| (c.rec.id.as_str().to_string(), c.phase.clone()))
+    }
+
+    /// True when `txid` is this owner's current transaction.
+    pub fn holds(&self, txid: &str) -> bool {
+        self.slot().as_ref().is_some_and(|c| c.rec.id.as_str() == txid)
+    }
+
+    /// A copy of the current record when it is `txid`.
+    pub fn record(&self, txid: &str) -> Option<TxnRecord> {
+        self.slot().as_ref().filter(|c| c.rec.id.as_str() == txid).map(|c| c.rec.clone())
+    }
+
+    /// Updates the current transaction when it is `txid`; returns whether it was.
+    pub fn update(&self, txid: &str, f: impl FnOnce(&mut Current)) -> bool {
+        match self.slot().as_mut() {
+            Some(c) if c.rec.id.as_str() == txid => {
+                f(c);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the current transaction when it is `txid` (its timer cancelled).
+    pub fn release(&self, txid: &str) {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|c| c.rec.id.as_str() == txid) {
+            if let Some(t) = slot.as_mut().and_then(|c| c.timer.take()) {
+                t.abort();
+            }
+            *slot = None;
+        }
+    }
+}
+
+/// Why a claim lost: the transaction that holds the target.
+#[derive(Debug, Clone)]
+pub struct Busy {
+    /// Its id.
+    pub txid: String,
+    /// Its phase.
+    pub phase: Phase,
+    /// Seconds to its deadline, when it has one.
+    pub seconds_left: Option<u64>,
+}
+
+/// Everything the agent's tasks share.
+pub struct Shared {
+    /// How the agent runs.
+    pub opts: AgentOptions,
+    /// The transaction kinds.
+    pub engines: Engines,
+    /// The journal.
+    pub journal: Journal,
+    /// This boot.
+    pub boot_id: String,
+    owners: Mutex<HashMap<TargetId, Arc<Owner>>>,
+    workers: Mutex<HashMap<TargetId, Worker>>,
+    /// Requests being served now (the agent never exits while one is).
+    pub in_flight: AtomicUsize,
+    last_activity: Mutex<Instant>,
+    /// Woken (after `idle_exit`) when a request or a transaction ended: a detached agent then
+    /// checks whether it may exit. No periodic wake-ups.
+    pub idle: tokio::sync::Notify,
+    /// Descriptors held in reserve and given back while a rollback runs, so a flood of clients
+    /// can never leave the rollback without descriptors.
+    spare_fds: Mutex<Vec<OwnedFd>>,
+}
+
+/// Descriptors kept in reserve for rollbacks (pipes of the restore tools, a netlink socket).
+pub const SPARE_FDS: usize = 16;
+
+impl Shared {
+    /// The shared state of a starting agent.
+    pub fn new(opts: AgentOptions, engines: Engines, journal: Journal, boot_id: String) -> Shared {
+        let s = Shared {
+            opts,
+            engines,
+            journal,
+            boot_id,
+            owners: Mutex::new(HashMap::new()),
+            workers: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            last_activity: Mutex::new(Instant::now()),
+            idle: tokio::sync::Notify::new(),
+            spare_fds: Mutex::new(Vec::new()),
+        };
+        s.refill_spare_fds();
+        s
+    }
+
+    fn owners(&self) -> MutexGuard<'_, HashMap<TargetId, Arc<Owner>>> {
+        self.owners.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The owner of `id`, created on first use.
+    pub fn owner(&self, id: TargetId) -> Arc<Owner> {
+        self.owners().entry(id).or_insert_with(|| Arc::new(Owner::new(id))).clone()
+    }
+
+    /// Claims `id` for `rec` atomically: at most one unfinished transaction per target. The
+    /// loser learns which transaction holds the target. Nothing is read before this.
+    pub fn claim(&self, id: TargetId, rec: TxnRecord) -> Result<Arc<Owner>, Busy> {
+        let owner = self.owner(id);
+        let mut slot = owner.slot();
+        if let Some(c) = slot.as_ref() {
+            return Err(Busy {
+                txid: c.rec.id.as_str().to_string(),
+                phase: c.phase.clone(),
+                seconds_left: c.rec.seconds_left(journal::boottime_ns()),
+            });
+        }
+        *slot = Some(Current { rec, phase: Phase::Applying, timer: None, journal_error: None });
+        drop(slot);
+        Ok(owner)
+    }
+
+    /// The owner whose current transaction is `txid`.
+    pub fn owner_of(&self, txid: &str) -> Option<Arc<Owner>> {
+        self.owners().values().find(|o| o.holds(txid)).cloned()
+    }
+
+    /// Every owner that has an unfinished transaction.
+    pub fn busy_owners(&self) -> Vec<Arc<Owner>> {
+        let mut v: Vec<Arc<Owner>> = self.owners().values().filter(|o| o.current().is_some()).cloned().collect();
+        v.sort_by_key(|o| o.record_created());
+        v
+    }
+
+    /// True when no target has unfinished work and no request is being served.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0 && self.owners().values().all(|o| o.current().is_none())
+    }
+
+    /// Notes activity (a request started or ended).
+    pub fn touch(&self) {
+        *self.last_activity.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+
+    /// Time since the last activity.
+    pub fn quiet_for(&self) -> std::time::Duration {
+        self.last_activity.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed()
+    }
+
+    /// The worker of `target`, started on first use.
+    pub fn worker(&self, target: Target) -> Result<Worker, String> {
+        let id = target.id;
+        let mut workers = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(w) = workers.get(&id) {
+            return Ok(w.clone());
+        }
+        let w = Worker::spawn(target, format!("ctguard-ns-{}", id.1)).map_err(|e| e.to_string())?;
+        workers.insert(id, w.clone());
+        Ok(w)
+    }
+
+    /// Gives the reserved descriptors back to the process (before a rollback).
+    pub fn release_spare_fds(&self) {
+        self.spare_fds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+
+    /// Takes the reserve again (best effort; after a rollback and at start).
+    pub fn refill_spare_fds(&self) {
+        let mut spare = self.spare_fds.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while spare.len() < SPARE_FDS {
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => spare.push(OwnedFd::from(f)),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+impl Owner {
+    fn record_created(&self) -> (u64, String) {
+        self.slot().as_ref().map(|c| (c.rec.created_wall, c.rec.id.as_str().to_string())).unwrap_or_default()
+    }
+}
