@@ -201,6 +201,7 @@ fn units_say_what_the_design_requires() {
     assert_eq!(agent["Restart"], "always");
     assert_eq!(agent["KillMode"], "mixed");
     assert_eq!(agent["RuntimeDirectoryPreserve"], "yes", "the pins live in /run/ctguard");
+    assert_eq!(agent["LimitNOFILE"], "65536", "issue 11: descriptors for clients and rollbacks");
     let caps: Vec<&str> = agent["CapabilityBoundingSet"].split_whitespace().collect();
     assert_eq!(caps, ["CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]);
     // Anything that gives the agent a private mount namespace would hide the namespace pins.

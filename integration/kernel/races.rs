@@ -378,3 +378,29 @@ fn eleven_hundred_idle_clients_under_a_1024_fd_limit_do_not_delay_the_deadline()
     // The agent still serves.
     assert!(ctg.agent_pid().is_some());
 }
+
+/// A prepare that takes longer than the detached agent's idle time (20k host rules): the agent
+/// started by this very apply must not exit under it ("nothing pending").
+#[test]
+fn a_long_prepare_on_a_20k_rule_target_keeps_the_fresh_agent() {
+    let ns = Ns::new("race-big");
+    ns.nft(STATEFUL);
+    let mut script = String::from("table inet big {\n  chain blocklist {\n");
+    for i in 0..20_000u32 {
+        script.push_str(&format!("    ip saddr 10.{}.{}.{} counter drop\n", i >> 16, (i >> 8) & 255, i & 255));
+    }
+    script.push_str("  }\n}\n");
+    ns.nft(&script);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    assert!(ctg.agent_pid().is_none());
+    let start = Instant::now();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s"]);
+    let took = start.elapsed();
+    eprintln!("apply on a 20k-rule target with no agent running: {took:?}");
+    ok(&out);
+    ok(&ctg.run(&["rollback", &id]));
+    assert_eq!(ns.nft_list(), before);
+    // No pin left behind keeping the namespace alive.
+    assert_eq!(std::fs::read_dir(ctg.base.join("run").join("ns")).map(|d| d.count()).unwrap_or(0), 0);
+}
