@@ -22,4 +22,5 @@ pub mod probe;
 pub mod render;
 pub mod snapshot;
 pub mod sysctl;
+pub mod trust;
 pub mod txn;
