@@ -12,6 +12,7 @@ pub mod cli;
 pub mod doctor;
 pub mod duration;
 pub mod exit;
+pub mod fault;
 pub mod journal;
 pub mod lint;
 pub mod live;
