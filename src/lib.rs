@@ -9,9 +9,11 @@
 pub mod agent;
 pub mod backend;
 pub mod cli;
+pub mod diff;
 pub mod doctor;
 pub mod duration;
 pub mod exit;
+pub mod fault;
 pub mod journal;
 pub mod lint;
 pub mod live;

@@ -995,7 +995,7 @@ pub fn overwritten(snapshot: &FwState, applied: &FwState, now: &FwState) -> Vec<
 }
 
 /// The changed lines between two texts (`- old`, `+ new`): common head and tail trimmed, the
-/// middle aligned with the CLI's line diff (`cli::plan::diff_lines`) when small enough
+/// middle aligned with the line diff ([`crate::diff::diff_lines`]) when small enough
 /// ([`DIFF_CELL_LIMIT`]), else listed whole.
 pub fn changed_lines(old: &str, new: &str) -> Vec<String> {
     let a: Vec<String> = old.lines().map(str::to_string).collect();
@@ -1004,7 +1004,7 @@ pub fn changed_lines(old: &str, new: &str) -> Vec<String> {
     let tail = a[head..].iter().rev().zip(b[head..].iter().rev()).take_while(|(x, y)| x == y).count();
     let (ma, mb) = (&a[head..a.len() - tail], &b[head..b.len() - tail]);
     if ma.len().saturating_mul(mb.len()) <= DIFF_CELL_LIMIT {
-        crate::cli::plan::diff_lines(ma, mb).into_iter().filter(|l| !l.starts_with("  ")).collect()
+        crate::diff::diff_lines(ma, mb).into_iter().filter(|l| !l.starts_with("  ")).collect()
     } else {
         ma.iter().map(|l| format!("- {l}")).chain(mb.iter().map(|l| format!("+ {l}"))).collect()
     }

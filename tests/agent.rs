@@ -50,7 +50,7 @@ impl Prepared for FakePrepared {
 impl Engine for Fake {
     fn prepare(&self, input: &ApplyInput) -> Result<Box<dyn Prepared>, EngineError> {
         if let Some((exit, message)) = self.0.lock().expect("lock").fail_prepare.clone() {
-            return Err(EngineError { exit, message });
+            return Err(EngineError::new(exit, message));
         }
         Ok(Box::new(FakePrepared { tag: input.tag.to_string(), state: self.0.clone() }))
     }
@@ -62,7 +62,7 @@ impl Engine for Fake {
         s.rollbacks += 1;
         if s.fail_rollback > 0 {
             s.fail_rollback -= 1;
-            return Err(EngineError { exit: Exit::RollbackFailed, message: "injected failure".into() });
+            return Err(EngineError::new(Exit::RollbackFailed, "injected failure"));
         }
         let tag = undo["tag"].as_str().unwrap_or_default().to_string();
         s.applied.retain(|t| *t != tag);

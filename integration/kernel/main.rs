@@ -16,6 +16,7 @@ mod confirm_e2e;
 mod doctor;
 mod ops;
 mod policy_txn;
+mod policy_txn_cas;
 mod probe;
 mod proof;
 mod races;

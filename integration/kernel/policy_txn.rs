@@ -17,25 +17,25 @@ use crate::harness::{host_conntrack_shared, sa, udp_queries, Ns, Pair, UdpRespon
 
 /// A stateful host firewall: drop by default, an explicit catch-all drop at the end (the
 /// accept must land just before it), DNS and SSH accepted as new, loopback accepted.
-const HOST_FW: &str = include_str!("../stateful-catchall.nft");
+pub(crate) const HOST_FW: &str = include_str!("../stateful-catchall.nft");
 
 /// Most conntrack entries a notracked phase may add (stray ND/MLD and the like).
 const HANDFUL: u64 = 10;
 
-fn policy(toml: &str) -> Policy {
+pub(crate) fn policy(toml: &str) -> Policy {
     match parse_policy(toml, Format::Toml) {
         Ok(p) => p,
         Err(e) => panic!("test policy does not parse: {e:?}\n{toml}"),
     }
 }
 
-const UDP53: &str = "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n";
+pub(crate) const UDP53: &str = "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n";
 
-fn facts() -> MachineFacts {
+pub(crate) fn facts() -> MachineFacts {
     MachineFacts::with_ram(ctguard::sysctl::mem_total_bytes().unwrap_or(8 << 30))
 }
 
-fn request(p: &Policy, id: &str, previous: Option<PolicyUndo>) -> PolicyRequest {
+pub(crate) fn request(p: &Policy, id: &str, previous: Option<PolicyUndo>) -> PolicyRequest {
     PolicyRequest {
         policy: p.clone(),
         tag: Tag::new(id).unwrap_or_else(|e| panic!("{e}")),
@@ -49,32 +49,32 @@ fn keys(p: &Policy) -> Vec<SysctlKey> {
     p.sysctl.keys().cloned().collect()
 }
 
-fn list(ns: &Ns, keys: &[SysctlKey]) -> String {
+pub(crate) fn list(ns: &Ns, keys: &[SysctlKey]) -> String {
     ns.run(|| listing(keys)).unwrap_or_else(|e| panic!("listing: {e}"))
 }
 
-fn prep(ns: &Ns, req: &PolicyRequest) -> Prepared {
+pub(crate) fn prep(ns: &Ns, req: &PolicyRequest) -> Prepared {
     let t = Instant::now();
     let p = ns.run(|| prepare(req, facts())).unwrap_or_else(|e| panic!("prepare {}: {}", req.tag, chain(&e)));
     eprintln!("policy_txn: prepare {} took {} ms", req.tag, t.elapsed().as_millis());
     p
 }
 
-fn app(ns: &Ns, p: &Prepared) -> PolicyUndo {
+pub(crate) fn app(ns: &Ns, p: &Prepared) -> PolicyUndo {
     let t = Instant::now();
     let u = ns.run(|| apply(p)).unwrap_or_else(|e| panic!("apply {}: {}", p.request.tag, chain(&e)));
     eprintln!("policy_txn: apply {} took {} ms", p.request.tag, t.elapsed().as_millis());
     u
 }
 
-fn back(ns: &Ns, u: &PolicyUndo) {
+pub(crate) fn back(ns: &Ns, u: &PolicyUndo) {
     ns.run(|| check_rollback(u)).unwrap_or_else(|e| panic!("check_rollback {}: {}", u.tag, chain(&e)));
     let t = Instant::now();
     ns.run(|| rollback(u)).unwrap_or_else(|e| panic!("rollback {}: {}", u.tag, chain(&e)));
     eprintln!("policy_txn: rollback {} took {} ms", u.tag, t.elapsed().as_millis());
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -86,7 +86,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The line-level difference of two listings, for assertion messages.
-fn diff(a: &str, b: &str) -> String {
+pub(crate) fn diff(a: &str, b: &str) -> String {
     let la: Vec<&str> = a.lines().collect();
     let lb: Vec<&str> = b.lines().collect();
     let mut out = String::new();
@@ -103,7 +103,7 @@ fn diff(a: &str, b: &str) -> String {
     out
 }
 
-fn assert_same(before: &str, after: &str, what: &str) {
+pub(crate) fn assert_same(before: &str, after: &str, what: &str) {
     assert!(before == after, "{what}: listings differ\n{}\n--- full after:\n{after}", diff(before, after));
 }
 
@@ -205,7 +205,7 @@ fn rules_others_add_during_the_window_survive_rollback() {
 }
 
 /// A legacy iptables host firewall next to the nft one, so a re-apply moves rules of both.
-const LEGACY_FW: &str = "*filter
+pub(crate) const LEGACY_FW: &str = "*filter
 :INPUT DROP [0:0]
 :FORWARD ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]

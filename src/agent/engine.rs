@@ -17,6 +17,23 @@ pub struct EngineError {
     pub exit: Exit,
     /// One line.
     pub message: String,
+    /// True when another writer changed the ruleset between the engine's read and its commit
+    /// (a generation-id conflict: `ERESTART` from the batch, or the generation id moved by more
+    /// than ctguard's own commits). Nothing of the attempt is left applied: the caller may
+    /// re-read and re-plan (a bounded number of times) and finally report the change (exit 3).
+    pub retry: bool,
+}
+
+impl EngineError {
+    /// A final (not retryable) error.
+    pub fn new(exit: Exit, message: impl Into<String>) -> EngineError {
+        EngineError { exit, message: message.into(), retry: false }
+    }
+
+    /// A generation-id conflict: the attempt was undone; re-read, re-plan and retry.
+    pub fn retryable(exit: Exit, message: impl Into<String>) -> EngineError {
+        EngineError { exit, message: message.into(), retry: true }
+    }
 }
 
 impl std::fmt::Display for EngineError {

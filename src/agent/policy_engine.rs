@@ -11,12 +11,12 @@ use crate::exit::Exit;
 pub struct PolicyEngine;
 
 fn engine_error(e: PolicyTxnError) -> EngineError {
-    EngineError { exit: e.exit(), message: e.to_string() }
+    EngineError { exit: e.exit(), message: policy_txn::chain_text(&e), retry: e.retryable() }
 }
 
 fn undo_of(v: &Value) -> Result<PolicyUndo, EngineError> {
     serde_json::from_value(v.clone())
-        .map_err(|e| EngineError { exit: Exit::Internal, message: format!("journal undo record not understood: {e}") })
+        .map_err(|e| EngineError::new(Exit::Internal, format!("journal undo record not understood: {e}")))
 }
 
 fn to_value(u: &PolicyUndo) -> Value {

@@ -18,18 +18,16 @@ use crate::snapshot::{self, RulesetFormat, Snapshot, UndoRecord};
 pub struct RulesetEngine;
 
 fn engine_err(e: RulesetTxnError) -> EngineError {
-    EngineError { exit: e.exit(), message: chain_text(&e) }
+    EngineError::new(e.exit(), chain_text(&e))
 }
 
 fn parse_undo(undo: &Value) -> Result<UndoRecord, EngineError> {
-    serde_json::from_value(undo.clone()).map_err(|e| EngineError {
-        exit: Exit::Internal,
-        message: format!("the undo record is not a ruleset snapshot: {e}"),
-    })
+    serde_json::from_value(undo.clone())
+        .map_err(|e| EngineError::new(Exit::Internal, format!("the undo record is not a ruleset snapshot: {e}")))
 }
 
 fn to_value(rec: &UndoRecord) -> Result<Value, EngineError> {
-    serde_json::to_value(rec).map_err(|e| EngineError { exit: Exit::Internal, message: format!("undo record: {e}") })
+    serde_json::to_value(rec).map_err(|e| EngineError::new(Exit::Internal, format!("undo record: {e}")))
 }
 
 /// The lint of a ruleset transaction (DESIGN §1, §7): the result (snapshot + file, built in a
@@ -59,10 +57,10 @@ fn lint_result(
     let errors: Vec<String> =
         findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
     if !errors.is_empty() && !force {
-        return Err(EngineError {
-            exit: Exit::Refused,
-            message: format!("lint found {} error(s); refused without --force: {}", errors.len(), errors.join("; ")),
-        });
+        return Err(EngineError::new(
+            Exit::Refused,
+            format!("lint found {} error(s); refused without --force: {}", errors.len(), errors.join("; ")),
+        ));
     }
     for f in &findings {
         warnings.push(match f.severity {
@@ -96,7 +94,7 @@ impl RulesetEngine {
         };
         let genid_after = rec.apply.as_ref().and_then(|a| a.genid_after);
         let report = ruleset_txn::restore(&rec.snapshot, applied.as_ref(), genid_after)
-            .map_err(|e| EngineError { exit: Exit::RollbackFailed, message: chain_text(&e) })?;
+            .map_err(|e| EngineError::new(Exit::RollbackFailed, chain_text(&e)))?;
         tracing::info!(steps = ?report.steps, drift = report.drift.len(), raced = report.raced, "ruleset restored from the snapshot");
         Ok(report.drift)
     }
@@ -105,10 +103,7 @@ impl RulesetEngine {
 impl Engine for RulesetEngine {
     fn prepare(&self, input: &ApplyInput) -> Result<Box<dyn Prepared>, EngineError> {
         let Some(file) = &input.ruleset else {
-            return Err(EngineError {
-                exit: Exit::BadInput,
-                message: "a ruleset transaction needs a ruleset file".into(),
-            });
+            return Err(EngineError::new(Exit::BadInput, "a ruleset transaction needs a ruleset file"));
         };
         let tools = ruleset_txn::tools().map_err(engine_err)?;
         let (format, family) =

@@ -1,11 +1,11 @@
 //! The iptables tools, run in the calling thread's network namespace (DESIGN §1): save,
-//! restore (always `-w`), `-C` checks, and the kernel check of a candidate in a scratch
+//! restore (always `-w SECONDS`: a bounded wait for the xtables lock), `-C` checks, and the kernel check of a candidate in a scratch
 //! namespace (`iptables-restore --test` never reaches the kernel).
 //!
 //! Tools are run by absolute path with argument vectors ([`Tool`]); nothing goes through a
 //! shell. Call these inside `crate::netns::Target::run` so they act on the target.
 
-use crate::backend::exec::{ExecError, Tool};
+use crate::backend::exec::{xtables_wait_args, ExecError, Tool, BULK_TIMEOUT};
 use crate::live::iptables_save::{self, SaveDump, SaveParseError};
 use crate::render::iptables::{IpFamily, Jump};
 
@@ -102,23 +102,24 @@ pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDu
     Ok((text, dump))
 }
 
-/// Loads `text` with `iptables-VARIANT-restore -w` (plus `--noflush` when asked). Tables are
+/// Loads `text` with `iptables-VARIANT-restore -w SECONDS` ([`xtables_wait_args`]; plus `--noflush` when asked). Tables are
 /// committed one by one, in the order of the text.
 pub fn restore(variant: Variant, family: IpFamily, text: &str, noflush: bool) -> Result<(), IptablesError> {
     let name = variant.tool(family == IpFamily::V6, "-restore");
-    restore_with(&tool(&name)?, text, noflush)
+    restore_with(&tool(&name)?, text, noflush, &xtables_wait_args())
         .map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })
 }
 
-fn restore_with(t: &Tool, text: &str, noflush: bool) -> Result<(), ExecError> {
-    let mut args = vec!["-w"];
+/// `wait`: [`xtables_wait_args`] of the thread that asked (scratch checks run on another one).
+fn restore_with(t: &Tool, text: &str, noflush: bool, wait: &[String; 2]) -> Result<(), ExecError> {
+    let mut args: Vec<&str> = wait.iter().map(String::as_str).collect();
     if noflush {
         args.push("--noflush");
     }
-    t.run(&args, Some(text.as_bytes())).map(|_| ())
+    t.run_timeout(&args, Some(text.as_bytes()), BULK_TIMEOUT).map(|_| ())
 }
 
-/// `iptables-VARIANT -w -t TABLE -C CHAIN SPEC…`: `Ok(true)` when the rule exists, `Ok(false)`
+/// `iptables-VARIANT -w SECONDS -t TABLE -C CHAIN SPEC…`: `Ok(true)` when the rule exists, `Ok(false)`
 /// when it does not (exit 1; also what both variants answer for a chain that does not exist).
 /// Any other status (2: bad arguments, e.g. a jump to a chain that does not exist; 4:
 /// resource problem) is an error.
@@ -131,7 +132,9 @@ pub fn check_rule(
 ) -> Result<bool, IptablesError> {
     let name = variant.tool(family == IpFamily::V6, "");
     let t = tool(&name)?;
-    let mut args: Vec<&str> = vec!["-w", "-t", table, "-C", chain];
+    let wait = xtables_wait_args();
+    let mut args: Vec<&str> = wait.iter().map(String::as_str).collect();
+    args.extend(["-t", table, "-C", chain]);
     args.extend(spec.iter().map(String::as_str));
     let out =
         t.output(&args, None).map_err(|source| IptablesError::Exec { what: format!("{name} -C failed"), source })?;
@@ -184,6 +187,7 @@ pub fn scratch_check(
         Some(s) if !s.trim().is_empty() => Some((tool("ipset")?, s)),
         _ => None,
     };
+    let wait = xtables_wait_args();
     std::thread::scope(|s| {
         let h = s.spawn(|| -> Result<(), IptablesError> {
             // A new namespace for this thread only; freed when the thread (and the tools it
@@ -196,10 +200,10 @@ pub fn scratch_check(
                     .map_err(|source| IptablesError::ScratchIpsets { source })?;
             }
             if !live_dump.trim().is_empty() {
-                restore_with(&restore_tool, live_dump, false)
+                restore_with(&restore_tool, live_dump, false, &wait)
                     .map_err(|source| IptablesError::ScratchLive { tool: name.clone(), source })?;
             }
-            restore_with(&restore_tool, candidate, true)
+            restore_with(&restore_tool, candidate, true, &wait)
                 .map_err(|source| IptablesError::Rejected { tool: name.clone(), source })
         });
         h.join().map_err(|_| IptablesError::ScratchPanicked)?

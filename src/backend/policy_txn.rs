@@ -17,10 +17,14 @@
 //!   transaction's rules deleted and the new ones inserted in the same table commit. Filter
 //!   insertions go first, ctguard's raw chains after the nft batch; IPv4 and IPv6 (and both
 //!   variants) are one unit: a failure anywhere undoes everything applied before it.
-//! - The **rollback** of the nft side is one `nft -f` transaction (the previous
-//!   `table inet ctguard` is restored from its listing, which round-trips, DESIGN §10; tagged
-//!   rules are deleted by handles read, with their tag, in the same fresh read), with the
-//!   generation id compared around it.
+//! - The **rollback** of the nft side: the previous `table inet ctguard` (restored from its
+//!   listing, which round-trips, DESIGN §10) and the previous transaction's rules go back in one
+//!   `nft -f` (by name and anchor, no delete by handle); then the tagged rules, read over
+//!   netlink with their handles right after the generation id, are deleted in one netlink batch
+//!   carrying that id (with the table when nothing replaces it), read again on `ERESTART`.
+//! - **Generation id**: a change by another writer between ctguard's read and its commit is
+//!   never re-based on: apply undoes what it applied and fails with a retryable error
+//!   ([`PolicyTxnError::retryable`]).
 //!
 //! Differences the kernel makes unavoidable: a legacy (x_tables) table, once instantiated in a
 //! namespace, cannot be removed — an apply that creates ctguard's raw chains where no legacy
@@ -138,6 +142,18 @@ pub enum PolicyTxnError {
         #[source]
         source: NetlinkError,
     },
+    /// Another writer changed the nf_tables ruleset while apply ran (the generation id moved by
+    /// more than ctguard's own commits): nothing more was applied and what this attempt had
+    /// applied was rolled back (exit 3, retryable).
+    #[error("another writer changed the ruleset {during} (nf_tables generation moved by {moved}, ctguard's own commits account for {own}); nothing more was applied and what this attempt applied was rolled back")]
+    ForeignChange {
+        /// When.
+        during: String,
+        /// How far the generation id moved.
+        moved: u32,
+        /// ctguard's own commits in that span.
+        own: u32,
+    },
     /// A step of apply failed; everything applied before it was rolled back (exit 3).
     #[error("{step} failed; what was applied before it was rolled back")]
     ApplyFailed {
@@ -206,6 +222,15 @@ pub enum PolicyTxnError {
 }
 
 impl PolicyTxnError {
+    /// True for a generation-id conflict: another writer changed the ruleset between ctguard's
+    /// read and its commit, and nothing of the attempt is left applied (re-read, re-plan, retry).
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            PolicyTxnError::Stale(_) | PolicyTxnError::GenerationChanged { .. } | PolicyTxnError::ForeignChange { .. }
+        )
+    }
+
     /// The CLI exit code (DESIGN §5): 2 failed precondition (unwritable sysctl, missing tool,
     /// bad undo record); 3 refused (lint, kernel check, changed ruleset, a failed and undone
     /// apply step); 7 a rollback that could not complete; 1 anything unexpected.
@@ -220,6 +245,7 @@ impl PolicyTxnError {
             | IptCheck { .. }
             | Stale(_)
             | GenerationChanged { .. }
+            | ForeignChange { .. }
             | ApplyFailed { .. }
             | Dump { .. } => Exit::Refused,
             Live(LiveError::Save { .. }) => Exit::Refused,
@@ -631,6 +657,7 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
         tool("nft")?;
     }
     let snap = snapshot()?;
+    crate::fault::foreign_change("prepare:foreign-change");
     let (stripped, removed) = strip_previous(&snap, req.previous.as_ref())?;
     let plan = plan_insertions(policy, &stripped, tag);
 
@@ -1022,7 +1049,11 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         }
     }
 
-    // (2) the nft batch.
+    // (2) the nft batch, carrying the generation id of the snapshot, moved only by ctguard's
+    // own iptables-nft commits. Never re-based on another writer's change: a generation id
+    // that moved further means the plan may no longer hold, so what this attempt applied is
+    // undone and the caller re-reads (retryable).
+    crate::fault::foreign_change("apply:foreign-change");
     let mut genid = p.genid;
     if own_commits > 0 {
         genid = match get_genid() {
@@ -1030,9 +1061,25 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
             Err(e) => return Err(compensate(&done, "reading the generation id", boxed(e))),
         };
         let moved = genid.wrapping_sub(p.genid);
-        if moved != own_commits {
+        if moved > own_commits {
+            let conflict = PolicyTxnError::ForeignChange {
+                during: "between ctguard's read and its nft batch".into(),
+                moved,
+                own: own_commits,
+            };
+            tracing::warn!("{conflict}");
+            return Err(match rollback(&done) {
+                Ok(_) => conflict,
+                Err(r) => PolicyTxnError::ApplyAndRollbackFailed {
+                    step: "the iptables-nft step".into(),
+                    rollback: r.to_string(),
+                    source: boxed(conflict),
+                },
+            });
+        }
+        if moved < own_commits {
             let w = format!(
-                "the nf_tables generation moved by {moved} during ctguard's iptables-nft step ({own_commits} expected): another writer changed the ruleset meanwhile"
+                "the nf_tables generation moved by {moved} during ctguard's iptables-nft step ({own_commits} expected)"
             );
             tracing::warn!("{w}");
             undo.warnings.push(w);
@@ -1312,10 +1359,17 @@ fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
 }
 
 /// The nft side of a rollback as one `nft -f` script, from a fresh listing: the previous
-/// `table inet ctguard` restored (or the table deleted), this transaction's tagged rules
-/// deleted by the handles of that listing, the previous transaction's removed rules put back
-/// before the rule that followed them. Empty when there is nothing to do.
-fn nft_rollback_script(u: &PolicyUndo, listed: &[nft_text::ListedRule], chains: &nft_json::NftRuleset) -> String {
+/// `table inet ctguard` restored (or the table deleted), with `with_deletes` this
+/// transaction's tagged rules deleted by the handles of that listing (only for `nft -c`: the
+/// real deletes go in a batch carrying the generation id, [`nft_guarded_deletes`]), the
+/// previous transaction's removed rules put back before the rule that followed them. Empty
+/// when there is nothing to do.
+fn nft_rollback_script(
+    u: &PolicyUndo,
+    listed: &[nft_text::ListedRule],
+    chains: &nft_json::NftRuleset,
+    with_deletes: bool,
+) -> String {
     let mut s = String::new();
     if let Some(t) = &u.table {
         let _ = writeln!(s, "table inet {TABLE_NAME}\ndelete table inet {TABLE_NAME}");
@@ -1330,7 +1384,9 @@ fn nft_rollback_script(u: &PolicyUndo, listed: &[nft_text::ListedRule], chains: 
     for (f, t, c) in &insertion_chains(u) {
         for r in listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c) {
             if r.comment.as_deref() == Some(u.tag.as_str()) {
-                let _ = writeln!(s, "delete rule {f} {t} {c} handle {}", r.handle);
+                if with_deletes {
+                    let _ = writeln!(s, "delete rule {f} {t} {c} handle {}", r.handle);
+                }
                 deleted.push(r.handle);
             }
         }
@@ -1381,42 +1437,73 @@ fn read_nft_for_rollback_of(
     read_nft_for_rollback()
 }
 
-/// The nft side of a rollback of `u` that puts no previous rules back, as one netlink batch
-/// carrying `genid` (read before `listed` was): `table inet ctguard` deleted when the
-/// transaction created it from nothing, and the rules in `listed` tagged with `u`'s tag deleted
-/// by handle. `None` when `u` needs the script (a previous table or rules to put back) or when
-/// there is nothing to do (`Some(None)`).
-fn nft_rollback_batch(
+/// The deletes of a rollback of `u` as one netlink batch carrying `genid` (read before
+/// `listed` was): `table inet ctguard` when `delete_table`, and the rules in `listed` tagged
+/// with `u`'s tag deleted by handle. `None` when there is nothing to do.
+fn nft_delete_batch(
     u: &PolicyUndo,
     listed: &[nft_text::ListedRule],
     genid: u32,
-) -> Option<Result<Option<BatchBuffer>, BatchError>> {
-    if puts_back_nft(u) || u.table.as_ref().is_some_and(|t| t.text.is_some()) {
-        return None;
+    delete_table: bool,
+) -> Result<Option<BatchBuffer>, BatchError> {
+    let mut b = BatchBuilder::new(Some(genid));
+    if delete_table {
+        // Declare, then delete: deleting a table that is already gone is no error.
+        b.add_table(TABLE_NAME)?;
+        b.delete_table(TABLE_NAME)?;
     }
-    let build = || -> Result<Option<BatchBuffer>, BatchError> {
-        let mut b = BatchBuilder::new(Some(genid));
-        if u.table.is_some() {
-            // Declare, then delete: deleting a table that is already gone is no error.
-            b.add_table(TABLE_NAME)?;
-            b.delete_table(TABLE_NAME)?;
-        }
-        for (f, t, c) in &insertion_chains(u) {
-            for r in listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c) {
-                if r.comment.as_deref() == Some(u.tag.as_str()) {
-                    b.delete_rule(
-                        f,
-                        t,
-                        c,
-                        r.handle,
-                        format!("delete rule {f} {t} {c} handle {} ({})", r.handle, u.tag),
-                    )?;
-                }
+    for (f, t, c) in &insertion_chains(u) {
+        for r in listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c) {
+            if r.comment.as_deref() == Some(u.tag.as_str()) {
+                b.delete_rule(f, t, c, r.handle, format!("delete rule {f} {t} {c} handle {} ({})", r.handle, u.tag))?;
             }
         }
-        Ok((!b.is_empty()).then(|| b.finish()))
+    }
+    Ok((!b.is_empty()).then(|| b.finish()))
+}
+
+/// True when the rollback of `u` restores something with `nft -f` (a previous `table inet
+/// ctguard`, or previous accept rules to put back) before its guarded deletes.
+fn needs_nft_script(u: &PolicyUndo) -> bool {
+    puts_back_nft(u) || u.table.as_ref().is_some_and(|t| t.text.is_some())
+}
+
+/// Step (a) of the nft rollback: the previous table and the previous rules back, in one `nft
+/// -f` ([`nft_rollback_script`] without the deletes by handle). Returns a warning when the
+/// generation id moved by more than that transaction.
+fn nft_put_back(u: &PolicyUndo) -> Result<Option<String>, String> {
+    let g0 = get_genid().ok();
+    let (listed, chains) = read_nft_for_rollback_of(u).map_err(|e| chain_text(&e))?;
+    let script = nft_rollback_script(u, &listed, &chains, false);
+    if script.is_empty() {
+        return Ok(None);
+    }
+    let nft = Tool::find("nft").map_err(|e| e.to_string())?;
+    nft.run(&["-f", "-"], Some(script.as_bytes())).map_err(|e| e.to_string())?;
+    let moved = get_genid().ok().zip(g0).map(|(b, a)| b.wrapping_sub(a));
+    Ok(moved.filter(|m| *m != 1).map(|m| {
+        let w = format!("the nf_tables generation moved by {m} around the rollback's nft -f (1 expected): another writer was active");
+        tracing::warn!("{w}");
+        w
+    }))
+}
+
+/// Step (b) of the nft rollback: reads the generation id, then the rules tagged with `u`'s tag
+/// in the chains it inserted into (over netlink), and deletes them by handle in one batch
+/// carrying that generation id (with `table inet ctguard` when no previous table replaces it).
+/// [`PolicyTxnError::GenerationChanged`] when the ruleset changed in between: nothing deleted.
+fn nft_guarded_deletes(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
+    let genid = get_genid().map_err(PolicyTxnError::Genid)?;
+    let listed = read_insertion_chains(u)?;
+    crate::fault::foreign_change("rollback:foreign-change");
+    let delete_table = u.table.is_some() && !needs_nft_script(u);
+    let Some(batch) = nft_delete_batch(u, &listed, genid, delete_table).map_err(PolicyTxnError::Batch)? else {
+        return Ok(());
     };
-    Some(build())
+    send_batch(&batch).map_err(|source| match source {
+        NetlinkError::GenerationChanged { .. } => PolicyTxnError::GenerationChanged { genid, source },
+        other => PolicyTxnError::RuleDump { chain: "the rollback batch".into(), source: other },
+    })
 }
 
 fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRuleset), PolicyTxnError> {
@@ -1443,7 +1530,7 @@ pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
         }
     }
     let (listed, chains) = read_nft_for_rollback_of(u)?;
-    let script = nft_rollback_script(u, &listed, &chains);
+    let script = nft_rollback_script(u, &listed, &chains, true);
     if !script.is_empty() {
         tool("nft")?.run(&["-c", "-f", "-"], Some(script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
     }
@@ -1476,10 +1563,11 @@ pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
 /// Undoes `u`, in reverse order of apply, finding every object by its tag on a fresh read:
 /// sysctls restored (a warning first when a conntrack max goes below the current count);
 /// ctguard's raw chains restored to their previous contents (or removed with their jumps);
-/// in one nft transaction the previous `table inet ctguard` restored (or deleted), the
-/// tagged nft accept rules deleted and the previous transaction's rules put back (a netlink
-/// batch carrying the generation id read before the tagged rules were, found over netlink in
-/// the chains inserted into; `nft -f` when a previous table or rules must be put back); the tagged
+/// the previous `table inet ctguard` and the previous transaction's nft rules put back (one
+/// `nft -f`), then the tagged nft accept rules (found over netlink in the chains inserted
+/// into) deleted by handle, with `table inet ctguard` when nothing replaces it, in one netlink
+/// batch carrying the generation id read before the rules were (read again on `ERESTART`, up to
+/// [`NFT_ROLLBACK_ATTEMPTS`] times); the tagged
 /// iptables rules deleted by their exact spec and the previous ones put back, per table commit.
 ///
 /// Guarantees: only ctguard's objects change, so rules others added meanwhile survive; an
@@ -1543,66 +1631,45 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
         }
     }
 
-    // nft: one transaction, rebuilt from a fresh read on failure.
+    // nft, rebuilt from a fresh read on failure: (a) with a previous table or previous rules
+    // to put back, one `nft -f` restoring them (objects by name, rules before an anchor: no
+    // delete by handle); this transaction's accept rules stay meanwhile, so no flow is ever
+    // notracked without its accept rule; (b) the deletes by handle (and the table when
+    // nothing replaces it) in one netlink batch carrying the generation id read before the
+    // handles were: a ruleset changed in between refuses it (ERESTART) and it is read again.
     let mut last_err = None;
-    for _ in 0..NFT_ROLLBACK_ATTEMPTS {
-        let g0 = get_genid().ok();
-        let (listed, chains) = match read_nft_for_rollback_of(u) {
-            Ok(r) => r,
-            Err(e) => {
-                last_err = Some(chain_text(&e));
-                continue;
-            }
-        };
-        // Without previous objects to put back: one netlink batch carrying the generation id
-        // read before the rules were, so a ruleset changed in between refuses it (retried).
-        if let Some(g) = g0 {
-            match nft_rollback_batch(u, &listed, g) {
-                None => {}
-                Some(Ok(None)) => {
-                    last_err = None;
-                    break;
+    let mut put_back = !needs_nft_script(u);
+    for attempt in 1..=NFT_ROLLBACK_ATTEMPTS {
+        if !put_back {
+            match nft_put_back(u) {
+                Ok(warning) => {
+                    report.warnings.extend(warning);
+                    put_back = true;
                 }
-                Some(Ok(Some(batch))) => match send_batch(&batch) {
-                    Ok(()) => {
-                        last_err = None;
-                        break;
-                    }
-                    Err(e) => {
-                        last_err = Some(chain_text(&e));
-                        continue;
-                    }
-                },
-                // Not encodable as a batch: the script below says the same with nft.
-                Some(Err(e)) => tracing::warn!("rollback batch of {}: {e}; using nft -f", u.tag),
+                Err(e) => {
+                    last_err = Some(e);
+                    continue;
+                }
             }
         }
-        let script = nft_rollback_script(u, &listed, &chains);
-        if script.is_empty() {
-            last_err = None;
-            break;
-        }
-        let res = Tool::find("nft")
-            .map_err(|e| e.to_string())
-            .and_then(|nft| nft.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ()).map_err(|e| e.to_string()));
-        match res {
+        match nft_guarded_deletes(u) {
             Ok(()) => {
-                let g1 = get_genid().ok();
-                if let (Some(a), Some(b)) = (g0, g1) {
-                    if b.wrapping_sub(a) != 1 {
-                        let w = format!("the nf_tables generation moved by {} around the rollback's nft transaction (1 expected): another writer was active", b.wrapping_sub(a));
-                        tracing::warn!("{w}");
-                        report.warnings.push(w);
-                    }
-                }
                 last_err = None;
                 break;
             }
-            Err(e) => last_err = Some(e),
+            Err(e @ PolicyTxnError::GenerationChanged { .. }) => {
+                let w = format!(
+                    "attempt {attempt}: another writer changed the ruleset between the rollback's read and its batch; read again"
+                );
+                tracing::warn!("{w}");
+                report.warnings.push(w);
+                last_err = Some(chain_text(&e));
+            }
+            Err(e) => last_err = Some(chain_text(&e)),
         }
     }
     if let Some(e) = last_err {
-        failures.push(format!("nft rollback: {e}"));
+        failures.push(format!("nft rollback ({NFT_ROLLBACK_ATTEMPTS} attempts): {e}"));
     }
 
     // iptables filter rules.
@@ -1667,7 +1734,7 @@ fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
 }
 
 /// An error and its sources on one line.
-fn chain_text(e: &dyn StdError) -> String {
+pub fn chain_text(e: &dyn StdError) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::backend::exec::{ExecError, Tool};
+use crate::backend::exec::{xtables_wait_args, ExecError, Tool, BULK_TIMEOUT};
 use crate::backend::iptables::{self, IptablesError};
 use crate::backend::netlink::{self, NetlinkError};
 use crate::exit::Exit;
@@ -330,6 +330,7 @@ fn scratch_prove(
         restore_tools.insert(name, t);
     }
     let nft_tool = nft()?;
+    let wait = xtables_wait_args();
     in_scratch(|| {
         if let (Some(t), Some(text)) = (&ipset_tool, ipsets) {
             t.run(&["restore"], Some(text.as_bytes())).map_err(|source| RulesetTxnError::Scratch {
@@ -342,9 +343,10 @@ fn scratch_prove(
             let name = IptVariant::Nft.tool(id.family == "ip6", "-restore");
             let docs = snapshot::ipt_nft_restore_docs(state, std::slice::from_ref(id));
             let result = match (restore_tools.get(&name), docs.first()) {
-                (Some(t), Some((_, doc))) => {
-                    t.run(&["-w", "-c"], Some(doc.as_bytes())).map(|_| ()).map_err(|e| chain_text(&e))
-                }
+                (Some(t), Some((_, doc))) => t
+                    .run_timeout(&ipt_restore_args(&wait), Some(doc.as_bytes()), BULK_TIMEOUT)
+                    .map(|_| ())
+                    .map_err(|e| chain_text(&e)),
                 _ => Err("no restore document".to_string()),
             };
             out.insert(id.clone(), result);
@@ -374,9 +376,8 @@ fn scratch_prove(
         }
         for (name, text) in &legacy {
             if let Some(t) = restore_tools.get(name) {
-                t.run(&["-w", "-c"], Some(text.as_bytes())).map_err(|source| RulesetTxnError::Scratch {
-                    what: format!("the live {name} save does not load back"),
-                    source,
+                t.run_timeout(&ipt_restore_args(&wait), Some(text.as_bytes()), BULK_TIMEOUT).map_err(|source| {
+                    RulesetTxnError::Scratch { what: format!("the live {name} save does not load back"), source }
                 })?;
             }
         }
@@ -484,7 +485,7 @@ pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<crate::live:
 // Apply
 
 /// Applies the ruleset file in the calling thread's namespace: an nft script as one `nft -f`
-/// transaction; an iptables dump with `VARIANT-restore -w` (tables in the dump replaced, each
+/// transaction; an iptables dump with `VARIANT-restore -w SECONDS` (tables in the dump replaced, each
 /// committed on its own; others untouched). The generation id is read around it; `concurrent`
 /// is set when it moved by more than the apply's own commits (nft -f: 1; iptables-nft: one
 /// per table, measured). Reads nothing else: the state after is the agent's listing.
@@ -492,7 +493,7 @@ pub fn apply(c: &Candidate) -> Result<ApplyInfo, RulesetTxnError> {
     let before = genid()?;
     let own_commits: u32 = match (c.format, c.family) {
         (RulesetFormat::Nft, _) => {
-            nft()?.run(&["-f", "-"], Some(c.text.as_bytes())).map_err(RulesetTxnError::Apply)?;
+            nft()?.run_timeout(&["-f", "-"], Some(c.text.as_bytes()), BULK_TIMEOUT).map_err(RulesetTxnError::Apply)?;
             1
         }
         (RulesetFormat::Iptables, family) => {
@@ -539,9 +540,15 @@ pub struct RestoreReport {
     pub steps: Vec<String>,
 }
 
+/// `iptables-*-restore -w SECONDS -c` (a bounded wait for the xtables lock), from `wait`
+/// ([`xtables_wait_args`] of the thread that asked).
+fn ipt_restore_args(wait: &[String; 2]) -> [&str; 3] {
+    [wait[0].as_str(), wait[1].as_str(), "-c"]
+}
+
 fn restore_with(step: &str, args: &[&str], doc: &str) -> Result<(), RulesetTxnError> {
     let t = Tool::find(step).map_err(RulesetTxnError::MissingTool)?;
-    t.run(args, Some(doc.as_bytes()))
+    t.run_timeout(args, Some(doc.as_bytes()), BULK_TIMEOUT)
         .map(|_| ())
         .map_err(|source| RulesetTxnError::Restore { step: step.into(), source })
 }
@@ -552,9 +559,9 @@ fn restore_with(step: &str, args: &[&str], doc: &str) -> Result<(), RulesetTxnEr
 /// 2. one `nft -f`: `delete table` for every table present now except those restored by
 ///    iptables-nft, then the snapshot's native tables — redone (up to [`RESTORE_ATTEMPTS`])
 ///    when the generation id shows another commit raced it;
-/// 3. `iptables-nft-restore -w -c` of the snapshot's iptables-nft tables (each replaced
+/// 3. `iptables-nft-restore -w SECONDS -c` of the snapshot's iptables-nft tables (each replaced
 ///    atomically; tables not in the snapshot were deleted in step 2);
-/// 4. `iptables-legacy-restore -w -c` per family: the snapshot's tables, and tables created
+/// 4. `iptables-legacy-restore -w SECONDS -c` per family: the snapshot's tables, and tables created
 ///    since emptied (a legacy table cannot be removed).
 ///
 /// Counters come back to their snapshot values (except ip6tables-nft's, which its restore
@@ -568,6 +575,7 @@ pub fn restore(
     genid_after: Option<u32>,
 ) -> Result<RestoreReport, RulesetTxnError> {
     let mut report = RestoreReport::default();
+    let wait = xtables_wait_args();
     let g0 = genid()?;
     let legacy_now = read_saves(&[(IptVariant::Legacy, false), (IptVariant::Legacy, true)])?;
     let ipsets_now = read_ipsets()?;
@@ -611,7 +619,7 @@ pub fn restore(
     // 3. iptables-nft tables, in the snapshot's order.
     for (v6, doc) in snapshot::ipt_nft_restore_docs(&snapshot.state, &snapshot.iptables_nft) {
         let step = IptVariant::Nft.tool(v6, "-restore");
-        restore_with(&step, &["-w", "-c"], &doc)?;
+        restore_with(&step, &ipt_restore_args(&wait), &doc)?;
         report.steps.push(step);
     }
     // 4. legacy tables.
@@ -620,7 +628,7 @@ pub fn restore(
         let now = legacy_now.iter().find(|s| s.v6 == v6).map(|s| s.text.as_str());
         if let Some(doc) = snapshot::legacy_restore_doc(snap, now).map_err(RulesetTxnError::Snapshot)? {
             let step = IptVariant::Legacy.tool(v6, "-restore");
-            restore_with(&step, &["-w", "-c"], &doc)?;
+            restore_with(&step, &ipt_restore_args(&wait), &doc)?;
             report.steps.push(step);
         }
     }

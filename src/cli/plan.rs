@@ -193,32 +193,8 @@ fn kernel_check(
     Ok(())
 }
 
-/// A minimal line diff (longest common subsequence): `  ` kept, `- ` removed, `+ ` added.
-pub(crate) fn diff_lines(old: &[String], new: &[String]) -> Vec<String> {
-    let (n, m) = (old.len(), new.len());
-    let mut lcs = vec![vec![0usize; m + 1]; n + 1];
-    for i in (0..n).rev() {
-        for j in (0..m).rev() {
-            lcs[i][j] = if old[i] == new[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
-        }
-    }
-    let (mut i, mut j) = (0, 0);
-    let mut out = Vec::new();
-    while i < n || j < m {
-        if i < n && j < m && old[i] == new[j] {
-            out.push(format!("  {}", old[i]));
-            i += 1;
-            j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push(format!("+ {}", new[j]));
-            j += 1;
-        } else {
-            out.push(format!("- {}", old[i]));
-            i += 1;
-        }
-    }
-    out
-}
+/// The line diff of `show` and `plan` (linear space: [`crate::diff`]).
+pub(crate) use crate::diff::diff_lines;
 
 fn insertion_text(ins: &crate::render::planner::Insertion) -> String {
     let where_ = match &ins.position {
