@@ -404,3 +404,97 @@ fn a_long_prepare_on_a_20k_rule_target_keeps_the_fresh_agent() {
     // No pin left behind keeping the namespace alive.
     assert_eq!(std::fs::read_dir(ctg.base.join("run").join("ns")).map(|d| d.count()).unwrap_or(0), 0);
 }
+
+/// A legacy rollback that cannot get the xtables lock (held 15 s by someone else) is retried,
+/// logged and shown in `status` until it succeeds; the prior state comes back exactly. The
+/// lock is this test's own (`XTABLES_LOCKFILE`), so the host's iptables users never wait.
+#[test]
+fn a_legacy_rollback_behind_a_held_xtables_lock_is_retried_and_shown_until_it_succeeds() {
+    let ns = Ns::new("race-xt");
+    let rules = "*filter\n:INPUT DROP [0:0]\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n-A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n";
+    // Legacy tables cannot be unregistered once used: the raw table exists before, as on a
+    // host that ever used it.
+    let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    ns.exec_stdin("iptables-legacy-restore", &["-w"], &format!("{rules}{raw}"));
+    let save = |ns: &Ns| {
+        ns.exec("iptables-legacy-save", &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+    };
+    let before = (save(&ns), ns.nft_list());
+    let mut ctg = Ctg::new();
+    std::fs::create_dir_all(&ctg.base).expect("base");
+    let lockfile = ctg.base.join("xtables.lock");
+    ctg.env.push(("XTABLES_LOCKFILE".into(), lockfile.display().to_string()));
+    let policy = ctg.base.join("legacy.toml");
+    std::fs::write(&policy, "backend = \"iptables-legacy\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n")
+        .expect("policy");
+    let (out, id) = ctg.apply(&ns, &["--timeout", "2s", policy.to_str().expect("utf8")]);
+    ok(&out);
+    assert!(save(&ns).contains("CTGUARD"), "{}", save(&ns));
+    // Someone holds the xtables lock across the deadline for 15 s.
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lockfile).expect("lock");
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+    let t0 = Instant::now();
+    // The first attempt waits its bound (5 s) and fails; status shows the owed rollback.
+    let mut seen = None;
+    while t0.elapsed() < Duration::from_secs(14) {
+        let st = ctg.json(&["status"]);
+        if st["pending"][0]["phase"] == "rollback owed" {
+            seen = Some(st);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let st = seen.unwrap_or_else(|| {
+        let log = std::fs::read_to_string(ctg.base.join("run").join("agent.log")).unwrap_or_default();
+        panic!("status never showed the owed rollback: {}\n{log}", ctg.json(&["status"]))
+    });
+    eprintln!("xtables lock held: {}", st["pending"][0]);
+    assert!(st["pending"][0]["rollback_error"].as_str().unwrap_or("").contains("xtables lock"), "{st}");
+    assert_eq!(ctg.state(&id), "ROLLBACK_FAILED");
+    assert!(save(&ns).contains("CTGUARD"), "nothing may be half rolled back while the lock is held");
+    while t0.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(40));
+    let done = t0.elapsed();
+    assert_eq!((save(&ns), ns.nft_list()), before, "not the prior state");
+    let log = std::fs::read_to_string(ctg.base.join("run").join("agent.log")).unwrap_or_default();
+    let retries = log.matches("retrying the rollback").count();
+    eprintln!("legacy rollback behind a 15 s xtables lock: rolled back {done:?} after the lock was taken, {retries} retries logged");
+    assert!(retries >= 1, "{log}");
+}
+
+/// A foreign nft change between ctguard's read and its commit: re-read and re-planned (the
+/// journal says so), and refused with exit 3 naming the change when it keeps happening.
+#[test]
+fn a_foreign_change_between_read_and_commit_is_retried_then_refused() {
+    let ns = Ns::new("race-cas");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    // Once: the second attempt goes through.
+    let env = [(ctguard::agent::server::FAULT_ENV, "prepare:foreign-change*1")];
+    let out = ctg.run_env(&["--json", "apply", "--netns", ns.name(), "--timeout", "60s"], &env);
+    ok(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let id = v["data"]["txid"].as_str().expect("txid").to_string();
+    let show = ctg.json(&["show", &id]);
+    let events = show["events"].to_string();
+    assert!(events.contains("attempt 1 refused"), "{show}");
+    ok(&ctg.run(&["rollback", &id]));
+    // Stop this agent: the next one starts with the fault on every attempt.
+    let pid = ctg.signal_agent(nix::sys::signal::Signal::SIGTERM);
+    assert!(super::txn_cli::wait_gone(pid, Duration::from_secs(5)));
+    let before = ns.nft_list();
+    let env = [(ctguard::agent::server::FAULT_ENV, "prepare:foreign-change")];
+    let out = ctg.run_env(&["--json", "apply", "--netns", ns.name(), "--timeout", "60s"], &env);
+    eprintln!("a foreign change at every attempt: {}", text(&out).trim());
+    assert_eq!(code(&out), 3, "{}", text(&out));
+    assert!(text(&out).contains("gave up after 3 attempts"), "{}", text(&out));
+    assert!(text(&out).contains(ctguard::fault::FOREIGN_TABLE), "the refusal names the change: {}", text(&out));
+    // Nothing of ctguard's is left; the foreign writer's table is (it is not ctguard's to undo).
+    let after = ns.nft_list();
+    assert!(!after.contains("table inet ctguard") && !after.contains("ctguard:"), "{after}");
+    assert!(after.contains(ctguard::fault::FOREIGN_TABLE), "{after}");
+    let _ = before;
+}

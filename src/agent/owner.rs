@@ -40,8 +40,7 @@ fn busy(b: &Busy) -> Response {
 /// True when an engine error says a foreign change raced the commit and nothing was applied
 /// (re-read and re-plan may succeed).
 fn retryable(e: &super::engine::EngineError) -> bool {
-    let _ = e;
-    false
+    e.retry
 }
 
 /// `apply`: validation, claim, pin, prepare → PREPARED → apply → rollback check → PENDING →

@@ -30,7 +30,7 @@ pub const JOURNALED_TOOLS: &[&str] = &[
 /// with SIGKILL at that step, so crash recovery can be tested at every step. `apply:fill-disk`
 /// instead fills the state dir's file system right after PREPARED (a real ENOSPC for the
 /// journal writes that follow) and goes on.
-pub const FAULT_ENV: &str = "CTGUARD_FAULT";
+pub const FAULT_ENV: &str = crate::fault::FAULT_ENV;
 
 /// The named points [`FAULT_ENV`] can stop the agent at.
 pub const FAULT_POINTS: &[&str] = &[
@@ -46,7 +46,7 @@ pub const FAULT_POINTS: &[&str] = &[
 
 /// Aborts the process at `point` when [`FAULT_ENV`] names it.
 pub fn fault(point: &str) {
-    if std::env::var(FAULT_ENV).is_ok_and(|p| p == point) {
+    if crate::fault::fires(point) {
         tracing::error!("fault hook {point}: aborting");
         // No core file for a deliberate crash.
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
@@ -57,7 +57,7 @@ pub fn fault(point: &str) {
 /// Test-only: with `CTGUARD_FAULT=apply:fill-disk`, fills the file system of `dir` with a
 /// filler file (removed by the test), so the journal writes after this point meet ENOSPC.
 pub fn fault_fill_disk(dir: &Path) {
-    if !std::env::var(FAULT_ENV).is_ok_and(|p| p == "apply:fill-disk") {
+    if !crate::fault::fires("apply:fill-disk") {
         return;
     }
     use std::io::Write;

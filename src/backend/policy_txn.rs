@@ -460,6 +460,8 @@ pub struct Prepared {
     table: Option<TableIr>,
     dumps: Vec<(Variant, bool, String)>,
     undo: PolicyUndo,
+    /// The nft listing at the snapshot (see [`Snapshot`]).
+    snapshot_text: String,
 }
 
 impl Prepared {
@@ -534,6 +536,8 @@ struct Snapshot {
     live: LiveState,
     listed: Vec<nft_text::ListedRule>,
     table_text: Option<String>,
+    /// The nft listing as read (without handles): what a foreign change is described against.
+    text: String,
 }
 
 fn snapshot() -> Result<Snapshot, PolicyTxnError> {
@@ -541,17 +545,18 @@ fn snapshot() -> Result<Snapshot, PolicyTxnError> {
     for attempt in 1..=SNAPSHOT_ATTEMPTS {
         let g0 = get_genid().map_err(PolicyTxnError::Genid)?;
         let live = live_backend::read().map_err(PolicyTxnError::Live)?;
-        let listed = match &nft {
-            Some(t) => nft_text::rules(
-                &t.run(&["-a", "list", "ruleset"], None)
-                    .map_err(|source| PolicyTxnError::Exec { what: "nft -a list ruleset".into(), source })?,
-            ),
-            None => Vec::new(),
+        let raw_text = match &nft {
+            Some(t) => t
+                .run(&["-a", "list", "ruleset"], None)
+                .map_err(|source| PolicyTxnError::Exec { what: "nft -a list ruleset".into(), source })?,
+            None => String::new(),
         };
+        let listed = nft_text::rules(&raw_text);
+        let text = raw_text.lines().map(|l| strip_handle(l).to_string()).collect::<Vec<_>>().join("\n");
         let table_text = live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)?;
         let g1 = get_genid().map_err(PolicyTxnError::Genid)?;
         if g0 == g1 {
-            return Ok(Snapshot { genid: g0, live, listed, table_text });
+            return Ok(Snapshot { genid: g0, live, listed, table_text, text });
         }
         tracing::debug!(attempt, g0, g1, "the generation id moved during the snapshot; reading again");
     }
@@ -892,6 +897,7 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
         table,
         dumps,
         undo,
+        snapshot_text: snap.text,
     })
 }
 
@@ -997,6 +1003,59 @@ fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchErr
     Ok((!b.is_empty()).then(|| b.finish()))
 }
 
+/// What another writer changed since `before` (the nft listing ctguard read): tables added and
+/// removed, else the first changed lines of a fresh listing (failure path only). Read-only.
+fn foreign_change_summary(before: &str) -> String {
+    let now = Tool::find("nft").ok().and_then(|t| t.run(&["list", "ruleset"], None).ok()).unwrap_or_default();
+    let (then, now) = (tables_of(before), tables_of(&now));
+    let names = |it: Vec<&String>| it.into_iter().map(String::as_str).collect::<Vec<_>>().join(", ");
+    let added: Vec<&String> = now.keys().filter(|k| !then.contains_key(*k)).collect();
+    let removed: Vec<&String> = then.keys().filter(|k| !now.contains_key(*k)).collect();
+    let changed: Vec<&String> =
+        now.iter().filter(|(k, v)| then.get(*k).is_some_and(|o| o != *v)).map(|(k, _)| k).collect();
+    let mut parts = Vec::new();
+    if !added.is_empty() {
+        parts.push(format!("table(s) added by another writer: {}", names(added)));
+    }
+    if !removed.is_empty() {
+        parts.push(format!("table(s) removed: {}", names(removed)));
+    }
+    if !changed.is_empty() {
+        parts.push(format!("table(s) changed by another writer: {}", names(changed)));
+    }
+    if parts.is_empty() {
+        "another writer changed the ruleset (its listing reads the same now)".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// An nft listing split by table: `"FAMILY NAME"` → its lines (counters zeroed).
+fn tables_of(listing: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in listing.lines() {
+        if let Some(t) = line.strip_prefix("table ") {
+            let name = t.trim_end_matches('{').trim().to_string();
+            out.insert(name.clone(), Vec::new());
+            current = Some(name);
+        } else if let Some(c) = &current {
+            if let Some(v) = out.get_mut(c) {
+                v.push(zero_nft_counters(line));
+            }
+        }
+    }
+    out
+}
+
+/// `line` without nft's `# handle N` suffix.
+fn strip_handle(line: &str) -> &str {
+    match line.rfind(" # handle ") {
+        Some(i) => &line[..i],
+        None => line,
+    }
+}
+
 /// Undoes `undo` after a failed step and builds the error to return.
 fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + Sync>) -> PolicyTxnError {
     tracing::warn!("{step} failed ({source}); rolling back what was applied");
@@ -1022,7 +1081,11 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     // Nothing changed since the snapshot?
     let g = get_genid().map_err(PolicyTxnError::Genid)?;
     if g != p.genid {
-        return Err(PolicyTxnError::Stale(format!("nf_tables generation {} is now {g}", p.genid)));
+        return Err(PolicyTxnError::Stale(format!(
+            "nf_tables generation {} is now {g}: {}",
+            p.genid,
+            foreign_change_summary(&p.snapshot_text)
+        )));
     }
     for (v, v6, text) in &p.dumps {
         let now = ipt_backend::save((*v).into(), family(*v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
@@ -1618,12 +1681,21 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
         }
     };
 
-    // ctguard's raw chains (raw before filter), then iptables-nft leftovers.
+    // ctguard's raw chains (raw before filter), then iptables-nft leftovers. A raw step that
+    // fails keeps every filter accept in place (a notracked flow without its accept would be
+    // blackholed); a held xtables lock stops the iptables steps at once (the others would
+    // wait for the same lock): the whole rollback is retried later.
+    let mut raw_failed = false;
     if let Some(d) = &docs {
         for doc in &d.raw {
             let v = IptVariant::from(doc.variant);
             if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
+                raw_failed = true;
+                let locked = matches!(&e, IptablesError::Exec { source: ExecError::XtablesLocked { .. }, .. });
                 failures.push(format!("{} (raw chains): {}", v.tool(doc.v6, "-restore"), chain_text(&e)));
+                if locked {
+                    break;
+                }
             }
         }
         if let Err(e) = cleanup_nft_raw(u) {
@@ -1672,8 +1744,10 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
         failures.push(format!("nft rollback ({NFT_ROLLBACK_ATTEMPTS} attempts): {e}"));
     }
 
-    // iptables filter rules.
-    if let Some(d) = &docs {
+    // iptables filter rules, only once the raw chains are gone.
+    if raw_failed {
+        failures.push("iptables filter accepts kept until ctguard's raw chains can be removed".to_string());
+    } else if let Some(d) = &docs {
         for doc in &d.filter {
             let v = IptVariant::from(doc.variant);
             if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
