@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ctguard::agent::client;
-use ctguard::agent::engine::{ApplyInput, Engine, EngineError, Prepared};
+use ctguard::agent::engine::{ApplyInput, Engine, EngineError, Prepared, Undo};
 use ctguard::agent::protocol::{ApplyRequest, Request, Response};
 use ctguard::agent::server::{self, AgentOptions};
+use ctguard::backend::policy_txn::PolicyUndo;
 use ctguard::exit::Exit;
 use ctguard::journal::{self, Journal};
 use ctguard::txn::{self, Kind, Reason, Requester, State, TargetRecord, TxnId, TxnRecord};
-use serde_json::{json, Value};
 
 #[derive(Default)]
 struct FakeState {
@@ -32,8 +32,8 @@ struct FakePrepared {
 }
 
 impl Prepared for FakePrepared {
-    fn planned_undo(&self) -> Value {
-        json!({"tag": self.tag})
+    fn planned_undo(&self) -> Undo {
+        Undo::Policy(Box::new(PolicyUndo::empty(&self.tag)))
     }
     fn before(&self) -> String {
         String::new()
@@ -41,9 +41,9 @@ impl Prepared for FakePrepared {
     fn warnings(&self) -> Vec<String> {
         Vec::new()
     }
-    fn apply(self: Box<Self>) -> Result<Value, EngineError> {
+    fn apply(self: Box<Self>) -> Result<Undo, EngineError> {
         self.state.lock().expect("lock").applied.push(self.tag.clone());
-        Ok(json!({"tag": self.tag}))
+        Ok(Undo::Policy(Box::new(PolicyUndo::empty(&self.tag))))
     }
 }
 
@@ -54,21 +54,24 @@ impl Engine for Fake {
         }
         Ok(Box::new(FakePrepared { tag: input.tag.to_string(), state: self.0.clone() }))
     }
-    fn check_rollback(&self, _undo: &Value) -> Result<(), EngineError> {
+    fn check_rollback(&self, _undo: &Undo) -> Result<(), EngineError> {
         Ok(())
     }
-    fn rollback(&self, undo: &Value) -> Result<(), EngineError> {
+    fn rollback(&self, undo: &Undo) -> Result<(), EngineError> {
         let mut s = self.0.lock().expect("lock");
         s.rollbacks += 1;
         if s.fail_rollback > 0 {
             s.fail_rollback -= 1;
             return Err(EngineError::new(Exit::RollbackFailed, "injected failure"));
         }
-        let tag = undo["tag"].as_str().unwrap_or_default().to_string();
+        let tag = match undo {
+            Undo::Policy(p) => p.tag.clone(),
+            Undo::Ruleset(_) => String::new(),
+        };
         s.applied.retain(|t| *t != tag);
         Ok(())
     }
-    fn listing(&self, _undo: &Value) -> Result<String, EngineError> {
+    fn listing(&self, _undo: &Undo) -> Result<String, EngineError> {
         Ok(self.0.lock().expect("lock").applied.join("\n"))
     }
 }
@@ -318,7 +321,7 @@ fn record(journal: &Journal, boot_id: &str, state_pending: bool, deadline_in: Du
         boot_id.into(),
         1_700_000_000,
     );
-    rec.undo = json!({"tag": format!("ctguard:{}", rec.id)});
+    rec.undo = Undo::Policy(Box::new(PolicyUndo::empty(&format!("ctguard:{}", rec.id)))).to_value();
     if state_pending {
         let d = txn::Deadline {
             boottime_ns: journal::boottime_ns() + deadline_in.as_nanos() as u64,

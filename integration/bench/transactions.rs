@@ -723,7 +723,7 @@ fn ruleset_run(
         let p = engine.prepare(&input).map_err(err)?;
         s.snapshot.push(ms(t.elapsed()));
         let t = Instant::now();
-        let undo: Value = p.apply().map_err(err)?;
+        let undo = p.apply().map_err(err)?;
         s.apply.push(ms(t.elapsed()));
         applied_check(kind, size)?;
         let t = Instant::now();

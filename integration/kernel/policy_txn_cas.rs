@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use ctguard::agent::engine::{ApplyInput, Engine, EngineError};
+use ctguard::agent::engine::{ApplyInput, Engine, EngineError, Undo};
 use ctguard::agent::policy_engine::PolicyEngine;
 use ctguard::backend::exec::with_xtables_wait;
 use ctguard::backend::policy_txn::{apply, rollback, PolicyTxnError};
@@ -40,7 +40,7 @@ fn input(toml: &str, id: &str) -> ApplyInput {
 }
 
 /// prepare + apply through the agent's engine, with `point` firing once on the namespace thread.
-fn engine_apply_with(ns: &Ns, point: &str, inp: &ApplyInput) -> (Result<serde_json::Value, EngineError>, usize) {
+fn engine_apply_with(ns: &Ns, point: &str, inp: &ApplyInput) -> (Result<Undo, EngineError>, usize) {
     ns.run(|| inject(point, 1, || PolicyEngine.prepare(inp).and_then(|p| p.apply())))
 }
 
@@ -205,7 +205,7 @@ fn a_held_xtables_lock_fails_legacy_apply_and_rollback_in_bounded_time_then_they
     let undo = app(&ns, &prep(&ns, &request(&p, "xtl-2", None)));
     let applied = list(&ns, &[]);
     assert!(applied.contains("ctguard:xtl-2") && applied.contains("CTGUARD-PRE"), "{applied}");
-    let undo_json = serde_json::to_value(&undo).unwrap_or_else(|e| panic!("{e}"));
+    let undo_json = Undo::Policy(Box::new(undo.clone()));
     let lock = XtablesLock::take();
     let t = Instant::now();
     let res = ns.run(|| with_xtables_wait(WAIT, || PolicyEngine.rollback(&undo_json)));

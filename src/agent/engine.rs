@@ -4,11 +4,14 @@
 
 use serde_json::Value;
 
+use crate::backend::policy_txn::PolicyUndo;
 use crate::exit::Exit;
 use crate::lint::SshConn;
 use crate::model::auto::MachineFacts;
 use crate::model::names::Tag;
 use crate::model::Policy;
+use crate::snapshot::{DriftSection, UndoRecord};
+use crate::txn::Kind;
 
 /// An engine failure with the exit code it maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,22 +68,80 @@ pub struct ApplyInput {
     /// The requester's SSH connection.
     pub ssh: Option<SshConn>,
     /// Undo record of the COMMITTED policy transaction this one replaces, if any.
-    pub previous_undo: Option<Value>,
+    pub previous_undo: Option<Undo>,
     /// Machine facts for `"auto"`.
     pub facts: MachineFacts,
+}
+
+/// What a transaction must undo, typed per kind: what crosses between the agent and an engine.
+/// The journal stores it as JSON in the record's `undo` ([`Undo::to_value`],
+/// [`Undo::from_record`]); the agent adds `persisted` there at commit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Undo {
+    /// A policy transaction: ctguard's objects, insertions and sysctl values.
+    Policy(Box<PolicyUndo>),
+    /// A ruleset transaction: the snapshot to restore.
+    Ruleset(Box<UndoRecord>),
+}
+
+impl Undo {
+    /// The typed undo of a journaled record of `kind`. An error means the record cannot be
+    /// rolled back by this version (exit 1, shown and retried by the agent).
+    pub fn from_record(kind: Kind, v: &Value) -> Result<Undo, EngineError> {
+        let bad = |e: serde_json::Error| {
+            EngineError::new(Exit::Internal, format!("the journal's undo record is not understood: {e}"))
+        };
+        Ok(match kind {
+            Kind::Policy => Undo::Policy(Box::new(serde_json::from_value(v.clone()).map_err(bad)?)),
+            Kind::Ruleset => Undo::Ruleset(Box::new(serde_json::from_value(v.clone()).map_err(bad)?)),
+        })
+    }
+
+    /// The JSON the journal stores.
+    pub fn to_value(&self) -> Value {
+        let v = match self {
+            Undo::Policy(u) => serde_json::to_value(u),
+            Undo::Ruleset(u) => serde_json::to_value(u),
+        };
+        // Both hold only strings, numbers, maps and lists: encoding cannot fail.
+        v.unwrap_or(Value::Null)
+    }
+
+    /// Generation id the change was planned against.
+    pub fn genid_before(&self) -> Option<u32> {
+        match self {
+            Undo::Policy(u) => Some(u.genid_before),
+            Undo::Ruleset(u) => u.genid_before,
+        }
+    }
+
+    /// Generation id right after the change, once applied.
+    pub fn genid_after(&self) -> Option<u32> {
+        match self {
+            Undo::Policy(u) => u.genid_after,
+            Undo::Ruleset(u) => u.genid_after,
+        }
+    }
+}
+
+/// What a rollback found and overwrote, for the journal and `show`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RollbackReport {
+    /// A ruleset transaction's drift: what others changed during the window.
+    pub drift: Vec<DriftSection>,
 }
 
 /// A transaction that passed every check and has not changed anything yet.
 pub trait Prepared: Send {
     /// What the rollback must undo if the agent dies during apply (journaled in PREPARED):
     /// enough to roll back by tag.
-    fn planned_undo(&self) -> Value;
+    fn planned_undo(&self) -> Undo;
     /// The listing before the change (for `show` and the diff).
     fn before(&self) -> String;
     /// Warnings (lint, skipped sysctls) to report to the requester.
     fn warnings(&self) -> Vec<String>;
     /// Applies the change; returns the undo record with what was actually created.
-    fn apply(self: Box<Self>) -> Result<Value, EngineError>;
+    fn apply(self: Box<Self>) -> Result<Undo, EngineError>;
 }
 
 /// The engines of both transaction kinds.
@@ -107,18 +168,16 @@ pub trait Engine: Send + Sync + 'static {
     /// Preconditions, lint and kernel checks: changes nothing.
     fn prepare(&self, input: &ApplyInput) -> Result<Box<dyn Prepared>, EngineError>;
     /// Kernel-checks the rollback of `undo` without changing anything.
-    fn check_rollback(&self, undo: &Value) -> Result<(), EngineError>;
+    fn check_rollback(&self, undo: &Undo) -> Result<(), EngineError>;
     /// Undoes the change recorded in `undo`, by tag; idempotent.
-    fn rollback(&self, undo: &Value) -> Result<(), EngineError>;
-    /// [`Engine::rollback`], returning what the rollback found and overwrote, for the agent to
-    /// merge into the undo record and report (a ruleset transaction's `{"drift": [...]}`: what
-    /// others changed during the window, measured against `after`, the journaled listing taken
-    /// right after the apply); `Value::Null` when there is nothing to report. Same guarantees
-    /// as `rollback`.
-    fn rollback_report(&self, undo: &Value, after: Option<&str>) -> Result<Value, EngineError> {
+    fn rollback(&self, undo: &Undo) -> Result<(), EngineError>;
+    /// [`Engine::rollback`], returning what the rollback found and overwrote (a ruleset
+    /// transaction's drift: what others changed during the window, measured against `after`,
+    /// the journaled listing taken right after the apply). Same guarantees as `rollback`.
+    fn rollback_report(&self, undo: &Undo, after: Option<&str>) -> Result<RollbackReport, EngineError> {
         let _ = after;
-        self.rollback(undo).map(|()| Value::Null)
+        self.rollback(undo).map(|()| RollbackReport::default())
     }
     /// The current listing (for `show` and the diff).
-    fn listing(&self, undo: &Value) -> Result<String, EngineError>;
+    fn listing(&self, undo: &Undo) -> Result<String, EngineError>;
 }

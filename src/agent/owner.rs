@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::engine::ApplyInput;
+use super::engine::{ApplyInput, Undo};
 use super::proof;
 use super::protocol::{ApplyRequest, Response, MAX_EXTEND_SECS, VERSION};
 use super::rollback::{arm_timer, finish, roll_back, schedule_idle_check};
@@ -153,7 +153,16 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
             Err(e) => return claimed.abandon(Response::fail(Exit::Internal, e.to_string())),
         }
     }
-    let previous_undo = if kind == Kind::Policy { last_committed(shared, id).map(|r| r.undo) } else { None };
+    let previous_undo = match last_committed(shared, id).filter(|_| kind == Kind::Policy) {
+        Some(r) => match Undo::from_record(Kind::Policy, &r.undo) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                let msg = format!("the committed transaction {} this one would replace: {}", r.id, e.message);
+                return claimed.abandon(Response::fail(e.exit, msg));
+            }
+        },
+        None => None,
+    };
     let input = ApplyInput {
         policy: policy.clone(),
         ruleset: a.ruleset.clone(),
@@ -179,8 +188,9 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
         };
         let warnings = prepared.warnings();
         rec.before = Some(prepared.before());
-        rec.undo = prepared.planned_undo();
-        rec.genid_before = rec.undo.get("genid_before").and_then(Value::as_u64).map(|g| g as u32);
+        let planned = prepared.planned_undo();
+        rec.undo = planned.to_value();
+        rec.genid_before = planned.genid_before();
         owner.update(txid.as_str(), |c| c.rec = rec.clone());
         if attempt == 1 {
             // Room for the later records of this transaction, whatever fills the disk meanwhile.
@@ -217,8 +227,8 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
         }
     };
     fault("apply:after-apply");
-    rec.undo = undo.clone();
-    rec.genid_after = undo.get("genid_after").and_then(Value::as_u64).map(|g| g as u32);
+    rec.undo = undo.to_value();
+    rec.genid_after = undo.genid_after();
     owner.update(txid.as_str(), |c| c.rec = rec.clone());
     let engine = shared.engines.of(kind);
     let undo2 = undo.clone();

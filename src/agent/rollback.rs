@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::engine::Undo;
 use super::state::{Owner, Phase, Shared};
 use super::steps::{fault, now_wall, wall, worker_for_record, write_record};
 use crate::journal;
@@ -31,17 +32,17 @@ pub async fn roll_back(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, rea
     fault("rollback:before-engine");
     // Descriptors: the reserve is given back for the rollback's tools and sockets.
     shared.release_spare_fds();
-    let result = match worker {
-        Ok(w) => {
+    let undo = Undo::from_record(rec.kind, &rec.undo).map_err(|e| e.message);
+    let result = match (worker, undo) {
+        (Ok(w), Ok(undo)) => {
             let engine = shared.engines.of(rec.kind);
-            let undo = rec.undo.clone();
             let after = rec.after.clone();
             match w.call(move || engine.rollback_report(&undo, after.as_deref())).await {
                 Ok(r) => r.map_err(|e| e.message),
                 Err(e) => Err(e.to_string()),
             }
         }
-        Err(e) => Err(e),
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     shared.refill_spare_fds();
     fault("rollback:after-engine");
@@ -49,8 +50,8 @@ pub async fn roll_back(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, rea
         Ok(report) => {
             // What the rollback found and overwrote (a ruleset transaction's drift) joins the
             // undo record, journaled with the outcome below.
-            if let (serde_json::Value::Object(extra), Some(undo)) = (report, rec.undo.as_object_mut()) {
-                undo.extend(extra);
+            if let (false, Some(undo)) = (report.drift.is_empty(), rec.undo.as_object_mut()) {
+                undo.insert("drift".into(), serde_json::to_value(&report.drift).unwrap_or_default());
             }
             let _ = rec.to_rolled_back(reason.clone(), now_wall());
             tracing::warn!(txid, "rolled back ({reason})");

@@ -6,9 +6,7 @@
 //! others changed during the window is measured at rollback against the listing the agent
 //! journals right after the apply ([`Engine::rollback_report`]'s `after`).
 
-use serde_json::Value;
-
-use super::engine::{ApplyInput, Engine, EngineError, Prepared};
+use super::engine::{ApplyInput, Engine, EngineError, Prepared, RollbackReport, Undo};
 use crate::backend::ruleset_txn::{self, chain_text, Candidate, RulesetTxnError};
 use crate::exit::Exit;
 use crate::lint::{Severity, SshConn};
@@ -21,13 +19,11 @@ fn engine_err(e: RulesetTxnError) -> EngineError {
     EngineError::new(e.exit(), chain_text(&e))
 }
 
-fn parse_undo(undo: &Value) -> Result<UndoRecord, EngineError> {
-    serde_json::from_value(undo.clone())
-        .map_err(|e| EngineError::new(Exit::Internal, format!("the undo record is not a ruleset snapshot: {e}")))
-}
-
-fn to_value(rec: &UndoRecord) -> Result<Value, EngineError> {
-    serde_json::to_value(rec).map_err(|e| EngineError::new(Exit::Internal, format!("undo record: {e}")))
+fn parse_undo(undo: &Undo) -> Result<&UndoRecord, EngineError> {
+    match undo {
+        Undo::Ruleset(r) => Ok(r),
+        Undo::Policy(_) => Err(EngineError::new(Exit::Internal, "a policy undo record given to the ruleset engine")),
+    }
 }
 
 /// The lint of a ruleset transaction (DESIGN §1, §7): the result (snapshot + file, built in a
@@ -78,7 +74,7 @@ impl RulesetEngine {
     /// completed. Idempotent: a second call restores the same state.
     pub fn rollback_with_drift(
         &self,
-        undo: &Value,
+        undo: &Undo,
         after: Option<&str>,
     ) -> Result<Vec<snapshot::DriftSection>, EngineError> {
         let rec = parse_undo(undo)?;
@@ -139,21 +135,20 @@ impl Engine for RulesetEngine {
         Ok(Box::new(PreparedRuleset { undo: UndoRecord::planned(snap, tools), candidate, warnings }))
     }
 
-    fn check_rollback(&self, undo: &Value) -> Result<(), EngineError> {
+    fn check_rollback(&self, undo: &Undo) -> Result<(), EngineError> {
         let rec = parse_undo(undo)?;
         ruleset_txn::check_restore(&rec.snapshot).map_err(engine_err)
     }
 
-    fn rollback(&self, undo: &Value) -> Result<(), EngineError> {
+    fn rollback(&self, undo: &Undo) -> Result<(), EngineError> {
         self.rollback_with_drift(undo, None).map(|_| ())
     }
 
-    fn rollback_report(&self, undo: &Value, after: Option<&str>) -> Result<Value, EngineError> {
-        let drift = self.rollback_with_drift(undo, after)?;
-        Ok(if drift.is_empty() { Value::Null } else { serde_json::json!({ "drift": drift }) })
+    fn rollback_report(&self, undo: &Undo, after: Option<&str>) -> Result<RollbackReport, EngineError> {
+        Ok(RollbackReport { drift: self.rollback_with_drift(undo, after)? })
     }
 
-    fn listing(&self, _undo: &Value) -> Result<String, EngineError> {
+    fn listing(&self, _undo: &Undo) -> Result<String, EngineError> {
         ruleset_txn::listing().map_err(engine_err)
     }
 }
@@ -181,8 +176,8 @@ impl PreparedRuleset {
 }
 
 impl Prepared for PreparedRuleset {
-    fn planned_undo(&self) -> Value {
-        serde_json::to_value(&self.undo).unwrap_or(Value::Null)
+    fn planned_undo(&self) -> Undo {
+        Undo::Ruleset(Box::new(self.undo.clone()))
     }
 
     fn before(&self) -> String {
@@ -193,7 +188,7 @@ impl Prepared for PreparedRuleset {
         self.warnings.clone()
     }
 
-    fn apply(self: Box<Self>) -> Result<Value, EngineError> {
+    fn apply(self: Box<Self>) -> Result<Undo, EngineError> {
         let (snap, resnapshot) = self.fresh_snapshot().map_err(engine_err)?;
         let mut info = ruleset_txn::apply(&self.candidate).map_err(engine_err)?;
         info.resnapshot = resnapshot;
@@ -202,6 +197,6 @@ impl Prepared for PreparedRuleset {
         rec.genid_after = info.genid_after;
         rec.snapshot = snap;
         rec.apply = Some(info);
-        to_value(&rec)
+        Ok(Undo::Ruleset(Box::new(rec)))
     }
 }

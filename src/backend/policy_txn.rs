@@ -414,6 +414,24 @@ pub struct PolicyUndo {
 }
 
 impl PolicyUndo {
+    /// The undo of a transaction tagged `tag` that created nothing yet (nft backend): its
+    /// rollback removes whatever carries the tag and nothing else.
+    pub fn empty(tag: &str) -> PolicyUndo {
+        PolicyUndo {
+            tag: tag.to_string(),
+            backend: Backend::Nft,
+            genid_before: 0,
+            genid_after: None,
+            table: None,
+            nft_insertions: Vec::new(),
+            ipt_insertions: Vec::new(),
+            raw: Vec::new(),
+            sysctls: Vec::new(),
+            removed_previous: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     fn tag(&self) -> Result<Tag, PolicyTxnError> {
         let id = self
             .tag
