@@ -194,6 +194,9 @@ pub enum JournalError {
         /// Pid written by the holder, when readable.
         holder: Option<i32>,
     },
+    /// The state dir (or a parent) could be planted by another user (DESIGN §2 "Trust").
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::TrustError),
     /// No random bytes for a fresh id.
     #[error("cannot get random bytes for a transaction id: {source}")]
     Random {
@@ -253,8 +256,10 @@ impl Journal {
     /// the directories, nothing is changed. Idempotent.
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let txn_dir = state_dir.join("txn");
+        crate::trust::check_private_dir(state_dir)?;
         ensure_dir(state_dir)?;
         ensure_dir(&txn_dir)?;
+        crate::trust::check_private_dir(&txn_dir)?;
         let journal = Journal { state_dir: state_dir.to_path_buf(), txn_dir };
         journal.check_room()?;
         Ok(journal)
@@ -266,6 +271,8 @@ impl Journal {
     /// them). A missing `txn/` reads as an empty journal. Refuses only a `state_dir` that
     /// exists and is not a directory. No side effects.
     pub fn attach(state_dir: &Path) -> Result<Journal, JournalError> {
+        crate::trust::check_private_dir(state_dir)?;
+        crate::trust::check_private_dir(&state_dir.join("txn"))?;
         match fs::metadata(state_dir) {
             Ok(m) if !m.is_dir() => return Err(JournalError::NotADirectory { path: state_dir.to_path_buf() }),
             Ok(_) => {}
@@ -334,11 +341,13 @@ impl Journal {
             move |source| JournalError::Write { path, step, source }
         };
         let replaced = (|| {
+            // A leftover (or planted) temp file is removed, never written through.
+            let _ = fs::remove_file(&tmp);
             let mut f = OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&tmp)
                 .map_err(step("create", &tmp))?;
             f.write_all(bytes).map_err(step("write", &tmp))?;
@@ -365,7 +374,14 @@ impl Journal {
     pub fn reserve(&self, id: &TxnId, bytes: u64) -> Result<(), JournalError> {
         let path = self.reserve_path(id);
         let err = |source| JournalError::Write { path: path.clone(), step: "reserve", source };
-        let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path).map_err(err)?;
+        let _ = fs::remove_file(&path);
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(err)?;
         let len = libc::off_t::try_from(bytes.max(1)).unwrap_or(libc::off_t::MAX);
         // SAFETY: fallocate on a descriptor we own.
         let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, len) };
@@ -408,7 +424,7 @@ impl Journal {
     /// Read-only.
     pub fn load(&self, id: &TxnId) -> Result<TxnRecord, JournalError> {
         let path = self.record_path(id);
-        match fs::read(&path) {
+        match read_trusted(&path) {
             Ok(bytes) => parse_record(&path, &bytes, id),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(JournalError::NotFound { id: id.to_string(), dir: self.txn_dir.clone() })
@@ -458,7 +474,7 @@ impl Journal {
                     continue;
                 }
             };
-            match fs::read(&path) {
+            match read_trusted(&path) {
                 Ok(bytes) => match parse_record(&path, &bytes, &id) {
                     Ok(rec) => scan.records.push(rec),
                     Err(e) => scan.skipped.push(e),
@@ -564,6 +580,7 @@ impl Journal {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(lock_err)?;
         let lock = loop {
@@ -585,6 +602,14 @@ impl Journal {
         }
         Ok(JournalLock { _lock: lock, path })
     }
+}
+
+/// A record's bytes, read only when root alone wrote it and never through a symlink.
+fn read_trusted(path: &Path) -> io::Result<Vec<u8>> {
+    let mut f = crate::trust::open_root_file(path)?;
+    let mut v = Vec::new();
+    f.read_to_end(&mut v)?;
+    Ok(v)
 }
 
 fn parse_record(path: &Path, bytes: &[u8], id: &TxnId) -> Result<TxnRecord, JournalError> {
@@ -616,11 +641,12 @@ fn ensure_dir(path: &Path) -> Result<(), JournalError> {
 fn probe_writable(dir: &Path) -> Result<(), JournalError> {
     let probe = dir.join(format!(".probe-{}", std::process::id()));
     let err = |source| JournalError::NotWritable { path: dir.to_path_buf(), source };
+    let _ = fs::remove_file(&probe);
     let written = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&probe)
         .and_then(|mut f| f.write_all(b"x"));
     let removed = fs::remove_file(&probe);

@@ -26,7 +26,7 @@ pub enum TrustError {
         path: PathBuf,
     },
     /// Owned by another user.
-    #[error("{path} is owned by uid {uid}, not root")]
+    #[error("{path} is owned by uid {uid}; ctguard's directories must be owned by root")]
     NotRootOwned {
         /// The path.
         path: PathBuf,
@@ -34,7 +34,9 @@ pub enum TrustError {
         uid: u32,
     },
     /// Writable by group or others.
-    #[error("{path} is writable by group or others (mode {mode:o})")]
+    #[error(
+        "{path} is writable by group or others (mode {mode:o}); ctguard's directories must be writable by root alone"
+    )]
     Writable {
         /// The path.
         path: PathBuf,
@@ -42,7 +44,7 @@ pub enum TrustError {
         mode: u32,
     },
     /// `lstat` failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", root_hint(source))]
     Io {
         /// The path.
         path: PathBuf,
@@ -54,11 +56,18 @@ pub enum TrustError {
 
 const STICKY: u32 = 0o1000;
 
+fn root_hint(e: &io::Error) -> &'static str {
+    if e.kind() == io::ErrorKind::PermissionDenied && !nix::unistd::Uid::effective().is_root() {
+        " (run ctguard as root)"
+    } else {
+        ""
+    }
+}
+
 /// Checks `dir` (which may not exist yet: then its nearest existing ancestor is checked as the
 /// place it will be created in) and its parents: see the module doc. Read-only.
 pub fn check_private_dir(dir: &Path) -> Result<(), TrustError> {
     let dir = absolute(dir);
-    let mut first = true;
     for p in dir.ancestors() {
         let m = match std::fs::symlink_metadata(p) {
             Ok(m) => m,
@@ -76,18 +85,15 @@ pub fn check_private_dir(dir: &Path) -> Result<(), TrustError> {
         if m.uid() != 0 {
             return Err(TrustError::NotRootOwned { path: p.to_path_buf(), uid: m.uid() });
         }
-        if others_write && (first || mode & STICKY == 0) {
+        // The directory itself: writable by root alone. A parent (or, for a directory still
+        // to be created, the one it is created in): sticky world-writable (`/tmp`) is fine.
+        if others_write && (p == dir || mode & STICKY == 0) {
             return Err(TrustError::Writable { path: p.to_path_buf(), mode });
         }
-        if p == dir {
-            first = false;
-            continue;
-        }
         // A root-owned parent that no one else can write ends the walk (or a sticky one).
-        if !others_write || mode & STICKY != 0 {
+        if p != dir && (!others_write || mode & STICKY != 0) {
             return Ok(());
         }
-        first = false;
     }
     Ok(())
 }

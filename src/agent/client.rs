@@ -27,6 +27,9 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The run dir (or a parent) could be planted by another user (exit 2).
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::TrustError),
     /// The socket is served by another user than root (exit 6): nothing was sent.
     #[error("{path} is served by uid {uid} (pid {pid}), not root: refusing to talk to it")]
     NotRoot {
@@ -52,6 +55,7 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
 
 /// Sends `request` and waits up to `timeout` for the answer.
 pub fn request(run_dir: &Path, request: Request, timeout: Duration) -> Result<Response, ClientError> {
+    crate::trust::check_private_dir(run_dir)?;
     let path = socket_path(run_dir);
     let unreachable = |source| ClientError::Unreachable { path: path.clone(), source };
     let mut stream = UnixStream::connect(&path).map_err(unreachable)?;
@@ -98,11 +102,9 @@ pub fn ensure_agent(run_dir: &Path, state_dir: &Path) -> Result<(), ClientError>
     if start_systemd_unit(run_dir) {
         return wait_for_agent(run_dir);
     }
-    std::fs::create_dir_all(run_dir).map_err(|e| ClientError::Start(format!("{}: {e}", run_dir.display())))?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join(LOG_NAME))
+    crate::trust::check_private_dir(run_dir)?;
+    create_private_run_dir(run_dir).map_err(|e| ClientError::Start(format!("{}: {e}", run_dir.display())))?;
+    let log = crate::trust::open_append_nofollow(&run_dir.join(LOG_NAME))
         .map_err(|e| ClientError::Start(format!("{}: {e}", run_dir.join(LOG_NAME).display())))?;
     let log2 = log.try_clone().map_err(|e| ClientError::Start(e.to_string()))?;
     let exe = std::env::current_exe().map_err(|e| ClientError::Start(e.to_string()))?;
@@ -129,6 +131,19 @@ pub fn ensure_agent(run_dir: &Path, state_dir: &Path) -> Result<(), ClientError>
     }
     cmd.spawn().map_err(|e| ClientError::Start(e.to_string()))?;
     wait_for_agent(run_dir)
+}
+
+/// Creates `dir` (mode 0700) where missing and checks, without following a symlink, that it
+/// is a root-owned directory no one else can write. Idempotent.
+pub fn create_private_run_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    crate::trust::check_private_dir(dir)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))
 }
 
 /// Run dir the systemd unit serves.

@@ -157,11 +157,10 @@ fn join_initial_mount_namespace() {
     }
 }
 
+/// The run dir: created 0700 where missing, and refused (never chmodded through a symlink)
+/// when another user could plant something in it (DESIGN §2 "Trust").
 fn create_private_dir(dir: &Path) -> Result<(), AgentError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(setup(format!("cannot create {}", dir.display())))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(setup(format!("cannot restrict {}", dir.display())))
+    super::client::create_private_run_dir(dir).map_err(setup(format!("run dir {}", dir.display())))
 }
 
 /// At most one log line a second for a repeating failure, with how many were suppressed.

@@ -20,7 +20,11 @@ use crate::txn::{self, TxnId};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn client_failure(e: ClientError) -> Vec<Failure> {
-    vec![Failure::new(Exit::AgentUnreachable, e.to_string())]
+    let exit = match e {
+        ClientError::Untrusted(_) => Exit::BadInput,
+        _ => Exit::AgentUnreachable,
+    };
+    vec![Failure::new(exit, e.to_string())]
 }
 
 /// Turns an agent answer into the CLI's exit code and output.
