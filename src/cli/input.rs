@@ -29,7 +29,7 @@ pub(crate) fn read_once(what: &str, arg: &str, limit: usize) -> Result<Vec<u8>, 
             return Err(bad(format!("{}, not a regular file or a pipe", describe_file_type(md.file_type()))))
         }
         Ok(_) => {}
-        Err(e) => return Err(bad(format!("cannot open: {e}"))),
+        Err(e) => return Err(bad(format!("cannot read: {e}"))),
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -38,7 +38,7 @@ pub(crate) fn read_once(what: &str, arg: &str, limit: usize) -> Result<Vec<u8>, 
         .map_err(|e| match e.raw_os_error() {
             // Opening a socket path gives ENXIO.
             Some(libc::ENXIO) => bad("a socket, not a regular file or a pipe".to_string()),
-            _ => bad(format!("cannot open: {e}")),
+            _ => bad(format!("cannot read: {e}")),
         })?;
     // The file that was opened is what counts (the path may have been replaced meanwhile).
     let md = file.metadata().map_err(|e| bad(format!("cannot stat: {e}")))?;
@@ -184,7 +184,7 @@ mod tests {
         let e = read_once("--ruleset", "/dev/null", 100).expect_err("chardev");
         assert_eq!(e.message, "--ruleset /dev/null: a character device, not a regular file or a pipe");
         let e = read_once("policy", "/nonexistent/x", 100).expect_err("missing");
-        assert!(e.message.starts_with("policy /nonexistent/x: cannot open"), "{}", e.message);
+        assert!(e.message.starts_with("policy /nonexistent/x: cannot read"), "{}", e.message);
         // A FIFO with a writer: read to the writer's end.
         let fifo = d.join("f");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");

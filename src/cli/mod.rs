@@ -68,7 +68,21 @@ fn argument_error(e: &clap::Error) -> i32 {
         let _ = e.print();
         return Exit::Ok.code();
     }
-    print_failures(&[Failure::bad_input(one_line_clap_error(e))]).code()
+    // A value with a newline would be split by the line-based rendering below: render the
+    // same parse over the arguments with their control characters escaped instead (same
+    // error kind), so the value shows as typed, escaped, within its line.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let has_control = |a: &std::ffi::OsString| a.to_string_lossy().chars().any(char::is_control);
+    let message = if args.iter().any(has_control) {
+        let escaped = args.iter().map(|a| crate::exit::escape_for_terminal(&a.to_string_lossy()).into_owned());
+        match Cli::try_parse_from(escaped) {
+            Err(e2) if e2.kind() == e.kind() => one_line_clap_error(&e2),
+            _ => one_line_clap_error(e),
+        }
+    } else {
+        one_line_clap_error(e)
+    };
+    print_failures(&[Failure::bad_input(message)]).code()
 }
 
 /// Clap's multi-line error as one line: the first line without its `error: ` prefix, then the
