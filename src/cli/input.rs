@@ -140,8 +140,7 @@ impl PolicySource {
 
 /// Reads a policy argument once (see [`read_once`]) and detects its format.
 pub(crate) fn read_policy(arg: &str) -> Result<PolicySource, Failure> {
-    // One byte more than the parser's limit, so that it reports the size in its own words.
-    let bytes = read_once("policy", arg, crate::model::MAX_POLICY_BYTES + 1)?;
+    let bytes = read_once("policy", arg, crate::model::MAX_POLICY_BYTES)?;
     let text = String::from_utf8(bytes).map_err(|e| {
         Failure::bad_input(format!(
             "policy {arg}: not UTF-8 text (invalid byte at offset {})",
