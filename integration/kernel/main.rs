@@ -14,6 +14,7 @@ mod traffic;
 mod ansible;
 mod confirm_e2e;
 mod doctor;
+mod inputs;
 mod ops;
 mod policy_txn;
 mod policy_txn_cas;

@@ -3,28 +3,23 @@
 
 pub mod args;
 mod doctor;
+pub(crate) mod input;
 mod ops;
 pub(crate) mod plan;
 mod render;
 mod txn;
 
-use std::io::Read;
-
 use clap::Parser;
 
-use crate::exit::{Exit, Failure};
-use crate::model::{parse_policy, Format, Policy, MAX_POLICY_BYTES};
+use crate::exit::{error_lines, Exit, Failure};
+use crate::model::{parse_policy, Policy};
 use args::{Cli, Command};
 
 /// Runs the CLI with the process arguments; returns the exit code.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { Exit::BadInput.code() } else { Exit::Ok.code() };
-            let _ = e.print();
-            return code;
-        }
+        Err(e) => return argument_error(&e),
     };
     ops::init_logging(cli.global.verbose, cli.global.log_format);
     // Every verb that may act on or report transactions first revives a missing agent.
@@ -51,43 +46,103 @@ pub fn main() -> i32 {
     };
     match result {
         Ok(exit) => exit.code(),
-        Err(failures) => {
-            let mut code = Exit::Internal;
-            for f in &failures {
-                eprintln!("ctguard: error: {}", f.message);
-                code = f.exit;
-            }
-            code.code()
-        }
+        Err(failures) => print_failures(&failures).code(),
     }
 }
 
-/// Loads the policy named on the command line: a path, `-` for stdin, or none for the
-/// built-in policy. Every validation problem becomes one exit-2 failure.
-pub(crate) fn load_policy(arg: Option<&str>) -> Result<Policy, Vec<Failure>> {
-    let Some(arg) = arg else { return Ok(Policy::builtin()) };
-    let bad = |m: String| vec![Failure::bad_input(m)];
-    let mut text = String::new();
-    let limit = MAX_POLICY_BYTES as u64 + 1;
-    let read = if arg == "-" {
-        std::io::stdin().lock().take(limit).read_to_string(&mut text)
-    } else {
-        match std::fs::File::open(arg) {
-            Ok(f) => {
-                if f.metadata().is_ok_and(|m| m.len() > MAX_POLICY_BYTES as u64) {
-                    return Err(bad(format!("policy {arg}: file is larger than the {MAX_POLICY_BYTES} byte limit")));
-                }
-                f.take(limit).read_to_string(&mut text)
-            }
-            Err(e) => Err(e),
-        }
-    };
-    if let Err(e) = read {
-        return Err(bad(format!("policy {arg}: cannot read: {e}")));
+/// Prints failures on stderr, one escaped line each, at most [`crate::exit::MAX_ERROR_LINES`] and a count
+/// of the rest; returns the exit code (that of the last failure; internal when none).
+fn print_failures(failures: &[Failure]) -> Exit {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    for line in error_lines(failures) {
+        let _ = writeln!(err, "{line}");
     }
-    let format = Format::detect(Some(arg), &text);
-    parse_policy(&text, format)
-        .map_err(|errs| errs.into_iter().map(|e| Failure::bad_input(format!("policy {arg}: {e}"))).collect())
+    failures.last().map_or(Exit::Internal, |f| f.exit)
+}
+
+/// Clap's verdict on the arguments: `--help` and `--version` print as clap renders them (exit
+/// 0); every argument error is one escaped `ctguard: error:` line, exit 2.
+fn argument_error(e: &clap::Error) -> i32 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return Exit::Ok.code();
+    }
+    // A value with a newline would be split by the line-based rendering below: render the
+    // same parse over the arguments with their control characters escaped instead (same
+    // error kind), so the value shows as typed, escaped, within its line.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let has_control = |a: &std::ffi::OsString| a.to_string_lossy().chars().any(char::is_control);
+    let message = if args.iter().any(has_control) {
+        let escaped = args.iter().map(|a| crate::exit::escape_for_terminal(&a.to_string_lossy()).into_owned());
+        match Cli::try_parse_from(escaped) {
+            Err(e2) if e2.kind() == e.kind() => one_line_clap_error(&e2),
+            _ => one_line_clap_error(e),
+        }
+    } else {
+        one_line_clap_error(e)
+    };
+    print_failures(&[Failure::bad_input(message)]).code()
+}
+
+/// Clap's multi-line error as one line: the first line without its `error: ` prefix, then the
+/// hints (possible values, tips), without the usage and the "for more information" line.
+fn one_line_clap_error(e: &clap::Error) -> String {
+    use clap::error::ErrorKind;
+    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+        return "a verb is required; see 'ctguard --help'".to_string();
+    }
+    let rendered = e.render().to_string();
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("invalid arguments");
+    let mut parts = vec![first.strip_prefix("error: ").unwrap_or(first).to_string()];
+    let mut in_usage = false;
+    for l in lines {
+        if l.starts_with("Usage:") {
+            in_usage = true;
+            continue;
+        }
+        if l.starts_with("For more information") {
+            continue;
+        }
+        if in_usage && !l.starts_with('[') && !l.starts_with("tip:") {
+            continue;
+        }
+        parts.push(l.to_string());
+    }
+    parts.push("see --help".to_string());
+    parts.join("; ")
+}
+
+/// `--netns` for a request to the agent, resolved and checked in this process (exit 2 for
+/// anything that is not a network namespace, before the agent is asked or started): see
+/// [`crate::netns::resolve_for_agent`].
+pub(crate) fn netns_for_agent(global: &args::Global) -> Result<Option<String>, Vec<Failure>> {
+    global
+        .netns
+        .as_deref()
+        .map(|n| crate::netns::resolve_for_agent(n).map_err(|e| vec![Failure::bad_input(e.to_string())]))
+        .transpose()
+}
+
+/// A policy from the command line: validated, with the exact document it came from.
+pub(crate) struct LoadedPolicy {
+    /// The validated policy.
+    pub policy: Policy,
+    /// The document as read (once); `None` for the built-in policy.
+    pub source: Option<input::PolicySource>,
+}
+
+/// Loads the policy named on the command line: a path, a pipe (`<(…)`, `/dev/fd/N`), `-` for
+/// stdin, or none for the built-in policy. The argument is read exactly once; every reading or
+/// validation problem becomes one exit-2 failure.
+pub(crate) fn load_policy(arg: Option<&str>) -> Result<LoadedPolicy, Vec<Failure>> {
+    let Some(arg) = arg else { return Ok(LoadedPolicy { policy: Policy::builtin(), source: None }) };
+    let source = input::read_policy(arg).map_err(|f| vec![f])?;
+    let policy = parse_policy(&source.text, source.format).map_err(|errs| {
+        errs.into_iter().map(|e| Failure::bad_input(format!("policy {arg}: {e}"))).collect::<Vec<_>>()
+    })?;
+    Ok(LoadedPolicy { policy, source: Some(source) })
 }
 
 /// The target of `--netns` (or the caller's namespace), opened, and this machine's facts for
@@ -114,6 +169,6 @@ pub(crate) fn print_json(v: &serde_json::Value) {
         Ok(s) => {
             let _ = writeln!(std::io::stdout().lock(), "{s}");
         }
-        Err(e) => eprintln!("ctguard: error: cannot encode JSON: {e}"),
+        Err(e) => eprintln!("ctguard: error: cannot encode JSON: {}", crate::exit::escape_for_terminal(&e.to_string())),
     }
 }

@@ -26,7 +26,7 @@ use crate::exit::{Exit, Failure};
 use crate::live::iptables_save;
 use crate::model::auto::MachineFacts;
 use crate::model::names::Tag;
-use crate::model::{Format, Policy};
+use crate::model::Policy;
 use crate::persist::COMMITTED_POLICY_FILE;
 use crate::render::iptables::{notrack_rules, IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
 use crate::render::nft_ir::table_for;
@@ -301,8 +301,11 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
         }
         return Ok(Exit::Ok);
     }
-    let policy = super::load_policy(Some(&shown))?;
-    let text = std::fs::read_to_string(&path).map_err(|e| vec![Failure::bad_input(format!("policy {shown}: {e}"))])?;
+    // Read once: what is checked against the live state is what is sent.
+    let loaded = super::load_policy(Some(&shown))?;
+    let policy = loaded.policy;
+    let Some(source) = loaded.source else { return Err(vec![Failure::internal("restore: no policy document")]) };
+    let netns = super::netns_for_agent(global)?;
     let timeout =
         crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
     let (_, target, facts) = super::open_target(global)?;
@@ -322,14 +325,10 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
     for d in &diffs {
         tracing::info!("restore: {d}");
     }
-    let format = match Format::detect(Some(&shown), &text) {
-        Format::Json => "json",
-        Format::Toml => "toml",
-    };
     let req = Request::Apply(ApplyRequest {
-        policy_text: Some(text),
-        policy_format: Some(format.to_string()),
-        netns: global.netns.clone(),
+        policy_format: Some(source.format_name().to_string()),
+        policy_text: Some(source.text),
+        netns,
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: None,

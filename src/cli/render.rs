@@ -9,7 +9,7 @@ use crate::model::names::Tag;
 use crate::render::document::{render_document, sysctl_writes, DocFormat};
 
 pub(super) fn run(args: &RenderArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
-    let policy = super::load_policy(args.policy.as_deref())?;
+    let policy = super::load_policy(args.policy.as_deref())?.policy;
     let format = match args.format {
         Some(RenderFormat::Nft) => DocFormat::Nft,
         Some(RenderFormat::Iptables) => DocFormat::Iptables,

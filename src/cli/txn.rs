@@ -14,7 +14,6 @@ use crate::agent::protocol::{ApplyRequest, Request, Response};
 use crate::agent::server::{self, AgentOptions};
 use crate::exit::{Exit, Failure};
 use crate::journal::{self, Journal};
-use crate::model::Format;
 use crate::txn::{self, TxnId};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
@@ -48,18 +47,16 @@ pub(super) fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure
     client::request(&global.run_dir, req, REQUEST_TIMEOUT).map_err(client_failure)
 }
 
-/// Reads a `--ruleset` file (size-limited) and settles its format.
+/// Reads a `--ruleset` file once (a file, a pipe, or `-` for stdin; size-limited; the same
+/// file-type checks as a policy) and settles its format.
 fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInput, Vec<Failure>> {
-    use std::io::Read;
-    let bad = |m: String| vec![Failure::bad_input(m)];
-    let f = std::fs::File::open(path).map_err(|e| bad(format!("--ruleset {path}: {e}")))?;
-    let mut text = String::new();
-    f.take(MAX_RULESET_BYTES as u64 + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| bad(format!("--ruleset {path}: {e}")))?;
-    if text.len() > MAX_RULESET_BYTES {
-        return Err(bad(format!("--ruleset {path}: larger than the {MAX_RULESET_BYTES} byte limit")));
-    }
+    let bytes = super::input::read_once("--ruleset", path, MAX_RULESET_BYTES).map_err(|f| vec![f])?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        vec![Failure::bad_input(format!(
+            "--ruleset {path}: not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))]
+    })?;
     let looks_iptables = text.lines().any(|l| l.starts_with('*')) && text.lines().any(|l| l.trim() == "COMMIT");
     let format = match format {
         Some(RulesetFormat::Nft) => "nft",
@@ -74,8 +71,10 @@ fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInpu
 pub const MAX_RULESET_BYTES: usize = 64 << 20;
 
 pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
-    // Validate locally first: bad input never reaches the agent.
-    super::load_policy(a.policy.as_deref())?;
+    // Validate locally first: bad input never reaches the agent. The policy is read once and
+    // exactly the bytes validated here are sent (a second read of a pipe would be empty).
+    let loaded = super::load_policy(a.policy.as_deref())?;
+    let netns = super::netns_for_agent(global)?;
     let ruleset = a.ruleset.as_deref().map(|p| load_ruleset(p, a.format)).transpose()?;
     for p in &a.probe {
         crate::probe::Probe::parse(p).map_err(|e| vec![Failure::bad_input(format!("--probe: {e}"))])?;
@@ -92,25 +91,17 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
         .map_err(|e| vec![Failure::bad_input(format!("state dir: {e}"))])?;
     let timeout =
         crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
-    let (policy_text, policy_format) = match a.policy.as_deref() {
+    let (policy_text, policy_format) = match loaded.source {
         None => (None, None),
-        Some(p) => {
-            let text = if p == "-" {
-                return Err(vec![Failure::bad_input("apply: a policy from stdin is not supported; give a file")]);
-            } else {
-                std::fs::read_to_string(p).map_err(|e| vec![Failure::bad_input(format!("policy {p}: {e}"))])?
-            };
-            let fmt = match Format::detect(Some(p), &text) {
-                Format::Json => "json",
-                Format::Toml => "toml",
-            };
-            (Some(text), Some(fmt.to_string()))
+        Some(src) => {
+            let fmt = src.format_name().to_string();
+            (Some(src.text), Some(fmt))
         }
     };
     let req = Request::Apply(ApplyRequest {
         policy_text,
         policy_format,
-        netns: global.netns.clone(),
+        netns,
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: std::env::var("SSH_CONNECTION").ok(),
@@ -290,7 +281,10 @@ pub(super) fn revive_agent_if_needed(global: &Global) {
     let leftover_pins = std::fs::read_dir(global.run_dir.join("ns")).is_ok_and(|mut d| d.next().is_some());
     if (leftover_pins || j.unfinished().is_ok_and(|u| !u.is_empty())) && !client::is_running(&global.run_dir) {
         if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
-            eprintln!("ctguard: warning: unfinished transactions and no agent: {e}");
+            eprintln!(
+                "ctguard: warning: unfinished transactions and no agent: {}",
+                crate::exit::escape_for_terminal(&e.to_string())
+            );
         }
     }
 }
