@@ -84,6 +84,15 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
         Ok(t) => t,
         Err(r) => return r,
     };
+    if let Some(want) = a.netns_id.filter(|w| *w != rt.target.id) {
+        return Response::fail(
+            Exit::BadInput,
+            format!(
+                "--netns {}: names namespace {}:{} for the CLI but {}:{} for the agent; refused",
+                rt.label, want.0, want.1, rt.target.id.0, rt.target.id.1
+            ),
+        );
+    }
     // Persistence describes the host's boot: a namespace has none. (A policy file saying
     // `persist = true` applied to a namespace — `ctguard restore` re-applying the saved one —
     // is applied, and its commit reports that nothing was persisted.)

@@ -71,6 +71,10 @@ pub struct ApplyRequest {
     pub policy_format: Option<String>,
     /// `--netns`; `None` = the caller's network namespace.
     pub netns: Option<String>,
+    /// The namespace `netns` named for the CLI (device, inode): the agent refuses a path that
+    /// resolves to another namespace for it.
+    #[serde(default)]
+    pub netns_id: Option<(u64, u64)>,
     /// Dead-man timeout in seconds.
     pub timeout_secs: u64,
     /// Apply despite lint errors.

@@ -120,15 +120,25 @@ pub struct ResolvedTarget {
 /// The target of a request: `--netns`, or the requester's own namespace (read while it is
 /// connected). Opening never blocks (see [`Target::open`]).
 pub fn resolve_target(netns: Option<&str>, peer_pid: Option<i32>) -> Result<ResolvedTarget, Response> {
-    let (label, spec) = match netns {
-        Some(n) => match TargetSpec::parse(n) {
+    // `/proc/self/…` means the requester's, as it does for the CLI (never the agent's own).
+    let own = netns.and_then(|n| {
+        ["/proc/self/", "/proc/thread-self/"].iter().find_map(|p| n.strip_prefix(p)).map(|rest| (n, rest))
+    });
+    let (label, spec) = match (netns, own, peer_pid) {
+        (Some(n), Some((_, rest)), Some(pid)) => {
+            (n.to_string(), TargetSpec::Path(PathBuf::from(format!("/proc/{pid}/{rest}"))))
+        }
+        (Some(_), Some(_), None) => {
+            return Err(Response::fail(Exit::BadInput, "--netns /proc/self/…: cannot tell the requester (no peer pid)"))
+        }
+        (Some(n), None, _) => match TargetSpec::parse(n) {
             Ok(s) => (n.to_string(), s),
             Err(e) => return Err(Response::fail(Exit::BadInput, e.to_string())),
         },
-        None => match peer_pid {
-            Some(pid) => ("caller".to_string(), TargetSpec::Path(PathBuf::from(format!("/proc/{pid}/ns/net")))),
-            None => return Err(Response::fail(Exit::BadInput, "cannot tell the caller's namespace (no peer pid)")),
-        },
+        (None, _, Some(pid)) => ("caller".to_string(), TargetSpec::Path(PathBuf::from(format!("/proc/{pid}/ns/net")))),
+        (None, _, None) => {
+            return Err(Response::fail(Exit::BadInput, "cannot tell the caller's namespace (no peer pid)"))
+        }
     };
     let target = Target::open(&spec).map_err(|e| Response::fail(Exit::BadInput, e.to_string()))?;
     // The caller's namespace may be a named one (`ip netns exec NAME ctguard apply`): record

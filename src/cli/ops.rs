@@ -329,6 +329,7 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
         policy_format: Some(source.format_name().to_string()),
         policy_text: Some(source.text),
         netns,
+        netns_id: None,
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: None,

@@ -98,10 +98,20 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
             (Some(src.text), Some(fmt))
         }
     };
+    // The namespace as the CLI sees it: the agent refuses to act if the path it is handed
+    // resolves to another one there.
+    let netns_id = netns.as_deref().and_then(|n| {
+        use std::os::unix::fs::MetadataExt;
+        crate::netns::TargetSpec::parse(n)
+            .ok()
+            .and_then(|s| std::fs::metadata(s.path()).ok())
+            .map(|m| (m.dev(), m.ino()))
+    });
     let req = Request::Apply(ApplyRequest {
         policy_text,
         policy_format,
         netns,
+        netns_id,
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: std::env::var("SSH_CONNECTION").ok(),
@@ -244,14 +254,16 @@ fn txid_arg(t: &Option<String>) -> Result<Option<String>, Vec<Failure>> {
 }
 
 pub(super) fn confirm(a: &TxidArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
-    let r = ask(global, Request::Confirm { txid: txid_arg(&a.txid)?, netns: global.netns.clone() })?;
+    let r = ask(global, Request::Confirm { txid: txid_arg(&a.txid)?, netns: super::netns_for_agent(global)? })?;
     finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")))
 }
 
 pub(super) fn extend(a: &TxidArgs, by: &str, global: &Global) -> Result<Exit, Vec<Failure>> {
     let by = crate::duration::parse_duration(by).map_err(|e| vec![Failure::bad_input(format!("--by: {e}"))])?;
-    let r =
-        ask(global, Request::Extend { txid: txid_arg(&a.txid)?, by_secs: by.as_secs(), netns: global.netns.clone() })?;
+    let r = ask(
+        global,
+        Request::Extend { txid: txid_arg(&a.txid)?, by_secs: by.as_secs(), netns: super::netns_for_agent(global)? },
+    )?;
     finish(global, r, |d| {
         format!(
             "{} now pending until {} ({} s)\n",
@@ -263,7 +275,7 @@ pub(super) fn extend(a: &TxidArgs, by: &str, global: &Global) -> Result<Exit, Ve
 }
 
 pub(super) fn rollback(a: &TxidArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
-    let r = ask(global, Request::Rollback { txid: txid_arg(&a.txid)?, netns: global.netns.clone() })?;
+    let r = ask(global, Request::Rollback { txid: txid_arg(&a.txid)?, netns: super::netns_for_agent(global)? })?;
     finish(global, r, |d| format!("{} rolled back\n", d["txid"].as_str().unwrap_or("?")))
 }
 
