@@ -21,4 +21,5 @@ mod policy_txn_cas;
 mod probe;
 mod proof;
 mod races;
+mod trust;
 mod txn_cli;

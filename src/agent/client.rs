@@ -96,8 +96,12 @@ pub fn is_running(run_dir: &Path) -> bool {
 /// new session, no inherited descriptors (an inherited pipe would make `ssh host ctguard
 /// apply` hang), stdio to `$RUN_DIR/agent.log` — then waits up to 10 s for it to answer.
 pub fn ensure_agent(run_dir: &Path, state_dir: &Path) -> Result<(), ClientError> {
-    if is_running(run_dir) {
-        return Ok(());
+    match request(run_dir, Request::Ping, Duration::from_secs(2)) {
+        Ok(_) => return Ok(()),
+        // Someone else serves the socket, or the run dir is not trusted: never start an agent
+        // over it.
+        Err(e @ (ClientError::NotRoot { .. } | ClientError::Untrusted(_))) => return Err(e),
+        Err(_) => {}
     }
     if start_systemd_unit(run_dir) {
         return wait_for_agent(run_dir);
