@@ -256,10 +256,10 @@ impl Journal {
     /// the directories, nothing is changed. Idempotent.
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let txn_dir = state_dir.join("txn");
-        crate::trust::check_private_dir(state_dir)?;
+        trusted(state_dir)?;
         ensure_dir(state_dir)?;
         ensure_dir(&txn_dir)?;
-        crate::trust::check_private_dir(&txn_dir)?;
+        trusted(&txn_dir)?;
         let journal = Journal { state_dir: state_dir.to_path_buf(), txn_dir };
         journal.check_room()?;
         Ok(journal)
@@ -271,8 +271,8 @@ impl Journal {
     /// them). A missing `txn/` reads as an empty journal. Refuses only a `state_dir` that
     /// exists and is not a directory. No side effects.
     pub fn attach(state_dir: &Path) -> Result<Journal, JournalError> {
-        crate::trust::check_private_dir(state_dir)?;
-        crate::trust::check_private_dir(&state_dir.join("txn"))?;
+        trusted(state_dir)?;
+        trusted(&state_dir.join("txn"))?;
         match fs::metadata(state_dir) {
             Ok(m) if !m.is_dir() => return Err(JournalError::NotADirectory { path: state_dir.to_path_buf() }),
             Ok(_) => {}
@@ -623,6 +623,14 @@ fn parse_record(path: &Path, bytes: &[u8], id: &TxnId) -> Result<TxnRecord, Jour
         });
     }
     Ok(rec)
+}
+
+/// [`crate::trust::check_private_dir`], with "not a directory" reported as such.
+fn trusted(dir: &Path) -> Result<(), JournalError> {
+    crate::trust::check_private_dir(dir).map_err(|e| match e {
+        crate::trust::TrustError::NotADirectory { path } => JournalError::NotADirectory { path },
+        e => JournalError::Untrusted(e),
+    })
 }
 
 fn ensure_dir(path: &Path) -> Result<(), JournalError> {
@@ -998,7 +1006,7 @@ mod tests {
         // Below a regular file: cannot be created.
         assert!(matches!(
             Journal::open(&f.join("sub")),
-            Err(JournalError::Access { .. } | JournalError::CreateDir { .. })
+            Err(JournalError::Access { .. } | JournalError::CreateDir { .. } | JournalError::NotADirectory { .. })
         ));
     }
 
@@ -1015,10 +1023,10 @@ mod tests {
         let script = r#"set -e
 d="$CTGUARD_TEST_FS_DIR"
 mkdir "$d/ro" "$d/full"
-mount -t tmpfs -o size=4m tmpfs "$d/ro"
+mount -t tmpfs -o size=4m,mode=0700 tmpfs "$d/ro"
 mkdir "$d/ro/txn"
 mount -o remount,ro "$d/ro"
-mount -t tmpfs -o size=1m tmpfs "$d/full"
+mount -t tmpfs -o size=1m,mode=0700 tmpfs "$d/full"
 dd if=/dev/zero of="$d/full/filler" bs=4096 count=192 2>/dev/null
 exec "$0" journal::tests::fs_checks_child --exact --ignored --nocapture --test-threads=1"#;
         let out = std::process::Command::new("unshare")
