@@ -1006,7 +1006,10 @@ mod tests {
         // Below a regular file: cannot be created.
         assert!(matches!(
             Journal::open(&f.join("sub")),
-            Err(JournalError::Access { .. } | JournalError::CreateDir { .. } | JournalError::NotADirectory { .. })
+            Err(JournalError::Access { .. }
+                | JournalError::CreateDir { .. }
+                | JournalError::NotADirectory { .. }
+                | JournalError::Untrusted(_))
         ));
     }
 
