@@ -498,3 +498,39 @@ fn a_foreign_change_between_read_and_commit_is_retried_then_refused() {
     assert!(after.contains(ctguard::fault::FOREIGN_TABLE), "{after}");
     let _ = before;
 }
+
+/// `--netns` naming a FIFO, sent straight to the agent (no CLI check in between): refused at
+/// once, and another target's deadline fires on time meanwhile.
+#[test]
+fn a_fifo_as_netns_is_refused_at_once_and_never_delays_another_deadline() {
+    use ctguard::agent::protocol::{ApplyRequest, Request};
+    let ns = Ns::new("race-fifo");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "2s"]);
+    ok(&out);
+    let deadline = record(&ctg, &id)["deadline"]["boottime_ns"].as_u64().expect("deadline");
+    let fifo = ctg.base.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let req = Request::Apply(ApplyRequest {
+        netns: Some(fifo.display().to_string()),
+        timeout_secs: 60,
+        ..Default::default()
+    });
+    let t = Instant::now();
+    let r = ctguard::agent::client::request(&ctg.base.join("run"), req, Duration::from_secs(30)).expect("answer");
+    let took = t.elapsed();
+    eprintln!("--netns FIFO straight to the agent: exit {} in {took:?}: {:?}", r.exit, r.error);
+    assert_eq!(r.exit, 2, "{r:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(r.error.unwrap_or_default().contains("not a network namespace"));
+    sleep_until(deadline, 0);
+    let start = Instant::now();
+    while ns.nft_list() != before {
+        assert!(start.elapsed() < Duration::from_secs(1), "the other target's deadline was late");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(5));
+    assert!(std::fs::read_dir(ctg.base.join("run").join("ns")).map(|d| d.count()).unwrap_or(0) == 0, "a pin was left");
+}

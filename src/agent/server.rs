@@ -21,19 +21,7 @@ use crate::journal::{self, Journal};
 
 pub use super::steps::{FAULT_ENV, FAULT_POINTS, JOURNALED_TOOLS, PROBE_TIMEOUT};
 
-/// How the agent runs.
-#[derive(Debug, Clone)]
-pub struct AgentOptions {
-    /// Socket, lock, pins and log live here.
-    pub run_dir: PathBuf,
-    /// The journal.
-    pub state_dir: PathBuf,
-    /// Started by the CLI: exits once nothing is unfinished, no request is in flight and no
-    /// client came for `idle_exit`.
-    pub detached: bool,
-    /// See `detached`.
-    pub idle_exit: Duration,
-}
+pub use super::state::AgentOptions;
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]

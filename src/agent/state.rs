@@ -15,16 +15,30 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::engine::Engines;
-use super::server::AgentOptions;
 use super::worker::Worker;
 use crate::journal::{self, Journal};
 use crate::netns::Target;
 use crate::txn::{Reason, TxnRecord};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Socket, lock, pins and log live here.
+    pub run_dir: PathBuf,
+    /// The journal.
+    pub state_dir: PathBuf,
+    /// Started by the CLI: exits once nothing is unfinished, no request is in flight and no
+    /// client came for `idle_exit`.
+    pub detached: bool,
+    /// See `detached`.
+    pub idle_exit: Duration,
+}
 
 /// A target namespace: device and inode of its nsfs file.
 pub type TargetId = (u64, u64);
