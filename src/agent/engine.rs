@@ -25,17 +25,20 @@ pub struct EngineError {
     /// than ctguard's own commits). Nothing of the attempt is left applied: the caller may
     /// re-read and re-plan (a bounded number of times) and finally report the change (exit 3).
     pub retry: bool,
+    /// True when the lint refused (exit 3 without `--force`): the change would block a flow,
+    /// lock out the requester or widen access. The guard then degrades instead of repairing.
+    pub lint: bool,
 }
 
 impl EngineError {
     /// A final (not retryable) error.
     pub fn new(exit: Exit, message: impl Into<String>) -> EngineError {
-        EngineError { exit, message: message.into(), retry: false }
+        EngineError { exit, message: message.into(), retry: false, lint: false }
     }
 
     /// A generation-id conflict: the attempt was undone; re-read, re-plan and retry.
     pub fn retryable(exit: Exit, message: impl Into<String>) -> EngineError {
-        EngineError { exit, message: message.into(), retry: true }
+        EngineError { exit, message: message.into(), retry: true, lint: false }
     }
 }
 
@@ -180,4 +183,16 @@ pub trait Engine: Send + Sync + 'static {
     }
     /// The current listing (for `show` and the diff).
     fn listing(&self, undo: &Undo) -> Result<String, EngineError>;
+    /// The guard of a committed transaction: its objects that are missing now, one line each
+    /// (empty: intact); `None` when this kind is not guarded (the default). Read-only.
+    fn missing(&self, undo: &Undo) -> Result<Option<Vec<String>>, EngineError> {
+        let _ = undo;
+        Ok(None)
+    }
+    /// The guard's fail-safe: removes the transaction's NOTRACK objects so the service runs
+    /// tracked; keeps sysctls. Idempotent.
+    fn degrade(&self, undo: &Undo) -> Result<(), EngineError> {
+        let _ = undo;
+        Ok(())
+    }
 }

@@ -2,11 +2,13 @@
 //! SSH session never leaves a bad change in place. [`client`] is the CLI's side of its socket.
 //!
 //! Layering (no cycles): [`server`] (socket, signals, start-up) → `owner` (every state change
-//! of a target's transactions) → `rollback` (rollbacks, timers, retries) → `steps` (helpers that
-//! decide nothing) and [`state`] (the owners and what they hold).
+//! of a target's transactions) → `guard` (committed policies kept in place) and `rollback`
+//! (rollbacks, timers, retries) → `steps` (helpers that decide nothing) and [`state`] (the
+//! owners and what they hold).
 
 pub mod client;
 pub mod engine;
+mod guard;
 mod owner;
 pub mod policy_engine;
 pub mod proof;
@@ -18,3 +20,5 @@ pub mod state;
 mod steps;
 pub mod timer;
 pub mod worker;
+
+pub use guard::guarded_record;

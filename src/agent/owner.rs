@@ -578,6 +578,12 @@ fn commit(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, note: &str) -> R
         }
     }
     finish(shared, owner, &rec);
+    // Committed means kept: a policy is guarded from now on; a committed ruleset replaced the
+    // whole firewall on purpose, so nothing earlier is guarded any more.
+    match rec.kind {
+        Kind::Policy => super::guard::start(shared, owner, rec.clone()),
+        Kind::Ruleset => owner.stop_guard(),
+    }
     tracing::info!(txid, "{note}");
     Response::ok(json!({"txid": txid, "state": "COMMITTED", "persisted": persist_note}))
 }
@@ -722,7 +728,7 @@ pub fn status(shared: &Shared) -> Response {
             Some(v)
         })
         .collect();
-    Response::ok(json!({"pid": std::process::id(), "transactions": list}))
+    Response::ok(json!({"pid": std::process::id(), "transactions": list, "committed": super::guard::status(shared)}))
 }
 
 /// Journal recovery on start (DESIGN §2), before the socket serves: every unfinished record
@@ -742,6 +748,21 @@ pub async fn recover(shared: &Arc<Shared>) {
     };
     for e in &scan.skipped {
         tracing::error!("DAMAGED journal file, not recovered: {e} — inspect it; `ctguard status` lists it");
+    }
+    // The committed policies to guard, per target (those of this boot).
+    let mut guarded: Vec<TxnRecord> = Vec::new();
+    for r in &scan.records {
+        let id = (r.target.dev, r.target.ino);
+        if guarded.iter().any(|g| (g.target.dev, g.target.ino) == id) {
+            continue;
+        }
+        if let Some(g) = super::guard::guarded_record(&scan.records, id, &shared.boot_id) {
+            guarded.push(g.clone());
+        }
+    }
+    for g in guarded {
+        let owner = shared.owner((g.target.dev, g.target.ino));
+        super::guard::start(shared, &owner, g);
     }
     let unfinished: Vec<TxnRecord> = scan.records.into_iter().filter(|r| !r.state.is_finished()).collect();
     clean_pins(shared, &unfinished, &scan.skipped);

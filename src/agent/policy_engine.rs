@@ -9,7 +9,12 @@ use crate::exit::Exit;
 pub struct PolicyEngine;
 
 fn engine_error(e: PolicyTxnError) -> EngineError {
-    EngineError { exit: e.exit(), message: policy_txn::chain_text(&e), retry: e.retryable() }
+    EngineError {
+        exit: e.exit(),
+        message: policy_txn::chain_text(&e),
+        retry: e.retryable(),
+        lint: matches!(e, PolicyTxnError::Lint(_)),
+    }
 }
 
 fn undo_of(u: &Undo) -> Result<&PolicyUndo, EngineError> {
@@ -61,6 +66,18 @@ impl Engine for PolicyEngine {
         let report = policy_txn::rollback(undo_of(undo)?).map_err(engine_error)?;
         for w in report.warnings {
             tracing::warn!("rollback: {w}");
+        }
+        Ok(())
+    }
+
+    fn missing(&self, undo: &Undo) -> Result<Option<Vec<String>>, EngineError> {
+        policy_txn::guard::missing(undo_of(undo)?).map(Some).map_err(engine_error)
+    }
+
+    fn degrade(&self, undo: &Undo) -> Result<(), EngineError> {
+        let report = policy_txn::guard::degrade(undo_of(undo)?).map_err(engine_error)?;
+        for w in report.warnings {
+            tracing::warn!("degrade: {w}");
         }
         Ok(())
     }

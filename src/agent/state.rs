@@ -68,6 +68,8 @@ pub enum Phase {
         /// The journal error.
         error: String,
     },
+    /// The guard puts a committed policy's missing objects back.
+    Repairing,
 }
 
 impl Phase {
@@ -79,6 +81,7 @@ impl Phase {
             Phase::RollingBack => "rolling back",
             Phase::RollbackOwed { .. } => "rollback owed",
             Phase::Wedged { .. } => "journal unwritable",
+            Phase::Repairing => "repairing",
         }
     }
 }
@@ -96,6 +99,47 @@ pub struct Current {
     pub journal_error: Option<String>,
 }
 
+/// What the guard of a committed policy has seen (DESIGN §2 "Guard of committed policies").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardState {
+    /// Every object in place.
+    Intact,
+    /// Objects went missing and were put back.
+    Repaired {
+        /// How many times (since the agent started).
+        count: u32,
+        /// When last (wall-clock seconds).
+        last_wall: u64,
+        /// From the notification to the objects back, last time (ms).
+        last_gap_ms: u64,
+    },
+    /// Putting them back would have widened access (or been refused): ctguard's NOTRACK
+    /// objects were removed instead so the service runs tracked; an operator must act.
+    Degraded {
+        /// Why.
+        reason: String,
+        /// When (wall-clock seconds).
+        wall: u64,
+    },
+}
+
+/// The guard of a target's committed policy.
+#[derive(Debug)]
+pub struct Guard {
+    /// The committed transaction guarded.
+    pub txid: String,
+    /// Its target's label.
+    pub target: String,
+    /// What it has seen.
+    pub state: GuardState,
+    /// The last check that failed (a target unreachable, a repair refused by the kernel).
+    pub last_error: Option<String>,
+    /// Wakes the guard for a check (after a transaction on the target ended).
+    pub wake: Arc<tokio::sync::Notify>,
+    /// Its task.
+    pub task: Option<tokio::task::AbortHandle>,
+}
+
 /// The single owner of one target's transactions.
 #[derive(Debug)]
 pub struct Owner {
@@ -104,11 +148,26 @@ pub struct Owner {
     /// Held for a whole operation on this target (see the module doc).
     pub op: tokio::sync::Mutex<()>,
     slot: Mutex<Option<Current>>,
+    guard: Mutex<Option<Guard>>,
 }
 
 impl Owner {
     fn new(id: TargetId) -> Owner {
-        Owner { id, op: tokio::sync::Mutex::new(()), slot: Mutex::new(None) }
+        Owner { id, op: tokio::sync::Mutex::new(()), slot: Mutex::new(None), guard: Mutex::new(None) }
+    }
+
+    /// The guard (never hold the guard across an `.await`).
+    pub fn guard(&self) -> MutexGuard<'_, Option<Guard>> {
+        self.guard.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops and forgets the guard, if any.
+    pub fn stop_guard(&self) {
+        if let Some(g) = self.guard().take() {
+            if let Some(t) = g.task {
+                t.abort();
+            }
+        }
     }
 
     /// The slot (never hold the guard across an `.await`).
@@ -150,6 +209,11 @@ impl Owner {
                 t.abort();
             }
             *slot = None;
+        }
+        drop(slot);
+        // The guard checks again now that nothing holds the target.
+        if let Some(g) = self.guard().as_ref() {
+            g.wake.notify_one();
         }
     }
 }
@@ -250,7 +314,13 @@ impl Shared {
 
     /// True when no target has unfinished work and no request is being served.
     pub fn is_idle(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) == 0 && self.owners().values().all(|o| o.current().is_none())
+        self.in_flight.load(Ordering::SeqCst) == 0
+            && self.owners().values().all(|o| o.current().is_none() && o.guard().is_none())
+    }
+
+    /// Every owner that guards a committed policy.
+    pub fn guarding_owners(&self) -> Vec<Arc<Owner>> {
+        self.owners().values().filter(|o| o.guard().is_some()).cloned().collect()
     }
 
     /// Notes activity (a request started or ended).

@@ -33,6 +33,7 @@
 //! deletion through nft, never a rule written into an iptables-nft table).
 
 mod accept;
+pub mod guard;
 mod ipt;
 mod nft_text;
 

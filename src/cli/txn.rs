@@ -291,7 +291,9 @@ pub(super) fn revive_agent_if_needed(global: &Global) {
     let Ok(j) = Journal::attach(&global.state_dir) else { return };
     // A namespace pin left by a crash is work for an agent too: it removes it at start.
     let leftover_pins = std::fs::read_dir(global.run_dir.join("ns")).is_ok_and(|mut d| d.next().is_some());
-    if (leftover_pins || j.unfinished().is_ok_and(|u| !u.is_empty())) && !client::is_running(&global.run_dir) {
+    let records = j.list().unwrap_or_default();
+    let unfinished = records.iter().any(|r| !r.state.is_finished());
+    if (leftover_pins || unfinished || guarded_exists(&records)) && !client::is_running(&global.run_dir) {
         if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
             eprintln!(
                 "ctguard: warning: unfinished transactions and no agent: {}",
@@ -299,6 +301,20 @@ pub(super) fn revive_agent_if_needed(global: &Global) {
             );
         }
     }
+}
+
+/// True when a policy committed in this boot is to be guarded on a target that still exists:
+/// the agent must run to keep it in place (DESIGN §2).
+fn guarded_exists(records: &[txn::TxnRecord]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(boot) = journal::boot_id() else { return false };
+    records.iter().filter(|r| r.state == txn::State::Committed && r.kind == txn::Kind::Policy && r.boot_id == boot).any(
+        |r| {
+            std::fs::metadata(&r.target.path).is_ok_and(|m| (m.dev(), m.ino()) == (r.target.dev, r.target.ino))
+                && crate::agent::guarded_record(records, (r.target.dev, r.target.ino), &boot)
+                    .is_some_and(|g| g.id == r.id)
+        },
+    )
 }
 
 fn conntrack_usage() -> Value {
@@ -329,10 +345,19 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
         }
     }
     pending.retain(|p| global.netns.as_deref().is_none_or(|n| p["target"] == n));
+    let mut committed: Vec<Value> =
+        agent.as_ref().and_then(|a| a.data["committed"].as_array().cloned()).unwrap_or_default();
+    committed.retain(|p| global.netns.as_deref().is_none_or(|n| p["target"] == n));
     let usage = conntrack_usage();
     if global.json {
         let agent_pid = agent.as_ref().map(|r| r.data["pid"].clone());
-        super::print_json(&json!({"pending": pending, "damaged": damaged, "conntrack": usage, "agent_pid": agent_pid}));
+        super::print_json(&json!({
+            "pending": pending,
+            "committed": committed,
+            "damaged": damaged,
+            "conntrack": usage,
+            "agent_pid": agent_pid
+        }));
         return Ok(Exit::Ok);
     }
     for d in &damaged {
@@ -357,6 +382,29 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
         }
         if let Some(e) = p["journal_error"].as_str() {
             println!("    journal: {e}");
+        }
+    }
+    for c in &committed {
+        let detail = match c["state"].as_str() {
+            Some("repaired") => format!(
+                " ({} repair(s), last {} after {} ms)",
+                c["repairs"],
+                c["last_repair"].as_str().unwrap_or("?"),
+                c["last_gap_ms"]
+            ),
+            Some("degraded") => {
+                format!(" since {}: {}", c["since"].as_str().unwrap_or("?"), c["reason"].as_str().unwrap_or("?"))
+            }
+            _ => String::new(),
+        };
+        println!(
+            "committed {}  target {}  guarded: {}{detail}",
+            c["id"].as_str().unwrap_or("?"),
+            c["target"].as_str().unwrap_or("?"),
+            c["state"].as_str().unwrap_or("?")
+        );
+        if let Some(e) = c["error"].as_str() {
+            println!("    guard: {e}");
         }
     }
     if let (Some(c), Some(m)) = (usage["count"].as_u64(), usage["max"].as_u64()) {

@@ -1,0 +1,202 @@
+//! Issue 13: committed means kept. A committed policy behind a firewalld-style table survives
+//! the host firewall's reload (the guard puts its accepts back, `REPAIRED`), and a reload that
+//! turns the needed insertion into a lint error makes it fail safe (`DEGRADED`: NOTRACK
+//! removed, the service answered tracked). Real packets, throwaway namespaces.
+
+use std::time::{Duration, Instant};
+
+use super::txn_cli::{ok, Ctg};
+use crate::harness::{udp_queries, Pair, UdpResponder, SRV4};
+
+/// firewalld's layout: a verdict map on `ct state`, a jump into the zone dispatch, a goto into
+/// the zone, the service accepted there, a final reject.
+const FIREWALLD: &str = "table inet firewalld {
+  chain filter_INPUT {
+    type filter hook input priority filter + 10; policy accept;
+    ct state vmap { established : accept, related : accept, invalid : drop }
+    iifname \"lo\" accept
+    jump filter_INPUT_ZONES
+    reject with icmpx admin-prohibited
+  }
+  chain filter_INPUT_ZONES {
+    goto filter_IN_public
+  }
+  chain filter_IN_public {
+    udp dport 53 ct state new accept
+    tcp dport 22 accept
+  }
+}
+";
+
+/// What `firewall-cmd --reload` (or `systemctl reload nftables`) does to it: one transaction
+/// deleting and recreating the table — ctguard's accept inside it is gone.
+fn reload(pair: &Pair, extra: &str) {
+    pair.srv.nft(&format!("delete table inet firewalld\n{FIREWALLD}{extra}"));
+}
+
+fn answered(pair: &Pair, n: usize, port: u16) -> usize {
+    udp_queries(&pair.cli, (SRV4, 53).into(), n, port).answered
+}
+
+/// Waits until `f` holds (polling every 5 ms), returning how long it took.
+fn until(limit: Duration, what: &str, f: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    start.elapsed()
+}
+
+/// True when the firewalld table holds ctguard's accept (tagged `tag`).
+fn accept_in_firewalld(pair: &Pair, tag: &str) -> bool {
+    let l = pair.srv.nft_list();
+    let start = l.find("table inet firewalld").unwrap_or(l.len());
+    let end = l[start..].find("\ntable ").map_or(l.len(), |e| start + e);
+    l[start..end].contains(tag)
+}
+
+fn committed_policy(pair: &Pair, ctg: &Ctg) -> String {
+    pair.srv.nft(FIREWALLD);
+    let (out, id) = ctg.apply(&pair.srv, &["--timeout", "60s"]);
+    ok(&out);
+    ok(&ctg.run(&["confirm", &id]));
+    id
+}
+
+#[test]
+fn a_firewall_reload_is_repaired_and_dns_keeps_being_answered() {
+    let pair = Pair::new("guard-rl");
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let ctg = Ctg::new();
+    let id = committed_policy(&pair, &ctg);
+    let tag = format!("ctguard:{id}");
+    assert_eq!(answered(&pair, 300, 20000), 300, "committed: answered");
+    let st = ctg.json(&["status"]);
+    assert_eq!(st["committed"][0]["state"], "intact", "{st}");
+    assert!(
+        accept_in_firewalld(&pair, &tag),
+        "the committed accept is in the firewalld table: {}",
+        pair.srv.nft_list()
+    );
+    // The reload: ctguard's accept is gone, its NOTRACK stays.
+    let t0 = Instant::now();
+    reload(&pair, "");
+    let gap = until(Duration::from_secs(2), "the accept back after the reload", || accept_in_firewalld(&pair, &tag));
+    eprintln!(
+        "firewalld-style reload: ctguard's accept back {gap:?} after the reload (nft -f returned after {:?})",
+        t0.elapsed() - gap
+    );
+    assert_eq!(answered(&pair, 300, 21000), 300, "after the reload and the repair: answered");
+    until(Duration::from_secs(2), "status says repaired", || {
+        ctg.json(&["status"])["committed"][0]["state"] == "repaired"
+    });
+    let st = ctg.json(&["status"]);
+    eprintln!("status after the repair: {}", st["committed"]);
+    assert_eq!(st["committed"][0]["id"], id.as_str(), "{st}");
+    let show = ctg.json(&["show", &id]);
+    let events = show["events"].to_string();
+    assert!(events.contains("REPAIRED") && events.contains("missing: accept in inet firewalld"), "{show}");
+    // A second reload is repaired again; the record stays COMMITTED.
+    reload(&pair, "");
+    until(Duration::from_secs(2), "the accept back after a second reload", || accept_in_firewalld(&pair, &tag));
+    until(Duration::from_secs(2), "two repairs", || ctg.json(&["status"])["committed"][0]["repairs"] == 2);
+    assert_eq!(ctg.state(&id), "COMMITTED");
+    // The agent stays for the guard (detached agents exit only when nothing is guarded).
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(ctg.agent_pid().is_some(), "the agent left a committed policy unguarded");
+}
+
+#[test]
+fn a_reload_that_makes_the_insertion_a_lint_error_degrades_to_tracked() {
+    let pair = Pair::new("guard-dg");
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let ctg = Ctg::new();
+    let id = committed_policy(&pair, &ctg);
+    assert_eq!(answered(&pair, 100, 22000), 100);
+    // The reload brings a redirect on port 53: untracked packets skip NAT, so putting the
+    // NOTRACK policy back would be a lint error (nat-bypass). The guard fails safe.
+    let nat = "table inet redirects {\n  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    udp dport 53 redirect to :53\n  }\n}\n";
+    reload(&pair, nat);
+    let gone = || !pair.srv.nft_list().contains("table inet ctguard");
+    let start = Instant::now();
+    while !gone() && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !gone() {
+        let log = std::fs::read_to_string(ctg.base.join("run").join("agent.log")).unwrap_or_default();
+        panic!("ctguard's NOTRACK not removed within 3 s: {}\n{}\n{log}", ctg.json(&["status"]), pair.srv.nft_list());
+    }
+    let st = ctg.json(&["status"]);
+    eprintln!("status after the degrading reload: {}", st["committed"]);
+    assert_eq!(st["committed"][0]["state"], "degraded", "{st}");
+    assert!(st["committed"][0]["reason"].as_str().unwrap_or("").contains("--force"), "{st}");
+    assert_eq!(answered(&pair, 100, 23000), 100, "degraded: the service answers tracked");
+    let show = ctg.json(&["show", &id]);
+    assert!(show["events"].to_string().contains("DEGRADED"), "{show}");
+    // It stays degraded (no flapping) until an operator acts.
+    reload(&pair, "");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!pair.srv.nft_list().contains("table inet ctguard"));
+    assert_eq!(ctg.json(&["status"])["committed"][0]["state"], "degraded");
+}
+
+#[test]
+fn a_reload_ctguard_cannot_read_fails_safe_instead_of_blackholing() {
+    let pair = Pair::new("guard-fs");
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let ctg = Ctg::new();
+    let _id = committed_policy(&pair, &ctg);
+    // Whatever keeps the repair from working (here any error of the re-plan), NOTRACK without
+    // its accept is a blackhole: the guard removes the NOTRACK at once.
+    let nat = "table ip nat {\n  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    udp dport 53 redirect to :53\n  }\n}\n";
+    reload(&pair, nat);
+    until(Duration::from_secs(3), "NOTRACK removed", || !pair.srv.nft_list().contains("table inet ctguard"));
+    let st = ctg.json(&["status"]);
+    eprintln!("status after a reload the repair could not handle: {}", st["committed"]);
+    assert_eq!(st["committed"][0]["state"], "degraded", "{st}");
+    assert_eq!(answered(&pair, 100, 24000), 100, "degraded: the service answers tracked");
+}
+
+/// The iptables backends: the host reloads its whole filter table with `iptables-restore`.
+fn iptables_reload_is_repaired(variant: &str) {
+    let pair = Pair::new(&format!("guard-{variant}"));
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let restore = format!("iptables-{variant}-restore");
+    let filter = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n-A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\n-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n";
+    let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    pair.srv.exec_stdin(&restore, &["-w"], &format!("{filter}{raw}"));
+    let ctg = Ctg::new();
+    std::fs::create_dir_all(&ctg.base).expect("base");
+    let policy = ctg.base.join("p.toml");
+    std::fs::write(
+        &policy,
+        format!("backend = \"iptables-{variant}\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n"),
+    )
+    .expect("policy");
+    let (out, id) = ctg.apply(&pair.srv, &["--timeout", "60s", policy.to_str().expect("utf8")]);
+    ok(&out);
+    ok(&ctg.run(&["confirm", &id]));
+    let save = || pair.srv.exec(&format!("iptables-{variant}-save"), &["-t", "filter"]);
+    assert!(save().contains(&id), "{}", save());
+    assert_eq!(answered(&pair, 100, 25000), 100);
+    // The host's firewall service restores its filter table: ctguard's accept is gone.
+    pair.srv.exec_stdin(&restore, &["-w"], filter);
+    let gap = until(Duration::from_secs(2), "the accept back after iptables-restore", || save().contains(&id));
+    eprintln!("iptables-{variant}: ctguard's accept back {gap:?} after the filter table was restored");
+    assert_eq!(answered(&pair, 100, 26000), 100, "answered again");
+    // The kernel shows the accept a moment before the guard has journaled the repair.
+    until(Duration::from_secs(2), "status says repaired", || {
+        ctg.json(&["status"])["committed"][0]["state"] == "repaired"
+    });
+}
+
+#[test]
+fn an_iptables_nft_filter_reload_is_repaired() {
+    iptables_reload_is_repaired("nft");
+}
+
+#[test]
+fn an_iptables_legacy_filter_reload_is_repaired_by_the_poll() {
+    iptables_reload_is_repaired("legacy");
+}
