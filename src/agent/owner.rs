@@ -516,14 +516,14 @@ pub async fn confirm(shared: &Arc<Shared>, txid: Option<&str>, netns: Option<&st
                 Ok(accepted) => note = format!("confirmed from {confirming}: {accepted}"),
                 Err(refusal) => {
                     let mut r = rec.clone();
-                    r.note(now_wall(), format!("confirm refused from {confirming}: {}", refusal.reason));
+                    r.note(now_wall(), format!("confirm refused from {confirming}: {}", refusal.why()));
                     owner.update(&txid, |c| c.rec = r.clone());
                     let _ = write_record(shared, Some(&owner), &r);
                     return Response::fail(
                         Exit::ConfirmRefused,
                         format!(
                             "confirm refused: {}; confirm from a NEW connection: {}",
-                            refusal.reason,
+                            refusal.why(),
                             confirm_command(shared, Some(&refusal.conn), rec.id.as_str())
                         ),
                     );

@@ -297,8 +297,8 @@ impl fmt::Display for Origin {
 /// Why a confirm was refused: what the decision rested on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefusalReason {
-    /// The same SSH connection (4-tuple) as the apply.
-    SameConnection(SshConn4),
+    /// The same SSH connection (4-tuple) as the apply ([`ConfirmRefusal::conn`]).
+    SameConnection,
     /// The same audit session id as the apply: a process of the applying login, however
     /// detached.
     SameAuditSession(u32),
@@ -317,7 +317,7 @@ impl RefusalReason {
     /// `audit-session`, `scope`, `no-identifier`, `not-over-ssh`, `loopback`.
     pub fn key(&self) -> &'static str {
         match self {
-            RefusalReason::SameConnection(_) => "connection",
+            RefusalReason::SameConnection => "connection",
             RefusalReason::SameAuditSession(_) => "audit-session",
             RefusalReason::SameScope(_) => "scope",
             RefusalReason::NoIdentifier => "no-identifier",
@@ -330,10 +330,8 @@ impl RefusalReason {
 impl fmt::Display for RefusalReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RefusalReason::SameConnection(c) => write!(
-                f,
-                "it came over the same SSH connection as the apply ({c}); an old session proves nothing about new \
-                 connections"
+            RefusalReason::SameConnection => f.write_str(
+                "it came over the same SSH connection as the apply; an old session proves nothing about new connections",
             ),
             RefusalReason::SameAuditSession(s) => write!(
                 f,
@@ -362,8 +360,9 @@ impl fmt::Display for RefusalReason {
 /// A confirm refused by the proof of a new connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "confirm refused: {reason}. Confirm from a NEW connection, e.g. `{}` (a shared ControlMaster \
+    "confirm refused: {}. Confirm from a NEW connection, e.g. `{}` (a shared ControlMaster \
      connection counts as the same one)",
+    self.why(),
     self.new_connection_command(None)
 )]
 pub struct ConfirmRefusal {
@@ -377,6 +376,18 @@ impl ConfirmRefusal {
     /// The command that confirms from a new connection (see [`SshConn4::new_connection_command`]).
     pub fn new_connection_command(&self, txid: Option<&str>) -> String {
         self.conn.new_connection_command(txid)
+    }
+
+    /// What the refusal rests on, in words (the connection named when it is the same one).
+    pub fn why(&self) -> String {
+        match self.reason {
+            RefusalReason::SameConnection => format!(
+                "it came over the same SSH connection as the apply ({}); an old session proves nothing about new \
+                 connections",
+                self.conn
+            ),
+            _ => self.reason.to_string(),
+        }
     }
 }
 
@@ -426,7 +437,7 @@ pub fn decide_confirm(
     let mut differs = Vec::new();
     if let Some(cc) = c_conn {
         if cc == applied_conn {
-            return refuse(RefusalReason::SameConnection(*cc));
+            return refuse(RefusalReason::SameConnection);
         }
         differs.push(format!("connection {cc} vs {applied_conn}"));
     }
@@ -1505,7 +1516,7 @@ mod tests {
         let addrs: Vec<IpAddr> = ["198.18.0.1", "10.9.9.9", "fd42::1"].iter().map(|s| s.parse().expect("ok")).collect();
         let reason = |c: &Origin| decide_confirm(&a, c, &addrs).expect_err("refused").reason;
         // The applying connection itself (a shell of it, sudo, a ControlMaster session).
-        assert_eq!(reason(&a), SameConnection(applied_conn));
+        assert_eq!(reason(&a), SameConnection);
         // A double fork with `env -i` / `env -u SSH_CONNECTION`: same audit session.
         let detached = Origin::Local { session: sess(Some(5), None) };
         assert_eq!(reason(&detached), SameAuditSession(5));
@@ -1561,7 +1572,7 @@ mod tests {
         let a0 = ssh_o("198.18.0.2:40000", "198.18.0.1:22", LoginSession::default());
         let new0 = ssh_o("198.18.0.2:40002", "198.18.0.1:22", LoginSession::default());
         assert!(decide_confirm(&a0, &new0, &addrs).is_ok());
-        assert_eq!(reason_of(&a0, &a0), SameConnection(applied_conn));
+        assert_eq!(reason_of(&a0, &a0), SameConnection);
         assert_eq!(reason_of(&a0, &Origin::local()), NoIdentifier);
         // Only one side knows its audit session: the connection decides.
         assert!(decide_confirm(&a, &new0, &addrs).is_ok());
@@ -1569,10 +1580,7 @@ mod tests {
         // Applied from a detached process that claimed SSH_CONNECTION (`nohup ctguard apply &`):
         // the claim makes it stricter — over the claimed connection, or not over SSH: refused.
         let a_env = Origin::Ssh { conn: applied_conn, sshd_pid: None, via: Via::Env, session: sess(Some(5), None) };
-        assert_eq!(
-            reason_of(&a_env, &ssh_o("198.18.0.2:40000", "198.18.0.1:22", Default::default())),
-            SameConnection(applied_conn)
-        );
+        assert_eq!(reason_of(&a_env, &ssh_o("198.18.0.2:40000", "198.18.0.1:22", Default::default())), SameConnection);
         assert_eq!(reason_of(&a_env, &detached), SameAuditSession(5));
         assert!(decide_confirm(&a_env, &new, &addrs).is_ok());
         // A local apply is confirmed locally, as before, by anything.
@@ -1595,8 +1603,7 @@ mod tests {
         let e6 = ConfirmRefusal { conn: conn("[fd42::2]:1", "[fd42::1]:2222"), reason: NoIdentifier };
         assert_eq!(e6.new_connection_command(None), "ssh -o ControlPath=none -p 2222 fd42::1 ctguard confirm");
         assert_eq!(
-            [SameConnection(applied_conn), SameAuditSession(1), SameScope(String::new()), NoIdentifier, NotOverSsh]
-                .map(|r| r.key()),
+            [SameConnection, SameAuditSession(1), SameScope(String::new()), NoIdentifier, NotOverSsh].map(|r| r.key()),
             ["connection", "audit-session", "scope", "no-identifier", "not-over-ssh"]
         );
         // same_connection: verified or claimed.
