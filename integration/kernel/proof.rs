@@ -398,13 +398,8 @@ fn proof_pam_audit_session_per_connection_survives_a_double_fork() {
     let pair = Pair::new("proof-pam");
     let opts = SshdOptions { use_pam: true, ..Default::default() };
     let sshd = Sshd::start_with(&pair.srv, SRV4.into(), 22, &opts);
-    let c1 = ssh_spawn(
-        &pair.cli,
-        &sshd,
-        &[],
-        &["(env -i sleep 3683 </dev/null >/dev/null 2>&1 &); exec sleep 3681"],
-        false,
-    );
+    let c1 =
+        ssh_spawn(&pair.cli, &sshd, &[], &["(env -i sleep 3683 </dev/null >/dev/null 2>&1 &); exec sleep 3681"], false);
     let c2 = ssh_spawn(&pair.cli, &sshd, &[], &["sleep", "3682"], false);
     let p1 = wait_process(&pair.srv, &["sleep", "3681"], WAIT);
     let p2 = wait_process(&pair.srv, &["sleep", "3682"], WAIT);
