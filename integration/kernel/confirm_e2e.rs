@@ -12,7 +12,12 @@
 //! - `apply --wait` in a real pseudo-terminal (`script`, and `ssh -tt`): Ctrl-C, Enter, a lost
 //!   terminal;
 //! - SIGUSR1 to the agent: from a local root process it confirms; from the applying SSH session
-//!   it is refused.
+//!   it is refused;
+//! - walking around the proof from the applying connection (issue 14), with `UsePAM yes`
+//!   (`pam_loginuid`) and `UsePAM no`: double forks with `env -u SSH_CONNECTION`, `env -i`, a
+//!   spoofed `SSH_CONNECTION`, a detached SIGUSR1 sender, `ssh` to 127.0.0.1, to the host's own
+//!   address and from another of its addresses: each refused (exit 8, still pending, journaled);
+//!   then a new connection from `cli` commits.
 //!
 //! Facts are printed with `eprintln!` (`cargo test --test kernel confirm_e2e -- --nocapture`).
 
