@@ -551,7 +551,7 @@ fn is_local_address(host: IpAddr) -> bool {
 
 /// Addresses on the interfaces of the calling thread's namespace (glibc's `getifaddrs` asks
 /// the kernel over a netlink socket created on this thread).
-fn local_interface_addresses() -> io::Result<Vec<IpAddr>> {
+pub(crate) fn local_interface_addresses() -> io::Result<Vec<IpAddr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: `head` is a valid out-pointer; on success it holds a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {

@@ -31,6 +31,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 static SSHD_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// How [`Sshd::start_with`] configures the server beyond the defaults of [`Sshd::start`].
+#[derive(Debug, Clone, Default)]
+pub struct SshdOptions {
+    /// `UsePAM yes`: Debian's `/etc/pam.d/sshd`, whose `pam_loginuid` gives every connection a
+    /// fresh audit session id (`/proc/PID/sessionid`). Off by default (`UsePAM no`).
+    pub use_pam: bool,
+    /// More addresses of the namespace to listen on, same port (e.g. `127.0.0.1`).
+    pub also_listen: Vec<IpAddr>,
+}
+
 fn need(path: &str, package: &str) {
     if !Path::new(path).is_file() {
         panic!("harness: {path} is missing: install {package} (integration/packages.txt)");
@@ -46,12 +56,18 @@ pub struct Sshd {
     pid: i32,
     ns_name: String,
     ns_id: (u64, u64),
+    opts: SshdOptions,
 }
 
 impl Sshd {
     /// Starts sshd in `ns` on `addr`:`port` (root logins with the generated key only) and waits
     /// until it listens. Fails the test if it cannot start.
     pub fn start(ns: &Ns, addr: IpAddr, port: u16) -> Sshd {
+        Sshd::start_with(ns, addr, port, &SshdOptions::default())
+    }
+
+    /// [`Sshd::start`] with `opts` (PAM, more listen addresses).
+    pub fn start_with(ns: &Ns, addr: IpAddr, port: u16, opts: &SshdOptions) -> Sshd {
         need(SSHD, "openssh-server");
         need(SSH_KEYGEN, "openssh-client");
         assert!(!ns.target().is_initial(), "harness: sshd must run in a test namespace, not the host's");
@@ -69,6 +85,7 @@ impl Sshd {
             pid: 0,
             ns_name: ns.name().to_string(),
             ns_id: ns.target().id,
+            opts: opts.clone(),
         };
         for key in ["host_ed25519", "client_ed25519"] {
             let path = sshd.dir.join(key);
@@ -155,9 +172,11 @@ impl Sshd {
 
     fn config_text(&self) -> String {
         let d = self.dir.display();
+        let more: String = self.opts.also_listen.iter().map(|a| format!("ListenAddress {a}\n")).collect();
         format!(
             "# ctguard test sshd: reachable only inside its namespace\n\
              ListenAddress {ip}\n\
+             {more}\
              Port {port}\n\
              HostKey {d}/host_ed25519\n\
              AuthorizedKeysFile {d}/authorized_keys\n\
@@ -165,7 +184,7 @@ impl Sshd {
              PubkeyAuthentication yes\n\
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
-             UsePAM no\n\
+             UsePAM {pam}\n\
              StrictModes no\n\
              PidFile {d}/sshd.pid\n\
              PrintMotd no\n\
@@ -178,6 +197,7 @@ impl Sshd {
              Subsystem sftp internal-sftp\n",
             ip = self.addr.ip(),
             port = self.addr.port(),
+            pam = if self.opts.use_pam { "yes" } else { "no" },
         )
     }
 

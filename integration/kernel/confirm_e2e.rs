@@ -12,7 +12,12 @@
 //! - `apply --wait` in a real pseudo-terminal (`script`, and `ssh -tt`): Ctrl-C, Enter, a lost
 //!   terminal;
 //! - SIGUSR1 to the agent: from a local root process it confirms; from the applying SSH session
-//!   it is refused.
+//!   it is refused;
+//! - walking around the proof from the applying connection (issue 14), with `UsePAM yes`
+//!   (`pam_loginuid`) and `UsePAM no`: double forks with `env -u SSH_CONNECTION`, `env -i`, a
+//!   spoofed `SSH_CONNECTION`, a detached SIGUSR1 sender, `ssh` to 127.0.0.1, to the host's own
+//!   address and from another of its addresses: each refused (exit 8, still pending, journaled);
+//!   then a new connection from `cli` commits.
 //!
 //! Facts are printed with `eprintln!` (`cargo test --test kernel confirm_e2e -- --nocapture`).
 
@@ -25,7 +30,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::harness::dns::DnsServer;
-use crate::harness::sshd::{argv_of, descendants, ssh, ssh_spawn, Sshd};
+use crate::harness::sshd::{argv_of, descendants, ssh, ssh_spawn, Sshd, SshdOptions};
 use crate::harness::{sa, tcp_connect, Ns, Pair, TcpResponder, CLI4, SRV4, STATEFUL};
 use crate::txn_cli::{ok, wait_gone, Ctg};
 
@@ -734,6 +739,172 @@ fn sigusr1_from_the_applying_ssh_session_is_refused() {
     let shown = String::from_utf8_lossy(&show.stdout);
     let note = shown.lines().find(|l| l.contains("confirmed from")).unwrap_or_default().trim().to_string();
     assert!(note.contains("confirmed from ssh 198.18.0.2:"), "{shown}");
-    assert!(!note.contains(&format!("198.18.0.2:{applied_port} ")), "applied over {applied}: {note}");
+    // The confirming connection (the note goes on naming the applying one it differs from).
+    let confirming = note.split("confirmed from ssh ").nth(1).and_then(|r| r.split(" ->").next()).unwrap_or_default();
+    assert_ne!(confirming, format!("198.18.0.2:{applied_port}"), "applied over {applied}: {note}");
+    assert!(note.contains(&format!("vs 198.18.0.2:{applied_port} -> 198.18.0.1:22")), "{note}");
     eprintln!("SIGUSR1 from a new connection (applied over {applied}): {note}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Walking around the proof from the applying connection (issue 14)
+
+/// What the disguises of [`disguises_from_the_applying_connection`] left behind (files under `d`).
+struct Disguise {
+    name: &'static str,
+    /// Exit status of the confirm (or of `kill` for `usr1`).
+    rc: String,
+    /// What the confirm printed.
+    out: String,
+}
+
+fn read_trim(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default().trim().to_string()
+}
+
+/// Over ONE ssh connection from `cli`: apply (pending 60 s), then every known way of confirming
+/// from that same connection while looking like another one; returns the applying shell's audit
+/// session id and each disguise's outcome. The remote command is what an operator would type.
+fn disguises_from_the_applying_connection(pair: &Pair, sshd: &Sshd, ctg: &Ctg) -> (String, Vec<Disguise>) {
+    let d = ctg.base.join("disguises");
+    if let Err(e) = std::fs::create_dir_all(&d) {
+        panic!("creating {}: {e}", d.display());
+    }
+    let dd = d.display();
+    let key = sshd.client_key();
+    let confirm = remote(ctg, "confirm");
+    let ssh_cmd = format!(
+        "/usr/bin/ssh -T -F /dev/null -i {} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o GlobalKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR \
+         -o ControlPath=none -o ConnectTimeout=5 -p 22",
+        key.display()
+    );
+    // Each detached disguise is a double fork: the subshell exits at once, its child is
+    // reparented away from the sshd tree.
+    let script = format!(
+        r#"D={dd}
+CONFIRM="{confirm}"
+{apply} >$D/apply.out 2>&1; echo $? >$D/apply.rc
+cat /proc/self/sessionid >$D/session
+AGENT=$({status} | sed -n 's/.*"agent_pid": *\([0-9][0-9]*\).*/\1/p')
+wait_rc() {{ for i in $(seq 150); do [ -s "$1" ] && return 0; sleep 0.1; done; echo timeout >"$1"; }}
+( env -u SSH_CONNECTION /bin/sh -c "$CONFIRM >$D/env-u.out 2>&1; echo \$? >$D/env-u.rc" </dev/null >/dev/null 2>&1 & )
+wait_rc $D/env-u.rc
+( env -i /bin/sh -c "$CONFIRM >$D/env-i.out 2>&1; echo \$? >$D/env-i.rc" </dev/null >/dev/null 2>&1 & )
+wait_rc $D/env-i.rc
+( env SSH_CONNECTION='203.0.113.9 4242 198.18.0.1 22' /bin/sh -c "$CONFIRM >$D/spoof.out 2>&1; echo \$? >$D/spoof.rc" </dev/null >/dev/null 2>&1 & )
+wait_rc $D/spoof.rc
+( env -i /bin/sh -c "echo \$\$ >$D/usr1.pid; kill -USR1 $AGENT; echo \$? >$D/usr1.rc; sleep 3" </dev/null >/dev/null 2>&1 & )
+wait_rc $D/usr1.rc
+{ssh_cmd} root@127.0.0.1 "$CONFIRM" >$D/ssh-lo.out 2>&1; echo $? >$D/ssh-lo.rc
+{ssh_cmd} root@198.18.0.1 "$CONFIRM" >$D/ssh-self.out 2>&1; echo $? >$D/ssh-self.rc
+{ssh_cmd} -b 198.18.0.77 root@198.18.0.1 "$CONFIRM" >$D/ssh-other.out 2>&1; echo $? >$D/ssh-other.rc
+echo done
+"#,
+        apply = remote(ctg, "apply --timeout 60s"),
+        status = remote(ctg, "--json status"),
+    );
+    let path = file(ctg, "disguises.sh", &script);
+    let out = ssh(&pair.cli, sshd, &["bash", &path], false);
+    assert!(out.success() && out.stdout.contains("done"), "{out:?}\nsshd log:\n{}", sshd.log());
+    assert_eq!(read_trim(&d.join("apply.rc")), "0", "apply: {}", read_trim(&d.join("apply.out")));
+    let names = ["env-u", "env-i", "spoof", "usr1", "ssh-lo", "ssh-self", "ssh-other"];
+    let res = names
+        .iter()
+        .map(|n| Disguise {
+            name: n,
+            rc: read_trim(&d.join(format!("{n}.rc"))),
+            out: read_trim(&d.join(format!("{n}.out"))),
+        })
+        .collect();
+    (read_trim(&d.join("session")), res)
+}
+
+/// The disguises refused (exit 8, the reason named, still pending, journaled), then a confirm
+/// from a genuinely new connection from `cli` commits. `detached_reason` is what the detached
+/// disguises must be refused for.
+fn disguises_refused_then_a_new_connection_commits(label: &str, use_pam: bool) {
+    let pair = Pair::new(label);
+    pair.srv.nft(STATEFUL);
+    // Another address of srv's own, to reach sshd from (`ssh -b`): caught only by the agent's
+    // list of the target's addresses, not by "client = server".
+    pair.srv.exec("ip", &["addr", "add", "198.18.0.77/32", "dev", "lo"]);
+    let opts = SshdOptions { use_pam, also_listen: vec![std::net::Ipv4Addr::LOCALHOST.into()] };
+    let sshd = Sshd::start_with(&pair.srv, SRV4.into(), 22, &opts);
+    let ctg = Ctg::new();
+    let (session, res) = disguises_from_the_applying_connection(&pair, &sshd, &ctg);
+    let id = new_txid(&ctg, &[], WAIT);
+    let sid: Option<u32> = session.parse().ok().filter(|&s| s != u32::MAX);
+    eprintln!("disguises (UsePAM {use_pam}): the applying shell's audit session {session:?}");
+    if use_pam {
+        assert!(sid.is_some(), "pam_loginuid gave the connection no audit session id ({session:?})");
+    }
+    let detached_reason = match sid {
+        Some(s) => format!("same login session as the apply (audit session {s})"),
+        None => "no identifier".to_string(),
+    };
+    for r in &res {
+        eprintln!("disguise {} (UsePAM {use_pam}): exit {}: {}", r.name, r.rc, r.out.replace('\n', " | "));
+        if r.name == "usr1" {
+            continue;
+        }
+        assert_eq!(r.rc, "8", "{}: {}", r.name, r.out);
+        assert!(r.out.contains("confirm refused") && r.out.contains("NEW connection"), "{}: {}", r.name, r.out);
+        let want = match r.name {
+            "ssh-lo" | "ssh-self" | "ssh-other" => {
+                "over loopback / from this host: proves nothing about the outside path"
+            }
+            _ => detached_reason.as_str(),
+        };
+        let also =
+            if r.name.starts_with("ssh") || sid.is_some() { want } else { "does not run under an SSH connection" };
+        assert!(r.out.contains(want) || r.out.contains(also), "{}: expected {want:?}: {}", r.name, r.out);
+        assert_eq!(ctg.state(&id), "PENDING", "after {}", r.name);
+    }
+    let client_of = |name: &str| res.iter().find(|r| r.name == name).map(|r| r.out.clone()).unwrap_or_default();
+    assert!(client_of("ssh-lo").contains("127.0.0.1 is over loopback"), "{}", client_of("ssh-lo"));
+    assert!(client_of("ssh-other").contains("198.18.0.77 is over loopback"), "{}", client_of("ssh-other"));
+    // SIGUSR1 from a detached sender of the applying session: refused by the proof.
+    let usr1 = res.iter().find(|r| r.name == "usr1").map(|r| r.rc.clone()).unwrap_or_default();
+    assert_eq!(usr1, "0", "kill -USR1 failed");
+    let sender = read_trim(&ctg.base.join("disguises").join("usr1.pid"));
+    let log = wait_log(&ctg, &format!("SIGUSR1 from pid Some({sender}) refused"), Duration::from_secs(3));
+    let line = log.lines().find(|l| l.contains(&format!("SIGUSR1 from pid Some({sender})"))).unwrap_or_default();
+    eprintln!("disguise usr1 (UsePAM {use_pam}): agent: {line}");
+    assert!(line.contains(&detached_reason) || (sid.is_none() && line.contains("does not run under an SSH")), "{line}");
+    assert_eq!(ctg.state(&id), "PENDING");
+    // Every refusal is journaled with what it rested on; the spoofed claim is marked unverified.
+    let notes: Vec<String> = ctg.json(&["show", &id])["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["note"].as_str().map(str::to_string))
+        .filter(|n| n.starts_with("confirm refused from"))
+        .collect();
+    assert_eq!(notes.len(), 7, "{notes:#?}");
+    assert!(notes.iter().any(|n| n.contains("UNVERIFIED SSH_CONNECTION claim: 203.0.113.9:4242")), "{notes:#?}");
+    assert!(!notes.iter().any(|n| n.contains("confirm refused from ssh 203.0.113.9")), "{notes:#?}");
+    // A genuinely new connection from cli confirms.
+    let out = ssh(&pair.cli, &sshd, &[&remote(&ctg, &format!("confirm {id}"))], false);
+    assert!(out.success() && out.stdout.contains("committed"), "{out:?}");
+    assert_eq!(ctg.state(&id), "COMMITTED");
+    let show = ctg.run(&["show", &id]);
+    let shown = String::from_utf8_lossy(&show.stdout);
+    let note = shown.lines().find(|l| l.contains("confirmed from")).unwrap_or_default().trim().to_string();
+    eprintln!("disguises (UsePAM {use_pam}): then {note}");
+    assert!(note.contains("confirmed from ssh 198.18.0.2:") && note.contains("a new SSH connection from 198.18.0.2"));
+    if let Some(s) = sid {
+        assert!(note.contains("audit session") && note.contains(&format!(" vs {s}")), "{note}");
+    }
+    assert!(!shown.contains("confirmed from local"), "{shown}");
+}
+
+#[test]
+fn disguises_from_the_applying_connection_are_refused_with_pam_loginuid() {
+    disguises_refused_then_a_new_connection_commits("ce-disg-pam", true);
+}
+
+#[test]
+fn disguises_from_the_applying_connection_are_refused_without_pam() {
+    disguises_refused_then_a_new_connection_commits("ce-disg-nopam", false);
 }

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use ctguard::agent::proof::{
     check_confirm, environ_var, origin_of, parse_proc_net_tcp, parse_ssh_connection, same_connection, socket_inode,
-    Origin, ProofError, SshConn4, Via, TCP_ESTABLISHED,
+    Origin, ProofError, RefusalReason, SshConn4, Via, TCP_ESTABLISHED,
 };
 
-use crate::harness::sshd::{argv_of, descendants, ssh, ssh_spawn, wait_process, Sshd};
+use crate::harness::sshd::{argv_of, descendants, ssh, ssh_spawn, wait_process, Sshd, SshdOptions};
 use crate::harness::{sa, Pair, CLI4, CLI6, SRV4, SRV6};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -22,8 +22,8 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The parts of an SSH origin; fails the test on anything else.
 fn ssh_parts(o: &Origin) -> (SshConn4, Option<i32>, Via) {
     match o {
-        Origin::Ssh { conn, sshd_pid, via } => (*conn, *sshd_pid, *via),
-        Origin::Local => panic!("expected an SSH origin, got Local"),
+        Origin::Ssh { conn, sshd_pid, via, .. } => (*conn, *sshd_pid, *via),
+        Origin::Local { .. } => panic!("expected an SSH origin, got {o}"),
     }
 }
 
@@ -168,8 +168,10 @@ fn proof_stripped_environment_still_identified() {
     eprintln!("proof: env -i: {} -> {o}", chain(pid));
 }
 
+/// A detached process keeps `SSH_CONNECTION`: recorded as an unverified claim (`Via::Env`), which
+/// is no evidence for a confirm.
 #[test]
-fn proof_detached_process_identified_by_environment() {
+fn proof_detached_process_claims_by_environment() {
     let pair = Pair::new("proof-setsid");
     let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
     // Daemonised: reparented away from sshd, environment kept (it holds the session's pipes,
@@ -186,6 +188,8 @@ fn proof_detached_process_identified_by_environment() {
     assert_eq!((via, sshd_pid), (Via::Env, None), "{o}");
     assert_eq!(conn.server, sshd.addr());
     assert_eq!(client_side(client.pid(), conn.server), vec![conn]);
+    assert_eq!(o.verified_conn(), None, "{o}");
+    assert!(o.to_string().contains("UNVERIFIED SSH_CONNECTION claim"), "{o}");
     eprintln!("proof: setsid -f: {} -> {o}", chain(pid));
 }
 
@@ -229,18 +233,18 @@ fn proof_same_and_different_connections() {
     eprintln!("proof: refusal: {msg}");
     assert!(msg.contains("same SSH connection") && msg.contains("NEW connection"), "{msg}");
     assert!(msg.contains("`ssh -o ControlPath=none 198.18.0.1 ctguard confirm`"), "{msg}");
-    // From another connection, or locally: accepted.
+    // From another connection: accepted.
     assert_eq!(check_confirm(&o1a, &o2), Ok(()));
+    // A local process (no sshd ancestor) does not confirm a change applied over SSH.
     let local_pid = detached_local(&pair, "3639");
     let local = origin(local_pid);
-    assert_eq!(local, Origin::Local, "{}", chain(local_pid));
-    assert_eq!(check_confirm(&o1a, &local), Ok(()));
+    assert!(matches!(local, Origin::Local { .. }), "{local}: {}", chain(local_pid));
+    let refused = check_confirm(&o1a, &local).map_err(|r| r.reason);
+    assert!(matches!(refused, Err(RefusalReason::NoIdentifier | RefusalReason::NotOverSsh)), "{refused:?}");
     assert!(!same_connection(&local, &local));
-    // The test process itself: Local unless the suite runs inside an SSH session.
-    match origin(std::process::id() as i32) {
-        Origin::Local => assert_eq!(check_confirm(&o1a, &Origin::Local), Ok(())),
-        other => eprintln!("proof: note: the test process runs under SSH ({other})"),
-    }
+    // … but confirms a local apply, as before.
+    assert_eq!(check_confirm(&local, &local), Ok(()));
+    assert_eq!(check_confirm(&local, &o2), Ok(()));
 }
 
 #[test]
@@ -384,4 +388,67 @@ fn proof_unreadable_sshd_is_refused_not_local() {
         }
         other => panic!("expected UnidentifiedSsh, got {other:?}"),
     }
+}
+
+/// `UsePAM yes` (Debian's `/etc/pam.d/sshd` with `pam_loginuid`): every connection gets its own
+/// audit session id; a double fork out of the sshd tree keeps it, so a detached process of the
+/// applying connection is recognised by it.
+#[test]
+fn proof_pam_audit_session_per_connection_survives_a_double_fork() {
+    let pair = Pair::new("proof-pam");
+    let opts = SshdOptions { use_pam: true, ..Default::default() };
+    let sshd = Sshd::start_with(&pair.srv, SRV4.into(), 22, &opts);
+    let c1 =
+        ssh_spawn(&pair.cli, &sshd, &[], &["(env -i sleep 3683 </dev/null >/dev/null 2>&1 &); exec sleep 3681"], false);
+    let c2 = ssh_spawn(&pair.cli, &sshd, &[], &["sleep", "3682"], false);
+    let p1 = wait_process(&pair.srv, &["sleep", "3681"], WAIT);
+    let p2 = wait_process(&pair.srv, &["sleep", "3682"], WAIT);
+    let pd = wait_process(&pair.srv, &["sleep", "3683"], WAIT);
+    let deadline = Instant::now() + WAIT;
+    while has_sshd_ancestor(pd) {
+        assert!(Instant::now() < deadline, "sleep {pd} stays under sshd: {}", chain(pd));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let raw = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/sessionid")).unwrap_or_default();
+    eprintln!(
+        "proof: PAM: sessionid listener {} conn1 {} conn2 {} detached {} (chain {})",
+        raw(sshd.pid()),
+        raw(p1),
+        raw(p2),
+        raw(pd),
+        chain(pd)
+    );
+    let (o1, o2, od) = (origin(p1), origin(p2), origin(pd));
+    check_ssh_origin(&o1, &sshd, c1.pid(), CLI4.into());
+    check_ssh_origin(&o2, &sshd, c2.pid(), CLI4.into());
+    eprintln!("proof: PAM: {o1}\nproof:   {o2}\nproof:   detached: {od}");
+    let (s1, s2) = (o1.session().audit_session, o2.session().audit_session);
+    assert!(s1.is_some() && s2.is_some(), "pam_loginuid set no audit session id: {o1} / {o2}\n{}", sshd.log());
+    assert_ne!(s1, s2, "two connections, one audit session");
+    assert_eq!(s1.map(|s| s.to_string()), Some(raw(p1).trim().to_string()));
+    assert_eq!(o1.session().login_uid, Some(0));
+    assert!(matches!(od, Origin::Local { .. }), "{od}");
+    assert_eq!(od.session().audit_session, s1, "the double fork lost its audit session: {od}");
+    // The detached process is refused by its audit session; the other connection confirms.
+    let refused = check_confirm(&o1, &od).map_err(|r| r.reason);
+    assert_eq!(refused, Err(RefusalReason::SameAuditSession(s1.unwrap_or_default())));
+    assert_eq!(check_confirm(&o1, &o2), Ok(()));
+}
+
+/// `UsePAM no` (the harness default): no per-connection audit session; the listener's (inherited
+/// from whoever started sshd) is dropped, the connection alone identifies.
+#[test]
+fn proof_without_pam_no_audit_session_is_taken_from_the_listener() {
+    let pair = Pair::new("proof-nopam");
+    let sshd = Sshd::start(&pair.srv, SRV4.into(), 22);
+    let c = ssh_spawn(&pair.cli, &sshd, &[], &["sleep", "3691"], false);
+    let p = wait_process(&pair.srv, &["sleep", "3691"], WAIT);
+    let o = origin(p);
+    check_ssh_origin(&o, &sshd, c.pid(), CLI4.into());
+    let listener = std::fs::read_to_string(format!("/proc/{}/sessionid", sshd.pid())).unwrap_or_default();
+    let mine = std::fs::read_to_string(format!("/proc/{p}/sessionid")).unwrap_or_default();
+    eprintln!("proof: no PAM: sessionid listener {listener:?}, connection {mine:?}: {o}");
+    assert_eq!(listener, mine, "without PAM the connection inherits the listener's audit session");
+    assert_eq!(o.session().audit_session, None, "{o}");
+    assert_eq!(o.session().scope, None, "{o}");
 }

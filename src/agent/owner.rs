@@ -521,19 +521,34 @@ pub async fn confirm(shared: &Arc<Shared>, txid: Option<&str>, netns: Option<&st
             }
             None => return Response::fail(Exit::ConfirmRefused, "confirm refused: the sender is gone"),
         };
+        note = format!("confirmed from {confirming}");
         if let Some(applied) = &rec.requester.origin {
-            if let Err(refusal) = proof::check_confirm(applied, &confirming) {
-                return Response::fail(
-                    Exit::ConfirmRefused,
-                    format!(
-                        "confirm refused: it came over the same SSH connection as the apply ({}); confirm from a NEW connection: {}",
-                        refusal.conn,
-                        confirm_command(shared, Some(&refusal.conn), rec.id.as_str())
-                    ),
-                );
+            // The target's own addresses, read in its namespace: `ssh` to them is loopback.
+            let mut local = Vec::new();
+            if applied.over_ssh() && confirming.verified_conn().is_some() {
+                match worker_for_record(shared, &rec) {
+                    Ok(w) => local = w.call(proof::local_addresses).await.unwrap_or_default(),
+                    Err(e) => tracing::warn!(txid = rec.id.as_str(), "the target's addresses: {e}"),
+                }
+            }
+            match proof::decide_confirm(applied, &confirming, &local) {
+                Ok(accepted) => note = format!("confirmed from {confirming}: {accepted}"),
+                Err(refusal) => {
+                    let mut r = rec.clone();
+                    r.note(now_wall(), format!("confirm refused from {confirming}: {}", refusal.why()));
+                    owner.update(&txid, |c| c.rec = r.clone());
+                    let _ = write_record(shared, Some(&owner), &r);
+                    return Response::fail(
+                        Exit::ConfirmRefused,
+                        format!(
+                            "confirm refused: {}; confirm from a NEW connection: {}",
+                            refusal.why(),
+                            confirm_command(shared, Some(&refusal.conn), rec.id.as_str())
+                        ),
+                    );
+                }
             }
         }
-        note = format!("confirmed from {confirming}");
     }
     commit(shared, &owner, &txid, &note)
 }

@@ -1,7 +1,8 @@
-//! Proof of a new connection (DESIGN §4): who is asking, and over which SSH connection.
+//! Proof of a new connection (DESIGN §4): who is asking, over which SSH connection, from which
+//! login session.
 //!
-//! The agent identifies the SSH connection of every apply and confirm from the requester's
-//! process ancestry, never from what the requester says about itself:
+//! The agent identifies every apply and confirm from the requester's process ancestry and from
+//! what the kernel recorded about its login — never from what the requester says about itself:
 //!
 //! 1. Walk the ancestry of the peer pid (`/proc/PID/stat`: comm and ppid) to the nearest
 //!    `sshd` or `sshd-session` (OpenSSH ≥ 9.8) process. If it is a per-connection process
@@ -18,12 +19,29 @@
 //!    (it never forwards), then those whose local port is one the sshd listener ancestor
 //!    listens on. Exactly one must remain; otherwise the requester is refused
 //!    ([`ProofError::UnidentifiedSsh`]).
-//! 4. Only when there is no sshd ancestor at all: `SSH_CONNECTION` from the requester's
-//!    `/proc/PID/environ` (a daemonised `nohup`/`setsid` child keeps it; `sudo` and Ansible
-//!    `become` strip it — hence ancestry first). Neither → [`Origin::Local`].
+//! 4. The login session of the requester ([`LoginSession`]), whatever its ancestry: the audit
+//!    session id (`/proc/PID/sessionid`, given a fresh value per connection by `pam_loginuid`
+//!    and inherited across fork, `setsid`, double fork and reparenting to init), the login uid
+//!    (`/proc/PID/loginuid`, display only) and the systemd session scope (`session-N.scope` in
+//!    `/proc/PID/cgroup`, where systemd-logind runs). A value equal to the sshd listener's own
+//!    is inherited from whoever started sshd, not set per connection: it is dropped.
+//! 5. `SSH_CONNECTION` in the environment is never evidence (inherited, strippable, spoofable).
+//!    Only when there is no sshd ancestor, a well-formed one is recorded as an *unverified
+//!    claim* ([`Via::Env`]): at apply it makes the proof stricter for that transaction (its
+//!    confirm must come over a verified new SSH connection, not the claimed one); a confirm
+//!    carrying one is treated as not over SSH.
 //!
-//! Parsing (`/proc/PID/stat`, cmdline, environ, `/proc/net/tcp[6]`) and the decisions are pure
-//! functions over parsed inputs; [`origin_of`] only adds the reads of `/proc`.
+//! The decision ([`decide_confirm`]): a transaction applied by a local shell (no SSH at all)
+//! may be confirmed by anyone the agent accepts. One applied over SSH is confirmed only by a
+//! requester that carries an identifier, differs from the apply by EVERY identifier both have
+//! (connection 4-tuple, audit session id, session scope), runs under a verified SSH connection
+//! (a detached process, a cron or `at` job, a multiplexer's pane is not one), and whose client
+//! address is not loopback or one of the target's own addresses (`ssh localhost` from inside the
+//! old session is a new connection that proves nothing about the outside path).
+//!
+//! Parsing (`/proc/PID/stat`, cmdline, environ, sessionid, loginuid, cgroup, `/proc/net/tcp[6]`)
+//! and the decisions are pure functions over parsed inputs; [`origin_of`] only adds the reads of
+//! `/proc`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -40,6 +58,8 @@ const MAX_DEPTH: usize = 4096;
 pub const TCP_ESTABLISHED: u8 = 0x01;
 /// `st` value of a LISTEN socket in `/proc/net/tcp`.
 pub const TCP_LISTEN: u8 = 0x0A;
+/// `/proc/PID/sessionid` and `/proc/PID/loginuid` of a process no login ever touched.
+pub const AUDIT_UNSET: u32 = u32::MAX;
 
 /// Errors identifying a requester. Every error means "refuse": a confirm whose origin cannot
 /// be established is never accepted.
@@ -106,6 +126,22 @@ impl SshConn4 {
     pub fn lint_conn(&self) -> crate::lint::SshConn {
         crate::lint::SshConn { client: self.client.ip(), server_port: self.server.port() }
     }
+
+    /// The command that confirms from a new connection to this one's server: `ssh [-p PORT]
+    /// -o ControlPath=none SERVER ctguard confirm [TXID]` (the server address is the one the
+    /// client reached).
+    pub fn new_connection_command(&self, txid: Option<&str>) -> String {
+        let mut cmd = String::from("ssh -o ControlPath=none");
+        if self.server.port() != 22 {
+            cmd.push_str(&format!(" -p {}", self.server.port()));
+        }
+        cmd.push_str(&format!(" {} ctguard confirm", self.server.ip()));
+        if let Some(t) = txid {
+            cmd.push(' ');
+            cmd.push_str(t);
+        }
+        cmd
+    }
 }
 
 impl fmt::Display for SshConn4 {
@@ -118,92 +154,344 @@ impl fmt::Display for SshConn4 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Via {
-    /// From the socket held by the nearest per-connection sshd ancestor.
+    /// From the socket held by the nearest per-connection sshd ancestor: verified.
     Ancestry,
-    /// From the requester's `SSH_CONNECTION` (no sshd ancestor).
+    /// UNVERIFIED: the requester's `SSH_CONNECTION`, with no sshd ancestor. A claim only: never
+    /// evidence for a confirm (see the module doc).
     Env,
+}
+
+/// The login session of a requester, as the kernel (audit) and systemd recorded it. Every field
+/// is optional: absent when unset, unreadable on this kernel, or inherited from the sshd listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginSession {
+    /// Audit session id (`/proc/PID/sessionid`): a fresh value for every login `pam_loginuid`
+    /// handled (sshd with `UsePAM yes`, console, cron), inherited by every descendant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_session: Option<u32>,
+    /// Login uid (`/proc/PID/loginuid`): who logged in. Shown, not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_uid: Option<u32>,
+    /// The systemd login session scope the process runs in (the cgroup path up to
+    /// `session-N.scope`), where systemd-logind runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+impl LoginSession {
+    /// True when nothing is known.
+    pub fn is_empty(&self) -> bool {
+        self.audit_session.is_none() && self.login_uid.is_none() && self.scope.is_none()
+    }
+
+    /// True when it holds an identifier that can tell sessions apart (audit session or scope).
+    pub fn identifies(&self) -> bool {
+        self.audit_session.is_some() || self.scope.is_some()
+    }
+
+    /// `audit session 5, login uid 0, scope /user.slice/…/session-5.scope` (empty when nothing
+    /// is known).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(s) = self.audit_session {
+            parts.push(format!("audit session {s}"));
+        }
+        if let Some(u) = self.login_uid {
+            parts.push(format!("login uid {u}"));
+        }
+        if let Some(s) = &self.scope {
+            parts.push(format!("scope {}", escape(s)));
+        }
+        parts.join(", ")
+    }
 }
 
 /// Where a request comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Origin {
-    /// Over an SSH connection.
+    /// Over an SSH connection (verified through the ancestry, or — at apply only — claimed by
+    /// `SSH_CONNECTION`, [`Via::Env`]).
     Ssh {
         /// The TCP connection.
         conn: SshConn4,
         /// The per-connection sshd process holding it (`sshd: user@…` nearest the requester);
-        /// `None` when identified through `SSH_CONNECTION`.
+        /// `None` when only claimed through `SSH_CONNECTION`.
         sshd_pid: Option<i32>,
         /// How it was identified.
         via: Via,
+        /// The requester's login session.
+        #[serde(default, skip_serializing_if = "LoginSession::is_empty")]
+        session: LoginSession,
     },
-    /// No sshd ancestor and no `SSH_CONNECTION`: a local console or root shell, a timer, …
-    Local,
+    /// No sshd ancestor (and no `SSH_CONNECTION` claim): a local console or root shell, a timer,
+    /// a detached process, …
+    Local {
+        /// The requester's login session.
+        #[serde(default, skip_serializing_if = "LoginSession::is_empty")]
+        session: LoginSession,
+    },
 }
 
 impl Origin {
-    /// The SSH connection, if any.
+    /// A local origin with nothing known about its login session.
+    pub fn local() -> Origin {
+        Origin::Local { session: LoginSession::default() }
+    }
+
+    /// The SSH connection, verified or claimed (for display, the lint and the new-connection
+    /// command; never evidence for a confirm: see [`Origin::verified_conn`]).
     pub fn conn(&self) -> Option<&SshConn4> {
         match self {
             Origin::Ssh { conn, .. } => Some(conn),
-            Origin::Local => None,
+            Origin::Local { .. } => None,
         }
+    }
+
+    /// The SSH connection found through the sshd ancestry.
+    pub fn verified_conn(&self) -> Option<&SshConn4> {
+        match self {
+            Origin::Ssh { conn, via: Via::Ancestry, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// The requester's login session.
+    pub fn session(&self) -> &LoginSession {
+        match self {
+            Origin::Ssh { session, .. } | Origin::Local { session } => session,
+        }
+    }
+
+    /// True when the request came (or claims to have come) over SSH: a transaction so applied
+    /// needs a confirm from a new SSH connection.
+    pub fn over_ssh(&self) -> bool {
+        matches!(self, Origin::Ssh { .. })
+    }
+
+    /// The identifiers it was recognised by, for the journal ("confirmed from …"): the same
+    /// text as its `Display`.
+    pub fn describe(&self) -> String {
+        self.to_string()
     }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let session = self.session().describe();
+        let sep = if session.is_empty() { "" } else { "; " };
         match self {
-            Origin::Ssh { conn, sshd_pid: Some(p), via } => write!(f, "ssh {conn} (sshd pid {p}, via {via:?})"),
-            Origin::Ssh { conn, sshd_pid: None, via } => write!(f, "ssh {conn} (via {via:?})"),
-            Origin::Local => f.write_str("local"),
+            Origin::Ssh { conn, sshd_pid, via: Via::Ancestry, .. } => {
+                let pid = sshd_pid.map(|p| format!("sshd pid {p}, ")).unwrap_or_default();
+                write!(f, "ssh {conn} ({pid}via Ancestry{sep}{session})")
+            }
+            Origin::Ssh { conn, via: Via::Env, .. } => {
+                write!(f, "local, no sshd ancestor (UNVERIFIED SSH_CONNECTION claim: {conn}, via Env{sep}{session})")
+            }
+            Origin::Local { .. } if session.is_empty() => f.write_str("local (no sshd ancestor, no login session)"),
+            Origin::Local { .. } => write!(f, "local (no sshd ancestor; {session})"),
         }
     }
 }
 
-/// A confirm refused because it came over the SSH connection that applied the change.
+/// Why a confirm was refused: what the decision rested on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The same SSH connection (4-tuple) as the apply ([`ConfirmRefusal::conn`]).
+    SameConnection,
+    /// The same audit session id as the apply: a process of the applying login, however
+    /// detached.
+    SameAuditSession(u32),
+    /// The same systemd session scope as the apply.
+    SameScope(String),
+    /// No identifier at all (no sshd ancestor, no audit session id, no session scope).
+    NoIdentifier,
+    /// Not under a verified SSH connection (no sshd ancestor) while the apply came over SSH.
+    NotOverSsh,
+    /// A new SSH connection, but its client address is loopback or one of the target's own.
+    Loopback(IpAddr),
+}
+
+impl RefusalReason {
+    /// A short name of the identifier or rule, for logs and tests: `connection`,
+    /// `audit-session`, `scope`, `no-identifier`, `not-over-ssh`, `loopback`.
+    pub fn key(&self) -> &'static str {
+        match self {
+            RefusalReason::SameConnection => "connection",
+            RefusalReason::SameAuditSession(_) => "audit-session",
+            RefusalReason::SameScope(_) => "scope",
+            RefusalReason::NoIdentifier => "no-identifier",
+            RefusalReason::NotOverSsh => "not-over-ssh",
+            RefusalReason::Loopback(_) => "loopback",
+        }
+    }
+}
+
+impl fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefusalReason::SameConnection => f.write_str(
+                "it came over the same SSH connection as the apply; an old session proves nothing about new connections",
+            ),
+            RefusalReason::SameAuditSession(s) => write!(
+                f,
+                "it runs in the same login session as the apply (audit session {s}): a process of the applying \
+                 connection, detached or not, proves nothing about new connections"
+            ),
+            RefusalReason::SameScope(s) => {
+                write!(f, "it runs in the same systemd login session as the apply ({})", escape(s))
+            }
+            RefusalReason::NoIdentifier => f.write_str(
+                "it carries no identifier of a connection or login session (no sshd ancestor, no audit session id, \
+                 no session scope): nothing shows it comes from a new connection",
+            ),
+            RefusalReason::NotOverSsh => f.write_str(
+                "it does not run under an SSH connection (no sshd ancestor; SSH_CONNECTION is no evidence) and the \
+                 change was applied over SSH: only a new SSH connection proves the way in still works",
+            ),
+            RefusalReason::Loopback(ip) => write!(
+                f,
+                "its SSH client address {ip} is over loopback / from this host: proves nothing about the outside path"
+            ),
+        }
+    }
+}
+
+/// A confirm refused by the proof of a new connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "confirm refused: it came over the same SSH connection as the apply ({conn}); an old session \
-     proves nothing about new connections. Confirm from a NEW connection, e.g. `{}` \
-     (a shared ControlMaster connection counts as the same one)",
+    "confirm refused: {}. Confirm from a NEW connection, e.g. `{}` (a shared ControlMaster \
+     connection counts as the same one)",
+    self.why(),
     self.new_connection_command(None)
 )]
 pub struct ConfirmRefusal {
-    /// The connection used by both.
+    /// The connection the apply came over (verified or claimed): where to connect anew.
     pub conn: SshConn4,
+    /// What the refusal rests on.
+    pub reason: RefusalReason,
 }
 
 impl ConfirmRefusal {
-    /// The command that confirms from a new connection: `ssh [-p PORT] -o ControlPath=none
-    /// SERVER ctguard confirm [TXID]` (the server address is the one the client reached).
+    /// The command that confirms from a new connection (see [`SshConn4::new_connection_command`]).
     pub fn new_connection_command(&self, txid: Option<&str>) -> String {
-        let mut cmd = String::from("ssh -o ControlPath=none");
-        if self.conn.server.port() != 22 {
-            cmd.push_str(&format!(" -p {}", self.conn.server.port()));
+        self.conn.new_connection_command(txid)
+    }
+
+    /// What the refusal rests on, in words (the connection named when it is the same one).
+    pub fn why(&self) -> String {
+        match self.reason {
+            RefusalReason::SameConnection => format!(
+                "it came over the same SSH connection as the apply ({}); an old session proves nothing about new \
+                 connections",
+                self.conn
+            ),
+            _ => self.reason.to_string(),
         }
-        cmd.push_str(&format!(" {} ctguard confirm", self.conn.server.ip()));
-        if let Some(t) = txid {
-            cmd.push(' ');
-            cmd.push_str(t);
-        }
-        cmd
     }
 }
 
-/// True when both come over the same SSH connection (two Local origins are not a connection).
+/// What an accepted confirm rested on, for the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// One line: which identifiers differ, or why no proof was needed.
+    pub basis: String,
+}
+
+impl fmt::Display for Accepted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.basis)
+    }
+}
+
+/// True when both come over the same SSH connection, verified or claimed (two local origins are
+/// not a connection).
 pub fn same_connection(a: &Origin, b: &Origin) -> bool {
     matches!((a.conn(), b.conn()), (Some(x), Some(y)) if x == y)
 }
 
-/// The proof of a new connection: a confirm over the SSH connection that applied is refused;
-/// one from another SSH connection or from a local shell is accepted.
-pub fn check_confirm(applied: &Origin, confirming: &Origin) -> Result<(), ConfirmRefusal> {
-    match (applied.conn(), confirming.conn()) {
-        (Some(a), Some(c)) if a == c => Err(ConfirmRefusal { conn: *c }),
-        _ => Ok(()),
+/// True when `ip` is loopback, unspecified, or one of `local_addrs` (IPv4-mapped IPv6 compared
+/// as IPv4).
+pub fn is_local_client(ip: IpAddr, local_addrs: &[IpAddr]) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || ip.is_unspecified() || local_addrs.iter().any(|a| a.to_canonical() == ip)
+}
+
+/// The proof of a new connection (see the module doc), with the target's own addresses
+/// (`local_addrs`, from [`local_addresses`] run in the target's namespace). Loopback and the
+/// confirming connection's own server address count as local even with an empty list.
+pub fn decide_confirm(
+    applied: &Origin,
+    confirming: &Origin,
+    local_addrs: &[IpAddr],
+) -> Result<Accepted, ConfirmRefusal> {
+    let Origin::Ssh { conn: applied_conn, .. } = applied else {
+        return Ok(Accepted { basis: "the apply did not come over SSH: no new connection needed".into() });
+    };
+    let refuse = |reason| Err(ConfirmRefusal { conn: *applied_conn, reason });
+    let (a, c) = (applied.session(), confirming.session());
+    let c_conn = confirming.verified_conn();
+    if c_conn.is_none() && !c.identifies() {
+        return refuse(RefusalReason::NoIdentifier);
     }
+    let mut differs = Vec::new();
+    if let Some(cc) = c_conn {
+        if cc == applied_conn {
+            return refuse(RefusalReason::SameConnection);
+        }
+        differs.push(format!("connection {cc} vs {applied_conn}"));
+    }
+    if let (Some(x), Some(y)) = (a.audit_session, c.audit_session) {
+        if x == y {
+            return refuse(RefusalReason::SameAuditSession(y));
+        }
+        differs.push(format!("audit session {y} vs {x}"));
+    }
+    if let (Some(x), Some(y)) = (&a.scope, &c.scope) {
+        if x == y {
+            return refuse(RefusalReason::SameScope(y.clone()));
+        }
+        differs.push(format!("scope {} vs {}", escape(y), escape(x)));
+    }
+    let Some(cc) = c_conn else { return refuse(RefusalReason::NotOverSsh) };
+    let client = cc.client.ip().to_canonical();
+    if is_local_client(client, local_addrs) || client == cc.server.ip().to_canonical() {
+        return refuse(RefusalReason::Loopback(client));
+    }
+    Ok(Accepted {
+        basis: format!(
+            "a new SSH connection from {client}, not one of the target's addresses; differs from the apply by {}",
+            differs.join(", ")
+        ),
+    })
+}
+
+/// [`decide_confirm`] without the target's address list (loopback and the connection's own
+/// server address are still refused): `Ok` when the confirm proves a new connection.
+pub fn check_confirm(applied: &Origin, confirming: &Origin) -> Result<(), ConfirmRefusal> {
+    decide_confirm(applied, confirming, &[]).map(|_| ())
+}
+
+/// The addresses configured on the interfaces of the calling thread's network namespace
+/// (`getifaddrs`, which asks the kernel over a netlink socket created on this thread): call it
+/// on the target's worker thread. Empty when they cannot be read (loopback and the connection's
+/// own server address are still recognised by [`decide_confirm`]).
+pub fn local_addresses() -> Vec<IpAddr> {
+    match crate::probe::local_interface_addresses() {
+        Ok(a) => a.into_iter().map(|ip| ip.to_canonical()).collect(),
+        Err(e) => {
+            tracing::warn!("cannot list this namespace's addresses: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// `s` with control characters and non-ASCII escaped (values read from `/proc` end up in
+/// messages and the journal).
+fn escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| if c.is_ascii_graphic() || c == ' ' { vec![c] } else { c.escape_default().collect() })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,6 +617,57 @@ pub fn parse_tcp_line(line: &str) -> Result<TcpEntry, ProofError> {
 /// Parses a whole `/proc/net/tcp` or `tcp6` file (the header line is skipped).
 pub fn parse_proc_net_tcp(text: &str) -> Result<Vec<TcpEntry>, ProofError> {
     text.lines().skip(1).filter(|l| !l.trim().is_empty()).map(parse_tcp_line).collect()
+}
+
+/// Parses `/proc/PID/sessionid` (decimal, no newline): `None` when unset ([`AUDIT_UNSET`]).
+pub fn parse_sessionid(text: &str) -> Result<Option<u32>, ProofError> {
+    parse_audit_id(text, "/proc/PID/sessionid")
+}
+
+/// Parses `/proc/PID/loginuid` (decimal, no newline): `None` when unset ([`AUDIT_UNSET`]).
+pub fn parse_loginuid(text: &str) -> Result<Option<u32>, ProofError> {
+    parse_audit_id(text, "/proc/PID/loginuid")
+}
+
+fn parse_audit_id(text: &str, what: &'static str) -> Result<Option<u32>, ProofError> {
+    let t = text.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ProofError::Malformed { what, text: shorten(text) });
+    }
+    match t.parse::<u32>() {
+        Ok(AUDIT_UNSET) => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(_) => Err(ProofError::Malformed { what, text: shorten(text) }),
+    }
+}
+
+/// The systemd login session scope in a `/proc/PID/cgroup` text (`ID:CONTROLLERS:PATH` lines):
+/// the path up to and including its `session-N.scope` component, from the unified (`0::`)
+/// hierarchy, else from the v1 `name=systemd` one. `None` when the process is in no session
+/// scope (a system service, a user manager's unit, no systemd).
+pub fn session_scope(cgroup: &str) -> Option<String> {
+    let scope_of = |path: &str| -> Option<String> {
+        let mut out = String::new();
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            out.push('/');
+            out.push_str(comp);
+            let id = comp.strip_prefix("session-").and_then(|r| r.strip_suffix(".scope"));
+            if id.is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric())) {
+                return Some(out);
+            }
+        }
+        None
+    };
+    let line_path = |want: &dyn Fn(&str, &str) -> bool| {
+        cgroup.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (id, ctl, path) = (f.next()?, f.next()?, f.next()?);
+            want(id, ctl).then_some(path)
+        })
+    };
+    line_path(&|id, ctl| id == "0" && ctl.is_empty())
+        .and_then(scope_of)
+        .or_else(|| line_path(&|_, ctl| ctl == "name=systemd").and_then(scope_of))
 }
 
 fn shorten(s: &str) -> String {
@@ -516,6 +855,8 @@ trait ProcSource {
     fn fd_links(&self, pid: i32) -> io::Result<Vec<String>>;
     /// `/proc/PID/net/tcp` and `tcp6` (a missing `tcp6` is empty).
     fn net_tcp(&self, pid: i32) -> io::Result<(String, String)>;
+    /// A small text file of the process: `sessionid`, `loginuid`, `cgroup`.
+    fn text(&self, pid: i32, file: &str) -> io::Result<String>;
 }
 
 struct RealProc;
@@ -554,6 +895,10 @@ impl ProcSource for RealProc {
             Err(e) => return Err(e),
         };
         Ok((tcp, tcp6))
+    }
+
+    fn text(&self, pid: i32, file: &str) -> io::Result<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
     }
 }
 
@@ -613,9 +958,51 @@ fn held_sockets(src: &dyn ProcSource, pid: i32) -> Held {
     }
 }
 
+/// The login session of `pid` (see [`LoginSession`]). A file that does not exist while the
+/// process does (a kernel without audit syscall support) is "unknown"; any other failure is an
+/// error (refuse).
+fn login_session(src: &dyn ProcSource, pid: i32) -> Result<LoginSession, ProofError> {
+    let read = |file: &str| -> Result<Option<String>, ProofError> {
+        match src.text(pid, file) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if gone(&e) => match src.stat(pid) {
+                Ok(_) => Ok(None),
+                Err(_) => Err(ProofError::ProcGone { pid }),
+            },
+            Err(e) => Err(read_err(pid, file, e)),
+        }
+    };
+    let audit_session = read("sessionid")?.map(|t| parse_sessionid(&t)).transpose()?.flatten();
+    let login_uid = read("loginuid")?.map(|t| parse_loginuid(&t)).transpose()?.flatten();
+    let scope = read("cgroup")?.and_then(|t| session_scope(&t));
+    Ok(LoginSession { audit_session, login_uid, scope })
+}
+
+/// Drops the identifiers `session` shares with the sshd listener `listener`: those were
+/// inherited from whoever started sshd (`UsePAM no`, or sshd started by hand from a login),
+/// not set per connection.
+fn without_listeners(src: &dyn ProcSource, mut session: LoginSession, listener: Option<i32>) -> LoginSession {
+    let Some(l) = listener else { return session };
+    let Ok(ls) = login_session(src, l) else { return session };
+    if session.audit_session.is_some() && session.audit_session == ls.audit_session {
+        session.audit_session = None;
+    }
+    if session.scope.is_some() && session.scope == ls.scope {
+        session.scope = None;
+    }
+    session
+}
+
 fn origin_with(src: &dyn ProcSource, pid: i32) -> Result<Origin, ProofError> {
     let chain = ancestry(src, pid)?;
     let unidentified = |reason: String| ProofError::UnidentifiedSsh { pid, reason };
+    let session = login_session(src, pid)?;
+    // Still the process the ancestry saw (no pid reuse while its session was read).
+    let before = chain.first().map(|a| a.stat.starttime);
+    let now = src.stat(pid).ok().and_then(|t| parse_stat(&t).ok()).map(|s| s.starttime);
+    if before != now {
+        return Err(ProofError::ProcGone { pid });
+    }
     match sshd_ancestry(&chain) {
         SshdAncestry::Unidentified(reason) => Err(unidentified(reason)),
         SshdAncestry::Connection { holders, listener } => {
@@ -634,18 +1021,20 @@ fn origin_with(src: &dyn ProcSource, pid: i32) -> Result<Origin, ProofError> {
             if before.is_none() || before != now {
                 return Err(unidentified(format!("sshd {nearest} exited while its sockets were read")));
             }
-            Ok(Origin::Ssh { conn, sshd_pid: Some(nearest), via: Via::Ancestry })
+            let session = without_listeners(src, session, listener);
+            Ok(Origin::Ssh { conn, sshd_pid: Some(nearest), via: Via::Ancestry, session })
         }
         SshdAncestry::None => {
+            // SSH_CONNECTION: an unverified claim, recorded (see the module doc), never evidence.
             let raw = match src.environ(pid) {
                 Ok(r) => r,
                 Err(e) if gone(&e) => return Err(ProofError::ProcGone { pid }),
                 Err(e) => return Err(read_err(pid, "environ", e)),
             };
             match environ_var(&raw, "SSH_CONNECTION") {
-                None => Ok(Origin::Local),
+                None => Ok(Origin::Local { session }),
                 Some(v) => match parse_ssh_connection(&v) {
-                    Ok(conn) => Ok(Origin::Ssh { conn, sshd_pid: None, via: Via::Env }),
+                    Ok(conn) => Ok(Origin::Ssh { conn, sshd_pid: None, via: Via::Env, session }),
                     Err(e) => Err(unidentified(format!("no sshd ancestor and {e}"))),
                 },
             }
@@ -865,6 +1254,8 @@ mod tests {
         environ: HashMap<i32, Vec<u8>>,
         fds: HashMap<i32, io::Result<Vec<String>>>,
         tcp: HashMap<i32, (String, String)>,
+        /// `(pid, file)` → contents of `sessionid`, `loginuid`, `cgroup` (missing: ENOENT).
+        files: HashMap<(i32, &'static str), String>,
     }
 
     fn enoent() -> io::Error {
@@ -903,6 +1294,9 @@ mod tests {
         fn net_tcp(&self, pid: i32) -> io::Result<(String, String)> {
             self.tcp.get(&pid).cloned().ok_or_else(enoent)
         }
+        fn text(&self, pid: i32, file: &str) -> io::Result<String> {
+            self.files.iter().find(|((p, f), _)| *p == pid && *f == file).map(|(_, t)| t.clone()).ok_or_else(enoent)
+        }
     }
 
     impl FakeProc {
@@ -936,7 +1330,7 @@ mod tests {
         let p = FakeProc::ssh_tree();
         let o = origin_with(&p, 400).expect("ok");
         let want = conn("198.18.0.2:58736", "198.18.0.1:2222");
-        assert_eq!(o, Origin::Ssh { conn: want, sshd_pid: Some(200), via: Via::Ancestry });
+        assert_eq!(o, Origin::Ssh { conn: want, sshd_pid: Some(200), via: Via::Ancestry, session: Default::default() });
         assert_eq!(o.to_string(), "ssh 198.18.0.2:58736 -> 198.18.0.1:2222 (sshd pid 200, via Ancestry)");
 
         // The sshd's fds cannot be read (CAP_SYS_PTRACE missing): refused, never Local.
@@ -982,13 +1376,17 @@ mod tests {
         p.proc(500, 1, "sleep", "sleep 30");
         p.environ.insert(500, b"A=b\0SSH_CONNECTION=198.18.0.2 40000 198.18.0.1 22\0".to_vec());
         let o = origin_with(&p, 500).expect("ok");
-        assert_eq!(o, Origin::Ssh { conn: conn("198.18.0.2:40000", "198.18.0.1:22"), sshd_pid: None, via: Via::Env });
+        let claim = conn("198.18.0.2:40000", "198.18.0.1:22");
+        assert_eq!(o, Origin::Ssh { conn: claim, sshd_pid: None, via: Via::Env, session: Default::default() });
+        // Recorded as a claim, clearly marked, never as a verified connection.
+        assert_eq!(o.verified_conn(), None);
+        assert!(o.to_string().starts_with("local, no sshd ancestor (UNVERIFIED SSH_CONNECTION claim: "), "{o}");
         // A malformed one is refused rather than ignored.
         p.environ.insert(500, b"SSH_CONNECTION=garbage\0".to_vec());
         assert!(matches!(origin_with(&p, 500), Err(ProofError::UnidentifiedSsh { .. })));
         // Neither: local.
         p.environ.insert(500, b"TERM=linux\0".to_vec());
-        assert_eq!(origin_with(&p, 500).expect("ok"), Origin::Local);
+        assert_eq!(origin_with(&p, 500).expect("ok"), Origin::local());
         // The requester is gone; an ancestor vanished mid-walk.
         assert!(matches!(origin_with(&p, 999), Err(ProofError::ProcGone { pid: 999 })));
         p.proc(600, 550, "bash", "bash");
@@ -1000,31 +1398,246 @@ mod tests {
         assert!(matches!(origin_with(&p, 700), Err(ProofError::Read { .. })));
     }
 
+    fn sess(audit: Option<u32>, scope: Option<&str>) -> LoginSession {
+        LoginSession { audit_session: audit, login_uid: audit.map(|_| 0), scope: scope.map(str::to_string) }
+    }
+
+    fn ssh_o(client: &str, server: &str, session: LoginSession) -> Origin {
+        Origin::Ssh { conn: conn(client, server), sshd_pid: Some(200), via: Via::Ancestry, session }
+    }
+
+    #[test]
+    fn audit_ids_and_session_scope_parse() {
+        assert_eq!(parse_sessionid("4294967295").ok(), Some(None));
+        assert_eq!(parse_sessionid("42").ok(), Some(Some(42)));
+        assert_eq!(parse_sessionid("42\n").ok(), Some(Some(42)));
+        assert_eq!(parse_sessionid("0").ok(), Some(Some(0)));
+        assert_eq!(parse_loginuid("0").ok(), Some(Some(0)));
+        assert_eq!(parse_loginuid("1000").ok(), Some(Some(1000)));
+        assert_eq!(parse_loginuid("4294967295").ok(), Some(None));
+        for bad in ["", "\n", "-1", "x", "4294967296", "1 2", "+5", "0x10"] {
+            assert!(parse_sessionid(bad).is_err(), "{bad:?}");
+            assert!(parse_loginuid(bad).is_err(), "{bad:?}");
+        }
+        let scope = |t: &str| session_scope(t);
+        // cgroup v2.
+        assert_eq!(
+            scope("0::/user.slice/user-0.slice/session-42.scope\n").as_deref(),
+            Some("/user.slice/user-0.slice/session-42.scope")
+        );
+        // v1 / hybrid: the unified line may be "/" while name=systemd has the scope.
+        let v1 = "12:pids:/user.slice/user-1000.slice/session-c3.scope\n\
+                  1:name=systemd:/user.slice/user-1000.slice/session-c3.scope\n0::/\n";
+        assert_eq!(scope(v1).as_deref(), Some("/user.slice/user-1000.slice/session-c3.scope"));
+        // A sub-cgroup below the scope: the scope.
+        assert_eq!(
+            scope("0::/user.slice/user-0.slice/session-7.scope/payload\n").as_deref(),
+            Some("/user.slice/user-0.slice/session-7.scope")
+        );
+        // No login session: a system service, a user manager's unit, a container, no systemd.
+        for none in [
+            "0::/system.slice/ssh.service\n",
+            "0::/system.slice/cron.service\n",
+            "0::/user.slice/user-0.slice/user@0.service/app.slice/run-u5.scope\n",
+            "0::/machine.slice/session-.scope\n",
+            "0::/x/session-1.scopes\n",
+            "0::/x/session-1/2.scope\n",
+            "0::/\n",
+            "",
+            "garbage",
+            // Captured in this sandbox (no systemd): cgroup v1 with an empty name=systemd.
+            "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/1dc0f13bf8605d59418b5dc30b5efd15\n0::/\n",
+        ] {
+            assert_eq!(scope(none), None, "{none:?}");
+        }
+    }
+
+    #[test]
+    fn origin_records_the_login_session() {
+        // UsePAM yes: pam_loginuid gave the connection audit session 7; the listener has none.
+        let scope7 = "/user.slice/user-0.slice/session-7.scope";
+        let mut p = FakeProc::ssh_tree();
+        p.files.insert((400, "sessionid"), "7".into());
+        p.files.insert((400, "loginuid"), "0".into());
+        p.files.insert((400, "cgroup"), format!("0::{scope7}\n"));
+        p.files.insert((100, "sessionid"), "4294967295".into());
+        p.files.insert((100, "cgroup"), "0::/system.slice/ssh.service\n".into());
+        let o = origin_with(&p, 400).expect("ok");
+        assert_eq!(o.session(), &sess(Some(7), Some(scope7)));
+        assert_eq!(
+            o.to_string(),
+            format!(
+                "ssh 198.18.0.2:58736 -> 198.18.0.1:2222 (sshd pid 200, via Ancestry; audit session 7, login uid 0, \
+                 scope {scope7})"
+            )
+        );
+        // UsePAM no, sshd started by hand from a login session: the connection inherits the
+        // listener's audit session and scope, which identify no connection: dropped.
+        let mut p = FakeProc::ssh_tree();
+        for pid in [100, 400] {
+            p.files.insert((pid, "sessionid"), "3".into());
+            p.files.insert((pid, "loginuid"), "0".into());
+            p.files.insert((pid, "cgroup"), "0::/user.slice/user-0.slice/session-3.scope\n".into());
+        }
+        let o = origin_with(&p, 400).expect("ok");
+        assert_eq!(o.session(), &LoginSession { audit_session: None, login_uid: Some(0), scope: None });
+        // A double fork (`env -i`, `env -u SSH_CONNECTION`): reparented to init, the session kept.
+        let mut p = FakeProc::default();
+        p.proc(1, 0, "init", "/sbin/init");
+        p.proc(500, 1, "ctguard", "ctguard confirm");
+        p.files.insert((500, "sessionid"), "7".into());
+        let o = origin_with(&p, 500).expect("ok");
+        assert_eq!(o, Origin::Local { session: LoginSession { audit_session: Some(7), ..Default::default() } });
+        assert_eq!(o.to_string(), "local (no sshd ancestor; audit session 7)");
+        // A spoofed SSH_CONNECTION: an unverified claim, the session kept.
+        p.environ.insert(500, b"SSH_CONNECTION=203.0.113.9 4242 198.18.0.1 22\0".to_vec());
+        let o = origin_with(&p, 500).expect("ok");
+        assert_eq!(o.verified_conn(), None);
+        assert_eq!(o.session().audit_session, Some(7));
+        assert_eq!(
+            o.to_string(),
+            "local, no sshd ancestor (UNVERIFIED SSH_CONNECTION claim: 203.0.113.9:4242 -> 198.18.0.1:22, via Env; \
+             audit session 7)"
+        );
+        // A malformed sessionid is refused rather than ignored.
+        p.files.insert((500, "sessionid"), "garbage".into());
+        assert!(matches!(origin_with(&p, 500), Err(ProofError::Malformed { .. })));
+        // The requester was replaced (pid reuse) while its session was read: gone.
+        let mut p = FakeProc::ssh_tree();
+        p.restat.insert(400, "400 (ctguard) S 310 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 1 0".into());
+        assert!(matches!(origin_with(&p, 400), Err(ProofError::ProcGone { pid: 400 })));
+    }
+
     #[test]
     fn confirm_proof() {
-        let a =
-            Origin::Ssh { conn: conn("198.18.0.2:40000", "198.18.0.1:22"), sshd_pid: Some(200), via: Via::Ancestry };
-        let same_env = Origin::Ssh { conn: conn("198.18.0.2:40000", "198.18.0.1:22"), sshd_pid: None, via: Via::Env };
-        let other =
-            Origin::Ssh { conn: conn("198.18.0.2:40002", "198.18.0.1:22"), sshd_pid: Some(201), via: Via::Ancestry };
-        assert!(same_connection(&a, &a) && same_connection(&a, &same_env));
-        assert!(!same_connection(&a, &other) && !same_connection(&a, &Origin::Local));
-        assert!(!same_connection(&Origin::Local, &Origin::Local));
-        let e = check_confirm(&a, &same_env).expect_err("refused");
-        let msg = e.to_string();
+        use RefusalReason::*;
+        let applied_conn = conn("198.18.0.2:40000", "198.18.0.1:22");
+        let a = ssh_o("198.18.0.2:40000", "198.18.0.1:22", sess(Some(5), Some("/u/session-5.scope")));
+        let addrs: Vec<IpAddr> = ["198.18.0.1", "10.9.9.9", "fd42::1"].iter().map(|s| s.parse().expect("ok")).collect();
+        let reason = |c: &Origin| decide_confirm(&a, c, &addrs).expect_err("refused").reason;
+        // The applying connection itself (a shell of it, sudo, a ControlMaster session).
+        assert_eq!(reason(&a), SameConnection);
+        // A double fork with `env -i` / `env -u SSH_CONNECTION`: same audit session.
+        let detached = Origin::Local { session: sess(Some(5), None) };
+        assert_eq!(reason(&detached), SameAuditSession(5));
+        // … with a spoofed SSH_CONNECTION: no evidence; same audit session.
+        let spoofed = Origin::Ssh {
+            conn: conn("203.0.113.9:4242", "198.18.0.1:22"),
+            sshd_pid: None,
+            via: Via::Env,
+            session: sess(Some(5), None),
+        };
+        assert_eq!(reason(&spoofed), SameAuditSession(5));
+        // The same systemd session scope.
+        let same_scope = Origin::Local { session: sess(None, Some("/u/session-5.scope")) };
+        assert_eq!(reason(&same_scope), SameScope("/u/session-5.scope".into()));
+        // Without pam_loginuid a detached process carries nothing: no identifier.
+        assert_eq!(reason(&Origin::local()), NoIdentifier);
+        let spoofed_bare = Origin::Ssh {
+            conn: conn("203.0.113.9:4242", "198.18.0.1:22"),
+            sshd_pid: None,
+            via: Via::Env,
+            session: LoginSession::default(),
+        };
+        assert_eq!(reason(&spoofed_bare), NoIdentifier);
+        // Another login session, not over SSH (a cron or `at` job started from the applying
+        // session, a multiplexer's pane): refused.
+        assert_eq!(reason(&Origin::Local { session: sess(Some(9), Some("/u/session-9.scope")) }), NotOverSsh);
+        // A new connection in the same audit session (a forged one): refused.
+        assert_eq!(reason(&ssh_o("198.18.0.2:40002", "198.18.0.1:22", sess(Some(5), None))), SameAuditSession(5));
+        // `ssh localhost`, `ssh <own address>` from inside the session: a new connection over
+        // loopback, refused even though every identifier differs.
+        for client in
+            ["127.0.0.1:50000", "127.0.0.2:50000", "[::1]:50000", "198.18.0.1:50000", "10.9.9.9:50000", "[fd42::1]:1"]
+        {
+            let o = ssh_o(client, "198.18.0.1:22", sess(Some(8), Some("/u/session-8.scope")));
+            assert_eq!(reason(&o), Loopback(sa(client).ip()), "{client}");
+        }
+        // The confirming connection's own server address and loopback, even without the list.
+        let to_self = ssh_o("198.18.0.7:5", "198.18.0.7:22", sess(Some(8), None));
+        assert_eq!(check_confirm(&a, &to_self).map_err(|r| r.reason), Err(Loopback(sa("198.18.0.7:5").ip())));
+        let lo = ssh_o("127.0.0.1:5", "127.0.0.1:22", LoginSession::default());
+        assert_eq!(check_confirm(&a, &lo).map_err(|r| r.reason), Err(Loopback(sa("127.0.0.1:5").ip())));
+        // A genuinely new connection from outside.
+        let new = ssh_o("198.18.0.2:40002", "198.18.0.1:22", sess(Some(8), Some("/u/session-8.scope")));
+        let ok = decide_confirm(&a, &new, &addrs).expect("accepted");
+        assert_eq!(
+            ok.basis,
+            "a new SSH connection from 198.18.0.2, not one of the target's addresses; differs from the apply by \
+             connection 198.18.0.2:40002 -> 198.18.0.1:22 vs 198.18.0.2:40000 -> 198.18.0.1:22, audit session 8 vs 5, \
+             scope /u/session-8.scope vs /u/session-5.scope"
+        );
+        assert_eq!(check_confirm(&a, &new), Ok(()));
+        // UsePAM no: connections only.
+        let a0 = ssh_o("198.18.0.2:40000", "198.18.0.1:22", LoginSession::default());
+        let new0 = ssh_o("198.18.0.2:40002", "198.18.0.1:22", LoginSession::default());
+        assert!(decide_confirm(&a0, &new0, &addrs).is_ok());
+        assert_eq!(reason_of(&a0, &a0), SameConnection);
+        assert_eq!(reason_of(&a0, &Origin::local()), NoIdentifier);
+        // Only one side knows its audit session: the connection decides.
+        assert!(decide_confirm(&a, &new0, &addrs).is_ok());
+        assert!(decide_confirm(&a0, &new, &addrs).is_ok());
+        // Applied from a detached process that claimed SSH_CONNECTION (`nohup ctguard apply &`):
+        // the claim makes it stricter — over the claimed connection, or not over SSH: refused.
+        let a_env = Origin::Ssh { conn: applied_conn, sshd_pid: None, via: Via::Env, session: sess(Some(5), None) };
+        assert_eq!(reason_of(&a_env, &ssh_o("198.18.0.2:40000", "198.18.0.1:22", Default::default())), SameConnection);
+        assert_eq!(reason_of(&a_env, &detached), SameAuditSession(5));
+        assert!(decide_confirm(&a_env, &new, &addrs).is_ok());
+        // A local apply is confirmed locally, as before, by anything.
+        for l in [Origin::local(), Origin::Local { session: sess(Some(5), None) }] {
+            for c in [&Origin::local(), &detached, &a, &spoofed, &new] {
+                let ok = decide_confirm(&l, c, &addrs).expect("accepted");
+                assert!(ok.basis.contains("did not come over SSH"), "{ok}");
+            }
+        }
+        // Messages: the reason and the command for a new connection.
+        let msg = decide_confirm(&a, &a, &addrs).expect_err("refused").to_string();
         assert!(msg.contains("same SSH connection") && msg.contains("NEW connection"), "{msg}");
         assert!(msg.contains("`ssh -o ControlPath=none 198.18.0.1 ctguard confirm`"), "{msg}");
+        let msg = decide_confirm(&a, &detached, &addrs).expect_err("refused").to_string();
+        assert!(msg.contains("same login session as the apply (audit session 5)"), "{msg}");
+        let lo_msg = check_confirm(&a, &lo).expect_err("refused").to_string();
+        assert!(lo_msg.contains("127.0.0.1 is over loopback / from this host: proves nothing about the outside path"));
+        let e = decide_confirm(&a, &a, &addrs).expect_err("refused");
         assert_eq!(e.new_connection_command(Some("t1")), "ssh -o ControlPath=none 198.18.0.1 ctguard confirm t1");
-        let e6 = ConfirmRefusal { conn: conn("[fd42::2]:1", "[fd42::1]:2222") };
+        let e6 = ConfirmRefusal { conn: conn("[fd42::2]:1", "[fd42::1]:2222"), reason: NoIdentifier };
         assert_eq!(e6.new_connection_command(None), "ssh -o ControlPath=none -p 2222 fd42::1 ctguard confirm");
-        assert!(check_confirm(&a, &other).is_ok());
-        assert!(check_confirm(&a, &Origin::Local).is_ok());
-        assert!(check_confirm(&Origin::Local, &a).is_ok());
-        assert!(check_confirm(&Origin::Local, &Origin::Local).is_ok());
-        // Serialisable for the journal.
+        assert_eq!(
+            [SameConnection, SameAuditSession(1), SameScope(String::new()), NoIdentifier, NotOverSsh].map(|r| r.key()),
+            ["connection", "audit-session", "scope", "no-identifier", "not-over-ssh"]
+        );
+        // same_connection: verified or claimed.
+        assert!(same_connection(&a, &a) && same_connection(&a, &a_env));
+        assert!(!same_connection(&a, &new) && !same_connection(&a, &Origin::local()));
+        assert!(!same_connection(&Origin::local(), &Origin::local()));
+        assert_eq!(a.conn().map(|c| c.lint_conn().server_port), Some(22));
+        // Escaped in messages.
+        let odd = Origin::Local { session: sess(None, Some("/u/session-1.scope\n\x1b[2J")) };
+        assert!(!odd.to_string().contains('\n') && !odd.to_string().contains('\x1b'), "{odd}");
+    }
+
+    fn reason_of(applied: &Origin, confirming: &Origin) -> RefusalReason {
+        decide_confirm(applied, confirming, &[]).expect_err("refused").reason
+    }
+
+    #[test]
+    fn origins_serialise_and_old_records_still_load() {
+        let a = ssh_o("198.18.0.2:40000", "198.18.0.1:22", sess(Some(5), Some("/u/session-5.scope")));
         let j = serde_json::to_string(&a).expect("ok");
         assert_eq!(serde_json::from_str::<Origin>(&j).expect("ok"), a);
-        assert_eq!(serde_json::to_string(&Origin::Local).expect("ok"), r#"{"kind":"local"}"#);
-        assert_eq!(a.conn().map(|c| c.lint_conn().server_port), Some(22));
+        assert!(j.contains(r#""session":{"audit_session":5,"login_uid":0,"scope":"/u/session-5.scope"}"#), "{j}");
+        assert_eq!(serde_json::to_string(&Origin::local()).expect("ok"), r#"{"kind":"local"}"#);
+        let l = Origin::Local { session: sess(Some(3), None) };
+        assert_eq!(serde_json::from_str::<Origin>(&serde_json::to_string(&l).expect("ok")).expect("ok"), l);
+        // Records written before sessions were recorded.
+        let old = r#"{"kind":"ssh","conn":{"client":"198.18.0.2:40000","server":"198.18.0.1:22"},"sshd_pid":200,"via":"ancestry"}"#;
+        let want = ssh_o("198.18.0.2:40000", "198.18.0.1:22", LoginSession::default());
+        assert_eq!(serde_json::from_str::<Origin>(old).expect("ok"), want);
+        let old_env = r#"{"kind":"ssh","conn":{"client":"198.18.0.2:40000","server":"198.18.0.1:22"},"sshd_pid":null,"via":"env"}"#;
+        assert_eq!(serde_json::from_str::<Origin>(old_env).expect("ok").verified_conn(), None);
+        assert_eq!(serde_json::from_str::<Origin>(r#"{"kind":"local"}"#).expect("ok"), Origin::local());
+        let r: crate::txn::Requester =
+            serde_json::from_str(&format!(r#"{{"uid":0,"pid":1,"ssh":null,"origin":{old}}}"#)).expect("ok");
+        assert_eq!(r.origin, Some(want));
     }
 }

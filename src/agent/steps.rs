@@ -211,9 +211,7 @@ pub fn ctguard_invocation(shared: &Shared) -> String {
 pub fn confirm_command(shared: &Shared, conn: Option<&proof::SshConn4>, txid: &str) -> String {
     let local = format!("{} confirm {txid}", ctguard_invocation(shared));
     match conn {
-        Some(c) => proof::ConfirmRefusal { conn: *c }
-            .new_connection_command(Some(txid))
-            .replace(&format!("ctguard confirm {txid}"), &local),
+        Some(c) => c.new_connection_command(Some(txid)).replace(&format!("ctguard confirm {txid}"), &local),
         None => local,
     }
 }
