@@ -208,7 +208,7 @@ async fn run(
         tokio::time::sleep(DEBOUNCE).await;
         // Non-blocking: whatever arrived meanwhile belongs to the same change.
         let _ = monitor.get_ref().drain();
-        if !owner.guard().as_ref().is_some_and(|g| g.txid == txid) {
+        if owner.guard().as_ref().is_none_or(|g| g.txid != txid) {
             return Ok(Stop::NotGuarded);
         }
     }
