@@ -235,10 +235,13 @@ fn restore_is_idempotent_with_an_iptables_backend_and_reapplies_what_is_missing(
         .expect("tagged accept rule")
         .to_string();
     ns.exec("nft", &["delete", "rule", "inet", "host", "input", "handle", &handle]);
+    // The agent's guard of the committed policy races restore for it (issue 13): whichever
+    // comes first puts the accept back; restore waits for a running repair instead of refusing.
     let v = inst.json(&["restore", "--netns", ns.name(), "--policy-file", file_arg]);
-    assert_eq!(v["changed"], true, "{v}");
-    let diffs = v["differences"].as_array().expect("differences");
-    assert!(diffs.iter().any(|d| d.as_str().is_some_and(|s| s.contains("accept"))), "{v}");
+    if v["changed"] == true {
+        let diffs = v["differences"].as_array().expect("differences");
+        assert!(diffs.iter().any(|d| d.as_str().is_some_and(|s| s.contains("accept"))), "{v}");
+    }
     assert!(ns.nft_list().contains("ct state untracked accept"), "the accept rule was not re-inserted");
     let v = inst.json(&["restore", "--netns", ns.name(), "--policy-file", file_arg]);
     assert_eq!(v["changed"], false, "{v}");

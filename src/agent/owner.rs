@@ -120,10 +120,19 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
     }
     rec.tools = journaled_tools();
     rec.options = a.options.clone();
-    // One unfinished transaction per target, decided before anything is read.
-    let owner = match shared.claim(id, rec.clone()) {
-        Ok(o) => o,
-        Err(b) => return busy(&b),
+    // One unfinished transaction per target, decided before anything is read. The guard's own
+    // repair of a committed policy is short and internal: wait for it instead of refusing.
+    let mut waited = 0;
+    let owner = loop {
+        match shared.claim(id, rec.clone()) {
+            Ok(o) => break o,
+            Err(b) if b.phase == Phase::Repairing && waited < 3 => {
+                waited += 1;
+                let o = shared.owner(id);
+                drop(o.op.lock().await);
+            }
+            Err(b) => return busy(&b),
+        }
     };
     let _op = owner.op.lock().await;
     let claimed = Claim { shared, owner: &owner, txid: txid.as_str(), pin: None };
