@@ -320,6 +320,10 @@ pub struct Requester {
     /// when the proof was not asked (`--allow-same-connection`) or in older records.
     #[serde(default)]
     pub origin: Option<crate::agent::proof::Origin>,
+    /// The person behind the uid: the login user (`/proc/PID/loginuid`, set by pam_loginuid),
+    /// else `SUDO_USER` from the requester's environment.
+    #[serde(default)]
+    pub person: Option<String>,
 }
 
 /// What an apply asked for beyond the change itself; journaled so a restarted agent and later
@@ -419,6 +423,9 @@ pub struct TxnRecord {
     /// Options of the apply.
     #[serde(default)]
     pub options: TxnOptions,
+    /// `--comment`: why.
+    #[serde(default)]
+    pub comment: Option<String>,
 }
 
 impl TxnRecord {
@@ -452,6 +459,7 @@ impl TxnRecord {
             boot_id,
             events: Vec::new(),
             options: TxnOptions::default(),
+            comment: None,
         };
         let note = format!("created ({} transaction on {})", rec.kind, rec.target.label);
         rec.push_event(now_wall, note);
@@ -641,7 +649,7 @@ pub fn retry_delay(attempts: u32) -> Duration {
 }
 
 fn requester_json(r: &Requester) -> Value {
-    json!({ "uid": r.uid, "pid": r.pid, "ssh": r.ssh })
+    json!({ "uid": r.uid, "pid": r.pid, "ssh": r.ssh, "person": r.person })
 }
 
 /// One element of `status --json`'s `pending` array (DESIGN §5): `id`, `target` (the label),
@@ -656,6 +664,7 @@ pub fn status_entry(rec: &TxnRecord, now_boottime_ns: u64) -> Value {
         "seconds_left": rec.seconds_left(now_boottime_ns),
         "requester": requester_json(&rec.requester),
         "state": rec.state.name(),
+        "comment": rec.comment,
     })
 }
 
@@ -677,6 +686,7 @@ pub fn history_entry(rec: &TxnRecord) -> Value {
         "started": format_rfc3339(rec.created_wall),
         "requester": requester_json(&rec.requester),
         "events": events,
+        "comment": rec.comment,
     })
 }
 

@@ -14,6 +14,7 @@ mod traffic;
 mod ansible;
 mod confirm_e2e;
 mod doctor;
+mod from;
 mod guard;
 mod inputs;
 mod ops;

@@ -112,7 +112,13 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
     let pin = shared.opts.run_dir.join("ns").join(txid.as_str());
     let target_rec = TargetRecord { label: rt.label.clone(), path: rt.path.clone(), pin: None, dev: id.0, ino: id.1 };
     let ssh = origin.as_ref().and_then(|o| o.conn().map(|c| c.to_env_value())).or_else(|| a.ssh.clone());
-    let requester = Requester { uid: peer_uid, pid: peer_pid.unwrap_or(0), ssh, origin: origin.clone() };
+    if let Some(c) = &a.comment {
+        if let Err(e) = super::protocol::check_comment(c) {
+            return Response::fail(Exit::BadInput, e);
+        }
+    }
+    let person = peer_pid.and_then(person_of);
+    let requester = Requester { uid: peer_uid, pid: peer_pid.unwrap_or(0), ssh, origin: origin.clone(), person };
     let mut rec = TxnRecord::new(txid.clone(), kind, target_rec, requester, shared.boot_id.clone(), now_wall());
     match &a.ruleset {
         Some(r) => rec.ruleset = Some(r.text.clone()),
@@ -120,6 +126,11 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
     }
     rec.tools = journaled_tools();
     rec.options = a.options.clone();
+    rec.comment = match (&a.comment, &a.from) {
+        (Some(c), _) => Some(c.clone()),
+        (None, Some(f)) => Some(format!("re-applies what {f} committed")),
+        (None, None) => None,
+    };
     // One unfinished transaction per target, decided before anything is read. The guard's own
     // repair of a committed policy is short and internal: wait for it instead of refusing.
     let mut waited = 0;

@@ -59,6 +59,20 @@ pub enum Request {
     Status,
 }
 
+/// Longest `--comment`.
+pub const MAX_COMMENT_CHARS: usize = 200;
+
+/// Checks a `--comment`: one line of printable text, at most [`MAX_COMMENT_CHARS`] characters.
+pub fn check_comment(c: &str) -> Result<(), String> {
+    if c.chars().count() > MAX_COMMENT_CHARS {
+        return Err(format!("--comment: longer than {MAX_COMMENT_CHARS} characters"));
+    }
+    if c.chars().any(char::is_control) {
+        return Err("--comment: control characters (a newline, an escape) are not allowed".into());
+    }
+    Ok(())
+}
+
 /// Latest deadline `extend` may set, counted from now (7 days, the `--timeout` maximum).
 pub const MAX_EXTEND_SECS: u64 = 7 * 24 * 3600;
 
@@ -84,6 +98,12 @@ pub struct ApplyRequest {
     /// A ruleset transaction instead of a policy one.
     #[serde(default)]
     pub ruleset: Option<crate::agent::engine::RulesetInput>,
+    /// Why (`--comment`): one line, at most [`MAX_COMMENT_CHARS`] characters.
+    #[serde(default)]
+    pub comment: Option<String>,
+    /// `--from TXID`: the committed transaction whose content this one re-applies.
+    #[serde(default)]
+    pub from: Option<String>,
     /// Proof, probes and persistence options (journaled as they are).
     #[serde(flatten)]
     pub options: crate::txn::TxnOptions,

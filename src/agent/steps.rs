@@ -81,6 +81,28 @@ pub fn now_wall() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// The person behind requester `pid`: its login user (`/proc/PID/loginuid`, which
+/// pam_loginuid sets per session and sudo keeps), else `SUDO_USER` from its environment.
+pub fn person_of(pid: i32) -> Option<String> {
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/loginuid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|u| *u != u32::MAX);
+    if let Some(u) = uid {
+        return Some(
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(u))
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid {u}"), |u| u.name),
+        );
+    }
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0).find_map(|kv| kv.strip_prefix(b"SUDO_USER=")).map(|v| {
+        // Shown to people: printable characters only.
+        String::from_utf8_lossy(v).chars().filter(|c| !c.is_control()).take(64).collect::<String>() + " (SUDO_USER)"
+    })
+}
+
 /// The journaled tool paths.
 pub fn journaled_tools() -> std::collections::BTreeMap<String, String> {
     JOURNALED_TOOLS

@@ -168,6 +168,14 @@ pub struct ApplyArgs {
     /// the new-connection proof is off.
     #[arg(long)]
     pub wait: bool,
+    /// Re-apply what transaction TXID committed (its policy or its ruleset), as a new
+    /// dead-man-protected transaction on the same target.
+    #[arg(long, value_name = "TXID", conflicts_with_all = ["policy", "ruleset"])]
+    pub from: Option<String>,
+    /// Why: recorded with the transaction and shown by `status`, `history` and `show` (one
+    /// line, at most 200 characters).
+    #[arg(long, value_name = "TEXT")]
+    pub comment: Option<String>,
 }
 
 /// Format of a ruleset file.

@@ -330,6 +330,8 @@ pub(super) fn restore(a: &RestoreArgs, global: &Global) -> Result<Exit, Vec<Fail
         policy_text: Some(source.text),
         netns,
         netns_id: None,
+        comment: Some("ctguard restore: the persisted committed policy".into()),
+        from: None,
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: None,

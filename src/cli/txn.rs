@@ -67,15 +67,78 @@ fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInpu
     Ok(RulesetInput { text, format: format.to_string() })
 }
 
+/// What `apply --from TXID` re-applies.
+struct FromCommitted {
+    /// The policy as TOML (policy transactions).
+    policy_toml: Option<String>,
+    /// The ruleset (ruleset transactions).
+    ruleset: Option<RulesetInput>,
+    /// The transaction's target, as recorded.
+    target_path: String,
+}
+
+/// Reads what TXID committed from the journal: exit 2 for an unknown id or one that did not
+/// commit, or a target that is gone.
+fn from_committed(global: &Global, txid: &str) -> Result<FromCommitted, Vec<Failure>> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |m: String| vec![Failure::bad_input(m)];
+    let id = TxnId::parse(txid).map_err(|e| bad(format!("--from: {e}")))?;
+    let rec = open_journal(global)?.load(&id).map_err(|e| bad(format!("--from: {e}")))?;
+    if rec.state != txn::State::Committed {
+        return Err(bad(format!("--from {txid}: it is {}, not committed", rec.state.outcome())));
+    }
+    if global.netns.is_none()
+        && !std::fs::metadata(&rec.target.path).is_ok_and(|m| (m.dev(), m.ino()) == (rec.target.dev, rec.target.ino))
+    {
+        return Err(bad(format!(
+            "--from {txid}: its target {} ({}) is gone; name one with --netns",
+            rec.target.label, rec.target.path
+        )));
+    }
+    let (policy_toml, ruleset) = match rec.kind {
+        txn::Kind::Policy => {
+            let v = rec.policy.as_ref().ok_or_else(|| bad(format!("--from {txid}: the record holds no policy")))?;
+            let policy = crate::persist::policy_from_record(v).map_err(|e| bad(format!("--from {txid}: {e}")))?;
+            let text = crate::persist::policy_toml(&policy, &format!("# re-applied from {txid}\n"))
+                .map_err(|e| bad(format!("--from {txid}: {e}")))?;
+            (Some(text), None)
+        }
+        txn::Kind::Ruleset => {
+            let text = rec.ruleset.clone().ok_or_else(|| bad(format!("--from {txid}: the record holds no ruleset")))?;
+            let format = if looks_like_iptables(&text) { "iptables" } else { "nft" };
+            (None, Some(RulesetInput { text, format: format.into() }))
+        }
+    };
+    Ok(FromCommitted { policy_toml, ruleset, target_path: rec.target.path.clone() })
+}
+
+fn looks_like_iptables(text: &str) -> bool {
+    text.lines().any(|l| l.starts_with('*')) && text.lines().any(|l| l.trim() == "COMMIT")
+}
+
 /// Largest ruleset file ctguard reads (64 MiB).
 pub const MAX_RULESET_BYTES: usize = 64 << 20;
 
 pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     // Validate locally first: bad input never reaches the agent. The policy is read once and
     // exactly the bytes validated here are sent (a second read of a pipe would be empty).
-    let loaded = super::load_policy(a.policy.as_deref())?;
-    let netns = super::netns_for_agent(global)?;
-    let ruleset = a.ruleset.as_deref().map(|p| load_ruleset(p, a.format)).transpose()?;
+    if let Some(c) = &a.comment {
+        crate::agent::protocol::check_comment(c).map_err(|e| vec![Failure::bad_input(e)])?;
+    }
+    let from = a.from.as_deref().map(|t| from_committed(global, t)).transpose()?;
+    let loaded = match &from {
+        Some(_) => super::LoadedPolicy { policy: crate::model::Policy::builtin(), source: None },
+        None => super::load_policy(a.policy.as_deref())?,
+    };
+    // `--from`: the committed transaction's own target unless --netns names one.
+    let netns = match (&from, &global.netns) {
+        (Some(f), None) => Some(f.target_path.clone()),
+        _ => super::netns_for_agent(global)?,
+    };
+    let ruleset = match &from {
+        Some(f) => f.ruleset.clone(),
+        None => a.ruleset.as_deref().map(|p| load_ruleset(p, a.format)).transpose()?,
+    };
     for p in &a.probe {
         crate::probe::Probe::parse(p).map_err(|e| vec![Failure::bad_input(format!("--probe: {e}"))])?;
     }
@@ -91,9 +154,10 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
         .map_err(|e| vec![Failure::bad_input(format!("state dir: {e}"))])?;
     let timeout =
         crate::duration::parse_duration(&a.timeout).map_err(|e| vec![Failure::bad_input(format!("--timeout: {e}"))])?;
-    let (policy_text, policy_format) = match loaded.source {
-        None => (None, None),
-        Some(src) => {
+    let (policy_text, policy_format) = match (loaded.source, &from) {
+        (_, Some(f)) => (f.policy_toml.clone(), f.policy_toml.as_ref().map(|_| "toml".to_string())),
+        (None, None) => (None, None),
+        (Some(src), None) => {
             let fmt = src.format_name().to_string();
             (Some(src.text), Some(fmt))
         }
@@ -112,6 +176,8 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
         policy_format,
         netns,
         netns_id,
+        comment: a.comment.clone(),
+        from: a.from.clone(),
         timeout_secs: timeout.as_secs(),
         force: a.force,
         ssh: std::env::var("SSH_CONNECTION").ok(),
@@ -377,6 +443,9 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
             p["seconds_left"],
             p["requester"]["pid"]
         );
+        if let Some(c) = p["comment"].as_str() {
+            println!("    comment: {c}");
+        }
         if let Some(e) = p["rollback_error"].as_str() {
             println!("    rollback failed {} time(s), retrying: {e}", p["rollback_attempts"]);
         }
@@ -429,8 +498,10 @@ pub(super) fn history(global: &Global) -> Result<Exit, Vec<Failure>> {
         println!("no transactions");
     }
     for t in &list {
+        let who = t["requester"]["person"].as_str().map(|p| format!("  by {p}")).unwrap_or_default();
+        let why = t["comment"].as_str().map(|c| format!("  \"{c}\"")).unwrap_or_default();
         println!(
-            "{}  {}  {:<7}  target {}  {}",
+            "{}  {}  {:<7}  target {}  {}{who}{why}",
             t["started"].as_str().unwrap_or("?"),
             t["id"].as_str().unwrap_or("?"),
             t["kind"].as_str().unwrap_or("?"),
@@ -452,6 +523,7 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
     if global.json {
         let mut v = txn::history_entry(&rec);
         v["requester"] = json!(rec.requester);
+        v["comment"] = json!(rec.comment);
         v["diff"] = json!(changed);
         v["policy"] = rec.policy.clone().unwrap_or(Value::Null);
         v["drift"] = rec.undo.get("drift").cloned().unwrap_or(Value::Null);
@@ -462,11 +534,15 @@ pub(super) fn show(a: &ShowArgs, global: &Global) -> Result<Exit, Vec<Failure>> 
     println!("transaction {} ({}) on {}", rec.id, rec.kind, rec.target.label);
     println!("state:     {}", rec.state.outcome());
     println!(
-        "requester: uid {} pid {}{}",
+        "requester: uid {} pid {}{}{}",
         rec.requester.uid,
         rec.requester.pid,
+        rec.requester.person.as_deref().map(|p| format!(" ({p})")).unwrap_or_default(),
         rec.requester.ssh.as_deref().map(|s| format!(" ssh {s}")).unwrap_or_default()
     );
+    if let Some(c) = &rec.comment {
+        println!("comment:   {c}");
+    }
     println!("events:");
     for e in &rec.events {
         println!("  {}  {:<15} {}", txn::format_rfc3339(e.wall_unix), e.state, e.note);
