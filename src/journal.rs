@@ -791,7 +791,7 @@ mod tests {
             TxnId::generate(wall, rand),
             Kind::Policy,
             TargetRecord { label: "host".into(), path: "/proc/1/ns/net".into(), pin: None, dev: 4, ino },
-            Requester { uid: 0, pid: 1, ssh: None, origin: None },
+            Requester { uid: 0, pid: 1, ssh: None, origin: None, person: None },
             BOOT.into(),
             wall,
         )

@@ -766,7 +766,13 @@ mod tests {
                 dev: 4,
                 ino: 4026531840,
             },
-            Requester { uid: 0, pid: 4242, ssh: Some("198.18.0.1 50000 198.18.0.2 22".into()), origin: None },
+            Requester {
+                uid: 0,
+                pid: 4242,
+                ssh: Some("198.18.0.1 50000 198.18.0.2 22".into()),
+                origin: None,
+                person: None,
+            },
             BOOT.into(),
             T0,
         )

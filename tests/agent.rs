@@ -317,7 +317,7 @@ fn record(journal: &Journal, boot_id: &str, state_pending: bool, deadline_in: Du
         id,
         Kind::Policy,
         target,
-        Requester { uid: 0, pid: 1, ssh: None, origin: None },
+        Requester { uid: 0, pid: 1, ssh: None, origin: None, person: None },
         boot_id.into(),
         1_700_000_000,
     );

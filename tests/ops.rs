@@ -472,7 +472,7 @@ fn persist_ruleset_keeps_the_previous_file() {
 
 fn record(kind: Kind) -> TxnRecord {
     let target = TargetRecord { label: "host".into(), path: "/proc/1/ns/net".into(), pin: None, dev: 0, ino: 0 };
-    let requester = Requester { uid: 0, pid: 1, ssh: None, origin: None };
+    let requester = Requester { uid: 0, pid: 1, ssh: None, origin: None, person: None };
     TxnRecord::new(TxnId::generate(1_700_000_000, 0xbeef), kind, target, requester, "boot".into(), 1_700_000_000)
 }
 
