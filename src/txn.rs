@@ -345,6 +345,10 @@ pub struct TxnOptions {
     /// Make the change survive reboot once COMMITTED.
     #[serde(default)]
     pub persist: bool,
+    /// `apply --remove`: ctguard's objects and insertions removed from the target and the
+    /// sysctls it changed restored (nothing of it is guarded once committed).
+    #[serde(default)]
+    pub remove: bool,
 }
 
 /// When a pending transaction rolls back.

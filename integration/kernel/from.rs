@@ -92,3 +92,91 @@ fn apply_from_a_committed_ruleset_and_bad_uses() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(ns.nft_list(), before);
 }
+
+const TIMEOUT_KEY: &str = "net/netfilter/nf_conntrack_udp_timeout";
+
+fn udp_timeout(ns: &Ns) -> String {
+    ns.exec("cat", &[&format!("/proc/sys/{TIMEOUT_KEY}")]).trim().to_string()
+}
+
+/// The target's firewall as its backend sees it: nft's listing, and for iptables-nft the raw
+/// tables through `iptables-nft-save` (nft lists chains of a restored iptables-nft table in
+/// another order; the iptables view is the contract there, README "Ruleset transactions").
+fn firewall(ns: &Ns, backend: &str) -> String {
+    let nft = ns.nft_list();
+    if backend == "nft" {
+        return nft;
+    }
+    let mut out = String::new();
+    let mut skip = false;
+    for l in nft.lines() {
+        if l.starts_with("table ") {
+            skip = l.starts_with("table ip raw") || l.starts_with("table ip6 raw");
+        }
+        if !skip {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+        for l in ns.exec(tool, &["-t", "raw"]).lines().filter(|l| !l.starts_with('#')) {
+            out.push_str(&l.replace(|c: char| c.is_ascii_digit(), "0"));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `apply --remove` after two committed policies: the host ruleset and the sysctl are what they
+/// were before ctguard's first commit; its rollback gives the last committed state back.
+fn remove_round_trip(backend: &str) {
+    let ns = Ns::new(&format!("rm-{backend}"));
+    ns.nft(STATEFUL);
+    let before = (firewall(&ns, backend), udp_timeout(&ns));
+    let ctg = Ctg::new();
+    std::fs::create_dir_all(&ctg.base).expect("base");
+    let policy = |name: &str, port: u16, timeout: u32| {
+        let f = ctg.base.join(name);
+        std::fs::write(
+            &f,
+            format!("backend = \"{backend}\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [{port}]\n[sysctl]\n\"net.netfilter.nf_conntrack_udp_timeout\" = {timeout}\n"),
+        )
+        .expect("policy");
+        f.display().to_string()
+    };
+    for (file, port, t) in [("a.toml", 53, 10), ("b.toml", 5353, 5)] {
+        let (out, id) = ctg.apply(&ns, &["--timeout", "60s", &policy(file, port, t)]);
+        ok(&out);
+        ok(&ctg.run(&["confirm", &id]));
+    }
+    let after_b = (firewall(&ns, backend), udp_timeout(&ns));
+    assert_eq!(after_b.1, "5");
+    let (out, r) = ctg.apply(&ns, &["--remove", "--timeout", "60s"]);
+    ok(&out);
+    assert_eq!(
+        (firewall(&ns, backend), udp_timeout(&ns)),
+        before,
+        "{backend}: --remove is not the state before ctguard"
+    );
+    ok(&ctg.run(&["rollback", &r]));
+    assert_eq!((firewall(&ns, backend), udp_timeout(&ns)), after_b, "{backend}: the rollback of --remove");
+    let (out, r) = ctg.apply(&ns, &["--remove", "--timeout", "60s"]);
+    ok(&out);
+    ok(&ctg.run(&["confirm", &r]));
+    assert_eq!((firewall(&ns, backend), udp_timeout(&ns)), before);
+    let st = ctg.json(&["status"]);
+    assert!(st["committed"].as_array().is_none_or(Vec::is_empty), "nothing is guarded after --remove: {st}");
+    // Nothing committed any more: a second --remove has nothing to remove.
+    let out = ctg.run(&["apply", "--netns", ns.name(), "--remove"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn apply_remove_round_trips_with_nft() {
+    remove_round_trip("nft");
+}
+
+#[test]
+fn apply_remove_round_trips_with_iptables_nft() {
+    remove_round_trip("iptables-nft");
+}

@@ -55,7 +55,7 @@ pub fn guarded_record<'a>(records: &'a [TxnRecord], target: (u64, u64), boot_id:
         .filter(|r| (r.target.dev, r.target.ino) == target && r.state == State::Committed && r.boot_id == boot_id)
         .collect();
     match on.last() {
-        Some(r) if r.kind == Kind::Policy => Some(r),
+        Some(r) if r.kind == Kind::Policy && !r.options.remove => Some(r),
         _ => None,
     }
 }
@@ -71,7 +71,7 @@ fn initial_state(rec: &TxnRecord) -> GuardState {
 /// Starts (or restarts) the guard of `rec` on `owner`, replacing any earlier one.
 pub fn start(shared: &Arc<Shared>, owner: &Arc<Owner>, rec: TxnRecord) {
     owner.stop_guard();
-    if rec.kind != Kind::Policy {
+    if rec.kind != Kind::Policy || rec.options.remove {
         return;
     }
     let wake = Arc::new(tokio::sync::Notify::new());

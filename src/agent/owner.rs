@@ -47,10 +47,13 @@ fn retryable(e: &super::engine::EngineError) -> bool {
 /// timer, then the first probe round. Every failure after the claim ends in a terminal
 /// journal state (or a loudly wedged target) with the pin removed.
 pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, peer_uid: u32) -> Response {
-    let policy = match load_policy(&a) {
+    let mut policy = match load_policy(&a) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if a.options.remove && (a.policy_text.is_some() || a.ruleset.is_some()) {
+        return Response::fail(Exit::BadInput, "--remove takes no policy or ruleset");
+    }
     if a.timeout_secs == 0 || Duration::from_secs(a.timeout_secs) > crate::duration::MAX_DURATION {
         return Response::fail(Exit::BadInput, "timeout: must be between 1 s and 7 days");
     }
@@ -100,6 +103,12 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
         return Response::fail(Exit::BadInput, "--persist: only the host's own namespace boots from /etc");
     }
     let id = rt.target.id;
+    if a.options.remove {
+        policy = match removal_policy(shared, id) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+    }
     let txid = match shared.journal.fresh_id(now_wall()) {
         Ok(id) => id,
         Err(e) => return Response::fail(Exit::Internal, e.to_string()),
@@ -129,6 +138,7 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
     rec.comment = match (&a.comment, &a.from) {
         (Some(c), _) => Some(c.clone()),
         (None, Some(f)) => Some(format!("re-applies what {f} committed")),
+        (None, None) if a.options.remove => Some("removes ctguard from the target".into()),
         (None, None) => None,
     };
     // One unfinished transaction per target, decided before anything is read. The guard's own
@@ -377,6 +387,48 @@ impl Claim<'_> {
         schedule_idle_check(self.shared);
         r
     }
+}
+
+/// What `apply --remove` applies on target `id`: nothing to notrack (so ctguard's table, raw
+/// chains and accepts go) and every sysctl ctguard's committed transactions changed there back
+/// to its value before the first of them (since the last removal). Exit 2 when ctguard has
+/// nothing committed on the target.
+fn removal_policy(shared: &Shared, id: (u64, u64)) -> Result<crate::model::Policy, Response> {
+    use crate::model::{names::SysctlKey, SysctlValue};
+    let all = shared.journal.list().map_err(|e| Response::fail(Exit::Internal, e.to_string()))?;
+    let mut committed: Vec<&TxnRecord> = all
+        .iter()
+        .filter(|r| (r.target.dev, r.target.ino) == id && r.kind == Kind::Policy && r.state == State::Committed)
+        .collect();
+    if let Some(last_removal) = committed.iter().rposition(|r| r.options.remove) {
+        committed.drain(..=last_removal);
+    }
+    let Some(last) = committed.last() else {
+        return Err(Response::fail(Exit::BadInput, "--remove: ctguard has no committed policy on this target"));
+    };
+    let mut policy = crate::model::Policy::builtin();
+    policy.notrack.clear();
+    policy.sysctl.clear();
+    policy.persist = false;
+    if let Some(p) = last.policy.as_ref().and_then(|v| crate::persist::policy_from_record(v).ok()) {
+        policy.backend = p.backend;
+    }
+    // Per key, the value before ctguard: the `old` that no committed write produced (a chain
+    // 30 → 10 → 5 gives 30 whatever order the records list in).
+    let mut writes: std::collections::BTreeMap<String, Vec<(u64, u64)>> = std::collections::BTreeMap::new();
+    for r in &committed {
+        let Ok(Undo::Policy(u)) = Undo::from_record(Kind::Policy, &r.undo) else { continue };
+        for s in &u.sysctls {
+            writes.entry(s.key.clone()).or_default().push((s.old, s.new));
+        }
+    }
+    for (key, w) in writes {
+        let original = w.iter().find(|(old, _)| !w.iter().any(|(o2, new)| new == old && o2 != old)).or(w.first());
+        if let (Ok(k), Some((old, _))) = (SysctlKey::parse(&key), original) {
+            policy.sysctl.insert(k, SysctlValue::Int(*old));
+        }
+    }
+    Ok(policy)
 }
 
 /// The latest COMMITTED policy transaction on a target (the one a new apply replaces).

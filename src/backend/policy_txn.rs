@@ -477,6 +477,8 @@ pub struct Prepared {
     /// Warnings (skipped sysctls, skipped flushes).
     pub warnings: Vec<String>,
     table: Option<TableIr>,
+    /// `table inet ctguard` is deleted (a policy with nothing to notrack).
+    delete_table: bool,
     dumps: Vec<(Variant, bool, String)>,
     undo: PolicyUndo,
     /// The nft listing at the snapshot (see [`Snapshot`]).
@@ -710,8 +712,11 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
         warnings.push(format!("forced past: {f}"));
     }
 
-    // The nft side.
-    let table = if backend == Backend::Nft {
+    // The nft side. A policy with nothing to notrack (`apply --remove`) deletes ctguard's table.
+    let delete_table = policy.notrack.is_empty() && snap.table_text.is_some();
+    let table = if policy.notrack.is_empty() {
+        None
+    } else if backend == Backend::Nft {
         Some(table_for(policy, tag))
     } else if snap.table_text.is_some() {
         Some(TableIr { name: TABLE_NAME.into(), sets: Vec::new(), chains: Vec::new() })
@@ -721,6 +726,9 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
     let mut nft_script = String::new();
     if let Some(t) = &table {
         nft_script.push_str(&replace_script(t));
+    }
+    if delete_table {
+        let _ = writeln!(nft_script, "delete table inet {TABLE_NAME}");
     }
     for r in &removed {
         if let Removed::Nft { family, table, chain, handle, .. } = r {
@@ -881,7 +889,7 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
         backend,
         genid_before: snap.genid,
         genid_after: None,
-        table: table.as_ref().map(|_| TableBefore { text: snap.table_text.clone() }),
+        table: (table.is_some() || delete_table).then(|| TableBefore { text: snap.table_text.clone() }),
         nft_insertions,
         ipt_insertions,
         raw: raw_before,
@@ -914,6 +922,7 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
         flush,
         warnings,
         table,
+        delete_table,
         dumps,
         undo,
         snapshot_text: snap.text,
@@ -993,6 +1002,9 @@ fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchErr
     }
     if let Some(t) = &p.table {
         b.replace_table(t)?;
+    }
+    if p.delete_table {
+        b.delete_table(TABLE_NAME)?;
     }
     // The kernel echoes each inserted rule after the commit, with its handle.
     b.echo_inserts(true);
@@ -1214,6 +1226,20 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         }
         if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
             return Err(compensate(&done, &format!("{} (raw chains)", v.tool(doc.v6, "-restore")), boxed(e)));
+        }
+    }
+    // Nothing to notrack any more (`apply --remove`): the raw tables iptables-nft created for
+    // ctguard's chains go too when nothing else uses them (iptables-nft recreates them on use).
+    if p.request.policy.notrack.is_empty() {
+        let pretend: Vec<RawBefore> = undo
+            .raw
+            .iter()
+            .filter(|r| r.variant == Variant::Nft)
+            .map(|r| RawBefore { nft_table_existed: false, ..r.clone() })
+            .collect();
+        let probe = PolicyUndo { raw: pretend, ..PolicyUndo::empty(&undo.tag) };
+        if let Err(e) = cleanup_nft_raw(&probe) {
+            tracing::warn!("removing the empty iptables-nft raw tables: {}", chain_text(&e));
         }
     }
 

@@ -172,6 +172,11 @@ pub struct ApplyArgs {
     /// dead-man-protected transaction on the same target.
     #[arg(long, value_name = "TXID", conflicts_with_all = ["policy", "ruleset"])]
     pub from: Option<String>,
+    /// Remove ctguard from the target: its table or raw chains, its accept insertions, and the
+    /// sysctls it changed back to their values before ctguard's first committed change — as a
+    /// new dead-man-protected transaction.
+    #[arg(long, conflicts_with_all = ["policy", "ruleset", "from"])]
+    pub remove: bool,
     /// Why: recorded with the transaction and shown by `status`, `history` and `show` (one
     /// line, at most 200 characters).
     #[arg(long, value_name = "TEXT")]

@@ -188,6 +188,7 @@ pub(super) fn apply(a: &ApplyArgs, global: &Global) -> Result<Exit, Vec<Failure>
             probe_interval_secs: probe_interval.map(|d| d.as_secs()),
             auto_confirm: a.auto_confirm,
             persist: a.persist,
+            remove: a.remove,
         },
     });
     let r = ask(global, req)?;

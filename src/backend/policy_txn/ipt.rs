@@ -178,7 +178,8 @@ pub fn raw_chains(dump: &SaveDump) -> RawChains {
 pub fn raw_restore(before: &RawChains, now: &RawChains, jumps_added: &[(String, String)]) -> Option<String> {
     let mut s = format!("*{RAW_TABLE}\n");
     if before.exist {
-        if now.exist && now.lines == before.lines && jumps_added.iter().all(|j| !now.jumps.contains(j)) {
+        let jumps_back = before.jumps.iter().all(|j| now.jumps.contains(j));
+        if now.exist && now.lines == before.lines && jumps_back && jumps_added.iter().all(|j| !now.jumps.contains(j)) {
             return None;
         }
         let _ = writeln!(s, ":{CHAIN_PRE} - [0:0]\n:{CHAIN_OUT} - [0:0]");
@@ -192,6 +193,15 @@ pub fn raw_restore(before: &RawChains, now: &RawChains, jumps_added: &[(String, 
             if let Some(i) = left.iter().position(|x| x == j) {
                 left.remove(i);
                 let _ = writeln!(s, "-D {} -j {}", j.0, j.1);
+            }
+        }
+        // Jumps that were there before and are gone now (a transaction that removed ctguard:
+        // `apply --remove`), appended again as ctguard adds them.
+        for j in &before.jumps {
+            if let Some(i) = left.iter().position(|x| x == j) {
+                left.remove(i);
+            } else {
+                let _ = writeln!(s, "-A {} -j {}", j.0, j.1);
             }
         }
     } else {
