@@ -1119,8 +1119,9 @@ mod tests {
                 "kind": "policy",
                 "deadline": "2023-11-14T22:15:00Z",
                 "seconds_left": 60,
-                "requester": {"uid": 0, "pid": 4242, "ssh": "198.18.0.1 50000 198.18.0.2 22"},
+                "requester": {"uid": 0, "pid": 4242, "ssh": "198.18.0.1 50000 198.18.0.2 22", "person": null},
                 "state": "PENDING",
+                "comment": null,
             })
         );
         assert_eq!(status_entry(&r, 200 * SEC)["seconds_left"], 0);
