@@ -35,6 +35,8 @@ fn apply_from_returns_to_an_earlier_committed_policy_and_its_rollback_to_the_lat
     ok(&ctg.run(&["confirm", &b]));
     let after_b = ns.nft_list();
     assert!(after_b.contains("5353"));
+    let plan = ctg.json(&["--netns", ns.name(), "plan", "--from", &a]);
+    assert_eq!(plan["changed"], true, "{plan}");
     // Back to A, dead-man protected: the rollback gives B back exactly.
     let out = ctg.run(&["--json", "apply", "--from", &a, "--timeout", "60s"]);
     ok(&out);
@@ -151,6 +153,10 @@ fn remove_round_trip(backend: &str) {
     }
     let after_b = (firewall(&ns, backend), udp_timeout(&ns));
     assert_eq!(after_b.1, "5");
+    // `plan --remove` shows it, changes nothing.
+    let plan = ctg.json(&["--netns", ns.name(), "plan", "--remove"]);
+    assert_eq!(plan["changed"], true, "{plan}");
+    assert_eq!((firewall(&ns, backend), udp_timeout(&ns)), after_b);
     let (out, r) = ctg.apply(&ns, &["--remove", "--timeout", "60s"]);
     ok(&out);
     assert_eq!(

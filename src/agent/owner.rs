@@ -389,46 +389,10 @@ impl Claim<'_> {
     }
 }
 
-/// What `apply --remove` applies on target `id`: nothing to notrack (so ctguard's table, raw
-/// chains and accepts go) and every sysctl ctguard's committed transactions changed there back
-/// to its value before the first of them (since the last removal). Exit 2 when ctguard has
-/// nothing committed on the target.
+/// What `apply --remove` applies on target `id` ([`crate::persist::removal_policy`]).
 fn removal_policy(shared: &Shared, id: (u64, u64)) -> Result<crate::model::Policy, Response> {
-    use crate::model::{names::SysctlKey, SysctlValue};
     let all = shared.journal.list().map_err(|e| Response::fail(Exit::Internal, e.to_string()))?;
-    let mut committed: Vec<&TxnRecord> = all
-        .iter()
-        .filter(|r| (r.target.dev, r.target.ino) == id && r.kind == Kind::Policy && r.state == State::Committed)
-        .collect();
-    if let Some(last_removal) = committed.iter().rposition(|r| r.options.remove) {
-        committed.drain(..=last_removal);
-    }
-    let Some(last) = committed.last() else {
-        return Err(Response::fail(Exit::BadInput, "--remove: ctguard has no committed policy on this target"));
-    };
-    let mut policy = crate::model::Policy::builtin();
-    policy.notrack.clear();
-    policy.sysctl.clear();
-    policy.persist = false;
-    if let Some(p) = last.policy.as_ref().and_then(|v| crate::persist::policy_from_record(v).ok()) {
-        policy.backend = p.backend;
-    }
-    // Per key, the value before ctguard: the `old` that no committed write produced (a chain
-    // 30 → 10 → 5 gives 30 whatever order the records list in).
-    let mut writes: std::collections::BTreeMap<String, Vec<(u64, u64)>> = std::collections::BTreeMap::new();
-    for r in &committed {
-        let Ok(Undo::Policy(u)) = Undo::from_record(Kind::Policy, &r.undo) else { continue };
-        for s in &u.sysctls {
-            writes.entry(s.key.clone()).or_default().push((s.old, s.new));
-        }
-    }
-    for (key, w) in writes {
-        let original = w.iter().find(|(old, _)| !w.iter().any(|(o2, new)| new == old && o2 != old)).or(w.first());
-        if let (Ok(k), Some((old, _))) = (SysctlKey::parse(&key), original) {
-            policy.sysctl.insert(k, SysctlValue::Int(*old));
-        }
-    }
-    Ok(policy)
+    crate::persist::removal_policy(&all, id).map_err(|e| Response::fail(Exit::BadInput, e))
 }
 
 /// The latest COMMITTED policy transaction on a target (the one a new apply replaces).

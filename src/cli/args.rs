@@ -223,6 +223,12 @@ pub struct PlanArgs {
     /// Also ask the kernel: nft check mode in the target, iptables in a scratch namespace.
     #[arg(long)]
     pub check: bool,
+    /// Plan re-applying what policy transaction TXID committed (`apply --from`).
+    #[arg(long, value_name = "TXID", conflicts_with = "policy")]
+    pub from: Option<String>,
+    /// Plan removing ctguard from the target (`apply --remove`).
+    #[arg(long, conflicts_with_all = ["policy", "from"])]
+    pub remove: bool,
 }
 
 /// `render --format nft|iptables|ip6tables [POLICY]`.

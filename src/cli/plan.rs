@@ -46,8 +46,24 @@ impl Report {
 }
 
 pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
-    let policy = super::load_policy(args.policy.as_deref())?.policy;
     let (spec, target, facts) = super::open_target(global)?;
+    let bad = |m: String| vec![Failure::bad_input(m)];
+    let policy = if let Some(txid) = &args.from {
+        let id = crate::txn::TxnId::parse(txid).map_err(|e| bad(format!("--from: {e}")))?;
+        let j = crate::journal::Journal::attach(&global.state_dir).map_err(|e| bad(e.to_string()))?;
+        let rec = j.load(&id).map_err(|e| bad(format!("--from: {e}")))?;
+        if rec.state != crate::txn::State::Committed || rec.kind != crate::txn::Kind::Policy {
+            return Err(bad(format!("--from {txid}: not a committed policy transaction ({})", rec.state.outcome())));
+        }
+        let v = rec.policy.as_ref().ok_or_else(|| bad(format!("--from {txid}: the record holds no policy")))?;
+        crate::persist::policy_from_record(v).map_err(|e| bad(format!("--from {txid}: {e}")))?
+    } else if args.remove {
+        let j = crate::journal::Journal::attach(&global.state_dir).map_err(|e| bad(e.to_string()))?;
+        let records = j.list().map_err(|e| bad(e.to_string()))?;
+        crate::persist::removal_policy(&records, target.id).map_err(bad)?
+    } else {
+        super::load_policy(args.policy.as_deref())?.policy
+    };
     let ssh = std::env::var("SSH_CONNECTION").ok().and_then(|v| SshConn::from_env_value(&v));
     let initial_ns = target.is_initial();
     let label = match &spec {
