@@ -585,6 +585,49 @@ pub fn on_committed(rec: &TxnRecord, paths: &PersistPaths) -> Result<Option<Pers
     persist_committed(rec, paths, &read_host_sysctl)
 }
 
+/// What `apply --remove` applies on target `id`: nothing to notrack (so ctguard's table, raw
+/// chains and accepts go) and every sysctl ctguard's committed policy transactions changed there
+/// back to its value before the first of them (since the last removal). Pure over the journal's
+/// records. Errs (a one-line reason) when ctguard has nothing committed on the target.
+pub fn removal_policy(records: &[crate::txn::TxnRecord], id: (u64, u64)) -> Result<Policy, String> {
+    use crate::agent::engine::Undo;
+    use crate::model::names::SysctlKey;
+    use crate::txn::{Kind, State};
+    let mut committed: Vec<&crate::txn::TxnRecord> = records
+        .iter()
+        .filter(|r| (r.target.dev, r.target.ino) == id && r.kind == Kind::Policy && r.state == State::Committed)
+        .collect();
+    if let Some(last_removal) = committed.iter().rposition(|r| r.options.remove) {
+        committed.drain(..=last_removal);
+    }
+    let Some(last) = committed.last() else {
+        return Err("--remove: ctguard has no committed policy on this target".into());
+    };
+    let mut policy = Policy::builtin();
+    policy.notrack.clear();
+    policy.sysctl.clear();
+    policy.persist = false;
+    if let Some(p) = last.policy.as_ref().and_then(|v| policy_from_record(v).ok()) {
+        policy.backend = p.backend;
+    }
+    // Per key, the value before ctguard: the `old` that no committed write produced (a chain
+    // 30 → 10 → 5 gives 30 whatever order the records list in).
+    let mut writes: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for r in &committed {
+        let Ok(Undo::Policy(u)) = Undo::from_record(Kind::Policy, &r.undo) else { continue };
+        for s in &u.sysctls {
+            writes.entry(s.key.clone()).or_default().push((s.old, s.new));
+        }
+    }
+    for (key, w) in writes {
+        let original = w.iter().find(|(old, _)| !w.iter().any(|(o2, new)| new == old && o2 != old)).or(w.first());
+        if let (Ok(k), Some((old, _))) = (SysctlKey::parse(&key), original) {
+            policy.sysctl.insert(k, SysctlValue::Int(*old));
+        }
+    }
+    Ok(policy)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,47 +683,4 @@ ports = [853]
         assert_eq!(rh.state_dir, Path::new("/s"));
         let _ = fs::remove_dir_all(&root);
     }
-}
-
-/// What `apply --remove` applies on target `id`: nothing to notrack (so ctguard's table, raw
-/// chains and accepts go) and every sysctl ctguard's committed policy transactions changed there
-/// back to its value before the first of them (since the last removal). Pure over the journal's
-/// records. Errs (a one-line reason) when ctguard has nothing committed on the target.
-pub fn removal_policy(records: &[crate::txn::TxnRecord], id: (u64, u64)) -> Result<Policy, String> {
-    use crate::agent::engine::Undo;
-    use crate::model::names::SysctlKey;
-    use crate::txn::{Kind, State};
-    let mut committed: Vec<&crate::txn::TxnRecord> = records
-        .iter()
-        .filter(|r| (r.target.dev, r.target.ino) == id && r.kind == Kind::Policy && r.state == State::Committed)
-        .collect();
-    if let Some(last_removal) = committed.iter().rposition(|r| r.options.remove) {
-        committed.drain(..=last_removal);
-    }
-    let Some(last) = committed.last() else {
-        return Err("--remove: ctguard has no committed policy on this target".into());
-    };
-    let mut policy = Policy::builtin();
-    policy.notrack.clear();
-    policy.sysctl.clear();
-    policy.persist = false;
-    if let Some(p) = last.policy.as_ref().and_then(|v| policy_from_record(v).ok()) {
-        policy.backend = p.backend;
-    }
-    // Per key, the value before ctguard: the `old` that no committed write produced (a chain
-    // 30 → 10 → 5 gives 30 whatever order the records list in).
-    let mut writes: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
-    for r in &committed {
-        let Ok(Undo::Policy(u)) = Undo::from_record(Kind::Policy, &r.undo) else { continue };
-        for s in &u.sysctls {
-            writes.entry(s.key.clone()).or_default().push((s.old, s.new));
-        }
-    }
-    for (key, w) in writes {
-        let original = w.iter().find(|(old, _)| !w.iter().any(|(o2, new)| new == old && o2 != old)).or(w.first());
-        if let (Ok(k), Some((old, _))) = (SysctlKey::parse(&key), original) {
-            policy.sysctl.insert(k, SysctlValue::Int(*old));
-        }
-    }
-    Ok(policy)
 }
