@@ -871,7 +871,14 @@ fn disguises_refused_then_a_new_connection_commits(label: &str, use_pam: bool) {
     let log = wait_log(&ctg, &format!("SIGUSR1 from pid Some({sender}) refused"), Duration::from_secs(3));
     let line = log.lines().find(|l| l.contains(&format!("SIGUSR1 from pid Some({sender})"))).unwrap_or_default();
     eprintln!("disguise usr1 (UsePAM {use_pam}): agent: {line}");
-    assert!(line.contains(&detached_reason) || (sid.is_none() && line.contains("does not run under an SSH")), "{line}");
+    // Refused either way; which identifier matched first depends on whether the double fork
+    // had left the sshd process tree yet when the signal was sent (a loaded machine).
+    assert!(
+        line.contains(&detached_reason)
+            || line.contains("same SSH connection")
+            || (sid.is_none() && line.contains("does not run under an SSH")),
+        "{line}"
+    );
     assert_eq!(ctg.state(&id), "PENDING");
     // Every refusal is journaled with what it rested on; the spoofed claim is marked unverified.
     let notes: Vec<String> = ctg.json(&["show", &id])["events"]
