@@ -176,36 +176,54 @@ fn render_main_page(cmd: clap::Command, out: &mut dyn Write) -> std::io::Result<
 }
 
 /// `ctguard man`: the main page on stdout (roff, section 8), or with `--out-dir` that page as
-/// `ctguard.8` plus `ctguard-VERB.8` for every verb.
-pub(super) fn man(a: &ManArgs) -> Result<Exit, Vec<Failure>> {
+/// `ctguard.8` plus `ctguard-VERB.8` for every verb. Under `--json` the page is the envelope's
+/// `data.text` (`data.files` with `--out-dir`).
+pub(super) fn man(a: &ManArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
     let Some(dir) = &a.out_dir else {
         let mut out = Vec::new();
         render_main_page(cmd, &mut out).map_err(|e| vec![Failure::internal(format!("man: {e}"))])?;
-        std::io::stdout().write_all(&out).map_err(|e| vec![Failure::internal(format!("stdout: {e}"))])?;
+        if global.json {
+            super::print_json(&json!({"format": "roff", "text": String::from_utf8_lossy(&out)}));
+        } else {
+            super::out::stdout_bytes(&out);
+        }
         return Ok(Exit::Ok);
     };
     let fail = |p: &Path, e: std::io::Error| vec![Failure::bad_input(format!("{}: {e}", p.display()))];
     std::fs::create_dir_all(dir).map_err(|e| fail(dir, e))?;
+    let mut files = Vec::new();
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let path = man_page(sub.clone()).generate_to(dir).map_err(|e| fail(dir, e))?;
-        println!("{}", path.display());
+        files.push(path.display().to_string());
     }
     let main = dir.join("ctguard.8");
     let mut out = Vec::new();
     render_main_page(cmd, &mut out).map_err(|e| fail(&main, e))?;
     std::fs::write(&main, out).map_err(|e| fail(&main, e))?;
-    println!("{}", main.display());
+    files.push(main.display().to_string());
+    if global.json {
+        super::print_json(&json!({"files": files}));
+    } else {
+        for f in &files {
+            println!("{f}");
+        }
+    }
     Ok(Exit::Ok)
 }
 
-/// `ctguard completions SHELL`: the completion script on stdout.
-pub(super) fn completions(a: &CompletionsArgs) -> Result<Exit, Vec<Failure>> {
+/// `ctguard completions SHELL`: the completion script on stdout (under `--json`, the
+/// envelope's `data.text`).
+pub(super) fn completions(a: &CompletionsArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     let mut cmd = Cli::command();
     let mut out = Vec::new();
     clap_complete::generate(a.shell, &mut cmd, "ctguard", &mut out);
-    std::io::stdout().write_all(&out).map_err(|e| vec![Failure::internal(format!("stdout: {e}"))])?;
+    if global.json {
+        super::print_json(&json!({"shell": a.shell.to_string(), "text": String::from_utf8_lossy(&out)}));
+    } else {
+        super::out::stdout_bytes(&out);
+    }
     Ok(Exit::Ok)
 }
 

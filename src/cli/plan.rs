@@ -47,6 +47,7 @@ impl Report {
 
 pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     let policy = super::load_policy(args.policy.as_deref())?.policy;
+    super::privilege::require_root_for_plan()?;
     let (spec, target, facts) = super::open_target(global)?;
     let ssh = std::env::var("SSH_CONNECTION").ok().and_then(|v| SshConn::from_env_value(&v));
     let initial_ns = target.is_initial();

@@ -29,7 +29,8 @@ fn client_failure(e: ClientError) -> Vec<Failure> {
 /// Turns an agent answer into the CLI's exit code and output.
 fn finish(global: &Global, r: Response, text: impl FnOnce(&Value) -> String) -> Result<Exit, Vec<Failure>> {
     if global.json {
-        super::print_json(&json!({"exit": r.exit, "error": r.error, "data": r.data}));
+        // The envelope is printed by `cli::main` with this exit code and error.
+        super::print_json(&r.data);
     }
     if r.exit != 0 {
         let exit = Exit::from_code(r.exit);
