@@ -550,8 +550,9 @@ fn restore_without_a_persisted_policy_does_nothing() {
     let o = ctguard(&["--state-dir", s, "--run-dir", r, "--json", "restore"]);
     assert_ok(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(v["changed"], false);
-    assert_eq!(v["persisted"], false);
+    assert_eq!(v["exit"], 0, "{v}");
+    assert_eq!(v["data"]["changed"], false, "{v}");
+    assert_eq!(v["data"]["persisted"], false, "{v}");
     assert!(!run.exists(), "no agent may be started for nothing");
     let missing = dir.0.join("nope.toml");
     let o = ctguard(&["--state-dir", s, "--run-dir", r, "restore", "--policy-file", missing.to_str().expect("utf8")]);

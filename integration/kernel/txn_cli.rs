@@ -45,13 +45,18 @@ impl Ctg {
         cmd.output().expect("run ctguard")
     }
 
-    pub(crate) fn json(&self, args: &[&str]) -> Value {
+    /// `ctguard --json ARGS`: the whole envelope `{"exit", "error", "data"}` every verb prints.
+    pub(crate) fn envelope(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.run(&a);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("{args:?}: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-        })
+        envelope_of(&out, args)
+    }
+
+    /// `ctguard --json ARGS`: what the verb reports, the envelope's `data` (`null` on a failure
+    /// that has none; [`Ctg::envelope`] for the exit code and the error).
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
+        self.envelope(args)["data"].take()
     }
 
     /// `apply --json` and the txid.
@@ -96,6 +101,19 @@ impl Ctg {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
         pid
     }
+}
+
+/// The one JSON envelope on `out`'s stdout, checked for its shape: `exit` (the process's exit
+/// code), `error` (null exactly on success) and `data`, nothing else.
+pub(crate) fn envelope_of(out: &Output, what: &[&str]) -> Value {
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{what:?}: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    let keys: Vec<&String> = v.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    assert_eq!(keys, ["data", "error", "exit"], "{what:?}: not the envelope: {v}");
+    assert_eq!(v["exit"].as_i64().map(|c| c as i32), out.status.code(), "{what:?}: {v}");
+    assert_eq!(v["error"].is_null(), out.status.success(), "{what:?}: {v}");
+    v
 }
 
 /// Waits until `pid` has exited (gone or a zombie).
@@ -555,7 +573,7 @@ fn extend_through_the_cli_and_an_unusable_state_dir_is_exit_2() {
     let ctg = Ctg::new();
     let (out, id) = ctg.apply(&ns, &["--timeout", "2s"]);
     ok(&out);
-    let v = ctg.json(&["extend", "--by", "1m", &id]);
+    let v = ctg.envelope(&["extend", "--by", "1m", &id]);
     assert_eq!(v["exit"], 0, "{v}");
     assert!(v["data"]["seconds_left"].as_u64().is_some_and(|s| s > 55), "{v}");
     std::thread::sleep(Duration::from_millis(2500));

@@ -160,10 +160,13 @@ class ActionModule(ActionBase):
                 cmd += [flag, args[key]]
         cmd += verb
         res = self._low_level_execute_command(" ".join(shlex.quote(to_native(c)) for c in cmd), sudoable=True)
+        # Every verb prints one envelope {"exit", "error", "data"}; what it reports is `data`
+        # (null when it failed).
         try:
-            return json.loads(res.get("stdout") or "")
+            envelope = json.loads(res.get("stdout") or "")
         except ValueError:
             return None
+        return envelope.get("data") if isinstance(envelope, dict) else None
 
     def _wait_rolled_back(self, result, args, task_vars, txid, deadline, reason):
         """Waits past the deadline, reconnects and reports what the agent did."""

@@ -283,6 +283,8 @@ class Ctguard(object):
                 self.base += [flag, p[key]]
         self.last_cmd = None
         self.last_rc = None
+        # The `error` of the last envelope.
+        self.last_error = None
         # The temp file the `policy` dict was written to (named `policy` in messages).
         self.policy_tmp = None
 
@@ -291,21 +293,26 @@ class Ctguard(object):
         self.last_cmd = cmd
         rc, out, err = self.module.run_command(cmd, check_rc=False, environ_update={"LC_ALL": "C"})
         self.last_rc = rc
+        # Every verb prints one envelope {"exit", "error", "data"} under --json, on success and
+        # on failure: `data` is what the verb reports (null when it has nothing), `error` the
+        # failure's message (null on success).
         data = None
+        self.last_error = None
         if out.strip():
             try:
-                data = json.loads(out)
+                envelope = json.loads(out)
             except ValueError:
-                data = None
+                envelope = None
+            if isinstance(envelope, dict):
+                data = envelope.get("data")
+                self.last_error = envelope.get("error")
         return rc, data, out, err
 
     def fail(self, what, rc, data, out, err, **extra):
         msg = EXIT_MESSAGES.get(rc, "ctguard exited with code %s" % rc)
-        detail = ""
-        if isinstance(data, dict) and data.get("error"):
-            detail = to_native(data["error"])
+        detail = to_native(self.last_error) if self.last_error else ""
         errlines = [line.replace("ctguard: error: ", "") for line in (err or "").splitlines() if line.strip()]
-        errlines = [line for line in errlines[-10:] if line != detail]
+        errlines = [line for line in errlines[-10:] if line not in detail]
         if errlines:
             detail = (detail + "; " if detail else "") + "; ".join(errlines)
         if self.policy_tmp:
@@ -435,7 +442,7 @@ def apply_pending(module, ctg):
         if p[flag]:
             args.append("--" + flag.replace("_", "-"))
     rc, data, out, err = ctg.run(args)
-    d = (data or {}).get("data") or {} if isinstance(data, dict) else {}
+    d = data if isinstance(data, dict) else {}
     if rc != 0:
         extra = {}
         if d.get("txid"):
@@ -486,7 +493,7 @@ def confirm_or_rollback(module, ctg, verb):
                          rc=rc, cmd=ctg.last_cmd)
     args = [verb] + ([txid] if txid else [])
     rc, data, out, err = ctg.run(args)
-    d = (data or {}).get("data") or {} if isinstance(data, dict) else {}
+    d = data if isinstance(data, dict) else {}
     if rc != 0:
         extra = {"txid": txid} if txid else {}
         if rc == 5:
