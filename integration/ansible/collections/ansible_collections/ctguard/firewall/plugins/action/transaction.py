@@ -35,7 +35,7 @@ RETRY_SLEEP = 1
 
 
 def parse_duration(text):
-    """DESIGN §5 durations: 90, 90s, 5m, 1h -> seconds (None when it cannot be parsed)."""
+    """ctguard durations: 90, 90s, 5m, 1h -> seconds (None when it cannot be parsed)."""
     m = re.match(r"^\s*(\d+)\s*([smh]?)\s*$", to_native(text or ""))
     if not m:
         return None
