@@ -66,11 +66,21 @@ EOF
   echo "ansible collection: not in the tree yet ($collection); a README stands in"
 fi
 
+# Debian policy 12.7: the upstream change log is /usr/share/doc/ctguard/changelog.gz.
+gzip -9n <CHANGELOG.md >"$assets/changelog.gz"
+
 step "cargo deb --no-build"
 mkdir -p "$target_dir/debian"
 deb=$(cargo deb --no-build --output "$target_dir/debian/" | tail -n 1)
 [ -f "$deb" ] || { echo "deb-test: cargo deb did not produce a file ($deb)" >&2; exit 1; }
 ls -l "$deb"
+
+if command -v lintian >/dev/null 2>&1; then
+  step "lintian (errors and warnings fail; the remaining ones are explained in contrib/debian/lintian-overrides)"
+  lintian --fail-on error,warning "$deb"
+else
+  echo "lintian not installed (apt-get install lintian): package policy not checked"
+fi
 
 step "package metadata and content"
 dpkg-deb -f "$deb" Package Version Depends Recommends

@@ -331,6 +331,33 @@ fn deb_metadata_is_complete() {
         let name = u["unit-name"].as_str().expect("unit-name");
         assert!(Path::new(REPO).join(dir).join(format!("{name}.service")).is_file());
     }
+    // lintian's no-changelog: a Debian changelog for this version.
+    let changelog = deb["changelog"].as_str().expect("changelog");
+    let text = std::fs::read_to_string(Path::new(REPO).join(changelog)).expect("Debian changelog");
+    let version = manifest["package"]["version"].as_str().expect("version");
+    assert!(text.starts_with(&format!("ctguard ({version}-1) ")), "{text}");
+}
+
+/// Removing the package stops the agent, which rolls back what is pending: the description
+/// and the prerm (before the generated stop) say so.
+#[test]
+fn deb_removal_behaviour_is_documented_in_the_package() {
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(Path::new(REPO).join("Cargo.toml")).expect("Cargo.toml"))
+            .expect("toml");
+    let deb = &manifest["package"]["metadata"]["deb"];
+    let description = deb["extended-description"].as_str().expect("extended-description");
+    assert!(description.contains("Removing this package stops the agent, which rolls back"), "{description}");
+    let dir = deb["maintainer-scripts"].as_str().expect("maintainer-scripts");
+    let prerm = std::fs::read_to_string(Path::new(REPO).join(dir).join("prerm")).expect("prerm");
+    let (before, _) = prerm.split_once("#DEBHELPER#").expect("prerm keeps cargo-deb's generated part");
+    assert!(before.contains("rolls back every pending transaction"), "{prerm}");
+    let readme = std::fs::read_to_string(Path::new(REPO).join("README.md")).expect("README");
+    assert!(readme.contains("**Removing the package**"), "the operator guide says nothing");
+    if let Some(sh) = find_tool("sh") {
+        let o = Command::new(sh).args(["-n"]).arg(Path::new(REPO).join(dir).join("prerm")).output().expect("sh -n");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
 }
 
 #[test]
@@ -550,8 +577,9 @@ fn restore_without_a_persisted_policy_does_nothing() {
     let o = ctguard(&["--state-dir", s, "--run-dir", r, "--json", "restore"]);
     assert_ok(&o);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert_eq!(v["changed"], false);
-    assert_eq!(v["persisted"], false);
+    assert_eq!(v["exit"], 0, "{v}");
+    assert_eq!(v["data"]["changed"], false, "{v}");
+    assert_eq!(v["data"]["persisted"], false, "{v}");
     assert!(!run.exists(), "no agent may be started for nothing");
     let missing = dir.0.join("nope.toml");
     let o = ctguard(&["--state-dir", s, "--run-dir", r, "restore", "--policy-file", missing.to_str().expect("utf8")]);

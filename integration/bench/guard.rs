@@ -125,7 +125,7 @@ impl Drop for Cli {
 
 fn status_field(pid: i32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(key)?.trim().split_whitespace().next()?.parse().ok())
+    s.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
 }
 
 fn switches(pid: i32) -> Option<u64> {
@@ -214,7 +214,8 @@ fn main() {
         std::process::exit(1);
     }
     let quick = std::env::var("CTGUARD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    let reloads = std::env::var("CTGUARD_GUARD_RELOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 3 } else { 20 });
+    let reloads =
+        std::env::var("CTGUARD_GUARD_RELOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick { 3 } else { 20 });
     let window = Duration::from_secs(if quick { 5 } else { 30 });
     let base = std::env::temp_dir().join(format!("ctg-gbench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&base);

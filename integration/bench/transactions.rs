@@ -860,7 +860,7 @@ impl Cli {
 
     fn agent_pid(&self) -> Option<i32> {
         let v = self.cmd(&["status"]).ok()?;
-        v["agent_pid"].as_i64().and_then(|p| i32::try_from(p).ok())
+        v["data"]["agent_pid"].as_i64().and_then(|p| i32::try_from(p).ok())
     }
 
     /// Waits for the agent `pid` (started by this bench through the CLI) to exit; SIGTERM after

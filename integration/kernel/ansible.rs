@@ -240,7 +240,8 @@ fn show(c: &Controller, host: &str, txid: &str) -> Value {
         .args(["show", txid])
         .output()
         .expect("ctguard show");
-    serde_json::from_slice(&out.stdout)
+    serde_json::from_slice::<Value>(&out.stdout)
+        .map(|mut v| v["data"].take())
         .unwrap_or_else(|e| panic!("show {txid}: {e}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
@@ -258,7 +259,7 @@ fn history_len(c: &Controller, host: &str) -> usize {
         .output()
         .expect("ctguard history");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    v["transactions"].as_array().map(Vec::len).unwrap_or(0)
+    v["data"]["transactions"].as_array().map(Vec::len).unwrap_or(0)
 }
 
 /// A ruleset that drops every incoming packet (established SSH included).

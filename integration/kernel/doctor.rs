@@ -54,9 +54,10 @@ struct Run {
 }
 
 impl Run {
+    /// What `--json` reports: the envelope's `data`.
     fn json(&self) -> Value {
-        match serde_json::from_str(&self.stdout) {
-            Ok(v) => v,
+        match serde_json::from_str::<Value>(&self.stdout) {
+            Ok(mut v) => v["data"].take(),
             Err(e) => panic!("doctor printed no JSON ({e}):\n{}\nstderr: {}", self.stdout, self.stderr),
         }
     }

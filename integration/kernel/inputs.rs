@@ -187,11 +187,11 @@ fn netns_proc_self_names_the_callers_namespace_for_plan_and_apply() {
     // agent's home has no ruleset and needs none).
     let out = in_ns(&ctg, &caller, &["--json", "plan", "--netns", "/proc/self/ns/net"]);
     ok(&out);
-    let plan = json_of(&out);
+    let plan = json_of(&out)["data"].take();
     assert!(!plan["insertions"].as_array().expect("insertions").is_empty(), "{plan}");
     let home_plan = in_ns(&ctg, &home, &["--json", "plan", "--netns", "/proc/self/ns/net"]);
     ok(&home_plan);
-    assert!(json_of(&home_plan)["insertions"].as_array().expect("insertions").is_empty());
+    assert!(json_of(&home_plan)["data"]["insertions"].as_array().expect("insertions").is_empty());
 
     // apply: changes the caller's namespace, not the agent's.
     let out = in_ns(&ctg, &caller, &["--json", "apply", "--netns", "/proc/self/ns/net", "--timeout", "60s"]);

@@ -65,9 +65,8 @@ impl Inst {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.run(&a);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("{args:?}: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-        })
+        // What the verb reports: the envelope's `data`.
+        super::txn_cli::envelope_of(&out, args)["data"].take()
     }
 
     fn agent_pid(&self) -> Option<i32> {

@@ -31,7 +31,8 @@ fn plan(ns: &Ns, policy: Option<&str>, extra: &[&str], env: &[(&str, &str)]) -> 
     let out = cmd.output().expect("run ctguard");
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    // The envelope's `data`: the report (kept when plan exits 2 or 3).
+    let json = serde_json::from_str::<Value>(&stdout).map(|mut v| v["data"].take()).unwrap_or(Value::Null);
     PlanRun { code: out.status.code().unwrap_or(-1), json, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
 }
 

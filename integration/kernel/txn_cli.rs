@@ -45,13 +45,18 @@ impl Ctg {
         cmd.output().expect("run ctguard")
     }
 
-    pub(crate) fn json(&self, args: &[&str]) -> Value {
+    /// `ctguard --json ARGS`: the whole envelope `{"exit", "error", "data"}` every verb prints.
+    pub(crate) fn envelope(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.run(&a);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("{args:?}: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-        })
+        envelope_of(&out, args)
+    }
+
+    /// `ctguard --json ARGS`: what the verb reports, the envelope's `data` (`null` on a failure
+    /// that has none; [`Ctg::envelope`] for the exit code and the error).
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
+        self.envelope(args)["data"].take()
     }
 
     /// `apply --json` and the txid.
@@ -96,6 +101,19 @@ impl Ctg {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("kill");
         pid
     }
+}
+
+/// The one JSON envelope on `out`'s stdout, checked for its shape: `exit` (the process's exit
+/// code), `error` (null exactly on success) and `data`, nothing else.
+pub(crate) fn envelope_of(out: &Output, what: &[&str]) -> Value {
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{what:?}: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    let keys: Vec<&String> = v.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    assert_eq!(keys, ["data", "error", "exit"], "{what:?}: not the envelope: {v}");
+    assert_eq!(v["exit"].as_i64().map(|c| c as i32), out.status.code(), "{what:?}: {v}");
+    assert_eq!(v["error"].is_null(), out.status.success(), "{what:?}: {v}");
+    v
 }
 
 /// Waits until `pid` has exited (gone or a zombie).
@@ -197,6 +215,61 @@ fn confirm_keeps_and_reapply_replaces_then_rollback_restores_the_committed_one()
     ok(&ctg.run(&["rollback", &b]));
     assert_eq!(ctg.state(&b), "ROLLED_BACK");
     assert_eq!(ns.nft_list(), committed);
+}
+
+/// Every transaction verb under `--json` prints the one envelope (checked by
+/// [`Ctg::envelope`]), on success and on failure; with stdout closed (`| head -c1`) a verb
+/// still does its work and exits as it would have, quietly.
+#[test]
+fn json_has_one_shape_and_a_closed_stdout_changes_no_outcome_for_transaction_verbs() {
+    let ns = Ns::new("envelope");
+    ns.nft(STATEFUL);
+    let before = ns.nft_list();
+    let ctg = Ctg::new();
+    let v = ctg.envelope(&["apply", "--netns", ns.name(), "--timeout", "60s"]);
+    let a = v["data"]["txid"].as_str().expect("txid").to_string();
+    assert_eq!(v["data"]["state"], "PENDING", "{v}");
+    let st = ctg.envelope(&["status"]);
+    assert_eq!(st["data"]["pending"][0]["id"].as_str(), Some(a.as_str()), "{st}");
+    let busy = ctg.envelope(&["apply", "--netns", ns.name(), "--timeout", "60s"]);
+    assert_eq!(busy["exit"], 4, "{busy}");
+    assert!(busy["error"].as_str().is_some_and(|e| e.contains(&a)), "{busy}");
+    let ext = ctg.envelope(&["extend", "--by", "2m", &a]);
+    assert!(ext["data"]["seconds_left"].as_u64().is_some_and(|s| s > 100), "{ext}");
+    let c = ctg.envelope(&["confirm", &a]);
+    assert_eq!(c["data"]["txid"].as_str(), Some(a.as_str()), "{c}");
+    let again = ctg.envelope(&["rollback", &a]);
+    assert_ne!(again["exit"], 0, "a committed transaction cannot be rolled back: {again}");
+    let unknown = ctg.envelope(&["confirm", "20261204-031331-7199"]);
+    assert_eq!(unknown["exit"], 2, "{unknown}");
+    // stdout closed before a byte is read: the apply happens and exits 0, without a panic.
+    let (read, write) = nix::unistd::pipe().expect("pipe");
+    drop(read);
+    let out = Command::new(env!("CARGO_BIN_EXE_ctguard"))
+        .arg("--state-dir")
+        .arg(ctg.base.join("state"))
+        .arg("--run-dir")
+        .arg(ctg.base.join("run"))
+        .args(["apply", "--netns", ns.name(), "--timeout", "60s"])
+        .env_remove("SSH_CONNECTION")
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .expect("apply");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let pending = ctg.json(&["status"])["pending"].clone();
+    let b = pending[0]["id"].as_str().expect("the apply is pending").to_string();
+    let r = ctg.envelope(&["rollback", &b]);
+    assert_eq!(r["data"]["txid"].as_str(), Some(b.as_str()), "{r}");
+    let h = ctg.envelope(&["history"]);
+    let ids: Vec<&str> =
+        h["data"]["transactions"].as_array().into_iter().flatten().filter_map(|t| t["id"].as_str()).collect();
+    assert_eq!(ids, [a.as_str(), b.as_str()], "{h}");
+    let shown = ctg.envelope(&["show", &b]);
+    assert_eq!(shown["data"]["state"], "ROLLED_BACK", "{shown}");
+    // a is committed: its objects stay (the namespace goes with the test).
+    assert_ne!(ns.nft_list(), before);
 }
 
 #[test]
@@ -436,15 +509,31 @@ fn a_non_root_client_is_refused_by_mode_and_by_peer_credentials() {
     let out = as_nobody(&ctg, &["confirm", &id]);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("run ctguard as root"), "{out:?}");
-    // Opened up for the test, the SO_PEERCRED check refuses it all the same.
+    // Opened up for the test, the SO_PEERCRED check refuses it all the same. The CLI refuses a
+    // non-root user before it connects, so the request is sent as the library's client does,
+    // from a thread that dropped to nobody alone (the raw setresuid changes only the calling
+    // thread's credentials, which the socket's peer credentials are taken from).
     std::fs::set_permissions(&ctg.base, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(ctg.base.join("run"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(ctg.base.join("state"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
     let out = as_nobody(&ctg, &["confirm", &id]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("root only"), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run ctguard as root"), "{out:?}");
+    let run_dir = ctg.base.join("run");
+    let txid = id.clone();
+    let answer = std::thread::spawn(move || {
+        // SAFETY: a raw syscall on this thread's own credentials; no memory is involved.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+        assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+        let req = ctguard::agent::protocol::Request::Confirm { txid: Some(txid), netns: None };
+        ctguard::agent::client::request(&run_dir, req, Duration::from_secs(5))
+    })
+    .join()
+    .expect("nobody thread");
+    let answer = answer.expect("the agent answers a refusal");
+    assert_eq!(answer.exit, 2, "{answer:?}");
+    assert!(answer.error.as_deref().unwrap_or("").contains("root only"), "{answer:?}");
     assert_eq!(ctg.state(&id), "PENDING");
 }
 
@@ -555,7 +644,7 @@ fn extend_through_the_cli_and_an_unusable_state_dir_is_exit_2() {
     let ctg = Ctg::new();
     let (out, id) = ctg.apply(&ns, &["--timeout", "2s"]);
     ok(&out);
-    let v = ctg.json(&["extend", "--by", "1m", &id]);
+    let v = ctg.envelope(&["extend", "--by", "1m", &id]);
     assert_eq!(v["exit"], 0, "{v}");
     assert!(v["data"]["seconds_left"].as_u64().is_some_and(|s| s > 55), "{v}");
     std::thread::sleep(Duration::from_millis(2500));

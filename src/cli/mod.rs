@@ -1,11 +1,35 @@
 //! The `ctguard` command: argument parsing ([`args`]) kept apart from the verbs that act.
 //! Every error leaves as one line on stderr (`ctguard: error: …`) and a documented exit code.
+//! Under `--json` every verb prints exactly one JSON object on stdout, success or error: the
+//! envelope `{"exit": N, "error": null | "…", "data": …}` ([`print_json`] sets `data`).
+//! A closed stdout (`ctguard history | head -1`) ends a verb quietly with its own exit code.
+
+// `print!`/`println!`/`eprint!`/`eprintln!` for every verb of the CLI: std's panic when the
+// reader went away (EPIPE), these do not (see [`out`]). Defined before the `mod` lines so that
+// they shadow std's in every submodule. The agent is a verb of this binary too: its sockets
+// never go through these, and SIGPIPE stays ignored (std's default), so a client that closes
+// its connection cannot kill it.
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::cli::out::stdout(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    () => { $crate::cli::out::stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::out::stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+macro_rules! eprint {
+    ($($arg:tt)*) => { $crate::cli::out::stderr(format_args!($($arg)*)) };
+}
+macro_rules! eprintln {
+    () => { $crate::cli::out::stderr(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::cli::out::stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
 
 pub mod args;
 mod doctor;
 pub(crate) mod input;
 mod ops;
 pub(crate) mod plan;
+mod privilege;
 mod render;
 mod txn;
 
@@ -21,13 +45,40 @@ pub fn main() -> i32 {
         Ok(c) => c,
         Err(e) => return argument_error(&e),
     };
+    let code = run(&cli);
+    out::flush();
+    code
+}
+
+/// Runs the verb; under `--json` prints the one envelope. Returns the exit code.
+fn run(cli: &Cli) -> i32 {
     ops::init_logging(cli.global.verbose, cli.global.log_format);
-    // Every verb that may act on or report transactions first revives a missing agent.
-    match &cli.command {
-        Command::Agent(_) | Command::Recover | Command::Render(_) | Command::Man(_) | Command::Completions(_) => {}
-        _ => txn::revive_agent_if_needed(&cli.global),
+    let result = privilege::check_root(&cli.command).and_then(|()| {
+        // Every verb that may act on or report transactions first revives a missing agent.
+        match &cli.command {
+            Command::Agent(_) | Command::Recover | Command::Render(_) | Command::Man(_) | Command::Completions(_) => {}
+            _ => txn::revive_agent_if_needed(&cli.global),
+        }
+        run_verb(cli)
+    });
+    let result = match (result, out::stdout_error()) {
+        // Output lost on a full disk or a failing device is an error; a closed pipe is not.
+        (Ok(_), Some(e)) => Err(vec![Failure::internal(format!("cannot write to stdout: {e}"))]),
+        (r, _) => r,
+    };
+    let result = result.map_err(privilege::explain);
+    let (exit, error) = match &result {
+        Ok(exit) => (*exit, None),
+        Err(failures) => (print_failures(failures), Some(envelope_error(failures))),
+    };
+    if cli.global.json {
+        print_envelope(exit, error, take_json());
     }
-    let result = match &cli.command {
+    exit.code()
+}
+
+fn run_verb(cli: &Cli) -> Result<Exit, Vec<Failure>> {
+    match &cli.command {
         Command::Render(a) => render::run(a, &cli.global),
         Command::Plan(a) => plan::run(a, &cli.global),
         Command::Apply(a) => txn::apply(a, &cli.global),
@@ -41,12 +92,8 @@ pub fn main() -> i32 {
         Command::Agent(a) => txn::agent(a, &cli.global),
         Command::Recover => txn::recover(&cli.global),
         Command::Restore(a) => ops::restore(a, &cli.global),
-        Command::Man(a) => ops::man(a),
-        Command::Completions(a) => ops::completions(a),
-    };
-    match result {
-        Ok(exit) => exit.code(),
-        Err(failures) => print_failures(&failures).code(),
+        Command::Man(a) => ops::man(a, &cli.global),
+        Command::Completions(a) => ops::completions(a, &cli.global),
     }
 }
 
@@ -82,7 +129,18 @@ fn argument_error(e: &clap::Error) -> i32 {
     } else {
         one_line_clap_error(e)
     };
-    print_failures(&[Failure::bad_input(message)]).code()
+    let failure = Failure::bad_input(message);
+    let exit = print_failures(std::slice::from_ref(&failure));
+    if json_requested(&args) {
+        print_envelope(exit, Some(failure.message), None);
+    }
+    out::flush();
+    exit.code()
+}
+
+/// `--json` among the arguments (before a `--`), for errors found before they are parsed.
+fn json_requested(args: &[std::ffi::OsString]) -> bool {
+    args.iter().skip(1).take_while(|a| *a != "--").any(|a| a == "--json")
 }
 
 /// Clap's multi-line error as one line: the first line without its `error: ` prefix, then the
@@ -161,14 +219,93 @@ pub(crate) fn open_target(
     Ok((spec, target, crate::model::auto::MachineFacts::with_ram(ram)))
 }
 
-/// Prints a JSON value on stdout (pretty, one document).
-/// A closed stdout (`ctguard … --json | head`) is not an error worth a panic.
+/// The `data` of the `--json` envelope, set by the verb ([`print_json`]) and printed by
+/// [`main`] with the verb's exit code and error.
+static JSON_DATA: std::sync::Mutex<Option<serde_json::Value>> = std::sync::Mutex::new(None);
+
+/// Sets what the verb reports under `--json`: the `data` of the envelope
+/// `{"exit", "error", "data"}` that [`main`] prints once the verb has returned, with its exit
+/// code and, on failure, its error (so a verb that reports and then fails, such as `plan`
+/// with lint errors, keeps its report). A second call replaces the first.
 pub(crate) fn print_json(v: &serde_json::Value) {
-    use std::io::Write;
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => {
-            let _ = writeln!(std::io::stdout().lock(), "{s}");
-        }
+    *JSON_DATA.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(v.clone());
+}
+
+fn take_json() -> Option<serde_json::Value> {
+    JSON_DATA.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+}
+
+/// The envelope's `error`: the failures' messages, unescaped (JSON escapes them), joined with
+/// `"; "`, at most [`crate::exit::MAX_ERROR_LINES`] and a count of the rest.
+fn envelope_error(failures: &[Failure]) -> String {
+    let mut parts: Vec<&str> = failures.iter().take(crate::exit::MAX_ERROR_LINES).map(|f| f.message.as_str()).collect();
+    let more = failures.len().saturating_sub(crate::exit::MAX_ERROR_LINES);
+    let more_text = format!("… and {more} more");
+    if more > 0 {
+        parts.push(&more_text);
+    }
+    if parts.is_empty() {
+        return "failed".to_string();
+    }
+    parts.join("; ")
+}
+
+/// The one JSON shape of every verb under `--json`, on stdout, pretty-printed:
+/// `{"exit": N, "error": null | "message", "data": null | {…}}`. `exit` is the process exit
+/// code; `error` is what stderr says (one line per failure there, `"; "`-joined here); `data`
+/// is what the verb reports (see DESIGN §5), kept on failure when the verb had it.
+fn print_envelope(exit: Exit, error: Option<String>, data: Option<serde_json::Value>) {
+    let v = serde_json::json!({"exit": exit.code(), "error": error, "data": data});
+    match serde_json::to_string_pretty(&v) {
+        Ok(s) => println!("{s}"),
         Err(e) => eprintln!("ctguard: error: cannot encode JSON: {}", crate::exit::escape_for_terminal(&e.to_string())),
+    }
+}
+
+/// Writing to stdout and stderr without panicking (the macros at the top of this module).
+pub(crate) mod out {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    /// The first stdout error other than a closed pipe (a full disk), reported by [`super::main`].
+    static STDOUT_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
+    fn record(e: &std::io::Error) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            let mut slot = STDOUT_ERROR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            slot.get_or_insert_with(|| e.to_string());
+        }
+    }
+
+    /// `print!`: a reader that went away (EPIPE) is ignored; the verb goes on and ends with its
+    /// own exit code. Other errors are kept for [`stdout_error`].
+    pub(crate) fn stdout(args: std::fmt::Arguments<'_>) {
+        if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+            record(&e);
+        }
+    }
+
+    /// Bytes on stdout, as [`stdout`].
+    pub(crate) fn stdout_bytes(bytes: &[u8]) {
+        if let Err(e) = std::io::stdout().lock().write_all(bytes) {
+            record(&e);
+        }
+    }
+
+    /// `eprint!`: stderr errors are ignored (there is nowhere left to report them).
+    pub(crate) fn stderr(args: std::fmt::Arguments<'_>) {
+        let _ = std::io::stderr().lock().write_fmt(args);
+    }
+
+    /// Flushes stdout before the process exits, as [`stdout`].
+    pub(crate) fn flush() {
+        if let Err(e) = std::io::stdout().lock().flush() {
+            record(&e);
+        }
+    }
+
+    /// The first stdout error that was not a closed pipe.
+    pub(crate) fn stdout_error() -> Option<String> {
+        STDOUT_ERROR.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }

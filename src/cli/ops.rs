@@ -100,7 +100,95 @@ pub(super) fn init_logging(verbose: u8, format: LogFormat) {
 // man and completions
 
 /// Hand-written sections appended to the generated main page (roff).
-const MAN_EXTRA: &str = r#".SH "EXIT STATUS"
+const MAN_EXTRA: &str = r#".SH POLICY
+A policy is a TOML document (or JSON with the same keys; \fB\-\fR reads it from standard input).
+Unknown keys are errors; each error is one line naming the field, for example
+\fBnotrack[0].ports[2]: 70000 is not a port (1\-65535)\fR. Without a POLICY argument the
+built\-in policy is used: udp and tcp port 53, both sysctls \fB"auto"\fR.
+.PP
+.nf
+backend = "auto"            # auto | nft | iptables\-nft | iptables\-legacy
+persist = false             # on COMMITTED, make the change survive reboot
+[[notrack]]
+protocols = ["udp", "tcp"]  # required, non\-empty
+ports = [53]                # required, non\-empty: 1\-65535 or "1000\-2000"
+sources = []                # client prefixes, IPv4/IPv6, no host bits; empty = any
+interfaces = []             # interface names; empty = all, lo included
+local_only = true           # only traffic addressed to this host
+accept_untracked = true     # insert "ct state untracked accept" where needed
+flush_existing = false      # delete conntrack entries already open for these flows
+[sysctl]                    # net.netfilter.* keys: integers, or "auto"
+"net.netfilter.nf_conntrack_max" = "auto"
+"net.netfilter.nf_conntrack_buckets" = "auto"
+.fi
+.TP
+\fBbackend\fR
+where the NOTRACK rules go: \fBnft\fR (table \fBinet ctguard\fR, chains at priority raw),
+\fBiptables\-nft\fR or \fBiptables\-legacy\fR (chains \fBCTGUARD\-PRE\fR and \fBCTGUARD\-OUT\fR in
+the raw table); \fBauto\fR picks nft when it is installed.
+.TP
+\fBpersist\fR
+when the transaction is committed, write the sysctls, the module options and the policy so
+that \fBctguard\-restore.service\fR re\-applies it at boot (see FILES).
+.TP
+\fBnotrack\fR
+one entry per group of flows to exempt from connection tracking, in both directions:
+prerouting by destination port (and \fBsources\fR, \fBinterfaces\fR, with \fBlocal_only\fR only
+traffic to a local address), output by source port.
+.TP
+\fBaccept_untracked\fR
+an accept in ctguard's table cannot override a drop in another table: for each filter chain
+that accepts these flows while tracked and drops them once untracked, ctguard inserts one
+\fBct state untracked accept\fR for exactly these flows just before the rule that drops them,
+tagged \fBctguard:TXID\fR. Without it, \fBplan\fR reports the blackhole and \fBapply\fR refuses
+unless \fB\-\-force\fR.
+.TP
+\fBflush_existing\fR
+after the apply, delete the conntrack entries already open for these flows.
+.TP
+\fBsysctl\fR
+\fBnet.netfilter.*\fR keys with integer values; \fBnf_conntrack_max\fR and
+\fBnf_conntrack_buckets\fR also take \fB"auto"\fR (RAM/16384/(bits/32), a power of two, never
+lower than the live value). Outside the initial network namespace the host\-only keys
+(\fBnf_conntrack_max\fR, \fBnf_conntrack_buckets\fR, \fBnf_conntrack_expect_max\fR) cannot be
+written: \fB"auto"\fR values are skipped with a warning, explicit values are exit 2. Old names
+such as \fBnet.ipv4.netfilter.ip_conntrack_max\fR are refused with the current name.
+.SH "SAFETY MODEL"
+Every change is a transaction with a dead\-man timer:
+.IP 1. 4
+\fBapply\fR validates the policy, lints it against the live ruleset, checks it with the kernel,
+journals it (PREPARED) and applies it atomically (one nft transaction, or
+\fBiptables\-restore \-\-noflush\fR); the exact prior state is saved.
+.IP 2. 4
+The transaction is then PENDING until its deadline (\fB\-\-timeout\fR, default 60 s, on
+CLOCK_BOOTTIME). \fBconfirm\fR commits it; \fBextend\fR moves the deadline; \fBrollback\fR,
+the deadline, or SIGTERM to the agent restore the prior state (ROLLED_BACK). A rollback that
+fails is retried and reported (exit 7, ROLLBACK_FAILED).
+.IP 3. 4
+The timer belongs to the \fBagent\fR, a detached process the CLI starts on demand: closing the
+SSH session, losing the terminal or killing the CLI changes nothing. The agent keeps the
+journal, serves root only on its socket and exits when nothing is pending. Stopping it (for
+example \fBsystemctl stop ctguard\fR, or removing the package) rolls back whatever is pending.
+.IP 4. 4
+Over SSH, \fBconfirm\fR must come from a NEW connection (exit 8 otherwise), which proves that
+the change did not lock you out; \fB\-\-probe\fR checks services before the confirm counts,
+\fB\-\-auto\-confirm\fR commits when every probe passes.
+.IP 5. 4
+One pending transaction per target network namespace (exit 4 for another). After a crash or a
+reboot the journal is recovered: same boot, the timer is re\-armed or the change rolled back;
+another boot, nothing is restored (the host booted its persisted configuration).
+.SH "JSON OUTPUT"
+With \fB\-\-json\fR every verb prints exactly one JSON object on standard output, on success and
+on failure:
+\fB{"exit": 0, "error": null, "data": {...}}\fR.
+\fBexit\fR is the exit status, \fBerror\fR the failure's message (null on success; standard
+error still carries the \fBctguard: error:\fR line) and \fBdata\fR what the verb reports (null
+when a failure left nothing to report).
+.SH PRIVILEGES
+Every verb except \fBrender\fR, \fBman\fR and \fBcompletions\fR needs root (CAP_NET_ADMIN and
+CAP_SYS_ADMIN in the initial user namespace); \fBplan\fR validates the policy first. Without
+them ctguard exits 2 with "run ctguard as root".
+.SH "EXIT STATUS"
 .TP
 \fB0\fR
 ok (also: confirm of an already committed transaction)
@@ -176,36 +264,54 @@ fn render_main_page(cmd: clap::Command, out: &mut dyn Write) -> std::io::Result<
 }
 
 /// `ctguard man`: the main page on stdout (roff, section 8), or with `--out-dir` that page as
-/// `ctguard.8` plus `ctguard-VERB.8` for every verb.
-pub(super) fn man(a: &ManArgs) -> Result<Exit, Vec<Failure>> {
+/// `ctguard.8` plus `ctguard-VERB.8` for every verb. Under `--json` the page is the envelope's
+/// `data.text` (`data.files` with `--out-dir`).
+pub(super) fn man(a: &ManArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
     let Some(dir) = &a.out_dir else {
         let mut out = Vec::new();
         render_main_page(cmd, &mut out).map_err(|e| vec![Failure::internal(format!("man: {e}"))])?;
-        std::io::stdout().write_all(&out).map_err(|e| vec![Failure::internal(format!("stdout: {e}"))])?;
+        if global.json {
+            super::print_json(&json!({"format": "roff", "text": String::from_utf8_lossy(&out)}));
+        } else {
+            super::out::stdout_bytes(&out);
+        }
         return Ok(Exit::Ok);
     };
     let fail = |p: &Path, e: std::io::Error| vec![Failure::bad_input(format!("{}: {e}", p.display()))];
     std::fs::create_dir_all(dir).map_err(|e| fail(dir, e))?;
+    let mut files = Vec::new();
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let path = man_page(sub.clone()).generate_to(dir).map_err(|e| fail(dir, e))?;
-        println!("{}", path.display());
+        files.push(path.display().to_string());
     }
     let main = dir.join("ctguard.8");
     let mut out = Vec::new();
     render_main_page(cmd, &mut out).map_err(|e| fail(&main, e))?;
     std::fs::write(&main, out).map_err(|e| fail(&main, e))?;
-    println!("{}", main.display());
+    files.push(main.display().to_string());
+    if global.json {
+        super::print_json(&json!({"files": files}));
+    } else {
+        for f in &files {
+            println!("{f}");
+        }
+    }
     Ok(Exit::Ok)
 }
 
-/// `ctguard completions SHELL`: the completion script on stdout.
-pub(super) fn completions(a: &CompletionsArgs) -> Result<Exit, Vec<Failure>> {
+/// `ctguard completions SHELL`: the completion script on stdout (under `--json`, the
+/// envelope's `data.text`).
+pub(super) fn completions(a: &CompletionsArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
     let mut cmd = Cli::command();
     let mut out = Vec::new();
     clap_complete::generate(a.shell, &mut cmd, "ctguard", &mut out);
-    std::io::stdout().write_all(&out).map_err(|e| vec![Failure::internal(format!("stdout: {e}"))])?;
+    if global.json {
+        super::print_json(&json!({"shell": a.shell.to_string(), "text": String::from_utf8_lossy(&out)}));
+    } else {
+        super::out::stdout_bytes(&out);
+    }
     Ok(Exit::Ok)
 }
 

@@ -46,6 +46,12 @@ impl Report {
 }
 
 pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
+    // The policy is validated before the privilege check (a typo is reported to anyone).
+    let own_policy = match (&args.from, args.remove) {
+        (None, false) => Some(super::load_policy(args.policy.as_deref())?.policy),
+        _ => None,
+    };
+    super::privilege::require_root_for_plan()?;
     let (spec, target, facts) = super::open_target(global)?;
     let bad = |m: String| vec![Failure::bad_input(m)];
     let policy = if let Some(txid) = &args.from {
@@ -62,7 +68,7 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
         let records = j.list().map_err(|e| bad(e.to_string()))?;
         crate::persist::removal_policy(&records, target.id).map_err(bad)?
     } else {
-        super::load_policy(args.policy.as_deref())?.policy
+        own_policy.unwrap_or_else(crate::model::Policy::builtin)
     };
     let ssh = std::env::var("SSH_CONNECTION").ok().and_then(|v| SshConn::from_env_value(&v));
     let initial_ns = target.is_initial();

@@ -29,7 +29,8 @@ fn client_failure(e: ClientError) -> Vec<Failure> {
 /// Turns an agent answer into the CLI's exit code and output.
 fn finish(global: &Global, r: Response, text: impl FnOnce(&Value) -> String) -> Result<Exit, Vec<Failure>> {
     if global.json {
-        super::print_json(&json!({"exit": r.exit, "error": r.error, "data": r.data}));
+        // The envelope is printed by `cli::main` with this exit code and error.
+        super::print_json(&r.data);
     }
     if r.exit != 0 {
         let exit = Exit::from_code(r.exit);
@@ -483,9 +484,26 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
     Ok(Exit::Ok)
 }
 
+/// The order of `history`: by creation (wall-clock seconds, all a record holds), then within
+/// one second by the record file's modification time in nanoseconds, then by id. Transactions
+/// created in the same second are nearly always one after the other on one target (one pending
+/// transaction per target): the first was finished, its record written for the last time,
+/// before the second began — an order the random suffix of the id does not give.
+fn in_order_of_events(j: &Journal, records: &mut [txn::TxnRecord]) {
+    use std::os::unix::fs::MetadataExt;
+    let mtime_ns = |r: &txn::TxnRecord| {
+        std::fs::symlink_metadata(j.record_path(&r.id))
+            .map(|m| i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()))
+            .unwrap_or(i128::MAX)
+    };
+    let first_event = |r: &txn::TxnRecord| r.events.first().map_or(r.created_wall, |e| e.wall_unix);
+    records.sort_by_cached_key(|r| (r.created_wall, first_event(r), mtime_ns(r), r.id.as_str().to_string()));
+}
+
 pub(super) fn history(global: &Global) -> Result<Exit, Vec<Failure>> {
     let j = open_journal(global)?;
-    let all = j.list().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    let mut all = j.list().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    in_order_of_events(&j, &mut all);
     let list: Vec<Value> = all
         .iter()
         .filter(|r| global.netns.as_deref().is_none_or(|n| r.target.label == n))

@@ -66,7 +66,15 @@ pub const HOST_ONLY_SYSCTLS: &[&str] =
 
 impl SysctlKey {
     /// Accepts `net.netfilter.` followed by one or more `[a-z0-9_]` components joined by dots.
+    /// Seed-era names (`net.ipv4.netfilter.ip_conntrack_max`, `net.nf_conntrack_max`, any
+    /// `ip_conntrack_*`) are refused with the current name to use.
     pub fn parse(s: &str) -> Result<SysctlKey, String> {
+        if let Some(current) = current_name_of_old_sysctl(s) {
+            return Err(format!(
+                "{s:?} is an old conntrack sysctl name; did you mean {current:?}? (ctguard takes the \
+                 net.netfilter.nf_conntrack_* names)"
+            ));
+        }
         let Some(rest) = s.strip_prefix("net.netfilter.") else {
             return Err(format!("{s:?} is not a net.netfilter.* key"));
         };
@@ -94,6 +102,24 @@ impl SysctlKey {
     pub fn is_host_only(&self) -> bool {
         HOST_ONLY_SYSCTLS.contains(&self.0.as_str())
     }
+}
+
+/// The `net.netfilter.nf_conntrack_*` name for an old or alias name of a conntrack sysctl:
+/// `ip_conntrack_*` (kernels before 2.6.15, and the seeds' `net.ipv4.netfilter.*`), the
+/// `net.nf_conntrack_max` alias, `*_hashsize` (the module parameter, `nf_conntrack_buckets` as
+/// a sysctl). `None` for a current name and for anything else.
+fn current_name_of_old_sysctl(s: &str) -> Option<String> {
+    let last = s.rsplit('.').next()?;
+    let rest = last.strip_prefix("ip_conntrack_").or_else(|| last.strip_prefix("nf_conntrack_"))?;
+    if rest.is_empty() || !s.starts_with("net.") {
+        return None;
+    }
+    let rest = match rest {
+        "hashsize" | "htable_size" => "buckets",
+        r => r,
+    };
+    let current = format!("net.netfilter.nf_conntrack_{rest}");
+    (current != s).then_some(current)
 }
 
 impl fmt::Display for SysctlKey {
@@ -194,6 +220,29 @@ mod tests {
         assert!(SysctlKey::parse("net.netfilter.../x").is_err());
         assert!(SysctlKey::parse("net.netfilter.").is_err());
         assert!(SysctlKey::parse("net.netfilter.a/b").is_err());
+    }
+
+    #[test]
+    fn seed_era_sysctl_names_get_a_did_you_mean() {
+        for (old, new) in [
+            ("net.ipv4.netfilter.ip_conntrack_max", "net.netfilter.nf_conntrack_max"),
+            ("net.nf_conntrack_max", "net.netfilter.nf_conntrack_max"),
+            ("net.ipv4.netfilter.ip_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout"),
+            (
+                "net.ipv4.netfilter.ip_conntrack_tcp_timeout_established",
+                "net.netfilter.nf_conntrack_tcp_timeout_established",
+            ),
+            ("net.ipv4.ip_conntrack_max", "net.netfilter.nf_conntrack_max"),
+            ("net.netfilter.ip_conntrack_max", "net.netfilter.nf_conntrack_max"),
+            ("net.ipv4.netfilter.ip_conntrack_buckets", "net.netfilter.nf_conntrack_buckets"),
+            ("net.netfilter.nf_conntrack_hashsize", "net.netfilter.nf_conntrack_buckets"),
+        ] {
+            let e = SysctlKey::parse(old).expect_err(old);
+            assert!(e.contains(&format!("did you mean \"{new}\"?")), "{old}: {e}");
+        }
+        assert!(SysctlKey::parse("net.netfilter.nf_conntrack_max").is_ok());
+        let e = SysctlKey::parse("net.ipv4.ip_forward").expect_err("not netfilter");
+        assert!(!e.contains("did you mean"), "{e}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ RETRY_SLEEP = 1
 
 
 def parse_duration(text):
-    """DESIGN §5 durations: 90, 90s, 5m, 1h -> seconds (None when it cannot be parsed)."""
+    """ctguard durations: 90, 90s, 5m, 1h -> seconds (None when it cannot be parsed)."""
     m = re.match(r"^\s*(\d+)\s*([smh]?)\s*$", to_native(text or ""))
     if not m:
         return None
@@ -160,10 +160,13 @@ class ActionModule(ActionBase):
                 cmd += [flag, args[key]]
         cmd += verb
         res = self._low_level_execute_command(" ".join(shlex.quote(to_native(c)) for c in cmd), sudoable=True)
+        # Every verb prints one envelope {"exit", "error", "data"}; what it reports is `data`
+        # (null when it failed).
         try:
-            return json.loads(res.get("stdout") or "")
+            envelope = json.loads(res.get("stdout") or "")
         except ValueError:
             return None
+        return envelope.get("data") if isinstance(envelope, dict) else None
 
     def _wait_rolled_back(self, result, args, task_vars, txid, deadline, reason):
         """Waits past the deadline, reconnects and reports what the agent did."""

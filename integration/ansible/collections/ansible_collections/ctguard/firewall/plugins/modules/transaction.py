@@ -2,7 +2,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: ctguard contributors
 # Apache License 2.0 (see the ctguard repository)
-"""A thin Ansible module around the installed ``ctguard`` CLI (DESIGN §8)."""
+"""A thin Ansible module around the installed ``ctguard`` CLI (see ``man ctguard`` on the host)."""
 
 from __future__ import absolute_import, division, print_function
 
@@ -45,8 +45,12 @@ options:
     default: committed
   policy:
     description:
-      - A ctguard policy (DESIGN §6 schema) as a dictionary, e.g. C(notrack), C(sysctl),
-        C(backend), C(persist). Unknown fields are refused by ctguard.
+      - A ctguard policy as a dictionary. Keys are C(backend) (C(auto), C(nft), C(iptables-nft),
+        C(iptables-legacy)), C(persist) (bool), C(notrack) (a list of entries with
+        C(protocols) and C(ports), both required, and C(sources), C(interfaces),
+        C(local_only), C(accept_untracked), C(flush_existing)) and C(sysctl)
+        (C(net.netfilter.*) keys, integers or C(auto)). Unknown fields are refused by ctguard;
+        C(man ctguard) on the host (section POLICY) describes each key.
       - Written to a temporary C(.json) file on the target.
       - When none of I(policy), I(policy_file) and I(ruleset) is given, ctguard applies its
         built-in policy (NOTRACK for UDP and TCP port 53).
@@ -123,12 +127,10 @@ notes:
   - Needs root on the target (C(become) works; the new-connection proof follows the sshd
     ancestry, not C(SSH_CONNECTION)).
   - Exit codes of ctguard are mapped to failure messages; the raw code is returned as I(rc).
+  - C(man ctguard) on the target documents the policy keys (POLICY), the dead-man timer and
+    confirmation (SAFETY MODEL), the exit codes (EXIT STATUS) and the C(--json) output.
   - "With a I(ruleset), check mode cannot predict the result without applying it: it reports
     C(changed=true) and a warning."
-seealso:
-  - name: ctguard DESIGN §8
-    description: The Ansible contract of ctguard.
-    link: https://example.invalid/ctguard/DESIGN.md
 attributes:
   check_mode:
     support: full
@@ -193,7 +195,7 @@ txid:
   description: The transaction id (none when nothing had to change).
   returned: when a transaction was started or addressed
   type: str
-  sample: "20261123T164803Z-1a2b3c"
+  sample: "20261204-031331-7199"
 deadline:
   description: When the agent rolls the transaction back unless confirmed (UTC, RFC 3339).
   returned: when a transaction is pending
@@ -256,7 +258,7 @@ import tempfile
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.converters import to_native
 
-# DESIGN §5 exit codes.
+# ctguard's exit codes (man ctguard, EXIT STATUS).
 EXIT_MESSAGES = {
     1: "ctguard failed with an internal error",
     2: "bad input or failed precondition; nothing changed",
@@ -283,6 +285,8 @@ class Ctguard(object):
                 self.base += [flag, p[key]]
         self.last_cmd = None
         self.last_rc = None
+        # The `error` of the last envelope.
+        self.last_error = None
         # The temp file the `policy` dict was written to (named `policy` in messages).
         self.policy_tmp = None
 
@@ -291,21 +295,26 @@ class Ctguard(object):
         self.last_cmd = cmd
         rc, out, err = self.module.run_command(cmd, check_rc=False, environ_update={"LC_ALL": "C"})
         self.last_rc = rc
+        # Every verb prints one envelope {"exit", "error", "data"} under --json, on success and
+        # on failure: `data` is what the verb reports (null when it has nothing), `error` the
+        # failure's message (null on success).
         data = None
+        self.last_error = None
         if out.strip():
             try:
-                data = json.loads(out)
+                envelope = json.loads(out)
             except ValueError:
-                data = None
+                envelope = None
+            if isinstance(envelope, dict):
+                data = envelope.get("data")
+                self.last_error = envelope.get("error")
         return rc, data, out, err
 
     def fail(self, what, rc, data, out, err, **extra):
         msg = EXIT_MESSAGES.get(rc, "ctguard exited with code %s" % rc)
-        detail = ""
-        if isinstance(data, dict) and data.get("error"):
-            detail = to_native(data["error"])
+        detail = to_native(self.last_error) if self.last_error else ""
         errlines = [line.replace("ctguard: error: ", "") for line in (err or "").splitlines() if line.strip()]
-        errlines = [line for line in errlines[-10:] if line != detail]
+        errlines = [line for line in errlines[-10:] if line not in detail]
         if errlines:
             detail = (detail + "; " if detail else "") + "; ".join(errlines)
         if self.policy_tmp:
@@ -435,7 +444,7 @@ def apply_pending(module, ctg):
         if p[flag]:
             args.append("--" + flag.replace("_", "-"))
     rc, data, out, err = ctg.run(args)
-    d = (data or {}).get("data") or {} if isinstance(data, dict) else {}
+    d = data if isinstance(data, dict) else {}
     if rc != 0:
         extra = {}
         if d.get("txid"):
@@ -486,7 +495,7 @@ def confirm_or_rollback(module, ctg, verb):
                          rc=rc, cmd=ctg.last_cmd)
     args = [verb] + ([txid] if txid else [])
     rc, data, out, err = ctg.run(args)
-    d = (data or {}).get("data") or {} if isinstance(data, dict) else {}
+    d = data if isinstance(data, dict) else {}
     if rc != 0:
         extra = {"txid": txid} if txid else {}
         if rc == 5:
