@@ -118,7 +118,7 @@ opts = doc["options"]
 problems = []
 # DESIGN §8's parameters, exactly.
 design = {"policy", "policy_file", "ruleset", "netns", "timeout", "probes", "probe_interval", "auto_confirm",
-          "allow_same_connection", "force", "persist", "state_dir", "run_dir", "txid", "state", "executable"}
+          "allow_same_connection", "force", "persist", "comment", "state_dir", "run_dir", "txid", "state", "executable"}
 if set(argspec) != design:
     problems.append("argument_spec %s != DESIGN §8 %s" % (sorted(argspec), sorted(design)))
 if set(argspec) != set(opts):

@@ -643,14 +643,16 @@ fn ansible_probes_and_auto_confirm() {
         &pair.cli,
         &inv,
         &test_playbook("probes_auto_confirm.yml"),
-        json!({"ctguard_policy": policy, "ctguard_probes": probes}),
+        json!({"ctguard_policy": policy, "ctguard_probes": probes, "ctguard_comment": "CHG-1234 DNS notrack"}),
         &[],
     );
     assert_eq!(r.code, 0, "{}", r.dump());
     let t = r.task("Apply, probe, auto-confirm", "srv");
     assert_eq!(t["changed"], true, "{t}");
     assert_eq!(t["outcome"], "committed", "{t}");
-    assert_eq!(show(&c, "srv", &s(&t["txid"]))["state"], "COMMITTED");
+    let shown = show(&c, "srv", &s(&t["txid"]));
+    assert_eq!(shown["state"], "COMMITTED");
+    assert_eq!(shown["comment"], "CHG-1234 DNS notrack", "the module's comment is recorded: {shown}");
     assert!(responder.wait_accepted(1, std::time::Duration::from_secs(1)) >= 1, "the probe never connected");
 
     // A probe that fails: rolled back by the agent, the task fails saying so.

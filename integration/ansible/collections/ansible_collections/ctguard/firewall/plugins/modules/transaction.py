@@ -105,6 +105,11 @@ options:
       - Once committed, make the change survive a reboot.
     type: bool
     default: false
+  comment:
+    description:
+      - Why the change is made; recorded with the transaction and shown by C(ctguard status),
+        C(history) and C(show) (one line, at most 200 characters).
+    type: str
   state_dir:
     description:
       - ctguard's journal directory (C(--state-dir)); default C(/var/lib/ctguard).
@@ -443,6 +448,8 @@ def apply_pending(module, ctg):
     for flag in ("auto_confirm", "allow_same_connection", "force", "persist"):
         if p[flag]:
             args.append("--" + flag.replace("_", "-"))
+    if p["comment"]:
+        args += ["--comment", p["comment"]]
     rc, data, out, err = ctg.run(args)
     d = data if isinstance(data, dict) else {}
     if rc != 0:
@@ -536,6 +543,7 @@ def argument_spec():
         allow_same_connection=dict(type="bool", default=False),
         force=dict(type="bool", default=False),
         persist=dict(type="bool", default=False),
+        comment=dict(type="str"),
         state_dir=dict(type="path"),
         run_dir=dict(type="path"),
         txid=dict(type="str"),
