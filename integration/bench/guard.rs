@@ -18,23 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const FIREWALLD: &str = "table inet firewalld {
-  chain filter_INPUT {
-    type filter hook input priority filter + 10; policy accept;
-    ct state vmap { established : accept, related : accept, invalid : drop }
-    iifname \"lo\" accept
-    jump filter_INPUT_ZONES
-    reject with icmpx admin-prohibited
-  }
-  chain filter_INPUT_ZONES {
-    goto filter_IN_public
-  }
-  chain filter_IN_public {
-    udp dport 53 ct state new accept
-    tcp dport 22 accept
-  }
-}
-";
+/// firewalld's layout (the kernel guard tests use the same file).
+const FIREWALLD: &str = include_str!("../firewalld.nft");
 
 struct Ns(String);
 

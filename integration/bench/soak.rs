@@ -33,14 +33,15 @@
 //! default 500), `CTGUARD_SOAK_BACKENDS=nft,iptables-nft,iptables-legacy`, `CTGUARD_BENCH_QUICK=1`
 //! (N = 20), `CTGUARD_SOAK_EVERY` (sample interval; default 100, or N/4 when N < 200).
 
+#[path = "common.rs"]
+mod common;
+use common::{exec, reap_stale_namespaces, BenchNs};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ctguard::backend::exec::Tool;
 use ctguard::journal::DEFAULT_KEEP;
-use ctguard::netns::{Target, TargetSpec};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
@@ -109,71 +110,6 @@ fn median(v: &[f64]) -> Option<f64> {
 
 // ---------------------------------------------------------------------------------------------
 // Tools and namespaces
-
-/// Runs `tool args` (absolute path from ctguard's tool search, never a shell) in the calling
-/// thread's network namespace; stdout, or the failure with stderr.
-fn exec(tool: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<String, String> {
-    let t = Tool::find(tool).map_err(|e| e.to_string())?;
-    let out = t.output(args, stdin).map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{tool} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-static NS_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A network namespace `ctg-soak-PID-N` this bench created; `lo` up. Deleted on drop.
-struct SoakNs {
-    name: String,
-    target: Option<Target>,
-}
-
-impl SoakNs {
-    fn new() -> Result<SoakNs, String> {
-        let n = NS_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("ctg-soak-{}-{n}", std::process::id());
-        exec("ip", &["netns", "add", &name], None)?;
-        // From here on Drop removes it.
-        let mut ns = SoakNs { name, target: None };
-        ns.target = Some(Target::open(&TargetSpec::Named(ns.name.clone())).map_err(|e| e.to_string())?);
-        ns.run(|| exec("ip", &["link", "set", "lo", "up"], None))??;
-        Ok(ns)
-    }
-
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
-        let t = self.target.as_ref().ok_or_else(|| format!("namespace {} is not open", self.name))?;
-        t.run(f).map_err(|e| format!("in namespace {}: {e}", self.name))
-    }
-}
-
-impl Drop for SoakNs {
-    fn drop(&mut self) {
-        self.target = None;
-        if let Err(e) = exec("ip", &["netns", "del", &self.name], None) {
-            eprintln!("soak: removing namespace {}: {e}", self.name);
-        }
-    }
-}
-
-/// Deletes `ctg-soak-PID-N` namespaces left by soak runs that were killed (their PID is gone).
-fn reap_stale_namespaces() {
-    let Ok(list) = exec("ip", &["netns", "list"], None) else { return };
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(rest) = name.strip_prefix("ctg-soak-") else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("soak: removing {name}, left by a killed soak run");
-            let _ = exec("ip", &["netns", "del", name], None);
-        }
-    }
-}
 
 /// A scratch directory, removed on drop (pins left by a failed run are unmounted first; only
 /// paths inside it are touched).
@@ -504,7 +440,7 @@ fn sample(cli: &Cli, pid: i32, phase: &'static str, iteration: usize, window: &[
 fn soak_loop(
     cfg: &Config,
     cli: &Cli,
-    ns: &SoakNs,
+    ns: &BenchNs,
     phase: &'static str,
     agent: &mut Option<i32>,
     mut after_first: Option<&mut Option<String>>,
@@ -585,7 +521,7 @@ fn soak_backend(cfg: &Config, backend: &'static str, exe: &Path, dir: &Path) -> 
     let res = (|| -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         std::fs::write(&cli.policy, policy_toml(backend)).map_err(|e| format!("{}: {e}", cli.policy.display()))?;
-        let ns = SoakNs::new()?;
+        let ns = BenchNs::new("ctg-soak")?;
         let result = (|| -> Result<(), String> {
             ns.run(|| load_firewall(backend))??;
             let before = ns.run(|| listing(backend))??;
@@ -752,7 +688,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    reap_stale_namespaces();
+    reap_stale_namespaces("ctg-soak");
     let tmp = Scratch(std::env::temp_dir().join(format!("ctg-soak-{}", std::process::id())));
     if let Err(e) = std::fs::create_dir_all(&tmp.0) {
         eprintln!("soak: {}: {e}", tmp.0.display());

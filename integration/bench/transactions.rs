@@ -26,20 +26,21 @@
 //! `CTGUARD_BENCH_SIZES=1000,10000` the rule counts, `CTGUARD_BENCH_ONLY=policy,ruleset,slip,rss`
 //! the sections.
 
+#[path = "common.rs"]
+mod common;
+use common::{exec, reap_stale_namespaces, BenchNs};
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ctguard::agent::engine::{ApplyInput, Engine, RulesetInput};
 use ctguard::agent::ruleset_engine::RulesetEngine;
-use ctguard::backend::exec::Tool;
 use ctguard::backend::policy_txn::{apply, check_rollback, listing, prepare, rollback, PolicyRequest};
 use ctguard::model::auto::MachineFacts;
 use ctguard::model::names::Tag;
 use ctguard::model::Policy;
-use ctguard::netns::{Target, TargetSpec};
 use ctguard::render::nft_ir::table_for;
 use ctguard::render::nft_script::replace_script;
 use serde_json::Value;
@@ -107,23 +108,6 @@ fn median(v: &[f64]) -> Option<f64> {
 // ---------------------------------------------------------------------------------------------
 // Tools and namespaces
 
-/// Runs `tool args` (absolute path from ctguard's tool search, never a shell) in the calling
-/// thread's network namespace; stdout, or the failure with stderr.
-fn exec(tool: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<String, String> {
-    let t = Tool::find(tool).map_err(|e| e.to_string())?;
-    let out = t.output(args, stdin).map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "{tool} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// `exec` with `stdin`, timed.
 fn timed_exec_stdin(tool: &str, args: &[&str], stdin: &[u8]) -> Result<f64, String> {
     let t = Instant::now();
@@ -136,54 +120,6 @@ fn timed_exec(tool: &str, args: &[&str]) -> Result<f64, String> {
     let t = Instant::now();
     exec(tool, args, None)?;
     Ok(ms(t.elapsed()))
-}
-
-static NS_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A network namespace `ctg-bench-PID-N` this bench created; `lo` up. Deleted on drop.
-struct BenchNs {
-    name: String,
-    target: Option<Target>,
-}
-
-impl BenchNs {
-    fn new() -> Result<BenchNs, String> {
-        let n = NS_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("ctg-bench-{}-{n}", std::process::id());
-        exec("ip", &["netns", "add", &name], None)?;
-        // From here on Drop removes it.
-        let mut ns = BenchNs { name, target: None };
-        ns.target = Some(Target::open(&TargetSpec::Named(ns.name.clone())).map_err(|e| e.to_string())?);
-        ns.run(|| exec("ip", &["link", "set", "lo", "up"], None))??;
-        Ok(ns)
-    }
-
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, String> {
-        let t = self.target.as_ref().ok_or_else(|| format!("namespace {} is not open", self.name))?;
-        t.run(f).map_err(|e| format!("in namespace {}: {e}", self.name))
-    }
-}
-
-impl Drop for BenchNs {
-    fn drop(&mut self) {
-        self.target = None;
-        if let Err(e) = exec("ip", &["netns", "del", &self.name], None) {
-            eprintln!("bench: removing namespace {}: {e}", self.name);
-        }
-    }
-}
-
-/// Deletes `ctg-bench-PID-N` namespaces left by bench runs that were killed (their PID is gone).
-fn reap_stale_namespaces() {
-    let Ok(list) = exec("ip", &["netns", "list"], None) else { return };
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(rest) = name.strip_prefix("ctg-bench-") else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            eprintln!("bench: removing {name}, left by a killed bench run");
-            let _ = exec("ip", &["netns", "del", name], None);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -535,7 +471,7 @@ fn bench_policy(cfg: &Config, tmp: &Path, rows: &mut Vec<Row>) {
                 break;
             }
             eprintln!("bench: policy transaction, {size} host rules, run {}/{}", run + 1, cfg.runs);
-            let res = BenchNs::new().and_then(|ns| {
+            let res = BenchNs::new("ctg-bench").and_then(|ns| {
                 ns.run(|| -> Result<(), String> {
                     let f = host_file.display().to_string();
                     s.load.push(timed_exec("nft", &["-f", &f])?);
@@ -765,7 +701,7 @@ fn bench_ruleset(cfg: &Config, tmp: &Path, rows: &mut Vec<Row>) {
                     break;
                 }
                 eprintln!("bench: {label}, {size} rules, run {}/{}", run + 1, cfg.runs);
-                let res = BenchNs::new()
+                let res = BenchNs::new("ctg-bench")
                     .and_then(|ns| ns.run(|| ruleset_run(kind, &file, &text, size, run, run % 2 == 0, &mut s))?);
                 if let Err(e) = res {
                     eprintln!("bench: {label} run failed: {e}");
@@ -941,7 +877,7 @@ fn bench_slip(cfg: &Config, cli: &Cli, rows: &mut Vec<Row>) {
     for run in 0..cfg.slips {
         eprintln!("bench: deadline slip, run {}/{}", run + 1, cfg.slips);
         let res = (|| -> Result<(f64, f64), String> {
-            let ns = BenchNs::new()?;
+            let ns = BenchNs::new("ctg-bench")?;
             ns.run(|| exec("nft", &["-f", "-"], Some(PRIOR_NFT.as_bytes())))??;
             let txid = cli.apply(&ns.name, "2s")?;
             let rec = cli.record(&txid)?;
@@ -1056,7 +992,7 @@ struct Idle {
 fn bench_rss(cli: &Cli, rows: &mut Vec<Row>) {
     eprintln!("bench: idle agent RSS and wake-ups (one pending transaction)");
     let res = (|| -> Result<Idle, String> {
-        let ns = BenchNs::new()?;
+        let ns = BenchNs::new("ctg-bench")?;
         ns.run(|| exec("nft", &["-f", "-"], Some(PRIOR_NFT.as_bytes())))??;
         let txid = cli.apply(&ns.name, "10m")?;
         let result = (|| -> Result<Idle, String> {
@@ -1158,7 +1094,7 @@ fn main() {
         std::process::exit(1);
     }
     let cfg = Config::from_env();
-    reap_stale_namespaces();
+    reap_stale_namespaces("ctg-bench");
     let tmp = Scratch(std::env::temp_dir().join(format!("ctg-bench-{}", std::process::id())));
     if let Err(e) = std::fs::create_dir_all(&tmp.0) {
         eprintln!("bench: {}: {e}", tmp.0.display());

@@ -10,23 +10,7 @@ use crate::harness::{udp_queries, Pair, UdpResponder, SRV4};
 
 /// firewalld's layout: a verdict map on `ct state`, a jump into the zone dispatch, a goto into
 /// the zone, the service accepted there, a final reject.
-const FIREWALLD: &str = "table inet firewalld {
-  chain filter_INPUT {
-    type filter hook input priority filter + 10; policy accept;
-    ct state vmap { established : accept, related : accept, invalid : drop }
-    iifname \"lo\" accept
-    jump filter_INPUT_ZONES
-    reject with icmpx admin-prohibited
-  }
-  chain filter_INPUT_ZONES {
-    goto filter_IN_public
-  }
-  chain filter_IN_public {
-    udp dport 53 ct state new accept
-    tcp dport 22 accept
-  }
-}
-";
+const FIREWALLD: &str = include_str!("../firewalld.nft");
 
 /// What `firewall-cmd --reload` (or `systemctl reload nftables`) does to it: one transaction
 /// deleting and recreating the table — ctguard's accept inside it is gone.

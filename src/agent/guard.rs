@@ -310,8 +310,7 @@ async fn repair(
                 missing.join("; "),
                 gap.as_millis()
             );
-            rec.events.push(crate::txn::Event { wall_unix: now_wall(), state: "REPAIRED".into(), note: note.clone() });
-            let _ = write_record(shared, None, rec);
+            journal_event(shared, rec, "REPAIRED", &note);
             tracing::warn!(txid = %txid, "REPAIRED: {note}");
             if let Some(g) = owner.guard().as_mut().filter(|g| g.txid == txid) {
                 let count = match g.state {
@@ -354,8 +353,7 @@ async fn degrade(
         Ok(()) => {
             let note =
                 format!("{reason}; ctguard's NOTRACK rules removed, the service runs tracked until an operator acts");
-            rec.events.push(crate::txn::Event { wall_unix: now_wall(), state: "DEGRADED".into(), note: note.clone() });
-            let _ = write_record(shared, None, rec);
+            journal_event(shared, rec, "DEGRADED", &note);
             tracing::error!(txid = %txid, "DEGRADED: {note}");
             if let Some(g) = owner.guard().as_mut().filter(|g| g.txid == txid) {
                 g.state = GuardState::Degraded { reason: note, wall: now_wall() };
@@ -364,6 +362,13 @@ async fn degrade(
         }
         Err(e) => Err(format!("{reason}; removing ctguard's NOTRACK rules failed too: {}", e.message)),
     }
+}
+
+/// Adds a guard event (`REPAIRED`, `DEGRADED`) to the committed record and journals it (a
+/// failed write is logged by `write_record`; the in-memory guard state still says it).
+fn journal_event(shared: &Shared, rec: &mut TxnRecord, state: &str, note: &str) {
+    rec.events.push(crate::txn::Event { wall_unix: now_wall(), state: state.into(), note: note.into() });
+    let _ = write_record(shared, None, rec);
 }
 
 /// The repaired undo: what the repair created, with the committed transaction's history (the
