@@ -28,10 +28,10 @@ pub const POLL_ENV: &str = "CTGUARD_GUARD_POLL_MS";
 /// Default iptables-legacy poll interval.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
 /// Notifications arriving within this window are one change (a reload is many messages).
-const DEBOUNCE: Duration = Duration::from_millis(20);
+const DEBOUNCE: Duration = Duration::from_millis(10);
 /// A namespace target is checked for existence this often (the guard must not keep a deleted
 /// namespace alive through its notification socket).
-const LIVENESS: Duration = Duration::from_secs(10);
+const LIVENESS: Duration = Duration::from_secs(60);
 /// After a failed check or repair, the next try.
 const RETRY: Duration = Duration::from_secs(5);
 
