@@ -610,7 +610,7 @@ pub fn broken_setups(findings: &[Finding], scan: Option<&FlowScan>) -> Vec<Recom
             }
             Finding::Blackhole { notrack, proto, chain, dropped_by, fix_command } => {
                 let reason = format!(
-                    "blackhole: the NOTRACK rule `{}` ({}) notracks {} ({}), and {chain} drops these untracked \
+                    "the NOTRACK rule `{}` ({}) notracks {} ({}), and {chain} drops these untracked \
                      packets at `{}` while it accepts them tracked: the {proto} service gets no traffic through \
                      (a NOTRACK without its UNTRACKED accept)",
                     notrack.at.rule,
