@@ -12,6 +12,7 @@
 
 pub mod advice;
 pub mod flows;
+pub mod notrack;
 pub mod parse;
 pub mod report;
 pub mod sources;
@@ -23,7 +24,7 @@ pub use sources::Sources;
 
 use crate::netns::{NetnsError, Target, TargetSpec};
 use flows::DEFAULT_CAPACITY;
-use report::{EntriesInfo, LogEvent, Memory, TableFullEvents, UdpTimeouts};
+use report::{CounterRate, EntriesInfo, LogEvent, Memory, Rates, TableFullEvents, UdpTimeouts};
 use sources::Observations;
 
 /// Errors of a diagnosis: only the target itself can fail it.
@@ -114,8 +115,56 @@ pub fn diagnose(netns: Option<&str>, opts: &Options) -> Result<Report, DoctorErr
     Ok(analyze(info, obs, MachineBits::here(), opts.top))
 }
 
+/// The counters over the window, each with when it last moved (pure).
+pub fn rates(obs: &Observations, target_inode: Option<u64>) -> Option<Rates> {
+    let (first, took) = obs.drops_first.as_ref()?;
+    let last = obs.drops.as_ref()?;
+    let d = last.since(first);
+    let w = took.as_secs_f64().max(0.001);
+    // The latest "table full" event naming the target (or no namespace, older kernels).
+    let latest_full = obs
+        .kmsg
+        .as_ref()
+        .and_then(|k| k.events().iter().filter(|e| e.netns.is_none() || e.netns == target_inode).map(|e| e.usec).max());
+    let mut counters = Vec::new();
+    let rows = [
+        ("drop", Some(last.drop), Some(d.drop)),
+        ("early_drop", Some(last.early_drop), Some(d.early_drop)),
+        ("insert_failed", Some(last.insert_failed), Some(d.insert_failed)),
+        ("invalid", last.invalid, d.invalid),
+        ("found", last.found, d.found),
+        ("insert", last.insert, d.insert),
+    ];
+    for (name, total, during) in rows {
+        let (Some(total), Some(during)) = (total, during) else { continue };
+        let last_moved = if during > 0 {
+            "during the window".to_string()
+        } else if total == 0 {
+            "never: 0 since the namespace started".to_string()
+        } else {
+            match (name, latest_full, obs.now_mono_usec) {
+                ("drop", Some(u), Some(now)) if now >= u => format!(
+                    "not during the window; the latest \"table full\" event for this namespace in the kernel log is \
+                     {} s old",
+                    (now - u) / 1_000_000
+                ),
+                _ => "not during the window (earlier; the kernel keeps no time for this counter)".to_string(),
+            }
+        };
+        counters.push(CounterRate {
+            counter: name.to_string(),
+            total,
+            during_window: during,
+            per_second: during as f64 / w,
+            last_moved,
+        });
+    }
+    Some(Rates { window_seconds: w, counters })
+}
+
 /// Turns observations into the report (pure).
 pub fn analyze(target: TargetInfo, obs: Observations, bits: MachineBits, top: usize) -> Report {
+    let rates = rates(&obs, target.inode);
     let usage = match (obs.count, obs.max) {
         (Some(c), Some(m)) if m > 0 => Some(c as f64 / m as f64),
         _ => None,
@@ -145,8 +194,33 @@ pub fn analyze(target: TargetInfo, obs: Observations, bits: MachineBits, top: us
         udp_timeout_stream: obs.udp_timeout_stream,
         pointer_bits: bits.pointer_bits,
         page_size: bits.page_size,
+        rates: rates.as_ref(),
+        tcp_timeout_established: obs.tcp_timeout_established,
     };
     let mut adv = advice::recommend(&inputs);
+
+    // Broken NOTRACK setups, ctguard's or hand-made: first, they blackhole or open services.
+    let notrack_rules = obs.firewall.as_ref().map(|fw| {
+        let found = notrack::notrack_flows(fw);
+        let findings = notrack::check(fw, &found);
+        let recs = advice::broken_setups(&findings, flows);
+        if !found.is_empty() && findings.is_empty() {
+            adv.notes.push(format!(
+                "{} NOTRACK rule{} in the live ruleset; the filter chains accept {} untracked packets",
+                found.len(),
+                if found.len() == 1 { "" } else { "s" },
+                if found.len() == 1 { "its" } else { "their" }
+            ));
+        }
+        if fw.ctguard_present() && !found.iter().any(|f| f.ctguard) {
+            adv.notes
+                .push("ctguard's table or raw chains exist but hold no NOTRACK rule: see `ctguard status`".to_string());
+        }
+        let mut all = recs;
+        all.append(&mut adv.recommendations);
+        adv.recommendations = all;
+        found.iter().map(notrack::NotrackFlow::info).collect::<Vec<_>>()
+    });
 
     let to_event = |e: parse::TableFull| LogEvent {
         netns: e.netns,
@@ -171,15 +245,19 @@ pub fn analyze(target: TargetInfo, obs: Observations, bits: MachineBits, top: us
         lost: k.lost,
     });
     if obs.kmsg.is_some() && !target.initial {
+        let all = here + unattributed + elsewhere;
+        let split = if all == 0 {
+            "it holds no \"table full\" event".to_string()
+        } else {
+            format!(
+                "of its {all} \"table full\" events, {here} name this namespace (netns {}), {elsewhere} name other \
+                 namespaces and {unattributed} name no namespace (kernels before 6.x name none)",
+                target.inode.map_or("?".to_string(), |i| i.to_string())
+            )
+        };
         adv.notes.push(format!(
-            "the kernel log is host-wide, not this namespace's: of its {} \"table full\" events {} name this \
-             namespace (netns {}), {} another one, {} none (nf_conntrack_max is host-wide too; each namespace's \
-             count is compared with it)",
-            here + unattributed + elsewhere,
-            here,
-            target.inode.map_or("?".to_string(), |i| i.to_string()),
-            elsewhere,
-            unattributed
+            "the kernel log is host-wide, not this namespace's: {split}; nf_conntrack_max is host-wide too (each \
+             namespace's count is compared with it)"
         ));
     }
     if let Some(k) = obs.kmsg.as_ref().filter(|k| k.truncated) {
@@ -220,6 +298,9 @@ pub fn analyze(target: TargetInfo, obs: Observations, bits: MachineBits, top: us
         buckets: obs.buckets,
         usage,
         drops: obs.drops,
+        rates,
+        tcp_timeout_established: obs.tcp_timeout_established,
+        notrack_rules,
         table_full_events,
         entry_bytes: obs.entry_bytes,
         memory,

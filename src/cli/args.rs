@@ -267,4 +267,9 @@ pub struct DoctorArgs {
     /// How many (protocol, port, state) groups to show.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub top: u16,
+    /// How long the drop, early_drop, insert_failed and invalid counters are watched: the
+    /// recommendations rest on what moves during this window, not on the totals since the
+    /// namespace started (`0`: one sample, totals only). At most 60s.
+    #[arg(long, value_name = "D", default_value = "2s")]
+    pub window: String,
 }

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 
 use super::args::{DoctorArgs, Global};
-use crate::doctor::advice::{emit_policy, human_bytes, thousands};
+use crate::doctor::advice::{emit_policy, human_bytes, num, rate};
 use crate::doctor::report::prometheus;
 use crate::doctor::sources::write_atomic;
 use crate::doctor::{diagnose, DoctorError, Options, Recommendation, Report, Sources};
@@ -22,7 +22,8 @@ pub(super) fn run(args: &DoctorArgs, global: &Global) -> Result<Exit, Vec<Failur
              --prometheus a FILE",
         )]);
     }
-    let opts = Options { sources: Sources::system(), top: usize::from(args.top) };
+    let window = parse_window(&args.window).map_err(|e| vec![Failure::bad_input(format!("--window: {e}"))])?;
+    let opts = Options { sources: Sources { window, ..Sources::system() }, top: usize::from(args.top) };
     let report = diagnose(global.netns.as_deref(), &opts).map_err(|e| match e {
         DoctorError::BadTarget(_) => vec![Failure::bad_input(e.to_string())],
         DoctorError::Netns(_) => vec![Failure::internal(e.to_string())],
@@ -56,11 +57,7 @@ pub(super) fn run(args: &DoctorArgs, global: &Global) -> Result<Exit, Vec<Failur
             .map_err(|e| vec![Failure::bad_input(format!("--prometheus {dest}: cannot write: {e}"))])?;
     }
     if global.json {
-        let mut j = report.to_json();
-        if let (Some(p), Some(obj)) = (&policy, j.as_object_mut()) {
-            obj.insert("policy".to_string(), serde_json::Value::String(p.clone()));
-        }
-        super::print_json(&j);
+        super::print_json(&json_document(&report, policy.as_deref()));
     } else if let Some(p) = &policy {
         out(p);
     } else {
@@ -68,6 +65,28 @@ pub(super) fn run(args: &DoctorArgs, global: &Global) -> Result<Exit, Vec<Failur
         out(&screen(&report, Style { on: color }));
     }
     Ok(Exit::Ok)
+}
+
+/// `--window D`: `0` for one sample, else a duration of at most a minute.
+fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim_end_matches('s') == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let d = crate::duration::parse_duration(s)?;
+    if d > std::time::Duration::from_secs(60) {
+        return Err(format!("{s:?} is longer than 60s"));
+    }
+    Ok(d)
+}
+
+/// The one JSON document `doctor --json` prints (the report, and the policy with
+/// `--emit-policy`): built here only, so a common envelope can wrap it.
+pub(super) fn json_document(report: &Report, policy: Option<&str>) -> serde_json::Value {
+    let mut j = report.to_json();
+    if let (Some(p), Some(obj)) = (policy, j.as_object_mut()) {
+        obj.insert("policy".to_string(), serde_json::Value::String(p.to_string()));
+    }
+    j
 }
 
 /// Writes to stdout; a reader that went away (`| head`) is not an error worth a panic.
@@ -151,7 +170,7 @@ fn wrap(text: &str, first: &str, indent: &str) -> String {
 }
 
 fn opt(v: Option<u64>) -> String {
-    v.map_or("?".to_string(), thousands)
+    v.map_or("?".to_string(), num)
 }
 
 fn percent(u: f64) -> String {
@@ -175,13 +194,13 @@ fn screen(r: &Report, st: Style) -> String {
         (Some(c), Some(m), Some(u)) => label(
             &mut s,
             "entries",
-            format!("{} of {}   [{}] {}", thousands(c), thousands(m), st.level(u, &bar(u)), st.level(u, &percent(u))),
+            format!("{} of {}   [{}] {}", num(c), num(m), st.level(u, &bar(u)), st.level(u, &percent(u))),
         ),
         (c, m, _) => label(&mut s, "entries", format!("{} of {}", opt(c), opt(m))),
     }
     let buckets = match (r.buckets, r.max) {
         (Some(b), Some(m)) if b > 0 => {
-            format!("{}   ({:.1} entries a bucket at a full table)", thousands(b), m as f64 / b as f64)
+            format!("{}   ({:.1} entries a bucket at a full table)", num(b), m as f64 / b as f64)
         }
         (b, _) => opt(b),
     };
@@ -196,18 +215,52 @@ fn screen(r: &Report, st: Style) -> String {
     label(&mut s, "entry size", size);
     let drops = match &r.drops {
         Some(d) => {
-            let v = |n: u64| if n > 0 { st.red(&thousands(n)) } else { thousands(n) };
+            let v = |n: u64| if n > 0 { st.red(&num(n)) } else { num(n) };
             format!(
-                "drop {}   early_drop {}   insert_failed {}   {}",
+                "drop {}   early_drop {}   insert_failed {}   invalid {}   {}",
                 v(d.drop),
                 v(d.early_drop),
                 v(d.insert_failed),
-                st.dim(&format!("(summed over {} CPUs, since the namespace started)", d.cpus))
+                d.invalid.map_or("?".to_string(), v),
+                st.dim(&format!("(totals since the namespace started, summed over {} CPUs)", d.cpus))
             )
         }
         None => "?".to_string(),
     };
     label(&mut s, "drops", drops);
+    match &r.rates {
+        Some(rt) => {
+            let moving: Vec<String> = rt
+                .counters
+                .iter()
+                .filter(|c| matches!(c.counter.as_str(), "drop" | "early_drop" | "insert_failed" | "invalid"))
+                .map(|c| {
+                    let t = format!("{} +{} ({}/s)", c.counter, num(c.during_window), rate(c.per_second));
+                    if c.during_window > 0 {
+                        st.red(&t)
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            label(
+                &mut s,
+                "now",
+                format!(
+                    "{}   {}",
+                    moving.join("   "),
+                    st.dim(&format!("(during a {:.1} s window)", rt.window_seconds))
+                ),
+            );
+            for c in rt.counters.iter().filter(|c| c.total > 0 && c.during_window == 0) {
+                if matches!(c.counter.as_str(), "drop" | "early_drop" | "insert_failed" | "invalid") {
+                    let _ =
+                        writeln!(s, "  {:<13}{}", "", st.dim(&format!("{}: last moved {}", c.counter, c.last_moved)));
+                }
+            }
+        }
+        None => label(&mut s, "now", st.dim("not sampled (--window 0): the counters above are totals")),
+    }
     match &r.table_full_events {
         Some(t) => {
             let since =
@@ -215,7 +268,7 @@ fn screen(r: &Report, st: Style) -> String {
             let head = if t.count == 0 {
                 format!("no \"table full, dropping packet\" event {}", st.dim(&format!("(host-wide log{since})")))
             } else {
-                st.red(&format!("{} \"table full, dropping packet\" events", thousands(t.count)))
+                st.red(&format!("{} \"table full, dropping packet\" events", num(t.count)))
                     + &st.dim(&format!(" (host-wide log{since})"))
             };
             label(&mut s, "kernel log", head);
@@ -225,7 +278,7 @@ fn screen(r: &Report, st: Style) -> String {
                 let _ = writeln!(s, "  {:<13}  {when} ({:.1} s after boot)", "", e.seconds_since_boot);
             }
             if t.events.len() > 5 {
-                let _ = writeln!(s, "  {:<13}  … the latest 5 of {} shown", "", thousands(t.count));
+                let _ = writeln!(s, "  {:<13}  … the latest 5 of {} shown", "", num(t.count));
             }
             if t.ratelimit_suppressed > 0 {
                 let _ = writeln!(
@@ -234,7 +287,7 @@ fn screen(r: &Report, st: Style) -> String {
                     "",
                     st.dim(&format!(
                         "net_ratelimit: {} callbacks suppressed (every rate-limited network message, not only conntrack's)",
-                        thousands(t.ratelimit_suppressed)
+                        num(t.ratelimit_suppressed)
                     ))
                 );
             }
@@ -242,6 +295,14 @@ fn screen(r: &Report, st: Style) -> String {
         None => label(&mut s, "kernel log", "?".to_string()),
     }
     let t = &r.udp_timeouts;
+    label(
+        &mut s,
+        "tcp timeout",
+        format!(
+            "{} s for ESTABLISHED (nf_conntrack_tcp_timeout_established)",
+            r.tcp_timeout_established.map_or("?".into(), num)
+        ),
+    );
     label(
         &mut s,
         "udp timeouts",
@@ -259,14 +320,14 @@ fn screen(r: &Report, st: Style) -> String {
                 s,
                 "{} {} entries from {} in {:.0} ms",
                 st.bold("What fills the table:"),
-                thousands(e.scan.scanned),
+                num(e.scan.scanned),
                 e.source,
                 e.seconds * 1000.0
             );
             if r.top_flows.is_empty() {
                 let _ = writeln!(s, "  (empty)");
             } else {
-                let rows: Vec<[String; 5]> = r
+                let rows: Vec<[String; 6]> = r
                     .top_flows
                     .iter()
                     .map(|g| {
@@ -274,38 +335,49 @@ fn screen(r: &Report, st: Style) -> String {
                         [
                             g.proto.clone(),
                             g.port.map_or("-".to_string(), |p| p.to_string()),
+                            g.direction.as_str().to_string(),
                             g.state.clone(),
-                            thousands(g.count),
+                            num(g.count),
                             percent(share),
                         ]
                     })
                     .collect();
-                let head = ["PROTO", "PORT", "STATE", "ENTRIES", "SHARE"];
+                let head = ["PROTO", "PORT", "SIDE", "STATE", "ENTRIES", "SHARE"];
                 let mut w = head.map(|h| h.len());
                 for row in &rows {
                     for (i, c) in row.iter().enumerate() {
                         w[i] = w[i].max(c.chars().count());
                     }
                 }
-                let line = |c: &[String; 5]| {
+                let line = |c: &[String; 6]| {
                     format!(
-                        "  {:<w0$}  {:<w1$}  {:<w2$}  {:>w3$}  {:>w4$}",
+                        "  {:<w0$}  {:<w1$}  {:<w2$}  {:<w3$}  {:>w4$}  {:>w5$}",
                         c[0],
                         c[1],
                         c[2],
                         c[3],
                         c[4],
+                        c[5],
                         w0 = w[0],
                         w1 = w[1],
                         w2 = w[2],
                         w3 = w[3],
-                        w4 = w[4]
+                        w4 = w[4],
+                        w5 = w[5]
                     )
                 };
                 let _ = writeln!(s, "{}", st.dim(&line(&head.map(str::to_string))));
                 for row in &rows {
                     let _ = writeln!(s, "{}", line(row));
                 }
+                let _ = writeln!(
+                    s,
+                    "  {}",
+                    st.dim(
+                        "SIDE: server = the original destination is this host's address, client = its source is \
+                         (this host's own queries), local = both, forwarded = neither"
+                    )
+                );
                 if !e.scan.exact {
                     let _ = writeln!(
                         s,
@@ -335,6 +407,15 @@ fn screen(r: &Report, st: Style) -> String {
                     .collect::<Vec<_>>()
                     .join(", "),
                 Recommendation::Notrack { proto, port, .. } => format!("NOTRACK {proto}/{port}"),
+                Recommendation::ClientFlows { proto, port, .. } => {
+                    format!("client side {proto}/{port} (this host's queries)")
+                }
+                Recommendation::TcpTimeout { sysctl, .. } => {
+                    format!("{} = {}", sysctl.key.rsplit('.').next().unwrap_or(&sysctl.key), sysctl.recommended)
+                }
+                Recommendation::Blackhole { flow, .. } => format!("blackhole: NOTRACK {flow}"),
+                Recommendation::UntrackedOpen { flow, .. } => format!("open ports: NOTRACK {flow}"),
+                Recommendation::CtguardDegraded { .. } => "ctguard's policy is degraded".to_string(),
             };
             let first = format!("  {}. {}: ", i + 1, st.yellow(&title));
             // Width of the visible prefix, without escape codes.
@@ -344,6 +425,9 @@ fn screen(r: &Report, st: Style) -> String {
             s.push_str(text.trim_start());
             if let Recommendation::Notrack { warning, .. } = rec {
                 s.push_str(&wrap(warning, &format!("     {} ", st.yellow("warning:")), "     "));
+            }
+            if let Some(fix) = rec.fix() {
+                s.push_str(&wrap(fix, &format!("     {} ", st.green("fix:")), "     "));
             }
         }
     }

@@ -10,9 +10,10 @@
 //! `entries / (capacity + 1)` entries is still reported. Memory is a function of the capacity
 //! alone, so a million entries cost what a thousand do.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::BufRead;
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -24,6 +25,121 @@ pub const DEFAULT_CAPACITY: usize = 8192;
 const MAX_STATES: usize = 64;
 /// Longest line read; longer ones are skipped (counted as unparsed) without being buffered.
 pub const MAX_LINE: usize = 4096;
+/// Client-side (protocol, port) groups whose upstream addresses are collected.
+pub const MAX_UPSTREAM_GROUPS: usize = 32;
+/// Upstream addresses kept per client-side group.
+pub const MAX_UPSTREAMS: usize = 16;
+/// An ESTABLISHED TCP entry that saw no packet for this long counts as idle (an orphan when
+/// its peer is gone): idle = `nf_conntrack_tcp_timeout_established` − seconds left.
+pub const ORPHAN_IDLE_SECONDS: u64 = 3600;
+
+/// Which side of a flow this host is on, from the original direction's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// The original destination is a local address: this host serves the flow.
+    Server,
+    /// The original source is a local address: this host queried (its own outbound flow).
+    Client,
+    /// Both ends are local addresses (loopback or the host talking to itself).
+    Local,
+    /// Neither end is local: forwarded (or NATed on the way).
+    Forwarded,
+    /// The local addresses could not be read.
+    Unknown,
+}
+
+impl Side {
+    const ALL: [Side; 5] = [Side::Server, Side::Client, Side::Local, Side::Forwarded, Side::Unknown];
+
+    /// The name shown (`server`, `client`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Server => "server",
+            Side::Client => "client",
+            Side::Local => "local",
+            Side::Forwarded => "forwarded",
+            Side::Unknown => "?",
+        }
+    }
+
+    fn index(self) -> u64 {
+        Side::ALL.iter().position(|s| *s == self).unwrap_or(4) as u64
+    }
+
+    fn from_index(i: u64) -> Side {
+        Side::ALL.get(i as usize).copied().unwrap_or(Side::Unknown)
+    }
+}
+
+/// The target's own addresses (IPv4 from `fib_trie`'s local routes, IPv6 from `if_inet6`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalAddrs {
+    /// The addresses; empty with `known = false` when they could not be read.
+    pub addrs: HashSet<IpAddr>,
+    /// True when they were read.
+    pub known: bool,
+}
+
+impl LocalAddrs {
+    /// From the texts of `/proc/net/fib_trie` and `/proc/net/if_inet6` (either may be absent).
+    pub fn parse(fib_trie: Option<&str>, if_inet6: Option<&str>) -> LocalAddrs {
+        let mut out = LocalAddrs { addrs: HashSet::new(), known: fib_trie.is_some() || if_inet6.is_some() };
+        if let Some(t) = fib_trie {
+            let mut last: Option<IpAddr> = None;
+            for line in t.lines() {
+                let l = line.trim_start_matches([' ', '|', '+', '-', '`']).trim();
+                if let Ok(a) = l.parse::<IpAddr>() {
+                    last = Some(a);
+                } else if l.starts_with("/32 host LOCAL") {
+                    if let Some(a) = last {
+                        out.addrs.insert(a);
+                    }
+                }
+            }
+        }
+        if let Some(t) = if_inet6 {
+            for line in t.lines() {
+                let Some(hex) = line.split_whitespace().next() else { continue };
+                if let Ok(n) = u128::from_str_radix(hex, 16) {
+                    if hex.len() == 32 {
+                        out.addrs.insert(IpAddr::V6(n.into()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The side of a flow from its original source and destination as printed.
+    pub fn side(&self, src: &str, dst: &str) -> Side {
+        if !self.known {
+            return Side::Unknown;
+        }
+        let local = |s: &str| s.parse::<IpAddr>().is_ok_and(|a| a.is_loopback() || self.addrs.contains(&a));
+        match (local(src), local(dst)) {
+            (false, true) => Side::Server,
+            (true, false) => Side::Client,
+            (true, true) => Side::Local,
+            (false, false) => Side::Forwarded,
+        }
+    }
+}
+
+/// Addresses this host queried on one (protocol, destination port): its upstreams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Upstreams {
+    /// Protocol name.
+    pub proto: String,
+    /// Destination port of the queries.
+    pub port: u16,
+    /// Entries of this host's queries seen.
+    pub entries: u64,
+    /// The upstream addresses, sorted (at most [`MAX_UPSTREAMS`]).
+    pub addresses: Vec<String>,
+    /// True when there were more than those.
+    pub more: bool,
+}
 
 /// One group of the summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -34,6 +150,9 @@ pub struct FlowGroup {
     pub proto_number: u8,
     /// Destination port of the original direction; `null` for protocols without ports.
     pub port: Option<u16>,
+    /// Which side this host is on: `server` (the original destination is local), `client`
+    /// (the original source is), `local`, `forwarded`, or `?` when unknown.
+    pub direction: Side,
     /// Protocol state (`ESTABLISHED`, `TIME_WAIT`, …) or, for protocols without one,
     /// `UNREPLIED` / `REPLIED` / `ASSURED`.
     pub state: String,
@@ -61,6 +180,8 @@ pub struct PortTotal {
     pub proto_number: u8,
     /// Destination port; `None` for protocols without ports.
     pub port: Option<u16>,
+    /// Which side this host is on.
+    pub direction: Side,
     /// Entries.
     pub count: u64,
     /// NATed entries among them.
@@ -87,6 +208,25 @@ pub struct FlowScan {
     pub groups: Vec<FlowGroup>,
     /// Entries per protocol (exact), largest first.
     pub per_proto: Vec<ProtoCount>,
+    /// Entries per side (exact).
+    pub per_direction: Vec<DirectionCount>,
+    /// The upstreams of this host's own queries, per (protocol, port), largest first.
+    pub upstreams: Vec<Upstreams>,
+    /// ESTABLISHED TCP entries (exact).
+    pub tcp_established: u64,
+    /// Those that saw no packet for [`ORPHAN_IDLE_SECONDS`] or longer (needs the timeout).
+    pub tcp_established_idle: u64,
+    /// The idle threshold used, seconds.
+    pub idle_threshold_seconds: u64,
+}
+
+/// Entries on one side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DirectionCount {
+    /// The side.
+    pub direction: Side,
+    /// Entries.
+    pub count: u64,
 }
 
 impl FlowScan {
@@ -100,14 +240,15 @@ impl FlowScan {
         self.per_proto.iter().find(|p| p.proto == proto).map_or(0, |p| p.count)
     }
 
-    /// Groups summed over their states: one row per (protocol, port), largest first.
+    /// Groups summed over their states: one row per (protocol, port, side), largest first.
     pub fn port_totals(&self) -> Vec<PortTotal> {
-        let mut map: HashMap<(u8, Option<u16>), PortTotal> = HashMap::new();
+        let mut map: HashMap<(u8, Option<u16>, Side), PortTotal> = HashMap::new();
         for g in &self.groups {
-            let t = map.entry((g.proto_number, g.port)).or_insert_with(|| PortTotal {
+            let t = map.entry((g.proto_number, g.port, g.direction)).or_insert_with(|| PortTotal {
                 proto: g.proto.clone(),
                 proto_number: g.proto_number,
                 port: g.port,
+                direction: g.direction,
                 count: 0,
                 nat: 0,
             });
@@ -115,24 +256,35 @@ impl FlowScan {
             t.nat += g.nat;
         }
         let mut v: Vec<PortTotal> = map.into_values().collect();
-        v.sort_by(|a, b| b.count.cmp(&a.count).then(a.proto_number.cmp(&b.proto_number)).then(a.port.cmp(&b.port)));
+        v.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then(a.proto_number.cmp(&b.proto_number))
+                .then(a.port.cmp(&b.port))
+                .then(a.direction.cmp(&b.direction))
+        });
         v
+    }
+
+    /// The upstreams of this host's queries to `proto`/`port`, if any were seen.
+    pub fn upstreams_of(&self, proto: &str, port: u16) -> Option<&Upstreams> {
+        self.upstreams.iter().find(|u| u.proto == proto && u.port == port)
     }
 }
 
-/// Key packed into 32 bits: protocol (8), has-port (1), port (16), state index (7).
-fn pack(proto: u8, port: Option<u16>, state: u8) -> u32 {
+/// Key packed into 64 bits: protocol (8), has-port (1), port (16), side (3), state index (7).
+fn pack(proto: u8, port: Option<u16>, side: Side, state: u8) -> u64 {
     let (has, p) = match port {
-        Some(p) => (1u32, u32::from(p)),
+        Some(p) => (1u64, u64::from(p)),
         None => (0, 0),
     };
-    (u32::from(proto) << 24) | (has << 23) | (p << 7) | u32::from(state & 0x7f)
+    (u64::from(proto) << 27) | (has << 26) | (p << 10) | (side.index() << 7) | u64::from(state & 0x7f)
 }
 
-fn unpack(k: u32) -> (u8, Option<u16>, u8) {
-    let proto = (k >> 24) as u8;
-    let port = if (k >> 23) & 1 == 1 { Some(((k >> 7) & 0xffff) as u16) } else { None };
-    (proto, port, (k & 0x7f) as u8)
+fn unpack(k: u64) -> (u8, Option<u16>, Side, u8) {
+    let proto = (k >> 27) as u8;
+    let port = if (k >> 26) & 1 == 1 { Some(((k >> 10) & 0xffff) as u16) } else { None };
+    (proto, port, Side::from_index((k >> 7) & 0x7), (k & 0x7f) as u8)
 }
 
 /// A multiplicative hasher for the packed `u32` keys (they are not attacker-chosen beyond the
@@ -149,8 +301,8 @@ impl Hasher for KeyHasher {
             self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
         }
     }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
     }
 }
 
@@ -165,7 +317,13 @@ struct Counter {
 #[derive(Debug)]
 pub struct FlowAggregator {
     capacity: usize,
-    counters: HashMap<u32, Counter, BuildHasherDefault<KeyHasher>>,
+    counters: HashMap<u64, Counter, BuildHasherDefault<KeyHasher>>,
+    locals: LocalAddrs,
+    side_totals: [u64; 5],
+    upstreams: HashMap<(u8, u16), (u64, Vec<IpAddr>, bool)>,
+    tcp_timeout_established: Option<u64>,
+    tcp_established: u64,
+    tcp_idle: u64,
     states: Vec<String>,
     proto_names: Vec<Option<String>>,
     proto_totals: Vec<u64>,
@@ -188,6 +346,12 @@ impl FlowAggregator {
         FlowAggregator {
             capacity,
             counters: HashMap::with_capacity_and_hasher(2 * capacity + 1, BuildHasherDefault::default()),
+            locals: LocalAddrs::default(),
+            side_totals: [0; 5],
+            upstreams: HashMap::new(),
+            tcp_timeout_established: None,
+            tcp_established: 0,
+            tcp_idle: 0,
             states: Vec::new(),
             proto_names: vec![None; 256],
             proto_totals: vec![0; 256],
@@ -196,6 +360,18 @@ impl FlowAggregator {
             max_error: 0,
             peak: 0,
         }
+    }
+
+    /// Tells sides apart with the target's own addresses.
+    pub fn with_locals(mut self, locals: LocalAddrs) -> Self {
+        self.locals = locals;
+        self
+    }
+
+    /// Counts idle ESTABLISHED TCP entries against this `nf_conntrack_tcp_timeout_established`.
+    pub fn with_tcp_timeout_established(mut self, t: Option<u64>) -> Self {
+        self.tcp_timeout_established = t;
+        self
     }
 
     /// Counters held right now (never more than `2 × capacity`).
@@ -243,7 +419,36 @@ impl FlowAggregator {
             self.proto_names[p] = Some(e.proto_name.to_string());
         }
         let state = self.state_index(e.state_label());
-        let c = self.counters.entry(pack(e.proto, e.dport, state)).or_default();
+        let side = self.locals.side(e.src, e.dst);
+        self.side_totals[side.index() as usize] += 1;
+        if let (Side::Client, Some(port)) = (side, e.dport) {
+            let full = self.upstreams.len() >= MAX_UPSTREAM_GROUPS;
+            if let Some(u) = match self.upstreams.get_mut(&(e.proto, port)) {
+                Some(u) => Some(u),
+                None if full => None,
+                None => Some(self.upstreams.entry((e.proto, port)).or_default()),
+            } {
+                u.0 += 1;
+                if let Ok(a) = e.dst.parse::<IpAddr>() {
+                    if !u.1.contains(&a) {
+                        if u.1.len() < MAX_UPSTREAMS {
+                            u.1.push(a);
+                        } else {
+                            u.2 = true;
+                        }
+                    }
+                }
+            }
+        }
+        if e.proto == 6 && e.state == Some("ESTABLISHED") {
+            self.tcp_established += 1;
+            if let Some(t) = self.tcp_timeout_established {
+                if t.saturating_sub(e.timeout) >= ORPHAN_IDLE_SECONDS {
+                    self.tcp_idle += 1;
+                }
+            }
+        }
+        let c = self.counters.entry(pack(e.proto, e.dport, side, state)).or_default();
         c.count += 1;
         if e.nat {
             c.nat += 1;
@@ -278,11 +483,12 @@ impl FlowAggregator {
             .counters
             .iter()
             .map(|(&k, c)| {
-                let (proto, port, s) = unpack(k);
+                let (proto, port, side, s) = unpack(k);
                 FlowGroup {
                     proto: name(proto),
                     proto_number: proto,
                     port,
+                    direction: side,
                     state: self.states.get(usize::from(s)).cloned().unwrap_or_default(),
                     count: c.count,
                     nat: c.nat,
@@ -294,6 +500,7 @@ impl FlowAggregator {
                 .cmp(&a.count)
                 .then(a.proto_number.cmp(&b.proto_number))
                 .then(a.port.cmp(&b.port))
+                .then(a.direction.cmp(&b.direction))
                 .then(a.state.cmp(&b.state))
         });
         let mut per_proto: Vec<ProtoCount> = (0..=255u8)
@@ -301,6 +508,28 @@ impl FlowAggregator {
             .map(|p| ProtoCount { proto: name(p), count: self.proto_totals[usize::from(p)] })
             .collect();
         per_proto.sort_by(|a, b| b.count.cmp(&a.count).then(a.proto.cmp(&b.proto)));
+        let per_direction = Side::ALL
+            .iter()
+            .zip(self.side_totals)
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| DirectionCount { direction: *s, count: n })
+            .collect();
+        let mut upstreams: Vec<Upstreams> = self
+            .upstreams
+            .iter()
+            .map(|(&(p, port), (n, addrs, more))| {
+                let mut a = addrs.clone();
+                a.sort();
+                Upstreams {
+                    proto: name(p),
+                    port,
+                    entries: *n,
+                    addresses: a.iter().map(ToString::to_string).collect(),
+                    more: *more,
+                }
+            })
+            .collect();
+        upstreams.sort_by(|a, b| b.entries.cmp(&a.entries).then(a.proto.cmp(&b.proto)).then(a.port.cmp(&b.port)));
         FlowScan {
             scanned: self.scanned,
             unparsed: self.unparsed,
@@ -310,6 +539,11 @@ impl FlowAggregator {
             peak_groups: self.peak,
             groups,
             per_proto,
+            per_direction,
+            upstreams,
+            tcp_established: self.tcp_established,
+            tcp_established_idle: self.tcp_idle,
+            idle_threshold_seconds: ORPHAN_IDLE_SECONDS,
         }
     }
 }

@@ -60,8 +60,42 @@ pub struct DropCounters {
     /// Entries that lost the insert race (two packets of one new flow at once, classically the
     /// parallel A/AAAA queries of a resolver over UDP); the packet may be dropped.
     pub insert_failed: u64,
+    /// Packets conntrack could not fit into a state (TCP out of window, bad ICMP errors,
+    /// malformed headers): `ct state invalid`; `None` when the kernel has no such column.
+    pub invalid: Option<u64>,
+    /// Lookups that found an existing entry (`None` when the column is missing).
+    pub found: Option<u64>,
+    /// Entries inserted (`None` when the column is missing).
+    pub insert: Option<u64>,
     /// How many CPU lines were summed.
     pub cpus: usize,
+}
+
+impl DropCounters {
+    /// `self - earlier`, counter by counter (0 where a counter went backwards: the namespace
+    /// was recreated between the samples).
+    pub fn since(&self, earlier: &DropCounters) -> DropCounters {
+        let d = |a: u64, b: u64| a.saturating_sub(b);
+        let o = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.saturating_sub(b)),
+            _ => None,
+        };
+        DropCounters {
+            drop: d(self.drop, earlier.drop),
+            early_drop: d(self.early_drop, earlier.early_drop),
+            insert_failed: d(self.insert_failed, earlier.insert_failed),
+            invalid: o(self.invalid, earlier.invalid),
+            found: o(self.found, earlier.found),
+            insert: o(self.insert, earlier.insert),
+            cpus: self.cpus,
+        }
+    }
+
+    /// True when a counter that means trouble (drop, early_drop, insert_failed, invalid) is
+    /// above zero.
+    pub fn any_trouble(&self) -> bool {
+        self.drop > 0 || self.early_drop > 0 || self.insert_failed > 0 || self.invalid.unwrap_or(0) > 0
+    }
 }
 
 /// Parses `/proc/net/stat/nf_conntrack`.
@@ -71,7 +105,14 @@ pub fn parse_stat(text: &str) -> Result<DropCounters, ParseError> {
     let cols: Vec<&str> = header.split_whitespace().collect();
     let col = |name: &'static str| cols.iter().position(|c| *c == name).ok_or(ParseError::MissingColumn(name));
     let (i_drop, i_early, i_failed) = (col("drop")?, col("early_drop")?, col("insert_failed")?);
-    let mut out = DropCounters::default();
+    let opt_col = |name: &str| cols.iter().position(|c| *c == name);
+    let (i_invalid, i_found, i_insert) = (opt_col("invalid"), opt_col("found"), opt_col("insert"));
+    let mut out = DropCounters {
+        invalid: i_invalid.map(|_| 0),
+        found: i_found.map(|_| 0),
+        insert: i_insert.map(|_| 0),
+        ..DropCounters::default()
+    };
     for (n, line) in lines {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() != cols.len() {
@@ -87,6 +128,11 @@ pub fn parse_stat(text: &str) -> Result<DropCounters, ParseError> {
         out.drop += hex(i_drop)?;
         out.early_drop += hex(i_early)?;
         out.insert_failed += hex(i_failed)?;
+        for (i, slot) in [(i_invalid, &mut out.invalid), (i_found, &mut out.found), (i_insert, &mut out.insert)] {
+            if let (Some(i), Some(v)) = (i, slot.as_mut()) {
+                *v += hex(i)?;
+            }
+        }
         out.cpus += 1;
     }
     Ok(out)
@@ -294,6 +340,12 @@ pub struct CtEntry<'a> {
     pub assured: bool,
     /// The reply tuple is not the mirror of the original one: NAT (DNAT, redirect or SNAT).
     pub nat: bool,
+    /// Source address of the original direction, as printed.
+    pub src: &'a str,
+    /// Destination address of the original direction, as printed.
+    pub dst: &'a str,
+    /// Seconds left before the entry expires.
+    pub timeout: u64,
 }
 
 impl CtEntry<'_> {
@@ -329,9 +381,19 @@ pub fn parse_entry(line: &str) -> Option<CtEntry<'_>> {
     }
     let proto: u8 = it.next()?.parse().ok()?;
     // Seconds left; conntrack-tools prints it too.
-    it.next()?.parse::<u64>().ok()?;
-    let mut entry =
-        CtEntry { proto_name: name, proto, state: None, dport: None, unreplied: false, assured: false, nat: false };
+    let timeout = it.next()?.parse::<u64>().ok()?;
+    let mut entry = CtEntry {
+        proto_name: name,
+        proto,
+        state: None,
+        dport: None,
+        unreplied: false,
+        assured: false,
+        nat: false,
+        src: "",
+        dst: "",
+        timeout,
+    };
     let mut tuples: [Tuple<'_>; 2] = Default::default();
     let mut idx: Option<usize> = None;
     for tok in it {
@@ -356,7 +418,8 @@ pub fn parse_entry(line: &str) -> Option<CtEntry<'_>> {
         }
     }
     let [orig, reply] = &tuples;
-    orig.src?;
+    entry.src = orig.src?;
+    entry.dst = orig.dst.unwrap_or("");
     entry.dport = match orig.dport {
         Some(p) => Some(p.parse().ok()?),
         None => None,
@@ -380,7 +443,22 @@ mod tests {
     #[test]
     fn stat_sums_per_cpu_hex() {
         let d = parse_stat(STAT).expect("parses");
-        assert_eq!(d, DropCounters { drop: 0x0a + 0xf0, early_drop: 2, insert_failed: 3, cpus: 2 });
+        assert_eq!(
+            d,
+            DropCounters {
+                drop: 0x0a + 0xf0,
+                early_drop: 2,
+                insert_failed: 3,
+                invalid: Some(0),
+                found: Some(0),
+                insert: Some(4),
+                cpus: 2
+            }
+        );
+        let later = DropCounters { drop: 0x0a + 0xf0 + 5, invalid: Some(7), ..d };
+        let delta = later.since(&d);
+        assert_eq!((delta.drop, delta.invalid, delta.insert, delta.early_drop), (5, Some(7), Some(0), 0));
+        assert!(delta.any_trouble() && !d.since(&d).any_trouble());
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::flows::{FlowGroup, FlowScan};
+use super::flows::{FlowGroup, FlowScan, Side};
+use super::notrack::RuleRef;
 use super::parse::DropCounters;
 
 /// Something the doctor could not read; the report is partial, never an error.
@@ -98,6 +99,63 @@ pub struct UdpTimeouts {
     pub udp_timeout_stream: Option<u64>,
 }
 
+/// One counter of `/proc/net/stat/nf_conntrack`, total and over the sampling window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CounterRate {
+    /// `drop`, `early_drop`, `insert_failed`, `invalid`, `found`, `insert`.
+    pub counter: String,
+    /// Since the namespace started (summed over CPUs).
+    pub total: u64,
+    /// Increase during the window.
+    pub during_window: u64,
+    /// The same per second.
+    pub per_second: f64,
+    /// When it last moved, in words: `during the window`, `never`, or `not during the window`
+    /// with what else tells (the latest "table full" event for `drop`).
+    pub last_moved: String,
+}
+
+/// What the counters did while the doctor watched.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rates {
+    /// Length of the window, seconds (the two samples' distance).
+    pub window_seconds: f64,
+    /// The counters.
+    pub counters: Vec<CounterRate>,
+}
+
+impl Rates {
+    /// The counter named `name`.
+    pub fn get(&self, name: &str) -> Option<&CounterRate> {
+        self.counters.iter().find(|c| c.counter == name)
+    }
+}
+
+/// The NOTRACK rules found in the live ruleset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NotrackRuleInfo {
+    /// Where.
+    pub notrack: RuleRef,
+    /// The flow, in words.
+    pub flow: String,
+    /// `server` or `client` (or `?` for a rule without ports).
+    pub direction: Side,
+    /// ctguard's own.
+    pub ctguard: bool,
+    /// `prerouting` or `output`.
+    pub hook: crate::live::fw::FwHook,
+    /// Protocols.
+    pub protocols: Vec<crate::model::Proto>,
+    /// The service's ports (destination ports server-side in, source ports server-side out,
+    /// the upstreams' port client-side).
+    pub ports: Vec<crate::model::PortRange>,
+    /// The remote side's prefixes the rule restricts to (clients server-side, upstreams
+    /// client-side); empty: any.
+    pub peers: Vec<crate::model::Prefix>,
+    /// Interfaces the rule restricts to; empty: any.
+    pub interfaces: Vec<String>,
+}
+
 /// A sysctl value a recommendation would write.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SysctlSetting {
@@ -158,7 +216,7 @@ pub enum Recommendation {
         /// The values.
         sysctl: Vec<SysctlSetting>,
     },
-    /// NOTRACK a dominant stateless UDP service.
+    /// NOTRACK a dominant stateless UDP service this host serves.
     Notrack {
         /// Why.
         reason: String,
@@ -175,6 +233,78 @@ pub enum Recommendation {
         known_stateless: bool,
         /// What NOTRACK needs from the filter path.
         warning: String,
+        /// Which side this host is on (`server`, or `local` for loopback clients of a local
+        /// service, or `?` when the local addresses are unknown).
+        direction: Side,
+    },
+    /// This host's own queries fill the table (a recursive resolver's upstream queries): the
+    /// client side, which the policy schema cannot express yet.
+    ClientFlows {
+        /// Why.
+        reason: String,
+        /// Protocol name.
+        proto: String,
+        /// The upstreams' port.
+        port: u16,
+        /// Entries.
+        entries: u64,
+        /// Share of all entries.
+        share: f64,
+        /// The upstream addresses seen (at most 16).
+        upstreams: Vec<String>,
+    },
+    /// `nf_conntrack_tcp_timeout_established` is long and idle ESTABLISHED entries dominate.
+    TcpTimeout {
+        /// Why.
+        reason: String,
+        /// The value.
+        sysctl: SysctlSetting,
+        /// ESTABLISHED entries idle for at least `idle_threshold_seconds`.
+        idle_established: u64,
+        /// All ESTABLISHED TCP entries.
+        established: u64,
+    },
+    /// A NOTRACK rule whose untracked packets a filter chain drops: a blackhole.
+    Blackhole {
+        /// Why.
+        reason: String,
+        /// The fix.
+        fix: String,
+        /// The NOTRACK rule.
+        notrack: RuleRef,
+        /// The rule (or policy) that drops the untracked packets.
+        dropped_by: RuleRef,
+        /// Protocol name.
+        proto: String,
+        /// The flow, in words (`udp dport 53`).
+        flow: String,
+        /// Which side of the flow this host is on.
+        direction: Side,
+    },
+    /// A NOTRACK rule without a destination port and an untracked accept that takes all of
+    /// it: every local port is reachable from the notracked flow (seed 002).
+    UntrackedOpen {
+        /// Why.
+        reason: String,
+        /// The fix.
+        fix: String,
+        /// The NOTRACK rule.
+        notrack: RuleRef,
+        /// The rule that accepts the untracked packets whatever their destination port.
+        accepted_by: RuleRef,
+        /// Protocol name.
+        proto: String,
+        /// The flow, in words (`udp sport 53`).
+        flow: String,
+    },
+    /// ctguard's NOTRACK objects are present but the accepts its policy needs are gone.
+    CtguardDegraded {
+        /// Why.
+        reason: String,
+        /// The fix.
+        fix: String,
+        /// Each blackholed flow: where it is notracked and where it is dropped.
+        blackholes: Vec<String>,
     },
 }
 
@@ -186,6 +316,34 @@ impl Recommendation {
             Recommendation::Buckets { .. } => "buckets",
             Recommendation::UdpTimeouts { .. } => "udp_timeouts",
             Recommendation::Notrack { .. } => "notrack",
+            Recommendation::ClientFlows { .. } => "client_flows",
+            Recommendation::TcpTimeout { .. } => "tcp_timeout",
+            Recommendation::Blackhole { .. } => "blackhole",
+            Recommendation::UntrackedOpen { .. } => "untracked_open",
+            Recommendation::CtguardDegraded { .. } => "ctguard_degraded",
+        }
+    }
+
+    /// Every kind, in the order the report lists them.
+    pub const KINDS: [&'static str; 9] = [
+        "ctguard_degraded",
+        "blackhole",
+        "untracked_open",
+        "raise_conntrack_max",
+        "buckets",
+        "udp_timeouts",
+        "tcp_timeout",
+        "notrack",
+        "client_flows",
+    ];
+
+    /// The fix of a broken NOTRACK setup, if this is one.
+    pub fn fix(&self) -> Option<&str> {
+        match self {
+            Recommendation::Blackhole { fix, .. }
+            | Recommendation::UntrackedOpen { fix, .. }
+            | Recommendation::CtguardDegraded { fix, .. } => Some(fix),
+            _ => None,
         }
     }
 
@@ -195,7 +353,12 @@ impl Recommendation {
             Recommendation::RaiseConntrackMax { reason, .. }
             | Recommendation::Buckets { reason, .. }
             | Recommendation::UdpTimeouts { reason, .. }
-            | Recommendation::Notrack { reason, .. } => reason,
+            | Recommendation::Notrack { reason, .. }
+            | Recommendation::ClientFlows { reason, .. }
+            | Recommendation::TcpTimeout { reason, .. }
+            | Recommendation::Blackhole { reason, .. }
+            | Recommendation::UntrackedOpen { reason, .. }
+            | Recommendation::CtguardDegraded { reason, .. } => reason,
         }
     }
 }
@@ -217,8 +380,15 @@ pub struct Report {
     pub buckets: Option<u64>,
     /// `count / max`.
     pub usage: Option<f64>,
-    /// Drop counters of this namespace, summed over the CPUs.
+    /// Drop counters of this namespace, summed over the CPUs (totals since it started).
     pub drops: Option<DropCounters>,
+    /// The same counters over the sampling window (`--window`); `None` with `--window 0` or
+    /// when they could not be read.
+    pub rates: Option<Rates>,
+    /// `nf_conntrack_tcp_timeout_established` (seconds).
+    pub tcp_timeout_established: Option<u64>,
+    /// The NOTRACK rules of the live ruleset (`None` when it could not be read).
+    pub notrack_rules: Option<Vec<NotrackRuleInfo>>,
     /// Kernel log events (host-wide).
     pub table_full_events: Option<TableFullEvents>,
     /// Bytes per entry (slab object size).
@@ -323,6 +493,12 @@ pub fn prometheus(r: &Report, now_unix: f64) -> String {
             "Entries that lost the insert race, summed over CPUs.",
             Some(d.insert_failed.to_string()),
         );
+        p.one(
+            "ctguard_conntrack_invalid_total",
+            "counter",
+            "Packets conntrack could not fit into a state (ct state invalid), summed over CPUs.",
+            d.invalid.map(|v| v.to_string()),
+        );
     }
     if let Some(t) = &r.table_full_events {
         p.one(
@@ -351,7 +527,13 @@ pub fn prometheus(r: &Report, now_unix: f64) -> String {
         .map(|g| {
             let port = g.port.map(|p| p.to_string()).unwrap_or_default();
             (
-                format!(",proto=\"{}\",port=\"{}\",state=\"{}\"", label(&g.proto), port, label(&g.state)),
+                format!(
+                    ",proto=\"{}\",port=\"{}\",direction=\"{}\",state=\"{}\"",
+                    label(&g.proto),
+                    port,
+                    g.direction.as_str(),
+                    label(&g.state)
+                ),
                 g.count.to_string(),
             )
         })
@@ -371,7 +553,7 @@ pub fn prometheus(r: &Report, now_unix: f64) -> String {
         );
     }
     let mut kinds: Vec<(String, String)> = Vec::new();
-    for k in ["raise_conntrack_max", "buckets", "udp_timeouts", "notrack"] {
+    for k in Recommendation::KINDS {
         let c = r.recommendations.iter().filter(|x| x.kind() == k).count();
         kinds.push((format!(",kind=\"{k}\""), c.to_string()));
     }

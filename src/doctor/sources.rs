@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::flows::{aggregate_reader, FlowAggregator, FlowScan};
+use super::flows::{aggregate_reader, FlowAggregator, FlowScan, LocalAddrs};
+use super::notrack::Firewall;
 use super::parse::{self, DropCounters, KmsgScan, ParseError};
 use super::report::Unreadable;
 use crate::backend::exec::{one_line, ExecError, Tool};
@@ -62,6 +63,9 @@ pub enum SourceError {
     },
 }
 
+/// Default sampling window of the counters (`--window`).
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(2);
+
 /// Where the doctor reads from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sources {
@@ -75,6 +79,10 @@ pub struct Sources {
     pub kmsg_max_records: u64,
     /// Longest the kernel log and the `conntrack` tool may take each.
     pub time_limit: Duration,
+    /// How long the counters are watched (two samples this far apart); zero: one sample.
+    pub window: Duration,
+    /// Read the live ruleset (`nft -j list ruleset`, the iptables dumps) for NOTRACK rules.
+    pub firewall: bool,
 }
 
 impl Sources {
@@ -86,12 +94,21 @@ impl Sources {
             conntrack_tool: true,
             kmsg_max_records: 1_000_000,
             time_limit: Duration::from_secs(120),
+            window: DEFAULT_WINDOW,
+            firewall: true,
         }
     }
 
     /// A fake root (tests): every file under `root`, the log at `kmsg`, no tool.
     pub fn fake(root: &Path, kmsg: Option<PathBuf>) -> Self {
-        Sources { proc_root: root.to_path_buf(), kmsg, conntrack_tool: false, ..Sources::system() }
+        Sources {
+            proc_root: root.to_path_buf(),
+            kmsg,
+            conntrack_tool: false,
+            window: Duration::ZERO,
+            firewall: false,
+            ..Sources::system()
+        }
     }
 
     fn sysctl_path(&self, name: &str) -> PathBuf {
@@ -117,8 +134,19 @@ pub struct Observations {
     pub udp_timeout: Option<u64>,
     /// `nf_conntrack_udp_timeout_stream`.
     pub udp_timeout_stream: Option<u64>,
-    /// Drop counters.
+    /// Drop counters (the last sample).
     pub drops: Option<DropCounters>,
+    /// The first sample and how long before the last one it was taken (`None` without a
+    /// window).
+    pub drops_first: Option<(DropCounters, Duration)>,
+    /// `nf_conntrack_tcp_timeout_established`.
+    pub tcp_timeout_established: Option<u64>,
+    /// The target's own addresses.
+    pub locals: LocalAddrs,
+    /// The live ruleset, when read.
+    pub firewall: Option<Firewall>,
+    /// CLOCK_MONOTONIC now, µs (the kernel log's clock), to say how long ago an event was.
+    pub now_mono_usec: Option<u64>,
     /// The kernel log.
     pub kmsg: Option<KmsgScan>,
     /// Slab object size.
@@ -170,21 +198,62 @@ fn sysctl(src: &Sources, o: &mut Observations, name: &str) -> Option<u64> {
     }
 }
 
+fn read_stat(src: &Sources) -> (PathBuf, Result<DropCounters, SourceError>) {
+    let stat = src.net_path("stat/nf_conntrack");
+    let r = read_text(&stat)
+        .and_then(|t| parse::parse_stat(&t).map_err(|source| SourceError::Parse { path: stat.clone(), source }));
+    (stat, r)
+}
+
+/// Reads the live ruleset of the calling thread's namespace: `nft -j list ruleset` (when nft
+/// is installed) and every iptables dump whose tool is installed.
+pub fn read_firewall() -> Result<Firewall, String> {
+    let nft = match Tool::find("nft") {
+        Ok(t) => Some(t.run(&["-j", "list", "ruleset"], None).map_err(|e| e.to_string())?),
+        Err(_) => None,
+    };
+    let mut dumps = Vec::new();
+    for &(name, variant, v6) in crate::backend::live::SAVE_TOOLS {
+        let Ok(tool) = Tool::find(name) else { continue };
+        dumps.push((variant, v6, tool.run(&[], None).map_err(|e| e.to_string())?));
+    }
+    Firewall::parse(nft.as_deref(), &dumps)
+}
+
+fn mono_usec() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    Some(t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+}
+
 /// Reads everything (call inside the target's thread). `capacity` bounds the flow summary.
+/// With a window the drop counters are sampled first and again at the end, the window after
+/// the first sample (the other reads happen in between).
 pub fn collect(src: &Sources, capacity: usize) -> Observations {
     let mut o = Observations::default();
+    let first = (!src.window.is_zero()).then(|| (read_stat(src).1.ok(), Instant::now()));
     o.count = sysctl(src, &mut o, "nf_conntrack_count");
     o.max = sysctl(src, &mut o, "nf_conntrack_max");
     o.buckets = sysctl(src, &mut o, "nf_conntrack_buckets");
     o.udp_timeout = sysctl(src, &mut o, "nf_conntrack_udp_timeout");
     o.udp_timeout_stream = sysctl(src, &mut o, "nf_conntrack_udp_timeout_stream");
+    o.tcp_timeout_established = sysctl(src, &mut o, "nf_conntrack_tcp_timeout_established");
 
-    let stat = src.net_path("stat/nf_conntrack");
-    match read_text(&stat)
-        .and_then(|t| parse::parse_stat(&t).map_err(|source| SourceError::Parse { path: stat.clone(), source }))
-    {
-        Ok(d) => o.drops = Some(d),
-        Err(e) => o.failed("drop counters", &stat, &e),
+    let (trie, inet6) = (src.net_path("fib_trie"), src.net_path("if_inet6"));
+    let (t4, t6) = (read_text(&trie), read_text(&inet6));
+    if let (Err(e), Err(_)) = (&t4, &t6) {
+        o.failed("local addresses", &trie, e);
+    }
+    o.locals = LocalAddrs::parse(t4.as_deref().ok(), t6.as_deref().ok());
+
+    if src.firewall {
+        match read_firewall() {
+            Ok(f) => o.firewall = Some(f),
+            Err(e) => o.unreadable.push(Unreadable {
+                what: "firewall ruleset".into(),
+                path: "nft -j list ruleset; iptables-*-save".into(),
+                error: e,
+            }),
+        }
     }
 
     let slab = src.proc_root.join("slabinfo");
@@ -221,7 +290,9 @@ pub fn collect(src: &Sources, capacity: usize) -> Observations {
 
     let entries = src.net_path("nf_conntrack");
     let start = Instant::now();
-    let mut agg = FlowAggregator::new(capacity);
+    let mut agg = FlowAggregator::new(capacity)
+        .with_locals(o.locals.clone())
+        .with_tcp_timeout_established(o.tcp_timeout_established);
     match File::open(&entries) {
         Ok(f) => match aggregate_reader(BufReader::with_capacity(64 * 1024, f), &mut agg) {
             Ok(()) => o.flows = Some((agg.finish(), entries.display().to_string(), start.elapsed())),
@@ -242,6 +313,22 @@ pub fn collect(src: &Sources, capacity: usize) -> Observations {
             }
         }
     }
+
+    if let Some((s0, t0)) = first {
+        let left = src.window.saturating_sub(t0.elapsed());
+        if !left.is_zero() {
+            std::thread::sleep(left);
+        }
+        if let Some(s0) = s0 {
+            o.drops_first = Some((s0, t0.elapsed()));
+        }
+    }
+    let (stat, last) = read_stat(src);
+    match last {
+        Ok(d) => o.drops = Some(d),
+        Err(e) => o.failed("drop counters", &stat, &e),
+    }
+    o.now_mono_usec = mono_usec();
     o
 }
 
