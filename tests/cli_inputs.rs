@@ -103,7 +103,13 @@ fn ctguard_pipe_fd(args: &[&str], input: &[u8]) -> Output {
     // SAFETY: dup2 is async-signal-safe; it clears close-on-exec on the copy only.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(raw, PIPE_FD) < 0 {
+            // The pipe may already be fd 9: dup2 onto itself keeps close-on-exec, so clear it
+            // (found as a one-in-many flake: "cannot read /dev/fd/9: No such file").
+            if raw == PIPE_FD {
+                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, PIPE_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -43,7 +43,12 @@ fn run_with_pipe(mut c: Command, input: &[u8]) -> Output {
     // SAFETY: dup2 is async-signal-safe; it clears close-on-exec on the copy only.
     unsafe {
         c.pre_exec(move || {
-            if libc::dup2(raw, PIPE_FD) < 0 {
+            // The pipe may already be that fd: dup2 onto itself keeps close-on-exec.
+            if raw == PIPE_FD {
+                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, PIPE_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
