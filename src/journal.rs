@@ -219,7 +219,7 @@ fn holder_text(holder: Option<i32>) -> String {
 /// Records read by [`Journal::scan`], and the files that could not be used.
 #[derive(Debug, Default)]
 pub struct Scan {
-    /// Readable records, sorted by `created_wall`, then id.
+    /// Readable records, in order of creation (`created_wall`, `created_ns`), then id.
     pub records: Vec<TxnRecord>,
     /// Files skipped, each with why (unreadable, corrupt, other version, badly named).
     pub skipped: Vec<JournalError>,
@@ -433,7 +433,7 @@ impl Journal {
         }
     }
 
-    /// Reads every record, sorted by `created_wall` then id, and reports the files it skipped
+    /// Reads every record, in order of creation then id, and reports the files it skipped
     /// (never fails because of one bad file). Write-in-progress files are ignored; those older
     /// than [`STALE_TMP_AGE`] are crash leftovers and are removed (best effort).
     pub fn scan(&self) -> Result<Scan, JournalError> {
@@ -484,7 +484,9 @@ impl Journal {
                 Err(source) => scan.skipped.push(JournalError::Read { path, source }),
             }
         }
-        scan.records.sort_by(|a, b| a.created_wall.cmp(&b.created_wall).then_with(|| a.id.cmp(&b.id)));
+        scan.records.sort_by(|a, b| {
+            (a.created_wall, a.created_ns).cmp(&(b.created_wall, b.created_ns)).then_with(|| a.id.cmp(&b.id))
+        });
         Ok(scan)
     }
 
@@ -928,7 +930,9 @@ mod tests {
         fs::write(j.txn_dir().join("README"), b"not a record").expect("write");
         let scan = j.scan().expect("scan");
         let ids: Vec<&TxnId> = scan.records.iter().map(|r| &r.id).collect();
-        assert_eq!(ids, [&b.id, &c.id, &a.id, &d.id]);
+        // Creation order: `a` was created before `c` in the same second (`created_ns`), whatever
+        // their random ids say.
+        assert_eq!(ids, [&b.id, &a.id, &c.id, &d.id]);
         assert_eq!(scan.skipped.len(), 3, "{:?}", scan.skipped);
         assert!(scan.skipped.iter().all(|e| matches!(e, JournalError::Corrupt { .. })));
         assert!(scan.skipped.iter().any(|e| matches!(

@@ -389,6 +389,11 @@ pub struct TxnRecord {
     pub requester: Requester,
     /// Creation time, wall-clock seconds.
     pub created_wall: u64,
+    /// The order of creation within this journal: nanoseconds of CLOCK_REALTIME at creation
+    /// (0 in older records). Transactions of the same second are ordered by it, never by
+    /// their random id.
+    #[serde(default)]
+    pub created_ns: u64,
     /// The policy applied (policy transactions).
     #[serde(default)]
     pub policy: Option<Value>,
@@ -450,6 +455,10 @@ impl TxnRecord {
             target,
             requester,
             created_wall: now_wall,
+            created_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
             policy: None,
             ruleset: None,
             tools: BTreeMap::new(),
@@ -1083,13 +1092,18 @@ mod tests {
         assert_eq!(v["state"], json!({"name": "ROLLED_BACK", "reason": {"probe_failed": "p"}}));
 
         // Unknown fields are ignored (forward compatible); optional fields may be absent.
-        let mut v = serde_json::to_value(rec()).expect("json");
+        let r0 = rec();
+        let mut v = serde_json::to_value(&r0).expect("json");
         v["added_by_a_later_minor"] = json!(true);
         for k in ["policy", "ruleset", "tools", "genid_before", "genid_after", "before", "after", "undo", "deadline"] {
             v.as_object_mut().map(|o| o.remove(k));
         }
         let back = TxnRecord::from_json(&serde_json::to_vec(&v).expect("bytes")).expect("parse");
-        assert_eq!(back, rec());
+        assert_eq!(back, r0);
+        // Records from before `created_ns` read as 0.
+        v.as_object_mut().map(|o| o.remove("created_ns"));
+        let old = TxnRecord::from_json(&serde_json::to_vec(&v).expect("bytes")).expect("parse");
+        assert_eq!(old.created_ns, 0);
 
         // Version is checked first.
         let mut v2 = serde_json::to_value(rec()).expect("json");

@@ -497,7 +497,8 @@ fn in_order_of_events(j: &Journal, records: &mut [txn::TxnRecord]) {
             .unwrap_or(i128::MAX)
     };
     let first_event = |r: &txn::TxnRecord| r.events.first().map_or(r.created_wall, |e| e.wall_unix);
-    records.sort_by_cached_key(|r| (r.created_wall, first_event(r), mtime_ns(r), r.id.as_str().to_string()));
+    records
+        .sort_by_cached_key(|r| (r.created_wall, r.created_ns, first_event(r), mtime_ns(r), r.id.as_str().to_string()));
 }
 
 pub(super) fn history(global: &Global) -> Result<Exit, Vec<Failure>> {
