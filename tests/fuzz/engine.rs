@@ -45,6 +45,8 @@ pub struct Target {
     pub dict: &'static [&'static str],
     /// Runs the code under test on one input.
     pub run: fn(&[u8]) -> Verdict,
+    /// Other targets whose `seeds/` this one starts from too.
+    pub borrow_seeds: &'static [&'static str],
 }
 
 /// What a run did (printed; BENCHMARKS.md quotes these lines).
@@ -544,7 +546,11 @@ fn fuzz_loop(target: &Target, seed: u64, execs: u64, w: &Watch, repro: &str) -> 
     }
     // 2. Seeds.
     let mut corpus: Vec<Vec<u8>> = Vec::new();
-    for (path, mut data) in read_dir_files(&dir.join("seeds")) {
+    let mut seed_files = read_dir_files(&dir.join("seeds"));
+    for other in target.borrow_seeds {
+        seed_files.extend(read_dir_files(&target_dir(other).join("seeds")));
+    }
+    for (path, mut data) in seed_files {
         data.truncate(target.max_len);
         let (r, t) = timed(target, w, &data);
         slowest = slowest.max(t);
