@@ -219,8 +219,13 @@ fn reprint(d: &SaveDump) -> Option<String> {
     Some(out)
 }
 
+/// A rule without its line number: chain, arguments, line.
+type RuleShape = (String, Vec<String>, String);
+/// A table without line numbers: name, then each chain's name, policy and rules.
+type TableShape = (String, Vec<(String, Option<String>, Vec<RuleShape>)>);
+
 /// The dump without line numbers (they change when it is reprinted).
-fn shape(d: &SaveDump) -> Vec<(String, Vec<(String, Option<String>, Vec<(String, Vec<String>, String)>)>)> {
+fn shape(d: &SaveDump) -> Vec<TableShape> {
     d.tables
         .iter()
         .map(|t| {
@@ -251,7 +256,8 @@ fn iptables(data: &[u8]) -> Verdict {
                 }
             }
             if let Some(printed) = reprint(&d) {
-                let again = iptables_save::parse(&printed).map_err(|e| format!("reprinted dump refused: {e}\n{printed}"))?;
+                let again =
+                    iptables_save::parse(&printed).map_err(|e| format!("reprinted dump refused: {e}\n{printed}"))?;
                 if shape(&again) != shape(&d) {
                     return Err(format!("the reprinted dump parses differently:\n{printed}"));
                 }
@@ -339,7 +345,10 @@ fn journal(data: &[u8]) -> Verdict {
             let bytes = r.to_json().map_err(|e| format!("a loaded record does not serialize: {e}"))?;
             let back = TxnRecord::from_json(&bytes).map_err(|e| format!("a serialized record does not load: {e}"))?;
             if back != r {
-                let (mut a, mut b) = (serde_json::to_value(&r).map_err(|e| e.to_string())?, serde_json::to_value(&back).map_err(|e| e.to_string())?);
+                let (mut a, mut b) = (
+                    serde_json::to_value(&r).map_err(|e| e.to_string())?,
+                    serde_json::to_value(&back).map_err(|e| e.to_string())?,
+                );
                 without_floats(&mut a);
                 without_floats(&mut b);
                 if a != b {
@@ -414,7 +423,8 @@ fn protocol(data: &[u8]) -> Verdict {
     match serde_json::from_str::<Envelope>(&line) {
         Ok(env) => {
             let a = serde_json::to_string(&env).map_err(|e| format!("a decoded request does not encode: {e}"))?;
-            let again = serde_json::from_str::<Envelope>(&a).map_err(|e| format!("an encoded request does not decode: {e}: {a}"))?;
+            let again = serde_json::from_str::<Envelope>(&a)
+                .map_err(|e| format!("an encoded request does not decode: {e}: {a}"))?;
             let b = serde_json::to_string(&again).map_err(|e| e.to_string())?;
             if a != b {
                 return Err(format!("a request changes on a second encode:\n{a}\n{b}"));
@@ -427,12 +437,15 @@ fn protocol(data: &[u8]) -> Verdict {
                         }
                     }
                     if let Some(text) = &apply.policy_text {
-                        let format = if apply.policy_format.as_deref() == Some("json") { Format::Json } else { Format::Toml };
+                        let format =
+                            if apply.policy_format.as_deref() == Some("json") { Format::Json } else { Format::Toml };
                         let _ = parse_policy(text, format);
                     }
                     None
                 }
-                Request::Confirm { txid, .. } | Request::Extend { txid, .. } | Request::Rollback { txid, .. } => txid.as_deref(),
+                Request::Confirm { txid, .. } | Request::Extend { txid, .. } | Request::Rollback { txid, .. } => {
+                    txid.as_deref()
+                }
                 Request::Ping | Request::Status => None,
             };
             if let Some(t) = txid {
@@ -735,7 +748,8 @@ fn planner(data: &[u8]) -> Verdict {
     let mut class = 0u64;
     for policy in planner_policies() {
         let plan = ctguard::render::planner::plan(policy, &live, &tag);
-        class = class.rotate_left(5) ^ fnv64(format!("{} {}", plan.decisions.len().min(8), plan.insertions.len().min(8)).as_bytes());
+        class = class.rotate_left(5)
+            ^ fnv64(format!("{} {}", plan.decisions.len().min(8), plan.insertions.len().min(8)).as_bytes());
     }
     Ok(class)
 }

@@ -145,7 +145,9 @@ fn deserialize_checked(text: &str, format: Format) -> Result<RawPolicy, PolicyEr
                     Ok(p)
                 }
                 // serde_json's messages are one line, but may echo a key holding newlines.
-                Err(e) => Err(path_error(e.path().to_string(), escape_for_terminal(&e.inner().to_string()).into_owned())),
+                Err(e) => {
+                    Err(path_error(e.path().to_string(), escape_for_terminal(&e.inner().to_string()).into_owned()))
+                }
             }
         }
         Format::Toml => {

@@ -178,7 +178,8 @@ const TOKENS: &[&str] = &[
 ];
 
 /// Byte strings that are not UTF-8 (each alone is invalid).
-const NOT_UTF8: &[&[u8]] = &[b"\xff", b"\xfe\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xe2\x82"];
+const NOT_UTF8: &[&[u8]] =
+    &[b"\xff", b"\xfe\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xe2\x82"];
 
 fn pick_range(rng: &mut Rng, len: usize) -> (usize, usize) {
     let start = rng.below(len + 1);
@@ -244,7 +245,11 @@ pub fn mutate_once(rng: &mut Rng, data: &mut Vec<u8>, others: &[Vec<u8>], dict: 
             data.extend_from_slice(&o[from..]);
         }
         7 | 8 => {
-            let t = if !dict.is_empty() && rng.chance(2) { dict[rng.below(dict.len())] } else { TOKENS[rng.below(TOKENS.len())] };
+            let t = if !dict.is_empty() && rng.chance(2) {
+                dict[rng.below(dict.len())]
+            } else {
+                TOKENS[rng.below(TOKENS.len())]
+            };
             let i = rng.below(len + 1);
             if rng.chance(3) && len > 0 {
                 // Replace a range with the token.
@@ -256,10 +261,21 @@ pub fn mutate_once(rng: &mut Rng, data: &mut Vec<u8>, others: &[Vec<u8>], dict: 
         }
         9 => {
             // Replace a run of digits with an interesting number.
-            let digits: Vec<usize> = (0..len).filter(|&i| data[i].is_ascii_digit() && (i == 0 || !data[i - 1].is_ascii_digit())).collect();
+            let digits: Vec<usize> =
+                (0..len).filter(|&i| data[i].is_ascii_digit() && (i == 0 || !data[i - 1].is_ascii_digit())).collect();
             if let Some(&start) = digits.get(rng.below(digits.len().max(1))) {
                 let end = (start..len).find(|&i| !data[i].is_ascii_digit()).unwrap_or(len);
-                let nums = ["0", "-1", "65536", "4294967296", "18446744073709551616", "99999999999999999999999", "1e999", "-0", "00053"];
+                let nums = [
+                    "0",
+                    "-1",
+                    "65536",
+                    "4294967296",
+                    "18446744073709551616",
+                    "99999999999999999999999",
+                    "1e999",
+                    "-0",
+                    "00053",
+                ];
                 data.splice(start..end, nums[rng.below(nums.len())].bytes());
             }
         }
@@ -423,7 +439,8 @@ fn save_crash(target: &str, input: &[u8]) -> String {
     if let Err(e) = fs::write(&path, input) {
         return format!("(could not write {}: {e})", path.display());
     }
-    path.strip_prefix(env!("CARGO_MANIFEST_DIR")).map_or_else(|_| path.display().to_string(), |p| p.display().to_string())
+    path.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+        .map_or_else(|_| path.display().to_string(), |p| p.display().to_string())
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -466,7 +483,8 @@ pub fn run(target: &'static Target) {
     let watch = Arc::new(Watch { started: AtomicU64::new(0), current: Mutex::new(Vec::new()), epoch: Instant::now() });
     let (tx, rx) = mpsc::channel();
     let w = Arc::clone(&watch);
-    let repro = format!("CTGUARD_FUZZ_SEED={seed:#x} CTGUARD_FUZZ_EXECS={execs} cargo test --test fuzz {}", target.name);
+    let repro =
+        format!("CTGUARD_FUZZ_SEED={seed:#x} CTGUARD_FUZZ_EXECS={execs} cargo test --test fuzz {}", target.name);
     let worker_repro = repro.clone();
     std::thread::Builder::new()
         .name(format!("fuzz-{}", target.name))
@@ -525,7 +543,11 @@ fn fuzz_loop(target: &Target, seed: u64, execs: u64, w: &Watch, repro: &str) -> 
     let fail = |what: String, input: &[u8], file: Option<String>| {
         let file = file.unwrap_or_else(|| save_crash(target.name, input));
         let what = shorten(&what);
-        Done::Failed(format!("fuzz {}: {what}; input saved as {file} ({} bytes); seed {seed:#x}; reproduce: {repro}", target.name, input.len()))
+        Done::Failed(format!(
+            "fuzz {}: {what}; input saved as {file} ({} bytes); seed {seed:#x}; reproduce: {repro}",
+            target.name,
+            input.len()
+        ))
     };
     let mut slowest = Duration::ZERO;
     let mut classes = HashSet::new();
@@ -536,7 +558,10 @@ fn fuzz_loop(target: &Target, seed: u64, execs: u64, w: &Watch, repro: &str) -> 
             let rel = path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(&path).display().to_string();
             let (r, t) = timed(target, w, &data);
             if t > HANG_LIMIT {
-                return Done::Failed(format!("fuzz {}: stored input {rel} takes {t:?} (> {HANG_LIMIT:?})", target.name));
+                return Done::Failed(format!(
+                    "fuzz {}: stored input {rel} takes {t:?} (> {HANG_LIMIT:?})",
+                    target.name
+                ));
             }
             if let Err(e) = r {
                 return Done::Failed(format!("fuzz {}: stored input {rel} still fails: {}", target.name, shorten(&e)));
