@@ -78,8 +78,9 @@ pub enum TxnError {
         /// The version found, if any.
         found: Option<u64>,
     },
-    /// The record is not valid JSON or does not match the schema.
-    #[error("invalid transaction record: {source}")]
+    /// The record is not valid JSON or does not match the schema. serde's message may quote the
+    /// record's text (an unknown variant): its control characters are escaped.
+    #[error("invalid transaction record: {}", crate::exit::escape_for_terminal(&.source.to_string()))]
     Json {
         /// Parser error.
         #[source]
@@ -1119,6 +1120,17 @@ mod tests {
         let mut v3 = serde_json::to_value(rec()).expect("json");
         v3["id"] = json!("../evil");
         assert!(matches!(TxnRecord::from_json(&serde_json::to_vec(&v3).expect("bytes")), Err(TxnError::Json { .. })));
+    }
+
+    /// Fuzzing (issue 14) found serde's "unknown variant" message quoting a record's string with
+    /// its newlines raw: a planted record could print lines of its choosing.
+    #[test]
+    fn fuzz_record_error_quoting_newlines_is_one_line() {
+        let mut v = serde_json::to_value(rec()).expect("json");
+        v["kind"] = json!("x\nctguard: error: forged\u{1b}[2J");
+        let msg = TxnRecord::from_json(&serde_json::to_vec(&v).expect("bytes")).expect_err("bad kind").to_string();
+        assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        assert!(msg.contains("unknown variant `x\\nctguard: error: forged\\u{1b}[2J`"), "{msg:?}");
     }
 
     #[test]

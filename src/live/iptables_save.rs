@@ -18,8 +18,9 @@ use crate::model::{mask_v4, mask_v6, Prefix};
 /// Why a dump cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SaveParseError {
-    /// iptables-nft reports a table (or base chain) it cannot represent.
-    #[error("line {line}: the dump is incomplete, iptables-nft says: {text}")]
+    /// iptables-nft reports a table (or base chain) it cannot represent. The line is shown with
+    /// its control characters escaped (it is the dump's text, not ctguard's).
+    #[error("line {line}: the dump is incomplete, iptables-nft says: {}", crate::exit::escape_for_terminal(.text))]
     Incompatible {
         /// 1-based line number.
         line: usize,
@@ -557,6 +558,15 @@ fn parse_states(s: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzzing (issue 14) found the "incompatible" warning line echoed raw into the error: a
+    /// carriage return or an escape sequence in it reached the message.
+    #[test]
+    fn fuzz_incompatible_warning_with_control_characters_is_one_line() {
+        let dump = "*filter\n# Table `filter' is incompatible\r\u{1b}[2J, use 'nft' tool.\nCOMMIT\n";
+        let msg = parse(dump).expect_err("incompatible").to_string();
+        assert_eq!(msg, "line 2: the dump is incomplete, iptables-nft says: # Table `filter' is incompatible\\r\\u{1b}[2J, use 'nft' tool.");
+    }
 
     fn args(s: &str) -> Vec<String> {
         tokenize(s).expect("tokenizes")

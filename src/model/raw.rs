@@ -8,6 +8,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use super::{Backend, Format, PolicyError};
+use crate::exit::escape_for_terminal;
 
 fn yes() -> bool {
     true
@@ -140,10 +141,13 @@ fn deserialize_checked(text: &str, format: Format) -> Result<RawPolicy, PolicyEr
             let r: Result<RawPolicy, _> = serde_path_to_error::deserialize(&mut de);
             match r {
                 Ok(p) => {
-                    de.end().map_err(|e| PolicyError { path: String::new(), reason: e.to_string() })?;
+                    de.end().map_err(|e| PolicyError { path: String::new(), reason: one_line(&e.to_string()) })?;
                     Ok(p)
                 }
-                Err(e) => Err(path_error(e.path().to_string(), e.inner().to_string())),
+                // serde_json's messages are one line, but may echo a key holding newlines.
+                Err(e) => {
+                    Err(path_error(e.path().to_string(), escape_for_terminal(&e.inner().to_string()).into_owned()))
+                }
             }
         }
         Format::Toml => {
@@ -162,11 +166,16 @@ fn path_error(path: String, reason: String) -> PolicyError {
         Some(key) => format!("sysctl.\"{key}\""),
         None => path,
     };
-    PolicyError { path, reason: one_line(&reason) }
+    PolicyError { path: escape_for_terminal(&path).into_owned(), reason: one_line(&reason) }
 }
 
-/// Collapses a multi-line parser message (toml shows a source excerpt) into one line.
+/// Collapses a multi-line parser message (toml shows a source excerpt) into one line, with the
+/// control characters of the input it echoes (a key, the excerpt) escaped.
 fn one_line(s: &str) -> String {
+    escape_for_terminal(&collapse(s)).into_owned()
+}
+
+fn collapse(s: &str) -> String {
     let is_excerpt = |l: &str| {
         let rest = l.trim_start_matches(|c: char| c.is_ascii_digit() || c == ' ');
         rest.starts_with('|') || rest.chars().all(|c| c == '^' || c == ' ')
@@ -177,5 +186,27 @@ fn one_line(s: &str) -> String {
             format!("{} ({})", rest.join("; "), first.trim_start_matches("TOML parse error at "))
         }
         _ => lines.join("; "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{parse_policy, Format};
+
+    /// Fuzzing (issue 14) found serde's "unknown field" message echoing a key with a carriage
+    /// return (a JSON `\r` escape) raw, in the path and the reason: both must stay one line.
+    #[test]
+    fn fuzz_unknown_key_with_control_characters_is_one_line() {
+        let json = "{\"notrack\": [{\"protocols\": [\"udp\"], \"po\\r\\nrts\\u001b[2J\": [53]}]}";
+        let toml = "[[notrack]]\nprotocols = [\"udp\"]\n\"po\\r\\nrts\\u001b[2J\" = [53]\n";
+        for (text, format) in [(json, Format::Json), (toml, Format::Toml)] {
+            let errs = parse_policy(text, format).expect_err("unknown field");
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            let shown = errs[0].to_string();
+            assert!(!shown.chars().any(char::is_control), "{format:?}: {shown:?}");
+            if format == Format::Json {
+                assert!(shown.contains("unknown field `po\\r\\nrts\\u{1b}[2J`"), "{shown:?}");
+            }
+        }
     }
 }
