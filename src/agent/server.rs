@@ -333,7 +333,10 @@ async fn handle_connection(shared: &Arc<Shared>, stream: UnixStream) {
                 drop(line);
                 dispatch(shared, env.request, peer.pid(), peer.uid()).await
             }
-            Err(e) => Response::fail(Exit::BadInput, format!("malformed request: {e}")),
+            Err(e) => Response::fail(
+                Exit::BadInput,
+                format!("malformed request: {}", crate::exit::escape_for_terminal(&e.to_string())),
+            ),
         },
         Err(e) => Response::fail(Exit::BadInput, format!("cannot read the request: {e}")),
     };
