@@ -534,3 +534,26 @@ fn a_fifo_as_netns_is_refused_at_once_and_never_delays_another_deadline() {
     ctg.wait_state(&id, "ROLLED_BACK", Duration::from_secs(5));
     assert!(std::fs::read_dir(ctg.base.join("run").join("ns")).map(|d| d.count()).unwrap_or(0) == 0, "a pin was left");
 }
+
+/// `extend` is bounded (issue 14): the deadline at most 7 days from now, checked arithmetic
+/// (a raw request with `u64::MAX` seconds once wrapped in release builds).
+#[test]
+fn extend_is_bounded_and_never_wraps() {
+    use ctguard::agent::protocol::Request;
+    let ns = Ns::new("race-ext");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    let deadline = record(&ctg, &id)["deadline"]["boottime_ns"].as_u64().expect("deadline");
+    let out = ctg.run(&["extend", "--by", "8d", &id]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    for by_secs in [u64::MAX, u64::MAX / 1_000_000_000, 7 * 24 * 3600] {
+        let req = Request::Extend { txid: Some(id.clone()), by_secs, netns: None };
+        let r = ctguard::agent::client::request(&ctg.base.join("run"), req, Duration::from_secs(10)).expect("answer");
+        assert_eq!(r.exit, 2, "extend by {by_secs} s: {r:?}");
+    }
+    assert_eq!(record(&ctg, &id)["deadline"]["boottime_ns"].as_u64(), Some(deadline), "the deadline moved");
+    ok(&ctg.run(&["extend", "--by", "1h", &id]));
+    ok(&ctg.run(&["rollback", &id]));
+}
