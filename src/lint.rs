@@ -342,14 +342,16 @@ fn open_resolver(input: &LintInput<'_>, out: &mut Vec<Finding>) {
         if !input.policy.notrack[d.entry].accept_untracked {
             continue;
         }
+        // An insertion must never accept what the ruleset refused (DESIGN §6): a source- or
+        // interface-restricted service would become open to everyone (an open resolver).
         if let Some(rule) = d.skips_restriction() {
             out.push(Finding {
-                severity: Severity::Warning,
+                severity: Severity::Error,
                 code: "open-resolver",
                 chain: Some(d.chain.label()),
                 rule: Some(rule.text.clone()),
                 message: format!(
-                    "notrack[{}] {}: tracked traffic is accepted only under this rule's conditions, but the inserted untracked accept has no such restriction (restrict `sources`/`interfaces` to keep it)",
+                    "notrack[{}] {}: tracked traffic is accepted only under this rule's conditions, but the inserted untracked accept has no such restriction: it would widen access (an open resolver); restrict `sources`/`interfaces` the same way, or --force",
                     d.entry, d.proto
                 ),
             });

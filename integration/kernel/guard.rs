@@ -184,3 +184,26 @@ fn an_iptables_nft_filter_reload_is_repaired() {
 fn an_iptables_legacy_filter_reload_is_repaired_by_the_poll() {
     iptables_reload_is_repaired("legacy");
 }
+
+/// The reload restricts the service to a source (the host firewall now answers DNS only for
+/// 198.18.0.0/24's .2): putting ctguard's unrestricted accept back would widen access (an open
+/// resolver), so the guard removes its NOTRACK instead and the service runs tracked, still
+/// restricted.
+#[test]
+fn a_reload_that_would_make_the_insertion_widen_access_degrades_instead() {
+    let pair = Pair::new("guard-wd");
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let ctg = Ctg::new();
+    let _id = committed_policy(&pair, &ctg);
+    let restricted =
+        FIREWALLD.replace("udp dport 53 ct state new accept", "ip saddr 198.18.0.2 udp dport 53 ct state new accept");
+    assert_ne!(restricted, FIREWALLD);
+    pair.srv.nft(&format!("delete table inet firewalld\n{restricted}"));
+    until(Duration::from_secs(3), "NOTRACK removed", || !pair.srv.nft_list().contains("table inet ctguard"));
+    let st = ctg.json(&["status"]);
+    eprintln!("status after a reload that restricts the source: {}", st["committed"]);
+    assert_eq!(st["committed"][0]["state"], "degraded", "{st}");
+    assert!(st["committed"][0]["reason"].as_str().unwrap_or("").contains("open-resolver"), "{st}");
+    // The allowed client is answered (tracked); nothing was widened.
+    assert_eq!(answered(&pair, 100, 27000), 100);
+}

@@ -162,12 +162,14 @@ fn lint_warnings_invalid_drop_and_open_resolver() {
 ",
     );
     let r = plan(&ns, Some("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n"), &["--check"], &[]);
-    assert_eq!(r.code, 0, "{}\n{}", r.stderr, r.json);
+    // Widening access is an error (issue 12: never widen access without --force): exit 3.
+    assert_eq!(r.code, 3, "{}\n{}", r.stderr, r.json);
     assert!(has(&r, "warning", "invalid-drop"), "{:?}", codes(&r));
-    assert!(has(&r, "warning", "open-resolver"), "{:?}", codes(&r));
-    // With the same restriction in the policy the warning goes away.
+    assert!(has(&r, "error", "open-resolver"), "{:?}", codes(&r));
+    // With the same restriction in the policy the finding goes away.
     let r = plan(&ns, Some("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nsources = [\"10.0.0.0/8\"]\n"), &[], &[]);
-    assert!(!has(&r, "warning", "open-resolver"), "{:?}", codes(&r));
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, r.json);
+    assert!(!has(&r, "error", "open-resolver") && !has(&r, "warning", "open-resolver"), "{:?}", codes(&r));
 }
 
 #[test]
