@@ -3,6 +3,7 @@
 //! turns the needed insertion into a lint error makes it fail safe (`DEGRADED`: NOTRACK
 //! removed, the service answered tracked). Real packets, throwaway namespaces.
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::txn_cli::{ok, Ctg};
@@ -206,4 +207,58 @@ fn a_reload_that_would_make_the_insertion_widen_access_degrades_instead() {
     assert!(st["committed"][0]["reason"].as_str().unwrap_or("").contains("open-resolver"), "{st}");
     // The allowed client is answered (tracked); nothing was widened.
     assert_eq!(answered(&pair, 100, 27000), 100);
+}
+
+/// ufw, where it is installed: its own configuration copied into a private mount namespace
+/// (the host's /etc/ufw is never written), enabled in the test's network namespace with DNS
+/// allowed; ctguard's committed policy with the iptables-nft backend; `ufw reload` → DNS still
+/// answered, the guard intact or repaired, never degraded.
+#[test]
+fn a_ufw_reload_keeps_the_committed_policy() {
+    assert!(
+        std::path::Path::new("/usr/sbin/ufw").exists(),
+        "ufw is not installed: integration/packages.txt installs it"
+    );
+    let host_conf = std::fs::read("/etc/ufw/ufw.conf").expect("/etc/ufw/ufw.conf");
+    let pair = Pair::new("guard-ufw");
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let tmp = std::env::temp_dir().join(format!("ctguard-ufw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("tmp");
+    let conf = tmp.join("ufw");
+    let st = Command::new("cp").args(["-a", "/etc/ufw"]).arg(&conf).status().expect("cp");
+    assert!(st.success());
+    std::fs::write(conf.join("sysctl.conf"), "").expect("sysctl.conf"); // no sysctl writes
+                                                                        // One ufw command in the private mount namespace, in the server's network namespace.
+    let ufw = |args: &str| {
+        let script =
+            format!("mount --bind {} /etc/ufw && ip netns exec {} ufw {args}", conf.display(), pair.srv.name());
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .output()
+            .expect("unshare");
+        assert!(out.status.success(), "ufw {args}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    ufw("--force enable");
+    ufw("allow 53/udp");
+    ufw("allow 22/tcp");
+    let ctg = Ctg::new();
+    std::fs::create_dir_all(&ctg.base).expect("base");
+    let policy = ctg.base.join("p.toml");
+    std::fs::write(&policy, "backend = \"iptables-nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n")
+        .expect("policy");
+    let (out, id) = ctg.apply(&pair.srv, &["--timeout", "60s", policy.to_str().expect("utf8")]);
+    ok(&out);
+    ok(&ctg.run(&["confirm", &id]));
+    assert_eq!(answered(&pair, 100, 28000), 100);
+    let t0 = Instant::now();
+    ufw("reload");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(answered(&pair, 100, 29000), 100, "after ufw reload");
+    let st = ctg.json(&["status"]);
+    eprintln!("ufw reload: 100/100 answered when checked {:?} after it; guard {}", t0.elapsed(), st["committed"]);
+    assert!(st["committed"][0]["state"] == "intact" || st["committed"][0]["state"] == "repaired", "{st}");
+    let _ = std::fs::remove_dir_all(&tmp);
+    // The host's own ufw configuration was never touched.
+    assert_eq!(std::fs::read("/etc/ufw/ufw.conf").expect("ufw.conf"), host_conf, "the host's /etc/ufw changed");
 }
