@@ -207,6 +207,11 @@ fn a_reload_that_would_make_the_insertion_widen_access_degrades_instead() {
     assert!(st["committed"][0]["reason"].as_str().unwrap_or("").contains("open-resolver"), "{st}");
     // The allowed client is answered (tracked); nothing was widened.
     assert_eq!(answered(&pair, 100, 27000), 100);
+    // `doctor` names the degraded policy and the way back.
+    let d = ctg.json(&["--netns", pair.srv.name(), "doctor", "--window", "0"]);
+    let recs = d["recommendations"].as_array().cloned().unwrap_or_default();
+    let found = recs.iter().find(|r| r["kind"] == "ctguard_degraded");
+    assert!(found.is_some_and(|r| r["fix"].as_str().unwrap_or("").contains("apply --from")), "{d}");
 }
 
 /// ufw, where it is installed: its own configuration copied into a private mount namespace

@@ -24,10 +24,11 @@ pub(super) fn run(args: &DoctorArgs, global: &Global) -> Result<Exit, Vec<Failur
     }
     let window = parse_window(&args.window).map_err(|e| vec![Failure::bad_input(format!("--window: {e}"))])?;
     let opts = Options { sources: Sources { window, ..Sources::system() }, top: usize::from(args.top) };
-    let report = diagnose(global.netns.as_deref(), &opts).map_err(|e| match e {
+    let mut report = diagnose(global.netns.as_deref(), &opts).map_err(|e| match e {
         DoctorError::BadTarget(_) => vec![Failure::bad_input(e.to_string())],
         DoctorError::Netns(_) => vec![Failure::internal(e.to_string())],
     })?;
+    guard_findings(global, &mut report);
     for u in &report.unreadable {
         tracing::info!(what = %u.what, path = %u.path, "could not read: {}", u.error);
     }
@@ -65,6 +66,39 @@ pub(super) fn run(args: &DoctorArgs, global: &Global) -> Result<Exit, Vec<Failur
         out(&screen(&report, Style { on: color }));
     }
     Ok(Exit::Ok)
+}
+
+/// ctguard's own committed policy that its guard degraded (NOTRACK removed after a firewall
+/// reload it could not repair safely): asked of a running agent, never starting one.
+fn guard_findings(global: &Global, report: &mut crate::doctor::Report) {
+    let Ok(r) = crate::agent::client::request(
+        &global.run_dir,
+        crate::agent::protocol::Request::Status,
+        std::time::Duration::from_secs(2),
+    ) else {
+        return;
+    };
+    let here = global.netns.as_deref().unwrap_or("host");
+    for c in r.data["committed"].as_array().into_iter().flatten() {
+        if c["state"] != "degraded" || c["target"].as_str() != Some(here) {
+            continue;
+        }
+        let id = c["id"].as_str().unwrap_or("?");
+        report.recommendations.insert(
+            0,
+            crate::doctor::Recommendation::CtguardDegraded {
+                reason: format!(
+                    "ctguard's guard degraded committed policy {id}: {} (since {})",
+                    c["reason"].as_str().unwrap_or("?"),
+                    c["since"].as_str().unwrap_or("?")
+                ),
+                fix: format!(
+                    "the service runs tracked: once the host firewall lets the accept be put back without widening access, re-apply it with `ctguard apply --from {id}`; or remove ctguard's policy with `ctguard apply --remove`"
+                ),
+                blackholes: Vec::new(),
+            },
+        );
+    }
 }
 
 /// `--window D`: `0` for one sample, else a duration of at most a minute.
