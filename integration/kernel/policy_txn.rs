@@ -13,7 +13,7 @@ use ctguard::model::auto::MachineFacts;
 use ctguard::model::names::{SysctlKey, Tag};
 use ctguard::model::{parse_policy, Format, Policy};
 
-use crate::harness::{host_conntrack_shared, sa, udp_queries, Ns, Pair, UdpResponder, SRV4, SRV6};
+use crate::harness::{host_conntrack_shared, sa, udp_queries, Ns, Pair, UdpResponder, CLI4, SRV4, SRV6};
 
 /// A stateful host firewall: drop by default, an explicit catch-all drop at the end (the
 /// accept must land just before it), DNS and SSH accepted as new, loopback accepted.
@@ -462,22 +462,32 @@ fn flush_existing_deletes_only_the_policys_entries() {
     pair.srv.nft("insert rule inet host input udp dport 5353 ct state new accept\n");
     let _r53 = UdpResponder::start(&pair.srv, sa(SRV4, 53));
     let _r5353 = UdpResponder::start(&pair.srv, sa(SRV4, 5353));
+    // The server is also a resolver: its own queries to an upstream (the client's :53).
+    let _upstream = UdpResponder::start(&pair.cli, sa(CLI4, 53));
     pair.srv.conntrack_flush();
     let a = udp_queries(&pair.cli, sa(SRV4, 53), 100, 24000);
     let b = udp_queries(&pair.cli, sa(SRV4, 5353), 100, 25000);
-    assert_eq!((a.answered, b.answered), (100, 100));
+    let c = udp_queries(&pair.srv, sa(CLI4, 53), 20, 26000);
+    assert_eq!((a.answered, b.answered, c.answered), (100, 100, 20));
     let tracked = pair.srv.conntrack_count();
-    assert!(tracked >= 195, "{tracked}");
+    assert!(tracked >= 215, "{tracked}");
     let p = policy("backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nflush_existing = true\n");
     let prepared = prep(&pair.srv, &request(&p, "ptx-flush-1", None));
-    assert_eq!(prepared.flush.len(), 2, "one conntrack -D per family: {:?}", prepared.flush);
+    assert!(
+        prepared.flush.iter().all(|c| c.iter().any(|a| a == "-d")),
+        "every conntrack -D names one of this host's addresses as the original destination: {:?}",
+        prepared.flush
+    );
     let undo = app(&pair.srv, &prepared);
     assert!(undo.warnings.is_empty(), "{:?}", undo.warnings);
     let left = pair.srv.conntrack_count();
-    let on53 = pair.srv.exec("conntrack", &["-L", "-p", "udp", "--orig-port-dst", "53"]);
+    let served = pair.srv.exec("conntrack", &["-L", "-p", "udp", "--orig-port-dst", "53", "-d", &SRV4.to_string()]);
+    let queried = pair.srv.exec("conntrack", &["-L", "-p", "udp", "--orig-port-dst", "53", "-d", &CLI4.to_string()]);
     eprintln!("policy_txn: flush_existing: {tracked} entries before, {left} after");
-    assert_eq!(on53.lines().filter(|l| l.starts_with("udp")).count(), 0, "{on53}");
-    assert!((95..=105).contains(&left), "the :5353 entries stay: {left}");
+    assert_eq!(served.lines().filter(|l| l.starts_with("udp")).count(), 0, "{served}");
+    // Regression (issue 15): the resolver's own upstream queries were deleted (20 of 20).
+    assert_eq!(queried.lines().filter(|l| l.starts_with("udp")).count(), 20, "the host's own queries stay: {queried}");
+    assert!((115..=125).contains(&left), "the :5353 entries and the upstream queries stay: {left}");
     back(&pair.srv, &undo);
 }
 

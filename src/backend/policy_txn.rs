@@ -820,7 +820,8 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
     }
 
     // flush_existing.
-    let (flush, flush_warnings) = flush_commands(policy);
+    let local = crate::probe::local_interface_addresses().unwrap_or_default();
+    let (flush, flush_warnings) = flush_commands(policy, &local);
     warnings.extend(flush_warnings);
     if !flush.is_empty() {
         tool("conntrack")?;
@@ -931,7 +932,7 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
 
 /// `conntrack -D` argument vectors for the entries with `flush_existing` (both families, one
 /// per protocol, port and source prefix), and warnings for entries too large to flush.
-fn flush_commands(policy: &Policy) -> (Vec<Vec<String>>, Vec<String>) {
+fn flush_commands(policy: &Policy, local: &[std::net::IpAddr]) -> (Vec<Vec<String>>, Vec<String>) {
     let mut cmds = Vec::new();
     let mut warnings = Vec::new();
     for (i, n) in policy.notrack.iter().enumerate() {
@@ -952,17 +953,33 @@ fn flush_commands(policy: &Policy) -> (Vec<Vec<String>>, Vec<String>) {
             }
             let src_args: Vec<Vec<String>> =
                 if srcs.is_empty() { vec![Vec::new()] } else { srcs.iter().map(|p| source_args(p)).collect() };
+            // Served by this host (`local_only`): the original destination is one of the
+            // target's own addresses, so this host's own queries to that port (a resolver's
+            // upstream queries, whose answers must still find their entry) are never deleted.
+            let dst_args: Vec<Vec<String>> = if n.local_only {
+                let mine: Vec<Vec<String>> =
+                    local.iter().filter(|a| a.is_ipv6() == v6).map(|a| vec!["-d".into(), a.to_string()]).collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                mine
+            } else {
+                vec![Vec::new()]
+            };
             for proto in &n.protocols {
                 for r in &n.ports {
                     for port in r.lo..=r.hi {
                         for s in &src_args {
-                            let mut a: Vec<String> = ["-D", "-f", fam, "-p", proto.as_str(), "--orig-port-dst"]
-                                .iter()
-                                .map(|x| x.to_string())
-                                .collect();
-                            a.push(port.to_string());
-                            a.extend(s.iter().cloned());
-                            cmds.push(a);
+                            for d in &dst_args {
+                                let mut a: Vec<String> = ["-D", "-f", fam, "-p", proto.as_str(), "--orig-port-dst"]
+                                    .iter()
+                                    .map(|x| x.to_string())
+                                    .collect();
+                                a.push(port.to_string());
+                                a.extend(s.iter().cloned());
+                                a.extend(d.iter().cloned());
+                                cmds.push(a);
+                            }
                         }
                     }
                 }
@@ -1939,19 +1956,40 @@ mod tests {
             crate::model::Format::Toml,
         )
         .expect("valid");
-        let (cmds, w) = flush_commands(&p);
+        let local: Vec<std::net::IpAddr> =
+            ["198.18.0.1", "127.0.0.1", "fd42::1"].iter().map(|a| a.parse().expect("ip")).collect();
+        let (cmds, w) = flush_commands(&p, &local);
         assert!(w.is_empty());
-        assert_eq!(cmds.len(), 3, "{cmds:?}");
+        // 3 ports × the two local v4 addresses (the v6 one has no v6 source to match).
+        assert_eq!(cmds.len(), 6, "{cmds:?}");
         assert_eq!(
             cmds[0],
-            ["-D", "-f", "ipv4", "-p", "udp", "--orig-port-dst", "53", "-s", "10.0.0.0", "--mask-src", "255.0.0.0"]
+            [
+                "-D",
+                "-f",
+                "ipv4",
+                "-p",
+                "udp",
+                "--orig-port-dst",
+                "53",
+                "-s",
+                "10.0.0.0",
+                "--mask-src",
+                "255.0.0.0",
+                "-d",
+                "198.18.0.1"
+            ]
         );
+        // Regression (issue 15): entries whose original destination is not this host — its own
+        // queries to an upstream's port 53 — are never matched: every command names a local
+        // destination.
+        assert!(cmds.iter().all(|c| c.windows(2).any(|w| w[0] == "-d" && local.iter().any(|a| a.to_string() == w[1]))));
         let big = crate::model::parse_policy(
             "[[notrack]]\nprotocols = [\"udp\"]\nports = [\"1000-2000\"]\nflush_existing = true\n",
             crate::model::Format::Toml,
         )
         .expect("valid");
-        let (cmds, w) = flush_commands(&big);
+        let (cmds, w) = flush_commands(&big, &local);
         assert!(cmds.is_empty());
         assert_eq!(w.len(), 1);
     }
