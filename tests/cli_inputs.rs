@@ -6,8 +6,6 @@
 //! argument errors are one line too. Nothing here touches netfilter: `render` is pure, and the
 //! `--netns`, `--ruleset` and policy refusals happen before any namespace is entered.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,40 +82,16 @@ fn ctguard_stdin(args: &[&str], input: &[u8]) -> Output {
     out
 }
 
-/// The fd number the child sees its pipe on (`/dev/fd/9`, as bash's `<(…)` gives `/dev/fd/63`).
-const PIPE_FD: i32 = 9;
+#[path = "support/pipe.rs"]
+mod pipe;
+use pipe::PIPE_FD;
 
 /// Runs ctguard with a pipe holding `input` on fd [`PIPE_FD`] (no shell): `args` may name it
-/// as `/dev/fd/9`. The write end is closed before the child runs, so the child reads `input`
-/// and then end of file.
+/// as `/dev/fd/9`.
 fn ctguard_pipe_fd(args: &[&str], input: &[u8]) -> Output {
-    use std::io::Write;
-    assert!(input.len() < 60_000, "the pipe is filled before the child starts");
-    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
-    let mut wf = std::fs::File::from(w);
-    wf.write_all(input).expect("fill pipe");
-    drop(wf);
-    let raw = r.as_raw_fd();
     let mut cmd = base_cmd();
     cmd.args(args).stdin(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; it clears close-on-exec on the copy only.
-    unsafe {
-        cmd.pre_exec(move || {
-            // The pipe may already be fd 9: dup2 onto itself keeps close-on-exec, so clear it
-            // (found as a one-in-many flake: "cannot read /dev/fd/9: No such file").
-            if raw == PIPE_FD {
-                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(raw, PIPE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = cmd.output().expect("run ctguard");
-    drop(r);
-    out
+    pipe::run_with_pipe(cmd, input)
 }
 
 fn text(b: &[u8]) -> String {

@@ -4,9 +4,7 @@
 //! says what it says from the file; and `--netns /proc/self/ns/net` names the CALLER's
 //! namespace for `plan` and `apply`, never the agent's.
 
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
@@ -15,7 +13,9 @@ use crate::harness::{Ns, STATEFUL};
 use crate::txn_cli::{ok, Ctg};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ctguard");
-const PIPE_FD: i32 = 9;
+#[path = "../../tests/support/pipe.rs"]
+mod pipe;
+use pipe::{run_with_pipe, PIPE_FD};
 
 /// `ctguard --state-dir … --run-dir … ARGS` of this installation (no shell).
 fn cmd(ctg: &Ctg, args: &[&str]) -> Command {
@@ -29,34 +29,6 @@ fn cmd(ctg: &Ctg, args: &[&str]) -> Command {
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
     c
-}
-
-/// Runs with a pipe holding `input` on fd 9 (`/dev/fd/9`); its write end is closed first.
-fn run_with_pipe(mut c: Command, input: &[u8]) -> Output {
-    use std::io::Write;
-    assert!(input.len() < 60_000);
-    let (r, w): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
-    let mut wf = std::fs::File::from(w);
-    wf.write_all(input).expect("fill pipe");
-    drop(wf);
-    let raw = r.as_raw_fd();
-    // SAFETY: dup2 is async-signal-safe; it clears close-on-exec on the copy only.
-    unsafe {
-        c.pre_exec(move || {
-            // The pipe may already be that fd: dup2 onto itself keeps close-on-exec.
-            if raw == PIPE_FD {
-                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(raw, PIPE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let out = c.output().expect("run ctguard");
-    drop(r);
-    out
 }
 
 /// Runs with `input` on stdin.
