@@ -158,6 +158,9 @@ pub fn flow_views(entry: &NotrackRule) -> Vec<(FwHook, Direction, NotrackRule, b
     let lo_name = |n: &crate::model::names::IfName| n.as_str() == "lo";
     let wire_ifaces: Vec<_> = entry.interfaces.iter().filter(|n| !lo_name(n)).cloned().collect();
     let has_wire = entry.interfaces.is_empty() || !wire_ifaces.is_empty();
+    if !entry.serves() {
+        return v;
+    }
     if has_wire {
         let wire = NotrackRule { interfaces: wire_ifaces, ..entry.clone() };
         v.push((FwHook::Input, Direction::Request, wire.clone(), true));
