@@ -660,6 +660,16 @@ flush_existing = true
 [[notrack]]
 protocols = ["tcp"]
 ports = [853]
+[[notrack]]
+protocols = ["udp", "tcp"]
+ports = [53]
+side = "both"
+upstreams = ["198.18.0.2/32", "2001:db8:53::/48"]
+[[notrack]]
+protocols = ["udp"]
+ports = [53]
+side = "querying"
+upstreams = ["192.0.2.0/24"]
 [sysctl]
 "net.netfilter.nf_conntrack_max" = 1048576
 "net.netfilter.nf_conntrack_udp_timeout" = 10
