@@ -152,7 +152,7 @@ fn blackholes(input: &LintInput<'_>, out: &mut Vec<Finding>) {
 }
 
 fn nat_bypass(input: &LintInput<'_>, out: &mut Vec<Finding>) {
-    for (i, entry) in input.policy.notrack.iter().enumerate() {
+    for (i, entry) in input.policy.notrack.iter().enumerate().filter(|(_, e)| e.serves()) {
         for &proto in &entry.protocols {
             let request = flow_for(entry, proto, Direction::Request, None, "new", false);
             let mut checks: Vec<(FwHook, &Flow, bool)> =
@@ -287,7 +287,8 @@ fn ssh_lockout(input: &LintInput<'_>, out: &mut Vec<Finding>) {
     let Some(ssh) = input.ssh else { return };
     let client = client_prefix(ssh.client);
     for (i, entry) in input.policy.notrack.iter().enumerate() {
-        let covered = entry.has_port(Proto::Tcp, ssh.server_port)
+        let covered = entry.serves()
+            && entry.has_port(Proto::Tcp, ssh.server_port)
             && (entry.sources.is_empty() || entry.sources.iter().any(|p| p.covers(&client)));
         if !covered || entry.accept_untracked {
             continue;

@@ -355,6 +355,10 @@ pub fn policy_toml(policy: &Policy, header: &str) -> Result<String, PersistError
         let _ = writeln!(s, "ports = {}", list(ports));
         let _ = writeln!(s, "sources = {}", list(n.sources.iter().map(|p| q(&p.to_string())).collect()));
         let _ = writeln!(s, "interfaces = {}", list(n.interfaces.iter().map(|i| q(i.as_str())).collect()));
+        if n.side != crate::model::Side::Serving {
+            let _ = writeln!(s, "side = {}", q(n.side.as_str()));
+            let _ = writeln!(s, "upstreams = {}", list(n.upstreams.iter().map(|p| q(&p.to_string())).collect()));
+        }
         let _ = writeln!(s, "local_only = {}", n.local_only);
         let _ = writeln!(s, "accept_untracked = {}", n.accept_untracked);
         let _ = writeln!(s, "flush_existing = {}", n.flush_existing);
@@ -656,6 +660,16 @@ flush_existing = true
 [[notrack]]
 protocols = ["tcp"]
 ports = [853]
+[[notrack]]
+protocols = ["udp", "tcp"]
+ports = [53]
+side = "both"
+upstreams = ["198.18.0.2/32", "2001:db8:53::/48"]
+[[notrack]]
+protocols = ["udp"]
+ports = [53]
+side = "querying"
+upstreams = ["192.0.2.0/24"]
 [sysctl]
 "net.netfilter.nf_conntrack_max" = 1048576
 "net.netfilter.nf_conntrack_udp_timeout" = 10

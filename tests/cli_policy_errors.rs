@@ -115,6 +115,28 @@ fn cases() -> Vec<Case> {
             vec![Field("notrack[0].ports[2]")],
             "70000",
         ),
+        case(
+            "querying without upstreams",
+            "p.toml",
+            &entry("side = \"querying\""),
+            vec![Field("notrack[0].upstreams")],
+            "any packet with that source port",
+        ),
+        case(
+            "both without upstreams (JSON)",
+            "p.json",
+            r#"{"notrack":[{"protocols":["udp"],"ports":[53],"side":"both"}]}"#,
+            vec![Field("notrack[0].upstreams")],
+            "spoofed",
+        ),
+        case(
+            "upstream with host bits",
+            "p.toml",
+            &entry("side = \"querying\"\nupstreams = [\"198.18.0.2/24\"]"),
+            vec![Field("notrack[0].upstreams[0]")],
+            "host bits",
+        ),
+        case("unknown side", "p.toml", &entry("side = \"client\""), vec![Field("notrack[0].side")], "unknown variant"),
         case("port 0", "p.toml", &entry("ports = [0]"), vec![Field("notrack[0].ports[0]")], "not a port"),
         case("negative port", "p.toml", &entry("ports = [-53]"), vec![Field("notrack[0].ports[0]")], "not a port"),
         case(

@@ -26,8 +26,17 @@ use ctguard::model::{parse_policy, Format, Policy, BUILTIN_POLICY_TOML};
 use ctguard::render::document::{render_document, DocFormat};
 
 /// The cases the suite must contain (DESIGN §6 features, one or more each).
-const REQUIRED_CASES: &[&str] =
-    &["builtin", "tcp_udp", "ranges", "interfaces", "sources_v4_v6", "many_ports", "local_only_off", "sysctl_only"];
+const REQUIRED_CASES: &[&str] = &[
+    "builtin",
+    "tcp_udp",
+    "ranges",
+    "interfaces",
+    "sources_v4_v6",
+    "many_ports",
+    "local_only_off",
+    "sysctl_only",
+    "querying",
+];
 
 /// Fixed facts so `"auto"` does not depend on the machine running the tests: 8 GiB, 64-bit
 /// pointers, 4 KiB pages (nf_conntrack_max = 8 GiB / 16384 / 2 = 262144).
@@ -143,7 +152,8 @@ fn golden_files_follow_the_design() {
         let (pre, out) = nft.split_once("chain output").expect("an output chain");
         // fib only in prerouting, and only for local_only entries.
         assert!(!out.contains("fib"), "{case}: fib in output would leave replies tracked");
-        let local = policy.notrack.iter().any(|n| n.local_only);
+        // Querying flows' answers are notracked to this host only, whatever local_only says.
+        let local = policy.notrack.iter().any(|n| (n.serves() && n.local_only) || n.queries());
         assert_eq!(pre.contains("fib daddr type local"), local, "{case}: fib iff local_only");
         // Every rule carries the tag; every rule in the chains ends in notrack.
         for line in nft.lines().map(str::trim).filter(|l| l.contains("notrack")) {
@@ -153,6 +163,25 @@ fn golden_files_follow_the_design() {
         assert!(!nft.contains("dport {") && !nft.contains("sport {"), "{case}: inline set");
         for (i, n) in policy.notrack.iter().enumerate() {
             assert!(nft.contains(&format!("set ports_{i} {{")), "{case}: ports_{i}");
+            if n.queries() {
+                // Both directions of the queries, always restricted to the upstreams: never a
+                // bare source-port notrack towards this host.
+                assert!(
+                    pre.contains(&format!("saddr @up4_{i}")) || pre.contains(&format!("saddr @up6_{i}")),
+                    "{case}: querying answers restricted to the upstreams"
+                );
+                assert!(
+                    out.contains(&format!("daddr @up4_{i}")) || out.contains(&format!("daddr @up6_{i}")),
+                    "{case}: querying queries restricted to the upstreams"
+                );
+                for line in pre.lines().filter(|l| l.contains(&format!("sport @ports_{i}"))) {
+                    assert!(line.contains("saddr @up"), "{case}: unrestricted answer: {line}");
+                    assert!(line.contains("fib daddr type local"), "{case}: answer not local-only: {line}");
+                }
+            }
+            if !n.serves() {
+                continue;
+            }
             assert!(pre.contains(&format!("dport @ports_{i}")), "{case}: prerouting dport");
             assert!(out.contains(&format!("sport @ports_{i}")), "{case}: output sport");
             assert_eq!(

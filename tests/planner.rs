@@ -38,6 +38,7 @@ const REQUIRED_CASES: &[&str] = &[
     "iptables_input_drop",
     "stateless_accept",
     "iif_lo_accept",
+    "querying_stateful",
 ];
 
 /// Every variant × family, in the order expected.iptables lists them.
@@ -518,6 +519,32 @@ fn apply_stateless_accept() {
 #[test]
 fn apply_iif_lo_accept() {
     apply_case("iif_lo_accept");
+}
+
+#[test]
+fn apply_querying_stateful() {
+    apply_case("querying_stateful");
+}
+
+/// A querying entry's inserted accepts always carry the upstream prefixes: an answer accepted
+/// by source port alone would open every local port to any packet with that source port.
+#[test]
+fn design_querying_accepts_carry_the_upstreams() {
+    let p = planned("querying_stateful");
+    assert_eq!(p.insertions.len(), 6, "{}{}", p.nft_script(), iptables_text(&p));
+    let nft = p.nft_script();
+    for line in nft.lines() {
+        assert!(
+            line.contains("ip saddr 198.18.0.2 udp sport 53")
+                || line.contains("ip6 saddr 2001:db8:53::/48 udp sport 53")
+                || line.contains("ip daddr 198.18.0.2 udp dport 53")
+                || line.contains("ip6 daddr 2001:db8:53::/48 udp dport 53"),
+            "unrestricted: {line}"
+        );
+    }
+    for line in iptables_text(&p).lines().filter(|l| l.starts_with("-A") || l.starts_with("-I")) {
+        assert!(line.contains("-s 198.18.0.2/32") || line.contains("-d 198.18.0.2/32"), "unrestricted: {line}");
+    }
 }
 
 #[test]

@@ -23,5 +23,6 @@ mod policy_txn_cas;
 mod probe;
 mod proof;
 mod races;
+mod resolver;
 mod trust;
 mod txn_cli;

@@ -936,7 +936,9 @@ fn flush_commands(policy: &Policy, local: &[std::net::IpAddr]) -> (Vec<Vec<Strin
     let mut cmds = Vec::new();
     let mut warnings = Vec::new();
     for (i, n) in policy.notrack.iter().enumerate() {
-        if !n.flush_existing {
+        // Only the served flows are flushed for now: a querying-only entry's flush would
+        // otherwise delete served entries it does not notrack.
+        if !n.flush_existing || !n.serves() {
             continue;
         }
         let count: usize = n.ports.iter().map(|r| usize::from(r.hi - r.lo) + 1).sum();

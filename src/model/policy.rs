@@ -206,6 +206,30 @@ impl Serialize for Prefix {
     }
 }
 
+/// Which side of an entry's flows this host is on (DESIGN §6, client-side flows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Side {
+    /// This host serves the ports: requests arrive to them, replies leave from them.
+    Serving,
+    /// This host queries upstreams on the ports: queries leave to them, answers arrive from
+    /// them (only from the entry's `upstreams`).
+    Querying,
+    /// Both of the above.
+    Both,
+}
+
+impl Side {
+    /// The name used in the policy file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Serving => "serving",
+            Side::Querying => "querying",
+            Side::Both => "both",
+        }
+    }
+}
+
 /// One `[[notrack]]` entry: the flows that bypass conntrack, both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NotrackRule {
@@ -217,6 +241,11 @@ pub struct NotrackRule {
     pub sources: Vec<Prefix>,
     /// Interface names; empty means all (loopback included). Sorted, de-duplicated.
     pub interfaces: Vec<IfName>,
+    /// Which side of the flows this host is on.
+    pub side: Side,
+    /// Upstream prefixes of the querying flows (non-empty exactly when the entry queries).
+    /// Sorted, none covered by another.
+    pub upstreams: Vec<Prefix>,
     /// Only traffic addressed to this host (`fib daddr type local` / `addrtype LOCAL`).
     pub local_only: bool,
     /// Insert `ct state untracked accept` for these flows into filter chains that need it.
@@ -237,6 +266,14 @@ impl NotrackRule {
     /// True when loopback traffic is covered: no interface list, or one naming `lo`.
     pub fn covers_loopback(&self) -> bool {
         self.interfaces.is_empty() || self.interfaces.iter().any(|i| i.as_str() == "lo")
+    }
+    /// True when this host serves the entry's ports (side `serving` or `both`).
+    pub fn serves(&self) -> bool {
+        self.side != Side::Querying
+    }
+    /// True when this host queries upstreams on the entry's ports (side `querying` or `both`).
+    pub fn queries(&self) -> bool {
+        self.side != Side::Serving
     }
     /// True when a packet of protocol `proto` to or from `port` is covered by the port list.
     pub fn has_port(&self, proto: Proto, port: u16) -> bool {

@@ -7,11 +7,14 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use super::{Backend, Format, PolicyError};
+use super::{Backend, Format, PolicyError, Side};
 use crate::exit::escape_for_terminal;
 
 fn yes() -> bool {
     true
+}
+fn serving() -> Side {
+    Side::Serving
 }
 fn auto_backend() -> Backend {
     Backend::Auto
@@ -61,6 +64,10 @@ pub(super) struct RawNotrack {
     pub sources: Vec<String>,
     #[serde(default)]
     pub interfaces: Vec<String>,
+    #[serde(default = "serving")]
+    pub side: Side,
+    #[serde(default)]
+    pub upstreams: Vec<String>,
     #[serde(default = "yes")]
     pub local_only: bool,
     #[serde(default = "yes")]

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use super::names::{IfName, SysctlKey};
 use super::raw::{RawNotrack, RawPolicy, RawScalar};
-use super::{NotrackRule, Policy, PolicyError, PortRange, Prefix, Proto, SysctlValue};
+use super::{NotrackRule, Policy, PolicyError, PortRange, Prefix, Proto, Side, SysctlValue};
 
 /// Most `[[notrack]]` entries a policy may hold.
 pub const MAX_NOTRACK_ENTRIES: usize = 64;
@@ -98,15 +98,28 @@ fn notrack_rule(path: &str, n: &RawNotrack, errs: &mut Errors) -> NotrackRule {
         }
     }
 
-    let mut sources = Vec::new();
-    if n.sources.len() > MAX_SOURCES {
-        errs.push(format!("{path}.sources"), format!("more than {MAX_SOURCES} prefixes"));
-    }
-    for (j, s) in n.sources.iter().enumerate().take(MAX_SOURCES + 1) {
-        match parse_prefix(s) {
-            Ok(p) => sources.push(p),
-            Err(reason) => errs.push(format!("{path}.sources[{j}]"), reason),
-        }
+    let sources = prefix_list(&format!("{path}.sources"), &n.sources, errs);
+    let upstreams = prefix_list(&format!("{path}.upstreams"), &n.upstreams, errs);
+    match n.side {
+        Side::Serving if !n.upstreams.is_empty() => errs.push(
+            format!("{path}.upstreams"),
+            "only a querying entry has upstreams; set side = \"querying\" or \"both\" (or remove upstreams)",
+        ),
+        Side::Querying | Side::Both if n.upstreams.is_empty() => errs.push(
+            format!("{path}.upstreams"),
+            format!(
+                "side = \"{}\" needs the upstream prefixes this host queries: the answers arrive untracked, and \
+                 accepting them by source port alone would let any packet with that source port (spoofed from \
+                 anywhere) reach every local port; list the upstreams (e.g. upstreams = [\"192.0.2.53/32\"])",
+                n.side.as_str()
+            ),
+        ),
+        Side::Querying if !n.sources.is_empty() => errs.push(
+            format!("{path}.sources"),
+            "sources restrict the clients of a served flow; a querying entry restricts its peers with upstreams \
+             (use side = \"both\" to serve too)",
+        ),
+        _ => {}
     }
 
     let mut interfaces = Vec::new();
@@ -127,10 +140,27 @@ fn notrack_rule(path: &str, n: &RawNotrack, errs: &mut Errors) -> NotrackRule {
         ports: merge_ports(ports),
         sources: minimal_prefixes(sources),
         interfaces,
+        side: n.side,
+        upstreams: minimal_prefixes(upstreams),
         local_only: n.local_only,
         accept_untracked: n.accept_untracked,
         flush_existing: n.flush_existing,
     }
+}
+
+/// Parses a prefix list (`sources`, `upstreams`), each error at `path[j]`.
+fn prefix_list(path: &str, items: &[String], errs: &mut Errors) -> Vec<Prefix> {
+    let mut out = Vec::new();
+    if items.len() > MAX_SOURCES {
+        errs.push(path, format!("more than {MAX_SOURCES} prefixes"));
+    }
+    for (j, s) in items.iter().enumerate().take(MAX_SOURCES + 1) {
+        match parse_prefix(s) {
+            Ok(p) => out.push(p),
+            Err(reason) => errs.push(format!("{path}[{j}]"), reason),
+        }
+    }
+    out
 }
 
 fn port_number(n: i128) -> Result<u16, String> {
@@ -314,6 +344,35 @@ interfaces = ["eth0", "x\" accept"]
         let e = parse_policy(r#"{"notrack":[{"protocols":["udp"],"ports":[53.5]}]}"#, Format::Json)
             .expect_err("float port");
         assert!(e[0].path.starts_with("notrack[0].ports[0]"), "{e:?}");
+    }
+
+    #[test]
+    fn querying_entries_need_upstreams() {
+        let e = errs("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nside = \"querying\"\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("notrack[0].upstreams: side = \"querying\" needs the upstream prefixes"), "{e:?}");
+        assert!(e[0].contains("any packet with that source port"), "{e:?}");
+        let e = errs("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nside = \"both\"\nupstreams = []\n");
+        assert!(e[0].starts_with("notrack[0].upstreams: side = \"both\""), "{e:?}");
+        let e = errs("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nupstreams = [\"192.0.2.0/24\"]\n");
+        assert!(e[0].starts_with("notrack[0].upstreams: only a querying entry"), "{e:?}");
+        let e = errs("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nside = \"client\"\n");
+        assert!(e[0].starts_with("notrack[0].side:"), "{e:?}");
+        let e = errs(
+            "[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nside = \"querying\"\nupstreams = [\"192.0.2.1/24\", \"x\"]\n",
+        );
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].starts_with("notrack[0].upstreams[0]: \"192.0.2.1/24\" has host bits set"), "{e:?}");
+        assert!(e[1].starts_with("notrack[0].upstreams[1]:"), "{e:?}");
+        let p = parse_policy(
+            "[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nside = \"both\"\nupstreams = [\"2001:db8::/32\", \"192.0.2.0/24\", \"192.0.2.53\"]\n",
+            Format::Toml,
+        )
+        .expect("valid");
+        let n = &p.notrack[0];
+        assert!(n.serves() && n.queries());
+        assert_eq!(n.upstreams.len(), 2);
+        assert!(Policy::builtin().notrack[0].serves() && !Policy::builtin().notrack[0].queries());
     }
 
     #[test]

@@ -298,6 +298,27 @@ pub enum Direction {
     LoopbackRequest,
     /// Local client's reply arriving over loopback (input hook, `iif lo`).
     LoopbackReply,
+    /// This host's own query to an upstream (output hook: destination port and address).
+    Query,
+    /// The upstream's answer to it (input hook: source port and address).
+    Answer,
+}
+
+impl Direction {
+    /// True for the querying side's directions ([`Direction::Query`], [`Direction::Answer`]).
+    pub fn is_querying(self) -> bool {
+        matches!(self, Direction::Query | Direction::Answer)
+    }
+}
+
+/// The peer prefixes of an entry's flow in `dir`: its upstreams on the querying side, its
+/// sources (clients) on the serving side.
+pub fn peers(n: &NotrackRule, dir: Direction) -> &[Prefix] {
+    if dir.is_querying() {
+        &n.upstreams
+    } else {
+        &n.sources
+    }
 }
 
 /// The flow of one notrack entry and protocol in a direction, in one state. With `not_lo`
@@ -319,7 +340,7 @@ pub fn flow_for(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>,
         ct: ct.to_string(),
     };
     let not_lo = not_lo && ifaces.is_empty();
-    let src: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
+    let src: Vec<Prefix> = peers(n, dir).iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
     match dir {
         Direction::Request => {
             f.dports = n.ports.clone();
@@ -346,6 +367,16 @@ pub fn flow_for(n: &NotrackRule, proto: Proto, dir: Direction, v6: Option<bool>,
             f.sports = n.ports.clone();
             f.daddr = src;
             f.iif = lo();
+        }
+        Direction::Query => {
+            f.dports = n.ports.clone();
+            f.daddr = src;
+            f.oif = ifaces;
+        }
+        Direction::Answer => {
+            f.sports = n.ports.clone();
+            f.saddr = src;
+            f.iif = ifaces;
         }
     }
     f

@@ -175,6 +175,12 @@ pub fn notrack_rules(policy: &Policy, family: IpFamily, tag: &Tag) -> NotrackRul
     let mut pre = Vec::new();
     let mut out = Vec::new();
     for n in &policy.notrack {
+        if n.queries() {
+            querying_rules(n, family, tag, &mut pre, &mut out);
+        }
+        if !n.serves() {
+            continue;
+        }
         for src in family_sources(n, family) {
             for &proto in &n.protocols {
                 for chunk in multiport_chunks(&n.ports) {
@@ -210,6 +216,66 @@ pub fn notrack_rules(policy: &Policy, family: IpFamily, tag: &Tag) -> NotrackRul
     }
     pre.extend(out);
     NotrackRules { family, rules: pre, jumps: jumps() }
+}
+
+/// The NOTRACK rules of a querying entry (side `querying`/`both`) for `family`, per upstream
+/// prefix of the family, protocol, interface and `multiport` chunk:
+/// - `CTGUARD-OUT`: `-d UP [-o IF] -p P -m multiport --dports … -j CT --notrack` (the queries);
+/// - `CTGUARD-PRE`: `-s UP [-i IF] -p P -m multiport --sports … -m addrtype --dst-type LOCAL
+///   -j CT --notrack` (the answers, to this host only).
+fn querying_rules(n: &NotrackRule, family: IpFamily, tag: &Tag, pre: &mut Vec<RuleSpec>, out: &mut Vec<RuleSpec>) {
+    for up in n.upstreams.iter().filter(|p| family.contains(p)) {
+        for &proto in &n.protocols {
+            for chunk in multiport_chunks(&n.ports) {
+                for iface in iface_options(n) {
+                    let mut a = Args::default();
+                    a.addr("-d", Some(up));
+                    a.iface("-o", iface);
+                    a.ports(proto, "--dports", &chunk);
+                    a.notrack(tag);
+                    out.push(RuleSpec { chain: CHAIN_OUT.into(), args: a.0 });
+
+                    let mut a = Args::default();
+                    a.addr("-s", Some(up));
+                    a.iface("-i", iface);
+                    a.ports(proto, "--sports", &chunk);
+                    a.push_all(&["-m", "addrtype", "--dst-type", "LOCAL"]);
+                    a.notrack(tag);
+                    pre.push(RuleSpec { chain: CHAIN_PRE.into(), args: a.0 });
+                }
+            }
+        }
+    }
+}
+
+/// The accept rules of a querying entry for one filter chain (the planner's query/answer
+/// directions), as argument vectors without `-A/-I CHAIN`: [`Direction::Output`] (the queries)
+/// `-d UP [-o IF] -p P -m multiport --dports …`, [`Direction::Input`] (the answers) `-s UP [-i
+/// IF] -p P -m multiport --sports …`, then `-m conntrack --ctstate UNTRACKED -m comment
+/// --comment TAG -j ACCEPT`. Always restricted to the upstream prefixes of the family (none:
+/// empty), never a bare source-port accept.
+pub fn accept_querying_specs(rule: &NotrackRule, family: IpFamily, dir: Direction, tag: &Tag) -> Vec<Vec<String>> {
+    let mut specs = Vec::new();
+    let (addr, ifopt, ports) = match dir {
+        Direction::Output => ("-d", "-o", "--dports"),
+        Direction::Input => ("-s", "-i", "--sports"),
+    };
+    for up in rule.upstreams.iter().filter(|p| family.contains(p)) {
+        for &proto in &rule.protocols {
+            for chunk in multiport_chunks(&rule.ports) {
+                for iface in iface_options(rule) {
+                    let mut a = Args::default();
+                    a.addr(addr, Some(up));
+                    a.iface(ifopt, iface);
+                    a.ports(proto, ports, &chunk);
+                    a.push_all(&["-m", "conntrack", "--ctstate", "UNTRACKED"]);
+                    a.push_all(&["-m", "comment", "--comment", tag.as_str(), "-j", "ACCEPT"]);
+                    specs.push(a.0);
+                }
+            }
+        }
+    }
+    specs
 }
 
 /// The accept rules DESIGN §6 inserts into a filter chain for one NOTRACK entry, as argument

@@ -216,6 +216,12 @@ fn entry_rules(
         name
     });
     let rule = |matches| RuleIr { matches, comment: tag.as_str().to_string() };
+    if n.queries() {
+        querying_rules(i, n, &ports, ifaces.as_deref(), &rule, sets, pre, out);
+    }
+    if !n.serves() {
+        return;
+    }
     for fam in &families {
         for &proto in &n.protocols {
             let mut m = Vec::new();
@@ -249,6 +255,48 @@ fn entry_rules(
                 m.push(Match::DportInSet { proto, set: ports.clone() });
                 out.push(rule(m));
             }
+        }
+    }
+}
+
+/// This host's own queries to upstreams (side `querying`/`both`): output
+/// `[oifname @ifaces_i] ip|ip6 daddr @up4_i|@up6_i PROTO dport @ports_i notrack`, prerouting
+/// `[iifname @ifaces_i] ip|ip6 saddr @up… PROTO sport @ports_i fib daddr type local notrack`
+/// (the answers, to this host only). Always restricted to the upstream prefixes.
+#[allow(clippy::too_many_arguments)]
+fn querying_rules(
+    i: usize,
+    n: &NotrackRule,
+    ports: &str,
+    ifaces: Option<&str>,
+    rule: &dyn Fn(Vec<Match>) -> RuleIr,
+    sets: &mut Vec<SetIr>,
+    pre: &mut Vec<RuleIr>,
+    out: &mut Vec<RuleIr>,
+) {
+    for (v6, kind, name) in [(false, SetKind::Ipv4, format!("up4_{i}")), (true, SetKind::Ipv6, format!("up6_{i}"))] {
+        let elements: Vec<Elem> = n.upstreams.iter().filter(|p| p.is_v6() == v6).copied().map(Elem::Prefix).collect();
+        if elements.is_empty() {
+            continue;
+        }
+        sets.push(SetIr { name: name.clone(), kind, elements });
+        for &proto in &n.protocols {
+            let mut m = Vec::new();
+            if let Some(s) = ifaces {
+                m.push(Match::OifnameInSet(s.to_string()));
+            }
+            m.push(Match::DaddrInSet { v6, set: name.clone() });
+            m.push(Match::DportInSet { proto, set: ports.to_string() });
+            out.push(rule(m));
+
+            let mut m = Vec::new();
+            if let Some(s) = ifaces {
+                m.push(Match::IifnameInSet(s.to_string()));
+            }
+            m.push(Match::SaddrInSet { v6, set: name.clone() });
+            m.push(Match::SportInSet { proto, set: ports.to_string() });
+            m.push(Match::FibDaddrLocal);
+            pre.push(rule(m));
         }
     }
 }

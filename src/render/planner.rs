@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::flow::{evaluate, flow_for, DecidedAt, Direction, Outcome};
+use super::flow::{evaluate, flow_for, peers, DecidedAt, Direction, Outcome};
 use crate::live::fw::{ChainKind, FwChain, FwHook, FwRule, FwTables, IptVariant, Owner};
 use crate::live::LiveState;
 use crate::model::names::Tag;
@@ -158,6 +158,15 @@ pub fn flow_views(entry: &NotrackRule) -> Vec<(FwHook, Direction, NotrackRule, b
     let lo_name = |n: &crate::model::names::IfName| n.as_str() == "lo";
     let wire_ifaces: Vec<_> = entry.interfaces.iter().filter(|n| !lo_name(n)).cloned().collect();
     let has_wire = entry.interfaces.is_empty() || !wire_ifaces.is_empty();
+    if entry.queries() {
+        // This host's own queries and their answers, on any interface of the entry (loopback
+        // included: the upstream prefixes say where they go).
+        v.push((FwHook::Output, Direction::Query, entry.clone(), false));
+        v.push((FwHook::Input, Direction::Answer, entry.clone(), false));
+    }
+    if !entry.serves() {
+        return v;
+    }
     if has_wire {
         let wire = NotrackRule { interfaces: wire_ifaces, ..entry.clone() };
         v.push((FwHook::Input, Direction::Request, wire.clone(), true));
@@ -189,7 +198,9 @@ fn requests_of<'a>(hook: FwHook, dir: Direction, view: &NotrackRule, views: &'a 
     views
         .iter()
         .filter(|(h, d, v, _)| match dir {
-            Direction::Request | Direction::LoopbackRequest => false,
+            Direction::Request | Direction::LoopbackRequest | Direction::Query => false,
+            // An answer only needs accepting when its query gets out.
+            Direction::Answer => *d == Direction::Query,
             Direction::Reply if hook == FwHook::Forward => *d == Direction::Request && *h == FwHook::Forward,
             Direction::Reply if !on_lo => {
                 *d == Direction::Request && *h == FwHook::Input && v.interfaces == view.interfaces
@@ -233,13 +244,14 @@ fn plan_chain(
 ) {
     let (tables, chain, i, tag) = (ctx.tables, ctx.chain, ctx.entry_index, ctx.tag);
     let tracked_state = match dir {
-        Direction::Request | Direction::LoopbackRequest => "new",
-        Direction::Reply | Direction::LoopbackReply => "established",
+        Direction::Request | Direction::LoopbackRequest | Direction::Query => "new",
+        Direction::Reply | Direction::LoopbackReply | Direction::Answer => "established",
     };
+    let addrs = peers(entry, dir);
     let (has4, has6) = chain.owner.families();
     let mut fams = Vec::new();
     for (present, v6) in [(has4, false), (has6, true)] {
-        let restricted = !entry.sources.is_empty() && !entry.sources.iter().any(|p| p.is_v6() == v6);
+        let restricted = !addrs.is_empty() && !addrs.iter().any(|p| p.is_v6() == v6);
         if present && !restricted {
             fams.push(v6);
         }
@@ -257,7 +269,7 @@ fn plan_chain(
         }
     }
     // Both families blackholed at the same place and no per-family sources: one rule for both.
-    let merge = found.len() == 2 && entry.sources.is_empty() && found[0].untracked.at == found[1].untracked.at;
+    let merge = found.len() == 2 && addrs.is_empty() && found[0].untracked.at == found[1].untracked.at;
     let families: Vec<Option<bool>> = if merge { vec![None] } else { found.iter().map(|d| d.v6).collect() };
     // The local view of a request or reply needs no rule of its own where the wire rule for the
     // same flow has no interface match (it covers lo too).
@@ -307,6 +319,7 @@ fn rule_spec(owner: &Owner, n: &NotrackRule, proto: Proto, dir: Direction, v6: O
     match owner {
         Owner::Nft { family, .. } => RuleSpec::Nft(nft_accept_rule(n, proto, dir, v6, family == "inet", tag)),
         Owner::Iptables { v6: ip6, .. } => {
+            use super::iptables::accept_querying_specs;
             use super::iptables::{accept_untracked_specs, Direction as D, IpFamily};
             let one = NotrackRule { protocols: vec![proto], ..n.clone() };
             let family = if *ip6 { IpFamily::V6 } else { IpFamily::V4 };
@@ -315,6 +328,8 @@ fn rule_spec(owner: &Owner, n: &NotrackRule, proto: Proto, dir: Direction, v6: O
                 Direction::Reply => (D::Output, false),
                 Direction::LoopbackRequest => (D::Output, true),
                 Direction::LoopbackReply => (D::Input, true),
+                Direction::Query => return RuleSpec::Iptables(accept_querying_specs(&one, family, D::Output, tag)),
+                Direction::Answer => return RuleSpec::Iptables(accept_querying_specs(&one, family, D::Input, tag)),
             };
             RuleSpec::Iptables(accept_untracked_specs(&one, family, d, loopback, tag))
         }
@@ -343,7 +358,7 @@ pub fn nft_accept_rule(
 ) -> String {
     let mut s = String::new();
     let ifaces: Vec<String> = n.interfaces.iter().map(|i| format!("\"{i}\"")).collect();
-    let addrs: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
+    let addrs: Vec<Prefix> = peers(n, dir).iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
     let fam = if v6 == Some(true) { "ip6" } else { "ip" };
     let ports = nft_set(&n.ports);
     match dir {
@@ -356,6 +371,17 @@ pub fn nft_accept_rule(
             if !addrs.is_empty() {
                 let _ = write!(s, "{fam} {addr_kw} {} ", nft_set(&addrs));
             }
+            let _ = write!(s, "{proto} {port_kw} {ports} ");
+        }
+        Direction::Query | Direction::Answer => {
+            // Always restricted to the upstreams (validation refuses a querying entry without
+            // them): an answer accepted by source port alone would open every local port.
+            let (iface_kw, addr_kw, port_kw) =
+                if dir == Direction::Query { ("oifname", "daddr", "dport") } else { ("iifname", "saddr", "sport") };
+            if !ifaces.is_empty() {
+                let _ = write!(s, "{iface_kw} {} ", nft_set(&ifaces));
+            }
+            let _ = write!(s, "{fam} {addr_kw} {} ", nft_set(&addrs));
             let _ = write!(s, "{proto} {port_kw} {ports} ");
         }
         Direction::LoopbackRequest => {

@@ -92,7 +92,8 @@ pub fn add_accept_rule(b: &mut BatchBuilder, spec: &AcceptSpec<'_>) -> Result<()
     let inet = spec.family == "inet";
     let n = spec.entry;
     let v6 = spec.v6;
-    let addrs: Vec<Prefix> = n.sources.iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
+    let addrs: Vec<Prefix> =
+        crate::render::flow::peers(n, spec.dir).iter().filter(|p| v6.is_none_or(|x| p.is_v6() == x)).copied().collect();
     let addr_v6 = v6 == Some(true);
     let mut e: Vec<AcceptExpr> = Vec::new();
     if inet && v6.is_some() && addrs.is_empty() {
@@ -104,6 +105,8 @@ pub fn add_accept_rule(b: &mut BatchBuilder, spec: &AcceptSpec<'_>) -> Result<()
         Direction::Reply => (Some((Meta::OifName, false)), false, true),
         Direction::LoopbackRequest => (Some((Meta::Oif, true)), true, false),
         Direction::LoopbackReply => (Some((Meta::Iif, true)), false, true),
+        Direction::Query => (Some((Meta::OifName, false)), false, false),
+        Direction::Answer => (Some((Meta::IifName, false)), true, true),
     };
     match iface {
         Some((meta, true)) => {
