@@ -91,3 +91,29 @@ fn querying_policy_notracks_the_resolvers_own_queries_and_only_the_upstreams_ans
     assert_eq!(a.answered, 100);
     assert!(pair.srv.conntrack_count() >= 95);
 }
+
+/// `flush_existing` on a querying entry deletes exactly the resolver's own open queries to its
+/// upstreams, and leaves the entries of the flows it serves (same port) alone.
+#[test]
+fn flush_existing_on_a_querying_entry_deletes_only_the_resolvers_own_queries() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("resflush");
+    pair.srv.nft(STATEFUL);
+    let _upstream = UdpResponder::start(&pair.cli, sa(CLI4, 53));
+    let _served = UdpResponder::start(&pair.srv, sa(SRV4, 53));
+    pair.srv.conntrack_flush();
+    let q = udp_queries(&pair.srv, sa(CLI4, 53), 50, 31000);
+    let s = udp_queries(&pair.cli, sa(SRV4, 53), 50, 32000);
+    assert_eq!((q.answered, s.answered), (50, 50));
+    let count = |dst: Ipv4Addr| {
+        let out = pair.srv.exec("conntrack", &["-L", "-p", "udp", "--orig-port-dst", "53", "-d", &dst.to_string()]);
+        out.lines().filter(|l| l.starts_with("udp")).count()
+    };
+    assert_eq!((count(CLI4), count(SRV4)), (50, 50));
+    let p = policy(&format!("{QUERYING}flush_existing = true\n"));
+    let undo = app(&pair.srv, &prep(&pair.srv, &request(&p, "resflush-1", None)));
+    eprintln!("resolver flush: queries left {}, served entries left {}", count(CLI4), count(SRV4));
+    assert_eq!(count(CLI4), 0, "the resolver's own queries are flushed");
+    assert_eq!(count(SRV4), 50, "the served entries stay: the querying entry does not notrack them");
+    back(&pair.srv, &undo);
+}

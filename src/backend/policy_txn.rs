@@ -936,9 +936,7 @@ fn flush_commands(policy: &Policy, local: &[std::net::IpAddr]) -> (Vec<Vec<Strin
     let mut cmds = Vec::new();
     let mut warnings = Vec::new();
     for (i, n) in policy.notrack.iter().enumerate() {
-        // Only the served flows are flushed for now: a querying-only entry's flush would
-        // otherwise delete served entries it does not notrack.
-        if !n.flush_existing || !n.serves() {
+        if !n.flush_existing {
             continue;
         }
         let count: usize = n.ports.iter().map(|r| usize::from(r.hi - r.lo) + 1).sum();
@@ -946,6 +944,12 @@ fn flush_commands(policy: &Policy, local: &[std::net::IpAddr]) -> (Vec<Vec<Strin
             warnings.push(format!(
                 "notrack[{i}].flush_existing: {count} ports is more than {FLUSH_MAX_PORTS}; existing entries were not flushed"
             ));
+            continue;
+        }
+        if n.queries() {
+            cmds.extend(querying_flush_commands(n, local));
+        }
+        if !n.serves() {
             continue;
         }
         for (fam, v6) in [("ipv4", false), ("ipv6", true)] {
@@ -989,6 +993,43 @@ fn flush_commands(policy: &Policy, local: &[std::net::IpAddr]) -> (Vec<Vec<Strin
         }
     }
     (cmds, warnings)
+}
+
+/// `conntrack -D` argument vectors for the entries of a querying entry's flows: this host's own
+/// queries (original source one of its addresses) to an upstream (original destination in
+/// `upstreams`) on the entry's ports — nothing else.
+fn querying_flush_commands(n: &crate::model::NotrackRule, local: &[std::net::IpAddr]) -> Vec<Vec<String>> {
+    let mut cmds = Vec::new();
+    for (fam, v6) in [("ipv4", false), ("ipv6", true)] {
+        let mine: Vec<&std::net::IpAddr> = local.iter().filter(|a| a.is_ipv6() == v6).collect();
+        for up in n.upstreams.iter().filter(|p| p.is_v6() == v6) {
+            let dst: Vec<String> = source_args(up)
+                .into_iter()
+                .map(|a| match a.as_str() {
+                    "-s" => "-d".to_string(),
+                    "--mask-src" => "--mask-dst".to_string(),
+                    _ => a,
+                })
+                .collect();
+            for proto in &n.protocols {
+                for r in &n.ports {
+                    for port in r.lo..=r.hi {
+                        for me in &mine {
+                            let mut a: Vec<String> = ["-D", "-f", fam, "-p", proto.as_str(), "--orig-port-dst"]
+                                .iter()
+                                .map(|x| x.to_string())
+                                .collect();
+                            a.push(port.to_string());
+                            a.extend(dst.iter().cloned());
+                            a.extend(["-s".to_string(), me.to_string()]);
+                            cmds.push(a);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cmds
 }
 
 fn source_args(p: &Prefix) -> Vec<String> {
