@@ -117,3 +117,56 @@ fn flush_existing_on_a_querying_entry_deletes_only_the_resolvers_own_queries() {
     assert_eq!(count(SRV4), 50, "the served entries stay: the querying entry does not notrack them");
     back(&pair.srv, &undo);
 }
+
+/// Issue 15's resolver test through the CLI, as an SRE would run it: `doctor` names the client
+/// side, `doctor --emit-policy | ctguard apply -` keeps the table under 1 % of the queries while
+/// every one is answered, a non-upstream packet from source port 53 reaches nothing, and
+/// `doctor` after the fix recommends no client-side fix again.
+#[test]
+fn doctor_emit_policy_piped_into_apply_fixes_a_resolver() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("resdoc");
+    pair.srv.nft(STATEFUL);
+    pair.cli.exec("ip", &["addr", "add", &format!("{SPOOF4}/24"), "dev", "veth0"]);
+    let _upstream = UdpResponder::start(&pair.cli, sa(CLI4, 53));
+    let ctg = crate::txn_cli::Ctg::new();
+    pair.srv.conntrack_flush();
+    let a = udp_queries(&pair.srv, sa(CLI4, 53), 2000, 33000);
+    assert_eq!(a.answered, 2000);
+    let d = ctg.json(&["--netns", pair.srv.name(), "doctor", "--window", "0"]);
+    let recs = d["recommendations"].as_array().cloned().unwrap_or_default();
+    assert!(recs.iter().any(|r| r["kind"] == "client_flows"), "doctor names the client side: {d}");
+    let emitted = ctg.run(&["--netns", pair.srv.name(), "doctor", "--emit-policy", "--window", "0"]);
+    let policy = String::from_utf8_lossy(&emitted.stdout).into_owned();
+    assert!(policy.contains("side = \"querying\""), "{policy}");
+    // `doctor --emit-policy | ctguard apply -`
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ctguard"))
+        .arg("--state-dir")
+        .arg(ctg.base.join("state"))
+        .arg("--run-dir")
+        .arg(ctg.base.join("run"))
+        .args(["--json", "--netns", pair.srv.name(), "apply", "-", "--timeout", "60s"])
+        .env_remove("SSH_CONNECTION")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctguard apply -");
+    child.stdin.take().expect("stdin").write_all(policy.as_bytes()).expect("write policy");
+    let out = child.wait_with_output().expect("apply");
+    crate::txn_cli::ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    crate::txn_cli::ok(&ctg.run(&["confirm", v["data"]["txid"].as_str().expect("txid")]));
+    let c0 = pair.srv.conntrack_count();
+    let a = udp_queries(&pair.srv, sa(CLI4, 53), 2000, 35000);
+    let added = pair.srv.conntrack_count().saturating_sub(c0);
+    eprintln!("resolver via doctor | apply -: answered {}/2000, conntrack +{added}", a.answered);
+    assert_eq!(a.answered, 2000);
+    assert!(added < 20, "conntrack +{added} for 2000 queries");
+    assert!(!reaches(&pair.srv, &pair.cli, SocketAddr::new(IpAddr::V4(SPOOF4), 53), sa(SRV4, 9999)));
+    let d = ctg.json(&["--netns", pair.srv.name(), "doctor", "--window", "0"]);
+    let recs = d["recommendations"].as_array().cloned().unwrap_or_default();
+    assert!(recs.iter().all(|r| r["kind"] != "client_flows"), "nothing new after the fix: {d}");
+}

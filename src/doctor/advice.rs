@@ -846,18 +846,36 @@ pub fn emit_policy(r: &Report) -> String {
             _ => None,
         })
         .collect();
-    if !clients.is_empty() || !client_rules.is_empty() {
+    // Client side: this host's own queries to upstreams fill the table. A querying entry
+    // notracks them both ways; its untracked accept for the answers carries the upstream
+    // prefixes (an accept by source port alone would open every local port to spoofed packets).
+    for (proto, port, entries, ups) in clients.iter().filter(|c| !c.3.is_empty()) {
+        let q = |v: &[String]| v.iter().map(|x| format!("\"{x}\"")).collect::<Vec<_>>().join(", ");
         let _ = writeln!(s);
-        let _ = writeln!(s, "# Not expressible yet: client-side flows (this host's own queries and their replies).");
-        let _ = writeln!(s, "# NOTRACK for them needs a querying entry (output by destination port, prerouting by");
-        let _ = writeln!(s, "# source port) whose untracked accept carries the upstream prefixes; the policy schema");
-        let _ = writeln!(s, "# has no such entry yet, so nothing is written for them here.");
-        for (proto, port, entries, ups) in &clients {
+        let _ = writeln!(
+            s,
+            "# {proto}/{port}: {} entries are this host's own queries (a resolver's upstream queries);",
+            num(*entries)
+        );
+        let _ = writeln!(s, "# their answers are accepted untracked only from these upstreams. Add any upstream");
+        let _ = writeln!(s, "# not seen during the diagnosis before applying.");
+        let _ = writeln!(s, "[[notrack]]");
+        let _ = writeln!(s, "protocols = [\"{proto}\"]");
+        let _ = writeln!(s, "ports = [{port}]");
+        let _ = writeln!(s, "side = \"querying\"");
+        let _ = writeln!(s, "upstreams = [{}]", q(ups));
+        let _ = writeln!(s, "accept_untracked = true");
+        let _ = writeln!(s, "flush_existing = true");
+    }
+    let unknown: Vec<&(&str, u16, u64, &[String])> = clients.iter().filter(|c| c.3.is_empty()).collect();
+    if !unknown.is_empty() || !client_rules.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(s, "# Client-side flows written as comments only (no upstream addresses to restrict to):");
+        for (proto, port, entries, _) in &unknown {
             let _ = writeln!(
                 s,
-                "#   {proto}/{port}: {} entries of this host's queries; upstreams seen: {}",
-                num(*entries),
-                if ups.is_empty() { "none recorded".to_string() } else { ups.join(", ") }
+                "#   {proto}/{port}: {} entries of this host's queries; upstreams seen: none recorded",
+                num(*entries)
             );
         }
         for n in &client_rules {
@@ -1163,9 +1181,11 @@ mod tests {
         assert!(a.recommendations[1].reason().contains("192.0.2.53, 192.0.2.54"));
         let text = emit_policy(&report(false, a));
         let p = parse_policy(&text, Format::Toml).expect("valid");
-        assert_eq!(p.notrack.len(), 1, "{text}");
+        // The served flows, and the resolver's own queries as a querying entry restricted to
+        // the upstreams seen.
+        assert_eq!(p.notrack.len(), 2, "{text}");
         assert!(
-            text.contains("#   udp/53: 2000 entries of this host's queries; upstreams seen: 192.0.2.53, 192.0.2.54"),
+            text.contains("side = \"querying\"") && text.contains("upstreams = [\"192.0.2.53\", \"192.0.2.54\"]"),
             "{text}"
         );
         // Only the resolver's own queries: no server-side entry at all.
@@ -1173,7 +1193,8 @@ mod tests {
         let a = recommend(&inputs(&f, &d, false));
         assert!(a.recommendations.iter().all(|r| r.kind() != "notrack"), "{:?}", a.recommendations);
         let text = emit_policy(&report(false, a));
-        assert!(parse_policy(&text, Format::Toml).expect("valid").notrack.is_empty(), "{text}");
+        let p = parse_policy(&text, Format::Toml).expect("valid");
+        assert!(p.notrack.iter().all(|n| !n.serves() && n.queries()), "{text}");
     }
 
     #[test]
