@@ -557,3 +557,28 @@ fn extend_is_bounded_and_never_wraps() {
     ok(&ctg.run(&["extend", "--by", "1h", &id]));
     ok(&ctg.run(&["rollback", &id]));
 }
+
+/// `confirm --netns X` / `rollback --netns X` without a TXID act on X's pending transaction
+/// (issue 15), and a second `ctguard agent` on the same dirs says why it exits (exit 4).
+#[test]
+fn netns_selects_the_pending_transaction_and_a_second_agent_says_why() {
+    let (a, b) = (Ns::new("sel-a"), Ns::new("sel-b"));
+    a.nft(STATEFUL);
+    b.nft(STATEFUL);
+    let ctg = Ctg::new();
+    let (out, ida) = ctg.apply(&a, &["--timeout", "60s"]);
+    ok(&out);
+    let (out, idb) = ctg.apply(&b, &["--timeout", "60s"]);
+    ok(&out);
+    // Without --netns two are pending: the CLI must be told which.
+    let out = ctg.run(&["confirm"]);
+    assert_eq!(code(&out), 2, "{}", text(&out));
+    ok(&ctg.run(&["--netns", a.name(), "confirm"]));
+    assert_eq!((ctg.state(&ida), ctg.state(&idb)), ("COMMITTED".to_string(), "PENDING".to_string()));
+    ok(&ctg.run(&["--netns", b.name(), "rollback"]));
+    assert_eq!(ctg.state(&idb), "ROLLED_BACK");
+    // The agent that serves these dirs is running: a second one refuses, saying so.
+    let second = ctg.run(&["agent"]);
+    assert_eq!(code(&second), 4, "{}", text(&second));
+    assert!(text(&second).contains("already serves"), "{}", text(&second));
+}
