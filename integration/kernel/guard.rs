@@ -127,20 +127,40 @@ fn a_reload_that_makes_the_insertion_a_lint_error_degrades_to_tracked() {
 }
 
 #[test]
-fn a_reload_ctguard_cannot_read_fails_safe_instead_of_blackholing() {
+fn a_repair_that_fails_fails_safe_instead_of_blackholing() {
     let pair = Pair::new("guard-fs");
     let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
-    let ctg = Ctg::new();
+    let mut ctg = Ctg::new();
+    // The agent this test starts fails every repair (test-only fault point).
+    ctg.env.push((ctguard::agent::server::FAULT_ENV.into(), "guard:repair-fails".into()));
     let _id = committed_policy(&pair, &ctg);
-    // Whatever keeps the repair from working (here any error of the re-plan), NOTRACK without
-    // its accept is a blackhole: the guard removes the NOTRACK at once.
-    let nat = "table ip nat {\n  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    udp dport 53 redirect to :53\n  }\n}\n";
-    reload(&pair, nat);
+    // Whatever keeps the repair from working, NOTRACK without its accept is a blackhole: the
+    // guard removes the NOTRACK at once.
+    reload(&pair, "");
     until(Duration::from_secs(3), "NOTRACK removed", || !pair.srv.nft_list().contains("table inet ctguard"));
     let st = ctg.json(&["status"]);
     eprintln!("status after a reload the repair could not handle: {}", st["committed"]);
     assert_eq!(st["committed"][0]["state"], "degraded", "{st}");
+    assert!(st["committed"][0]["reason"].as_str().unwrap_or("").contains("injected repair failure"), "{st}");
     assert_eq!(answered(&pair, 100, 24000), 100, "degraded: the service answers tracked");
+}
+
+/// A reload that adds a native `table ip nat` (named like iptables' table) with a redirect on
+/// the notracked port: readable now (issue 12), and the lint refuses the re-insertion, so the
+/// guard degrades.
+#[test]
+fn a_reload_bringing_a_native_ip_nat_redirect_degrades() {
+    let pair = Pair::new("guard-nn");
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let ctg = Ctg::new();
+    let _id = committed_policy(&pair, &ctg);
+    let nat = "table ip nat {\n  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    udp dport 53 redirect to :53\n  }\n}\n";
+    reload(&pair, nat);
+    until(Duration::from_secs(3), "NOTRACK removed", || !pair.srv.nft_list().contains("table inet ctguard"));
+    let st = ctg.json(&["status"]);
+    assert_eq!(st["committed"][0]["state"], "degraded", "{st}");
+    assert!(st["committed"][0]["reason"].as_str().unwrap_or("").contains("nat-bypass"), "{st}");
+    assert_eq!(answered(&pair, 100, 24500), 100, "degraded: the service answers tracked");
 }
 
 /// The iptables backends: the host reloads its whole filter table with `iptables-restore`.

@@ -17,6 +17,7 @@ mod doctor;
 mod from;
 mod guard;
 mod inputs;
+mod native_tables;
 mod ops;
 mod policy_txn;
 mod policy_txn_cas;

@@ -293,7 +293,15 @@ async fn repair(
         attempt += 1;
         let engine = shared.engines.of(Kind::Policy);
         let inp = input.clone();
-        result = worker.call(move || engine.prepare(&inp).and_then(|p| p.apply())).await;
+        result = worker
+            .call(move || {
+                // Test-only: a repair that fails for a reason other than the lint.
+                if crate::fault::fires("guard:repair-fails") {
+                    return Err(super::engine::EngineError::new(crate::exit::Exit::Refused, "injected repair failure"));
+                }
+                engine.prepare(&inp).and_then(|p| p.apply())
+            })
+            .await;
         match &result {
             Ok(Err(e)) if e.retry && attempt < super::owner::CONFLICT_RETRIES => continue,
             _ => break,

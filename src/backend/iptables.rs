@@ -97,7 +97,9 @@ pub fn save(variant: Variant, family: IpFamily) -> Result<String, IptablesError>
 pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDump), IptablesError> {
     let name = variant.tool(family == IpFamily::V6, "-save");
     let t = tool(&name)?;
-    let text = t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
+    let raw = t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
+    // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
+    let (text, _native) = iptables_save::without_incompatible(&raw);
     let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
     Ok((text, dump))
 }

@@ -52,7 +52,11 @@ pub fn read() -> Result<LiveState, LiveError> {
     }
     for &(name, variant, v6) in SAVE_TOOLS {
         let Ok(tool) = Tool::find(name) else { continue };
-        let text = tool.run(&[], None)?;
+        // A table iptables-nft calls incompatible is a native nft table: nft's JSON has it.
+        let (text, native) = iptables_save::without_incompatible(&tool.run(&[], None)?);
+        if !native.is_empty() {
+            tracing::debug!(tool = name, ?native, "tables left to nft (native, named like iptables tables)");
+        }
         let dump = iptables_save::parse(&text).map_err(|source| LiveError::Save { tool: name.into(), source })?;
         live.iptables.push(IptDump { variant, v6, fw: iptables_fw::convert(&dump, variant, v6), text });
     }

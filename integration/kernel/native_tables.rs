@@ -1,0 +1,52 @@
+//! Issue 12's first finding: native nft tables named like iptables tables (`table ip nat`,
+//! `table ip filter`, `table ip6 filter`, as Debian's examples and hand-written configs have
+//! them) broke `plan` and `apply` ("the dump is incomplete … incompatible base-chains"). They
+//! are nft's: read from nft's JSON, planned as nft, left alone by the iptables tools.
+
+use super::txn_cli::{ok, Ctg};
+use crate::harness::{udp_queries, Pair, UdpResponder, SRV4, STATEFUL};
+
+const NATIVE: &str = "table ip nat {
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"veth9\" masquerade
+  }
+}
+table ip filter {
+  chain input {
+    type filter hook input priority filter + 5; policy accept;
+    ip saddr 10.9.9.9 drop
+  }
+}
+table ip6 filter {
+  chain input {
+    type filter hook input priority filter + 5; policy accept;
+    ip6 saddr 2001:db8::9 drop
+  }
+}
+";
+
+#[test]
+fn native_ip_nat_and_filter_tables_beside_a_stateful_inet_table_plan_apply_and_roll_back() {
+    let pair = Pair::new("native");
+    pair.srv.nft(STATEFUL);
+    pair.srv.nft(NATIVE);
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let before = pair.srv.nft_list();
+    // iptables-nft calls these tables incompatible: the bug's trigger is there.
+    let save = pair.srv.exec("iptables-nft-save", &[]);
+    assert!(save.contains("incompatible"), "{save}");
+    let ctg = Ctg::new();
+    let plan = ctg.run(&["--netns", pair.srv.name(), "plan", "--check"]);
+    assert_eq!(plan.status.code(), Some(0), "{}", String::from_utf8_lossy(&plan.stderr));
+    let (out, id) = ctg.apply(&pair.srv, &["--timeout", "60s"]);
+    ok(&out);
+    let during = pair.srv.nft_list();
+    assert!(
+        during.contains("table ip nat") && during.contains("ip saddr 10.9.9.9 drop"),
+        "native tables kept: {during}"
+    );
+    assert_eq!(udp_queries(&pair.cli, (SRV4, 53).into(), 100, 36000).answered, 100);
+    ok(&ctg.run(&["rollback", &id]));
+    assert_eq!(pair.srv.nft_list(), before, "the rollback is exact");
+}
