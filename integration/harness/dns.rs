@@ -22,7 +22,7 @@ pub struct DnsServer {
 impl DnsServer {
     /// Binds `addr` (UDP) in `ns` and starts answering.
     pub fn start(ns: &Ns, addr: SocketAddr) -> DnsServer {
-        let sock = match ns.run(move || UdpSocket::bind(addr)) {
+        let sock = match ns.run(move || super::bind_retrying(|| UdpSocket::bind(addr))) {
             Ok(s) => s,
             Err(e) => panic!("DNS server bind {addr}: {e}"),
         };

@@ -502,7 +502,7 @@ pub struct UdpResponder {
 impl UdpResponder {
     /// Binds `addr` in `ns` and starts answering.
     pub fn start(ns: &Ns, addr: SocketAddr) -> UdpResponder {
-        let sock = match ns.run(move || UdpSocket::bind(addr)) {
+        let sock = match ns.run(move || bind_retrying(|| UdpSocket::bind(addr))) {
             Ok(s) => s,
             Err(e) => panic!("harness: UDP bind {addr} in {}: {e}", ns.name()),
         };
@@ -575,7 +575,7 @@ pub struct TcpResponder {
 impl TcpResponder {
     /// Listens on `addr` in `ns`.
     pub fn start(ns: &Ns, addr: SocketAddr) -> TcpResponder {
-        let l = match ns.run(move || TcpListener::bind(addr)) {
+        let l = match ns.run(move || bind_retrying(|| TcpListener::bind(addr))) {
             Ok(l) => l,
             Err(e) => panic!("harness: TCP listen {addr} in {}: {e}", ns.name()),
         };
@@ -771,6 +771,22 @@ pub fn raise_nofile(want: u64) {
     let new = libc::rlimit { rlim_cur: target, rlim_max: rl.rlim_max };
     // SAFETY: `new` is a valid rlimit struct.
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) };
+}
+
+/// Binds, retrying for up to a second while the address is in use: a socket this test just
+/// closed can still be held for a moment by a child another test thread forked and has not
+/// exec'd yet (close-on-exec only closes it at exec) — found as a rare "Address already in
+/// use" when a test rebinds a port it released.
+pub fn bind_retrying<T>(mut bind: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match bind() {
+            Err(e) if e.kind() == ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// `SocketAddr` helper: `sa(SRV4, 53)`.

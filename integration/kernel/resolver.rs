@@ -27,7 +27,9 @@ const SPOOF4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 fn reaches(srv: &Ns, sender: &Ns, from: SocketAddr, to: SocketAddr) -> bool {
     let listener = srv.run(move || UdpSocket::bind(to)).unwrap_or_else(|e| panic!("bind {to}: {e}"));
     listener.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-    let sock = sender.run(move || UdpSocket::bind(from)).unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    let sock = sender
+        .run(move || crate::harness::bind_retrying(|| UdpSocket::bind(from)))
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
     sock.send_to(b"probe", to).unwrap_or_else(|e| panic!("send {from} -> {to}: {e}"));
     let mut buf = [0u8; 64];
     matches!(listener.recv_from(&mut buf), Ok((5, src)) if src == from)
