@@ -19,7 +19,11 @@ use pipe::{run_with_pipe, PIPE_FD};
 
 /// `ctguard --state-dir … --run-dir … ARGS` of this installation (no shell).
 fn cmd(ctg: &Ctg, args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
+    with_ctg_args(Command::new(BIN), ctg, args)
+}
+
+/// Appends this installation's dirs and `args` to `c` (whose program is, or runs, ctguard).
+fn with_ctg_args(mut c: Command, ctg: &Ctg, args: &[&str]) -> Command {
     c.arg("--state-dir")
         .arg(ctg.base.join("state"))
         .arg("--run-dir")
@@ -122,16 +126,8 @@ fn apply_from_a_pipe_or_stdin_applies_the_policy_it_was_given() {
 fn in_ns(ctg: &Ctg, ns: &Ns, args: &[&str]) -> Output {
     let ip = ctguard::backend::exec::Tool::find("ip").expect("ip").path;
     let mut c = Command::new(ip);
-    c.args(["netns", "exec", ns.name(), BIN])
-        .arg("--state-dir")
-        .arg(ctg.base.join("state"))
-        .arg("--run-dir")
-        .arg(ctg.base.join("run"))
-        .args(args)
-        .env_remove("SSH_CONNECTION")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    c.output().expect("ip netns exec ctguard")
+    c.args(["netns", "exec", ns.name(), BIN]);
+    with_ctg_args(c, ctg, args).output().expect("ip netns exec ctguard")
 }
 
 fn ns_id(path: &str) -> (u64, u64) {

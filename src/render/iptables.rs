@@ -268,8 +268,7 @@ pub fn accept_querying_specs(rule: &NotrackRule, family: IpFamily, dir: Directio
                     a.addr(addr, Some(up));
                     a.iface(ifopt, iface);
                     a.ports(proto, ports, &chunk);
-                    a.push_all(&["-m", "conntrack", "--ctstate", "UNTRACKED"]);
-                    a.push_all(&["-m", "comment", "--comment", tag.as_str(), "-j", "ACCEPT"]);
+                    a.untracked_accept(tag);
                     specs.push(a.0);
                 }
             }
@@ -321,8 +320,7 @@ pub fn accept_untracked_specs(
                         a.iface(ifopt, iface);
                     }
                     a.ports(proto, ports, &chunk);
-                    a.push_all(&["-m", "conntrack", "--ctstate", "UNTRACKED"]);
-                    a.push_all(&["-m", "comment", "--comment", tag.as_str(), "-j", "ACCEPT"]);
+                    a.untracked_accept(tag);
                     specs.push(a.0);
                 }
             }
@@ -455,6 +453,13 @@ impl Args {
         self.push_all(&["-p", proto.as_str(), "-m", "multiport", opt]);
         self.0.push(multiport_list(chunk));
     }
+    /// `-m conntrack --ctstate UNTRACKED -m comment --comment TAG -j ACCEPT`: the tail of every
+    /// accept ctguard inserts.
+    fn untracked_accept(&mut self, tag: &Tag) {
+        self.push_all(&["-m", "conntrack", "--ctstate", "UNTRACKED"]);
+        self.push_all(&["-m", "comment", "--comment", tag.as_str(), "-j", "ACCEPT"]);
+    }
+
     fn notrack(&mut self, tag: &Tag) {
         self.push_all(&["-m", "comment", "--comment", tag.as_str(), "-j", "CT", "--notrack"]);
     }
