@@ -104,6 +104,7 @@ pub fn lint(input: &LintInput<'_>) -> Vec<Finding> {
     ssh_lockout(input, &mut out);
     invalid_drop(input, &mut out);
     open_resolver(input, &mut out);
+    lost_rules(input, &mut out);
     for c in input.sysctls {
         if let Some(why) = &c.skipped {
             out.push(Finding {
@@ -339,24 +340,40 @@ fn invalid_drop(input: &LintInput<'_>, out: &mut Vec<Finding>) {
 }
 
 fn open_resolver(input: &LintInput<'_>, out: &mut Vec<Finding>) {
-    for d in &input.plan.decisions {
-        if !input.policy.notrack[d.entry].accept_untracked {
+    // An insertion must never accept what the ruleset refused (DESIGN §6): where the tracked
+    // flow is accepted only under a condition the inserted accept cannot repeat, the service
+    // would become open to more clients than before (an open resolver).
+    for u in &input.plan.uncarried {
+        if !input.policy.notrack[u.entry].accept_untracked {
             continue;
         }
-        // An insertion must never accept what the ruleset refused (DESIGN §6): a source- or
-        // interface-restricted service would become open to everyone (an open resolver).
-        if let Some(rule) = d.skips_restriction() {
-            out.push(Finding {
-                severity: Severity::Error,
-                code: "open-resolver",
-                chain: Some(d.chain.label()),
-                rule: Some(rule.text.clone()),
-                message: format!(
-                    "notrack[{}] {}: tracked traffic is accepted only under this rule's conditions, but the inserted untracked accept has no such restriction: it would widen access (an open resolver); restrict `sources`/`interfaces` the same way, or --force",
-                    d.entry, d.proto
-                ),
-            });
-        }
+        out.push(Finding {
+            severity: Severity::Error,
+            code: "open-resolver",
+            chain: Some(u.chain.clone()),
+            rule: Some(u.rule.clone()),
+            message: format!(
+                "notrack[{}] {}: {}; the inserted untracked accept would widen access; restrict `sources`/`interfaces`/`ports` the same way, or --force",
+                u.entry, u.proto, u.why
+            ),
+        });
+    }
+}
+
+/// Rules that stop applying once the flows are notracked: a lost drop widens access (error
+/// `widens-access`), a lost rate limit, log, mark or counter is a warning (`lost-effect`).
+fn lost_rules(input: &LintInput<'_>, out: &mut Vec<Finding>) {
+    for l in &input.plan.lost {
+        let (severity, code) =
+            if l.widens { (Severity::Error, "widens-access") } else { (Severity::Warning, "lost-effect") };
+        out.push(Finding {
+            severity,
+            code,
+            chain: Some(l.rule_chain.clone()),
+            rule: Some(l.rule.clone()),
+            message: format!("notrack[{}] {} {:?}: this rule {}", l.entry, l.proto, l.direction, l.why)
+                + if l.widens { "; access would widen (--force to accept)" } else { "" },
+        });
     }
 }
 

@@ -29,6 +29,7 @@ use ctguard::live::fw::IptVariant;
 use ctguard::live::{iptables_fw, iptables_save, nft_json, IptDump, LiveState};
 use ctguard::model::names::Tag;
 use ctguard::model::{parse_policy, Format, Policy};
+use ctguard::render::flow::Direction;
 use ctguard::render::planner::{plan, InsertionPlan};
 
 const REQUIRED_CASES: &[&str] = &[
@@ -553,4 +554,93 @@ fn every_case_has_an_apply_test() {
     for (case, _) in cases() {
         assert!(src.contains(&format!("fn apply_{case}()")), "add an apply_{case} test");
     }
+}
+
+#[test]
+fn apply_rhel_user_chain_blocklist() {
+    apply_case("rhel_user_chain_blocklist");
+}
+
+#[test]
+fn apply_nft_jump_blocklist() {
+    apply_case("nft_jump_blocklist");
+}
+
+#[test]
+fn apply_source_restricted() {
+    apply_case("source_restricted");
+}
+
+#[test]
+fn apply_vmap_layout() {
+    apply_case("vmap_layout");
+}
+
+#[test]
+fn apply_ufw_limit() {
+    apply_case("ufw_limit");
+}
+
+/// Issue 12: the accept went into INPUT before the jump to the user chain, above the
+/// blocklist there; it must go into the user chain, after the blocklist, before the REJECT.
+#[test]
+fn regression_accept_above_a_blocklist_in_a_user_chain() {
+    let p = planned("rhel_user_chain_blocklist");
+    assert_eq!(p.insertions.len(), 1, "{}", iptables_text(&p));
+    let ins = &p.insertions[0];
+    assert_eq!(ins.chain_name, "RH-Firewall-1-INPUT");
+    assert!(
+        matches!(&ins.position, ctguard::render::planner::Position::Before { index: 7, rule, .. } if rule.contains("REJECT")),
+        "{:?}",
+        ins.position
+    );
+    assert!(p.lost.is_empty() && p.uncarried.is_empty(), "{:?} {:?}", p.lost, p.uncarried);
+    let p = planned("nft_jump_blocklist");
+    assert_eq!(p.nft_script().trim(), "add rule inet host input udp dport 53 ct state untracked accept comment \"ctguard:preview\"");
+}
+
+/// Issue 12: `ip saddr A … ct state new accept` + policy drop gave an accept for every source.
+#[test]
+fn regression_source_restricted_service_keeps_its_restriction() {
+    let p = planned("source_restricted");
+    assert!(p.nft_script().contains("ip saddr 10.0.0.0/8 udp dport 53 ct state untracked accept"), "{}", p.nft_script());
+    assert!(p.uncarried.is_empty(), "{:?}", p.uncarried);
+}
+
+/// Issue 12: `ufw limit` keeps its rate limit in rules that match NEW only: once notracked,
+/// the limit never matches; the plan names both rules (`lost-effect`), widening nothing.
+#[test]
+fn regression_ufw_limit_is_reported_as_a_lost_effect() {
+    let p = planned("ufw_limit");
+    assert!(p.insertions.is_empty());
+    let lost: Vec<&str> = p.lost.iter().map(|l| l.rule.as_str()).collect();
+    assert!(p.lost.iter().all(|l| !l.widens), "{:?}", p.lost);
+    assert!(lost.iter().any(|r| r.contains("--set")), "{lost:?}");
+    assert!(lost.iter().any(|r| r.contains("--update")), "{lost:?}");
+}
+
+/// Verdict maps are followed: `meta l4proto vmap { udp : jump udp_in }` leads to the chain
+/// that drops, and the accept goes there, before its `drop`.
+#[test]
+fn design_verdict_maps_are_followed() {
+    let p = planned("vmap_layout");
+    let s = p.nft_script();
+    assert!(s.starts_with("insert rule inet filter udp_in position "), "{s}");
+    assert_eq!(p.insertions.len(), 1, "{s}");
+}
+
+/// The fuzzer's deep-jump input (4 conditional jumps × 12 chains deep) took exponential time;
+/// the walk is memoised per chain now. The accept in C12 is stateless, so the request needs
+/// nothing; only the loopback reply (INPUT's drop policy) gets an accept.
+#[test]
+fn regression_deep_jumps_plan_in_linear_time() {
+    let text = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/planner/regressions/deep-jumps-12x4.v4"));
+    let live = LiveState {
+        nft: Default::default(),
+        iptables: vec![dump_from(text, IptVariant::Nft, false, "deep-jumps")],
+    };
+    let policy = parse_policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n", Format::Toml).expect("policy");
+    let p = plan(&policy, &live, &Tag::preview());
+    assert!(!p.insertions.is_empty());
+    assert!(p.insertions.iter().all(|i| i.direction != Direction::Request), "{:?}", p.insertions);
 }

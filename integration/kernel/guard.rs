@@ -206,10 +206,10 @@ fn an_iptables_legacy_filter_reload_is_repaired_by_the_poll() {
     iptables_reload_is_repaired("legacy");
 }
 
-/// The reload restricts the service to a source (the host firewall now answers DNS only for
-/// 198.18.0.0/24's .2): putting ctguard's unrestricted accept back would widen access (an open
-/// resolver), so the guard removes its NOTRACK instead and the service runs tracked, still
-/// restricted.
+/// The reload restricts the service under a condition an inserted rule cannot repeat (an
+/// opaque match, `meta pkttype host`): putting ctguard's unrestricted accept back would widen
+/// access (an open resolver), so the guard removes its NOTRACK instead and the service runs
+/// tracked, still restricted.
 #[test]
 fn a_reload_that_would_make_the_insertion_widen_access_degrades_instead() {
     let pair = Pair::new("guard-wd");
@@ -217,7 +217,7 @@ fn a_reload_that_would_make_the_insertion_widen_access_degrades_instead() {
     let ctg = Ctg::new();
     let _id = committed_policy(&pair, &ctg);
     let restricted =
-        FIREWALLD.replace("udp dport 53 ct state new accept", "ip saddr 198.18.0.2 udp dport 53 ct state new accept");
+        FIREWALLD.replace("udp dport 53 ct state new accept", "meta pkttype host udp dport 53 ct state new accept");
     assert_ne!(restricted, FIREWALLD);
     pair.srv.nft(&format!("delete table inet firewalld\n{restricted}"));
     until(Duration::from_secs(3), "NOTRACK removed", || !pair.srv.nft_list().contains("table inet ctguard"));
@@ -232,6 +232,29 @@ fn a_reload_that_would_make_the_insertion_widen_access_degrades_instead() {
     let recs = d["recommendations"].as_array().cloned().unwrap_or_default();
     let found = recs.iter().find(|r| r["kind"] == "ctguard_degraded");
     assert!(found.is_some_and(|r| r["fix"].as_str().unwrap_or("").contains("apply --from")), "{d}");
+}
+
+/// Issue 12: the reload restricts the service to one source (the client, 198.18.0.2): the
+/// guard puts the accept back carrying the same source restriction — repaired, not degraded,
+/// the client answered untracked and nothing widened.
+#[test]
+fn a_reload_that_restricts_the_source_is_repaired_with_the_restriction() {
+    let pair = Pair::new("guard-rs");
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let ctg = Ctg::new();
+    let id = committed_policy(&pair, &ctg);
+    let restricted =
+        FIREWALLD.replace("udp dport 53 ct state new accept", "ip saddr 198.18.0.2 udp dport 53 ct state new accept");
+    assert_ne!(restricted, FIREWALLD);
+    pair.srv.nft(&format!("delete table inet firewalld\n{restricted}"));
+    until(Duration::from_secs(3), "the restricted accept back", || {
+        pair.srv.nft_list().lines().any(|l| l.contains(&id) && l.contains("ip saddr 198.18.0.2 udp dport 53"))
+    });
+    until(Duration::from_secs(3), "status says repaired", || {
+        ctg.json(&["status"])["committed"][0]["state"] == "repaired"
+    });
+    assert!(pair.srv.nft_list().contains("table inet ctguard"));
+    assert_eq!(answered(&pair, 100, 27500), 100);
 }
 
 /// ufw, where it is installed: its own configuration copied into a private mount namespace

@@ -162,14 +162,41 @@ fn lint_warnings_invalid_drop_and_open_resolver() {
 ",
     );
     let r = plan(&ns, Some("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n"), &["--check"], &[]);
-    // Widening access is an error (issue 12: never widen access without --force): exit 3.
-    assert_eq!(r.code, 3, "{}\n{}", r.stderr, r.json);
-    assert!(has(&r, "warning", "invalid-drop"), "{:?}", codes(&r));
-    assert!(has(&r, "error", "open-resolver"), "{:?}", codes(&r));
-    // With the same restriction in the policy the finding goes away.
-    let r = plan(&ns, Some("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\nsources = [\"10.0.0.0/8\"]\n"), &[], &[]);
+    // Issue 12: the inserted accept carries the rule's source restriction, so nothing widens.
     assert_eq!(r.code, 0, "{}\n{}", r.stderr, r.json);
-    assert!(!has(&r, "error", "open-resolver") && !has(&r, "warning", "open-resolver"), "{:?}", codes(&r));
+    assert!(has(&r, "warning", "invalid-drop"), "{:?}", codes(&r));
+    assert!(!has(&r, "error", "open-resolver"), "{:?}", codes(&r));
+    let ins = r.json["insertions"].as_array().cloned().unwrap_or_default();
+    assert!(ins.iter().any(|i| i["rule"]["nft"].as_str().unwrap_or("").contains("ip saddr 10.0.0.0/8 udp dport 53 ct state untracked accept")), "{ins:?}");
+    assert_eq!(r.json["check"]["ok"], true, "{}", r.json);
+    // A restriction the accept cannot repeat (an opaque match) is refused as widening.
+    ns.nft("flush ruleset\ntable inet host {\n  chain input {\n    type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    meta pkttype host udp dport 53 ct state new accept\n  }\n}\n");
+    let r = plan(&ns, Some("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n"), &[], &[]);
+    assert_eq!(r.code, 3, "{}\n{}", r.stderr, r.json);
+    assert!(has(&r, "error", "open-resolver"), "{:?}", codes(&r));
+}
+
+/// Issue 12: a blocklist that matches only NEW packets (`ct state new ip saddr X drop`) stops
+/// applying once the flow is notracked: an error (`widens-access`), exit 3 without --force.
+#[test]
+fn a_blocklist_that_matches_only_tracked_packets_is_widening() {
+    let ns = Ns::new("wide");
+    ns.nft(
+        "table inet host {
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    ct state new ip saddr 198.51.100.0/24 drop
+    udp dport 53 ct state new accept
+  }
+}
+",
+    );
+    let r = plan(&ns, Some("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n"), &[], &[]);
+    assert_eq!(r.code, 3, "{}\n{}", r.stderr, r.json);
+    assert!(has(&r, "error", "widens-access"), "{:?}", codes(&r));
+    let f = r.json["findings"].as_array().cloned().unwrap_or_default();
+    assert!(f.iter().any(|f| f["rule"].as_str().unwrap_or("").contains("198.51.100.0/24")), "{f:?}");
 }
 
 #[test]

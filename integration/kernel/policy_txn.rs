@@ -426,6 +426,16 @@ fn batch_and_checked_script_give_the_same_ruleset() {
             "table ip6 h6 {\n\tchain in6 {\n\t\ttype filter hook input priority filter; policy accept;\n\t\tct state established accept\n\t\tudp dport 53 ct state new accept\n\t\tudp dport 1000-2000 ct state new accept\n\t\treject\n\t}\n}\n".to_string(),
         ),
     ];
+    let hosts = {
+        let mut h = hosts.to_vec();
+        // Restrictions the accept must carry beyond the entry's fields (issue 12): a negated
+        // interface, a destination address, a negated IPv6 destination.
+        h.push((
+            "inet",
+            "table inet h5 {\n\tchain in5 {\n\t\ttype filter hook input priority filter; policy drop;\n\t\tct state established accept\n\t\tiifname != \"eth9\" ip daddr 192.0.2.53 udp dport 53 ct state new accept\n\t\tip6 daddr != fd00::1 udp dport { 53, 1000-2000 } ct state new accept\n\t}\n}\n".to_string(),
+        ));
+        h
+    };
     let policies = [
         UDP53.to_string(),
         "backend = \"nft\"\n[[notrack]]\nprotocols = [\"udp\", \"tcp\"]\nports = [53, \"1000-2000\"]\nsources = [\"198.18.0.0/24\", \"192.0.2.1\", \"fd42::/64\", \"2001:db8::/33\"]\ninterfaces = [\"veth0\", \"eth1\"]\n".to_string(),

@@ -1070,7 +1070,7 @@ fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchErr
     b.echo_inserts(true);
     for ins in &p.plan.insertions {
         let (Owner::Nft { family, table }, RuleSpec::Nft(text)) = (&ins.owner, &ins.rule) else { continue };
-        let Some(entry) = p.request.policy.notrack.get(ins.entry) else { continue };
+        let entry = &ins.narrowed;
         let at = match &ins.position {
             Position::Before { handle: Some(h), .. } => RulePosition::Before(*h),
             _ => RulePosition::Append,
@@ -1088,6 +1088,7 @@ fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchErr
                 v6: ins.v6,
                 tag: &p.request.tag,
                 text,
+                extra: &ins.extra,
             },
         )?;
     }

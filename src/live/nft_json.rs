@@ -54,7 +54,7 @@ pub fn parse(text: &str) -> Result<NftRuleset, NftJsonError> {
     for item in items {
         if let Some(t) = item.get("table") {
             out.tables.push((str_of(t, "family"), str_of(t, "name")));
-        } else if let Some(s) = item.get("set") {
+        } else if let Some(s) = item.get("set").or_else(|| item.get("map")) {
             let elems = s.get("elem").and_then(Value::as_array).cloned().unwrap_or_default();
             sets.insert((str_of(s, "family"), str_of(s, "table"), str_of(s, "name")), elems);
         } else if let Some(c) = item.get("chain") {
@@ -81,12 +81,15 @@ pub fn parse(text: &str) -> Result<NftRuleset, NftJsonError> {
             let Some(&ci) = chain_index.get(&key) else { continue };
             let ctx = Ctx { sets: &sets, family: &key.0, table: &key.1 };
             let exprs = r.get("expr").and_then(Value::as_array).cloned().unwrap_or_default();
-            let mut rule = convert_rule(&exprs, &ctx);
-            rule.handle = r.get("handle").and_then(Value::as_u64);
-            rule.comment = r.get("comment").and_then(Value::as_str).map(str::to_string);
             let chain = &mut out.fw.chains[ci];
-            rule.index = chain.rules.len() + 1;
-            chain.rules.push(rule);
+            // The nft rule's position; a verdict map's elements share it.
+            let index = chain.rules.last().map_or(0, |r: &FwRule| r.index) + 1;
+            for mut rule in convert_rule(&exprs, &ctx) {
+                rule.handle = r.get("handle").and_then(Value::as_u64);
+                rule.comment = r.get("comment").and_then(Value::as_str).map(str::to_string);
+                rule.index = index;
+                chain.rules.push(rule);
+            }
         }
     }
     Ok(out)
@@ -116,13 +119,18 @@ impl Ctx<'_> {
     }
 }
 
-fn convert_rule(exprs: &[Value], ctx: &Ctx<'_>) -> FwRule {
+/// One nft rule as neutral rules: one, or one per element of a verdict map (`ct state vmap {
+/// established : accept, invalid : drop }` is two rules, each with its key as a condition, in
+/// the map's order — the keys of a vmap are disjoint, so order does not change the result).
+fn convert_rule(exprs: &[Value], ctx: &Ctx<'_>) -> Vec<FwRule> {
     let mut conds = Vec::new();
     let mut verdict = Verdict::Continue;
     let mut words = Vec::new();
+    let mut vmap: Option<&Value> = None;
     for e in exprs {
         let Some((name, body)) = e.as_object().and_then(|o| o.iter().next()) else { continue };
         match name.as_str() {
+            "vmap" => vmap = Some(body),
             "match" => {
                 let c = convert_match(body, ctx);
                 words.push(match_text(body));
@@ -155,7 +163,38 @@ fn convert_rule(exprs: &[Value], ctx: &Ctx<'_>) -> FwRule {
             words.push(name.clone());
         }
     }
-    FwRule { conds, verdict, handle: None, index: 0, text: words.join(" "), comment: None }
+    let text = words.join(" ");
+    let Some(map) = vmap else {
+        return vec![FwRule { conds, verdict, handle: None, index: 0, text, comment: None }];
+    };
+    let key = map.get("key").cloned().unwrap_or(Value::Null);
+    let elems = map.get("data").and_then(|d| ctx.values(d)).unwrap_or_default();
+    let mut out = Vec::new();
+    for el in elems {
+        let (Some(k), Some(v)) = (el.get(0), el.get(1)) else { continue };
+        let m = serde_json::json!({ "op": "==", "left": key, "right": k });
+        let mut c = conds.clone();
+        c.extend(convert_match(&m, ctx));
+        let Some((vname, vbody)) = v.as_object().and_then(|o| o.iter().next()) else { continue };
+        let verdict = match vname.as_str() {
+            "accept" => Verdict::Accept,
+            "drop" => Verdict::Drop,
+            "reject" => Verdict::Reject,
+            "return" => Verdict::Return,
+            "continue" => Verdict::Continue,
+            "jump" => Verdict::Jump(str_of(vbody, "target")),
+            "goto" => Verdict::Goto(str_of(vbody, "target")),
+            other => Verdict::Other(other.to_string()),
+        };
+        let elem_text = format!("{} : {}", rhs_text(k), vname);
+        let text = format!("{text} {} vmap {{ {elem_text} }}", lhs_text(&key)).trim().to_string();
+        out.push(FwRule { conds: c, verdict, handle: None, index: 0, text, comment: None });
+    }
+    if out.is_empty() {
+        // A map that cannot be read: it may do anything.
+        out.push(FwRule { conds, verdict: Verdict::Other("vmap".into()), handle: None, index: 0, text, comment: None });
+    }
+    out
 }
 
 /// A short text of a match for findings: `udp dport 53`, `ct state new`.

@@ -3,7 +3,7 @@
 //! whole flow is "maybe", and a maybe never counts as a decision. Pure; used by the insertion
 //! planner and the lint.
 
-use crate::live::fw::{Cond, FwChain, FwRule, FwTables, Verdict};
+use crate::live::fw::{Cond, FwChain, FwRule, FwTables, Owner, Verdict};
 use crate::model::{NotrackRule, PortRange, Prefix, Proto};
 
 /// Which side of the flow ports and addresses are on.
@@ -61,6 +61,37 @@ impl Tri {
     }
 }
 
+/// One step of a walk: a rule of a chain (a jump, goto or the deciding rule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// The chain holding the rule (same table as the base chain).
+    pub chain: String,
+    /// The rule.
+    pub rule: FwRule,
+}
+
+/// The rules from the base chain down to a rule: each jump/goto taken, then the rule itself
+/// (shared hops: paths through the same jumps cost one pointer per hop).
+pub type Path = Vec<std::sync::Arc<Hop>>;
+
+/// Where a rule must go to be evaluated just before a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// Directly before this rule of this chain.
+    Before {
+        /// Chain name.
+        chain: String,
+        /// The rule.
+        rule: FwRule,
+    },
+    /// At the end of this chain (the base chain's policy decides; with `goto`, the chain the
+    /// packet was in when it fell through).
+    End {
+        /// Chain name.
+        chain: String,
+    },
+}
+
 /// Where a chain's decision was taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecidedAt {
@@ -75,13 +106,24 @@ pub enum DecidedAt {
 pub struct Outcome {
     /// True = accept, false = drop/reject.
     pub accept: bool,
-    /// Where.
+    /// Where, in the base chain's terms.
     pub at: DecidedAt,
-    /// Rules before the decision that accept part of the flow (conditions the flow may not
-    /// meet): the flow is partly accepted there.
-    pub maybe_accepts: Vec<FwRule>,
-    /// Rules before the decision that drop part of the flow.
-    pub maybe_drops: Vec<FwRule>,
+    /// The path to the deciding rule (empty when the base chain's policy decides).
+    pub path: Path,
+    /// Where a rule must be inserted to come directly before the decision: before the deciding
+    /// rule in the chain that holds it, or at the end of the chain the packet fell through.
+    pub place: Place,
+    /// Paths to rules before the decision that accept part of the flow (conditions the flow
+    /// may not meet): the flow is partly accepted there.
+    pub maybe_accepts: Vec<Path>,
+    /// Paths to rules before the decision that drop part of the flow.
+    pub maybe_drops: Vec<Path>,
+    /// Paths to rules before the decision that match (part of) the flow and act without
+    /// deciding: log, counter, mark, rate-limit bookkeeping (`recent --set`), …
+    pub effects: Vec<Path>,
+    /// More accepting paths existed than are kept ([`MAX_PATHS`]): `maybe_accepts` is
+    /// incomplete (the drop and effect lists keep their first [`MAX_PATHS`] silently).
+    pub truncated: bool,
 }
 
 impl Outcome {
@@ -91,99 +133,202 @@ impl Outcome {
     }
 }
 
-/// How deep jumps are followed before giving up (loops are refused by the kernel anyway).
-const MAX_DEPTH: usize = 16;
+/// How many paths each list of an [`Outcome`] keeps.
+pub const MAX_PATHS: usize = 64;
 
-enum Walk {
-    Final(bool, Option<FwRule>),
-    Fallthrough,
+/// How a chain ends for the packets of a flow that enter it, relative to that chain.
+#[derive(Debug, Clone)]
+enum End {
+    /// A rule decided: accept (true) or drop, the path to it and its place.
+    Final(bool, Path, Place),
+    /// The packet leaves the chain without a verdict (end of chain or `return`): where.
+    Fallthrough(Place),
 }
 
-/// Evaluates base chain `chain` for `flow`, following jumps into chains of the same table.
-pub fn evaluate(tables: &FwTables, chain: &FwChain, flow: &Flow) -> Outcome {
-    let mut ma = Vec::new();
-    let mut md = Vec::new();
-    match walk(tables, chain, flow, 0, &mut ma, &mut md, false) {
-        Walk::Final(accept, Some(rule)) => {
-            Outcome { accept, at: DecidedAt::Rule(rule), maybe_accepts: ma, maybe_drops: md }
+/// The walk of one chain, relative to it; memoised per chain within one evaluation, so a
+/// ruleset whose chains jump to each other many times over is walked once per chain (linear,
+/// not exponential, in the number of jumps).
+#[derive(Debug, Clone)]
+struct ChainWalk {
+    end: End,
+    ma: Vec<Path>,
+    md: Vec<Path>,
+    fx: Vec<Path>,
+    truncated: bool,
+}
+
+struct Walker<'a> {
+    tables: &'a FwTables,
+    flow: &'a Flow,
+    index: std::collections::HashMap<(&'a Owner, &'a str), usize>,
+    memo: std::collections::HashMap<usize, std::rc::Rc<ChainWalk>>,
+    in_progress: std::collections::HashSet<usize>,
+}
+
+fn push_paths(dst: &mut Vec<Path>, prefix: &std::sync::Arc<Hop>, src: &[Path], truncated: &mut bool) {
+    for p in src {
+        if dst.len() >= MAX_PATHS {
+            *truncated = true;
+            return;
         }
-        Walk::Final(accept, None) => Outcome { accept, at: DecidedAt::Policy, maybe_accepts: ma, maybe_drops: md },
-        Walk::Fallthrough => Outcome {
-            accept: chain.policy_accept.unwrap_or(true),
-            at: DecidedAt::Policy,
-            maybe_accepts: ma,
-            maybe_drops: md,
-        },
+        let mut q = Vec::with_capacity(p.len() + 1);
+        q.push(prefix.clone());
+        q.extend(p.iter().cloned());
+        dst.push(q);
     }
 }
 
-fn walk(
-    tables: &FwTables,
-    chain: &FwChain,
-    flow: &Flow,
-    depth: usize,
-    ma: &mut Vec<FwRule>,
-    md: &mut Vec<FwRule>,
-    uncertain: bool,
-) -> Walk {
-    for rule in &chain.rules {
-        let m = rule_matches(rule, flow);
-        if m == Tri::No {
-            continue;
+fn push_one(dst: &mut Vec<Path>, p: Path, truncated: &mut bool) {
+    if dst.len() >= MAX_PATHS {
+        *truncated = true;
+    } else {
+        dst.push(p);
+    }
+}
+
+impl<'a> Walker<'a> {
+    fn new(tables: &'a FwTables, flow: &'a Flow) -> Walker<'a> {
+        let index = tables.chains.iter().enumerate().map(|(i, c)| ((&c.owner, c.name.as_str()), i)).collect();
+        Walker { tables, flow, index, memo: Default::default(), in_progress: Default::default() }
+    }
+
+    /// The walk of the chain at `ci`; `None` for a jump loop (the kernel refuses those).
+    fn chain(&mut self, ci: usize) -> Option<std::rc::Rc<ChainWalk>> {
+        if let Some(w) = self.memo.get(&ci) {
+            return Some(w.clone());
         }
-        let sure = m == Tri::Yes && !uncertain;
-        let sub = |name: &str, ma: &mut Vec<FwRule>, md: &mut Vec<FwRule>| -> Walk {
-            match tables.find(&chain.owner, name) {
-                Some(c) if depth < MAX_DEPTH => walk(tables, c, flow, depth + 1, ma, md, !sure),
-                _ => Walk::Fallthrough,
-            }
+        if !self.in_progress.insert(ci) {
+            return None;
+        }
+        let w = std::rc::Rc::new(self.walk(ci));
+        self.in_progress.remove(&ci);
+        self.memo.insert(ci, w.clone());
+        Some(w)
+    }
+
+    fn walk(&mut self, ci: usize) -> ChainWalk {
+        let tables = self.tables;
+        let chain = &tables.chains[ci];
+        let mut out = ChainWalk {
+            end: End::Fallthrough(Place::End { chain: chain.name.clone() }),
+            ma: Vec::new(),
+            md: Vec::new(),
+            fx: Vec::new(),
+            truncated: false,
         };
-        match &rule.verdict {
-            Verdict::Accept if sure => return Walk::Final(true, Some(rule.clone())),
-            Verdict::Drop | Verdict::Reject if sure => return Walk::Final(false, Some(rule.clone())),
-            Verdict::Accept => ma.push(rule.clone()),
-            Verdict::Drop | Verdict::Reject => md.push(rule.clone()),
-            Verdict::Jump(name) => {
-                let mut sub_ma = Vec::new();
-                let mut sub_md = Vec::new();
-                let r = sub(name, &mut sub_ma, &mut sub_md);
-                // Findings point at the rule in the base chain a user can see and move.
-                if !sub_ma.is_empty() {
-                    ma.push(rule.clone());
-                }
-                if !sub_md.is_empty() {
-                    md.push(rule.clone());
-                }
-                if let Walk::Final(accept, _) = r {
+        for rule in &chain.rules {
+            let m = rule_matches(rule, self.flow);
+            if m == Tri::No {
+                continue;
+            }
+            let sure = m == Tri::Yes;
+            let hop = std::sync::Arc::new(Hop { chain: chain.name.clone(), rule: rule.clone() });
+            match &rule.verdict {
+                Verdict::Accept | Verdict::Drop | Verdict::Reject => {
+                    let accept = rule.verdict == Verdict::Accept;
                     if sure {
-                        return Walk::Final(accept, Some(rule.clone()));
+                        let place = Place::Before { chain: chain.name.clone(), rule: rule.clone() };
+                        out.end = End::Final(accept, vec![hop], place);
+                        return out;
                     }
                     if accept {
-                        ma.push(rule.clone())
+                        push_one(&mut out.ma, vec![hop], &mut out.truncated);
                     } else {
-                        md.push(rule.clone())
+                        push_one(&mut out.md, vec![hop], &mut false);
                     }
                 }
-            }
-            Verdict::Goto(name) => {
-                let r = sub(name, ma, md);
-                if sure {
-                    return match r {
-                        Walk::Final(accept, _) => Walk::Final(accept, Some(rule.clone())),
-                        Walk::Fallthrough => Walk::Fallthrough,
-                    };
+                Verdict::Jump(name) | Verdict::Goto(name) => {
+                    let goto = matches!(rule.verdict, Verdict::Goto(_));
+                    let sub = self.index.get(&(&chain.owner, name.as_str())).copied().and_then(|i| self.chain(i));
+                    let Some(sub) = sub else { continue };
+                    push_paths(&mut out.ma, &hop, &sub.ma, &mut out.truncated);
+                    // Only an incomplete list of accepts matters (restrictions to carry); the
+                    // drop and effect lists are findings, the first MAX_PATHS of them enough.
+                    push_paths(&mut out.md, &hop, &sub.md, &mut false);
+                    push_paths(&mut out.fx, &hop, &sub.fx, &mut false);
+                    out.truncated |= sub.truncated;
+                    match &sub.end {
+                        End::Final(accept, path, place) => {
+                            let mut full = vec![hop];
+                            full.extend(path.iter().cloned());
+                            if sure {
+                                out.end = End::Final(*accept, full, place.clone());
+                                return out;
+                            }
+                            if *accept {
+                                push_one(&mut out.ma, full, &mut out.truncated);
+                            } else {
+                                push_one(&mut out.md, full, &mut false);
+                            }
+                        }
+                        End::Fallthrough(place) if goto && sure => {
+                            out.end = End::Fallthrough(place.clone());
+                            return out;
+                        }
+                        End::Fallthrough(_) => {}
+                    }
                 }
+                Verdict::Return if sure => {
+                    out.end = End::Fallthrough(Place::Before { chain: chain.name.clone(), rule: rule.clone() });
+                    return out;
+                }
+                Verdict::Return => {}
+                // log, counter, limit bookkeeping, marks; NAT or queue verdicts in a filter
+                // chain: an effect on the packets it matches.
+                _ => push_one(&mut out.fx, vec![hop], &mut false),
             }
-            Verdict::Return if sure => return Walk::Fallthrough,
-            _ => {}
         }
+        out
     }
-    if depth == 0 {
-        if let Some(accept) = chain.policy_accept {
-            return Walk::Final(accept, None);
+}
+
+/// Evaluates base chain `chain` for `flow`, following jumps and gotos into chains of the same
+/// table. Pure; linear in the size of the table.
+pub fn evaluate(tables: &FwTables, chain: &FwChain, flow: &Flow) -> Outcome {
+    let mut w = Walker::new(tables, flow);
+    let ci = w.index.get(&(&chain.owner, chain.name.as_str())).copied();
+    let walked = match ci {
+        Some(ci) => w.chain(ci).map(|r| (*r).clone()),
+        // A chain that is not in `tables`: walk it on its own.
+        None => {
+            let mut own = tables.clone();
+            own.chains.push(chain.clone());
+            let mut w2 = Walker::new(&own, flow);
+            let ci = own.chains.len() - 1;
+            return outcome_of(w2.chain(ci).map(|r| (*r).clone()), chain);
         }
+    };
+    outcome_of(walked, chain)
+}
+
+fn outcome_of(walked: Option<ChainWalk>, chain: &FwChain) -> Outcome {
+    let policy = chain.policy_accept.unwrap_or(true);
+    let Some(w) = walked else {
+        return Outcome {
+            accept: policy,
+            at: DecidedAt::Policy,
+            path: Vec::new(),
+            place: Place::End { chain: chain.name.clone() },
+            maybe_accepts: Vec::new(),
+            maybe_drops: Vec::new(),
+            effects: Vec::new(),
+            truncated: true,
+        };
+    };
+    let (accept, at, path, place) = match w.end {
+        End::Final(accept, path, place) => (accept, DecidedAt::Rule(path[0].rule.clone()), path, place),
+        End::Fallthrough(place) => (policy, DecidedAt::Policy, Vec::new(), place),
+    };
+    Outcome {
+        accept,
+        at,
+        path,
+        place,
+        maybe_accepts: w.ma,
+        maybe_drops: w.md,
+        effects: w.fx,
+        truncated: w.truncated,
     }
-    Walk::Fallthrough
 }
 
 /// Whether every condition of `rule` holds for the whole flow.
@@ -199,7 +344,8 @@ fn neg(n: bool, t: Tri) -> Tri {
     }
 }
 
-fn cond_matches(c: &Cond, f: &Flow) -> Tri {
+/// Whether one condition holds for the whole flow.
+pub fn cond_matches(c: &Cond, f: &Flow) -> Tri {
     match c {
         Cond::Proto { neg: n, protos } => neg(*n, tri(protos.contains(&f.proto.number()))),
         Cond::Dport { neg: n, ranges } => neg(*n, ports_in(&f.dports, ranges)),

@@ -84,6 +84,10 @@ pub struct AcceptSpec<'a> {
     pub tag: &'a Tag,
     /// Text for error messages (the planner's rule text).
     pub text: &'a str,
+    /// Conditions carried beyond the entry's fields (the planner's `Insertion::extra`):
+    /// single values (`==`/`!=`), ranges and non-negated sets of addresses, ports and
+    /// interface names.
+    pub extra: &'a [crate::live::fw::Cond],
 }
 
 /// Appends the anonymous sets and the rule for `spec` to `b`: the same rule
@@ -156,6 +160,10 @@ pub fn add_accept_rule(b: &mut BatchBuilder, spec: &AcceptSpec<'_>) -> Result<()
             e.push(anon_lookup(b, spec, SetKind::Ports, elems)?);
         }
     }
+    let mut have_nfproto = inet && (v6.is_some() && addrs.is_empty() || !addrs.is_empty());
+    for c in spec.extra {
+        extra_exprs(b, spec, c, &mut e, &mut have_nfproto)?;
+    }
     e.push(AcceptExpr::CtState);
     e.push(AcceptExpr::Mask(Bytes(CT_STATE_UNTRACKED.to_ne_bytes().to_vec())));
     e.push(AcceptExpr::Cmp(CmpOp::Neq, Bytes(vec![0; 4])));
@@ -167,6 +175,65 @@ pub fn add_accept_rule(b: &mut BatchBuilder, spec: &AcceptSpec<'_>) -> Result<()
         RulePosition::Append => format!("add rule {} {} {} {}", spec.family, spec.table, spec.chain, spec.text),
     };
     b.insert_rule(spec.family, spec.table, spec.chain, spec.at, &e, spec.tag.as_str(), what)
+}
+
+/// The expressions of one carried condition, as nft compiles its text (the planner's
+/// `nft_cond`): `ip daddr != 192.0.2.1`, `udp sport 1000-2000`, `iifname "eth0"`, …
+fn extra_exprs(
+    b: &mut BatchBuilder,
+    spec: &AcceptSpec<'_>,
+    c: &crate::live::fw::Cond,
+    e: &mut Vec<AcceptExpr>,
+    have_nfproto: &mut bool,
+) -> Result<(), BatchError> {
+    use crate::live::fw::Cond;
+    let op = |neg: bool| if neg { CmpOp::Neq } else { CmpOp::Eq };
+    match c {
+        Cond::Saddr { neg, prefixes } | Cond::Daddr { neg, prefixes } => {
+            let v6 = prefixes.first().is_some_and(Prefix::is_v6);
+            if spec.family == "inet" && !*have_nfproto {
+                e.push(AcceptExpr::Meta(Meta::NfProto));
+                e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(vec![if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }])));
+                *have_nfproto = true;
+            }
+            e.push(AcceptExpr::Payload(addr_payload(v6, matches!(c, Cond::Saddr { .. }))));
+            match prefixes.as_slice() {
+                [one] => {
+                    let (net, mask) = prefix_bytes(one);
+                    if !one.is_host() {
+                        e.push(AcceptExpr::Mask(Bytes(mask)));
+                    }
+                    e.push(AcceptExpr::Cmp(op(*neg), Bytes(net)));
+                }
+                many => {
+                    let kind = if v6 { SetKind::Ipv6 } else { SetKind::Ipv4 };
+                    e.push(anon_lookup(b, spec, kind, many.iter().copied().map(Elem::Prefix).collect())?);
+                }
+            }
+        }
+        Cond::Dport { neg, ranges } | Cond::Sport { neg, ranges } => {
+            e.push(AcceptExpr::Payload(port_payload(spec.proto, matches!(c, Cond::Sport { .. }))));
+            match ranges.as_slice() {
+                [p] if p.is_single() => e.push(AcceptExpr::Cmp(op(*neg), Bytes(p.lo.to_be_bytes().to_vec()))),
+                [PortRange { lo, hi }] if !*neg => {
+                    e.push(AcceptExpr::Cmp(CmpOp::Gte, Bytes(lo.to_be_bytes().to_vec())));
+                    e.push(AcceptExpr::Cmp(CmpOp::Lte, Bytes(hi.to_be_bytes().to_vec())));
+                }
+                many => e.push(anon_lookup(b, spec, SetKind::Ports, many.iter().copied().map(Elem::Port).collect())?),
+            }
+        }
+        Cond::Iif { neg, names } | Cond::Oif { neg, names } => {
+            e.push(AcceptExpr::Meta(if matches!(c, Cond::Iif { .. }) { Meta::IifName } else { Meta::OifName }));
+            let parsed: Vec<crate::model::names::IfName> =
+                names.iter().filter_map(|n| crate::model::names::IfName::parse(n).ok()).collect();
+            match parsed.as_slice() {
+                [one] => e.push(AcceptExpr::Cmp(op(*neg), Bytes(ifname_key(one).to_vec()))),
+                many => e.push(anon_lookup(b, spec, SetKind::Ifname, many.iter().cloned().map(Elem::Ifname).collect())?),
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn anon_lookup(
