@@ -35,13 +35,6 @@ pub(crate) fn facts() -> MachineFacts {
     MachineFacts::with_ram(ctguard::sysctl::mem_total_bytes().unwrap_or(8 << 30))
 }
 
-/// [`request`] with `force`: for policies whose one entry spans ports the host firewall accepts
-/// and ports it drops — the planner's single accept then covers both, which the
-/// `open-resolver` lint refuses as widening (issue 12 narrows such insertions).
-pub(crate) fn forced(p: &Policy, id: &str, previous: Option<PolicyUndo>) -> PolicyRequest {
-    PolicyRequest { force: true, ..request(p, id, previous) }
-}
-
 pub(crate) fn request(p: &Policy, id: &str, previous: Option<PolicyUndo>) -> PolicyRequest {
     PolicyRequest {
         policy: p.clone(),
@@ -238,7 +231,7 @@ fn reapply_replaces_the_committed_policy_and_its_rollback_restores_it() {
     let after_a = list(&ns, &[]);
     assert!(after_a.contains("ctguard:ptx-a"));
 
-    let prepared_b = prep(&ns, &forced(&b, "ptx-b", Some(undo_a.clone())));
+    let prepared_b = prep(&ns, &request(&b, "ptx-b", Some(undo_a.clone())));
     assert_eq!(
         prepared_b.plan.insertions.iter().filter(|i| i.chain.contains("inet host")).count(),
         2,
@@ -452,7 +445,7 @@ fn batch_and_checked_script_give_the_same_ruleset() {
             for ns in [&via_batch, &via_script] {
                 ns.nft(fw);
             }
-            let req = forced(&p, "ptx-eq", None);
+            let req = request(&p, "ptx-eq", None);
             let prepared = prep(&via_batch, &req);
             let n = prepared.plan.insertions.len();
             app(&via_batch, &prepared);
@@ -591,7 +584,7 @@ fn reapply_across_backends_restores_each_committed_state() {
     // iptables-legacy over iptables-legacy: the raw chains are rewritten in place.
     let undo_c = app(&ns, &prep(&ns, &request(&legacy("53"), "ptx-sw-c", Some(undo_a.clone()))));
     let after_c = list(&ns, &[]);
-    let undo_d = app(&ns, &prep(&ns, &forced(&legacy("53, 853"), "ptx-sw-d", Some(undo_c.clone()))));
+    let undo_d = app(&ns, &prep(&ns, &request(&legacy("53, 853"), "ptx-sw-d", Some(undo_c.clone()))));
     let after_d = list(&ns, &[]);
     assert!(after_d.contains("--dports 53,853"), "{after_d}");
     assert!(!after_d.contains("ctguard:ptx-sw-c"), "{after_d}");

@@ -18,7 +18,7 @@ use ctguard::model::names::Tag;
 
 use crate::harness::Ns;
 use crate::policy_txn::{
-    app, assert_same, back, chain, facts, forced, list, policy, prep, request, HOST_FW, LEGACY_FW, UDP53,
+    app, assert_same, back, chain, facts, list, policy, prep, request, HOST_FW, LEGACY_FW, UDP53,
 };
 
 /// Removes the injected foreign table (so the listing can be compared with the one before)
@@ -135,7 +135,7 @@ fn a_rollback_raced_between_its_read_and_its_batch_reads_again_and_succeeds() {
     let after_a = list(&ns, &[]);
     // B replaces A: its rollback puts A's table and accept rule back (nft -f), then deletes B's
     // tagged rules in a batch guarded by the generation id of their read.
-    let undo_b = app(&ns, &prep(&ns, &forced(&b, "cas-r-b", Some(undo_a.clone()))));
+    let undo_b = app(&ns, &prep(&ns, &request(&b, "cas-r-b", Some(undo_a.clone()))));
     assert!(!undo_b.removed_previous.is_empty());
     for (u, expected, what) in [(&undo_b, &after_a, "B rolled back: A exactly"), (&undo_a, &before, "A rolled back")] {
         let (res, fired) = ns.run(|| inject("rollback:foreign-change", 1, || rollback(u)));
