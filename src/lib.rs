@@ -19,6 +19,7 @@ pub mod lint;
 pub mod live;
 pub mod model;
 pub mod netns;
+pub mod origin;
 pub mod persist;
 pub mod probe;
 pub mod render;

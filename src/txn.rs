@@ -320,7 +320,7 @@ pub struct Requester {
     /// Where the apply came from, as the new-connection proof derived it (DESIGN §4); `None`
     /// when the proof was not asked (`--allow-same-connection`) or in older records.
     #[serde(default)]
-    pub origin: Option<crate::agent::proof::Origin>,
+    pub origin: Option<crate::origin::Origin>,
     /// The person behind the uid: the login user (`/proc/PID/loginuid`, set by pam_loginuid),
     /// else `SUDO_USER` from the requester's environment.
     #[serde(default)]
