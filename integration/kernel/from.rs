@@ -186,3 +186,35 @@ fn apply_remove_round_trips_with_nft() {
 fn apply_remove_round_trips_with_iptables_nft() {
     remove_round_trip("iptables-nft");
 }
+
+/// Issue 12 (one planning core): `plan` runs apply's preparation, so it shows the removal of
+/// the committed transaction's accepts that an apply of another policy performs, and its
+/// kernel check passes on the same documents apply then applies.
+#[test]
+fn plan_shows_the_removal_of_the_committed_accepts_that_apply_performs() {
+    let ns = Ns::new("plan-rm");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    std::fs::create_dir_all(&ctg.base).expect("base");
+    let (out, a) = ctg.apply(&ns, &["--timeout", "60s"]);
+    ok(&out);
+    ok(&ctg.run(&["confirm", &a]));
+    assert!(ns.nft_list().contains(&a), "the committed accepts carry {a}");
+    let b_file = ctg.base.join("b.toml");
+    std::fs::write(&b_file, "[[notrack]]\nprotocols = [\"udp\"]\nports = [53, 5353]\n").expect("policy");
+    let b_path = b_file.to_str().expect("utf8");
+    let plan = ctg.json(&["--netns", ns.name(), "plan", "--check", b_path]);
+    let removals = plan["removals"].as_array().cloned().unwrap_or_default();
+    assert!(!removals.is_empty(), "{plan}");
+    assert!(removals.iter().all(|r| r.as_str().unwrap_or("").contains(&a)), "{removals:?}");
+    assert_eq!(plan["check"]["ok"], true, "{plan}");
+    let text = String::from_utf8_lossy(&ctg.run(&["--netns", ns.name(), "plan", b_path]).stdout).into_owned();
+    assert!(text.lines().any(|l| l.trim_start().starts_with("- ") && l.contains(&a)), "{text}");
+    // The apply does what the plan said: the committed accepts go, the new ones come.
+    let (out, b) = ctg.apply(&ns, &["--timeout", "60s", b_path]);
+    ok(&out);
+    let listing = ns.nft_list();
+    assert!(!listing.contains(&a) && listing.contains(&b), "{listing}");
+    ok(&ctg.run(&["rollback", &b]));
+    assert!(ns.nft_list().contains(&a), "rolled back to the committed accepts");
+}

@@ -676,6 +676,31 @@ fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(Liv
 /// with exit 2 for a missing tool or an explicit sysctl the target cannot write (naming the
 /// key), exit 3 for lint errors without `force` or a refused kernel check.
 pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, PolicyTxnError> {
+    let prepared = prepare_with(req, facts, PrepareMode::APPLY)?;
+    kernel_check(&prepared)?;
+    Ok(prepared)
+}
+
+/// What [`prepare_with`] does with lint errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrepareMode {
+    /// Lint errors fail with exit 3 unless the request is forced (`apply`); otherwise they are
+    /// returned in [`Prepared::findings`] (`plan`, `restore`'s comparison).
+    pub refuse_on_lint: bool,
+}
+
+impl PrepareMode {
+    /// As `apply` prepares.
+    pub const APPLY: PrepareMode = PrepareMode { refuse_on_lint: true };
+    /// As `plan` prepares: every finding returned, none refused.
+    pub const PLAN: PrepareMode = PrepareMode { refuse_on_lint: false };
+}
+
+/// The one planning core of `plan`, `apply`, `restore` and the guard's repairs: reads the
+/// target (one snapshot), removes the previous committed transaction's accepts from the view,
+/// plans the accepts and ctguard's own objects, lints, and builds every document apply would
+/// send. Changes nothing; no kernel check (see [`kernel_check`]).
+pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode) -> Result<Prepared, PolicyTxnError> {
     let policy = &req.policy;
     let tag = &req.tag;
     let backend = effective_backend(policy.backend);
@@ -705,11 +730,13 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
     let findings = lint(&LintInput { policy, tables: &tables, plan: &plan, sysctls: &sysctls, ssh: req.ssh });
     let errors: Vec<String> =
         findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
-    if !errors.is_empty() && !req.force {
+    if !errors.is_empty() && !req.force && mode.refuse_on_lint {
         return Err(PolicyTxnError::Lint(errors));
     }
-    for f in findings.iter().filter(|f| f.severity == Severity::Error) {
-        warnings.push(format!("forced past: {f}"));
+    if req.force {
+        for f in findings.iter().filter(|f| f.severity == Severity::Error) {
+            warnings.push(format!("forced past: {f}"));
+        }
     }
 
     // The nft side. A policy with nothing to notrack (`apply --remove`) deletes ctguard's table.
@@ -827,32 +854,14 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
         tool("conntrack")?;
     }
 
-    // Kernel checks.
-    if !nft_script.is_empty() {
-        tool("nft")?.run(&["-c", "-f", "-"], Some(nft_script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
-    }
-    let ipsets = ipt_backend::ipset_save().ok();
+    // The iptables dumps each document applies to (checked against them at apply time).
     let mut dumps = Vec::new();
     for v in IptVariant::ALL {
         for v6 in [false, true] {
-            let mut doc = String::new();
-            for d in ipt_filter.iter().chain(ipt_raw.iter()) {
-                if IptVariant::from(d.variant) == v && d.v6 == v6 {
-                    doc.push_str(&d.text);
-                }
+            if ipt_filter.iter().chain(ipt_raw.iter()).any(|d| IptVariant::from(d.variant) == v && d.v6 == v6) {
+                let live_text = dump_of(&snap.live, v, v6).map(|d| d.text.as_str()).unwrap_or("");
+                dumps.push((v.into(), v6, ipt::normalize_save(live_text)));
             }
-            if doc.is_empty() {
-                continue;
-            }
-            let live_text = dump_of(&snap.live, v, v6).map(|d| d.text.as_str()).unwrap_or("");
-            ipt_backend::scratch_check(v, family(v6), live_text, ipsets.as_deref(), &doc).map_err(|source| {
-                PolicyTxnError::IptCheck {
-                    variant: v.as_str(),
-                    family: family(v6).tool_prefix(),
-                    source: Box::new(source),
-                }
-            })?;
-            dumps.push((v.into(), v6, ipt::normalize_save(live_text)));
         }
     }
 
@@ -928,6 +937,39 @@ pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, Pol
         undo,
         snapshot_text: snap.text,
     })
+}
+
+/// Asks the kernel about everything [`prepare_with`] built, changing nothing: `nft -c` for
+/// the nft script (ctguard's table, the previous accepts' removal, the insertions) and a
+/// scratch namespace for every iptables document, on top of the dump it applies to. Exit 3
+/// when the kernel refuses.
+pub fn kernel_check(p: &Prepared) -> Result<(), PolicyTxnError> {
+    if !p.nft_script.is_empty() {
+        tool("nft")?.run(&["-c", "-f", "-"], Some(p.nft_script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
+    }
+    let ipsets = ipt_backend::ipset_save().ok();
+    for v in IptVariant::ALL {
+        for v6 in [false, true] {
+            let mut doc = String::new();
+            for d in p.ipt_filter.iter().chain(p.ipt_raw.iter()) {
+                if IptVariant::from(d.variant) == v && d.v6 == v6 {
+                    doc.push_str(&d.text);
+                }
+            }
+            if doc.is_empty() {
+                continue;
+            }
+            let live_text = dump_of(&p.live, v, v6).map(|d| d.text.as_str()).unwrap_or("");
+            ipt_backend::scratch_check(v, family(v6), live_text, ipsets.as_deref(), &doc).map_err(|source| {
+                PolicyTxnError::IptCheck {
+                    variant: v.as_str(),
+                    family: family(v6).tool_prefix(),
+                    source: Box::new(source),
+                }
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// `conntrack -D` argument vectors for the entries with `flush_existing` (both families, one

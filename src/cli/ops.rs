@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::args::{Cli, CompletionsArgs, Global, LogFormat, ManArgs, RestoreArgs};
 use crate::agent::protocol::{ApplyRequest, Request, Response};
 use crate::backend::live as live_backend;
-use crate::backend::policy_txn::{effective_backend, variant_of};
+use crate::backend::policy_txn::variant_of;
 use crate::exit::{Exit, Failure};
 use crate::live::iptables_save;
 use crate::model::auto::MachineFacts;
@@ -31,8 +31,6 @@ use crate::persist::COMMITTED_POLICY_FILE;
 use crate::render::iptables::{notrack_rules, IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
 use crate::render::nft_ir::table_for;
 use crate::render::nft_script::table_block;
-use crate::render::planner::plan as plan_insertions;
-use crate::render::sysctl::plan_sysctls;
 
 /// Prefix of ctguard's fields in the journal (`txid` becomes `CTGUARD_TXID`).
 pub const JOURNAL_FIELD_PREFIX: &str = "CTGUARD";
@@ -325,9 +323,19 @@ fn normalized_lines(text: &str) -> Vec<String> {
 /// What differs between `policy` and the live state of the calling thread's namespace; empty
 /// when the policy is in place. Reads only.
 pub(crate) fn differences(policy: &Policy, facts: MachineFacts) -> Result<Vec<String>, String> {
-    let live = live_backend::read().map_err(|e| e.to_string())?;
+    // The planning core apply and plan use: the same live read, plan and sysctl resolution.
     let tag = Tag::preview();
-    let backend = effective_backend(policy.backend);
+    let req = crate::backend::policy_txn::PolicyRequest {
+        policy: policy.clone(),
+        tag: tag.clone(),
+        force: false,
+        ssh: None,
+        previous: None,
+    };
+    let prepared = crate::backend::policy_txn::prepare_with(&req, facts, crate::backend::policy_txn::PrepareMode::PLAN)
+        .map_err(|e| e.to_string())?;
+    let live = &prepared.live;
+    let backend = prepared.backend;
     let mut diffs = Vec::new();
     match variant_of(backend) {
         None => {
@@ -374,13 +382,10 @@ pub(crate) fn differences(policy: &Policy, facts: MachineFacts) -> Result<Vec<St
             }
         }
     }
-    let plan = plan_insertions(policy, &live, &tag);
-    for ins in &plan.insertions {
+    for ins in &prepared.plan.insertions {
         diffs.push(format!("{}: the accept for untracked flows is missing", ins.chain));
     }
-    let sysctl_live = live_backend::read_sysctls(policy.sysctl.keys()).map_err(|e| e.to_string())?;
-    let (sysctls, _) = plan_sysctls(policy, &sysctl_live, facts);
-    for c in sysctls.iter().filter(|c| !c.unchanged && c.skipped.is_none()) {
+    for c in prepared.sysctls.iter().filter(|c| !c.unchanged && c.skipped.is_none()) {
         let old = c.old.map_or("(missing)".to_string(), |v| v.to_string());
         diffs.push(format!("sysctl {} is {old}, the policy wants {}", c.key, c.new));
     }

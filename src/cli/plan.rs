@@ -6,12 +6,10 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use super::args::{Global, PlanArgs};
-use crate::backend::exec::Tool;
-use crate::backend::iptables as ipt_backend;
 use crate::backend::live as live_backend;
-use crate::backend::policy_txn::{effective_backend, variant_of};
+use crate::backend::policy_txn::{self, variant_of, PolicyRequest, PolicyUndo, PrepareMode, Removed};
 use crate::exit::{Exit, Failure};
-use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
+use crate::lint::{Finding, Severity, SshConn};
 use crate::live::iptables_save;
 use crate::model::auto::MachineFacts;
 use crate::model::names::Tag;
@@ -19,9 +17,9 @@ use crate::model::{Backend, Policy};
 use crate::netns::TargetSpec;
 use crate::render::iptables::{notrack_rules, IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
 use crate::render::nft_ir::table_for;
-use crate::render::nft_script::{replace_script, table_block};
-use crate::render::planner::{plan as plan_insertions, InsertionPlan, Position, RuleSpec};
-use crate::render::sysctl::{plan_sysctls, SysctlChange};
+use crate::render::nft_script::table_block;
+use crate::render::planner::{InsertionPlan, Position, RuleSpec};
+use crate::render::sysctl::SysctlChange;
 
 /// What `plan` found, in a form both printers use.
 struct Report {
@@ -32,6 +30,8 @@ struct Report {
     current: Vec<String>,
     desired: Vec<String>,
     plan: InsertionPlan,
+    /// The previous transaction's accepts apply removes (they are re-planned).
+    removals: Vec<String>,
     sysctls: Vec<SysctlChange>,
     findings: Vec<Finding>,
     check: Option<Result<(), String>>,
@@ -41,6 +41,7 @@ impl Report {
     fn changed(&self) -> bool {
         self.current != self.desired
             || !self.plan.insertions.is_empty()
+            || !self.removals.is_empty()
             || self.sysctls.iter().any(|c| !c.unchanged && c.skipped.is_none())
     }
 }
@@ -77,8 +78,9 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
         TargetSpec::Current => "the caller's network namespace".to_string(),
         _ => format!("network namespace {}", target.path().display()),
     };
+    let previous = previous_committed(global, target.id)?;
     let report = target
-        .run(|| build_report(&policy, args.check, facts, ssh, label, initial_ns))
+        .run(|| build_report(&policy, args.check, facts, ssh, previous, label, initial_ns))
         .map_err(|e| vec![Failure::internal(e.to_string())])??;
 
     if global.json {
@@ -104,25 +106,58 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
     Ok(Exit::Ok)
 }
 
-/// Runs inside the target's thread.
+/// The committed policy transaction of this target (its accepts are replaced by an apply, so
+/// `plan` shows their removal): the same record the agent's apply replaces. A state dir that
+/// does not exist yet holds none.
+fn previous_committed(global: &Global, target_id: (u64, u64)) -> Result<Option<PolicyUndo>, Vec<Failure>> {
+    if !global.state_dir.exists() {
+        return Ok(None);
+    }
+    let bad = |m: String| vec![Failure::bad_input(m)];
+    let j = crate::journal::Journal::attach(&global.state_dir).map_err(|e| bad(e.to_string()))?;
+    let records = j.list().map_err(|e| bad(e.to_string()))?;
+    let Some(r) = records.into_iter().rev().find(|r| {
+        (r.target.dev, r.target.ino) == target_id && r.kind == crate::txn::Kind::Policy
+    }) else {
+        return Ok(None);
+    };
+    if r.state != crate::txn::State::Committed {
+        return Ok(None);
+    }
+    match crate::agent::engine::Undo::from_record(crate::txn::Kind::Policy, &r.undo) {
+        Ok(crate::agent::engine::Undo::Policy(u)) => Ok(Some(*u)),
+        Ok(_) => Ok(None),
+        Err(e) => Err(vec![Failure::internal(format!("the committed transaction {}: {}", r.id, e.message))]),
+    }
+}
+
+/// Runs inside the target's thread: the planning core `apply` uses
+/// ([`policy_txn::prepare_with`]), every finding kept, and with `check` the same kernel check.
 fn build_report(
     policy: &Policy,
     check: bool,
     facts: MachineFacts,
     ssh: Option<SshConn>,
+    previous: Option<PolicyUndo>,
     target: String,
     initial_ns: bool,
 ) -> Result<Report, Vec<Failure>> {
     let refused = |e: &dyn std::fmt::Display| vec![Failure::refused(e.to_string())];
-    let live = live_backend::read().map_err(|e| refused(&e))?;
+    let tag = Tag::preview();
+    let req = PolicyRequest { policy: policy.clone(), tag: tag.clone(), force: false, ssh, previous };
+    let prepared = policy_txn::prepare_with(&req, facts, PrepareMode::PLAN).map_err(|e| {
+        let exit = e.exit();
+        let lines: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+        lines.into_iter().map(|m| Failure::new(exit, m)).collect::<Vec<_>>()
+    })?;
+    let live = &prepared.live;
     tracing::info!(
         nft_tables = live.nft.tables.len(),
         iptables_dumps = live.iptables.len(),
         "read the live state of {target}"
     );
-    let backend = effective_backend(policy.backend);
+    let backend = prepared.backend;
     tracing::debug!(backend = backend.as_str(), "effective backend");
-    let tag = Tag::preview();
     let (current, desired) = match variant_of(backend) {
         None => {
             let current = live_backend::ctguard_table_text().map_err(|e| refused(&e))?;
@@ -149,70 +184,40 @@ fn build_report(
             (current, desired)
         }
     };
-    let plan = plan_insertions(policy, &live, &tag);
-    let sysctl_live = live_backend::read_sysctls(policy.sysctl.keys()).map_err(|e| refused(&e))?;
-    let (sysctls, problems) = plan_sysctls(policy, &sysctl_live, facts);
-    let tables = live.chains();
-    let mut findings = lint(&LintInput { policy, tables: &tables, plan: &plan, sysctls: &sysctls, ssh });
-    for p in problems {
-        findings.insert(
-            0,
-            Finding {
-                severity: Severity::Error,
-                code: "sysctl-unwritable",
-                chain: None,
-                rule: None,
-                message: format!("sysctl.\"{}\": {}", p.key, p.reason),
-            },
-        );
-    }
-    tracing::info!(insertions = plan.insertions.len(), findings = findings.len(), "planned");
-    let check = check.then(|| kernel_check(policy, backend, &plan, &live, &tag));
+    let removals = prepared.undo_record().removed_previous.iter().map(removal_text).collect();
+    let check = check.then(|| policy_txn::kernel_check(&prepared).map_err(|e| policy_txn::chain_text(&e)));
     if let Some(Err(e)) = &check {
         tracing::warn!("kernel check failed: {e}");
     }
-    Ok(Report { target, initial_ns, backend, current, desired, plan, sysctls, findings, check })
+    tracing::info!(insertions = prepared.plan.insertions.len(), findings = prepared.findings.len(), "planned");
+    Ok(Report {
+        target,
+        initial_ns,
+        backend,
+        current,
+        desired,
+        plan: prepared.plan.clone(),
+        removals,
+        sysctls: prepared.sysctls.clone(),
+        findings: prepared.findings.clone(),
+        check,
+    })
+}
+
+/// One accept of the previous transaction that apply removes, as the operator knows it.
+fn removal_text(r: &Removed) -> String {
+    match r {
+        Removed::Nft { family, table, chain, text, .. } => format!("nft {family} {table} {chain}: {text}"),
+        Removed::Iptables { variant, v6, table, line, .. } => {
+            format!("{} {table}: {line}", crate::live::fw::IptVariant::from(*variant).tool(*v6, ""))
+        }
+    }
 }
 
 /// Non-empty lines, with every transaction tag read as `ctguard:preview`: a committed policy
 /// compares equal to its rendering (so `changed` is false when nothing would change).
 fn lines(s: &str) -> Vec<String> {
     s.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).map(crate::model::names::normalize_tags).collect()
-}
-
-/// Asks the kernel without changing anything: `nft -c` for the table and nft insertions, and
-/// a scratch namespace for every iptables document.
-fn kernel_check(
-    policy: &Policy,
-    backend: Backend,
-    plan: &InsertionPlan,
-    live: &crate::live::LiveState,
-    tag: &Tag,
-) -> Result<(), String> {
-    let mut nft_script = String::new();
-    if backend == Backend::Nft {
-        nft_script.push_str(&replace_script(&table_for(policy, tag)));
-    }
-    nft_script.push_str(&plan.nft_script());
-    if !nft_script.is_empty() {
-        let nft = Tool::find("nft").map_err(|e| e.to_string())?;
-        nft.run(&["-c", "-f", "-"], Some(nft_script.as_bytes())).map_err(|e| e.to_string())?;
-    }
-    let ipsets = ipt_backend::ipset_save().ok();
-    for d in &live.iptables {
-        let variant = d.variant;
-        let fam = if d.v6 { IpFamily::V6 } else { IpFamily::V4 };
-        let mut doc = String::new();
-        if variant_of(backend) == Some(variant) {
-            doc.push_str(&notrack_rules(policy, fam, tag).restore_text_with_jumps());
-        }
-        doc.push_str(&plan.iptables_restore(d.variant, d.v6));
-        if doc.is_empty() {
-            continue;
-        }
-        ipt_backend::scratch_check(variant, fam, &d.text, ipsets.as_deref(), &doc).map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 /// The line diff of `show` and `plan` (linear space: [`crate::diff`]).
@@ -248,8 +253,11 @@ fn report_text(r: &Report) -> String {
         }
     }
     let _ = writeln!(s, "\naccept insertions (accept_untracked):");
-    if r.plan.insertions.is_empty() {
+    if r.plan.insertions.is_empty() && r.removals.is_empty() {
         let _ = writeln!(s, "  none needed");
+    }
+    for rm in &r.removals {
+        let _ = writeln!(s, "  - {rm} (the committed transaction's, re-planned)");
     }
     for ins in &r.plan.insertions {
         let _ = writeln!(s, "  + {}", insertion_text(ins));
@@ -304,6 +312,7 @@ fn report_json(r: &Report) -> serde_json::Value {
             "diff": diff_lines(&r.current, &r.desired),
         },
         "insertions": r.plan.insertions,
+        "removals": r.removals,
         "sysctl": r.sysctls,
         "findings": r.findings,
         "errors": r.findings.iter().filter(|f| f.severity == Severity::Error).count(),
