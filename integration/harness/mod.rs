@@ -673,15 +673,25 @@ pub fn udp_queries(ns: &Ns, dst: SocketAddr, count: usize, first_src_port: u16) 
     ns.run(move || udp_queries_here(dst, count, first_src_port))
 }
 
+/// [`udp_queries`] from the source address `src` (one of `ns`'s addresses).
+pub fn udp_queries_from(ns: &Ns, src: IpAddr, dst: SocketAddr, count: usize, first_src_port: u16) -> Answered {
+    ns.run(move || udp_queries_bound(Some(src), dst, count, first_src_port))
+}
+
 /// [`udp_queries`] from the calling thread's namespace.
 pub fn udp_queries_here(dst: SocketAddr, count: usize, first_src_port: u16) -> Answered {
+    udp_queries_bound(None, dst, count, first_src_port)
+}
+
+fn udp_queries_bound(src: Option<IpAddr>, dst: SocketAddr, count: usize, first_src_port: u16) -> Answered {
     assert!(
         first_src_port as usize + count <= 65536 && first_src_port > 0,
         "harness: source ports {first_src_port}+{count} do not fit"
     );
     raise_nofile(QUERY_WINDOW as u64 + 256);
     let start = Instant::now();
-    let bind_ip: IpAddr = if dst.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let bind_ip: IpAddr =
+        src.unwrap_or(if dst.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() });
     // Hard bound, whatever happens: every query has its own deadline, this is a safety net.
     let hard_deadline = start + Duration::from_secs(10) + REPLY_TIMEOUT * (count / QUERY_WINDOW + 1) as u32;
     let mut res = Answered::default();

@@ -27,3 +27,4 @@ mod races;
 mod resolver;
 mod trust;
 mod txn_cli;
+mod user_chains;

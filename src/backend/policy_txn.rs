@@ -738,6 +738,11 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
             warnings.push(format!("forced past: {f}"));
         }
     }
+    // Lint warnings reach the operator on apply as on plan (a lost rate limit, an ICMP error
+    // that will be dropped as INVALID, …).
+    for f in findings.iter().filter(|f| f.severity == Severity::Warning && f.code != "sysctl-skipped") {
+        warnings.push(f.to_string());
+    }
 
     // The nft side. A policy with nothing to notrack (`apply --remove`) deletes ctguard's table.
     let delete_table = policy.notrack.is_empty() && snap.table_text.is_some();
