@@ -427,6 +427,11 @@ fn batch_and_checked_script_give_the_same_ruleset() {
             "inet",
             "table inet h5 {\n\tchain in5 {\n\t\ttype filter hook input priority filter; policy drop;\n\t\tct state established accept\n\t\tiifname != \"eth9\" ip daddr 192.0.2.53 udp dport 53 ct state new accept\n\t\tip6 daddr != fd00::1 udp dport { 53, 1000-2000 } ct state new accept\n\t}\n}\n".to_string(),
         ));
+        // Named sets of the table, repeated by reference (one negated).
+        h.push((
+            "inet",
+            "table inet h6 {\n\tset trusted {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 198.18.0.0/24, 192.0.2.1 }\n\t}\n\n\tset blocked6 {\n\t\ttype ipv6_addr\n\t\telements = { fd00::66 }\n\t}\n\n\tchain in6 {\n\t\ttype filter hook input priority filter; policy drop;\n\t\tct state established accept\n\t\tip saddr @trusted udp dport 53 ct state new accept\n\t\tip6 saddr != @blocked6 udp dport 53 ct state new accept\n\t}\n}\n".to_string(),
+        ));
         h
     };
     let policies = [

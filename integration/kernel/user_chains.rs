@@ -248,3 +248,38 @@ fn ufw_limit_is_named_as_a_lost_effect() {
     assert_eq!((a, added), (20, 0));
     ok(&s.ctg.run(&["rollback", &id]));
 }
+
+/// An allowlist in a named set: the inserted accept refers to the set by name, so taking a
+/// client out of the set later refuses it untracked too (an inline copy would keep it open).
+#[test]
+fn a_named_allowlist_is_carried_by_reference() {
+    let s = setup("uc-set");
+    s.pair.srv.nft(
+        "table inet host {
+  set trusted {
+    type ipv4_addr
+    elements = { 198.18.0.2, 198.18.0.3 }
+  }
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iif \"lo\" accept
+    ip saddr @trusted udp dport 53 ct state new accept
+  }
+}
+",
+    );
+    let (out, id) = s.apply("nft");
+    ok(&out);
+    let listing = s.pair.srv.nft_list();
+    assert!(
+        listing.lines().any(|l| l.contains(&id) && l.contains("ip saddr @trusted") && l.contains("ct state untracked accept")),
+        "{listing}"
+    );
+    s.pair.srv.conntrack_flush();
+    assert_eq!(s.queries(BLOCKED, 50, 40000), (50, 0), "in the set: answered, untracked");
+    s.pair.srv.exec("nft", &["delete", "element", "inet", "host", "trusted", "{ 198.18.0.3 }"]);
+    assert_eq!(s.queries(BLOCKED, 50, 41000).0, 0, "out of the set: refused");
+    assert_eq!(s.queries(CLI4, 50, 42000), (50, 0));
+    ok(&s.ctg.run(&["rollback", &id]));
+}

@@ -216,6 +216,15 @@ pub enum Cond {
         /// States, lower case.
         states: Vec<String>,
     },
+    /// A lookup in a named set of the rule's own nft table (`ip saddr @trusted`): evaluated as
+    /// `inner` (the set's elements as read), repeated by name in an inserted rule, so that
+    /// later changes to the set apply to the inserted rule too.
+    Named {
+        /// The set's name (without `@`).
+        name: String,
+        /// The same match with the set's elements as read.
+        inner: Box<Cond>,
+    },
     /// Anything else; may or may not match. The text says what.
     Opaque(String),
 }

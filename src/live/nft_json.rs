@@ -240,7 +240,23 @@ fn rhs_text(r: &Value) -> String {
     }
 }
 
+/// [`convert_match_values`], with a lookup in a named set (`ip saddr @trusted`) kept by name
+/// ([`Cond::Named`]) around the condition its elements give.
 fn convert_match(m: &Value, ctx: &Ctx<'_>) -> Vec<Cond> {
+    let conds = convert_match_values(m, ctx);
+    let Some(name) = m.get("right").and_then(Value::as_str).and_then(|r| r.strip_prefix('@')) else { return conds };
+    conds
+        .into_iter()
+        .map(|c| match c {
+            Cond::Saddr { .. } | Cond::Daddr { .. } | Cond::Dport { .. } | Cond::Sport { .. } | Cond::Iif { .. } | Cond::Oif { .. } => {
+                Cond::Named { name: name.to_string(), inner: Box::new(c) }
+            }
+            other => other,
+        })
+        .collect()
+}
+
+fn convert_match_values(m: &Value, ctx: &Ctx<'_>) -> Vec<Cond> {
     let opaque = || vec![Cond::Opaque(match_text(m))];
     let neg = match m.get("op").and_then(Value::as_str).unwrap_or("==") {
         "==" | "in" => false,
@@ -371,6 +387,37 @@ mod tests {
 
     const SAMPLE: &str = include_str!("../../tests/fixtures/live/nft_host.json");
 
+    /// Verdict maps become one rule per element, each with its key as a condition; a named map
+    /// is read from its `map` item.
+    #[test]
+    fn verdict_maps_are_rules_per_element() {
+        let doc = r#"{"nftables": [
+          {"table": {"family": "inet", "name": "t", "handle": 1}},
+          {"map": {"family": "inet", "name": "m", "table": "t", "type": "ipv4_addr", "handle": 2, "map": "verdict",
+                   "elem": [["10.0.0.1", {"drop": null}]]}},
+          {"chain": {"family": "inet", "table": "t", "name": "c", "handle": 3}},
+          {"chain": {"family": "inet", "table": "t", "name": "input", "handle": 4, "type": "filter", "hook": "input", "prio": 0, "policy": "drop"}},
+          {"rule": {"family": "inet", "table": "t", "chain": "input", "handle": 5, "expr": [
+            {"vmap": {"key": {"ct": {"key": "state"}}, "data": {"set": [["established", {"accept": null}], ["invalid", {"drop": null}]]}}}]}},
+          {"rule": {"family": "inet", "table": "t", "chain": "input", "handle": 6, "expr": [
+            {"vmap": {"key": {"meta": {"key": "l4proto"}}, "data": {"set": [["udp", {"jump": {"target": "c"}}]]}}}]}},
+          {"rule": {"family": "inet", "table": "t", "chain": "input", "handle": 7, "expr": [
+            {"vmap": {"key": {"payload": {"protocol": "ip", "field": "saddr"}}, "data": "@m"}}]}}
+        ]}"#;
+        let r = parse(doc).expect("parses");
+        let input = r.fw.find(&Owner::Nft { family: "inet".into(), table: "t".into() }, "input").expect("input");
+        assert_eq!(input.rules.len(), 4, "{:#?}", input.rules);
+        assert_eq!(input.rules[0].conds, vec![Cond::CtState { neg: false, states: vec!["established".into()] }]);
+        assert_eq!(input.rules[0].verdict, Verdict::Accept);
+        assert_eq!(input.rules[1].verdict, Verdict::Drop);
+        assert_eq!((input.rules[0].handle, input.rules[1].handle), (Some(5), Some(5)));
+        assert_eq!(input.rules[2].verdict, Verdict::Jump("c".into()));
+        assert_eq!(input.rules[2].conds, vec![Cond::Proto { neg: false, protos: vec![17] }]);
+        assert_eq!(input.rules[3].verdict, Verdict::Drop);
+        assert!(input.rules[3].conds.iter().any(|c| matches!(c, Cond::Saddr { .. })), "{:?}", input.rules[3].conds);
+        assert_eq!(input.rules.iter().map(|r| r.index).collect::<Vec<_>>(), vec![1, 1, 2, 3]);
+    }
+
     #[test]
     fn parses_a_real_listing() {
         let r = parse(SAMPLE).expect("parses");
@@ -379,10 +426,9 @@ mod tests {
             r.fw.find(&Owner::Nft { family: "inet".into(), table: "host".into() }, "input").expect("input chain");
         assert_eq!(input.hook, Some(FwHook::Input));
         assert_eq!(input.policy_accept, Some(false));
-        // ip saddr @bl drop: the named set resolves to its prefix.
-        assert!(input.rules[0]
-            .conds
-            .contains(&Cond::Saddr { neg: false, prefixes: vec![Prefix::V4("10.9.0.0".parse().expect("addr"), 16)] }));
+        // ip saddr @bl drop: the named set resolves to its prefix, kept by name.
+        let inner = Cond::Saddr { neg: false, prefixes: vec![Prefix::V4("10.9.0.0".parse().expect("addr"), 16)] };
+        assert!(input.rules[0].conds.contains(&Cond::Named { name: "bl".into(), inner: Box::new(inner) }));
         assert_eq!(input.rules[0].verdict, Verdict::Drop);
         // udp dport 53 ct state new accept
         let r4 = &input.rules[4];

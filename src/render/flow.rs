@@ -359,6 +359,7 @@ pub fn cond_matches(c: &Cond, f: &Flow) -> Tri {
         Cond::Iif { neg: n, names } => neg(*n, names_in(&f.iif, &f.iif_not, names)),
         Cond::Oif { neg: n, names } => neg(*n, names_in(&f.oif, &f.oif_not, names)),
         Cond::CtState { neg: n, states } => neg(*n, tri(states.iter().any(|s| s == &f.ct))),
+        Cond::Named { inner, .. } => cond_matches(inner, f),
         Cond::Opaque(_) => Tri::Maybe,
     }
 }

@@ -104,12 +104,19 @@ impl Expression for Fib {
 pub struct LookupByName {
     set: CString,
     set_id: Option<u32>,
+    invert: bool,
 }
 
 impl LookupByName {
     /// A lookup in the set `name`. Fails when `name` contains a NUL byte.
     pub fn new(name: &str, set_id: Option<u32>) -> Result<LookupByName, std::ffi::NulError> {
-        Ok(LookupByName { set: CString::new(name)?, set_id })
+        Ok(LookupByName { set: CString::new(name)?, set_id, invert: false })
+    }
+
+    /// The same lookup, matching when the key is **not** in the set (`!= @name`).
+    pub fn inverted(mut self) -> LookupByName {
+        self.invert = true;
+        self
     }
 }
 
@@ -122,6 +129,10 @@ impl Expression for LookupByName {
             sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SREG as u16, libc::NFT_REG_1 as u32);
             if let Some(id) = self.set_id {
                 sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET_ID as u16, id);
+            }
+            if self.invert {
+                // NFT_LOOKUP_F_INV
+                sys::nftnl_expr_set_u32(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_FLAGS as u16, 1);
             }
         }
         expr

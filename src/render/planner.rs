@@ -519,6 +519,12 @@ fn narrow(n: &mut NotrackRule, dir: Direction, c: &Cond) -> Narrowed {
     let loopback = matches!(dir, D::LoopbackRequest | D::LoopbackReply);
     match c {
         Cond::Opaque(text) => Narrowed::Cannot(text.clone()),
+        // Repeated by name (never folded into the entry: the set may change later).
+        Cond::Named { inner, .. } => match inner.as_ref() {
+            Cond::Saddr { .. } | Cond::Daddr { .. } | Cond::Dport { .. } | Cond::Sport { .. } => Narrowed::Extra,
+            Cond::Iif { .. } | Cond::Oif { .. } => Narrowed::Extra,
+            other => Narrowed::Cannot(format!("{other:?}")),
+        },
         Cond::Saddr { neg: false, prefixes } if peer_is_src => narrow_peers(n, dir, prefixes),
         Cond::Daddr { neg: false, prefixes } if !peer_is_src => narrow_peers(n, dir, prefixes),
         Cond::Dport { neg: false, ranges } if port_is_dst => narrow_ports(n, ranges),
@@ -808,6 +814,32 @@ fn rule_spec(
 fn nft_cond(c: &Cond, proto: Proto, v6: Option<bool>) -> String {
     let op = |neg: bool| if neg { "!= " } else { "" };
     match c {
+        Cond::Named { name, inner } => {
+            // The inner match printed with the set's reference in place of its elements.
+            let key = match inner.as_ref() {
+                Cond::Saddr { prefixes, .. } | Cond::Daddr { prefixes, .. } => {
+                    let fam =
+                        if prefixes.first().is_some_and(Prefix::is_v6) || v6 == Some(true) { "ip6" } else { "ip" };
+                    let field = if matches!(inner.as_ref(), Cond::Saddr { .. }) { "saddr" } else { "daddr" };
+                    format!("{fam} {field}")
+                }
+                Cond::Dport { .. } => format!("{proto} dport"),
+                Cond::Sport { .. } => format!("{proto} sport"),
+                Cond::Iif { .. } => "iifname".into(),
+                Cond::Oif { .. } => "oifname".into(),
+                _ => return String::new(),
+            };
+            let neg = match inner.as_ref() {
+                Cond::Saddr { neg, .. }
+                | Cond::Daddr { neg, .. }
+                | Cond::Dport { neg, .. }
+                | Cond::Sport { neg, .. }
+                | Cond::Iif { neg, .. }
+                | Cond::Oif { neg, .. } => *neg,
+                _ => false,
+            };
+            format!("{key} {}@{name}", op(neg))
+        }
         Cond::Saddr { neg, prefixes } | Cond::Daddr { neg, prefixes } => {
             let fam = if prefixes.first().is_some_and(Prefix::is_v6) || v6 == Some(true) { "ip6" } else { "ip" };
             let field = if matches!(c, Cond::Saddr { .. }) { "saddr" } else { "daddr" };

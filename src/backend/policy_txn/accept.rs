@@ -189,6 +189,37 @@ fn extra_exprs(
     use crate::live::fw::Cond;
     let op = |neg: bool| if neg { CmpOp::Neq } else { CmpOp::Eq };
     match c {
+        Cond::Named { name, inner } => {
+            // The inner match's key, then a lookup in the table's own set by name.
+            let (neg, v6) = match inner.as_ref() {
+                Cond::Saddr { neg, prefixes } | Cond::Daddr { neg, prefixes } => {
+                    let v6 = prefixes.first().map_or(spec.v6 == Some(true), Prefix::is_v6);
+                    if spec.family == "inet" && !*have_nfproto {
+                        e.push(AcceptExpr::Meta(Meta::NfProto));
+                        e.push(AcceptExpr::Cmp(CmpOp::Eq, Bytes(vec![if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 }])));
+                        *have_nfproto = true;
+                    }
+                    e.push(AcceptExpr::Payload(addr_payload(v6, matches!(inner.as_ref(), Cond::Saddr { .. }))));
+                    (*neg, v6)
+                }
+                Cond::Dport { neg, .. } | Cond::Sport { neg, .. } => {
+                    e.push(AcceptExpr::Payload(port_payload(spec.proto, matches!(inner.as_ref(), Cond::Sport { .. }))));
+                    (*neg, false)
+                }
+                Cond::Iif { neg, .. } | Cond::Oif { neg, .. } => {
+                    e.push(AcceptExpr::Meta(if matches!(inner.as_ref(), Cond::Iif { .. }) { Meta::IifName } else { Meta::OifName }));
+                    (*neg, false)
+                }
+                _ => return Ok(()),
+            };
+            let _ = v6;
+            let lookup = LookupByName::new(name, None).map_err(|source| BatchError::Nul {
+                what: "set name",
+                name: name.clone(),
+                source,
+            })?;
+            e.push(AcceptExpr::Lookup(if neg { lookup.inverted() } else { lookup }));
+        }
         Cond::Saddr { neg, prefixes } | Cond::Daddr { neg, prefixes } => {
             let v6 = prefixes.first().is_some_and(Prefix::is_v6);
             if spec.family == "inet" && !*have_nfproto {
