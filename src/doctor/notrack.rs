@@ -169,6 +169,11 @@ impl NotrackFlow {
         };
         let mut other_proto = false;
         for c in conds {
+            // A named set stands for its elements as read.
+            let c = match c {
+                Cond::Named { inner, .. } => inner.as_ref(),
+                c => c,
+            };
             match c {
                 Cond::Proto { neg: false, protos } => {
                     let p: Vec<Proto> = protos
