@@ -84,6 +84,9 @@ pub enum RulesetTxnError {
     /// Applying the iptables dump failed.
     #[error("applying the iptables dump failed")]
     ApplyIpt(#[source] IptablesError),
+    /// The lint found errors in the result and `--force` was not given (DESIGN §7).
+    #[error("lint found {} error(s); refused without --force: {}", .0.len(), .0.join("; "))]
+    Lint(Vec<String>),
     /// A rollback step failed.
     #[error("rollback step `{step}` failed")]
     Restore {
@@ -109,6 +112,7 @@ impl RulesetTxnError {
             | RulesetTxnError::RestoreRefused(_)
             | RulesetTxnError::Apply(_)
             | RulesetTxnError::ApplyIpt(_)
+            | RulesetTxnError::Lint(_)
             | RulesetTxnError::Scratch { .. } => Exit::Refused,
             _ => Exit::Internal,
         }
@@ -453,13 +457,35 @@ fn interface_names() -> Vec<String> {
         .collect()
 }
 
+/// What the target's firewall would be after applying a ruleset file, built in a scratch
+/// namespace ([`scratch_result`]).
+#[derive(Debug)]
+pub struct ScratchResult {
+    /// The result, read with [`crate::backend::live::read`] (what the lint evaluates).
+    pub live: crate::live::LiveState,
+    /// [`listing`] of the scratch namespace with the snapshot restored, before the file.
+    pub before: String,
+    /// [`listing`] of the scratch namespace after the file was applied on top.
+    pub after: String,
+}
+
+impl ScratchResult {
+    /// The line diff of the listing before → after ([`crate::diff::diff_lines`]: `  ` kept,
+    /// `- ` removed, `+ ` added). Both sides were built the same way in the same namespace, so
+    /// every changed line is the file's doing (not an artefact of restoring the live state).
+    pub fn diff(&self) -> Vec<String> {
+        let lines = |s: &str| s.lines().map(str::to_string).collect::<Vec<_>>();
+        crate::diff::diff_lines(&lines(&self.before), &lines(&self.after))
+    }
+}
+
 /// What the target's firewall would be after applying `c`, read without changing the target
-/// (for the lint, DESIGN §7): in a scratch namespace holding stand-in interfaces (dummy, else
-/// veth) named like the target's (rules and base chains bound to a device load only when it
-/// exists), `snapshot` is restored exactly as a rollback restores it, `c` is applied on top
-/// exactly as [`apply`] applies it, and the result is read back with
-/// [`crate::backend::live::read`].
-pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<crate::live::LiveState, RulesetTxnError> {
+/// (for the lint, DESIGN §7, and `plan --ruleset`'s diff): in a scratch namespace holding
+/// stand-in interfaces (dummy, else veth) named like the target's (rules and base chains bound
+/// to a device load only when it exists), `snapshot` is restored exactly as a rollback
+/// restores it, `c` is applied on top exactly as [`apply`] applies it, and the result is read
+/// back with [`crate::backend::live::read`] and listed before and after the file.
+pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<ScratchResult, RulesetTxnError> {
     let ifaces = interface_names();
     let ip = Tool::find("ip").ok();
     in_scratch(|| {
@@ -476,9 +502,129 @@ pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<crate::live:
             }
         }
         restore(snapshot, None, None)?;
+        let before = listing()?;
         apply(c)?;
-        crate::backend::live::read().map_err(RulesetTxnError::ScratchRead)
+        let after = listing()?;
+        let live = crate::backend::live::read().map_err(RulesetTxnError::ScratchRead)?;
+        Ok(ScratchResult { live, before, after })
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preparation: one function for `apply --ruleset` and `plan --ruleset`
+
+/// How [`prepare`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrepareOptions {
+    /// The requester's SSH connection: the result is linted for `ssh-lockout` (DESIGN §1/§7).
+    pub ssh: Option<crate::lint::SshConn>,
+    /// Lint errors become warnings (`--force`).
+    pub force: bool,
+    /// Build the result in a scratch namespace even without `ssh`, for its diff (`plan`).
+    /// It never changes the verdict: the lint needs `ssh`.
+    pub diff: bool,
+}
+
+/// A ruleset transaction decided before anything changes: what [`prepare`] found. The agent
+/// applies [`RulesetPlan::candidate`] and keeps [`RulesetPlan::snapshot`] for the rollback;
+/// `plan --ruleset` prints it. Both take the verdict from [`RulesetPlan::verdict`].
+#[derive(Debug)]
+pub struct RulesetPlan {
+    /// Absolute paths of the tools used ([`tools`]).
+    pub tools: BTreeMap<String, String>,
+    /// The snapshot of the target, proven restorable, its rollback kernel-checked.
+    pub snapshot: Snapshot,
+    /// The file, resolved (format, family, variant), kernel-checked.
+    pub candidate: Candidate,
+    /// The lint's findings on the result (empty when no SSH connection is known).
+    pub findings: Vec<crate::lint::Finding>,
+    /// Warnings that are not findings (the variant chosen, a lint that could not run).
+    pub notes: Vec<String>,
+    /// The result in a scratch namespace, when it was built (with `ssh` or `diff`); the error
+    /// text when building it failed (the lint then warns and the dead-man timer guards).
+    pub result: Option<Result<ScratchResult, String>>,
+    /// `--force` was given.
+    pub force: bool,
+}
+
+impl RulesetPlan {
+    /// The verdict `apply --ruleset` acts on and `plan --ruleset` reports: `Err` (exit 3,
+    /// [`RulesetTxnError::Lint`]) when the lint found errors and `--force` was not given;
+    /// otherwise the warnings to show (notes, findings — errors as `forced past: …` —, how an
+    /// iptables dump is applied). Pure.
+    pub fn verdict(&self) -> Result<Vec<String>, RulesetTxnError> {
+        use crate::lint::Severity;
+        let errors: Vec<String> =
+            self.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
+        if !errors.is_empty() && !self.force {
+            return Err(RulesetTxnError::Lint(errors));
+        }
+        let mut warnings = self.notes.clone();
+        for f in &self.findings {
+            warnings.push(match f.severity {
+                Severity::Error => format!("forced past: {f}"),
+                Severity::Warning => f.to_string(),
+            });
+        }
+        let c = &self.candidate;
+        if let (Some(v), Some(f)) = (c.variant, c.family) {
+            warnings.push(format!(
+                "the iptables dump is applied as {} with {}",
+                if f.is_v6() { "IPv6" } else { "IPv4" },
+                v.tool(f.is_v6(), "-restore")
+            ));
+        }
+        if c.variant == Some(IptVariant::Legacy) {
+            warnings.push(
+                "legacy iptables tables the dump creates cannot be removed by the rollback: they are left empty".into(),
+            );
+        }
+        Ok(warnings)
+    }
+}
+
+/// Prepares a ruleset transaction in the calling thread's namespace without changing it — the
+/// one preparation of `apply --ruleset` (the agent's engine) and `plan --ruleset` (the CLI),
+/// so they cannot disagree. In order, each failure refusing with its exit code
+/// ([`RulesetTxnError::exit`]): the tools (`nft` required, exit 2); the file's format and
+/// family (`format` `""` detects it; exit 2); a [`take_snapshot`] (exit 3 when the live state
+/// cannot be restored exactly); the iptables variant ([`snapshot::choose_variant`]); the
+/// kernel check of the file ([`check_candidate`], exit 3) and of the rollback
+/// ([`check_restore`], exit 3); then, with `ssh` (or `diff`), the result built in a scratch
+/// namespace ([`scratch_result`]) and, with `ssh`, linted ([`crate::lint::ssh_lockout_of_ruleset`]).
+/// Lint errors do not fail here: [`RulesetPlan::verdict`] decides.
+pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<RulesetPlan, RulesetTxnError> {
+    let tools = tools()?;
+    let (format, family) = snapshot::resolve_format(format, text).map_err(RulesetTxnError::Snapshot)?;
+    let snap = take_snapshot()?;
+    let mut notes = Vec::new();
+    let variant = match format {
+        RulesetFormat::Nft => None,
+        RulesetFormat::Iptables => {
+            let (v, w) = snapshot::choose_variant(&snap);
+            notes.extend(w);
+            Some(v)
+        }
+    };
+    let candidate = Candidate { text: text.to_string(), format, family, variant };
+    check_candidate(&candidate, &snap)?;
+    check_restore(&snap)?;
+    let mut findings = Vec::new();
+    let result = (opts.ssh.is_some() || opts.diff).then(|| scratch_result(&candidate, &snap).map_err(|e| chain_text(&e)));
+    if let Some(ssh) = opts.ssh {
+        match &result {
+            Some(Ok(r)) => findings = crate::lint::ssh_lockout_of_ruleset(&r.live.chains(), ssh),
+            Some(Err(e)) => {
+                let msg = format!(
+                    "the ssh-lockout lint could not evaluate the result ({e}); only the dead-man timer guards your SSH connection"
+                );
+                tracing::warn!("{msg}");
+                notes.push(msg);
+            }
+            None => {}
+        }
+    }
+    Ok(RulesetPlan { tools, snapshot: snap, candidate, findings, notes, result, force: opts.force })
 }
 
 // ---------------------------------------------------------------------------------------------
