@@ -8,6 +8,7 @@ mod harness;
 mod batch;
 mod iptables;
 mod plan_lint;
+mod plan_ruleset;
 mod ruleset_txn;
 mod traffic;
 

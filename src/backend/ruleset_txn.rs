@@ -610,7 +610,8 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
     check_candidate(&candidate, &snap)?;
     check_restore(&snap)?;
     let mut findings = Vec::new();
-    let result = (opts.ssh.is_some() || opts.diff).then(|| scratch_result(&candidate, &snap).map_err(|e| chain_text(&e)));
+    let result =
+        (opts.ssh.is_some() || opts.diff).then(|| scratch_result(&candidate, &snap).map_err(|e| chain_text(&e)));
     if let Some(ssh) = opts.ssh {
         match &result {
             Some(Ok(r)) => findings = crate::lint::ssh_lockout_of_ruleset(&r.live.chains(), ssh),
