@@ -6,6 +6,7 @@
 mod harness;
 
 mod batch;
+mod corpus;
 mod iptables;
 mod plan_lint;
 mod plan_ruleset;

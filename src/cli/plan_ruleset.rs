@@ -246,3 +246,34 @@ fn failed_json(label: &str, e: &RulesetTxnError) -> serde_json::Value {
     };
     json!({"kind": "ruleset", "target": label, "check": check})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn context_diff_keeps_three_lines_around_each_change_and_marks_gaps() {
+        assert!(context_diff(&lines(&["  a", "  b"])).is_empty());
+        let full: Vec<String> = (0..20).map(|i| format!("  l{i}")).collect();
+        let mut d = full.clone();
+        d[2] = "+ new".into();
+        d[15] = "- old".into();
+        let out = context_diff(&d);
+        assert_eq!(
+            out,
+            lines(&[
+                "  l0", "  l1", "+ new", "  l3", "  l4", "  l5", "  …", "  l12", "  l13", "  l14", "- old", "  l16",
+                "  l17", "  l18"
+            ])
+        );
+        // Close changes share their context: no gap marker between them.
+        let mut d = full;
+        d[5] = "+ a".into();
+        d[9] = "+ b".into();
+        assert!(!context_diff(&d).contains(&"  …".to_string()));
+    }
+}
