@@ -418,3 +418,30 @@ fn plan_and_apply_ruleset_give_the_same_verdict() {
         }
     }
 }
+
+/// A transaction pending on the target: `apply --ruleset` is refused with exit 4 before it
+/// reads anything, and `plan --ruleset` says the same (from the journal, without the agent).
+#[test]
+fn plan_ruleset_while_a_transaction_is_pending_is_exit_4_as_apply() {
+    let ns = Ns::new("prs-busy");
+    ns.nft(STATEFUL);
+    let ctg = Ctg::new();
+    let f = file(&ctg, "add.nft", b"add rule inet host input udp dport 9999 drop\n");
+    let (out, id) = ctg.apply(&ns, &["--timeout", "60s"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let during = firewall(&ns);
+    let p = plan(&ctg, &ns, s(&f), &[], &[], false);
+    assert_eq!(p.status.code(), Some(4), "{}", stderr(&p));
+    let err = stderr(&p);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&id) && err.contains("pending"), "{err}");
+    let a = ctg.run(&["apply", "--netns", ns.name(), "--ruleset", s(&f)]);
+    assert_eq!(a.status.code(), Some(4), "{}", stderr(&a));
+    assert!(stderr(&a).contains(&id), "{}", stderr(&a));
+    assert_eq!(firewall(&ns), during);
+    let out = ctg.run(&["rollback", &id]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Once it ended, both go ahead.
+    let p = plan(&ctg, &ns, s(&f), &[], &[], false);
+    assert_eq!(p.status.code(), Some(0), "{}", stderr(&p));
+}

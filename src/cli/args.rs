@@ -55,7 +55,8 @@ pub enum LogFormat {
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate a policy, diff it against the live state, plan the accept insertions and lint.
+    /// Validate a policy, diff it against the live state, plan the accept insertions and lint;
+    /// with --ruleset FILE, what `apply --ruleset FILE` would do.
     Plan(PlanArgs),
     /// Print what the policy itself becomes (pure: no live state, no insertions).
     Render(RenderArgs),
@@ -235,7 +236,8 @@ pub struct PlanArgs {
     /// iptables-restore dump (a file, a pipe, or `-` for stdin). Shows the diff against the
     /// live state, runs the kernel check and the lint (ssh-lockout over SSH) exactly as apply
     /// prepares it, and exits as apply would (2 bad input, 3 refused by the kernel or a lint
-    /// error without --force). Changes nothing; needs no agent.
+    /// error without --force, 4 while a transaction is unfinished on the target). Changes
+    /// nothing; needs no agent.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["policy", "from", "remove"])]
     pub ruleset: Option<String>,
     /// Format of `--ruleset` (detected when absent; `ip6tables` for an IPv6 dump).

@@ -3,8 +3,9 @@
 //! ([`super::txn::load_ruleset`]) and prepared by the same function the agent's ruleset engine
 //! runs ([`crate::backend::ruleset_txn::prepare`]: snapshot, kernel check of the file and of
 //! the rollback, the result built in a scratch namespace, the ssh-lockout lint), so the exit
-//! code is the one `apply` would give: 2 bad input, 3 refused by the kernel or by a lint error
-//! without `--force`, 0 otherwise. Nothing in the target changes (the kernel checks are `nft
+//! code is the one `apply` would give: 2 bad input, 4 a transaction unfinished on the target
+//! (read from the journal), 3 refused by the kernel or by a lint error without `--force`, 0
+//! otherwise. Nothing in the target changes (the kernel checks are `nft
 //! -c` and scratch namespaces), and no agent is asked or started.
 
 use std::fmt::Write as _;
@@ -34,6 +35,10 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
         TargetSpec::Current => "the caller's network namespace".to_string(),
         _ => format!("network namespace {}", target.path().display()),
     };
+    // Apply refuses a second transaction on a target before it reads anything (exit 4).
+    if let Some(busy) = unfinished_on(global, target.id) {
+        return Err(vec![Failure::new(Exit::Busy, format!("{busy}; apply --ruleset would refuse until it ends"))]);
+    }
     let ssh = requester_ssh();
     let opts = PrepareOptions { ssh, force: args.force, diff: true };
     let prepared = target
@@ -63,6 +68,18 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
         ))]),
         Err(e) => Err(vec![Failure::new(e.exit(), chain_text(&e))]),
     }
+}
+
+/// The unfinished transaction on the target `id` (device, inode of its namespace), from the
+/// journal (read only; no agent asked): `transaction ID is pending on this target`. `None`
+/// when there is none or the journal cannot be read (apply then decides).
+fn unfinished_on(global: &Global, id: (u64, u64)) -> Option<String> {
+    let journal = crate::journal::Journal::attach(&global.state_dir).ok()?;
+    let records = journal.list().ok()?;
+    records
+        .iter()
+        .find(|r| !r.state.is_finished() && (r.target.dev, r.target.ino) == id)
+        .map(|r| format!("transaction {} is {} on this target", r.id, r.state.outcome()))
 }
 
 /// The requester's SSH connection as the agent derives it for `apply` (DESIGN §4): from this
