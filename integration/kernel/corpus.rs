@@ -297,6 +297,8 @@ struct Outcome {
     during: Vec<Flows>,
     after: Vec<Flows>,
     problems: Vec<String>,
+    /// `plan --ruleset` of the dump over itself: exit 0, nothing changes.
+    ruleset_self_plan: bool,
     /// Empty iptables-legacy tables the rollback left (see [`without_empty_legacy_tables`]).
     empty_legacy_left: Vec<String>,
 }
@@ -338,6 +340,39 @@ fn run_dump(ctg: &Ctg, idx: usize, d: &Dump) -> Outcome {
         return o;
     }
     o.loaded = true;
+    // `plan --ruleset` of the dump over itself (an nft dump after `flush ruleset`, an iptables
+    // dump replacing its own tables): the kernel takes it and nothing changes. Before any
+    // traffic: packets add elements to dynamic sets, which the file would then remove.
+    let loaded = listing(&pair.srv, d.loader);
+    let (text, format) = match d.loader {
+        Loader::Nft => (format!("flush ruleset\n{}", d.text), "nft"),
+        Loader::Ipt { v6, .. } => (d.text.clone(), if v6 { "ip6tables" } else { "iptables" }),
+    };
+    let dir = ctg.base.join("rulesets");
+    std::fs::create_dir_all(&dir).expect("ruleset dir");
+    let path = dir.join(format!("dump-{idx}"));
+    std::fs::write(&path, &text).expect("write ruleset");
+    let path = path.to_string_lossy().into_owned();
+    let out = ctg.run(&["--json", "plan", "--netns", pair.srv.name(), "--ruleset", &path, "--format", format]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    if out.status.code() != Some(0) || v["data"]["changed"] != false {
+        let diff: Vec<&str> = v["data"]["diff"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).filter(|l| !l.starts_with("  ")).take(8).collect())
+            .unwrap_or_default();
+        o.problems.push(format!(
+            "plan --ruleset of the dump over itself: exit {:?}, changed {}: {} {}",
+            out.status.code(),
+            v["data"]["changed"],
+            String::from_utf8_lossy(&out.stderr).trim(),
+            diff.join(" | ")
+        ));
+    } else {
+        o.ruleset_self_plan = true;
+    }
+    if listing(&pair.srv, d.loader) != loaded {
+        o.problems.push("plan --ruleset changed the target".into());
+    }
     let _udp4 = UdpResponder::start(&pair.srv, sa(SRV4, 53));
     let _udp6 = UdpResponder::start(&pair.srv, sa(SRV6, 53));
     let _tcp4 = TcpResponder::start(&pair.srv, sa(SRV4, 53));
@@ -537,6 +572,8 @@ fn corpus_rulesets_plan_apply_roll_back_and_keep_their_flows() {
     }
     eprintln!("  plans: {}, clean: {clean}, with lint errors: {}", plans.len(), plans.len() - clean);
     eprintln!("  lint errors by code: {by_code:?}; warnings by code: {warn_codes:?}");
+    let self_plans = results.iter().filter(|(_, o)| o.ruleset_self_plan).count();
+    eprintln!("  plan --ruleset of the dump over itself, exit 0 and no change: {self_plans}");
     let legacy_left: usize = results.iter().map(|(_, o)| o.empty_legacy_left.len()).sum();
     eprintln!(
         "  applied: {}, rolled back identical: {identical} (of which {legacy_left} with an empty iptables-legacy table the kernel cannot remove)",

@@ -471,12 +471,81 @@ pub struct ScratchResult {
 
 impl ScratchResult {
     /// The line diff of the listing before → after ([`crate::diff::diff_lines`]: `  ` kept,
-    /// `- ` removed, `+ ` added). Both sides were built the same way in the same namespace, so
-    /// every changed line is the file's doing (not an artefact of restoring the live state).
+    /// `- ` removed, `+ ` added), on [`canonical_lines`]: set elements one a line, sorted (nft
+    /// lists a set's elements in the order they were added, and a restored snapshot adds them
+    /// in listing order). Both sides were built the same way in the same namespace, so every
+    /// changed line is the file's doing (not an artefact of restoring the live state).
     pub fn diff(&self) -> Vec<String> {
-        let lines = |s: &str| s.lines().map(str::to_string).collect::<Vec<_>>();
-        crate::diff::diff_lines(&lines(&self.before), &lines(&self.after))
+        crate::diff::diff_lines(&canonical_lines(&self.before), &canonical_lines(&self.after))
     }
+}
+
+/// The lines of a listing with every `elements = { … }` of a set or map (on one line or
+/// wrapped over several) written as `elements = {`, one element a line (indented one tab
+/// more), sorted, and `}`: the same elements give the same lines whatever order nft lists them
+/// in. Elements are split at the commas outside quotes, braces, brackets and parentheses.
+/// Every other line is kept as it is. Pure.
+pub fn canonical_lines(listing: &str) -> Vec<String> {
+    /// The elements of `body` (after `elements = {`) and the text after its closing brace;
+    /// `None` while the brace is not closed yet.
+    fn split(body: &str) -> Option<(Vec<String>, String)> {
+        let (mut depth, mut quoted, mut cur, mut elems) = (0usize, false, String::new(), Vec::new());
+        for (i, c) in body.char_indices() {
+            match c {
+                '"' => quoted = !quoted,
+                _ if quoted => {}
+                '{' | '(' | '[' => depth += 1,
+                '}' if depth == 0 => {
+                    elems.push(std::mem::take(&mut cur));
+                    let elems = elems.into_iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+                    return Some((elems, body[i + 1..].trim().to_string()));
+                }
+                '}' | ')' | ']' => depth = depth.saturating_sub(1),
+                ',' if depth == 0 => {
+                    elems.push(std::mem::take(&mut cur));
+                    continue;
+                }
+                _ => {}
+            }
+            cur.push(c);
+        }
+        None
+    }
+    let mut out = Vec::new();
+    let mut lines = listing.lines();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim_start();
+        let Some(rest) = trimmed.strip_prefix("elements = {") else {
+            out.push(line.to_string());
+            continue;
+        };
+        let indent = &line[..line.len() - trimmed.len()];
+        let mut body = rest.to_string();
+        let mut taken = vec![line.to_string()];
+        let split_body = loop {
+            if let Some(r) = split(&body) {
+                break Some(r);
+            }
+            match lines.next() {
+                Some(l) => {
+                    body.push(' ');
+                    body.push_str(l.trim());
+                    taken.push(l.to_string());
+                }
+                None => break None,
+            }
+        };
+        let Some((mut elems, after)) = split_body else {
+            // Unclosed (not a listing nft printed): kept as it was.
+            out.extend(taken);
+            continue;
+        };
+        elems.sort();
+        out.push(format!("{indent}elements = {{"));
+        out.extend(elems.into_iter().map(|e| format!("{indent}\t{e}")));
+        out.push(format!("{indent}}}{}{after}", if after.is_empty() { "" } else { " " }));
+    }
+    out
 }
 
 /// What the target's firewall would be after applying `c`, read without changing the target
@@ -786,4 +855,48 @@ pub fn restore(
 /// ruleset`, every installed save and `ipset save`, counters zeroed. Read-only.
 pub fn listing() -> Result<String, RulesetTxnError> {
     Ok(snapshot::listing(&read_state()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_lines;
+
+    #[test]
+    fn set_elements_are_one_a_line_and_sorted_whatever_their_order() {
+        let a =
+            "table ip t {\n\tset s {\n\t\ttype tcp_flag\n\t\telements = { fin | ack, syn,\n\t\t\t     rst }\n\t}\n}\n";
+        let b = "table ip t {\n\tset s {\n\t\ttype tcp_flag\n\t\telements = { syn, rst, fin | ack }\n\t}\n}\n";
+        assert_eq!(canonical_lines(a), canonical_lines(b));
+        assert_eq!(
+            canonical_lines(b),
+            [
+                "table ip t {",
+                "\tset s {",
+                "\t\ttype tcp_flag",
+                "\t\telements = {",
+                "\t\t\tfin | ack",
+                "\t\t\trst",
+                "\t\t\tsyn",
+                "\t\t}",
+                "\t}",
+                "}"
+            ]
+        );
+        // Commas inside quotes and braces do not split an element; other lines stay as they are.
+        let c = "\t\telements = { 1.1.1.1 comment \"a, b\", 2.2.2.2 : 3.3.3.3 }\n\t\tudp dport { 1, 2 } accept\n";
+        assert_eq!(
+            canonical_lines(c),
+            [
+                "\t\telements = {",
+                "\t\t\t1.1.1.1 comment \"a, b\"",
+                "\t\t\t2.2.2.2 : 3.3.3.3",
+                "\t\t}",
+                "\t\tudp dport { 1, 2 } accept"
+            ]
+        );
+        // A different element is a different line.
+        assert_ne!(canonical_lines(b), canonical_lines(&b.replace("rst", "psh")));
+        // Unclosed: kept.
+        assert_eq!(canonical_lines("\t\telements = { 1, 2\n"), ["\t\telements = { 1, 2"]);
+    }
 }
