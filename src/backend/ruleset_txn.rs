@@ -859,7 +859,57 @@ pub fn listing() -> Result<String, RulesetTxnError> {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_lines;
+    use super::*;
+    use crate::lint::{Finding, Severity};
+
+    fn plan(format: RulesetFormat, variant: Option<IptVariant>, findings: Vec<Finding>, force: bool) -> RulesetPlan {
+        let family = variant.map(|_| Family::V4);
+        RulesetPlan {
+            tools: BTreeMap::new(),
+            snapshot: Snapshot { version: SNAPSHOT_VERSION, state: FwState::default(), iptables_nft: Vec::new() },
+            candidate: Candidate { text: String::new(), format, family, variant },
+            findings,
+            notes: vec!["a note".into()],
+            result: None,
+            force,
+        }
+    }
+
+    fn finding(severity: Severity) -> Finding {
+        Finding {
+            severity,
+            code: "ssh-lockout",
+            chain: Some("nft inet t input".into()),
+            rule: None,
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn verdict_refuses_lint_errors_unless_forced_and_lists_every_warning() {
+        let p = plan(RulesetFormat::Nft, None, vec![finding(Severity::Error), finding(Severity::Warning)], false);
+        match p.verdict() {
+            Err(e @ RulesetTxnError::Lint(_)) => {
+                assert_eq!(e.exit(), Exit::Refused);
+                assert!(
+                    e.to_string().starts_with("lint found 1 error(s); refused without --force: error [ssh-lockout]"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let p = plan(RulesetFormat::Nft, None, vec![finding(Severity::Error), finding(Severity::Warning)], true);
+        let w = p.verdict().expect("forced");
+        assert_eq!(w[0], "a note");
+        assert!(w[1].starts_with("forced past: error [ssh-lockout]"), "{w:?}");
+        assert!(w[2].starts_with("warning [ssh-lockout]"), "{w:?}");
+        assert_eq!(w.len(), 3);
+        // Warnings alone never refuse; an iptables dump says how it is applied.
+        let p = plan(RulesetFormat::Iptables, Some(IptVariant::Legacy), vec![finding(Severity::Warning)], false);
+        let w = p.verdict().expect("warnings only");
+        assert!(w.iter().any(|l| l == "the iptables dump is applied as IPv4 with iptables-legacy-restore"), "{w:?}");
+        assert!(w.iter().any(|l| l.starts_with("legacy iptables tables the dump creates")), "{w:?}");
+    }
 
     #[test]
     fn set_elements_are_one_a_line_and_sorted_whatever_their_order() {
