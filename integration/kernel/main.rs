@@ -6,8 +6,10 @@
 mod harness;
 
 mod batch;
+mod corpus;
 mod iptables;
 mod plan_lint;
+mod plan_ruleset;
 mod ruleset_txn;
 mod traffic;
 

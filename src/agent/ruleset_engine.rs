@@ -7,10 +7,9 @@
 //! journals right after the apply ([`Engine::rollback_report`]'s `after`).
 
 use super::engine::{ApplyInput, Engine, EngineError, Prepared, RollbackReport, Undo};
-use crate::backend::ruleset_txn::{self, chain_text, Candidate, RulesetTxnError};
+use crate::backend::ruleset_txn::{self, chain_text, Candidate, PrepareOptions, RulesetTxnError};
 use crate::exit::Exit;
-use crate::lint::{Severity, SshConn};
-use crate::snapshot::{self, RulesetFormat, Snapshot, UndoRecord};
+use crate::snapshot::{self, Snapshot, UndoRecord};
 
 /// Ruleset transactions (DESIGN §1). Every method runs on the target's worker thread.
 pub struct RulesetEngine;
@@ -24,47 +23,6 @@ fn parse_undo(undo: &Undo) -> Result<&UndoRecord, EngineError> {
         Undo::Ruleset(r) => Ok(r),
         Undo::Policy(_) => Err(EngineError::new(Exit::Internal, "a policy undo record given to the ruleset engine")),
     }
-}
-
-/// The lint of a ruleset transaction (DESIGN §1, §7): the result (snapshot + file, built in a
-/// scratch namespace) must not block the requester's SSH connection. Errors refuse (exit 3)
-/// unless `force`, then they are warnings. A result that cannot be built or read is a warning:
-/// the kernel check passed, and the dead-man timer still guards the connection.
-fn lint_result(
-    candidate: &Candidate,
-    snap: &Snapshot,
-    ssh: SshConn,
-    force: bool,
-    warnings: &mut Vec<String>,
-) -> Result<(), EngineError> {
-    let live = match ruleset_txn::scratch_result(candidate, snap) {
-        Ok(live) => live,
-        Err(e) => {
-            let msg = format!(
-                "the ssh-lockout lint could not evaluate the result ({}); only the dead-man timer guards your SSH connection",
-                chain_text(&e)
-            );
-            tracing::warn!("{msg}");
-            warnings.push(msg);
-            return Ok(());
-        }
-    };
-    let findings = crate::lint::ssh_lockout_of_ruleset(&live.chains(), ssh);
-    let errors: Vec<String> =
-        findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
-    if !errors.is_empty() && !force {
-        return Err(EngineError::new(
-            Exit::Refused,
-            format!("lint found {} error(s); refused without --force: {}", errors.len(), errors.join("; ")),
-        ));
-    }
-    for f in &findings {
-        warnings.push(match f.severity {
-            Severity::Error => format!("forced past: {f}"),
-            Severity::Warning => f.to_string(),
-        });
-    }
-    Ok(())
 }
 
 impl RulesetEngine {
@@ -101,38 +59,15 @@ impl Engine for RulesetEngine {
         let Some(file) = &input.ruleset else {
             return Err(EngineError::new(Exit::BadInput, "a ruleset transaction needs a ruleset file"));
         };
-        let tools = ruleset_txn::tools().map_err(engine_err)?;
-        let (format, family) =
-            snapshot::resolve_format(&file.format, &file.text).map_err(|e| engine_err(RulesetTxnError::Snapshot(e)))?;
-        let snap = ruleset_txn::take_snapshot().map_err(engine_err)?;
-        let mut warnings = Vec::new();
-        let variant = match format {
-            RulesetFormat::Nft => None,
-            RulesetFormat::Iptables => {
-                let (v, w) = snapshot::choose_variant(&snap);
-                warnings.extend(w);
-                Some(v)
-            }
-        };
-        let candidate = Candidate { text: file.text.clone(), format, family, variant };
-        ruleset_txn::check_candidate(&candidate, &snap).map_err(engine_err)?;
-        ruleset_txn::check_restore(&snap).map_err(engine_err)?;
-        if let Some(ssh) = input.ssh {
-            lint_result(&candidate, &snap, ssh, input.force, &mut warnings)?;
-        }
-        if let (Some(v), Some(f)) = (variant, family) {
-            warnings.push(format!(
-                "the iptables dump is applied as {} with {}",
-                if f.is_v6() { "IPv6" } else { "IPv4" },
-                v.tool(f.is_v6(), "-restore")
-            ));
-        }
-        if variant == Some(crate::live::fw::IptVariant::Legacy) {
-            warnings.push(
-                "legacy iptables tables the dump creates cannot be removed by the rollback: they are left empty".into(),
-            );
-        }
-        Ok(Box::new(PreparedRuleset { undo: UndoRecord::planned(snap, tools), candidate, warnings }))
+        // The one preparation `plan --ruleset` runs too (DESIGN §5): same checks, same verdict.
+        let opts = PrepareOptions { ssh: input.ssh, force: input.force, diff: false };
+        let plan = ruleset_txn::prepare(&file.text, &file.format, opts).map_err(engine_err)?;
+        let warnings = plan.verdict().map_err(engine_err)?;
+        Ok(Box::new(PreparedRuleset {
+            undo: UndoRecord::planned(plan.snapshot, plan.tools),
+            candidate: plan.candidate,
+            warnings,
+        }))
     }
 
     fn check_rollback(&self, undo: &Undo) -> Result<(), EngineError> {

@@ -84,6 +84,9 @@ pub enum RulesetTxnError {
     /// Applying the iptables dump failed.
     #[error("applying the iptables dump failed")]
     ApplyIpt(#[source] IptablesError),
+    /// The lint found errors in the result and `--force` was not given (DESIGN §7).
+    #[error("lint found {} error(s); refused without --force: {}", .0.len(), .0.join("; "))]
+    Lint(Vec<String>),
     /// A rollback step failed.
     #[error("rollback step `{step}` failed")]
     Restore {
@@ -109,6 +112,7 @@ impl RulesetTxnError {
             | RulesetTxnError::RestoreRefused(_)
             | RulesetTxnError::Apply(_)
             | RulesetTxnError::ApplyIpt(_)
+            | RulesetTxnError::Lint(_)
             | RulesetTxnError::Scratch { .. } => Exit::Refused,
             _ => Exit::Internal,
         }
@@ -453,13 +457,104 @@ fn interface_names() -> Vec<String> {
         .collect()
 }
 
+/// What the target's firewall would be after applying a ruleset file, built in a scratch
+/// namespace ([`scratch_result`]).
+#[derive(Debug)]
+pub struct ScratchResult {
+    /// The result, read with [`crate::backend::live::read`] (what the lint evaluates).
+    pub live: crate::live::LiveState,
+    /// [`listing`] of the scratch namespace with the snapshot restored, before the file.
+    pub before: String,
+    /// [`listing`] of the scratch namespace after the file was applied on top.
+    pub after: String,
+}
+
+impl ScratchResult {
+    /// The line diff of the listing before → after ([`crate::diff::diff_lines`]: `  ` kept,
+    /// `- ` removed, `+ ` added), on [`canonical_lines`]: set elements one a line, sorted (nft
+    /// lists a set's elements in the order they were added, and a restored snapshot adds them
+    /// in listing order). Both sides were built the same way in the same namespace, so every
+    /// changed line is the file's doing (not an artefact of restoring the live state).
+    pub fn diff(&self) -> Vec<String> {
+        crate::diff::diff_lines(&canonical_lines(&self.before), &canonical_lines(&self.after))
+    }
+}
+
+/// The lines of a listing with every `elements = { … }` of a set or map (on one line or
+/// wrapped over several) written as `elements = {`, one element a line (indented one tab
+/// more), sorted, and `}`: the same elements give the same lines whatever order nft lists them
+/// in. Elements are split at the commas outside quotes, braces, brackets and parentheses.
+/// Every other line is kept as it is. Pure.
+pub fn canonical_lines(listing: &str) -> Vec<String> {
+    /// The elements of `body` (after `elements = {`) and the text after its closing brace;
+    /// `None` while the brace is not closed yet.
+    fn split(body: &str) -> Option<(Vec<String>, String)> {
+        let (mut depth, mut quoted, mut cur, mut elems) = (0usize, false, String::new(), Vec::new());
+        for (i, c) in body.char_indices() {
+            match c {
+                '"' => quoted = !quoted,
+                _ if quoted => {}
+                '{' | '(' | '[' => depth += 1,
+                '}' if depth == 0 => {
+                    elems.push(std::mem::take(&mut cur));
+                    let elems = elems.into_iter().map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect();
+                    return Some((elems, body[i + 1..].trim().to_string()));
+                }
+                '}' | ')' | ']' => depth = depth.saturating_sub(1),
+                ',' if depth == 0 => {
+                    elems.push(std::mem::take(&mut cur));
+                    continue;
+                }
+                _ => {}
+            }
+            cur.push(c);
+        }
+        None
+    }
+    let mut out = Vec::new();
+    let mut lines = listing.lines();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim_start();
+        let Some(rest) = trimmed.strip_prefix("elements = {") else {
+            out.push(line.to_string());
+            continue;
+        };
+        let indent = &line[..line.len() - trimmed.len()];
+        let mut body = rest.to_string();
+        let mut taken = vec![line.to_string()];
+        let split_body = loop {
+            if let Some(r) = split(&body) {
+                break Some(r);
+            }
+            match lines.next() {
+                Some(l) => {
+                    body.push(' ');
+                    body.push_str(l.trim());
+                    taken.push(l.to_string());
+                }
+                None => break None,
+            }
+        };
+        let Some((mut elems, after)) = split_body else {
+            // Unclosed (not a listing nft printed): kept as it was.
+            out.extend(taken);
+            continue;
+        };
+        elems.sort();
+        out.push(format!("{indent}elements = {{"));
+        out.extend(elems.into_iter().map(|e| format!("{indent}\t{e}")));
+        out.push(format!("{indent}}}{}{after}", if after.is_empty() { "" } else { " " }));
+    }
+    out
+}
+
 /// What the target's firewall would be after applying `c`, read without changing the target
-/// (for the lint, DESIGN §7): in a scratch namespace holding stand-in interfaces (dummy, else
-/// veth) named like the target's (rules and base chains bound to a device load only when it
-/// exists), `snapshot` is restored exactly as a rollback restores it, `c` is applied on top
-/// exactly as [`apply`] applies it, and the result is read back with
-/// [`crate::backend::live::read`].
-pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<crate::live::LiveState, RulesetTxnError> {
+/// (for the lint, DESIGN §7, and `plan --ruleset`'s diff): in a scratch namespace holding
+/// stand-in interfaces (dummy, else veth) named like the target's (rules and base chains bound
+/// to a device load only when it exists), `snapshot` is restored exactly as a rollback
+/// restores it, `c` is applied on top exactly as [`apply`] applies it, and the result is read
+/// back with [`crate::backend::live::read`] and listed before and after the file.
+pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<ScratchResult, RulesetTxnError> {
     let ifaces = interface_names();
     let ip = Tool::find("ip").ok();
     in_scratch(|| {
@@ -476,9 +571,130 @@ pub fn scratch_result(c: &Candidate, snapshot: &Snapshot) -> Result<crate::live:
             }
         }
         restore(snapshot, None, None)?;
+        let before = listing()?;
         apply(c)?;
-        crate::backend::live::read().map_err(RulesetTxnError::ScratchRead)
+        let after = listing()?;
+        let live = crate::backend::live::read().map_err(RulesetTxnError::ScratchRead)?;
+        Ok(ScratchResult { live, before, after })
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preparation: one function for `apply --ruleset` and `plan --ruleset`
+
+/// How [`prepare`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrepareOptions {
+    /// The requester's SSH connection: the result is linted for `ssh-lockout` (DESIGN §1/§7).
+    pub ssh: Option<crate::lint::SshConn>,
+    /// Lint errors become warnings (`--force`).
+    pub force: bool,
+    /// Build the result in a scratch namespace even without `ssh`, for its diff (`plan`).
+    /// It never changes the verdict: the lint needs `ssh`.
+    pub diff: bool,
+}
+
+/// A ruleset transaction decided before anything changes: what [`prepare`] found. The agent
+/// applies [`RulesetPlan::candidate`] and keeps [`RulesetPlan::snapshot`] for the rollback;
+/// `plan --ruleset` prints it. Both take the verdict from [`RulesetPlan::verdict`].
+#[derive(Debug)]
+pub struct RulesetPlan {
+    /// Absolute paths of the tools used ([`tools`]).
+    pub tools: BTreeMap<String, String>,
+    /// The snapshot of the target, proven restorable, its rollback kernel-checked.
+    pub snapshot: Snapshot,
+    /// The file, resolved (format, family, variant), kernel-checked.
+    pub candidate: Candidate,
+    /// The lint's findings on the result (empty when no SSH connection is known).
+    pub findings: Vec<crate::lint::Finding>,
+    /// Warnings that are not findings (the variant chosen, a lint that could not run).
+    pub notes: Vec<String>,
+    /// The result in a scratch namespace, when it was built (with `ssh` or `diff`); the error
+    /// text when building it failed (the lint then warns and the dead-man timer guards).
+    pub result: Option<Result<ScratchResult, String>>,
+    /// `--force` was given.
+    pub force: bool,
+}
+
+impl RulesetPlan {
+    /// The verdict `apply --ruleset` acts on and `plan --ruleset` reports: `Err` (exit 3,
+    /// [`RulesetTxnError::Lint`]) when the lint found errors and `--force` was not given;
+    /// otherwise the warnings to show (notes, findings — errors as `forced past: …` —, how an
+    /// iptables dump is applied). Pure.
+    pub fn verdict(&self) -> Result<Vec<String>, RulesetTxnError> {
+        use crate::lint::Severity;
+        let errors: Vec<String> =
+            self.findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
+        if !errors.is_empty() && !self.force {
+            return Err(RulesetTxnError::Lint(errors));
+        }
+        let mut warnings = self.notes.clone();
+        for f in &self.findings {
+            warnings.push(match f.severity {
+                Severity::Error => format!("forced past: {f}"),
+                Severity::Warning => f.to_string(),
+            });
+        }
+        let c = &self.candidate;
+        if let (Some(v), Some(f)) = (c.variant, c.family) {
+            warnings.push(format!(
+                "the iptables dump is applied as {} with {}",
+                if f.is_v6() { "IPv6" } else { "IPv4" },
+                v.tool(f.is_v6(), "-restore")
+            ));
+        }
+        if c.variant == Some(IptVariant::Legacy) {
+            warnings.push(
+                "legacy iptables tables the dump creates cannot be removed by the rollback: they are left empty".into(),
+            );
+        }
+        Ok(warnings)
+    }
+}
+
+/// Prepares a ruleset transaction in the calling thread's namespace without changing it — the
+/// one preparation of `apply --ruleset` (the agent's engine) and `plan --ruleset` (the CLI),
+/// so they cannot disagree. In order, each failure refusing with its exit code
+/// ([`RulesetTxnError::exit`]): the tools (`nft` required, exit 2); the file's format and
+/// family (`format` `""` detects it; exit 2); a [`take_snapshot`] (exit 3 when the live state
+/// cannot be restored exactly); the iptables variant ([`snapshot::choose_variant`]); the
+/// kernel check of the file ([`check_candidate`], exit 3) and of the rollback
+/// ([`check_restore`], exit 3); then, with `ssh` (or `diff`), the result built in a scratch
+/// namespace ([`scratch_result`]) and, with `ssh`, linted ([`crate::lint::ssh_lockout_of_ruleset`]).
+/// Lint errors do not fail here: [`RulesetPlan::verdict`] decides.
+pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<RulesetPlan, RulesetTxnError> {
+    let tools = tools()?;
+    let (format, family) = snapshot::resolve_format(format, text).map_err(RulesetTxnError::Snapshot)?;
+    let snap = take_snapshot()?;
+    let mut notes = Vec::new();
+    let variant = match format {
+        RulesetFormat::Nft => None,
+        RulesetFormat::Iptables => {
+            let (v, w) = snapshot::choose_variant(&snap);
+            notes.extend(w);
+            Some(v)
+        }
+    };
+    let candidate = Candidate { text: text.to_string(), format, family, variant };
+    check_candidate(&candidate, &snap)?;
+    check_restore(&snap)?;
+    let mut findings = Vec::new();
+    let result =
+        (opts.ssh.is_some() || opts.diff).then(|| scratch_result(&candidate, &snap).map_err(|e| chain_text(&e)));
+    if let Some(ssh) = opts.ssh {
+        match &result {
+            Some(Ok(r)) => findings = crate::lint::ssh_lockout_of_ruleset(&r.live.chains(), ssh),
+            Some(Err(e)) => {
+                let msg = format!(
+                    "the ssh-lockout lint could not evaluate the result ({e}); only the dead-man timer guards your SSH connection"
+                );
+                tracing::warn!("{msg}");
+                notes.push(msg);
+            }
+            None => {}
+        }
+    }
+    Ok(RulesetPlan { tools, snapshot: snap, candidate, findings, notes, result, force: opts.force })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -639,4 +855,98 @@ pub fn restore(
 /// ruleset`, every installed save and `ipset save`, counters zeroed. Read-only.
 pub fn listing() -> Result<String, RulesetTxnError> {
     Ok(snapshot::listing(&read_state()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lint::{Finding, Severity};
+
+    fn plan(format: RulesetFormat, variant: Option<IptVariant>, findings: Vec<Finding>, force: bool) -> RulesetPlan {
+        let family = variant.map(|_| Family::V4);
+        RulesetPlan {
+            tools: BTreeMap::new(),
+            snapshot: Snapshot { version: SNAPSHOT_VERSION, state: FwState::default(), iptables_nft: Vec::new() },
+            candidate: Candidate { text: String::new(), format, family, variant },
+            findings,
+            notes: vec!["a note".into()],
+            result: None,
+            force,
+        }
+    }
+
+    fn finding(severity: Severity) -> Finding {
+        Finding {
+            severity,
+            code: "ssh-lockout",
+            chain: Some("nft inet t input".into()),
+            rule: None,
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn verdict_refuses_lint_errors_unless_forced_and_lists_every_warning() {
+        let p = plan(RulesetFormat::Nft, None, vec![finding(Severity::Error), finding(Severity::Warning)], false);
+        match p.verdict() {
+            Err(e @ RulesetTxnError::Lint(_)) => {
+                assert_eq!(e.exit(), Exit::Refused);
+                assert!(
+                    e.to_string().starts_with("lint found 1 error(s); refused without --force: error [ssh-lockout]"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let p = plan(RulesetFormat::Nft, None, vec![finding(Severity::Error), finding(Severity::Warning)], true);
+        let w = p.verdict().expect("forced");
+        assert_eq!(w[0], "a note");
+        assert!(w[1].starts_with("forced past: error [ssh-lockout]"), "{w:?}");
+        assert!(w[2].starts_with("warning [ssh-lockout]"), "{w:?}");
+        assert_eq!(w.len(), 3);
+        // Warnings alone never refuse; an iptables dump says how it is applied.
+        let p = plan(RulesetFormat::Iptables, Some(IptVariant::Legacy), vec![finding(Severity::Warning)], false);
+        let w = p.verdict().expect("warnings only");
+        assert!(w.iter().any(|l| l == "the iptables dump is applied as IPv4 with iptables-legacy-restore"), "{w:?}");
+        assert!(w.iter().any(|l| l.starts_with("legacy iptables tables the dump creates")), "{w:?}");
+    }
+
+    #[test]
+    fn set_elements_are_one_a_line_and_sorted_whatever_their_order() {
+        let a =
+            "table ip t {\n\tset s {\n\t\ttype tcp_flag\n\t\telements = { fin | ack, syn,\n\t\t\t     rst }\n\t}\n}\n";
+        let b = "table ip t {\n\tset s {\n\t\ttype tcp_flag\n\t\telements = { syn, rst, fin | ack }\n\t}\n}\n";
+        assert_eq!(canonical_lines(a), canonical_lines(b));
+        assert_eq!(
+            canonical_lines(b),
+            [
+                "table ip t {",
+                "\tset s {",
+                "\t\ttype tcp_flag",
+                "\t\telements = {",
+                "\t\t\tfin | ack",
+                "\t\t\trst",
+                "\t\t\tsyn",
+                "\t\t}",
+                "\t}",
+                "}"
+            ]
+        );
+        // Commas inside quotes and braces do not split an element; other lines stay as they are.
+        let c = "\t\telements = { 1.1.1.1 comment \"a, b\", 2.2.2.2 : 3.3.3.3 }\n\t\tudp dport { 1, 2 } accept\n";
+        assert_eq!(
+            canonical_lines(c),
+            [
+                "\t\telements = {",
+                "\t\t\t1.1.1.1 comment \"a, b\"",
+                "\t\t\t2.2.2.2 : 3.3.3.3",
+                "\t\t}",
+                "\t\tudp dport { 1, 2 } accept"
+            ]
+        );
+        // A different element is a different line.
+        assert_ne!(canonical_lines(b), canonical_lines(&b.replace("rst", "psh")));
+        // Unclosed: kept.
+        assert_eq!(canonical_lines("\t\telements = { 1, 2\n"), ["\t\telements = { 1, 2"]);
+    }
 }

@@ -55,7 +55,8 @@ pub enum LogFormat {
 /// The verbs.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Validate a policy, diff it against the live state, plan the accept insertions and lint.
+    /// Validate a policy, diff it against the live state, plan the accept insertions and lint;
+    /// with --ruleset FILE, what `apply --ruleset FILE` would do.
     Plan(PlanArgs),
     /// Print what the policy itself becomes (pure: no live state, no insertions).
     Render(RenderArgs),
@@ -141,7 +142,7 @@ pub struct ApplyArgs {
     /// restores the whole prior firewall.
     #[arg(long, value_name = "FILE", conflicts_with = "policy")]
     pub ruleset: Option<String>,
-    /// Format of `--ruleset` (detected when absent).
+    /// Format of `--ruleset` (detected when absent; `ip6tables` for an IPv6 dump).
     #[arg(long, value_enum, requires = "ruleset")]
     pub format: Option<RulesetFormat>,
     /// Once COMMITTED, make the change survive reboot (sysctl.d, modules-load.d, modprobe.d and
@@ -188,8 +189,10 @@ pub struct ApplyArgs {
 pub enum RulesetFormat {
     /// An `nft -f` script.
     Nft,
-    /// An iptables-restore dump.
+    /// An iptables-restore dump (its family detected from its addresses: IPv4 unless IPv6).
     Iptables,
+    /// An IPv6 iptables-restore dump (`ip6tables-restore`).
+    Ip6tables,
 }
 
 /// An optional transaction id.
@@ -214,7 +217,7 @@ pub struct AgentArgs {
     pub detached: bool,
 }
 
-/// `plan [POLICY] [--check]`.
+/// `plan [POLICY] [--check]`, `plan --ruleset FILE [--format F] [--force]`.
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     /// Policy file (TOML, or JSON by `.json` or a leading `{`); `-` reads stdin. Default: the
@@ -229,6 +232,21 @@ pub struct PlanArgs {
     /// Plan removing ctguard from the target (`apply --remove`).
     #[arg(long, conflicts_with_all = ["policy", "from"])]
     pub remove: bool,
+    /// Plan a ruleset transaction (`apply --ruleset FILE`) instead: an nft script or an
+    /// iptables-restore dump (a file, a pipe, or `-` for stdin). Shows the diff against the
+    /// live state, runs the kernel check and the lint (ssh-lockout over SSH) exactly as apply
+    /// prepares it, and exits as apply would (2 bad input, 3 refused by the kernel or a lint
+    /// error without --force, 4 while a transaction is unfinished on the target). Changes
+    /// nothing; needs no agent.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["policy", "from", "remove"])]
+    pub ruleset: Option<String>,
+    /// Format of `--ruleset` (detected when absent; `ip6tables` for an IPv6 dump).
+    #[arg(long, value_enum, requires = "ruleset")]
+    pub format: Option<RulesetFormat>,
+    /// With `--ruleset`: plan as `apply --ruleset --force` would apply (lint errors become
+    /// warnings, exit 0).
+    #[arg(long, requires = "ruleset")]
+    pub force: bool,
 }
 
 /// `render --format nft|iptables|ip6tables [POLICY]`.

@@ -29,6 +29,7 @@ mod doctor;
 pub(crate) mod input;
 mod ops;
 pub(crate) mod plan;
+mod plan_ruleset;
 mod privilege;
 mod render;
 mod txn;
@@ -57,6 +58,8 @@ fn run(cli: &Cli) -> i32 {
         // Every verb that may act on or report transactions first revives a missing agent.
         match &cli.command {
             Command::Agent(_) | Command::Recover | Command::Render(_) | Command::Man(_) | Command::Completions(_) => {}
+            // `plan --ruleset` needs no agent and starts none.
+            Command::Plan(a) if a.ruleset.is_some() => {}
             _ => txn::revive_agent_if_needed(&cli.global),
         }
         run_verb(cli)
@@ -80,6 +83,7 @@ fn run(cli: &Cli) -> i32 {
 fn run_verb(cli: &Cli) -> Result<Exit, Vec<Failure>> {
     match &cli.command {
         Command::Render(a) => render::run(a, &cli.global),
+        Command::Plan(a) if a.ruleset.is_some() => plan_ruleset::run(a, &cli.global),
         Command::Plan(a) => plan::run(a, &cli.global),
         Command::Apply(a) => txn::apply(a, &cli.global),
         Command::Confirm(a) => txn::confirm(a, &cli.global),

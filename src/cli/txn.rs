@@ -49,8 +49,8 @@ pub(super) fn ask(global: &Global, req: Request) -> Result<Response, Vec<Failure
 }
 
 /// Reads a `--ruleset` file once (a file, a pipe, or `-` for stdin; size-limited; the same
-/// file-type checks as a policy) and settles its format.
-fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInput, Vec<Failure>> {
+/// file-type checks as a policy) and settles its format (`apply` and `plan --ruleset`).
+pub(super) fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInput, Vec<Failure>> {
     let bytes = super::input::read_once("--ruleset", path, MAX_RULESET_BYTES).map_err(|f| vec![f])?;
     let text = String::from_utf8(bytes).map_err(|e| {
         vec![Failure::bad_input(format!(
@@ -62,6 +62,7 @@ fn load_ruleset(path: &str, format: Option<RulesetFormat>) -> Result<RulesetInpu
     let format = match format {
         Some(RulesetFormat::Nft) => "nft",
         Some(RulesetFormat::Iptables) => "iptables",
+        Some(RulesetFormat::Ip6tables) => "ip6tables",
         None if looks_iptables => "iptables",
         None => "nft",
     };
