@@ -333,7 +333,7 @@ pub(crate) fn differences(policy: &Policy, facts: MachineFacts) -> Result<Vec<St
         previous: None,
     };
     let prepared = crate::backend::policy_txn::prepare_with(&req, facts, crate::backend::policy_txn::PrepareMode::PLAN)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::backend::policy_txn::chain_text(&e))?;
     let live = &prepared.live;
     let backend = prepared.backend;
     let mut diffs = Vec::new();

@@ -147,7 +147,7 @@ fn build_report(
     let req = PolicyRequest { policy: policy.clone(), tag: tag.clone(), force: false, ssh, previous };
     let prepared = policy_txn::prepare_with(&req, facts, PrepareMode::PLAN).map_err(|e| {
         let exit = e.exit();
-        let lines: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+        let lines: Vec<String> = policy_txn::chain_text(&e).lines().map(str::to_string).collect();
         lines.into_iter().map(|m| Failure::new(exit, m)).collect::<Vec<_>>()
     })?;
     let live = &prepared.live;
