@@ -139,7 +139,7 @@ fn blackholes(input: &LintInput<'_>, out: &mut Vec<Finding>) {
         out.push(Finding {
             severity: Severity::Error,
             code: "blackhole",
-            chain: Some(d.chain.label()),
+            chain: Some(d.chain.clone()),
             rule: None,
             message: format!(
                 "notrack[{}] {} {:?}: accepted here while tracked, dropped once untracked by {}; NOTRACK would blackhole it (set accept_untracked = true)",

@@ -220,7 +220,7 @@ fn seeds_trap_needs_the_accept() {
         .decisions
         .iter()
         .filter(|d| d.blackholes())
-        .map(|d| format!("{} {:?} {:?} v6={:?}", d.chain.label(), d.proto, d.direction, d.v6))
+        .map(|d| format!("{} {:?} {:?} v6={:?}", d.chain, d.proto, d.direction, d.v6))
         .collect();
     eprintln!(
         "traffic: planner, accept_untracked = false: blackholes in {holes:?}, {} insertions",

@@ -422,7 +422,7 @@ pub fn check(fw: &Firewall, flows: &[NotrackFlow]) -> Vec<Finding> {
                         let t = evaluate(&fw.tables, chain, &flow_at(n, proto, v6, tracked, via_lo));
                         let u = evaluate(&fw.tables, chain, &flow_at(n, proto, v6, "untracked", via_lo));
                         let d = Decision {
-                            chain: chain.clone(),
+                            chain: chain.label(),
                             entry: 0,
                             proto,
                             direction: Direction::Request,

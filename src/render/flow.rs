@@ -178,6 +178,14 @@ fn push_paths(dst: &mut Vec<Path>, prefix: &std::sync::Arc<Hop>, src: &[Path], t
     }
 }
 
+fn push_lazy(dst: &mut Vec<Path>, hop: impl FnOnce() -> std::sync::Arc<Hop>, truncated: &mut bool) {
+    if dst.len() >= MAX_PATHS {
+        *truncated = true;
+    } else {
+        dst.push(vec![hop()]);
+    }
+}
+
 fn push_one(dst: &mut Vec<Path>, p: Path, truncated: &mut bool) {
     if dst.len() >= MAX_PATHS {
         *truncated = true;
@@ -222,25 +230,28 @@ impl<'a> Walker<'a> {
                 continue;
             }
             let sure = m == Tri::Yes;
-            let hop = std::sync::Arc::new(Hop { chain: chain.name.clone(), rule: rule.clone() });
+            // Built only when a path needs it (a 100k-rule blocklist is mostly "maybe drop"
+            // rules whose paths are capped at MAX_PATHS).
+            let hop = || std::sync::Arc::new(Hop { chain: chain.name.clone(), rule: rule.clone() });
             match &rule.verdict {
                 Verdict::Accept | Verdict::Drop | Verdict::Reject => {
                     let accept = rule.verdict == Verdict::Accept;
                     if sure {
                         let place = Place::Before { chain: chain.name.clone(), rule: rule.clone() };
-                        out.end = End::Final(accept, vec![hop], place);
+                        out.end = End::Final(accept, vec![hop()], place);
                         return out;
                     }
                     if accept {
-                        push_one(&mut out.ma, vec![hop], &mut out.truncated);
+                        push_lazy(&mut out.ma, hop, &mut out.truncated);
                     } else {
-                        push_one(&mut out.md, vec![hop], &mut false);
+                        push_lazy(&mut out.md, hop, &mut false);
                     }
                 }
                 Verdict::Jump(name) | Verdict::Goto(name) => {
                     let goto = matches!(rule.verdict, Verdict::Goto(_));
                     let sub = self.index.get(&(&chain.owner, name.as_str())).copied().and_then(|i| self.chain(i));
                     let Some(sub) = sub else { continue };
+                    let hop = hop();
                     push_paths(&mut out.ma, &hop, &sub.ma, &mut out.truncated);
                     // Only an incomplete list of accepts matters (restrictions to carry); the
                     // drop and effect lists are findings, the first MAX_PATHS of them enough.
@@ -275,7 +286,7 @@ impl<'a> Walker<'a> {
                 Verdict::Return => {}
                 // log, counter, limit bookkeeping, marks; NAT or queue verdicts in a filter
                 // chain: an effect on the packets it matches.
-                _ => push_one(&mut out.fx, vec![hop], &mut false),
+                _ => push_lazy(&mut out.fx, hop, &mut false),
             }
         }
         out

@@ -81,8 +81,8 @@ pub enum RuleSpec {
 /// What the planner found for one chain and flow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// The base chain.
-    pub chain: FwChain,
+    /// The base chain's label (`nft inet host input`, `iptables-nft filter INPUT`).
+    pub chain: String,
     /// Entry index.
     pub entry: usize,
     /// Protocol.
@@ -211,7 +211,9 @@ pub fn plan_chains(policy: &Policy, tables: &FwTables, tag: &Tag) -> InsertionPl
 
 /// One chain × flow the first pass evaluated, kept for the second.
 struct Evaluated {
-    chain: FwChain,
+    owner: Owner,
+    chain_name: String,
+    label: String,
     entry: usize,
     proto: Proto,
     direction: Direction,
@@ -340,14 +342,16 @@ fn plan_chain(
         let tracked = evaluate(tables, chain, &tracked_flow);
         let untracked = evaluate(tables, chain, &untracked_flow);
         evaluated.push(Evaluated {
-            chain: chain.clone(),
+            owner: chain.owner.clone(),
+            chain_name: chain.name.clone(),
+            label: chain.label(),
             entry: i,
             proto,
             direction: dir,
             untracked_flow: untracked_flow.clone(),
             tracked: tracked.clone(),
         });
-        let d = Decision { chain: chain.clone(), entry: i, proto, direction: dir, v6: Some(v6), tracked, untracked };
+        let d = Decision { chain: chain.label(), entry: i, proto, direction: dir, v6: Some(v6), tracked, untracked };
         if !d.blackholes() {
             continue;
         }
@@ -623,9 +627,7 @@ fn narrow_ifaces(n: &mut NotrackRule, want: &[String]) -> Narrowed {
 /// once the insertions are in place (`after`).
 fn lost_rules(out: &mut InsertionPlan, after: &FwTables, ev: &Evaluated) {
     let reaches = |path: &Path, flow: &Flow| path.iter().all(|h| rule_matches(&h.rule, flow) != Tri::No);
-    let untracked_after = after
-        .find(&ev.chain.owner, &ev.chain.name)
-        .map(|c| evaluate(after, c, &ev.untracked_flow));
+    let untracked_after = after.find(&ev.owner, &ev.chain_name).map(|c| evaluate(after, c, &ev.untracked_flow));
     let mut push = |path: &Path, widens: bool, why: String| {
         // Name the rule where the untracked flow leaves the path (the one that matches only
         // through conntrack state), else the path's last rule.
@@ -634,11 +636,11 @@ fn lost_rules(out: &mut InsertionPlan, after: &FwTables, ev: &Evaluated) {
             return;
         };
         let l = Lost {
-            chain: ev.chain.label(),
+            chain: ev.label.clone(),
             entry: ev.entry,
             proto: ev.proto,
             direction: ev.direction,
-            rule_chain: format!("{} {}", ev.chain.owner, leaf.chain),
+            rule_chain: format!("{} {}", ev.owner, leaf.chain),
             rule: leaf.rule.text.clone(),
             widens,
             why,
