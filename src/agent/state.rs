@@ -25,6 +25,7 @@ use super::worker::Worker;
 use crate::journal::{self, Journal};
 use crate::netns::Target;
 use crate::txn::{Reason, TxnRecord};
+use serde_json::Value;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -86,11 +87,140 @@ impl Phase {
     }
 }
 
+/// A transaction record as the agent holds it between operations (issue 16): the small fields
+/// as they are, the large payloads — the listings before and after, the ruleset file, a large
+/// undo record or policy (a ruleset transaction's snapshot) — zstd-compressed. Nothing of the
+/// live state, the plan or the prepared transaction is held: only what the record says.
+/// [`HeldRecord::record`] gives the whole record back, byte for byte what was packed.
+#[derive(Debug, Clone)]
+pub struct HeldRecord {
+    /// The record with its large payloads taken out (`None` / `Null` there).
+    head: TxnRecord,
+    /// The payloads taken out, compressed.
+    packed: Vec<Packed>,
+}
+
+/// A payload field of a record that may be held compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Before,
+    After,
+    Ruleset,
+    Undo,
+    Policy,
+}
+
+#[derive(Debug, Clone)]
+struct Packed {
+    field: Field,
+    raw_len: usize,
+    zst: Vec<u8>,
+}
+
+/// Payloads smaller than this stay as they are (compressing them saves nothing worth the time).
+pub const PACK_MIN_BYTES: usize = 4096;
+
+/// zstd level of held payloads (fast; listings compress 10–30×).
+const ZSTD_LEVEL: i32 = 3;
+
+fn zstd_pack(raw: &[u8]) -> Option<Vec<u8>> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL).ok()
+}
+
+fn zstd_unpack(zst: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+    zstd::bulk::decompress(zst, raw_len).map_err(|e| e.to_string())
+}
+
+impl HeldRecord {
+    /// Holds `rec`, its large payloads compressed (a payload that cannot be compressed stays
+    /// as it is).
+    pub fn pack(mut rec: TxnRecord) -> HeldRecord {
+        let mut packed = Vec::new();
+        let mut text = |field: Field, slot: &mut Option<String>| {
+            if slot.as_ref().is_some_and(|t| t.len() >= PACK_MIN_BYTES) {
+                if let Some(t) = slot.take() {
+                    match zstd_pack(t.as_bytes()) {
+                        Some(zst) => packed.push(Packed { field, raw_len: t.len(), zst }),
+                        None => *slot = Some(t),
+                    }
+                }
+            }
+        };
+        text(Field::Before, &mut rec.before);
+        text(Field::After, &mut rec.after);
+        text(Field::Ruleset, &mut rec.ruleset);
+        let mut value = |field: Field, slot: &mut Value| {
+            if slot.is_null() {
+                return;
+            }
+            let Ok(raw) = serde_json::to_vec(slot) else { return };
+            if raw.len() >= PACK_MIN_BYTES {
+                if let Some(zst) = zstd_pack(&raw) {
+                    packed.push(Packed { field, raw_len: raw.len(), zst });
+                    *slot = Value::Null;
+                }
+            }
+        };
+        value(Field::Undo, &mut rec.undo);
+        if let Some(p) = rec.policy.as_mut() {
+            value(Field::Policy, p);
+        }
+        HeldRecord { head: rec, packed }
+    }
+
+    /// The record without its large payloads: id, kind, state, target, deadline, requester,
+    /// events… (what `status`, the timer and the target need).
+    pub fn head(&self) -> &TxnRecord {
+        &self.head
+    }
+
+    /// The whole record, payloads decompressed. An error means the held copy is damaged
+    /// (memory corruption): the journal holds the last written record.
+    pub fn record(&self) -> Result<TxnRecord, String> {
+        let mut rec = self.head.clone();
+        for p in &self.packed {
+            let raw = zstd_unpack(&p.zst, p.raw_len)?;
+            let slot = match p.field {
+                Field::Before => &mut rec.before,
+                Field::After => &mut rec.after,
+                Field::Ruleset => &mut rec.ruleset,
+                Field::Undo => {
+                    rec.undo = serde_json::from_slice(&raw).map_err(|e| e.to_string())?;
+                    continue;
+                }
+                Field::Policy => {
+                    rec.policy = Some(serde_json::from_slice(&raw).map_err(|e| e.to_string())?);
+                    continue;
+                }
+            };
+            *slot = Some(String::from_utf8(raw).map_err(|e| e.to_string())?);
+        }
+        Ok(rec)
+    }
+
+    /// Bytes held for the payloads (compressed), and what they are uncompressed.
+    pub fn payload_bytes(&self) -> (usize, usize) {
+        self.packed.iter().fold((0, 0), |(z, r), p| (z + p.zst.len(), r + p.raw_len))
+    }
+}
+
+/// Gives the memory the allocator keeps free back to the operating system (glibc's
+/// `malloc_trim`): after an apply or a rollback, whose reads and plans are freed but would
+/// otherwise stay in the process's resident set. Best effort; a no-op elsewhere.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The unfinished transaction of a target, in memory.
 #[derive(Debug)]
 pub struct Current {
-    /// The record as last decided (also when the journal could not store it).
-    pub rec: TxnRecord,
+    /// The record as last decided (also when the journal could not store it), its large
+    /// payloads compressed.
+    pub rec: HeldRecord,
     /// What is happening now.
     pub phase: Phase,
     /// The armed dead-man timer (PENDING only).
@@ -177,23 +307,44 @@ impl Owner {
 
     /// The current transaction's id and phase, if any.
     pub fn current(&self) -> Option<(String, Phase)> {
-        self.slot().as_ref().map(|c| (c.rec.id.as_str().to_string(), c.phase.clone()))
+        self.slot().as_ref().map(|c| (c.rec.head().id.as_str().to_string(), c.phase.clone()))
     }
 
     /// True when `txid` is this owner's current transaction.
     pub fn holds(&self, txid: &str) -> bool {
-        self.slot().as_ref().is_some_and(|c| c.rec.id.as_str() == txid)
+        self.slot().as_ref().is_some_and(|c| c.rec.head().id.as_str() == txid)
     }
 
-    /// A copy of the current record when it is `txid`.
+    /// A copy of the whole current record (payloads decompressed) when it is `txid`. `None`
+    /// also when the held copy cannot be decompressed (logged; the journal holds the last
+    /// written record).
     pub fn record(&self, txid: &str) -> Option<TxnRecord> {
-        self.slot().as_ref().filter(|c| c.rec.id.as_str() == txid).map(|c| c.rec.clone())
+        let held = self.slot().as_ref().filter(|c| c.rec.head().id.as_str() == txid).map(|c| c.rec.clone())?;
+        match held.record() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(txid, "the in-memory record cannot be decompressed: {e}");
+                None
+            }
+        }
+    }
+
+    /// The current record without its large payloads (see [`HeldRecord::head`]) when it is
+    /// `txid`.
+    pub fn head(&self, txid: &str) -> Option<TxnRecord> {
+        self.slot().as_ref().filter(|c| c.rec.head().id.as_str() == txid).map(|c| c.rec.head().clone())
+    }
+
+    /// Replaces the current record when it is `txid` (compressed outside the lock).
+    pub fn set_record(&self, rec: &TxnRecord) -> bool {
+        let held = HeldRecord::pack(rec.clone());
+        self.update(rec.id.as_str(), |c| c.rec = held)
     }
 
     /// Updates the current transaction when it is `txid`; returns whether it was.
     pub fn update(&self, txid: &str, f: impl FnOnce(&mut Current)) -> bool {
         match self.slot().as_mut() {
-            Some(c) if c.rec.id.as_str() == txid => {
+            Some(c) if c.rec.head().id.as_str() == txid => {
                 f(c);
                 true
             }
@@ -204,7 +355,7 @@ impl Owner {
     /// Ends the current transaction when it is `txid` (its timer cancelled).
     pub fn release(&self, txid: &str) {
         let mut slot = self.slot();
-        if slot.as_ref().is_some_and(|c| c.rec.id.as_str() == txid) {
+        if slot.as_ref().is_some_and(|c| c.rec.head().id.as_str() == txid) {
             if let Some(t) = slot.as_mut().and_then(|c| c.timer.take()) {
                 t.abort();
             }
@@ -287,15 +438,16 @@ impl Shared {
     /// loser learns which transaction holds the target. Nothing is read before this.
     pub fn claim(&self, id: TargetId, rec: TxnRecord) -> Result<Arc<Owner>, Busy> {
         let owner = self.owner(id);
+        let held = HeldRecord::pack(rec);
         let mut slot = owner.slot();
         if let Some(c) = slot.as_ref() {
             return Err(Busy {
-                txid: c.rec.id.as_str().to_string(),
+                txid: c.rec.head().id.as_str().to_string(),
                 phase: c.phase.clone(),
-                seconds_left: c.rec.seconds_left(journal::boottime_ns()),
+                seconds_left: c.rec.head().seconds_left(journal::boottime_ns()),
             });
         }
-        *slot = Some(Current { rec, phase: Phase::Applying, timer: None, journal_error: None });
+        *slot = Some(Current { rec: held, phase: Phase::Applying, timer: None, journal_error: None });
         drop(slot);
         Ok(owner)
     }
@@ -364,6 +516,9 @@ impl Shared {
 
 impl Owner {
     fn record_created(&self) -> (u64, String) {
-        self.slot().as_ref().map(|c| (c.rec.created_wall, c.rec.id.as_str().to_string())).unwrap_or_default()
+        self.slot()
+            .as_ref()
+            .map(|c| (c.rec.head().created_wall, c.rec.head().id.as_str().to_string()))
+            .unwrap_or_default()
     }
 }
