@@ -536,3 +536,75 @@ impl Owner {
             .unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::txn::{Kind, Requester, TargetRecord, TxnId};
+
+    fn listing(tag: &str, lines: usize) -> String {
+        (0..lines)
+            .map(|i| format!("\t\tip saddr @trusted4 tcp dport {} ct state new accept # {tag}\n", 1024 + i))
+            .collect()
+    }
+
+    fn rec(lines: usize) -> TxnRecord {
+        let target = TargetRecord { label: "t".into(), path: "/proc/self/ns/net".into(), pin: None, dev: 1, ino: 2 };
+        let requester = Requester { uid: 0, pid: 1, ssh: None, origin: None, person: None };
+        let id = TxnId::parse("20261204-053704-76a7").expect("id");
+        let mut r = TxnRecord::new(id, Kind::Ruleset, target, requester, "boot".into(), 1_700_000_000);
+        r.before = Some(listing("before", lines));
+        r.after = Some(listing("after", lines));
+        r.ruleset = Some(listing("file", lines));
+        r.undo = serde_json::json!({"snapshot": {"nft": listing("snapshot", lines)}, "genid_before": 7});
+        r.policy = Some(serde_json::json!({"backend": "nft"}));
+        r
+    }
+
+    #[test]
+    fn a_held_record_keeps_its_large_payloads_compressed_and_gives_them_back_exactly() {
+        let full = rec(20_000);
+        let raw_total = full.before.as_ref().map_or(0, String::len) * 3;
+        let held = HeldRecord::pack(full.clone());
+        // What stays in memory as it is: no listing, no ruleset file, no snapshot.
+        let head = held.head();
+        assert_eq!((head.before.as_deref(), head.after.as_deref(), head.ruleset.as_deref()), (None, None, None));
+        assert!(head.undo.is_null(), "{:?}", head.undo);
+        // A small payload stays as it is.
+        assert_eq!(head.policy, Some(serde_json::json!({"backend": "nft"})));
+        let (zst, raw) = held.payload_bytes();
+        assert!(raw > raw_total, "{raw} vs {raw_total}");
+        assert!(zst * 10 < raw, "compressed {zst} of {raw}");
+        assert_eq!(held.record().expect("unpack"), full);
+    }
+
+    #[test]
+    fn a_small_record_is_held_as_it_is() {
+        let full = rec(3);
+        let held = HeldRecord::pack(full.clone());
+        assert_eq!(held.payload_bytes(), (0, 0));
+        assert_eq!(held.head(), &full);
+        assert_eq!(held.record().expect("unpack"), full);
+    }
+
+    #[test]
+    fn the_owner_holds_the_compressed_record_and_replaces_it_by_id() {
+        let shared_owner = Owner::new((1, 2));
+        let full = rec(5_000);
+        *shared_owner.slot() = Some(Current {
+            rec: HeldRecord::pack(full.clone()),
+            phase: Phase::Pending,
+            timer: None,
+            journal_error: None,
+        });
+        let id = full.id.as_str().to_string();
+        assert!(shared_owner.head(&id).is_some_and(|h| h.before.is_none() && h.undo.is_null()));
+        assert_eq!(shared_owner.record(&id), Some(full.clone()));
+        let mut next = full.clone();
+        next.note(1_700_000_001, "extended");
+        assert!(shared_owner.set_record(&next));
+        assert_eq!(shared_owner.record(&id), Some(next));
+        assert_eq!(shared_owner.record("20261204-000000-0000"), None);
+        assert!(shared_owner.slot().as_ref().is_some_and(|c| c.rec.head().before.is_none()));
+    }
+}
