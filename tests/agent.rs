@@ -21,6 +21,13 @@ struct FakeState {
     rollbacks: u32,
     fail_prepare: Option<(Exit, String)>,
     fail_rollback: u32,
+    /// Lines of the listings before and after (0: the short ones).
+    listing_lines: usize,
+}
+
+/// A listing like nft's, `lines` long.
+fn big_listing(tag: &str, lines: usize) -> String {
+    (0..lines).map(|i| format!("\t\tip saddr @trusted4 tcp dport {} ct state new accept # {tag}\n", 1024 + i)).collect()
 }
 
 #[derive(Clone, Default)]
@@ -36,7 +43,7 @@ impl Prepared for FakePrepared {
         Undo::Policy(Box::new(PolicyUndo::empty(&self.tag)))
     }
     fn before(&self) -> String {
-        String::new()
+        big_listing("before", self.state.lock().expect("lock").listing_lines)
     }
     fn warnings(&self) -> Vec<String> {
         Vec::new()
@@ -72,7 +79,11 @@ impl Engine for Fake {
         Ok(())
     }
     fn listing(&self, _undo: &Undo) -> Result<String, EngineError> {
-        Ok(self.0.lock().expect("lock").applied.join("\n"))
+        let s = self.0.lock().expect("lock");
+        if s.listing_lines > 0 {
+            return Ok(big_listing("after", s.listing_lines));
+        }
+        Ok(s.applied.join("\n"))
     }
 }
 
@@ -385,4 +396,37 @@ fn agent_refuses_other_protocol_versions_and_garbage() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(client::socket_path(&a.run_dir)).expect("socket").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// The agent holds a pending record with its listings compressed (issue 16): every journal
+/// write made from that held copy (extend, rollback; confirm in a second transaction) still
+/// carries the listings byte for byte.
+#[test]
+fn large_listings_survive_the_compressed_in_memory_record() {
+    assert!(is_root(), "needs root: the agent pins the target namespace with a bind mount");
+    let lines = 20_000;
+    let fake = Fake::default();
+    fake.0.lock().expect("lock").listing_lines = lines;
+    let mut a = TestAgent::start(fake);
+    let (before, after) = (big_listing("before", lines), big_listing("after", lines));
+    let load = |a: &TestAgent, id: &str| a.journal().load(&TxnId::parse(id).expect("id")).expect("record");
+    let id = txid(&a.apply(60));
+    let r = load(&a, &id);
+    assert_eq!((r.before.as_deref(), r.after.as_deref()), (Some(before.as_str()), Some(after.as_str())));
+    let e = a.ask(Request::Extend { txid: Some(id.clone()), netns: None, by_secs: 60 });
+    assert_eq!(e.exit, 0, "{e:?}");
+    let r = load(&a, &id);
+    assert_eq!(r.state, State::Pending);
+    assert_eq!((r.before.as_deref(), r.after.as_deref()), (Some(before.as_str()), Some(after.as_str())));
+    let rb = a.ask(Request::Rollback { txid: Some(id.clone()), netns: None });
+    assert_eq!(rb.exit, 0, "{rb:?}");
+    let r = load(&a, &id);
+    assert_eq!(r.state, State::RolledBack { reason: Reason::Cancelled });
+    assert_eq!((r.before.as_deref(), r.after.as_deref()), (Some(before.as_str()), Some(after.as_str())));
+    let id2 = txid(&a.apply(60));
+    let c = a.ask(Request::Confirm { txid: Some(id2.clone()), netns: None });
+    assert_eq!(c.exit, 0, "{c:?}");
+    let r = load(&a, &id2);
+    assert_eq!(r.state, State::Committed);
+    assert_eq!((r.before.as_deref(), r.after.as_deref()), (Some(before.as_str()), Some(after.as_str())));
 }

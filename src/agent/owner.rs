@@ -47,6 +47,14 @@ fn retryable(e: &super::engine::EngineError) -> bool {
 /// timer, then the first probe round. Every failure after the claim ends in a terminal
 /// journal state (or a loudly wedged target) with the pin removed.
 pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, peer_uid: u32) -> Response {
+    let r = apply_inner(shared, a, peer_pid, peer_uid).await;
+    // What prepare read and planned is freed by now: give it back to the system, so a pending
+    // transaction holds only its (compressed) record.
+    super::state::release_memory();
+    r
+}
+
+async fn apply_inner(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, peer_uid: u32) -> Response {
     let mut policy = match load_policy(&a) {
         Ok(p) => p,
         Err(r) => return r,
@@ -165,7 +173,7 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
     }
     let claimed = Claim { pin: Some(&pin), ..claimed };
     rec.target.pin = Some(pin.display().to_string());
-    owner.update(txid.as_str(), |c| c.rec = rec.clone());
+    owner.set_record(&rec);
     fault("apply:after-pin");
     let worker = match shared.worker(rt.target) {
         Ok(w) => w,
@@ -230,7 +238,7 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
         let planned = prepared.planned_undo();
         rec.undo = planned.to_value();
         rec.genid_before = planned.genid_before();
-        owner.update(txid.as_str(), |c| c.rec = rec.clone());
+        owner.set_record(&rec);
         if attempt == 1 {
             // Room for the later records of this transaction, whatever fills the disk meanwhile.
             let size = rec.to_json().map(|b| b.len() as u64).unwrap_or(0);
@@ -268,7 +276,7 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
     fault("apply:after-apply");
     rec.undo = undo.to_value();
     rec.genid_after = undo.genid_after();
-    owner.update(txid.as_str(), |c| c.rec = rec.clone());
+    owner.set_record(&rec);
     let engine = shared.engines.of(kind);
     let undo2 = undo.clone();
     match worker.call(move || engine.check_rollback(&undo2)).await {
@@ -293,10 +301,8 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
         return fail_and_roll_back(shared, &owner, rec, Exit::Internal, format!("journal: {e}")).await;
     }
     fault("apply:after-pending");
-    owner.update(txid.as_str(), |c| {
-        c.rec = rec.clone();
-        c.phase = Phase::Pending;
-    });
+    owner.set_record(&rec);
+    owner.update(txid.as_str(), |c| c.phase = Phase::Pending);
     arm_timer(shared, &owner, txid.as_str(), deadline_bt);
     tracing::info!(txid = txid.as_str(), target = %rt.label, "applied; pending for {} s", a.timeout_secs);
     // The command that confirms: from a new connection when the proof applies.
@@ -333,7 +339,7 @@ pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>,
             };
         }
         rec.note(now_wall(), format!("first probe round passed ({} probes)", results.len()));
-        owner.update(txid.as_str(), |c| c.rec = rec.clone());
+        owner.set_record(&rec);
         let _ = write_record(shared, Some(&owner), &rec);
         if a.options.auto_confirm {
             let r = commit(shared, &owner, txid.as_str(), "auto-confirmed: every probe passed");
@@ -413,7 +419,8 @@ async fn fail_and_roll_back(
 ) -> Response {
     tracing::error!(txid = rec.id.as_str(), "{msg}; rolling back");
     let txid = rec.id.as_str().to_string();
-    owner.update(&txid, |c| c.rec = rec);
+    owner.set_record(&rec);
+    drop(rec);
     match roll_back(shared, owner, &txid, Reason::ApplyFailed(msg.clone())).await {
         Ok(()) => Response::fail(exit, format!("{msg} (rolled back)")),
         Err(e) => Response::fail(Exit::RollbackFailed, format!("{msg}; then the rollback failed: {e}")),
@@ -514,7 +521,7 @@ fn not_pending(rec: &TxnRecord, verb: &str) -> Response {
 /// Re-reads the outcome of `txid` after waiting for its owner: in memory if still there, else
 /// the journal.
 fn ended_record(shared: &Shared, owner: &Owner, txid: &str) -> Option<TxnRecord> {
-    owner.record(txid).or_else(|| TxnId::parse(txid).ok().and_then(|id| shared.journal.load(&id).ok()))
+    owner.head(txid).or_else(|| TxnId::parse(txid).ok().and_then(|id| shared.journal.load(&id).ok()))
 }
 
 /// `confirm`: commits when the transaction is still pending once the owner is ours; a confirm
@@ -572,7 +579,7 @@ pub async fn confirm(shared: &Arc<Shared>, txid: Option<&str>, netns: Option<&st
                 Err(refusal) => {
                     let mut r = rec.clone();
                     r.note(now_wall(), format!("confirm refused from {confirming}: {}", refusal.why()));
-                    owner.update(&txid, |c| c.rec = r.clone());
+                    owner.set_record(&r);
                     let _ = write_record(shared, Some(&owner), &r);
                     return Response::fail(
                         Exit::ConfirmRefused,
@@ -604,11 +611,12 @@ fn commit(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, note: &str) -> R
     }
     fault("confirm:after-journal");
     // Committed: the timer goes with the transaction.
+    let held = super::state::HeldRecord::pack(rec.clone());
     owner.update(txid, |c| {
         if let Some(t) = c.timer.take() {
             t.abort();
         }
-        c.rec = rec.clone();
+        c.rec = held;
     });
     let mut persist_note = Value::Null;
     if crate::persist::wants_persist(&rec) {
@@ -636,6 +644,8 @@ fn commit(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, note: &str) -> R
         Kind::Ruleset => owner.stop_guard(),
     }
     tracing::info!(txid, "{note}");
+    drop(rec);
+    super::state::release_memory();
     Response::ok(json!({"txid": txid, "state": "COMMITTED", "persisted": persist_note}))
 }
 
@@ -690,7 +700,7 @@ pub async fn extend(
     if let Err(e) = write_record(shared, Some(&owner), &rec) {
         return Response::fail(Exit::Internal, format!("journal: {e}; the old deadline still applies"));
     }
-    owner.update(&txid, |c| c.rec = rec.clone());
+    owner.set_record(&rec);
     arm_timer(shared, &owner, &txid, new.boottime_ns);
     let left = rec.seconds_left(journal::boottime_ns()).unwrap_or(0);
     Response::ok(json!({"txid": txid, "deadline": txn::format_rfc3339(new.wall_unix), "seconds_left": left}))
@@ -764,7 +774,7 @@ pub fn status(shared: &Shared) -> Response {
         .filter_map(|o| {
             let slot = o.slot();
             let c = slot.as_ref()?;
-            let mut v = txn::status_entry(&c.rec, now);
+            let mut v = txn::status_entry(c.rec.head(), now);
             v["phase"] = json!(c.phase.name());
             if let Phase::RollbackOwed { attempts, error, .. } = &c.phase {
                 v["rollback_attempts"] = json!(attempts);

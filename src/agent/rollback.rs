@@ -21,7 +21,16 @@ const JOURNAL_RETRY: Duration = Duration::from_secs(5);
 /// kernel is restored but the journal cannot say so, the phase becomes [`Phase::Wedged`] and
 /// the write is retried. Idempotent per transaction (the engines undo by tag).
 pub async fn roll_back(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, reason: Reason) -> Result<(), String> {
-    let Some(mut rec) = owner.record(txid) else { return Ok(()) };
+    let Some(head) = owner.head(txid) else { return Ok(()) };
+    let mut rec = match owner.record(txid) {
+        Some(r) => r,
+        // The held copy is damaged (logged): the journal holds the last written record.
+        None => shared
+            .journal
+            .load(&head.id)
+            .map_err(|e| format!("the record of {txid} cannot be read, in memory or in the journal: {e}"))?,
+    };
+    drop(head);
     owner.update(txid, |c| {
         if let Some(t) = c.timer.take() {
             t.abort();
@@ -58,8 +67,10 @@ pub async fn roll_back(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, rea
             if rec.target.label == "host" && reason == Reason::Deadline {
                 wall(&format!("ctguard: transaction {txid} not confirmed; automatic rollback complete"));
             }
-            owner.update(txid, |c| c.rec = rec.clone());
+            owner.set_record(&rec);
             finish(shared, owner, &rec);
+            drop(rec);
+            super::state::release_memory();
             Ok(())
         }
         Err(e) => {
@@ -72,10 +83,8 @@ pub async fn roll_back(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, rea
             tracing::error!(txid, "ROLLBACK FAILED (attempt {attempts}): {e} — retrying; operator needed");
             let error = e.clone();
             let r2 = reason.clone();
-            owner.update(txid, |c| {
-                c.rec = rec.clone();
-                c.phase = Phase::RollbackOwed { attempts, error, reason: r2 };
-            });
+            owner.set_record(&rec);
+            owner.update(txid, |c| c.phase = Phase::RollbackOwed { attempts, error, reason: r2 });
             spawn_retry(shared.clone(), owner.clone(), txid.to_string(), txn::retry_delay(attempts));
             Err(e)
         }
@@ -173,7 +182,7 @@ pub fn arm_timer(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, deadline_
 /// this task waited for the owner.
 async fn deadline_fired(shared: Arc<Shared>, owner: Arc<Owner>, txid: String) {
     let _op = owner.op.lock().await;
-    let Some(rec) = owner.record(&txid) else { return };
+    let Some(rec) = owner.head(&txid) else { return };
     if !matches!(owner.current(), Some((_, Phase::Pending))) {
         return;
     }

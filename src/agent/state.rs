@@ -25,6 +25,7 @@ use super::worker::Worker;
 use crate::journal::{self, Journal};
 use crate::netns::Target;
 use crate::txn::{Reason, TxnRecord};
+use serde_json::Value;
 
 /// How the agent runs.
 #[derive(Debug, Clone)]
@@ -86,11 +87,153 @@ impl Phase {
     }
 }
 
+/// A transaction record as the agent holds it between operations (issue 16): the small fields
+/// as they are, the large payloads — the listings before and after, the ruleset file, a large
+/// undo record or policy (a ruleset transaction's snapshot) — zstd-compressed. Nothing of the
+/// live state, the plan or the prepared transaction is held: only what the record says.
+/// [`HeldRecord::record`] gives the whole record back, byte for byte what was packed.
+#[derive(Debug, Clone)]
+pub struct HeldRecord {
+    /// The record with its large payloads taken out (`None` / `Null` there).
+    head: TxnRecord,
+    /// The payloads taken out, compressed.
+    packed: Vec<Packed>,
+}
+
+/// A payload field of a record that may be held compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Before,
+    After,
+    Ruleset,
+    Undo,
+    Policy,
+}
+
+#[derive(Debug, Clone)]
+struct Packed {
+    field: Field,
+    raw_len: usize,
+    zst: Vec<u8>,
+}
+
+/// Payloads smaller than this stay as they are (compressing them saves nothing worth the time).
+pub const PACK_MIN_BYTES: usize = 4096;
+
+/// zstd level of held payloads (fast; listings compress 10–30×).
+const ZSTD_LEVEL: i32 = 3;
+
+fn zstd_pack(raw: &[u8]) -> Option<Vec<u8>> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL).ok()
+}
+
+fn zstd_unpack(zst: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
+    zstd::bulk::decompress(zst, raw_len).map_err(|e| e.to_string())
+}
+
+impl HeldRecord {
+    /// Holds `rec`, its large payloads compressed (a payload that cannot be compressed stays
+    /// as it is).
+    pub fn pack(mut rec: TxnRecord) -> HeldRecord {
+        let mut packed = Vec::new();
+        let mut text = |field: Field, slot: &mut Option<String>| {
+            if slot.as_ref().is_some_and(|t| t.len() >= PACK_MIN_BYTES) {
+                if let Some(t) = slot.take() {
+                    match zstd_pack(t.as_bytes()) {
+                        Some(zst) => packed.push(Packed { field, raw_len: t.len(), zst }),
+                        None => *slot = Some(t),
+                    }
+                }
+            }
+        };
+        text(Field::Before, &mut rec.before);
+        text(Field::After, &mut rec.after);
+        text(Field::Ruleset, &mut rec.ruleset);
+        let mut value = |field: Field, slot: &mut Value| {
+            if slot.is_null() {
+                return;
+            }
+            let Ok(raw) = serde_json::to_vec(slot) else { return };
+            if raw.len() >= PACK_MIN_BYTES {
+                if let Some(zst) = zstd_pack(&raw) {
+                    packed.push(Packed { field, raw_len: raw.len(), zst });
+                    *slot = Value::Null;
+                }
+            }
+        };
+        value(Field::Undo, &mut rec.undo);
+        if let Some(p) = rec.policy.as_mut() {
+            value(Field::Policy, p);
+        }
+        HeldRecord { head: rec, packed }
+    }
+
+    /// The record without its large payloads: id, kind, state, target, deadline, requester,
+    /// events… (what `status`, the timer and the target need).
+    pub fn head(&self) -> &TxnRecord {
+        &self.head
+    }
+
+    /// The whole record, payloads decompressed. An error means the held copy is damaged
+    /// (memory corruption): the journal holds the last written record.
+    pub fn record(&self) -> Result<TxnRecord, String> {
+        let mut rec = self.head.clone();
+        for p in &self.packed {
+            let raw = zstd_unpack(&p.zst, p.raw_len)?;
+            let slot = match p.field {
+                Field::Before => &mut rec.before,
+                Field::After => &mut rec.after,
+                Field::Ruleset => &mut rec.ruleset,
+                Field::Undo => {
+                    rec.undo = serde_json::from_slice(&raw).map_err(|e| e.to_string())?;
+                    continue;
+                }
+                Field::Policy => {
+                    rec.policy = Some(serde_json::from_slice(&raw).map_err(|e| e.to_string())?);
+                    continue;
+                }
+            };
+            *slot = Some(String::from_utf8(raw).map_err(|e| e.to_string())?);
+        }
+        Ok(rec)
+    }
+
+    /// Bytes held for the payloads (compressed), and what they are uncompressed.
+    pub fn payload_bytes(&self) -> (usize, usize) {
+        self.packed.iter().fold((0, 0), |(z, r), p| (z + p.zst.len(), r + p.raw_len))
+    }
+}
+
+/// Gives the memory the allocator keeps free back to the operating system (glibc's
+/// `malloc_trim`): after an apply or a rollback, whose reads and plans are freed but would
+/// otherwise stay in the process's resident set. Best effort; a no-op elsewhere.
+pub fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Allocator settings of the agent, before its threads start: one malloc arena for every
+/// thread. The worker threads' reads and plans then come from the main heap, whose free top
+/// [`release_memory`] gives back (glibc never trims the top of a thread's own arena), so a
+/// target's worker does not keep its prepare's peak after the transaction. The agent's threads
+/// rarely allocate at the same time. Best effort; a no-op elsewhere.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// The unfinished transaction of a target, in memory.
 #[derive(Debug)]
 pub struct Current {
-    /// The record as last decided (also when the journal could not store it).
-    pub rec: TxnRecord,
+    /// The record as last decided (also when the journal could not store it), its large
+    /// payloads compressed.
+    pub rec: HeldRecord,
     /// What is happening now.
     pub phase: Phase,
     /// The armed dead-man timer (PENDING only).
@@ -177,23 +320,44 @@ impl Owner {
 
     /// The current transaction's id and phase, if any.
     pub fn current(&self) -> Option<(String, Phase)> {
-        self.slot().as_ref().map(|c| (c.rec.id.as_str().to_string(), c.phase.clone()))
+        self.slot().as_ref().map(|c| (c.rec.head().id.as_str().to_string(), c.phase.clone()))
     }
 
     /// True when `txid` is this owner's current transaction.
     pub fn holds(&self, txid: &str) -> bool {
-        self.slot().as_ref().is_some_and(|c| c.rec.id.as_str() == txid)
+        self.slot().as_ref().is_some_and(|c| c.rec.head().id.as_str() == txid)
     }
 
-    /// A copy of the current record when it is `txid`.
+    /// A copy of the whole current record (payloads decompressed) when it is `txid`. `None`
+    /// also when the held copy cannot be decompressed (logged; the journal holds the last
+    /// written record).
     pub fn record(&self, txid: &str) -> Option<TxnRecord> {
-        self.slot().as_ref().filter(|c| c.rec.id.as_str() == txid).map(|c| c.rec.clone())
+        let held = self.slot().as_ref().filter(|c| c.rec.head().id.as_str() == txid).map(|c| c.rec.clone())?;
+        match held.record() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(txid, "the in-memory record cannot be decompressed: {e}");
+                None
+            }
+        }
+    }
+
+    /// The current record without its large payloads (see [`HeldRecord::head`]) when it is
+    /// `txid`.
+    pub fn head(&self, txid: &str) -> Option<TxnRecord> {
+        self.slot().as_ref().filter(|c| c.rec.head().id.as_str() == txid).map(|c| c.rec.head().clone())
+    }
+
+    /// Replaces the current record when it is `txid` (compressed outside the lock).
+    pub fn set_record(&self, rec: &TxnRecord) -> bool {
+        let held = HeldRecord::pack(rec.clone());
+        self.update(rec.id.as_str(), |c| c.rec = held)
     }
 
     /// Updates the current transaction when it is `txid`; returns whether it was.
     pub fn update(&self, txid: &str, f: impl FnOnce(&mut Current)) -> bool {
         match self.slot().as_mut() {
-            Some(c) if c.rec.id.as_str() == txid => {
+            Some(c) if c.rec.head().id.as_str() == txid => {
                 f(c);
                 true
             }
@@ -204,7 +368,7 @@ impl Owner {
     /// Ends the current transaction when it is `txid` (its timer cancelled).
     pub fn release(&self, txid: &str) {
         let mut slot = self.slot();
-        if slot.as_ref().is_some_and(|c| c.rec.id.as_str() == txid) {
+        if slot.as_ref().is_some_and(|c| c.rec.head().id.as_str() == txid) {
             if let Some(t) = slot.as_mut().and_then(|c| c.timer.take()) {
                 t.abort();
             }
@@ -258,6 +422,7 @@ pub const SPARE_FDS: usize = 16;
 impl Shared {
     /// The shared state of a starting agent.
     pub fn new(opts: AgentOptions, engines: Engines, journal: Journal, boot_id: String) -> Shared {
+        tune_allocator();
         let s = Shared {
             opts,
             engines,
@@ -287,15 +452,16 @@ impl Shared {
     /// loser learns which transaction holds the target. Nothing is read before this.
     pub fn claim(&self, id: TargetId, rec: TxnRecord) -> Result<Arc<Owner>, Busy> {
         let owner = self.owner(id);
+        let held = HeldRecord::pack(rec);
         let mut slot = owner.slot();
         if let Some(c) = slot.as_ref() {
             return Err(Busy {
-                txid: c.rec.id.as_str().to_string(),
+                txid: c.rec.head().id.as_str().to_string(),
                 phase: c.phase.clone(),
-                seconds_left: c.rec.seconds_left(journal::boottime_ns()),
+                seconds_left: c.rec.head().seconds_left(journal::boottime_ns()),
             });
         }
-        *slot = Some(Current { rec, phase: Phase::Applying, timer: None, journal_error: None });
+        *slot = Some(Current { rec: held, phase: Phase::Applying, timer: None, journal_error: None });
         drop(slot);
         Ok(owner)
     }
@@ -364,6 +530,81 @@ impl Shared {
 
 impl Owner {
     fn record_created(&self) -> (u64, String) {
-        self.slot().as_ref().map(|c| (c.rec.created_wall, c.rec.id.as_str().to_string())).unwrap_or_default()
+        self.slot()
+            .as_ref()
+            .map(|c| (c.rec.head().created_wall, c.rec.head().id.as_str().to_string()))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::txn::{Kind, Requester, TargetRecord, TxnId};
+
+    fn listing(tag: &str, lines: usize) -> String {
+        (0..lines)
+            .map(|i| format!("\t\tip saddr @trusted4 tcp dport {} ct state new accept # {tag}\n", 1024 + i))
+            .collect()
+    }
+
+    fn rec(lines: usize) -> TxnRecord {
+        let target = TargetRecord { label: "t".into(), path: "/proc/self/ns/net".into(), pin: None, dev: 1, ino: 2 };
+        let requester = Requester { uid: 0, pid: 1, ssh: None, origin: None, person: None };
+        let id = TxnId::parse("20261204-053704-76a7").expect("id");
+        let mut r = TxnRecord::new(id, Kind::Ruleset, target, requester, "boot".into(), 1_700_000_000);
+        r.before = Some(listing("before", lines));
+        r.after = Some(listing("after", lines));
+        r.ruleset = Some(listing("file", lines));
+        r.undo = serde_json::json!({"snapshot": {"nft": listing("snapshot", lines)}, "genid_before": 7});
+        r.policy = Some(serde_json::json!({"backend": "nft"}));
+        r
+    }
+
+    #[test]
+    fn a_held_record_keeps_its_large_payloads_compressed_and_gives_them_back_exactly() {
+        let full = rec(20_000);
+        let raw_total = full.before.as_ref().map_or(0, String::len) * 3;
+        let held = HeldRecord::pack(full.clone());
+        // What stays in memory as it is: no listing, no ruleset file, no snapshot.
+        let head = held.head();
+        assert_eq!((head.before.as_deref(), head.after.as_deref(), head.ruleset.as_deref()), (None, None, None));
+        assert!(head.undo.is_null(), "{:?}", head.undo);
+        // A small payload stays as it is.
+        assert_eq!(head.policy, Some(serde_json::json!({"backend": "nft"})));
+        let (zst, raw) = held.payload_bytes();
+        assert!(raw > raw_total, "{raw} vs {raw_total}");
+        assert!(zst * 10 < raw, "compressed {zst} of {raw}");
+        assert_eq!(held.record().expect("unpack"), full);
+    }
+
+    #[test]
+    fn a_small_record_is_held_as_it_is() {
+        let full = rec(3);
+        let held = HeldRecord::pack(full.clone());
+        assert_eq!(held.payload_bytes(), (0, 0));
+        assert_eq!(held.head(), &full);
+        assert_eq!(held.record().expect("unpack"), full);
+    }
+
+    #[test]
+    fn the_owner_holds_the_compressed_record_and_replaces_it_by_id() {
+        let shared_owner = Owner::new((1, 2));
+        let full = rec(5_000);
+        *shared_owner.slot() = Some(Current {
+            rec: HeldRecord::pack(full.clone()),
+            phase: Phase::Pending,
+            timer: None,
+            journal_error: None,
+        });
+        let id = full.id.as_str().to_string();
+        assert!(shared_owner.head(&id).is_some_and(|h| h.before.is_none() && h.undo.is_null()));
+        assert_eq!(shared_owner.record(&id), Some(full.clone()));
+        let mut next = full.clone();
+        next.note(1_700_000_001, "extended");
+        assert!(shared_owner.set_record(&next));
+        assert_eq!(shared_owner.record(&id), Some(next));
+        assert_eq!(shared_owner.record("20261204-000000-0000"), None);
+        assert!(shared_owner.slot().as_ref().is_some_and(|c| c.rec.head().before.is_none()));
     }
 }

@@ -678,6 +678,49 @@ mod tests {
         assert!(s.max_error <= s.scanned / 65, "{}", s.max_error);
     }
 
+    /// Entries made on demand, a few bytes at a time: the table is never in memory as a whole.
+    struct LazyTable {
+        next: u32,
+        total: u32,
+        pending: Vec<u8>,
+        /// Most bytes one `read` was asked for.
+        widest_read: usize,
+    }
+
+    impl std::io::Read for LazyTable {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.widest_read = self.widest_read.max(buf.len());
+            if self.pending.is_empty() && self.next < self.total {
+                let i = self.next;
+                self.next += 1;
+                let line =
+                    if i % 4 == 0 { tcp(i, 1000 + (i % 5000) as u16, "ESTABLISHED") } else { udp(i, 53, i % 3 == 0) };
+                self.pending = line.into_bytes();
+            }
+            // Short reads on purpose: lines arrive split across reads.
+            let n = self.pending.len().min(buf.len()).min(97);
+            buf[..n].copy_from_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_reader_is_aggregated_as_a_stream_in_bounded_memory() {
+        // 300,000 entries (about 45 MB as text), produced as they are read: the aggregator sees
+        // each line once, through a 4 KiB buffer, and holds at most 2 × capacity counters.
+        let total = 300_000;
+        let mut table = LazyTable { next: 0, total, pending: Vec::new(), widest_read: 0 };
+        let mut agg = FlowAggregator::new(64);
+        aggregate_reader(std::io::BufReader::with_capacity(4096, &mut table), &mut agg).expect("read");
+        assert_eq!(table.next, total);
+        assert!(table.widest_read <= 4096, "{}", table.widest_read);
+        let s = agg.finish();
+        assert_eq!((s.scanned, s.unparsed), (u64::from(total), 0));
+        assert!(s.peak_groups <= 128, "{}", s.peak_groups);
+        assert_eq!((s.groups[0].proto.as_str(), s.groups[0].port), ("udp", Some(53)));
+    }
+
     #[test]
     fn long_and_binary_lines_are_skipped() {
         let mut text = Vec::new();
