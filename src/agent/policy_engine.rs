@@ -83,7 +83,7 @@ impl Engine for PolicyEngine {
     }
 
     fn listing(&self, undo: &Undo) -> Result<String, EngineError> {
-        let keys = undo_of(undo)?.sysctl_keys();
-        policy_txn::listing(&keys).map_err(engine_error)
+        let u = undo_of(undo)?;
+        policy_txn::scope_listing(u, &u.sysctl_keys()).map_err(engine_error)
     }
 }

@@ -912,13 +912,16 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         removed_previous: removed,
         warnings: Vec::new(),
     };
-    let mut keys: Vec<SysctlKey> = policy.sysctl.keys().cloned().collect();
-    if let Some(p) = &req.previous {
-        keys.extend(p.sysctl_keys());
-    }
+    // The keys this transaction writes: the ones its undo record (and so the listing after
+    // apply) will name, so that `show` compares like with like.
+    let mut keys: Vec<SysctlKey> = sysctls
+        .iter()
+        .filter(|c| c.skipped.is_none() && !c.unchanged && c.old.is_some())
+        .map(|c| c.key.clone())
+        .collect();
     keys.sort();
     keys.dedup();
-    let before = listing(&keys)?;
+    let before = scope_listing(&undo, &keys)?;
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -1997,6 +2000,92 @@ pub fn listing(keys: &[SysctlKey]) -> Result<String, PolicyTxnError> {
         let text = t.run(&[], None).map_err(|source| PolicyTxnError::Exec { what: name.to_string(), source })?;
         let _ = writeln!(s, "### {name}");
         s.push_str(&ipt::normalize_save(&text));
+    }
+    s.push_str("### sysctl\n");
+    for k in keys {
+        let v = crate::sysctl::read(k).map_err(PolicyTxnError::Sysctl)?;
+        let _ = writeln!(s, "{k} = {}", v.map_or("(missing)".to_string(), |v| v.to_string()));
+    }
+    Ok(s)
+}
+
+/// What a policy transaction changes, as comparable text for the journal's before/after and
+/// `show TXID`: `table inet ctguard`; ctguard's tagged rules in the chains `u` inserts into or
+/// removes from (read over netlink, their texts taken from `u`); each installed iptables
+/// variant's `raw` table and its rules tagged `ctguard:`; and the sysctls `keys`.
+///
+/// Guarantees: read-only; no full `nft` listing (cost independent of the size of the host's
+/// own chains but for one kernel dump of each chain touched); two calls on an unchanged
+/// target return equal strings. [`listing`] stays the whole-state comparison of the tests.
+pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, PolicyTxnError> {
+    let mut s = String::new();
+    if let Some(text) = live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)? {
+        s.push_str("### nft table inet ctguard\n");
+        for line in text.lines() {
+            s.push_str(&zero_nft_counters(line));
+            s.push('\n');
+        }
+    }
+    let mut chains: Vec<(&str, &str, &str)> = insertion_chains(u);
+    for r in &u.removed_previous {
+        if let Removed::Nft { family, table, chain, .. } = r {
+            chains.push((family.as_str(), table.as_str(), chain.as_str()));
+        }
+    }
+    chains.sort_unstable();
+    chains.dedup();
+    for (f, t, c) in chains {
+        let rules = match dump_chain_rules(f, t, c) {
+            Ok(r) => r,
+            // A chain (or table) that is gone holds none of ctguard's rules.
+            Err(NetlinkError::Query { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(source) => return Err(PolicyTxnError::RuleDump { chain: format!("{f} {t} {c}"), source }),
+        };
+        let ours: Vec<&RuleInfo> =
+            rules.iter().filter(|r| r.comment.as_deref().is_some_and(|c| c.starts_with("ctguard:"))).collect();
+        if ours.is_empty() {
+            continue;
+        }
+        let _ = writeln!(s, "### nft {f} {t} {c}: ctguard's rules");
+        for r in ours {
+            let text = u
+                .nft_insertions
+                .iter()
+                .find(|i| i.handle == Some(r.handle) && i.family == f && i.table == t && i.chain == c)
+                .map(|i| i.rule.clone())
+                .or_else(|| {
+                    u.removed_previous.iter().find_map(|x| match x {
+                        Removed::Nft { family, table, chain, handle, text, .. }
+                            if *handle == r.handle && family == f && table == t && chain == c =>
+                        {
+                            Some(strip_handle(text).to_string())
+                        }
+                        _ => None,
+                    })
+                })
+                .unwrap_or_else(|| format!("(a rule with comment \"{}\")", r.comment.as_deref().unwrap_or_default()));
+            let _ = writeln!(s, "{text}");
+        }
+    }
+    for &(name, _, _) in SAVE_TOOLS {
+        let Ok(t) = Tool::find(name) else { continue };
+        let text = t.run(&[], None).map_err(|source| PolicyTxnError::Exec { what: name.to_string(), source })?;
+        let mut table = String::new();
+        let mut lines = Vec::new();
+        for line in ipt::normalize_save(&text).lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t.to_string();
+            }
+            if table == "raw" || line.contains("ctguard:") {
+                lines.push(if table == "raw" { line.to_string() } else { format!("[{table}] {line}") });
+            }
+        }
+        if !lines.is_empty() {
+            let _ = writeln!(s, "### {name}: raw, and ctguard's rules");
+            for l in lines {
+                let _ = writeln!(s, "{l}");
+            }
+        }
     }
     s.push_str("### sysctl\n");
     for k in keys {
