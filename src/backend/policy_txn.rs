@@ -955,20 +955,30 @@ pub fn kernel_check(p: &Prepared) -> Result<(), PolicyTxnError> {
     if !p.nft_script.is_empty() {
         tool("nft")?.run(&["-c", "-f", "-"], Some(p.nft_script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
     }
+    let docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
+    scratch_check_docs(&docs, |v, v6| Ok(dump_of(&p.live, v, v6).map(|d| d.text.clone()).unwrap_or_default()))
+}
+
+/// Loads each variant × family's documents (concatenated in the order given) into a scratch
+/// namespace on top of `live(variant, v6)` and the host's ipsets: the kernel's verdict on them,
+/// changing nothing in the target. Exit 3 naming the variant and family when it refuses.
+fn scratch_check_docs(
+    docs: &[&IptDoc],
+    live: impl Fn(IptVariant, bool) -> Result<String, PolicyTxnError>,
+) -> Result<(), PolicyTxnError> {
     let ipsets = ipt_backend::ipset_save().ok();
     for v in IptVariant::ALL {
         for v6 in [false, true] {
-            let mut doc = String::new();
-            for d in p.ipt_filter.iter().chain(p.ipt_raw.iter()) {
-                if IptVariant::from(d.variant) == v && d.v6 == v6 {
-                    doc.push_str(&d.text);
-                }
-            }
+            let doc: String = docs
+                .iter()
+                .filter(|d| IptVariant::from(d.variant) == v && d.v6 == v6)
+                .map(|d| d.text.as_str())
+                .collect();
             if doc.is_empty() {
                 continue;
             }
-            let live_text = dump_of(&p.live, v, v6).map(|d| d.text.as_str()).unwrap_or("");
-            ipt_backend::scratch_check(v, family(v6), live_text, ipsets.as_deref(), &doc).map_err(|source| {
+            let live_text = live(v, v6)?;
+            ipt_backend::scratch_check(v, family(v6), &live_text, ipsets.as_deref(), &doc).map_err(|source| {
                 PolicyTxnError::IptCheck {
                     variant: v.as_str(),
                     family: family(v6).tool_prefix(),
@@ -1754,29 +1764,10 @@ pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
         tool("nft")?.run(&["-c", "-f", "-"], Some(script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
     }
     let docs = rollback_ipt_docs(u)?;
-    let ipsets = ipt_backend::ipset_save().ok();
-    for v in IptVariant::ALL {
-        for v6 in [false, true] {
-            let mut doc = String::new();
-            for d in docs.raw.iter().chain(docs.filter.iter()) {
-                if IptVariant::from(d.variant) == v && d.v6 == v6 {
-                    doc.push_str(&d.text);
-                }
-            }
-            if doc.is_empty() {
-                continue;
-            }
-            let live = ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
-            ipt_backend::scratch_check(v, family(v6), &live, ipsets.as_deref(), &doc).map_err(|source| {
-                PolicyTxnError::IptCheck {
-                    variant: v.as_str(),
-                    family: family(v6).tool_prefix(),
-                    source: Box::new(source),
-                }
-            })?;
-        }
-    }
-    Ok(())
+    let all: Vec<&IptDoc> = docs.raw.iter().chain(docs.filter.iter()).collect();
+    scratch_check_docs(&all, |v, v6| {
+        ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))
+    })
 }
 
 /// Undoes `u`, in reverse order of apply, finding every object by its tag on a fresh read:
