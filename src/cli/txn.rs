@@ -281,7 +281,8 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
             let r = ask(global, Request::Confirm { txid: Some(txid.clone()), netns: None })?;
             return finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")));
         }
-        let rec = journal.load(&id).map_err(|e| vec![Failure::internal(e.to_string())])?;
+        // Only its state: the index entry, no snapshot read.
+        let rec = journal.load_entry(&id).map_err(|e| vec![Failure::internal(e.to_string())])?;
         match &rec.state {
             txn::State::Committed => {
                 end_line();
@@ -399,7 +400,8 @@ fn conntrack_usage() -> Value {
 pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
     let j = open_journal(global)?;
     let now = journal::boottime_ns();
-    let scan = j.scan().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    // The index: no snapshot of a finished record is read (those of a pending one are checked).
+    let scan = j.scan_index().map_err(|e| vec![Failure::internal(e.to_string())])?;
     let mut pending: Vec<Value> =
         scan.records.iter().filter(|r| !r.state.is_finished()).map(|r| txn::status_entry(r, now)).collect();
     let damaged: Vec<String> = scan.skipped.iter().map(|e| e.to_string()).collect();
