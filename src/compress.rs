@@ -33,9 +33,7 @@ pub fn decompress(frame: &[u8]) -> Result<Vec<u8>, CompressError> {
     use std::io::Read;
     let declared = zstd::zstd_safe::get_frame_content_size(frame).ok().flatten();
     let mut out = Vec::with_capacity(declared.map_or(0, |n| usize::try_from(n).unwrap_or(0).min(MAX_DECOMPRESSED)));
-    let mut dec = zstd::stream::read::Decoder::with_buffer(frame)
-        .map_err(CompressError::Decompress)?
-        .single_frame();
+    let mut dec = zstd::stream::read::Decoder::with_buffer(frame).map_err(CompressError::Decompress)?.single_frame();
     let limit = u64::try_from(MAX_DECOMPRESSED).unwrap_or(u64::MAX) + 1;
     (&mut dec).take(limit).read_to_end(&mut out).map_err(CompressError::Decompress)?;
     if out.len() > MAX_DECOMPRESSED {
@@ -76,7 +74,8 @@ mod tests {
 
     #[test]
     fn roundtrip_and_ratio() {
-        let text: String = (0..20_000).map(|i| format!("-A INPUT -s 10.{}.{}.0/24 -j DROP\n", i / 256, i % 256)).collect();
+        let text: String =
+            (0..20_000).map(|i| format!("-A INPUT -s 10.{}.{}.0/24 -j DROP\n", i / 256, i % 256)).collect();
         let z = compress(text.as_bytes()).expect("compress");
         assert!(z.len() * 5 < text.len(), "{} -> {}", text.len(), z.len());
         assert_eq!(decompress(&z).expect("decompress"), text.as_bytes());

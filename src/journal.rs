@@ -465,7 +465,8 @@ impl Journal {
                     self.write_snapshot(part)?
                 }
             };
-            let r = SnapshotRef { sha256: part.sha256.clone(), bytes: part.bytes.len() as u64, stored, json: part.json };
+            let r =
+                SnapshotRef { sha256: part.sha256.clone(), bytes: part.bytes.len() as u64, stored, json: part.json };
             refs.push((part.pointer.clone(), r));
         }
         if wrote {
@@ -485,7 +486,12 @@ impl Journal {
         let meta = crate::trust::stat_root_file(&path).ok()?;
         let known = self.known.lock().map(|k| k.contains(&part.sha256)).unwrap_or(false);
         if !known {
-            let r = SnapshotRef { sha256: part.sha256.clone(), bytes: part.bytes.len() as u64, stored: meta.len(), json: part.json };
+            let r = SnapshotRef {
+                sha256: part.sha256.clone(),
+                bytes: part.bytes.len() as u64,
+                stored: meta.len(),
+                json: part.json,
+            };
             if self.verify_snapshot(&path, &r).is_err() {
                 return None;
             }
@@ -510,8 +516,11 @@ impl Journal {
             let path = path.to_path_buf();
             move |source| JournalError::WriteSnapshot { path, step, source }
         };
-        let frame = crate::compress::compress(&part.bytes)
-            .map_err(|e| JournalError::WriteSnapshot { path: dest.clone(), step: "compress", source: io::Error::other(e) })?;
+        let frame = crate::compress::compress(&part.bytes).map_err(|e| JournalError::WriteSnapshot {
+            path: dest.clone(),
+            step: "compress",
+            source: io::Error::other(e),
+        })?;
         let written = (|| {
             let _ = fs::remove_file(&tmp);
             let mut f = OpenOptions::new()
@@ -539,7 +548,10 @@ impl Journal {
         let mut wrote = false;
         for part in parts {
             if fs::symlink_metadata(self.snapshot_path(&part.sha256)).is_err() {
-                tracing::warn!(sha256 = part.sha256.as_str(), "a snapshot vanished while its record was written; writing it again");
+                tracing::warn!(
+                    sha256 = part.sha256.as_str(),
+                    "a snapshot vanished while its record was written; writing it again"
+                );
                 self.write_snapshot(part)?;
                 wrote = true;
             }
@@ -653,14 +665,21 @@ impl Journal {
             return Ok(());
         };
         for (pointer, r) in refs {
-            let r: SnapshotRef = serde_json::from_value(r)
-                .map_err(|source| JournalError::Corrupt { path: path.to_path_buf(), source: TxnError::Json { source } })?;
+            let r: SnapshotRef = serde_json::from_value(r).map_err(|source| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                source: TxnError::Json { source },
+            })?;
             let snap = self.snapshot_path(&r.sha256);
             let part = self.read_snapshot(&r).map_err(|why| snapshot_error(path, &pointer, snap.clone(), why))?;
             match value.pointer_mut(&pointer) {
                 Some(slot) if slot.is_null() => *slot = part,
                 _ => {
-                    return Err(snapshot_error(path, &pointer, snap, "refers to a part the record does not have".into()))
+                    return Err(snapshot_error(
+                        path,
+                        &pointer,
+                        snap,
+                        "refers to a part the record does not have".into(),
+                    ))
                 }
             }
         }
@@ -760,8 +779,10 @@ impl Journal {
         let path = self.record_path(id);
         match read_trusted(&path) {
             Ok(bytes) => {
-                let mut value: Value = serde_json::from_slice(&bytes)
-                    .map_err(|source| JournalError::Corrupt { path: path.clone(), source: TxnError::Json { source } })?;
+                let mut value: Value = serde_json::from_slice(&bytes).map_err(|source| JournalError::Corrupt {
+                    path: path.clone(),
+                    source: TxnError::Json { source },
+                })?;
                 drop(bytes);
                 if value.get("snapshots").and_then(Value::as_object).is_none_or(serde_json::Map::is_empty) {
                     return parse_value(&path, value, id);
@@ -1232,7 +1253,8 @@ fn string_leaves(v: &Value, prefix: &str, out: &mut Vec<(String, bool)>) {
 /// transaction's undo record and policy stay inline (the guard and the next apply read them
 /// from the index, and they grow with the policy, not with the host's ruleset).
 fn snapshot_slots(v: &Value) -> Vec<(String, bool)> {
-    let mut out: Vec<(String, bool)> = ["/ruleset", "/before", "/after"].iter().map(|p| (p.to_string(), false)).collect();
+    let mut out: Vec<(String, bool)> =
+        ["/ruleset", "/before", "/after"].iter().map(|p| (p.to_string(), false)).collect();
     for sub in ["/undo/snapshot", "/undo/persisted"] {
         if let Some(x) = v.pointer(sub) {
             string_leaves(x, sub, &mut out);
@@ -1714,7 +1736,12 @@ mod tests {
         r.after = Some(after.to_string());
         let state = FwState {
             genid: Some(7),
-            nft: vec![NftTable { family: "ip".into(), name: "filter".into(), text: format!("table ip filter {{\n{before}}}\n"), xt: false }],
+            nft: vec![NftTable {
+                family: "ip".into(),
+                name: "filter".into(),
+                text: format!("table ip filter {{\n{before}}}\n"),
+                xt: false,
+            }],
             saves: vec![SaveText { variant: crate::live::fw::IptVariant::Nft, v6: false, text: before.to_string() }],
             ipsets: Some("create small hash:ip\n".into()),
         };
@@ -1929,7 +1956,7 @@ mod tests {
         // Each finished record's own snapshots: about an eighth of the total.
         let bound = total / 3;
         let removed = j.prune_to(DEFAULT_KEEP, bound).expect("prune");
-        assert!(removed >= 4 && removed < 8, "removed {removed} of 8 (total {total}, bound {bound})");
+        assert!((4..8).contains(&removed), "removed {removed} of 8 (total {total}, bound {bound})");
         let left = j.list().expect("list");
         assert_eq!(left[0].id, p.id, "the pending record stays");
         assert_eq!(left.last().map(|r| &r.id), Some(&all[7].id), "the newest stay");

@@ -660,7 +660,10 @@ impl TxnRecord {
         }
         if let Some(refs) = value.get("snapshots").and_then(Value::as_object) {
             for (pointer, r) in refs {
-                let bad = |reason| TxnError::BadSnapshotRef { pointer: crate::exit::escape_for_terminal(pointer).into_owned(), reason };
+                let bad = |reason| TxnError::BadSnapshotRef {
+                    pointer: crate::exit::escape_for_terminal(pointer).into_owned(),
+                    reason,
+                };
                 if !pointer.starts_with('/') {
                     return Err(bad("not a JSON pointer"));
                 }
