@@ -183,10 +183,43 @@ fn fill(j: &Journal, cfg: &Config) -> Result<(u64, f64), String> {
 // ---------------------------------------------------------------------------------------------
 // Whole processes
 
-/// Wall time and max RSS (KiB) of one process, from wait4(2).
-fn measure(cmd: &mut Command) -> Result<(Duration, u64, bool), String> {
+/// Wall time and max RSS (KiB) of one process, from wait4(2). The process is started by a
+/// fresh, small copy of this binary (`--measure-child`): Linux counts the RSS of the process
+/// that spawns it into the child's max RSS, and this one holds the generated rulesets.
+fn measure(cmd: &Command) -> Result<(Duration, u64, bool), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new(exe)
+        .arg("--measure-child")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env_remove("SSH_CONNECTION")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    match f.as_slice() {
+        [ns, rss, ok] => Ok((Duration::from_nanos(*ns), *rss, *ok == 1)),
+        _ => Err(format!("measure: unexpected {text:?}")),
+    }
+}
+
+/// `--measure-child EXE ARGS…`: runs EXE once (output discarded), prints `wall_ns maxrss_kib ok`.
+fn measure_child(args: &[String]) -> ! {
+    let Some((exe, rest)) = args.split_first() else { std::process::exit(2) };
     let start = Instant::now();
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| e.to_string())?;
+    let child = Command::new(exe)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            eprintln!("measure: {exe}: {e}");
+            std::process::exit(2)
+        });
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: an all-zero rusage is valid; wait4 fills it in.
@@ -196,9 +229,12 @@ fn measure(cmd: &mut Command) -> Result<(Duration, u64, bool), String> {
     let took = start.elapsed();
     drop(child);
     if r != pid {
-        return Err(format!("wait4: {}", std::io::Error::last_os_error()));
+        eprintln!("measure: wait4: {}", std::io::Error::last_os_error());
+        std::process::exit(2);
     }
-    Ok((took, ru.ru_maxrss as u64, libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0))
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    println!("{} {} {}", took.as_nanos(), ru.ru_maxrss, u8::from(ok));
+    std::process::exit(0)
 }
 
 struct Cli {
@@ -226,7 +262,7 @@ impl Cli {
         let mut times = Vec::new();
         let mut rss = 0;
         for _ in 0..runs {
-            let (t, r, ok) = measure(&mut self.cmd(args))?;
+            let (t, r, ok) = measure(&self.cmd(args))?;
             if !ok {
                 return Err(format!("ctguard {} failed", args.join(" ")));
             }
@@ -279,7 +315,7 @@ fn apply_rollback(cli: &Cli, runs: usize) -> Result<(Duration, Duration, u64), S
         let Some(id) = v["data"]["txid"].as_str().map(str::to_string) else {
             return Err(format!("apply failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
         };
-        let (tr, _, ok) = measure(&mut cli.cmd(&["rollback", &id]))?;
+        let (tr, _, ok) = measure(&cli.cmd(&["rollback", &id]))?;
         if !ok {
             return Err(format!("rollback {id} failed"));
         }
@@ -305,6 +341,9 @@ fn mib(bytes: u64) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|a| a == "--measure-child") {
+        measure_child(&args[2..]);
+    }
     if !args.iter().any(|a| a == "--bench") && std::env::var("CTGUARD_BENCH").as_deref() != Ok("1") {
         println!("journal bench: not run (use `cargo bench --bench journal`, as root)");
         return;
@@ -345,6 +384,7 @@ fn main() {
             Ok((st, st_rss))
         };
         let ej = Journal::attach(&empty.state).map_err(|e| e.to_string())?;
+        let (_, floor, _) = measure(&Command::new("/bin/true"))?;
         row("empty", &empty, &ej)?;
         let label = format!("{} × {}-rule ruleset transactions, all kept", cfg.records, cfg.rules);
         row(&label, &full, &j)?;
@@ -357,8 +397,9 @@ fn main() {
         row(&label, &full, &j)?;
         rows.push(String::new());
         rows.push(format!(
-            "filled in {fill_s:.0} s through `Journal::write`; the same records inline (previous format): {}",
-            mib(inline_bytes)
+            "filled in {fill_s:.0} s through `Journal::write`; the same records inline (previous format): {}; max RSS of `/bin/true` started the same way (the floor): {:.1} MiB",
+            mib(inline_bytes),
+            floor as f64 / 1024.0
         ));
         rows.push(String::new());
         rows.push("| small apply + rollback (built-in policy, agent warm) | empty journal | with the journal above | ratio |".into());
