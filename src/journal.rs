@@ -293,6 +293,10 @@ pub struct Journal {
     known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
+/// Snapshot files looked at during one scan: SHA-256 → size, or why it cannot be used (records
+/// share snapshots: each file is looked at once).
+type SeenSnapshots = std::collections::HashMap<String, Result<u64, String>>;
+
 /// How far [`Journal`]'s reads go into the snapshots of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Depth {
@@ -621,13 +625,16 @@ impl Journal {
 
     /// Checks that each snapshot of `rec` is there, root's alone and of its recorded size
     /// (one `lstat` each; the bytes are not read).
-    fn check_present(&self, path: &Path, rec: &TxnRecord) -> Result<(), JournalError> {
+    fn check_present(&self, path: &Path, rec: &TxnRecord, seen: &mut SeenSnapshots) -> Result<(), JournalError> {
         for (pointer, r) in &rec.snapshots {
             let snap = self.snapshot_path(&r.sha256);
-            let why = match crate::trust::stat_root_file(&snap) {
-                Ok(m) if m.len() == r.stored => continue,
-                Ok(m) => format!("is {} bytes, the record says {}", m.len(), r.stored),
-                Err(e) => describe_open(&e),
+            let size = seen
+                .entry(r.sha256.clone())
+                .or_insert_with(|| crate::trust::stat_root_file(&snap).map(|m| m.len()).map_err(|e| describe_open(&e)));
+            let why = match size {
+                Ok(n) if *n == r.stored => continue,
+                Ok(n) => format!("is {n} bytes, the record says {}", r.stored),
+                Err(e) => e.clone(),
             };
             return Err(snapshot_error(path, pointer, snap, why));
         }
@@ -837,6 +844,7 @@ impl Journal {
     fn scan_depth(&self, depth: Depth) -> Result<(Scan, Vec<u64>), JournalError> {
         let mut scan = Scan::default();
         let mut sized: Vec<(TxnRecord, u64)> = Vec::new();
+        let mut seen = SeenSnapshots::new();
         let entries = match fs::read_dir(&self.txn_dir) {
             Ok(entries) => entries,
             // Only possible through `attach`: nothing journaled yet.
@@ -874,10 +882,12 @@ impl Journal {
                 }
             };
             match read_trusted(&path) {
-                Ok(bytes) => match parse_record(&path, &bytes, &id).and_then(|rec| self.deepen(&path, rec, depth)) {
-                    Ok(rec) => sized.push((rec, bytes.len() as u64)),
-                    Err(e) => scan.skipped.push(e),
-                },
+                Ok(bytes) => {
+                    match parse_record(&path, &bytes, &id).and_then(|rec| self.deepen(&path, rec, depth, &mut seen)) {
+                        Ok(rec) => sized.push((rec, bytes.len() as u64)),
+                        Err(e) => scan.skipped.push(e),
+                    }
+                }
                 // Removed meanwhile (prune in another process): not an error.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => scan.skipped.push(JournalError::Read { path, source }),
@@ -891,11 +901,17 @@ impl Journal {
         Ok((scan, sizes))
     }
 
-    fn deepen(&self, path: &Path, mut rec: TxnRecord, depth: Depth) -> Result<TxnRecord, JournalError> {
+    fn deepen(
+        &self,
+        path: &Path,
+        mut rec: TxnRecord,
+        depth: Depth,
+        seen: &mut SeenSnapshots,
+    ) -> Result<TxnRecord, JournalError> {
         if depth == Depth::Raw || rec.is_whole() {
             return Ok(rec);
         }
-        self.check_present(path, &rec)?;
+        self.check_present(path, &rec, seen)?;
         if !rec.state.is_finished() {
             match depth {
                 Depth::Verified => self.verify_all(path, &rec)?,
@@ -913,6 +929,19 @@ impl Journal {
     /// apart from removing stale temp files.
     pub fn list(&self) -> Result<Vec<TxnRecord>, JournalError> {
         let (scan, _) = self.scan_depth(Depth::Index)?;
+        for e in &scan.skipped {
+            tracing::warn!(error = %e, "skipping a journal file");
+        }
+        Ok(scan.records)
+    }
+
+    /// Every record as an index entry, its snapshots not even looked at (a record whose
+    /// snapshots are missing is listed too), in [`Journal::scan`]'s order; files that cannot
+    /// be read are skipped and logged. The cheapest read: for deciding whether there is work
+    /// for an agent, never for acting on a record. Read-only apart from removing stale temp
+    /// files.
+    pub fn list_entries(&self) -> Result<Vec<TxnRecord>, JournalError> {
+        let (scan, _) = self.scan_depth(Depth::Raw)?;
         for e in &scan.skipped {
             tracing::warn!(error = %e, "skipping a journal file");
         }

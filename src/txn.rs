@@ -648,35 +648,62 @@ impl TxnRecord {
     /// the snapshot references (each a JSON pointer to a part that is `null` here and a
     /// SHA-256). Unknown fields are ignored.
     pub fn from_json(bytes: &[u8]) -> Result<TxnRecord, TxnError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|source| TxnError::Json { source })?;
-        TxnRecord::from_value(value)
+        /// The version alone (everything else skipped): checked before the record is parsed.
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            version: Option<Value>,
+        }
+        let head: Head = serde_json::from_slice(bytes).map_err(|source| TxnError::Json { source })?;
+        check_version(head.version.as_ref().and_then(Value::as_u64))?;
+        let rec: TxnRecord = serde_json::from_slice(bytes).map_err(|source| TxnError::Json { source })?;
+        rec.check_refs()?;
+        Ok(rec)
     }
 
-    /// [`TxnRecord::from_json`] of a parsed value.
+    /// [`TxnRecord::from_json`] of a parsed value; also refuses a reference to a part the
+    /// record holds inline.
     pub fn from_value(value: Value) -> Result<TxnRecord, TxnError> {
-        let found = value.get("version").and_then(Value::as_u64);
-        if found != Some(u64::from(RECORD_VERSION)) && found != Some(u64::from(INLINE_RECORD_VERSION)) {
-            return Err(TxnError::UnsupportedVersion { found });
-        }
+        check_version(value.get("version").and_then(Value::as_u64))?;
         if let Some(refs) = value.get("snapshots").and_then(Value::as_object) {
-            for (pointer, r) in refs {
-                let bad = |reason| TxnError::BadSnapshotRef {
-                    pointer: crate::exit::escape_for_terminal(pointer).into_owned(),
-                    reason,
-                };
-                if !pointer.starts_with('/') {
-                    return Err(bad("not a JSON pointer"));
-                }
+            for pointer in refs.keys() {
                 if value.pointer(pointer).is_some_and(|v| !v.is_null()) {
-                    return Err(bad("the record holds that part inline too"));
-                }
-                if !r.get("sha256").and_then(Value::as_str).is_some_and(crate::compress::is_sha256_hex) {
-                    return Err(bad("not a SHA-256 in lower-case hex"));
+                    return Err(TxnError::BadSnapshotRef {
+                        pointer: crate::exit::escape_for_terminal(pointer).into_owned(),
+                        reason: "the record holds that part inline too",
+                    });
                 }
             }
         }
-        serde_json::from_value(value).map_err(|source| TxnError::Json { source })
+        let rec: TxnRecord = serde_json::from_value(value).map_err(|source| TxnError::Json { source })?;
+        rec.check_refs()?;
+        Ok(rec)
     }
+
+    /// Each snapshot reference is filed under a JSON pointer and names a SHA-256 (safe as a
+    /// file name).
+    fn check_refs(&self) -> Result<(), TxnError> {
+        for (pointer, r) in &self.snapshots {
+            let bad = |reason| TxnError::BadSnapshotRef {
+                pointer: crate::exit::escape_for_terminal(pointer).into_owned(),
+                reason,
+            };
+            if !pointer.starts_with('/') {
+                return Err(bad("not a JSON pointer"));
+            }
+            if !crate::compress::is_sha256_hex(&r.sha256) {
+                return Err(bad("not a SHA-256 in lower-case hex"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_version(found: Option<u64>) -> Result<(), TxnError> {
+    if found != Some(u64::from(RECORD_VERSION)) && found != Some(u64::from(INLINE_RECORD_VERSION)) {
+        return Err(TxnError::UnsupportedVersion { found });
+    }
+    Ok(())
 }
 
 /// What an agent does with a journaled transaction when it starts (DESIGN §2).
@@ -1197,13 +1224,16 @@ mod tests {
         for (refs, what) in [
             (json!({"before": {"sha256": sha, "bytes": 1, "stored": 1}}), "not a JSON pointer"),
             (json!({"/before": {"sha256": "../../etc/passwd", "bytes": 1, "stored": 1}}), "SHA-256"),
-            (json!({"/kind": {"sha256": sha, "bytes": 1, "stored": 1}}), "inline too"),
         ] {
             let mut v5 = serde_json::to_value(rec()).expect("json");
             v5["snapshots"] = refs;
             let e = TxnRecord::from_json(&serde_json::to_vec(&v5).expect("bytes")).expect_err(what);
             assert!(e.to_string().contains(what), "{e}");
         }
+        let mut v6 = serde_json::to_value(rec()).expect("json");
+        v6["snapshots"] = json!({"/kind": {"sha256": sha, "bytes": 1, "stored": 1}});
+        let e = TxnRecord::from_value(v6).expect_err("inline too");
+        assert!(e.to_string().contains("inline too"), "{e}");
         assert!(matches!(TxnRecord::from_json(b"{}"), Err(TxnError::UnsupportedVersion { found: None })));
         assert!(matches!(TxnRecord::from_json(b"{\"version\": 1"), Err(TxnError::Json { .. })));
         // A bad id inside a record is refused.

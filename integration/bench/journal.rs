@@ -101,10 +101,7 @@ fn state_after(i: usize, rules: usize) -> (String, FwState) {
             save,
             "[0:0] -A INPUT -s {ip}/32 -p tcp -m tcp --dport {port} -m comment --comment \"blk-{n}\" -j DROP"
         );
-        let _ = writeln!(
-            nft,
-            "\t\tip saddr {ip} tcp dport {port} counter packets 0 bytes 0 drop comment \"blk-{n}\""
-        );
+        let _ = writeln!(nft, "\t\tip saddr {ip} tcp dport {port} counter packets 0 bytes 0 drop comment \"blk-{n}\"");
     }
     save.push_str("COMMIT\n# Completed\n");
     nft.push_str("\t}\n\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy accept;\n\t}\n\n");
@@ -131,7 +128,8 @@ const BOOT: &str = "00000000-0000-4000-8000-00000000bench";
 /// the same records take inline (what the previous format wrote), and the seconds it took.
 fn fill(j: &Journal, cfg: &Config) -> Result<(u64, f64), String> {
     let started = Instant::now();
-    let target = TargetRecord { label: "host".into(), path: "/proc/1/ns/net".into(), pin: None, dev: 4, ino: 4_026_531_840 };
+    let target =
+        TargetRecord { label: "host".into(), path: "/proc/1/ns/net".into(), pin: None, dev: 4, ino: 4_026_531_840 };
     let (_, mut prior) = state_after(0, cfg.rules);
     let mut inline_bytes = 0u64;
     let wall0 = journal::wall_unix_now() - 86_400;
@@ -183,10 +181,10 @@ fn fill(j: &Journal, cfg: &Config) -> Result<(u64, f64), String> {
 // ---------------------------------------------------------------------------------------------
 // Whole processes
 
-/// Wall time and max RSS (KiB) of one process, from wait4(2). The process is started by a
+/// Wall time, max RSS (KiB), success and CPU time (user + system) of one process, from wait4(2). The process is started by a
 /// fresh, small copy of this binary (`--measure-child`): Linux counts the RSS of the process
 /// that spawns it into the child's max RSS, and this one holds the generated rulesets.
-fn measure(cmd: &Command) -> Result<(Duration, u64, bool), String> {
+fn measure(cmd: &Command) -> Result<(Duration, u64, bool, Duration), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = Command::new(exe)
         .arg("--measure-child")
@@ -201,12 +199,13 @@ fn measure(cmd: &Command) -> Result<(Duration, u64, bool), String> {
     let text = String::from_utf8_lossy(&out.stdout);
     let f: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
     match f.as_slice() {
-        [ns, rss, ok] => Ok((Duration::from_nanos(*ns), *rss, *ok == 1)),
+        [ns, rss, ok, cpu] => Ok((Duration::from_nanos(*ns), *rss, *ok == 1, Duration::from_nanos(*cpu))),
         _ => Err(format!("measure: unexpected {text:?}")),
     }
 }
 
-/// `--measure-child EXE ARGS…`: runs EXE once (output discarded), prints `wall_ns maxrss_kib ok`.
+/// `--measure-child EXE ARGS…`: runs EXE once (output discarded), prints
+/// `wall_ns maxrss_kib ok cpu_ns` (CPU: user + system, from the same rusage).
 fn measure_child(args: &[String]) -> ! {
     let Some((exe, rest)) = args.split_first() else { std::process::exit(2) };
     let start = Instant::now();
@@ -233,7 +232,9 @@ fn measure_child(args: &[String]) -> ! {
         std::process::exit(2);
     }
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    println!("{} {} {}", took.as_nanos(), ru.ru_maxrss, u8::from(ok));
+    let cpu_us = |t: libc::timeval| t.tv_sec as i64 * 1_000_000 + t.tv_usec as i64;
+    let cpu_ns = (cpu_us(ru.ru_utime) + cpu_us(ru.ru_stime)).max(0) * 1000;
+    println!("{} {} {} {cpu_ns}", took.as_nanos(), ru.ru_maxrss, u8::from(ok));
     std::process::exit(0)
 }
 
@@ -257,20 +258,23 @@ impl Cli {
         out.and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or(serde_json::Value::Null)
     }
 
-    /// Median wall time and the largest max RSS of `runs` runs of `args`.
-    fn process(&self, args: &[&str], runs: usize) -> Result<(Duration, u64), String> {
+    /// Median wall time, the largest max RSS and the median CPU time of `runs` runs of `args`.
+    fn process(&self, args: &[&str], runs: usize) -> Result<(Duration, u64, Duration), String> {
         let mut times = Vec::new();
+        let mut cpus = Vec::new();
         let mut rss = 0;
         for _ in 0..runs {
-            let (t, r, ok) = measure(&self.cmd(args))?;
+            let (t, r, ok, c) = measure(&self.cmd(args))?;
             if !ok {
                 return Err(format!("ctguard {} failed", args.join(" ")));
             }
             times.push(t);
+            cpus.push(c);
             rss = rss.max(r);
         }
         times.sort();
-        Ok((times[times.len() / 2], rss))
+        cpus.sort();
+        Ok((times[times.len() / 2], rss, cpus[cpus.len() / 2]))
     }
 
     fn agent_pid(&self) -> Option<i32> {
@@ -313,9 +317,13 @@ fn apply_rollback(cli: &Cli, runs: usize) -> Result<(Duration, Duration, u64), S
         let ta = t.elapsed();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         let Some(id) = v["data"]["txid"].as_str().map(str::to_string) else {
-            return Err(format!("apply failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "apply failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
         };
-        let (tr, _, ok) = measure(&cli.cmd(&["rollback", &id]))?;
+        let (tr, _, ok, _) = measure(&cli.cmd(&["rollback", &id]))?;
         if !ok {
             return Err(format!("rollback {id} failed"));
         }
@@ -353,6 +361,18 @@ fn main() {
         std::process::exit(1);
     }
     let cfg = Config::from_env();
+    // For profiling: `CTGUARD_JOURNAL_FILL_ONLY=DIR` fills DIR (a state dir) and exits.
+    if let Some(dir) = std::env::var_os("CTGUARD_JOURNAL_FILL_ONLY") {
+        let r = Journal::open(Path::new(&dir)).map_err(|e| e.to_string()).and_then(|j| fill(&j, &cfg));
+        match r {
+            Ok((_, s)) => println!("filled {} in {s:.0} s", Path::new(&dir).display()),
+            Err(e) => {
+                eprintln!("journal bench: {e}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     reap_stale_namespaces("ctg-jbench");
     let tmp = Scratch(std::env::temp_dir().join(format!("ctg-jbench-{}", std::process::id())));
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_ctguard"));
@@ -366,25 +386,27 @@ fn main() {
         Journal::open(&empty.state).map_err(|e| e.to_string())?;
         let (inline_bytes, fill_s) = fill(&j, &cfg)?;
         let mut rows = vec![
-            "| journal | records | on disk | `status` | `status` max RSS | `history` | `history` max RSS |".to_string(),
-            "| --- | --- | --- | --- | --- | --- | --- |".to_string(),
+            "| journal | records | on disk | `status` wall | `status` CPU | `status` max RSS | `history` wall | `history` CPU | `history` max RSS |".to_string(),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |".to_string(),
         ];
-        let mut row = |label: &str, cli: &Cli, jn: &Journal| -> Result<(Duration, u64), String> {
+        let mut row = |label: &str, cli: &Cli, jn: &Journal| -> Result<(), String> {
             let records = jn.list().map_err(|e| e.to_string())?.len();
-            let (st, st_rss) = cli.process(&["status"], cfg.runs)?;
-            let (hi, hi_rss) = cli.process(&["history"], cfg.runs)?;
+            let (st, st_rss, st_cpu) = cli.process(&["status"], cfg.runs)?;
+            let (hi, hi_rss, hi_cpu) = cli.process(&["history"], cfg.runs)?;
             rows.push(format!(
-                "| {label} | {records} | {} | {} | {:.1} MiB | {} | {:.1} MiB |",
+                "| {label} | {records} | {} | {} | {} | {:.1} MiB | {} | {} | {:.1} MiB |",
                 mib(jn.disk_bytes()),
                 ms(st),
+                ms(st_cpu),
                 st_rss as f64 / 1024.0,
                 ms(hi),
+                ms(hi_cpu),
                 hi_rss as f64 / 1024.0
             ));
-            Ok((st, st_rss))
+            Ok(())
         };
         let ej = Journal::attach(&empty.state).map_err(|e| e.to_string())?;
-        let (_, floor, _) = measure(&Command::new("/bin/true"))?;
+        let (_, floor, _, _) = measure(&Command::new("/bin/true"))?;
         row("empty", &empty, &ej)?;
         let label = format!("{} × {}-rule ruleset transactions, all kept", cfg.records, cfg.rules);
         row(&label, &full, &j)?;
@@ -402,7 +424,10 @@ fn main() {
             floor as f64 / 1024.0
         ));
         rows.push(String::new());
-        rows.push("| small apply + rollback (built-in policy, agent warm) | empty journal | with the journal above | ratio |".into());
+        rows.push(
+            "| small apply + rollback (built-in policy, agent warm) | empty journal | with the journal above | ratio |"
+                .into(),
+        );
         rows.push("| --- | --- | --- | --- |".into());
         let (ea, er, eh) = apply_rollback(&empty, cfg.runs.min(7))?;
         let (fa, fr, fh) = apply_rollback(&full, cfg.runs.min(7))?;

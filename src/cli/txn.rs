@@ -360,7 +360,9 @@ pub(super) fn revive_agent_if_needed(global: &Global) {
     let Ok(j) = Journal::attach(&global.state_dir) else { return };
     // A namespace pin left by a crash is work for an agent too: it removes it at start.
     let leftover_pins = std::fs::read_dir(global.run_dir.join("ns")).is_ok_and(|mut d| d.next().is_some());
-    let records = j.list().unwrap_or_default();
+    // The cheapest read (no snapshot looked at): a damaged record only starts an agent that
+    // reports it.
+    let records = j.list_entries().unwrap_or_default();
     let unfinished = records.iter().any(|r| !r.state.is_finished());
     if (leftover_pins || unfinished || guarded_exists(&records)) && !client::is_running(&global.run_dir) {
         if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
