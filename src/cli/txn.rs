@@ -358,13 +358,19 @@ fn open_journal(global: &Global) -> Result<Journal, Vec<Failure>> {
 /// journal yet.
 pub(super) fn revive_agent_if_needed(global: &Global) {
     let Ok(j) = Journal::attach(&global.state_dir) else { return };
-    // A namespace pin left by a crash is work for an agent too: it removes it at start.
-    let leftover_pins = std::fs::read_dir(global.run_dir.join("ns")).is_ok_and(|mut d| d.next().is_some());
     // The cheapest read (no snapshot looked at): a damaged record only starts an agent that
     // reports it.
     let records = j.list_entries().unwrap_or_default();
+    revive_agent_for(global, &records);
+}
+
+/// [`revive_agent_if_needed`] with the records the verb read anyway (`status`, `history`: the
+/// journal is read once).
+fn revive_agent_for(global: &Global, records: &[txn::TxnRecord]) {
+    // A namespace pin left by a crash is work for an agent too: it removes it at start.
+    let leftover_pins = std::fs::read_dir(global.run_dir.join("ns")).is_ok_and(|mut d| d.next().is_some());
     let unfinished = records.iter().any(|r| !r.state.is_finished());
-    if (leftover_pins || unfinished || guarded_exists(&records)) && !client::is_running(&global.run_dir) {
+    if (leftover_pins || unfinished || guarded_exists(records)) && !client::is_running(&global.run_dir) {
         if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
             eprintln!(
                 "ctguard: warning: unfinished transactions and no agent: {}",
@@ -404,6 +410,7 @@ pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
     let now = journal::boottime_ns();
     // The index: no snapshot of a finished record is read (those of a pending one are checked).
     let scan = j.scan_index().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    revive_agent_for(global, &scan.records);
     let mut pending: Vec<Value> =
         scan.records.iter().filter(|r| !r.state.is_finished()).map(|r| txn::status_entry(r, now)).collect();
     let damaged: Vec<String> = scan.skipped.iter().map(|e| e.to_string()).collect();
@@ -508,6 +515,7 @@ fn in_order_of_events(j: &Journal, records: &mut [txn::TxnRecord]) {
 pub(super) fn history(global: &Global) -> Result<Exit, Vec<Failure>> {
     let j = open_journal(global)?;
     let mut all = j.list().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    revive_agent_for(global, &all);
     in_order_of_events(&j, &mut all);
     let list: Vec<Value> = all
         .iter()
