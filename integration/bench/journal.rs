@@ -232,7 +232,7 @@ fn measure_child(args: &[String]) -> ! {
         std::process::exit(2);
     }
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    let cpu_us = |t: libc::timeval| t.tv_sec as i64 * 1_000_000 + t.tv_usec as i64;
+    let cpu_us = |t: libc::timeval| t.tv_sec.saturating_mul(1_000_000).saturating_add(t.tv_usec);
     let cpu_ns = (cpu_us(ru.ru_utime) + cpu_us(ru.ru_stime)).max(0) * 1000;
     println!("{} {} {} {cpu_ns}", took.as_nanos(), ru.ru_maxrss, u8::from(ok));
     std::process::exit(0)
