@@ -21,7 +21,8 @@
 //!
 //! Only `cargo bench` measures (it passes `--bench`). `CTGUARD_BENCH_QUICK=1` is a smoke run
 //! (20 records of 10k rules); `CTGUARD_JOURNAL_RECORDS=N` and `CTGUARD_JOURNAL_RULES=N` set the
-//! sizes, `CTGUARD_BENCH_RUNS=N` the runs per figure.
+//! sizes, `CTGUARD_BENCH_RUNS=N` the runs per figure; `CTGUARD_JOURNAL_FILL_ONLY=DIR` only fills
+//! the state dir DIR (for profiling `ctguard --state-dir DIR status`) and exits.
 
 #[path = "common.rs"]
 mod common;
