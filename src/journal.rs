@@ -10,7 +10,22 @@
 //!                          by `scan` once older than STALE_TMP_AGE)
 //! txn/.ID.reserve          disk set aside for the later records of an unfinished transaction
 //!                          (given back when a write meets a full disk)
+//! snapshots/SHA256.zst     a large part of a record (a listing, a ruleset, a saved table,
+//!                          …), zstd-compressed, named by the SHA-256 of its bytes: stored
+//!                          once however many records refer to it
+//! snapshots/.SHA256.zst.tmp  a snapshot write in progress (or a crash leftover)
 //! ```
+//!
+//! A record is the index entry of its transaction: its parts of [`SNAPSHOT_MIN_BYTES`] or more
+//! (the `ruleset`, the `before`/`after` listings, every text of a ruleset transaction's
+//! snapshot in `undo.snapshot`, the previous contents in `undo.persisted`, the `undo.drift`
+//! list) are stored apart and referred to by [`TxnRecord::snapshots`]. Reading the records
+//! ([`Journal::list`], [`Journal::scan_index`]) never reads a snapshot; [`Journal::load`] and
+//! [`Journal::resolve`] read those of one record, when it is rolled back, shown or re-applied.
+//! A snapshot is written (temp, fsync, rename, fsync dir) before the record that refers to
+//! it; one that is missing, not root's alone, or whose bytes do not match its hash makes the
+//! record damaged: listed, never acted on. Records written before snapshots were stored apart
+//! (everything inline, version 1) are read as they are.
 //!
 //! Side effects: files only (and reading `/proc` and the clocks in the free functions).
 //! Writers of one record must be serialized by the caller (the agent owns the records; take
@@ -26,10 +41,27 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::time::{clock_gettime, ClockId};
 
-use crate::txn::{TxnError, TxnId, TxnRecord};
+use serde_json::Value;
+
+use crate::txn::{SnapshotRef, TxnError, TxnId, TxnRecord};
 
 /// Finished records kept by [`Journal::prune`] by default.
 pub const DEFAULT_KEEP: usize = 200;
+
+/// Bytes of journal on disk — record files plus the snapshots they refer to, each snapshot
+/// counted once — kept by [`Journal::prune`] by default: older finished records go until the
+/// journal fits (records that are unfinished or the newest committed one of their target are
+/// never removed, and may exceed it alone).
+pub const DEFAULT_KEEP_BYTES: u64 = 64 << 20;
+
+/// Parts of a record at least this long are stored apart as snapshots; shorter ones stay
+/// inline.
+pub const SNAPSHOT_MIN_BYTES: usize = 4096;
+
+/// A snapshot no record refers to is removed by [`Journal::prune`] once it is older than this
+/// (younger, it may belong to a record being written), or at once when the records just
+/// pruned were the last to refer to it.
+pub const SNAPSHOT_GRACE: Duration = Duration::from_secs(60);
 
 /// Free space [`Journal::open`] requires in the state dir.
 pub const MIN_FREE_BYTES: u64 = 1024 * 1024;
@@ -210,6 +242,31 @@ pub enum JournalError {
         /// Record directory.
         dir: PathBuf,
     },
+    /// A snapshot a record refers to cannot be used: missing, not root's alone, a symlink,
+    /// unreadable, not zstd, or its bytes do not match its hash. The record is damaged:
+    /// listed, never acted on.
+    #[error("{record}: snapshot {pointer} ({path}) {why}")]
+    Snapshot {
+        /// The record file.
+        record: PathBuf,
+        /// The part of the record (a JSON pointer).
+        pointer: String,
+        /// The snapshot file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A snapshot could not be written; the record that would refer to it was not written.
+    #[error("cannot write snapshot {path} ({step}): {source}")]
+    WriteSnapshot {
+        /// File or directory.
+        path: PathBuf,
+        /// `"compress"`, `"create"`, `"write"`, `"fsync"`, `"rename"` or `"fsync directory"`.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn holder_text(holder: Option<i32>) -> String {
@@ -230,6 +287,28 @@ pub struct Scan {
 pub struct Journal {
     state_dir: PathBuf,
     txn_dir: PathBuf,
+    snap_dir: PathBuf,
+    /// Snapshots this process wrote or checked byte for byte (shared by clones): a write that
+    /// refers to one again only checks that its file is still there.
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+/// Snapshot files looked at during one scan: SHA-256 → size, or why it cannot be used (records
+/// share snapshots: each file is looked at once).
+type SeenSnapshots = std::collections::HashMap<String, Result<u64, String>>;
+
+/// How far [`Journal`]'s reads go into the snapshots of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Depth {
+    /// Not at all.
+    Raw,
+    /// Each snapshot file is there, root's alone and of the recorded size (one `lstat`).
+    Index,
+    /// [`Depth::Index`], and an unfinished record's snapshots decompressed and hashed
+    /// (streamed: constant memory).
+    Verified,
+    /// [`Depth::Index`], and an unfinished record resolved (made whole).
+    Resolved,
 }
 
 /// An exclusive `flock` on `$STATE_DIR/lock`, released when dropped (or when the process dies:
@@ -256,13 +335,25 @@ impl Journal {
     /// the directories, nothing is changed. Idempotent.
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let txn_dir = state_dir.join("txn");
+        let snap_dir = state_dir.join("snapshots");
         trusted(state_dir)?;
         ensure_dir(state_dir)?;
         ensure_dir(&txn_dir)?;
         trusted(&txn_dir)?;
-        let journal = Journal { state_dir: state_dir.to_path_buf(), txn_dir };
+        let journal = Journal::handle(state_dir);
         journal.check_room()?;
+        ensure_dir(&snap_dir)?;
+        trusted(&snap_dir)?;
         Ok(journal)
+    }
+
+    fn handle(state_dir: &Path) -> Journal {
+        Journal {
+            state_dir: state_dir.to_path_buf(),
+            txn_dir: state_dir.join("txn"),
+            snap_dir: state_dir.join("snapshots"),
+            known: Default::default(),
+        }
     }
 
     /// A handle on `state_dir` without creating anything or checking room: for read-only verbs
@@ -273,13 +364,14 @@ impl Journal {
     pub fn attach(state_dir: &Path) -> Result<Journal, JournalError> {
         trusted(state_dir)?;
         trusted(&state_dir.join("txn"))?;
+        trusted(&state_dir.join("snapshots"))?;
         match fs::metadata(state_dir) {
             Ok(m) if !m.is_dir() => return Err(JournalError::NotADirectory { path: state_dir.to_path_buf() }),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(JournalError::Access { path: state_dir.to_path_buf(), source }),
         }
-        Ok(Journal { state_dir: state_dir.to_path_buf(), txn_dir: state_dir.join("txn") })
+        Ok(Journal::handle(state_dir))
     }
 
     /// The apply precondition of DESIGN §1, re-checkable at any time (a long-running agent
@@ -302,6 +394,16 @@ impl Journal {
         &self.txn_dir
     }
 
+    /// The directory of the snapshot files (`state_dir/snapshots`).
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snap_dir
+    }
+
+    /// Path of the snapshot file of SHA-256 `sha256` (whether or not it exists).
+    pub fn snapshot_path(&self, sha256: &str) -> PathBuf {
+        self.snap_dir.join(format!("{sha256}.zst"))
+    }
+
     /// Path of the record file of `id` (whether or not it exists).
     pub fn record_path(&self, id: &TxnId) -> PathBuf {
         self.txn_dir.join(format!("{id}.json"))
@@ -311,26 +413,284 @@ impl Journal {
         self.txn_dir.join(format!(".{id}.json.tmp"))
     }
 
-    /// Stores `rec` crash-safely: serialize, write `txn/.ID.json.tmp`, fsync it, rename it over
-    /// `txn/ID.json`, fsync the directory. After `Ok`, the new version survives a crash or
-    /// power loss; until then, the previous version (or none) does — never a torn file. On
+    /// Stores `rec` crash-safely. First its large parts ([`SNAPSHOT_MIN_BYTES`] or more) as
+    /// snapshots: each not stored yet is compressed, written to `snapshots/.SHA256.zst.tmp`,
+    /// fsynced and renamed to `snapshots/SHA256.zst`, then the directory is fsynced. Then the
+    /// record, referring to them: serialize, write `txn/.ID.json.tmp`, fsync it, rename it over
+    /// `txn/ID.json`, fsync the directory. After `Ok`, the new version and every snapshot it
+    /// refers to survive a crash or power loss; until then, the previous version (or none)
+    /// does — never a torn file, never a record without its snapshots (a crash in between
+    /// leaves at worst a snapshot no record refers to, removed by [`Journal::prune`]). On
     /// `Err` the caller must not perform the effect this step journals. Idempotent (writing
-    /// the same record twice leaves the same file). Concurrent writers of the same id must be
+    /// the same record twice leaves the same files). An index entry (see
+    /// [`TxnRecord::snapshots`]) keeps referring to the snapshots of its absent parts; a part
+    /// set in memory replaces its reference. Concurrent writers of the same id must be
     /// serialized by the caller.
     pub fn write(&self, rec: &TxnRecord) -> Result<(), JournalError> {
-        let bytes = rec.to_json().map_err(|source| JournalError::Encode { id: rec.id.to_string(), source })?;
-        match self.write_bytes(rec, &bytes) {
+        let encode = |source| JournalError::Encode { id: rec.id.to_string(), source };
+        let (mut value, parts) = split_record(rec).map_err(encode)?;
+        let attempt = |value: &mut Value| -> Result<(), JournalError> {
+            let refs = self.store_snapshots(&parts)?;
+            set_refs(value, refs);
+            let mut bytes = serde_json::to_vec_pretty(&*value).map_err(|source| encode(TxnError::Json { source }))?;
+            bytes.push(b'\n');
+            self.write_bytes(rec, &bytes)?;
+            // A prune that ran without the lock may have removed a snapshot this record reuses.
+            self.restore_missing(&parts)
+        };
+        match attempt(&mut value) {
             // A full disk and a final record (committed, rolled back): give the record's
             // reserve back and try once more (DESIGN §2: a failed apply must still reach a
             // terminal state in the journal). Intermediate records do not use the reserve.
-            Err(JournalError::Write { source, .. })
+            Err(JournalError::Write { source, .. } | JournalError::WriteSnapshot { source, .. })
                 if is_no_space(&source) && rec.state.is_finished() && self.release_reserve(&rec.id) =>
             {
                 tracing::warn!(txid = rec.id.as_str(), "state dir full: writing the record into its reserve");
-                self.write_bytes(rec, &bytes)
+                attempt(&mut value)
             }
             other => other,
         }
+    }
+
+    /// Makes sure every part is stored (see [`Journal::write`]); returns the references.
+    fn store_snapshots(&self, parts: &[Part]) -> Result<Vec<(String, SnapshotRef)>, JournalError> {
+        if !parts.is_empty() {
+            // A state dir from before snapshots (attached, not opened) gets its directory now.
+            ensure_dir(&self.snap_dir)?;
+            trusted(&self.snap_dir)?;
+        }
+        let mut refs = Vec::with_capacity(parts.len());
+        let mut wrote = false;
+        for part in parts {
+            let stored = match self.stored_size(part) {
+                Some(n) => n,
+                None => {
+                    wrote = true;
+                    self.write_snapshot(part)?
+                }
+            };
+            let r =
+                SnapshotRef { sha256: part.sha256.clone(), bytes: part.bytes.len() as u64, stored, json: part.json };
+            refs.push((part.pointer.clone(), r));
+        }
+        if wrote {
+            fsync_dir(&self.snap_dir).map_err(|source| JournalError::WriteSnapshot {
+                path: self.snap_dir.clone(),
+                step: "fsync directory",
+                source,
+            })?;
+        }
+        Ok(refs)
+    }
+
+    /// The size of `part`'s snapshot file when it is stored already and intact (checked byte
+    /// for byte once per process), its mtime renewed so a concurrent prune keeps it.
+    fn stored_size(&self, part: &Part) -> Option<u64> {
+        let path = self.snapshot_path(&part.sha256);
+        let meta = crate::trust::stat_root_file(&path).ok()?;
+        let known = self.known.lock().map(|k| k.contains(&part.sha256)).unwrap_or(false);
+        if !known {
+            let r = SnapshotRef {
+                sha256: part.sha256.clone(),
+                bytes: part.bytes.len() as u64,
+                stored: meta.len(),
+                json: part.json,
+            };
+            if self.verify_snapshot(&path, &r).is_err() {
+                return None;
+            }
+            self.remember(&part.sha256);
+        }
+        touch(&path);
+        Some(meta.len())
+    }
+
+    fn remember(&self, sha256: &str) {
+        if let Ok(mut k) = self.known.lock() {
+            k.insert(sha256.to_string());
+        }
+    }
+
+    /// Compresses and writes one snapshot (temp, fsync, rename; the caller fsyncs the
+    /// directory). Returns the file's size.
+    fn write_snapshot(&self, part: &Part) -> Result<u64, JournalError> {
+        let dest = self.snapshot_path(&part.sha256);
+        let tmp = self.snap_dir.join(format!(".{}.zst.tmp", part.sha256));
+        let step = |step: &'static str, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| JournalError::WriteSnapshot { path, step, source }
+        };
+        let frame = crate::compress::compress(&part.bytes).map_err(|e| JournalError::WriteSnapshot {
+            path: dest.clone(),
+            step: "compress",
+            source: io::Error::other(e),
+        })?;
+        let written = (|| {
+            let _ = fs::remove_file(&tmp);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&tmp)
+                .map_err(step("create", &tmp))?;
+            f.write_all(&frame).map_err(step("write", &tmp))?;
+            f.sync_all().map_err(step("fsync", &tmp))?;
+            drop(f);
+            fs::rename(&tmp, &dest).map_err(step("rename", &dest))
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written?;
+        self.remember(&part.sha256);
+        Ok(frame.len() as u64)
+    }
+
+    /// Writes again (from memory) the snapshots of `parts` whose files are gone.
+    fn restore_missing(&self, parts: &[Part]) -> Result<(), JournalError> {
+        let mut wrote = false;
+        for part in parts {
+            if fs::symlink_metadata(self.snapshot_path(&part.sha256)).is_err() {
+                tracing::warn!(
+                    sha256 = part.sha256.as_str(),
+                    "a snapshot vanished while its record was written; writing it again"
+                );
+                self.write_snapshot(part)?;
+                wrote = true;
+            }
+        }
+        if wrote {
+            fsync_dir(&self.snap_dir).map_err(|source| JournalError::WriteSnapshot {
+                path: self.snap_dir.clone(),
+                step: "fsync directory",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads one snapshot whole: the file must be root's alone, of the recorded size, a zstd
+    /// frame decoding to exactly the recorded bytes. Returns the part as JSON.
+    fn read_snapshot(&self, r: &SnapshotRef) -> Result<Value, String> {
+        let path = self.snapshot_path(&r.sha256);
+        let mut f = crate::trust::open_root_file(&path).map_err(|e| describe_open(&e))?;
+        let mut frame = Vec::new();
+        f.read_to_end(&mut frame).map_err(|e| format!("cannot be read: {e}"))?;
+        if frame.len() as u64 != r.stored {
+            return Err(format!("is {} bytes, the record says {}", frame.len(), r.stored));
+        }
+        let bytes = crate::compress::decompress(&frame).map_err(|e| e.to_string())?;
+        drop(frame);
+        if bytes.len() as u64 != r.bytes || crate::compress::sha256_hex(&bytes) != r.sha256 {
+            return Err("does not hold the bytes its name and the record say (damaged or replaced)".into());
+        }
+        if r.json {
+            serde_json::from_slice(&bytes).map_err(|e| format!("is not JSON: {e}"))
+        } else {
+            String::from_utf8(bytes).map(Value::String).map_err(|_| "is not UTF-8 text".into())
+        }
+    }
+
+    /// Checks one snapshot byte for byte without keeping it (streamed: constant memory).
+    fn verify_snapshot(&self, path: &Path, r: &SnapshotRef) -> Result<(), String> {
+        use sha2::Digest;
+        let f = crate::trust::open_root_file(path).map_err(|e| describe_open(&e))?;
+        let size = f.metadata().map(|m| m.len()).map_err(|e| format!("cannot be read: {e}"))?;
+        if size != r.stored {
+            return Err(format!("is {size} bytes, the record says {}", r.stored));
+        }
+        let mut dec = zstd::stream::read::Decoder::new(f).map_err(|e| format!("is not zstd: {e}"))?.single_frame();
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 128 << 10];
+        let mut total = 0u64;
+        loop {
+            let n = dec.read(&mut buf).map_err(|e| format!("is not a valid zstd snapshot: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > r.bytes {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let digest = hasher.finalize();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        if total != r.bytes || hex != r.sha256 {
+            return Err("does not hold the bytes its name and the record say (damaged or replaced)".into());
+        }
+        Ok(())
+    }
+
+    /// Checks that each snapshot of `rec` is there, root's alone and of its recorded size
+    /// (one `lstat` each; the bytes are not read).
+    fn check_present(&self, path: &Path, rec: &TxnRecord, seen: &mut SeenSnapshots) -> Result<(), JournalError> {
+        for (pointer, r) in &rec.snapshots {
+            let snap = self.snapshot_path(&r.sha256);
+            let size = seen
+                .entry(r.sha256.clone())
+                .or_insert_with(|| crate::trust::stat_root_file(&snap).map(|m| m.len()).map_err(|e| describe_open(&e)));
+            let why = match size {
+                Ok(n) if *n == r.stored => continue,
+                Ok(n) => format!("is {n} bytes, the record says {}", r.stored),
+                Err(e) => e.clone(),
+            };
+            return Err(snapshot_error(path, pointer, snap, why));
+        }
+        Ok(())
+    }
+
+    fn verify_all(&self, path: &Path, rec: &TxnRecord) -> Result<(), JournalError> {
+        for (pointer, r) in &rec.snapshots {
+            let snap = self.snapshot_path(&r.sha256);
+            self.verify_snapshot(&snap, r).map_err(|why| snapshot_error(path, pointer, snap, why))?;
+        }
+        Ok(())
+    }
+
+    /// Makes an index entry whole: reads, checks and decompresses each snapshot it refers to
+    /// and puts the parts back in place ([`TxnRecord::snapshots`] empty afterwards). A whole
+    /// record is left as it is. A snapshot that is missing, not root's alone, or whose bytes
+    /// do not match → [`JournalError::Snapshot`], and `rec` is unchanged: never a record with
+    /// wrong parts. Read-only on disk.
+    pub fn resolve(&self, rec: &mut TxnRecord) -> Result<(), JournalError> {
+        if rec.is_whole() {
+            return Ok(());
+        }
+        let path = self.record_path(&rec.id);
+        let mut value = serde_json::to_value(&*rec)
+            .map_err(|source| JournalError::Encode { id: rec.id.to_string(), source: TxnError::Json { source } })?;
+        self.resolve_value(&path, &mut value)?;
+        *rec = TxnRecord::from_value(value).map_err(|source| JournalError::Corrupt { path, source })?;
+        Ok(())
+    }
+
+    /// Puts the snapshots of a record's JSON back in place and drops its `snapshots`.
+    fn resolve_value(&self, path: &Path, value: &mut Value) -> Result<(), JournalError> {
+        let Some(Value::Object(refs)) = value.as_object_mut().and_then(|o| o.remove("snapshots")) else {
+            return Ok(());
+        };
+        for (pointer, r) in refs {
+            let r: SnapshotRef = serde_json::from_value(r).map_err(|source| JournalError::Corrupt {
+                path: path.to_path_buf(),
+                source: TxnError::Json { source },
+            })?;
+            let snap = self.snapshot_path(&r.sha256);
+            let part = self.read_snapshot(&r).map_err(|why| snapshot_error(path, &pointer, snap.clone(), why))?;
+            match value.pointer_mut(&pointer) {
+                Some(slot) if slot.is_null() => *slot = part,
+                _ => {
+                    return Err(snapshot_error(
+                        path,
+                        &pointer,
+                        snap,
+                        "refers to a part the record does not have".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn write_bytes(&self, rec: &TxnRecord, bytes: &[u8]) -> Result<(), JournalError> {
@@ -425,6 +785,35 @@ impl Journal {
     pub fn load(&self, id: &TxnId) -> Result<TxnRecord, JournalError> {
         let path = self.record_path(id);
         match read_trusted(&path) {
+            Ok(bytes) => {
+                let mut value: Value = serde_json::from_slice(&bytes).map_err(|source| JournalError::Corrupt {
+                    path: path.clone(),
+                    source: TxnError::Json { source },
+                })?;
+                drop(bytes);
+                if value.get("snapshots").and_then(Value::as_object).is_none_or(serde_json::Map::is_empty) {
+                    return parse_value(&path, value, id);
+                }
+                // Version, references and id are checked before any snapshot is read (the
+                // value is an index entry: small).
+                parse_value(&path, value.clone(), id)?;
+                self.resolve_value(&path, &mut value)?;
+                parse_value(&path, value, id)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(JournalError::NotFound { id: id.to_string(), dir: self.txn_dir.clone() })
+            }
+            Err(source) => Err(JournalError::Read { path, source }),
+        }
+    }
+
+    /// The record of `id` as an index entry: state, events, target, requester, options — its
+    /// snapshots neither read nor checked ([`TxnRecord::snapshots`] lists them). For a record's
+    /// state (e.g. waiting for its outcome), never for acting on its parts. Errors as
+    /// [`Journal::load`]. Read-only.
+    pub fn load_entry(&self, id: &TxnId) -> Result<TxnRecord, JournalError> {
+        let path = self.record_path(id);
+        match read_trusted(&path) {
             Ok(bytes) => parse_record(&path, &bytes, id),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(JournalError::NotFound { id: id.to_string(), dir: self.txn_dir.clone() })
@@ -434,14 +823,32 @@ impl Journal {
     }
 
     /// Reads every record, in order of creation then id, and reports the files it skipped
-    /// (never fails because of one bad file). Write-in-progress files are ignored; those older
-    /// than [`STALE_TMP_AGE`] are crash leftovers and are removed (best effort).
+    /// (never fails because of one bad file) — what an agent recovers from. Finished records
+    /// are index entries (their snapshots checked as in [`Journal::list`], not read); each
+    /// unfinished record is made whole ([`Journal::resolve`]), and one whose snapshots are
+    /// missing or damaged is skipped as damaged. Write-in-progress files are ignored; those
+    /// older than [`STALE_TMP_AGE`] are crash leftovers and are removed (best effort).
     pub fn scan(&self) -> Result<Scan, JournalError> {
+        self.scan_depth(Depth::Resolved).map(|(scan, _)| scan)
+    }
+
+    /// [`Journal::scan`] for `status`: every record an index entry, each snapshot checked to
+    /// be there, root's alone and of its size (one `lstat`), and those of unfinished records
+    /// decompressed and hashed in a stream (constant memory) — a record whose snapshots fail
+    /// is skipped as damaged. Reads no snapshot of a finished record.
+    pub fn scan_index(&self) -> Result<Scan, JournalError> {
+        self.scan_depth(Depth::Verified).map(|(scan, _)| scan)
+    }
+
+    /// The records at `depth`, with the size of each record file.
+    fn scan_depth(&self, depth: Depth) -> Result<(Scan, Vec<u64>), JournalError> {
         let mut scan = Scan::default();
+        let mut sized: Vec<(TxnRecord, u64)> = Vec::new();
+        let mut seen = SeenSnapshots::new();
         let entries = match fs::read_dir(&self.txn_dir) {
             Ok(entries) => entries,
             // Only possible through `attach`: nothing journaled yet.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(scan),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((scan, Vec::new())),
             Err(source) => return Err(JournalError::ReadDir { path: self.txn_dir.clone(), source }),
         };
         for entry in entries {
@@ -475,25 +882,66 @@ impl Journal {
                 }
             };
             match read_trusted(&path) {
-                Ok(bytes) => match parse_record(&path, &bytes, &id) {
-                    Ok(rec) => scan.records.push(rec),
-                    Err(e) => scan.skipped.push(e),
-                },
+                Ok(bytes) => {
+                    match parse_record(&path, &bytes, &id).and_then(|rec| self.deepen(&path, rec, depth, &mut seen)) {
+                        Ok(rec) => sized.push((rec, bytes.len() as u64)),
+                        Err(e) => scan.skipped.push(e),
+                    }
+                }
                 // Removed meanwhile (prune in another process): not an error.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => scan.skipped.push(JournalError::Read { path, source }),
             }
         }
-        scan.records.sort_by(|a, b| {
+        sized.sort_by(|(a, _), (b, _)| {
             (a.created_wall, a.created_ns).cmp(&(b.created_wall, b.created_ns)).then_with(|| a.id.cmp(&b.id))
         });
-        Ok(scan)
+        let sizes = sized.iter().map(|(_, n)| *n).collect();
+        scan.records = sized.into_iter().map(|(r, _)| r).collect();
+        Ok((scan, sizes))
     }
 
-    /// [`Journal::scan`], logging each skipped file with `tracing::warn!`. Read-only apart from
-    /// removing stale temp files.
+    fn deepen(
+        &self,
+        path: &Path,
+        mut rec: TxnRecord,
+        depth: Depth,
+        seen: &mut SeenSnapshots,
+    ) -> Result<TxnRecord, JournalError> {
+        if depth == Depth::Raw || rec.is_whole() {
+            return Ok(rec);
+        }
+        self.check_present(path, &rec, seen)?;
+        if !rec.state.is_finished() {
+            match depth {
+                Depth::Verified => self.verify_all(path, &rec)?,
+                Depth::Resolved => self.resolve(&mut rec)?,
+                Depth::Raw | Depth::Index => {}
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Every record as an index entry (see [`TxnRecord::snapshots`]), in [`Journal::scan`]'s
+    /// order, logging each skipped file with `tracing::warn!`: a record whose snapshot is
+    /// missing or not root's alone (one `lstat` each) is skipped; no snapshot is read. For
+    /// `history`, the checks of an apply and anything else that needs no large part. Read-only
+    /// apart from removing stale temp files.
     pub fn list(&self) -> Result<Vec<TxnRecord>, JournalError> {
-        let scan = self.scan()?;
+        let (scan, _) = self.scan_depth(Depth::Index)?;
+        for e in &scan.skipped {
+            tracing::warn!(error = %e, "skipping a journal file");
+        }
+        Ok(scan.records)
+    }
+
+    /// Every record as an index entry, its snapshots not even looked at (a record whose
+    /// snapshots are missing is listed too), in [`Journal::scan`]'s order; files that cannot
+    /// be read are skipped and logged. The cheapest read: for deciding whether there is work
+    /// for an agent, never for acting on a record. Read-only apart from removing stale temp
+    /// files.
+    pub fn list_entries(&self) -> Result<Vec<TxnRecord>, JournalError> {
+        let (scan, _) = self.scan_depth(Depth::Raw)?;
         for e in &scan.skipped {
             tracing::warn!(error = %e, "skipping a journal file");
         }
@@ -519,21 +967,38 @@ impl Journal {
         Ok(first)
     }
 
-    /// Bounded history: deletes the oldest finished records beyond the newest `keep` finished
-    /// ones (see [`DEFAULT_KEEP`]); never an unfinished record, never a file it cannot read.
-    /// Returns how many were deleted. Idempotent. Run it under [`Journal::lock`] when other
-    /// processes may write.
+    /// Bounded history: [`Journal::prune_to`] with `keep` records and [`DEFAULT_KEEP_BYTES`].
     pub fn prune(&self, keep: usize) -> Result<usize, JournalError> {
-        let finished: Vec<TxnRecord> = self.list()?.into_iter().filter(|r| r.state.is_finished()).collect();
-        let excess = finished.len().saturating_sub(keep);
+        self.prune_to(keep, DEFAULT_KEEP_BYTES)
+    }
+
+    /// Bounded history, in records and in bytes: deletes the oldest finished records until at
+    /// most `keep` finished ones are left and the journal on disk (record files plus the
+    /// snapshots they refer to, each counted once) is at most `keep_bytes`. Never an
+    /// unfinished record, never the newest committed record of a target (the one a guard
+    /// keeps in place and the next apply replaces), never a file it cannot read. Then removes
+    /// the snapshots no record refers to any more: at once those only the deleted records
+    /// referred to, others (a crash between a snapshot and its record) once older than
+    /// [`SNAPSHOT_GRACE`]; and stale snapshot temp files. Crash-safe: records go first, so a
+    /// crash leaves at worst snapshots no record refers to, removed next time. Returns how
+    /// many records were deleted. Idempotent. Run it under [`Journal::lock`] when other
+    /// processes may write.
+    pub fn prune_to(&self, keep: usize, keep_bytes: u64) -> Result<usize, JournalError> {
+        let started = SystemTime::now();
+        let (scan, sizes) = self.scan_depth(Depth::Raw)?;
+        let snaps = self.snapshot_files();
+        let plan = prune_plan(&scan.records, &sizes, &snaps, keep, keep_bytes);
         let mut removed = 0;
-        for rec in finished.iter().take(excess) {
+        let mut freed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for &i in &plan {
+            let rec = &scan.records[i];
             let path = self.record_path(&rec.id);
             match fs::remove_file(&path) {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => return Err(JournalError::Remove { path, source }),
             }
+            freed.extend(rec.snapshots.values().map(|r| r.sha256.clone()));
         }
         if removed > 0 {
             fsync_dir(&self.txn_dir).map_err(|source| JournalError::Write {
@@ -542,7 +1007,78 @@ impl Journal {
                 source,
             })?;
         }
+        self.remove_unreferenced(started, &freed)?;
         Ok(removed)
+    }
+
+    /// The snapshot files: SHA-256 → (size, mtime). Other names are not snapshots.
+    fn snapshot_files(&self) -> std::collections::HashMap<String, (u64, SystemTime)> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(entries) = fs::read_dir(&self.snap_dir) else { return out };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".zst.tmp") {
+                remove_if_stale(&e.path());
+                continue;
+            }
+            let Some(sha) = name.strip_suffix(".zst").filter(|h| crate::compress::is_sha256_hex(h)) else { continue };
+            if let Ok(m) = e.metadata() {
+                out.insert(sha.to_string(), (m.len(), m.modified().unwrap_or(UNIX_EPOCH)));
+            }
+        }
+        out
+    }
+
+    /// Removes the snapshots no record refers to (records read again now, so one written
+    /// meanwhile counts): those in `freed` modified before `started`, and any older than
+    /// [`SNAPSHOT_GRACE`].
+    fn remove_unreferenced(
+        &self,
+        started: SystemTime,
+        freed: &std::collections::HashSet<String>,
+    ) -> Result<(), JournalError> {
+        let (scan, _) = self.scan_depth(Depth::Raw)?;
+        let referenced: std::collections::HashSet<&str> =
+            scan.records.iter().flat_map(|r| r.snapshots.values().map(|s| s.sha256.as_str())).collect();
+        let grace_end = started.checked_sub(SNAPSHOT_GRACE).unwrap_or(UNIX_EPOCH);
+        let mut removed = 0;
+        for (sha, (_, mtime)) in self.snapshot_files() {
+            if referenced.contains(sha.as_str()) {
+                continue;
+            }
+            let unused = (freed.contains(&sha) && mtime < started) || mtime < grace_end;
+            if !unused {
+                continue;
+            }
+            let path = self.snapshot_path(&sha);
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(JournalError::Remove { path, source }),
+            }
+            if let Ok(mut k) = self.known.lock() {
+                k.remove(&sha);
+            }
+        }
+        if removed > 0 {
+            fsync_dir(&self.snap_dir).map_err(|source| JournalError::Write {
+                path: self.snap_dir.clone(),
+                step: "fsync directory",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the journal takes on disk: record files plus snapshot files (what
+    /// [`Journal::prune_to`] bounds, counting only the snapshots records refer to).
+    pub fn disk_bytes(&self) -> u64 {
+        let dir_bytes = |d: &Path| -> u64 {
+            fs::read_dir(d)
+                .map(|es| es.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+                .unwrap_or(0)
+        };
+        dir_bytes(&self.txn_dir) + dir_bytes(&self.snap_dir)
     }
 
     /// A transaction id for a transaction created at `wall_unix`, with a random suffix from
@@ -617,6 +1153,18 @@ fn read_trusted(path: &Path) -> io::Result<Vec<u8>> {
 fn parse_record(path: &Path, bytes: &[u8], id: &TxnId) -> Result<TxnRecord, JournalError> {
     let rec =
         TxnRecord::from_json(bytes).map_err(|source| JournalError::Corrupt { path: path.to_path_buf(), source })?;
+    check_id(path, rec, id)
+}
+
+fn parse_value(path: &Path, value: Value, id: &TxnId) -> Result<TxnRecord, JournalError> {
+    let rec =
+        TxnRecord::from_value(value).map_err(|source| JournalError::Corrupt { path: path.to_path_buf(), source })?;
+    check_id(path, rec, id)
+}
+
+/// Checks the id inside against the file's name. In memory a record is of this build's
+/// version, whichever version its file has ([`set_refs`] chooses that at each write).
+fn check_id(path: &Path, mut rec: TxnRecord, id: &TxnId) -> Result<TxnRecord, JournalError> {
     if rec.id != *id {
         return Err(JournalError::WrongId {
             path: path.to_path_buf(),
@@ -624,6 +1172,7 @@ fn parse_record(path: &Path, bytes: &[u8], id: &TxnId) -> Result<TxnRecord, Jour
             found: rec.id.to_string(),
         });
     }
+    rec.version = crate::txn::RECORD_VERSION;
     Ok(rec)
 }
 
@@ -694,6 +1243,198 @@ fn remove_if_stale(path: &Path) {
             Ok(()) => tracing::debug!(path = %path.display(), "removed a stale journal temp file"),
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale journal temp file"),
         }
+    }
+}
+
+/// One large part of a record, to be stored as a snapshot.
+#[derive(Debug)]
+struct Part {
+    /// JSON pointer of the part in the record.
+    pointer: String,
+    /// The part's bytes: the string itself, or the JSON text of a JSON part.
+    bytes: Vec<u8>,
+    /// SHA-256 of `bytes`.
+    sha256: String,
+    /// A JSON part.
+    json: bool,
+}
+
+/// Escapes one JSON pointer token (RFC 6901).
+fn pointer_token(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+/// The string leaves under `v`, as JSON pointers starting with `prefix`.
+fn string_leaves(v: &Value, prefix: &str, out: &mut Vec<(String, bool)>) {
+    match v {
+        Value::String(_) => out.push((prefix.to_string(), false)),
+        Value::Array(a) => a.iter().enumerate().for_each(|(i, x)| string_leaves(x, &format!("{prefix}/{i}"), out)),
+        Value::Object(o) => {
+            o.iter().for_each(|(k, x)| string_leaves(x, &format!("{prefix}/{}", pointer_token(k)), out));
+        }
+        _ => {}
+    }
+}
+
+/// The parts of a record (as JSON) that are stored apart when large: `(pointer, json)`.
+/// The ruleset and the listings; every string of a ruleset transaction's snapshot and of the
+/// persisted files' previous contents; the drift list as one JSON part. A policy
+/// transaction's undo record and policy stay inline (the guard and the next apply read them
+/// from the index, and they grow with the policy, not with the host's ruleset).
+fn snapshot_slots(v: &Value) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> =
+        ["/ruleset", "/before", "/after"].iter().map(|p| (p.to_string(), false)).collect();
+    for sub in ["/undo/snapshot", "/undo/persisted"] {
+        if let Some(x) = v.pointer(sub) {
+            string_leaves(x, sub, &mut out);
+        }
+    }
+    if v.pointer("/undo/drift").is_some_and(Value::is_array) {
+        out.push(("/undo/drift".to_string(), true));
+    }
+    out
+}
+
+/// Splits a record into what its file holds (large parts `null`, the references of an index
+/// entry's absent parts kept) and the large parts to store. Pure.
+fn split_record(rec: &TxnRecord) -> Result<(Value, Vec<Part>), TxnError> {
+    let mut value = serde_json::to_value(rec).map_err(|source| TxnError::Json { source })?;
+    let mut parts = Vec::new();
+    let mut keep: Vec<(String, SnapshotRef)> = Vec::new();
+    for (pointer, json) in snapshot_slots(&value) {
+        let Some(slot) = value.pointer_mut(&pointer) else { continue };
+        let bytes = match (&*slot, json) {
+            (Value::Null, _) => continue,
+            (Value::String(s), false) if s.len() >= SNAPSHOT_MIN_BYTES => None,
+            (Value::String(_), false) => continue,
+            (other, true) => {
+                let text = serde_json::to_vec(other).map_err(|source| TxnError::Json { source })?;
+                if text.len() < SNAPSHOT_MIN_BYTES {
+                    continue;
+                }
+                Some(text)
+            }
+            _ => continue,
+        };
+        let bytes = match (bytes, slot.take()) {
+            (Some(b), _) => b,
+            (None, Value::String(s)) => s.into_bytes(),
+            (None, _) => continue,
+        };
+        let sha256 = crate::compress::sha256_hex(&bytes);
+        parts.push(Part { pointer, bytes, sha256, json });
+    }
+    // An index entry's absent parts keep their snapshots; a part set in memory replaces its.
+    for (pointer, r) in &rec.snapshots {
+        if value.pointer(pointer).is_none_or(Value::is_null) && !parts.iter().any(|p| &p.pointer == pointer) {
+            keep.push((pointer.clone(), r.clone()));
+        }
+    }
+    if let Some(o) = value.as_object_mut() {
+        o.remove("snapshots");
+    }
+    set_refs(&mut value, keep);
+    Ok((value, parts))
+}
+
+/// Adds `refs` to a record's JSON (`snapshots`, merged with those there) and sets its version:
+/// [`crate::txn::RECORD_VERSION`] when it refers to snapshots, else
+/// [`crate::txn::INLINE_RECORD_VERSION`] (readable by an older ctguard). Pure.
+fn set_refs(value: &mut Value, refs: Vec<(String, SnapshotRef)>) {
+    let Some(o) = value.as_object_mut() else { return };
+    let mut map = match o.remove("snapshots") {
+        Some(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    for (pointer, r) in refs {
+        map.insert(pointer, serde_json::to_value(r).unwrap_or(Value::Null));
+    }
+    let version = if map.is_empty() { crate::txn::INLINE_RECORD_VERSION } else { crate::txn::RECORD_VERSION };
+    o.insert("version".into(), Value::from(version));
+    if !map.is_empty() {
+        o.insert("snapshots".into(), Value::Object(map));
+    }
+}
+
+/// Which records [`Journal::prune_to`] deletes (indexes into `records`, which are in creation
+/// order): the oldest finished ones that are not protected, until at most `keep` finished
+/// remain and the bytes (record `sizes` plus the snapshots still referred to, each once, by
+/// `snaps` sizes) are at most `keep_bytes`. Protected: unfinished records and the newest
+/// committed record of each target. Pure.
+fn prune_plan(
+    records: &[TxnRecord],
+    sizes: &[u64],
+    snaps: &std::collections::HashMap<String, (u64, SystemTime)>,
+    keep: usize,
+    keep_bytes: u64,
+) -> Vec<usize> {
+    use std::collections::{HashMap, HashSet};
+    let mut newest_committed: HashMap<(u64, u64), usize> = HashMap::new();
+    for (i, r) in records.iter().enumerate() {
+        if r.state == crate::txn::State::Committed {
+            newest_committed.insert((r.target.dev, r.target.ino), i);
+        }
+    }
+    let protected: HashSet<usize> = newest_committed.into_values().collect();
+    let mut refcount: HashMap<&str, usize> = HashMap::new();
+    for r in records {
+        let unique: HashSet<&str> = r.snapshots.values().map(|s| s.sha256.as_str()).collect();
+        for sha in unique {
+            *refcount.entry(sha).or_default() += 1;
+        }
+    }
+    let snap_size = |sha: &str| snaps.get(sha).map_or(0, |(n, _)| *n);
+    let mut bytes: u64 = sizes.iter().sum::<u64>() + refcount.keys().map(|s| snap_size(s)).sum::<u64>();
+    let mut finished = records.iter().filter(|r| r.state.is_finished()).count();
+    let mut plan = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if finished <= keep && bytes <= keep_bytes {
+            break;
+        }
+        if !r.state.is_finished() || protected.contains(&i) {
+            continue;
+        }
+        plan.push(i);
+        finished -= 1;
+        bytes = bytes.saturating_sub(sizes.get(i).copied().unwrap_or(0));
+        let unique: HashSet<&str> = r.snapshots.values().map(|s| s.sha256.as_str()).collect();
+        for sha in unique {
+            if let Some(n) = refcount.get_mut(sha) {
+                *n -= 1;
+                if *n == 0 {
+                    bytes = bytes.saturating_sub(snap_size(sha));
+                }
+            }
+        }
+    }
+    plan
+}
+
+fn snapshot_error(record: &Path, pointer: &str, path: PathBuf, why: String) -> JournalError {
+    JournalError::Snapshot {
+        record: record.to_path_buf(),
+        pointer: crate::exit::escape_for_terminal(pointer).into_owned(),
+        path,
+        why,
+    }
+}
+
+/// Why a snapshot file could not be used, for [`JournalError::Snapshot`].
+fn describe_open(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "is missing".to_string(),
+        _ if e.raw_os_error() == Some(libc::ELOOP) => "is a symlink; not followed".to_string(),
+        _ => format!("cannot be used: {e}"),
+    }
+}
+
+/// Sets the mtime of `path` (never a symlink's target) to now; best effort.
+fn touch(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return };
+    // SAFETY: a valid NUL-terminated path; a null `times` means "now" for both.
+    unsafe {
+        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), libc::AT_SYMLINK_NOFOLLOW);
     }
 }
 
@@ -987,11 +1728,321 @@ mod tests {
             [old_pending.id.clone(), old_prepared.id.clone(), finished[4].id.clone(), finished[5].id.clone()]
         );
         assert_eq!(j.prune(2).expect("prune again"), 0, "idempotent");
-        assert_eq!(j.prune(0).expect("prune all finished"), 2);
-        let left: Vec<State> = j.list().expect("list").into_iter().map(|r| r.state).collect();
-        assert_eq!(left.len(), 2);
-        assert!(left.iter().all(|s| !s.is_finished()));
+        // The newest committed record of a target stays (the guard's and the next apply's).
+        assert_eq!(j.prune(0).expect("prune all finished"), 1);
+        let left: Vec<TxnRecord> = j.list().expect("list");
+        assert_eq!(left.len(), 3);
+        assert_eq!(left.iter().filter(|r| r.state.is_finished()).map(|r| &r.id).collect::<Vec<_>>(), [&finished[5].id]);
         assert_eq!(j.prune(DEFAULT_KEEP).expect("prune default"), 0);
+    }
+
+    /// `lines` lines of an iptables dump, different for each `seed` (hashes make it compress
+    /// like a real blocklist, not like a repeated line).
+    fn big_text(seed: u64, lines: usize) -> String {
+        let mut out = String::from("*filter\n:INPUT ACCEPT [0:0]\n");
+        for i in 0..lines {
+            let h = crate::compress::sha256_hex(format!("{seed}-{i}").as_bytes());
+            out.push_str(&format!(
+                "-A INPUT -s 10.{}.{}.0/24 -m comment --comment \"{}\" -j DROP\n",
+                (i >> 8) & 255,
+                i & 255,
+                &h[..16]
+            ));
+        }
+        out.push_str("COMMIT\n");
+        out
+    }
+
+    /// A finished ruleset transaction: `before` → `after`, with an undo record holding the
+    /// snapshot of `before` (as the agent journals it).
+    fn ruleset_rec(wall: u64, rand: u32, before: &str, after: &str) -> TxnRecord {
+        use crate::agent::engine::Undo;
+        use crate::snapshot::{FwState, NftTable, SaveText, Snapshot, UndoRecord, SNAPSHOT_VERSION};
+        let mut r = committed(rec(wall, rand, 77));
+        r.kind = Kind::Ruleset;
+        r.ruleset = Some(after.to_string());
+        r.before = Some(before.to_string());
+        r.after = Some(after.to_string());
+        let state = FwState {
+            genid: Some(7),
+            nft: vec![NftTable {
+                family: "ip".into(),
+                name: "filter".into(),
+                text: format!("table ip filter {{\n{before}}}\n"),
+                xt: false,
+            }],
+            saves: vec![SaveText { variant: crate::live::fw::IptVariant::Nft, v6: false, text: before.to_string() }],
+            ipsets: Some("create small hash:ip\n".into()),
+        };
+        let snapshot = Snapshot { version: SNAPSHOT_VERSION, state, iptables_nft: vec![] };
+        r.undo = Undo::Ruleset(Box::new(UndoRecord::planned(snapshot, BTreeMap::new()))).to_value();
+        r
+    }
+
+    fn snapshot_names(j: &Journal) -> Vec<String> {
+        names(j.snapshot_dir()).into_iter().filter(|n| n.ends_with(".zst")).collect()
+    }
+
+    fn age(path: &Path, by: Duration) {
+        File::options().write(true).open(path).expect("open").set_modified(SystemTime::now() - by).expect("mtime");
+    }
+
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn large_parts_are_stored_apart_once_compressed() {
+        use crate::agent::engine::Undo;
+        use std::os::unix::fs::PermissionsExt;
+        let t = TempDir::new("apart");
+        let j = Journal::open(&t.0).expect("open");
+        let (a, b, c) = (big_text(1, 2000), big_text(2, 2000), big_text(3, 2000));
+        let r1 = ruleset_rec(1_700_000_000, 1, &a, &b);
+        let r2 = ruleset_rec(1_700_000_010, 2, &b, &c);
+        j.write(&r1).expect("write");
+        j.write(&r2).expect("write");
+        // The record file is the index entry: small, version 2, referring to its parts.
+        let file = fs::read(j.record_path(&r1.id)).expect("record");
+        assert!(file.len() < 8 << 10, "record file is {} bytes", file.len());
+        let v: Value = serde_json::from_slice(&file).expect("json");
+        assert_eq!(v["version"], 2);
+        assert!(v["before"].is_null() && v["after"].is_null() && v["ruleset"].is_null(), "{v}");
+        assert!(v["undo"]["snapshot"]["state"]["saves"][0]["text"].is_null(), "{v}");
+        assert_eq!(v["undo"]["snapshot"]["state"]["ipsets"], "create small hash:ip\n", "short parts stay inline");
+        let refs = v["snapshots"].as_object().expect("snapshots");
+        assert!(refs.contains_key("/undo/snapshot/state/nft/0/text"), "{refs:?}");
+        // Stored once: r1's after, r1's ruleset and r2's before are one file; r2's undo holds
+        // `b` too (its save text). Texts: a, b, c, and the two nft table texts.
+        let files = snapshot_names(&j);
+        assert_eq!(files.len(), 5, "{files:?}");
+        let raw = a.len() + b.len() + c.len();
+        let on_disk: u64 = files.iter().map(|f| fs::metadata(j.snapshot_dir().join(f)).expect("meta").len()).sum();
+        assert!(on_disk * 2 < raw as u64, "compressed: {on_disk} of {raw}");
+        for f in &files {
+            let m = fs::metadata(j.snapshot_dir().join(f)).expect("meta");
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
+        }
+        // Whole again when loaded; an index entry when listed.
+        assert_eq!(j.load(&r1.id).expect("load"), r1);
+        assert_eq!(j.load(&r2.id).expect("load"), r2);
+        let entries = j.list().expect("list");
+        assert_eq!(entries.len(), 2);
+        let mut e = entries[0].clone();
+        assert!(!e.is_whole() && e.before.is_none() && e.ruleset.is_none());
+        assert!(Undo::from_record(Kind::Ruleset, &e.undo).is_err(), "an index entry cannot be rolled back");
+        assert!(Undo::from_record(Kind::Ruleset, &r1.undo).is_ok());
+        j.resolve(&mut e).expect("resolve");
+        assert_eq!(e, r1);
+        // Writing the same records again changes nothing.
+        j.write(&r1).expect("again");
+        assert_eq!(snapshot_names(&j), files);
+        assert_eq!(fs::read(j.record_path(&r1.id)).expect("record"), file);
+        // A record with nothing large stays version 1 (readable by an older ctguard).
+        let small = rec(1_700_000_020, 3, 5);
+        j.write(&small).expect("write");
+        let v: Value = serde_json::from_slice(&fs::read(j.record_path(&small.id)).expect("r")).expect("json");
+        assert_eq!(v["version"], 1);
+        assert!(v.get("snapshots").is_none());
+        assert_eq!(j.load(&small.id).expect("load"), small);
+    }
+
+    #[test]
+    fn an_index_entry_written_back_keeps_its_snapshots() {
+        let t = TempDir::new("entry");
+        let j = Journal::open(&t.0).expect("open");
+        let mut r = ruleset_rec(1_700_000_000, 1, &big_text(1, 500), &big_text(2, 500));
+        r.state = State::Pending;
+        j.write(&r).expect("write");
+        // As `ctguard recover` does: an index entry, closed and written back.
+        let mut e = j.load_entry(&r.id).expect("entry");
+        assert!(!e.is_whole());
+        e.to_rolled_back(Reason::Reboot, 1_700_000_100).expect("close");
+        j.write(&e).expect("write entry");
+        let back = j.load(&r.id).expect("load");
+        assert_eq!(back.before, r.before);
+        assert_eq!(back.undo, r.undo);
+        assert_eq!(back.state, State::RolledBack { reason: Reason::Reboot });
+        // A part set in memory replaces its snapshot.
+        let mut e = j.load_entry(&r.id).expect("entry");
+        let new_after = big_text(9, 500);
+        e.after = Some(new_after.clone());
+        j.write(&e).expect("write");
+        let back = j.load(&r.id).expect("load");
+        assert_eq!(back.after.as_deref(), Some(new_after.as_str()));
+        assert_eq!(back.ruleset, r.ruleset);
+    }
+
+    #[test]
+    fn records_of_the_previous_format_load_and_are_stored_apart_when_written() {
+        let t = TempDir::new("old");
+        let j = Journal::open(&t.0).expect("open");
+        let mut r = ruleset_rec(1_700_000_000, 1, &big_text(1, 1000), &big_text(2, 1000));
+        r.state = State::Pending;
+        // The previous format: everything inline, version 1, written by an older ctguard.
+        let mut v = serde_json::to_value(&r).expect("json");
+        v["version"] = 1.into();
+        fs::write(j.record_path(&r.id), serde_json::to_vec_pretty(&v).expect("bytes")).expect("write");
+        assert_eq!(j.load(&r.id).expect("load"), r);
+        assert_eq!(j.list().expect("list"), vec![r.clone()], "an old record is whole in the index");
+        assert_eq!(j.scan().expect("scan").records, vec![r.clone()]);
+        assert!(snapshot_names(&j).is_empty());
+        j.write(&r).expect("write");
+        assert!(!snapshot_names(&j).is_empty());
+        assert_eq!(j.load(&r.id).expect("load"), r);
+        // A state dir from before snapshots, attached (as `ctguard recover` does): its
+        // directory is made at the first write that needs it.
+        let t2 = TempDir::new("old2");
+        fs::create_dir(t2.0.join("txn")).expect("mkdir");
+        let j2 = Journal::attach(&t2.0).expect("attach");
+        j2.write(&r).expect("write");
+        assert_eq!(j2.load(&r.id).expect("load"), r);
+    }
+
+    #[test]
+    fn damaged_snapshots_make_the_record_damaged() {
+        use std::os::unix::fs::PermissionsExt;
+        for damage in ["missing", "nobody", "world-writable", "symlink", "garbage", "other bytes"] {
+            let t = TempDir::new("damage");
+            let j = Journal::open(&t.0).expect("open");
+            let mut r = ruleset_rec(1_700_000_000, 1, &big_text(1, 800), &big_text(2, 800));
+            r.state = State::Pending;
+            j.write(&r).expect("write");
+            let done = ruleset_rec(1_700_000_010, 2, &big_text(3, 800), &big_text(4, 800));
+            j.write(&done).expect("write");
+            let entry = j.load_entry(&r.id).expect("entry");
+            let sha = entry.snapshots["/before"].sha256.clone();
+            let path = j.snapshot_path(&sha);
+            let other = t.0.join("elsewhere.zst");
+            fs::copy(&path, &other).expect("copy");
+            match damage {
+                "missing" => fs::remove_file(&path).expect("rm"),
+                "nobody" => nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown"),
+                "world-writable" => fs::set_permissions(&path, fs::Permissions::from_mode(0o666)).expect("chmod"),
+                "symlink" => {
+                    fs::remove_file(&path).expect("rm");
+                    std::os::unix::fs::symlink(&other, &path).expect("symlink");
+                }
+                "garbage" => {
+                    let len = fs::metadata(&path).expect("meta").len() as usize;
+                    fs::write(&path, vec![b'x'; len]).expect("write");
+                }
+                _ => {
+                    // A valid frame of other bytes, its size written into the record: only
+                    // the hash can tell.
+                    let z = crate::compress::compress(big_text(5, 800).as_bytes()).expect("z");
+                    fs::write(&path, &z).expect("write");
+                    let rp = j.record_path(&r.id);
+                    let mut v: Value = serde_json::from_slice(&fs::read(&rp).expect("r")).expect("json");
+                    for (_, r) in v["snapshots"].as_object_mut().expect("refs").iter_mut() {
+                        if r["sha256"] == sha.as_str() {
+                            r["stored"] = (z.len() as u64).into();
+                        }
+                    }
+                    fs::write(&rp, serde_json::to_vec(&v).expect("bytes")).expect("write");
+                }
+            }
+            let is_snapshot_error = |e: &JournalError| matches!(e, JournalError::Snapshot { .. });
+            // Acting on it: refused, naming the record and the part.
+            let e = j.load(&r.id).expect_err(damage);
+            assert!(is_snapshot_error(&e), "{damage}: {e:?}");
+            assert!(e.to_string().contains(r.id.as_str()) && e.to_string().contains("/before"), "{e}");
+            let mut en = j.load_entry(&r.id).expect("entry");
+            let before = en.clone();
+            assert!(j.resolve(&mut en).is_err(), "{damage}");
+            assert_eq!(en, before, "{damage}: a failed resolve leaves the entry as it was");
+            // Recovery and status list it as damaged, never as a record to act on.
+            for (what, scan) in [("scan", j.scan().expect("scan")), ("scan_index", j.scan_index().expect("scan"))] {
+                assert_eq!(scan.records.iter().map(|x| &x.id).collect::<Vec<_>>(), [&done.id], "{damage}: {what}");
+                assert!(scan.skipped.iter().any(is_snapshot_error), "{damage}: {what}: {:?}", scan.skipped);
+            }
+            // The cheap index check (one lstat) sees all but a file of the right size.
+            let listed = j.list().expect("list");
+            let same_size = matches!(damage, "garbage" | "other bytes");
+            assert_eq!(listed.len(), if same_size { 2 } else { 1 }, "{damage}");
+            // The other record is untouched.
+            assert_eq!(j.load(&done.id).expect("load"), done);
+            // Writing the record again from memory (the agent's copy) repairs it.
+            let _ = fs::remove_file(&path);
+            j.write(&r).expect("rewrite");
+            assert_eq!(j.load(&r.id).expect("load"), r, "{damage}");
+        }
+    }
+
+    #[test]
+    fn prune_bounds_bytes_and_removes_unreferenced_snapshots() {
+        let t = TempDir::new("bytes");
+        let j = Journal::open(&t.0).expect("open");
+        // A pending transaction older than all, with a large part: never pruned.
+        let mut p = ruleset_rec(1_600_000_000, 0xaa, &big_text(100, 3000), &big_text(101, 3000));
+        p.state = State::Pending;
+        j.write(&p).expect("write");
+        let mut all = Vec::new();
+        for i in 0..8u64 {
+            let r = ruleset_rec(1_700_000_000 + i * 10, i as u32, &big_text(i, 3000), &big_text(i + 1, 3000));
+            j.write(&r).expect("write");
+            all.push(r);
+        }
+        let total = j.disk_bytes();
+        // Each finished record's own snapshots: about an eighth of the total.
+        let bound = total / 3;
+        let removed = j.prune_to(DEFAULT_KEEP, bound).expect("prune");
+        assert!((4..8).contains(&removed), "removed {removed} of 8 (total {total}, bound {bound})");
+        let left = j.list().expect("list");
+        assert_eq!(left[0].id, p.id, "the pending record stays");
+        assert_eq!(left.last().map(|r| &r.id), Some(&all[7].id), "the newest stay");
+        assert!(j.disk_bytes() <= bound, "{} > {bound}", j.disk_bytes());
+        // Exactly the snapshots the records left refer to remain.
+        let mut referenced: Vec<String> =
+            left.iter().flat_map(|r| r.snapshots.values().map(|s| format!("{}.zst", s.sha256))).collect();
+        referenced.sort();
+        referenced.dedup();
+        assert_eq!(snapshot_names(&j), referenced);
+        for r in &left {
+            j.load(&r.id).expect("every record left is whole");
+        }
+        assert_eq!(j.prune_to(DEFAULT_KEEP, bound).expect("again"), 0, "idempotent");
+        // A crash between a snapshot and its record leaves one no record refers to: kept
+        // while it may be a write in progress, removed once older than the grace.
+        let orphan = j.snapshot_path(&crate::compress::sha256_hex(b"orphan"));
+        fs::write(&orphan, crate::compress::compress(b"orphan").expect("z")).expect("write");
+        let tmp = j.snapshot_dir().join(format!(".{}.zst.tmp", crate::compress::sha256_hex(b"torn")));
+        fs::write(&tmp, b"torn").expect("write");
+        j.prune_to(DEFAULT_KEEP, bound).expect("prune");
+        assert!(orphan.exists() && tmp.exists(), "fresh files may belong to a write in progress");
+        age(&orphan, SNAPSHOT_GRACE + Duration::from_secs(5));
+        age(&tmp, STALE_TMP_AGE + Duration::from_secs(5));
+        j.prune_to(DEFAULT_KEEP, bound).expect("prune");
+        assert!(!orphan.exists(), "an orphan snapshot is removed");
+        assert!(!tmp.exists(), "a stale snapshot temp file is removed");
+        // A bound nothing can meet: only unfinished and newest committed records are left.
+        j.prune_to(DEFAULT_KEEP, 0).expect("prune");
+        let ids: Vec<TxnId> = j.list().expect("list").into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, [p.id.clone(), all[7].id.clone()]);
+        assert_eq!(j.load(&p.id).expect("pending whole"), p);
+    }
+
+    #[test]
+    fn prune_plan_is_pure_and_counts_shared_snapshots_once() {
+        let snap = |sha: &str| SnapshotRef { sha256: sha.into(), bytes: 1, stored: 100, json: false };
+        let mut recs = Vec::new();
+        for i in 0..4u64 {
+            let mut r = committed(rec(1_700_000_000 + i, i as u32, 1));
+            r.snapshots.insert("/before".into(), snap(&"a".repeat(64)));
+            r.snapshots.insert("/after".into(), snap(&format!("{i}").repeat(64)));
+            recs.push(r);
+        }
+        let mut snaps = std::collections::HashMap::new();
+        snaps.insert("a".repeat(64), (1000u64, UNIX_EPOCH));
+        for i in 0..4 {
+            snaps.insert(format!("{i}").repeat(64), (100u64, UNIX_EPOCH));
+        }
+        let sizes = [10u64; 4];
+        // 40 + 1000 + 400 bytes.
+        assert!(prune_plan(&recs, &sizes, &snaps, 10, 1440).is_empty());
+        assert_eq!(prune_plan(&recs, &sizes, &snaps, 10, 1400), [0]);
+        assert_eq!(prune_plan(&recs, &sizes, &snaps, 2, 10_000), [0, 1]);
+        // The shared snapshot goes with the last record referring to it — never the newest
+        // committed one's.
+        assert_eq!(prune_plan(&recs, &sizes, &snaps, 10, 0), [0, 1, 2]);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod backend;
 pub mod cli;
+pub mod compress;
 pub mod diff;
 pub mod doctor;
 pub mod duration;

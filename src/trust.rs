@@ -112,7 +112,24 @@ fn absolute(p: &Path) -> PathBuf {
 pub fn open_root_file(path: &Path) -> io::Result<File> {
     let f =
         OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK).open(path)?;
-    let m = f.metadata()?;
+    check_root_file(&f.metadata()?)?;
+    Ok(f)
+}
+
+/// The checks of [`open_root_file`] without opening: `path` itself (never a symlink's target)
+/// is a regular file owned by root and writable by no one else. Returns its metadata (size,
+/// mtime). One `lstat`; read-only. What is opened later must be checked again with
+/// [`open_root_file`].
+pub fn stat_root_file(path: &Path) -> io::Result<std::fs::Metadata> {
+    let m = std::fs::symlink_metadata(path)?;
+    if m.file_type().is_symlink() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "a symlink; not followed"));
+    }
+    check_root_file(&m)?;
+    Ok(m)
+}
+
+fn check_root_file(m: &std::fs::Metadata) -> io::Result<()> {
     if !m.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "not a regular file"));
     }
@@ -122,7 +139,7 @@ pub fn open_root_file(path: &Path) -> io::Result<File> {
             format!("owned by uid {} with mode {:o}: not written by root alone; ignored", m.uid(), m.mode() & 0o7777),
         ));
     }
-    Ok(f)
+    Ok(())
 }
 
 /// Opens (creating with mode 0600 when missing) `path` for appending, never through a
@@ -177,14 +194,19 @@ mod tests {
         std::fs::write(&file, "x").expect("write");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         open_root_file(&file).expect("root 0600 file");
+        assert_eq!(stat_root_file(&file).expect("root 0600 file").len(), 1);
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).expect("chmod");
         assert!(open_root_file(&file).is_err(), "a world-writable record is not trusted");
+        assert!(stat_root_file(&file).is_err(), "a world-writable snapshot is not trusted");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
         assert!(open_root_file(&file).is_err(), "a record owned by nobody is not trusted");
+        assert!(stat_root_file(&file).is_err(), "a snapshot owned by nobody is not trusted");
         let flink = base.join("flink");
         std::os::unix::fs::symlink("/etc/hostname", &flink).expect("symlink");
         assert!(open_root_file(&flink).is_err(), "a symlinked record is not followed");
+        assert!(stat_root_file(&flink).is_err(), "a symlinked snapshot is not followed");
+        assert!(stat_root_file(&base).is_err(), "a directory is not a snapshot");
         assert!(open_append_nofollow(&flink).is_err(), "a symlinked log is not followed");
         let _ = std::fs::remove_dir_all(&base);
     }

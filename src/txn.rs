@@ -21,8 +21,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// Version of the on-disk record this build writes and the only one it reads.
-pub const RECORD_VERSION: u32 = 1;
+/// Version of the on-disk record whose large parts are stored apart as snapshots
+/// ([`TxnRecord::snapshots`]); this build reads it and [`INLINE_RECORD_VERSION`].
+pub const RECORD_VERSION: u32 = 2;
+
+/// Version of a record holding everything inline: what ctguard wrote before snapshots were
+/// stored apart, and what the journal still writes for a record with nothing large (so an older
+/// ctguard can read it). Read by this build.
+pub const INLINE_RECORD_VERSION: u32 = 1;
 
 /// Largest wall time the formatting in this module handles: 9999-12-31T23:59:59Z. Later times
 /// are clamped to it (ids and RFC 3339 strings keep a four-digit year).
@@ -73,7 +79,7 @@ pub enum TxnError {
         requested: String,
     },
     /// A record of another format version (a newer ctguard wrote it, or it is not a record).
-    #[error("unsupported transaction record version {}; this ctguard reads version {RECORD_VERSION}", found_text(*.found))]
+    #[error("unsupported transaction record version {}; this ctguard reads versions {INLINE_RECORD_VERSION} and {RECORD_VERSION}", found_text(*.found))]
     UnsupportedVersion {
         /// The version found, if any.
         found: Option<u64>,
@@ -85,6 +91,14 @@ pub enum TxnError {
         /// Parser error.
         #[source]
         source: serde_json::Error,
+    },
+    /// A snapshot reference that cannot be used (not a part of the record, or not a SHA-256).
+    #[error("invalid snapshot reference {pointer:?}: {reason}")]
+    BadSnapshotRef {
+        /// The JSON pointer it is filed under (escaped for a terminal).
+        pointer: String,
+        /// What is wrong.
+        reason: &'static str,
     },
 }
 
@@ -374,6 +388,22 @@ pub struct Event {
     pub note: String,
 }
 
+/// One large part of a record stored apart (DESIGN §2 "Journal"): the file
+/// `$STATE_DIR/snapshots/SHA256.zst`, the part's bytes compressed with zstd. Shared by every
+/// record holding the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRef {
+    /// SHA-256 of the part's bytes (64 lower-case hex digits): its name and its check.
+    pub sha256: String,
+    /// Length of the part's bytes.
+    pub bytes: u64,
+    /// Size of the compressed file.
+    pub stored: u64,
+    /// The part is JSON (e.g. a drift list) rather than one string.
+    #[serde(default)]
+    pub json: bool,
+}
+
 /// Everything the journal knows about one transaction. Serialized as JSON; unknown fields are
 /// ignored (forward compatible), the `version` is checked by [`TxnRecord::from_json`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -436,6 +466,13 @@ pub struct TxnRecord {
     /// `--comment`: why.
     #[serde(default)]
     pub comment: Option<String>,
+    /// The large parts stored apart as snapshots: JSON pointer of the part in this record
+    /// (`/before`, `/undo/snapshot/state/nft/0/text`, …) → its snapshot. Non-empty only in a
+    /// record read as an index entry ([`crate::journal::Journal::list`]): those parts are then
+    /// absent (`None`, `null`) and [`crate::journal::Journal::resolve`] fills them in. Empty in
+    /// a whole record (what [`crate::journal::Journal::load`] returns and apply builds).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshots: BTreeMap<String, SnapshotRef>,
 }
 
 impl TxnRecord {
@@ -474,6 +511,7 @@ impl TxnRecord {
             events: Vec::new(),
             options: TxnOptions::default(),
             comment: None,
+            snapshots: BTreeMap::new(),
         };
         let note = format!("created ({} transaction on {})", rec.kind, rec.target.label);
         rec.push_event(now_wall, note);
@@ -599,16 +637,73 @@ impl TxnRecord {
         Ok(out)
     }
 
-    /// Parses a record, checking `version` first (any other version →
-    /// [`TxnError::UnsupportedVersion`], whatever the rest holds). Unknown fields are ignored.
-    pub fn from_json(bytes: &[u8]) -> Result<TxnRecord, TxnError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|source| TxnError::Json { source })?;
-        let found = value.get("version").and_then(Value::as_u64);
-        if found != Some(u64::from(RECORD_VERSION)) {
-            return Err(TxnError::UnsupportedVersion { found });
-        }
-        serde_json::from_value(value).map_err(|source| TxnError::Json { source })
+    /// True when every part is here: no snapshot is left to read ([`TxnRecord::snapshots`]
+    /// is empty). Only a whole record may be rolled back, shown or re-applied.
+    pub fn is_whole(&self) -> bool {
+        self.snapshots.is_empty()
     }
+
+    /// Parses a record, checking `version` first (anything but [`INLINE_RECORD_VERSION`] or
+    /// [`RECORD_VERSION`] → [`TxnError::UnsupportedVersion`], whatever the rest holds), then
+    /// the snapshot references (each a JSON pointer to a part that is `null` here and a
+    /// SHA-256). Unknown fields are ignored.
+    pub fn from_json(bytes: &[u8]) -> Result<TxnRecord, TxnError> {
+        /// The version alone (everything else skipped): checked before the record is parsed.
+        #[derive(Deserialize)]
+        struct Head {
+            #[serde(default)]
+            version: Option<Value>,
+        }
+        let head: Head = serde_json::from_slice(bytes).map_err(|source| TxnError::Json { source })?;
+        check_version(head.version.as_ref().and_then(Value::as_u64))?;
+        let rec: TxnRecord = serde_json::from_slice(bytes).map_err(|source| TxnError::Json { source })?;
+        rec.check_refs()?;
+        Ok(rec)
+    }
+
+    /// [`TxnRecord::from_json`] of a parsed value; also refuses a reference to a part the
+    /// record holds inline.
+    pub fn from_value(value: Value) -> Result<TxnRecord, TxnError> {
+        check_version(value.get("version").and_then(Value::as_u64))?;
+        if let Some(refs) = value.get("snapshots").and_then(Value::as_object) {
+            for pointer in refs.keys() {
+                if value.pointer(pointer).is_some_and(|v| !v.is_null()) {
+                    return Err(TxnError::BadSnapshotRef {
+                        pointer: crate::exit::escape_for_terminal(pointer).into_owned(),
+                        reason: "the record holds that part inline too",
+                    });
+                }
+            }
+        }
+        let rec: TxnRecord = serde_json::from_value(value).map_err(|source| TxnError::Json { source })?;
+        rec.check_refs()?;
+        Ok(rec)
+    }
+
+    /// Each snapshot reference is filed under a JSON pointer and names a SHA-256 (safe as a
+    /// file name).
+    fn check_refs(&self) -> Result<(), TxnError> {
+        for (pointer, r) in &self.snapshots {
+            let bad = |reason| TxnError::BadSnapshotRef {
+                pointer: crate::exit::escape_for_terminal(pointer).into_owned(),
+                reason,
+            };
+            if !pointer.starts_with('/') {
+                return Err(bad("not a JSON pointer"));
+            }
+            if !crate::compress::is_sha256_hex(&r.sha256) {
+                return Err(bad("not a SHA-256 in lower-case hex"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_version(found: Option<u64>) -> Result<(), TxnError> {
+    if found != Some(u64::from(RECORD_VERSION)) && found != Some(u64::from(INLINE_RECORD_VERSION)) {
+        return Err(TxnError::UnsupportedVersion { found });
+    }
+    Ok(())
 }
 
 /// What an agent does with a journaled transaction when it starts (DESIGN §2).
@@ -1083,7 +1178,7 @@ mod tests {
     fn json_shape_and_compat() {
         let r = rollback_failed();
         let v: Value = serde_json::from_slice(&r.to_json().expect("serialize")).expect("json");
-        assert_eq!(v["version"], 1);
+        assert_eq!(v["version"], 2);
         assert_eq!(v["id"], "20231114-221320-beef");
         assert_eq!(v["kind"], "policy");
         assert_eq!(v["state"], json!({"name": "ROLLBACK_FAILED", "error": "nft: EBUSY", "attempts": 1}));
@@ -1108,12 +1203,37 @@ mod tests {
 
         // Version is checked first.
         let mut v2 = serde_json::to_value(rec()).expect("json");
-        v2["version"] = json!(2);
+        v2["version"] = json!(3);
         v2["state"] = json!("SOMETHING_NEW");
         assert!(matches!(
             TxnRecord::from_json(&serde_json::to_vec(&v2).expect("bytes")),
-            Err(TxnError::UnsupportedVersion { found: Some(2) })
+            Err(TxnError::UnsupportedVersion { found: Some(3) })
         ));
+        // Version 1 (everything inline, before snapshots were stored apart) still reads.
+        let mut v1 = serde_json::to_value(rec()).expect("json");
+        v1["version"] = json!(1);
+        assert_eq!(TxnRecord::from_json(&serde_json::to_vec(&v1).expect("bytes")).expect("v1").id, rec().id);
+        // Snapshot references: a pointer to a part held as null, and a SHA-256.
+        let sha = "ab".repeat(32);
+        let mut v4 = serde_json::to_value(rec()).expect("json");
+        v4["snapshots"] = json!({"/before": {"sha256": sha, "bytes": 10, "stored": 5}});
+        let light = TxnRecord::from_json(&serde_json::to_vec(&v4).expect("bytes")).expect("index record");
+        assert!(!light.is_whole());
+        assert_eq!(light.snapshots["/before"].bytes, 10);
+        assert!(!light.snapshots["/before"].json);
+        for (refs, what) in [
+            (json!({"before": {"sha256": sha, "bytes": 1, "stored": 1}}), "not a JSON pointer"),
+            (json!({"/before": {"sha256": "../../etc/passwd", "bytes": 1, "stored": 1}}), "SHA-256"),
+        ] {
+            let mut v5 = serde_json::to_value(rec()).expect("json");
+            v5["snapshots"] = refs;
+            let e = TxnRecord::from_json(&serde_json::to_vec(&v5).expect("bytes")).expect_err(what);
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let mut v6 = serde_json::to_value(rec()).expect("json");
+        v6["snapshots"] = json!({"/kind": {"sha256": sha, "bytes": 1, "stored": 1}});
+        let e = TxnRecord::from_value(v6).expect_err("inline too");
+        assert!(e.to_string().contains("inline too"), "{e}");
         assert!(matches!(TxnRecord::from_json(b"{}"), Err(TxnError::UnsupportedVersion { found: None })));
         assert!(matches!(TxnRecord::from_json(b"{\"version\": 1"), Err(TxnError::Json { .. })));
         // A bad id inside a record is refused.

@@ -19,6 +19,7 @@ mod doctor;
 mod from;
 mod guard;
 mod inputs;
+mod journal_store;
 mod native_tables;
 mod ops;
 mod policy_txn;

@@ -120,15 +120,17 @@ struct Packed {
 /// Payloads smaller than this stay as they are (compressing them saves nothing worth the time).
 pub const PACK_MIN_BYTES: usize = 4096;
 
-/// zstd level of held payloads (fast; listings compress 10–30×).
-const ZSTD_LEVEL: i32 = 3;
-
+/// Held payloads use the journal's compression ([`crate::compress`]: zstd level 3).
 fn zstd_pack(raw: &[u8]) -> Option<Vec<u8>> {
-    zstd::bulk::compress(raw, ZSTD_LEVEL).ok()
+    crate::compress::compress(raw).ok()
 }
 
 fn zstd_unpack(zst: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
-    zstd::bulk::decompress(zst, raw_len).map_err(|e| e.to_string())
+    let out = crate::compress::decompress(zst).map_err(|e| e.to_string())?;
+    if out.len() != raw_len {
+        return Err(format!("held payload is {} bytes, {raw_len} were packed", out.len()));
+    }
+    Ok(out)
 }
 
 impl HeldRecord {

@@ -57,7 +57,14 @@ fn run(cli: &Cli) -> i32 {
     let result = privilege::check_root(&cli.command).and_then(|()| {
         // Every verb that may act on or report transactions first revives a missing agent.
         match &cli.command {
-            Command::Agent(_) | Command::Recover | Command::Render(_) | Command::Man(_) | Command::Completions(_) => {}
+            // `status` and `history` revive it themselves, from the journal they read anyway.
+            Command::Agent(_)
+            | Command::Recover
+            | Command::Render(_)
+            | Command::Man(_)
+            | Command::Completions(_)
+            | Command::Status
+            | Command::History => {}
             // `plan --ruleset` needs no agent and starts none.
             Command::Plan(a) if a.ruleset.is_some() => {}
             _ => txn::revive_agent_if_needed(&cli.global),

@@ -282,7 +282,8 @@ fn wait_for_outcome(global: &Global, data: &Value) -> Result<Exit, Vec<Failure>>
             let r = ask(global, Request::Confirm { txid: Some(txid.clone()), netns: None })?;
             return finish(global, r, |d| format!("{} committed\n", d["txid"].as_str().unwrap_or("?")));
         }
-        let rec = journal.load(&id).map_err(|e| vec![Failure::internal(e.to_string())])?;
+        // Only its state: the index entry, no snapshot read.
+        let rec = journal.load_entry(&id).map_err(|e| vec![Failure::internal(e.to_string())])?;
         match &rec.state {
             txn::State::Committed => {
                 end_line();
@@ -358,11 +359,19 @@ fn open_journal(global: &Global) -> Result<Journal, Vec<Failure>> {
 /// journal yet.
 pub(super) fn revive_agent_if_needed(global: &Global) {
     let Ok(j) = Journal::attach(&global.state_dir) else { return };
+    // The cheapest read (no snapshot looked at): a damaged record only starts an agent that
+    // reports it.
+    let records = j.list_entries().unwrap_or_default();
+    revive_agent_for(global, &records);
+}
+
+/// [`revive_agent_if_needed`] with the records the verb read anyway (`status`, `history`: the
+/// journal is read once).
+fn revive_agent_for(global: &Global, records: &[txn::TxnRecord]) {
     // A namespace pin left by a crash is work for an agent too: it removes it at start.
     let leftover_pins = std::fs::read_dir(global.run_dir.join("ns")).is_ok_and(|mut d| d.next().is_some());
-    let records = j.list().unwrap_or_default();
     let unfinished = records.iter().any(|r| !r.state.is_finished());
-    if (leftover_pins || unfinished || guarded_exists(&records)) && !client::is_running(&global.run_dir) {
+    if (leftover_pins || unfinished || guarded_exists(records)) && !client::is_running(&global.run_dir) {
         if let Err(e) = client::ensure_agent(&global.run_dir, &global.state_dir) {
             eprintln!(
                 "ctguard: warning: unfinished transactions and no agent: {}",
@@ -400,7 +409,9 @@ fn conntrack_usage() -> Value {
 pub(super) fn status(global: &Global) -> Result<Exit, Vec<Failure>> {
     let j = open_journal(global)?;
     let now = journal::boottime_ns();
-    let scan = j.scan().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    // The index: no snapshot of a finished record is read (those of a pending one are checked).
+    let scan = j.scan_index().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    revive_agent_for(global, &scan.records);
     let mut pending: Vec<Value> =
         scan.records.iter().filter(|r| !r.state.is_finished()).map(|r| txn::status_entry(r, now)).collect();
     let damaged: Vec<String> = scan.skipped.iter().map(|e| e.to_string()).collect();
@@ -505,6 +516,7 @@ fn in_order_of_events(j: &Journal, records: &mut [txn::TxnRecord]) {
 pub(super) fn history(global: &Global) -> Result<Exit, Vec<Failure>> {
     let j = open_journal(global)?;
     let mut all = j.list().map_err(|e| vec![Failure::internal(e.to_string())])?;
+    revive_agent_for(global, &all);
     in_order_of_events(&j, &mut all);
     let list: Vec<Value> = all
         .iter()
