@@ -50,3 +50,48 @@ fn native_ip_nat_and_filter_tables_beside_a_stateful_inet_table_plan_apply_and_r
     ok(&ctg.run(&["rollback", &id]));
     assert_eq!(pair.srv.nft_list(), before, "the rollback is exact");
 }
+
+/// Every family nft lists is read; bridge, arp and netdev tables are left alone (no filter
+/// hook of theirs sees the notracked IP flows the planner evaluates), beside the stateful
+/// `inet` table the accept goes into.
+#[test]
+fn bridge_arp_and_netdev_tables_are_read_and_left_alone() {
+    let pair = Pair::new("families");
+    pair.srv.nft(STATEFUL);
+    pair.srv.nft(
+        "table bridge br {
+  chain forward_ {
+    type filter hook forward priority 0; policy drop;
+    ether type arp accept
+  }
+}
+table arp a {
+  chain in_ {
+    type filter hook input priority 0; policy accept;
+    arp operation request accept
+  }
+}
+table netdev nd {
+  chain ing {
+    type filter hook ingress device \"lo\" priority 0; policy accept;
+    udp dport 9 drop
+  }
+}
+",
+    );
+    let _dns = UdpResponder::start(&pair.srv, (SRV4, 53).into());
+    let before = pair.srv.nft_list();
+    let ctg = Ctg::new();
+    let plan = ctg.json(&["--netns", pair.srv.name(), "plan", "--check"]);
+    assert_eq!(plan["check"]["ok"], true, "{plan}");
+    let chains: Vec<String> = plan["insertions"]
+        .as_array()
+        .map(|a| a.iter().map(|i| i["chain"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default();
+    assert!(!chains.is_empty() && chains.iter().all(|c| c.starts_with("nft inet host")), "{chains:?}");
+    let (out, id) = ctg.apply(&pair.srv, &["--timeout", "60s"]);
+    ok(&out);
+    assert_eq!(udp_queries(&pair.cli, (SRV4, 53).into(), 100, 37000).answered, 100);
+    ok(&ctg.run(&["rollback", &id]));
+    assert_eq!(pair.srv.nft_list(), before, "the rollback is exact");
+}
