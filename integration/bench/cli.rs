@@ -751,6 +751,9 @@ fn bare_scripts(ctx_dir: &Path, backend: &str, plan: &Value, cli: &Cli, policy: 
 
 type Rows = BTreeMap<&'static str, Row>;
 
+/// A ctguard apply and its rollback, each with the agent's peak RSS.
+type CtgRun = (Finished, Option<u64>, Finished, Option<u64>);
+
 /// Runs `a` and `b` in the given order; returns both.
 fn ordered<A, B>(
     ctg_first: bool,
@@ -890,7 +893,7 @@ fn policy_pair(ctx: &Ctx<'_>, rows: &mut Rows, first: bool, cold: bool, same: bo
     let ctx_ref = ctx;
     let ctg_after = std::cell::RefCell::new(None::<String>);
     let bare_after = std::cell::RefCell::new(None::<String>);
-    let ctg = || -> Result<Result<(Finished, Option<u64>, Finished, Option<u64>), String>, String> {
+    let ctg = || -> Result<Result<CtgRun, String>, String> {
         let (a, akib, txid) = match ctx_ref.ctg_apply(false, cold) {
             Ok(x) => x,
             Err(e) => {
@@ -955,7 +958,7 @@ fn ruleset_pair(ctx: &Ctx<'_>, rows: &mut Rows, first: bool, cold: bool) -> Resu
         return Ok(());
     }
     let ctx_ref = ctx;
-    let ctg = || -> Result<Result<(Finished, Option<u64>, Finished, Option<u64>), String>, String> {
+    let ctg = || -> Result<Result<CtgRun, String>, String> {
         let (a, akib, txid) = match ctx_ref.ctg_apply(true, cold) {
             Ok(x) => x,
             Err(e) => {
