@@ -38,7 +38,7 @@ use common::{exec, min_median, reap_stale_namespaces, BenchNs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -351,6 +351,21 @@ struct Sample {
     softirq_ms_per_k: f64,
     /// NET_RX softirqs per second (all CPUs).
     net_rx_per_s: f64,
+    /// Answers per CPU-second spent on them: the sender's and the responder's threads (user +
+    /// system, softirq excluded by the kernel's irq time accounting) plus the softirq time of the
+    /// measured CPU(s). What one dedicated CPU would answer; less sensitive than q/s to other
+    /// load on a shared machine.
+    per_cpu_s: f64,
+}
+
+/// utime + stime of thread `tid` of this process, in clock ticks.
+fn thread_ticks(tid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    let Some((_, rest)) = s.rsplit_once(") ") else { return 0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15 (1-based over the whole line).
+    let get = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(14) + get(15)
 }
 
 fn replies(client: &BenchNs) -> Result<u64, String> {
@@ -395,29 +410,37 @@ fn measure(net: &mut Net, rate: Option<u64>, secs: f64, cpu: Option<usize>) -> R
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
+    let (rtid, stid) = (Arc::new(AtomicI32::new(0)), Arc::new(AtomicI32::new(0)));
     let rfd = net.server.run(responder_socket)??;
     let sfd = net.client.run(sender_socket)??;
     let rt = {
         let (stop, answered) = (stop.clone(), answered.clone());
+        let tid = rtid.clone();
         std::thread::spawn(move || {
+            tid.store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
             pin(cpu)?;
             respond(rfd, stop, answered)
         })
     };
     let st = {
         let (stop, sent, next) = (stop.clone(), sent.clone(), net.next_query);
+        let tid = stid.clone();
         std::thread::spawn(move || {
+            tid.store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
             pin(cpu)?;
             send(sfd, rate, stop, sent, next)
         })
     };
     let run = (|| -> Result<Sample, String> {
         std::thread::sleep(Duration::from_secs(1));
+        let tids = [rtid.load(Ordering::Relaxed), stid.load(Ordering::Relaxed)];
         let (a0, s0, r0, c0, n0) = (answered.load(Ordering::Relaxed), sent.load(Ordering::Relaxed), replies(&net.client)?, cpu_stat(cpu), net_rx());
+        let t0_ticks: u64 = tids.iter().map(|&t| thread_ticks(t)).sum();
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs_f64(secs));
         let (a1, s1, c1, n1) = (answered.load(Ordering::Relaxed), sent.load(Ordering::Relaxed), cpu_stat(cpu), net_rx());
         let dt = t0.elapsed().as_secs_f64();
+        let t1_ticks: u64 = tids.iter().map(|&t| thread_ticks(t)).sum();
         let r1 = replies(&net.client)?;
         let conntrack = conntrack_count(&net.server)?;
         let total = (c1.total - c0.total).max(1) as f64;
@@ -431,6 +454,14 @@ fn measure(net: &mut Net, rate: Option<u64>, secs: f64, cpu: Option<usize>) -> R
             softirq_pct: 100.0 * soft / total,
             softirq_ms_per_k: if answers > 0.0 { soft / clk_tck() * 1000.0 / (answers / 1000.0) } else { f64::NAN },
             net_rx_per_s: (n1 - n0) as f64 / dt,
+            per_cpu_s: {
+                let cpu_s = (t1_ticks.saturating_sub(t0_ticks) as f64 + soft) / clk_tck();
+                if cpu_s > 0.0 {
+                    answers / cpu_s
+                } else {
+                    f64::NAN
+                }
+            },
         })
     })();
     stop.store(true, Ordering::Relaxed);
@@ -696,8 +727,8 @@ fn run(cli: &Cli, secs: f64, rounds: usize, cpu: Option<usize>) -> Result<String
         }
     }
     let mut out = String::new();
-    out.push_str("| rate | server firewall | offered q/s (median) | answered q/s min / median | responder sent q/s (median) | conntrack entries (median, end) | softirq share, min / median | softirq CPU ms per 1k answers (median) | NET_RX/s (median) |\n");
-    out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    out.push_str("| rate | server firewall | offered q/s (median) | answered q/s min / median | responder sent q/s (median) | conntrack entries (median, end) | softirq share, min / median | softirq CPU ms per 1k answers (median) | answers per CPU-second (median) | NET_RX/s (median) |\n");
+    out.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for (label, set) in [("max".to_string(), &max), (format!("fixed {}k q/s", rate / 1000), &fixed)] {
         for mode in 0..2 {
             let v = &set[mode];
@@ -705,7 +736,7 @@ fn run(cli: &Cli, secs: f64, rounds: usize, cpu: Option<usize>) -> Result<String
             let (amin, amed) = col(&|s| s.answered);
             let (smin, smed) = col(&|s| s.softirq_pct);
             out.push_str(&format!(
-                "| {label} | {} | {} | {} / {} | {} | {:.0} | {smin:.1} % / {smed:.1} % | {:.3} | {} |\n",
+                "| {label} | {} | {} | {} / {} | {} | {:.0} | {smin:.1} % / {smed:.1} % | {:.3} | {} | {} |\n",
                 ["stateful, every query tracked (no policy)", "ctguard built-in policy (NOTRACK)"][mode],
                 fmt_rate(col(&|s| s.offered).1),
                 fmt_rate(amin),
@@ -713,6 +744,7 @@ fn run(cli: &Cli, secs: f64, rounds: usize, cpu: Option<usize>) -> Result<String
                 fmt_rate(col(&|s| s.responded).1),
                 col(&|s| s.conntrack as f64).1,
                 col(&|s| s.softirq_ms_per_k).1,
+                fmt_rate(col(&|s| s.per_cpu_s).1),
                 fmt_rate(col(&|s| s.net_rx_per_s).1),
             ));
         }
@@ -731,9 +763,14 @@ fn run(cli: &Cli, secs: f64, rounds: usize, cpu: Option<usize>) -> Result<String
         }
     }
     let ratio = med(&max[1]) / med(&max[0]);
+    let per_cpu = |v: &[Sample]| min_median(&v.iter().map(|s| s.per_cpu_s).collect::<Vec<_>>()).1;
+    out.push_str(&format!(
+        "\nAnswers per CPU-second at max rate, policy / no policy: {:.2}× (medians).",
+        per_cpu(&max[1]) / per_cpu(&max[0])
+    ));
     let soft = |v: &[Sample]| min_median(&v.iter().map(|s| s.softirq_pct).collect::<Vec<_>>()).1;
     out.push_str(&format!(
-        "\nAnswered q/s at max rate, policy / no policy: {ratio:.2}× (medians). Softirq share at {}k q/s: {:.1} % → {:.1} %.\n",
+        " Answered q/s at max rate, policy / no policy: {ratio:.2}× (medians). Softirq share at {}k q/s: {:.1} % → {:.1} %.\n",
         rate / 1000,
         soft(&fixed[0]),
         soft(&fixed[1])
