@@ -615,7 +615,13 @@ impl Ctx<'_> {
 
 /// Builds the bare scripts from `plan --json` (nft: its `desired` table and insertions;
 /// iptables: `render` documents plus the insertions).
-fn bare_scripts(ctx_dir: &Path, backend: &str, plan: &Value, cli: &Cli, policy: Option<&str>) -> Result<BareScripts, String> {
+fn bare_scripts(
+    ctx_dir: &Path,
+    backend: &str,
+    plan: &Value,
+    cli: &Cli,
+    policy: Option<&str>,
+) -> Result<BareScripts, String> {
     let data = &plan["data"];
     let ins = data["insertions"].as_array().ok_or(format!("plan --json has no insertions: {plan}"))?;
     if ins.is_empty() {
@@ -819,7 +825,8 @@ fn bench_size(cfg: &Config, backend: &'static str, n: usize, cli: &mut Cli, base
             // replaced table would recreate it after the others (another `nft list tables` order
             // for iptables-nft).
             let v6 = before.split("# ip6tables-").nth(1).unwrap_or_default();
-            let v6: String = v6.lines().skip(1).take_while(|l| !l.starts_with("# nft")).map(|l| format!("{l}\n")).collect();
+            let v6: String =
+                v6.lines().skip(1).take_while(|l| !l.starts_with("# nft")).map(|l| format!("{l}\n")).collect();
             std::fs::write(dir.join("restore.v6"), v6).map_err(|e| e.to_string())?;
             let v4 = before.split("# ip6tables-").next().unwrap_or_default();
             v4.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect()
@@ -842,7 +849,11 @@ fn bench_size(cfg: &Config, backend: &'static str, n: usize, cli: &mut Cli, base
     let result = (|| -> Result<(), String> {
         for r in 0..runs {
             let first = r % 2 == 0;
-            eprintln!("cli bench: {backend} {n}: run {}/{runs} ({} first)", r + 1, if first { "ctguard" } else { "bare" });
+            eprintln!(
+                "cli bench: {backend} {n}: run {}/{runs} ({} first)",
+                r + 1,
+                if first { "ctguard" } else { "bare" }
+            );
             if ctx.cli.fg.is_none() {
                 ctx.cli.start_warm()?;
             }
@@ -934,7 +945,10 @@ fn policy_pair(ctx: &Ctx<'_>, rows: &mut Rows, first: bool, cold: bool, same: bo
                 first_diff(&x, &y)
             ));
         }
-        eprintln!("cli bench: {} {}: the bare apply built the same ruleset as ctguard apply (tags aside)", ctx.backend, ctx.n);
+        eprintln!(
+            "cli bench: {} {}: the bare apply built the same ruleset as ctguard apply (tags aside)",
+            ctx.backend, ctx.n
+        );
     }
     match c {
         Ok((a, akib, rb, rkib)) => {

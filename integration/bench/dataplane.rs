@@ -212,7 +212,13 @@ fn sender_socket() -> Result<OwnedFd, String> {
     let big: libc::c_int = 8 << 20;
     // SAFETY: option value points to a live c_int.
     unsafe {
-        libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, (&big as *const libc::c_int).cast(), 4);
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&big as *const libc::c_int).cast(),
+            4,
+        );
     }
     Ok(fd)
 }
@@ -250,7 +256,13 @@ fn build_query(p: &mut [u8; 64], k: u64) -> usize {
 
 /// Sends queries until `stop`: as fast as it can (`rate` None), or paced to `rate` q/s.
 /// Counts the queries the kernel took into `sent`; `next` is the query number to start from.
-fn send(fd: OwnedFd, rate: Option<u64>, stop: Arc<AtomicBool>, sent: Arc<AtomicU64>, mut next: u64) -> Result<u64, String> {
+fn send(
+    fd: OwnedFd,
+    rate: Option<u64>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    mut next: u64,
+) -> Result<u64, String> {
     let mut pkts = vec![[0u8; 64]; BATCH];
     // SAFETY: all-zero iovec / mmsghdr are valid (filled below).
     let mut iov: Vec<libc::iovec> = vec![unsafe { std::mem::zeroed() }; BATCH];
@@ -434,11 +446,18 @@ fn measure(net: &mut Net, rate: Option<u64>, secs: f64, cpu: Option<usize>) -> R
     let run = (|| -> Result<Sample, String> {
         std::thread::sleep(Duration::from_secs(1));
         let tids = [rtid.load(Ordering::Relaxed), stid.load(Ordering::Relaxed)];
-        let (a0, s0, r0, c0, n0) = (answered.load(Ordering::Relaxed), sent.load(Ordering::Relaxed), replies(&net.client)?, cpu_stat(cpu), net_rx());
+        let (a0, s0, r0, c0, n0) = (
+            answered.load(Ordering::Relaxed),
+            sent.load(Ordering::Relaxed),
+            replies(&net.client)?,
+            cpu_stat(cpu),
+            net_rx(),
+        );
         let t0_ticks: u64 = tids.iter().map(|&t| thread_ticks(t)).sum();
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs_f64(secs));
-        let (a1, s1, c1, n1) = (answered.load(Ordering::Relaxed), sent.load(Ordering::Relaxed), cpu_stat(cpu), net_rx());
+        let (a1, s1, c1, n1) =
+            (answered.load(Ordering::Relaxed), sent.load(Ordering::Relaxed), cpu_stat(cpu), net_rx());
         let dt = t0.elapsed().as_secs_f64();
         let t1_ticks: u64 = tids.iter().map(|&t| thread_ticks(t)).sum();
         let r1 = replies(&net.client)?;
@@ -553,7 +572,24 @@ impl Drop for Scratch {
 fn setup() -> Result<Net, String> {
     let client = BenchNs::new("ctg-dp")?;
     let server = BenchNs::new("ctg-dp")?;
-    exec("ip", &["link", "add", "veth-c", "netns", &client.name, "type", "veth", "peer", "name", "veth-s", "netns", &server.name], None)?;
+    exec(
+        "ip",
+        &[
+            "link",
+            "add",
+            "veth-c",
+            "netns",
+            &client.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "veth-s",
+            "netns",
+            &server.name,
+        ],
+        None,
+    )?;
     client.run(|| -> Result<(), String> {
         exec("ip", &["addr", "add", "198.18.0.1/24", "dev", "veth-c"], None)?;
         exec("ip", &["link", "set", "veth-c", "up"], None)?;
@@ -621,7 +657,8 @@ fn main() {
         }
         None => ConntrackMax(None),
     };
-    let cli = Cli { exe: PathBuf::from(env!("CARGO_BIN_EXE_ctguard")), state: base.0.join("state"), run: base.0.join("run") };
+    let cli =
+        Cli { exe: PathBuf::from(env!("CARGO_BIN_EXE_ctguard")), state: base.0.join("state"), run: base.0.join("run") };
     let load0 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let started = Instant::now();
     // Both threads on one CPU by default: the server's receive path (conntrack included) runs
@@ -672,20 +709,23 @@ fn run(cli: &Cli, secs: f64, rounds: usize, cpu: Option<usize>) -> Result<String
     let before = net.server.run(|| exec("nft", &["list", "ruleset"], None))??;
     let ns = net.server.name.clone();
     // mode 0: no policy (tracked); mode 1: ctguard's built-in policy applied.
-    let with_policy = |net: &mut Net, mode: usize, f: &mut dyn FnMut(&mut Net) -> Result<(), String>| -> Result<(), String> {
-        if mode == 0 {
-            return f(net);
-        }
-        let v = cli.cmd(&["apply", "--netns", &ns, "--timeout", "10m"])?;
-        let txid = v["data"]["txid"].as_str().ok_or(format!("apply answered {v}"))?.to_string();
-        let r = f(net);
-        cli.cmd(&["rollback", &txid])?;
-        let after = net.server.run(|| exec("nft", &["list", "ruleset"], None))??;
-        if after != before {
-            return Err(format!("ROLLBACK NOT EXACT: the server's ruleset after `ctguard rollback {txid}` differs from before"));
-        }
-        r
-    };
+    let with_policy =
+        |net: &mut Net, mode: usize, f: &mut dyn FnMut(&mut Net) -> Result<(), String>| -> Result<(), String> {
+            if mode == 0 {
+                return f(net);
+            }
+            let v = cli.cmd(&["apply", "--netns", &ns, "--timeout", "10m"])?;
+            let txid = v["data"]["txid"].as_str().ok_or(format!("apply answered {v}"))?.to_string();
+            let r = f(net);
+            cli.cmd(&["rollback", &txid])?;
+            let after = net.server.run(|| exec("nft", &["list", "ruleset"], None))??;
+            if after != before {
+                return Err(format!(
+                    "ROLLBACK NOT EXACT: the server's ruleset after `ctguard rollback {txid}` differs from before"
+                ));
+            }
+            r
+        };
     let mut max: Samples = [Vec::new(), Vec::new()];
     for round in 0..rounds {
         for k in 0..2 {
@@ -706,7 +746,8 @@ fn run(cli: &Cli, secs: f64, rounds: usize, cpu: Option<usize>) -> Result<String
         }
     }
     let med = |v: &[Sample]| min_median(&v.iter().map(|s| s.answered).collect::<Vec<_>>()).1;
-    let rate = env_num("CTGUARD_DP_RATE").unwrap_or_else(|| (0.5 * med(&max[0]).min(med(&max[1]))) as u64 / 1000 * 1000);
+    let rate =
+        env_num("CTGUARD_DP_RATE").unwrap_or_else(|| (0.5 * med(&max[0]).min(med(&max[1]))) as u64 / 1000 * 1000);
     let mut fixed: Samples = [Vec::new(), Vec::new()];
     for round in 0..rounds {
         for k in 0..2 {
