@@ -77,3 +77,85 @@ pub fn reap_stale_namespaces(prefix: &str) {
         }
     }
 }
+
+/// One finished process: wall time from fork/exec to `wait4`, its peak RSS (`ru_maxrss` of the
+/// child and the children it waited for), exit code, and what it printed.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Seconds from just before the spawn to `wait4` returning.
+    pub secs: f64,
+    /// `ru_maxrss` from `wait4`, KiB.
+    pub maxrss_kib: u64,
+    /// Exit code, or 128 + signal.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Exit 0.
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+}
+
+static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `program args` (an absolute path, never a shell) in the calling thread's network
+/// namespace, stdin from /dev/null, stdout and stderr into files under `scratch` (no pipe to
+/// drain while timing), and waits for it with `wait4`. Times fork/exec to exit.
+pub fn timed_run(program: &Path, args: &[String], scratch: &Path) -> Result<Finished, String> {
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    let n = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let out_path = scratch.join(format!("run-{n}.out"));
+    let err_path = scratch.join(format!("run-{n}.err"));
+    let out = std::fs::File::create(&out_path).map_err(|e| format!("{}: {e}", out_path.display()))?;
+    let err = std::fs::File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    let start = Instant::now();
+    let child = cmd.spawn().map_err(|e| format!("{}: {e}", program.display()))?;
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waits for our own child; both pointers are to live locals.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("wait4 {}: {e}", program.display()));
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(child); // already reaped by wait4
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let _ = std::fs::remove_file(&err_path);
+    Ok(Finished { secs, maxrss_kib: u64::try_from(ru.ru_maxrss).unwrap_or(0), code, stdout, stderr })
+}
+
+/// The absolute path of `tool` (ctguard's tool search).
+pub fn tool_path(tool: &str) -> Result<std::path::PathBuf, String> {
+    Tool::find(tool).map(|t| t.path).map_err(|e| e.to_string())
+}
+
+/// Minimum and median of `v` (`NaN` when empty).
+pub fn min_median(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let med = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    (s[0], med)
+}
