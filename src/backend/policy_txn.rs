@@ -1508,10 +1508,20 @@ struct RollbackDocs {
 }
 
 fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
+    // One save per variant and family, shared by the raw and the filter documents.
+    let mut saves: BTreeMap<(Variant, bool), SaveDump> = BTreeMap::new();
+    let mut saved = |variant: Variant, v6: bool| -> Result<SaveDump, PolicyTxnError> {
+        if let Some(d) = saves.get(&(variant, v6)) {
+            return Ok(d.clone());
+        }
+        let (_, dump) = ipt_backend::save_parsed(IptVariant::from(variant), family(v6))
+            .map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+        saves.insert((variant, v6), dump.clone());
+        Ok(dump)
+    };
     let mut raw = Vec::new();
     for r in &u.raw {
-        let v = IptVariant::from(r.variant);
-        let (_, dump) = ipt_backend::save_parsed(v, family(r.v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+        let dump = saved(r.variant, r.v6)?;
         let now = ipt::raw_chains(&dump);
         if let Some(text) = ipt::raw_restore(&r.before, &now, &r.jumps_added) {
             raw.push(IptDoc { variant: r.variant, v6: r.v6, text });
@@ -1527,8 +1537,7 @@ fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
     keys.dedup();
     let mut filter = Vec::new();
     for (variant, v6) in keys {
-        let v = IptVariant::from(variant);
-        let (_, dump) = ipt_backend::save_parsed(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+        let dump = saved(variant, v6)?;
         // Chains by table: those of this transaction's rules and of the removed ones.
         let mut chains: Vec<(String, String)> = u
             .ipt_insertions
