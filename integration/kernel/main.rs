@@ -20,6 +20,7 @@ mod from;
 mod guard;
 mod inputs;
 mod native_tables;
+mod nft_read;
 mod ops;
 mod policy_txn;
 mod policy_txn_cas;
