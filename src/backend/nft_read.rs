@@ -1410,15 +1410,17 @@ fn vals_text(lhs: &Lhs, vals: &[Val]) -> String {
     let one = |b: &[u8]| -> String {
         match lhs {
             Lhs::Port { .. } if b.len() == 2 => u16::from_be_bytes([b[0], b[1]]).to_string(),
-            Lhs::Addr { v6: false, .. } if b.len() <= 4 => {
+            Lhs::Addr { v6: false, bits, .. } if b.len() <= 4 => {
                 let mut a = [0u8; 4];
                 a[..b.len()].copy_from_slice(b);
-                Ipv4Addr::from(a).to_string()
+                let suffix = if *bits < 32 && vals.len() == 1 { format!("/{bits}") } else { String::new() };
+                format!("{}{suffix}", Ipv4Addr::from(a))
             }
-            Lhs::Addr { v6: true, .. } if b.len() <= 16 => {
+            Lhs::Addr { v6: true, bits, .. } if b.len() <= 16 => {
                 let mut a = [0u8; 16];
                 a[..b.len()].copy_from_slice(b);
-                Ipv6Addr::from(a).to_string()
+                let suffix = if *bits < 128 && vals.len() == 1 { format!("/{bits}") } else { String::new() };
+                format!("{}{suffix}", Ipv6Addr::from(a))
             }
             Lhs::L4proto if b.len() == 1 => proto_name(b[0]).map(str::to_string).unwrap_or_else(|| b[0].to_string()),
             Lhs::IfName { .. } => format!("\"{}\"", nul_str(b)),
