@@ -272,7 +272,10 @@ fn attr_str(attrs: &[(u16, &[u8])], ty: u16) -> Option<String> {
 }
 
 /// Family keyword and attributes of an nfgenmsg payload.
-fn split(payload: &[u8]) -> Option<(&'static str, Vec<(u16, &[u8])>)> {
+/// Netlink attributes: (type, data).
+type Attrs<'a> = Vec<(u16, &'a [u8])>;
+
+fn split(payload: &[u8]) -> Option<(&'static str, Attrs<'_>)> {
     let fam = nft_family_name(*payload.first()?)?;
     Some((fam, parse_attrs(payload.get(4..)?)))
 }
@@ -1773,7 +1776,7 @@ mod tests {
         );
         let inner = Cond::Saddr { neg: false, prefixes: vec![Prefix::V4("10.9.0.0".parse().expect("addr"), 16)] };
         assert_eq!(
-            conv(&r, &[bl.clone()])[0].conds,
+            conv(&r, std::slice::from_ref(&bl))[0].conds,
             vec![Cond::Family { v6: false }, Cond::Named { name: "bl".into(), inner: Box::new(inner) }]
         );
         let vm = RawSet {
