@@ -1819,6 +1819,73 @@ mod tests {
         assert!(matches!(conv(&r, &[])[0].conds.as_slice(), [Cond::Opaque(_)]));
     }
 
+    fn nla(b: &mut Vec<u8>, ty: u16, d: &[u8]) {
+        b.extend_from_slice(&((4 + d.len()) as u16).to_ne_bytes());
+        b.extend_from_slice(&ty.to_ne_bytes());
+        b.extend_from_slice(d);
+        while b.len() % 4 != 0 {
+            b.push(0);
+        }
+    }
+
+    fn expr(name: &str, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut data = Vec::new();
+        for (t, d) in attrs {
+            nla(&mut data, *t, d);
+        }
+        let mut e = Vec::new();
+        nla(&mut e, 1, format!("{name}\0").as_bytes());
+        nla(&mut e, 2 | 0x8000, &data);
+        let mut elem = Vec::new();
+        nla(&mut elem, NFTA_LIST_ELEM | 0x8000, &e);
+        elem
+    }
+
+    fn value(v: &[u8]) -> Vec<u8> {
+        let mut d = Vec::new();
+        nla(&mut d, 1, v);
+        d
+    }
+
+    /// A NEWRULE message as the kernel sends it decodes into its expressions, handle and
+    /// comment; a malformed one is refused.
+    #[test]
+    fn decodes_a_newrule_from_bytes() {
+        let be = |v: u32| v.to_be_bytes().to_vec();
+        let mut exprs = Vec::new();
+        exprs.extend(expr("meta", &[(2, be(16)), (1, be(1))]));
+        exprs.extend(expr("cmp", &[(1, be(1)), (2, be(0)), (3, value(&[17]))]));
+        exprs.extend(expr("payload", &[(1, be(1)), (2, be(2)), (3, be(2)), (4, be(2))]));
+        exprs.extend(expr("cmp", &[(1, be(1)), (2, be(0)), (3, value(&53u16.to_be_bytes()))]));
+        exprs.extend(expr("counter", &[]));
+        let mut verdict = Vec::new();
+        nla(&mut verdict, 1, &be(1));
+        let mut data = Vec::new();
+        nla(&mut data, 2 | 0x8000, &verdict);
+        exprs.extend(expr("immediate", &[(1, be(0)), (2, data)]));
+        let mut p = vec![libc::NFPROTO_INET as u8, 0, 0, 0];
+        nla(&mut p, 1, b"host\0");
+        nla(&mut p, 2, b"input\0");
+        nla(&mut p, 3, &9u64.to_be_bytes());
+        nla(&mut p, 4 | 0x8000, &exprs);
+        nla(&mut p, 7, &[0, 4, b'd', b'n', b's', 0]);
+        let r = decode_rule(&p).expect("decodes");
+        assert_eq!((r.family.as_str(), r.table.as_str(), r.chain.as_str(), r.handle), ("inet", "host", "input", 9));
+        assert_eq!(r.comment.as_deref(), Some("dns"));
+        assert_eq!(r.exprs[0], Expr::Meta { dreg: 1, key: 16 });
+        assert_eq!(r.exprs[2], Expr::Payload { dreg: 1, base: 2, offset: 2, len: 2 });
+        assert_eq!(r.exprs[5], Expr::Immediate { dreg: 0, data: Data::Verdict(1, None) });
+        let out = conv(&r, &[]);
+        assert_eq!(out[0].conds.len(), 2, "{:?}", out[0].conds);
+        assert_eq!(out[0].verdict, Verdict::Accept);
+        // Without a handle: not a rule.
+        let mut no_handle = vec![libc::NFPROTO_INET as u8, 0, 0, 0];
+        nla(&mut no_handle, 1, b"host\0");
+        nla(&mut no_handle, 2, b"input\0");
+        assert!(decode_rule(&no_handle).is_none());
+        assert!(decode_rule(&[]).is_none());
+    }
+
     #[test]
     fn interval_reconstruction() {
         let s = RawSet {
