@@ -14,7 +14,8 @@ use ctguard::live::nft_json;
 use nix::sched::{unshare, CloneFlags};
 
 fn ruleset(n: usize) -> String {
-    let mut s = String::from("table inet host {\n chain input {\n  type filter hook input priority 0; policy accept;\n");
+    let mut s =
+        String::from("table inet host {\n chain input {\n  type filter hook input priority 0; policy accept;\n");
     for i in 0..n {
         s.push_str(&format!("  ip saddr 10.{}.{}.{} drop\n", (i >> 16) & 255, (i >> 8) & 255, i & 255));
     }
@@ -52,7 +53,9 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000, 10_000, 50_000, 100_000]);
-    println!("| rules | netlink read (ctguard) | `nft -j list ruleset` + parse | `nft list ruleset` | JSON / netlink |");
+    println!(
+        "| rules | netlink read (ctguard) | `nft -j list ruleset` + parse | `nft list ruleset` | JSON / netlink |"
+    );
     println!("|---|---|---|---|---|");
     for n in sizes {
         let row = std::thread::scope(|s| {

@@ -71,8 +71,7 @@ pub fn read_nft() -> Result<crate::live::nft_json::NftRuleset, LiveError> {
 /// Reads the nft ruleset ([`read_nft`], when nft is installed) and every iptables dump whose
 /// tool is installed. An "incompatible table" warning in a dump is an error (DESIGN §1).
 pub fn read() -> Result<LiveState, LiveError> {
-    let mut live = LiveState::default();
-    live.nft = read_nft()?;
+    let mut live = LiveState { nft: read_nft()?, ..LiveState::default() };
     for &(name, variant, v6) in SAVE_TOOLS {
         let Ok(tool) = Tool::find(name) else { continue };
         // A table iptables-nft calls incompatible is a native nft table: nft's JSON has it.

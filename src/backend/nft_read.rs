@@ -367,9 +367,9 @@ fn udata_comment_any(b: &[u8]) -> Option<bool> {
 /// Decodes a NEWRULE message with its expressions.
 pub fn decode_rule(payload: &[u8]) -> Option<RawRule> {
     let (fam, a) = split(payload)?;
-    let handle = attr(&a, 3).filter(|d| d.len() == 8).map(|d| {
-        u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
-    })?;
+    let handle = attr(&a, 3)
+        .filter(|d| d.len() == 8)
+        .map(|d| u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]))?;
     let exprs = attr(&a, 4)
         .map(|l| {
             parse_attrs(l)
@@ -453,7 +453,9 @@ pub fn decode_expr(name: &str, a: &[(u16, &[u8])]) -> Expr {
             xor: data_value(attr(a, 5)),
             shift: u(6).unwrap_or(0) != 0,
         },
-        "cmp" => Expr::Cmp { sreg: u(1).unwrap_or(u32::MAX), op: u(2).unwrap_or(u32::MAX), data: data_value(attr(a, 3)) },
+        "cmp" => {
+            Expr::Cmp { sreg: u(1).unwrap_or(u32::MAX), op: u(2).unwrap_or(u32::MAX), data: data_value(attr(a, 3)) }
+        }
         "range" => Expr::Range {
             sreg: u(1).unwrap_or(u32::MAX),
             op: u(2).unwrap_or(u32::MAX),
@@ -472,11 +474,7 @@ pub fn decode_expr(name: &str, a: &[(u16, &[u8])]) -> Expr {
         },
         "counter" | "log" | "notrack" | "reject" | "queue" | "limit" | "quota" | "last" | "tproxy" | "dup" | "fwd"
         | "synproxy" => stmt(name, None),
-        "nat" => with(
-            stmt(if u(1) == Some(0) { "snat" } else { "dnat" }, None),
-            regs(&[3, 4, 6, 7]),
-            false,
-        ),
+        "nat" => with(stmt(if u(1) == Some(0) { "snat" } else { "dnat" }, None), regs(&[3, 4, 6, 7]), false),
         "masq" => with(stmt("masquerade", None), regs(&[2, 3]), false),
         "redir" => with(stmt("redirect", None), regs(&[1, 2]), false),
         "connlimit" => stmt("ct count", None),
@@ -564,11 +562,9 @@ impl Lhs {
 
     fn text(&self) -> String {
         match self {
-            Lhs::Port { proto, dport } => format!(
-                "{} {}",
-                proto.and_then(proto_name).unwrap_or("th"),
-                if *dport { "dport" } else { "sport" }
-            ),
+            Lhs::Port { proto, dport } => {
+                format!("{} {}", proto.and_then(proto_name).unwrap_or("th"), if *dport { "dport" } else { "sport" })
+            }
             Lhs::Addr { v6, saddr, .. } => {
                 format!("{} {}", if *v6 { "ip6" } else { "ip" }, if *saddr { "saddr" } else { "daddr" })
             }
@@ -639,7 +635,8 @@ fn set_values(set: &RawSet, host_order: bool) -> Vec<(Val, Option<Data>)> {
     let mut out = Vec::new();
     // A catch-all element (`*`) has no key: nft lists it last; nft_json cannot read it.
     let catchall = set.elems.iter().find(|e| e.flags & ELEM_CATCHALL != 0);
-    let set = &RawSet { elems: set.elems.iter().filter(|e| e.flags & ELEM_CATCHALL == 0).cloned().collect(), ..set.clone() };
+    let set =
+        &RawSet { elems: set.elems.iter().filter(|e| e.flags & ELEM_CATCHALL == 0).cloned().collect(), ..set.clone() };
     let push_catchall = |out: &mut Vec<(Val, Option<Data>)>| {
         if let Some(c) = catchall {
             out.push((Val::Decorated, c.data.clone()));
@@ -648,7 +645,13 @@ fn set_values(set: &RawSet, host_order: bool) -> Vec<(Val, Option<Data>)> {
     if set.elems.iter().any(|e| e.key_end.is_some()) {
         for e in set.elems.iter().rev() {
             let hi = e.key_end.clone().unwrap_or_else(|| e.key.clone());
-            let v = if e.decorated { Val::Decorated } else if e.key == hi { Val::One(hi) } else { Val::Range(e.key.clone(), hi) };
+            let v = if e.decorated {
+                Val::Decorated
+            } else if e.key == hi {
+                Val::One(hi)
+            } else {
+                Val::Range(e.key.clone(), hi)
+            };
             out.push((v, e.data.clone()));
         }
         push_catchall(&mut out);
@@ -665,10 +668,18 @@ fn set_values(set: &RawSet, host_order: bool) -> Vec<(Val, Option<Data>)> {
     }
     let mut elems: Vec<&Elem> = set.elems.iter().collect();
     // Start before end at the same key: an end element closes the previous interval.
-    elems.sort_by(|a, b| cmp_keys(&a.key, &b.key).then((b.flags & ELEM_INTERVAL_END).cmp(&(a.flags & ELEM_INTERVAL_END))));
+    elems.sort_by(|a, b| {
+        cmp_keys(&a.key, &b.key).then((b.flags & ELEM_INTERVAL_END).cmp(&(a.flags & ELEM_INTERVAL_END)))
+    });
     let mut open: Option<&Elem> = None;
     let finish = |out: &mut Vec<(Val, Option<Data>)>, s: &Elem, hi: Vec<u8>| {
-        let v = if s.decorated { Val::Decorated } else if s.key == hi { Val::One(hi) } else { Val::Range(s.key.clone(), hi) };
+        let v = if s.decorated {
+            Val::Decorated
+        } else if s.key == hi {
+            Val::One(hi)
+        } else {
+            Val::Range(s.key.clone(), hi)
+        };
         out.push((v, s.data.clone()));
     };
     for e in elems {
@@ -723,8 +734,7 @@ pub fn build(
     ifnames: IfNames<'_>,
 ) -> NftRuleset {
     let mut out = NftRuleset { tables: tables.to_vec(), fw: FwTables::default() };
-    let set_map: Sets<'_> =
-        sets.iter().map(|s| ((s.family.as_str(), s.table.as_str(), s.name.as_str()), s)).collect();
+    let set_map: Sets<'_> = sets.iter().map(|s| ((s.family.as_str(), s.table.as_str(), s.name.as_str()), s)).collect();
     let mut chain_index: HashMap<(&str, &str, &str), usize> = HashMap::new();
     // nft lists the chains table by table, in the tables' order.
     for (tf, tn) in tables {
@@ -851,7 +861,9 @@ fn convert_rule(r: &RawRule, sets: &Sets<'_>, ifnames: IfNames<'_>) -> Vec<FwRul
             continue;
         }
         // `cmp gte A; cmp lte B` on one register: nft prints the range `A-B`.
-        if let (Expr::Cmp { sreg, op: 5, data: lo }, Some(Expr::Cmp { sreg: s2, op: 3, data: hi })) = (e, r.exprs.get(i + 1)) {
+        if let (Expr::Cmp { sreg, op: 5, data: lo }, Some(Expr::Cmp { sreg: s2, op: 3, data: hi })) =
+            (e, r.exprs.get(i + 1))
+        {
             if sreg == s2 {
                 let lhs = c.regs.get(sreg).cloned().unwrap_or(Lhs::Other);
                 c.matched(&lhs, Some(false), Some(vec![Val::Range(lo.clone(), hi.clone())]), None);
@@ -917,7 +929,8 @@ fn convert_rule(r: &RawRule, sets: &Sets<'_>, ifnames: IfNames<'_>) -> Vec<FwRul
             }
             Expr::Cmp { sreg, op, data } => {
                 let mut lhs = c.regs.get(sreg).cloned().unwrap_or(Lhs::Other);
-                if c.lens.get(sreg).is_some_and(|l| (*l as usize) < data.len()) && !matches!(lhs, Lhs::PortPair { .. }) {
+                if c.lens.get(sreg).is_some_and(|l| (*l as usize) < data.len()) && !matches!(lhs, Lhs::PortPair { .. })
+                {
                     c.kill_concat_deps(*sreg, Some(data.len() as u32));
                     lhs = Lhs::Other;
                 }
@@ -1487,7 +1500,8 @@ fn prefixes(v6: bool, bits: u32, vals: &[Val]) -> Option<Vec<Prefix>> {
                 let total = (width * 8) as u32;
                 (0..=total).rev().find_map(|len| {
                     let bit = |b: &[u8], i: u32| b[(i / 8) as usize] & (0x80 >> (i % 8)) != 0;
-                    let ok = (0..total).all(|i| if i < len { bit(lo, i) == bit(hi, i) } else { !bit(lo, i) && bit(hi, i) });
+                    let ok =
+                        (0..total).all(|i| if i < len { bit(lo, i) == bit(hi, i) } else { !bit(lo, i) && bit(hi, i) });
                     ok.then(|| mk(lo, len)).flatten()
                 })
             }
@@ -1787,8 +1801,20 @@ mod tests {
             key_len: 4,
             obj_type: None,
             elems: vec![
-                Elem { key: 8u32.to_ne_bytes().to_vec(), key_end: None, flags: 0, data: Some(Data::Verdict(0, None)), decorated: false },
-                Elem { key: 2u32.to_ne_bytes().to_vec(), key_end: None, flags: 0, data: Some(Data::Verdict(1, None)), decorated: false },
+                Elem {
+                    key: 8u32.to_ne_bytes().to_vec(),
+                    key_end: None,
+                    flags: 0,
+                    data: Some(Data::Verdict(0, None)),
+                    decorated: false,
+                },
+                Elem {
+                    key: 2u32.to_ne_bytes().to_vec(),
+                    key_end: None,
+                    flags: 0,
+                    data: Some(Data::Verdict(1, None)),
+                    decorated: false,
+                },
             ],
         };
         let r = rule(
@@ -1804,10 +1830,7 @@ mod tests {
         assert_eq!(out[0].verdict, Verdict::Accept);
         assert_eq!(out[1].verdict, Verdict::Drop);
         // meta l4proto loaded, then fib overwrites register 1: the cmp is opaque.
-        let r = rule(
-            "inet",
-            vec![meta(16), st("fib", Some(Some(1))), cmp(0, &[6]), verdict(1)],
-        );
+        let r = rule("inet", vec![meta(16), st("fib", Some(Some(1))), cmp(0, &[6]), verdict(1)]);
         assert!(matches!(conv(&r, &[])[0].conds.as_slice(), [Cond::Opaque(_)]));
         // A wildcard interface name is opaque; an exact one is a name.
         let r = rule("inet", vec![meta(6), cmp(0, b"eth"), verdict(1)]);

@@ -619,8 +619,11 @@ fn ruleset_text(r: &nft_json::NftRuleset) -> String {
     let mut s = String::new();
     for (f, n) in &r.tables {
         let _ = writeln!(s, "table {f} {n} {{");
-        for ch in r.fw.chains.iter().filter(|c| matches!(&c.owner, Owner::Nft { family, table } if family == f && table == n)) {
-            let _ = writeln!(s, "\tchain {} {:?} {:?} {} {:?}", ch.name, ch.hook, ch.kind, ch.priority, ch.policy_accept);
+        for ch in
+            r.fw.chains.iter().filter(|c| matches!(&c.owner, Owner::Nft { family, table } if family == f && table == n))
+        {
+            let _ =
+                writeln!(s, "\tchain {} {:?} {:?} {} {:?}", ch.name, ch.hook, ch.kind, ch.priority, ch.policy_accept);
             for rule in &ch.rules {
                 let _ = writeln!(s, "\t\t{} {:?} {:?} {:?}", rule.text, rule.conds, rule.verdict, rule.comment);
             }
@@ -639,9 +642,11 @@ fn previous_rule_text(
     r: &nft_text::ListedRule,
     listed_chains: &mut std::collections::HashMap<(String, String, String), Vec<nft_text::ListedRule>>,
 ) -> Result<String, PolicyTxnError> {
-    if let Some(i) = prev.nft_insertions.iter().find(|i| {
-        i.handle == Some(r.handle) && i.family == r.family && i.table == r.table && i.chain == r.chain
-    }) {
+    if let Some(i) = prev
+        .nft_insertions
+        .iter()
+        .find(|i| i.handle == Some(r.handle) && i.family == r.family && i.table == r.table && i.chain == r.chain)
+    {
         return Ok(i.rule.clone());
     }
     let key = (r.family.clone(), r.table.clone(), r.chain.clone());
