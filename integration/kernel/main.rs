@@ -21,6 +21,7 @@ mod guard;
 mod inputs;
 mod journal_store;
 mod native_tables;
+mod nft_read;
 mod ops;
 mod policy_txn;
 mod policy_txn_cas;

@@ -1,5 +1,6 @@
 //! Reads the live state of the current thread's network namespace (DESIGN §7): the nft
-//! ruleset as JSON, `iptables-save`/`ip6tables-save` of both variants, and sysctls. Call it
+//! ruleset over netlink ([`super::nft_read`]; `nft -j list ruleset` when `CTGUARD_NFT_READ=json`),
+//! `iptables-save`/`ip6tables-save` of both variants, and sysctls. Call it
 //! inside `crate::netns::Target::run`. Reads only; changes nothing.
 
 use std::collections::BTreeMap;
@@ -21,6 +22,9 @@ pub enum LiveError {
     /// nft's JSON was not understood.
     #[error(transparent)]
     NftJson(#[from] NftJsonError),
+    /// The ruleset could not be read over netlink.
+    #[error("reading the nf_tables ruleset: {0}")]
+    NftRead(#[from] super::nft_read::NftReadError),
     /// An iptables dump was refused (e.g. an incompatible table).
     #[error("{tool}: {source}")]
     Save {
@@ -43,13 +47,31 @@ pub const SAVE_TOOLS: &[(&str, IptVariant, bool)] = &[
     ("ip6tables-legacy-save", IptVariant::Legacy, true),
 ];
 
-/// Reads `nft -j list ruleset` (when nft is installed) and every iptables dump whose tool is
-/// installed. An "incompatible table" warning in a dump is an error (DESIGN §1).
-pub fn read() -> Result<LiveState, LiveError> {
-    let mut live = LiveState::default();
-    if let Ok(nft) = Tool::find("nft") {
-        live.nft = nft_json::parse(&nft.run(&["-j", "list", "ruleset"], None)?)?;
+/// The environment variable that selects how the nft ruleset is read: `json` runs
+/// `nft -j list ruleset` (the previous reader, for debugging); anything else, or unset, reads
+/// it over netlink.
+pub const NFT_READ_ENV: &str = "CTGUARD_NFT_READ";
+
+/// True when `CTGUARD_NFT_READ=json` asks for nft's JSON instead of the netlink reader.
+pub fn nft_read_json() -> bool {
+    std::env::var(NFT_READ_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("json"))
+}
+
+/// The nft ruleset in the neutral model: over netlink (one consistent dump, between two equal
+/// generation ids), or parsed from `nft -j list ruleset` when [`nft_read_json`]. Empty when
+/// `nft` is not installed (as before: no nftables on this host to plan against).
+pub fn read_nft() -> Result<crate::live::nft_json::NftRuleset, LiveError> {
+    let Ok(nft) = Tool::find("nft") else { return Ok(Default::default()) };
+    if nft_read_json() {
+        return Ok(nft_json::parse(&nft.run(&["-j", "list", "ruleset"], None)?)?);
     }
+    Ok(super::nft_read::read()?)
+}
+
+/// Reads the nft ruleset ([`read_nft`], when nft is installed) and every iptables dump whose
+/// tool is installed. An "incompatible table" warning in a dump is an error (DESIGN §1).
+pub fn read() -> Result<LiveState, LiveError> {
+    let mut live = LiveState { nft: read_nft()?, ..LiveState::default() };
     for &(name, variant, v6) in SAVE_TOOLS {
         let Ok(tool) = Tool::find(name) else { continue };
         // A table iptables-nft calls incompatible is a native nft table: nft's JSON has it.

@@ -219,7 +219,7 @@ fn parse_replies(data: &[u8]) -> Result<Vec<Reply>, NetlinkError> {
 }
 
 /// Netlink attributes in `b`: (type without flag bits, data).
-fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+pub(crate) fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut v = Vec::new();
     while b.len() >= 4 {
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
@@ -363,12 +363,12 @@ pub struct RuleInfo {
     pub comment: Option<String>,
 }
 
-fn nul_str(d: &[u8]) -> String {
+pub(crate) fn nul_str(d: &[u8]) -> String {
     String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
 }
 
 /// The comment TLV (`NFTNL_UDATA_RULE_COMMENT`) of a rule's userdata: `type u8, len u8, value`.
-fn udata_comment(mut b: &[u8]) -> Option<String> {
+pub(crate) fn udata_comment(mut b: &[u8]) -> Option<String> {
     while b.len() >= 2 {
         let (ty, len) = (b[0], b[1] as usize);
         let v = b.get(2..2 + len)?;
@@ -581,7 +581,7 @@ pub fn get_genid() -> Result<u32, NetlinkError> {
 }
 
 /// nft family keyword of an `NFPROTO_*` value, as `nft list tables` prints it.
-fn nft_family_name(f: u8) -> Option<&'static str> {
+pub(crate) fn nft_family_name(f: u8) -> Option<&'static str> {
     match f {
         1 => Some("inet"),
         2 => Some("ip"),
@@ -684,6 +684,84 @@ pub fn dump_chain_rules(family: &str, table: &str, chain: &str) -> Result<Vec<Ru
                 if code != 0 {
                     return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
                 }
+            }
+        }
+    }
+}
+
+/// One message of a dump: its type (without the subsystem byte) and its payload (nfgenmsg +
+/// attributes).
+pub(crate) struct DumpMsg {
+    /// `NFT_MSG_*` type.
+    pub ty: u16,
+    /// nfgenmsg + attributes.
+    pub payload: Vec<u8>,
+}
+
+/// The outcome of one nf_tables dump request.
+pub(crate) struct Dump {
+    /// The messages, in the kernel's order.
+    pub msgs: Vec<DumpMsg>,
+    /// True when any message carried `NLM_F_DUMP_INTR`: the ruleset changed during the dump and
+    /// the result may be inconsistent (read again).
+    pub interrupted: bool,
+}
+
+/// Runs one `NLM_F_DUMP` request of nf_tables message type `msg` for `family` (`NFPROTO_*`,
+/// 0 = every family) with the given attributes (type, data; strings NUL-terminated by the
+/// caller) on a fresh socket in the calling thread's namespace, and collects every reply up to
+/// `NLMSG_DONE`. A dump that ends with `ENOENT` (no such table or set) is empty. Read-only.
+/// Blocks at most about 10 s between datagrams.
+pub(crate) fn dump(msg: u16, family: u8, attrs: &[(u16, &[u8])], what: &'static str) -> Result<Dump, NetlinkError> {
+    let query = |source: io::Error| NetlinkError::Query { what, source };
+    let seq = FIRST_SEQ;
+    let mut req = Vec::with_capacity(64);
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req.extend_from_slice(&seq.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[family, 0, 0, 0]);
+    for (ty, d) in attrs {
+        req.extend_from_slice(&((4 + d.len()) as u16).to_ne_bytes());
+        req.extend_from_slice(&ty.to_ne_bytes());
+        req.extend_from_slice(d);
+        while req.len() % 4 != 0 {
+            req.push(0);
+        }
+    }
+    let total = req.len() as u32;
+    req[0..4].copy_from_slice(&total.to_ne_bytes());
+    let mut s = NfSocket::open()?;
+    // A big ruleset arrives in many datagrams; a larger buffer saves wake-ups, not data (a
+    // dump is paced by our reads).
+    s.raise_buffer(SO_RCVBUFFORCE, libc::SO_RCVBUF, 1 << 20);
+    s.send(&req)?;
+    let mut out = Dump { msgs: Vec::new(), interrupted: false };
+    loop {
+        let Some(replies) = s.recv(REPLY_TIMEOUT)? else {
+            return Err(query(io::Error::from(io::ErrorKind::TimedOut)));
+        };
+        for r in replies.into_iter().filter(|r| r.seq == seq) {
+            if r.flags & NLM_F_DUMP_INTR != 0 {
+                out.interrupted = true;
+            }
+            if r.ty == NLMSG_DONE {
+                let code = u32_ne(&r.payload, 0).map(|c| c as i32).unwrap_or(0);
+                if code < 0 && code.saturating_neg() != libc::ENOENT {
+                    return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
+                }
+                return Ok(out);
+            } else if r.ty == NLMSG_ERROR {
+                let (code, _) = parse_error(&r)?;
+                if code.saturating_neg() == libc::ENOENT {
+                    return Ok(out);
+                }
+                if code != 0 {
+                    return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
+                }
+            } else if r.ty >> 8 == NFNL_SUBSYS_NFTABLES {
+                out.msgs.push(DumpMsg { ty: r.ty & 0xff, payload: r.payload });
             }
         }
     }

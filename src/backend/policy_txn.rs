@@ -550,31 +550,33 @@ fn boxed(e: impl StdError + Send + Sync + 'static) -> Box<dyn StdError + Send + 
     Box::new(e)
 }
 
-/// One consistent read: live state, `nft -a list ruleset` and ctguard's table, between two
-/// equal generation ids.
+/// One consistent read: live state (the nft ruleset over netlink, with every rule's handle and
+/// comment) and ctguard's table, between two equal generation ids.
 struct Snapshot {
     genid: u32,
     live: LiveState,
+    /// Every nft rule's place, handle and comment, from the live state (`text` empty: see
+    /// [`strip_previous`]).
     listed: Vec<nft_text::ListedRule>,
     table_text: Option<String>,
-    /// The nft listing as read (without handles): what a foreign change is described against.
+    /// The nft ruleset as read, rendered ([`ruleset_text`]): what a foreign change is
+    /// described against.
     text: String,
 }
 
 fn snapshot() -> Result<Snapshot, PolicyTxnError> {
-    let nft = Tool::find("nft").ok();
     for attempt in 1..=SNAPSHOT_ATTEMPTS {
         let g0 = get_genid().map_err(PolicyTxnError::Genid)?;
         let live = live_backend::read().map_err(PolicyTxnError::Live)?;
-        let raw_text = match &nft {
-            Some(t) => t
-                .run(&["-a", "list", "ruleset"], None)
-                .map_err(|source| PolicyTxnError::Exec { what: "nft -a list ruleset".into(), source })?,
-            None => String::new(),
+        let listed = listed_of_ruleset(&live.nft);
+        let text = ruleset_text(&live.nft);
+        // ctguard's own table as nft prints it (what a rollback loads back), only when it
+        // exists: `nft list table` of a small table, not a listing of the ruleset.
+        let table_text = if live.nft.has_table("inet", TABLE_NAME) || live_backend::nft_read_json() {
+            live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)?
+        } else {
+            None
         };
-        let listed = nft_text::rules(&raw_text);
-        let text = raw_text.lines().map(|l| strip_handle(l).to_string()).collect::<Vec<_>>().join("\n");
-        let table_text = live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)?;
         let g1 = get_genid().map_err(PolicyTxnError::Genid)?;
         if g0 == g1 {
             return Ok(Snapshot { genid: g0, live, listed, table_text, text });
@@ -582,6 +584,89 @@ fn snapshot() -> Result<Snapshot, PolicyTxnError> {
         tracing::debug!(attempt, g0, g1, "the generation id moved during the snapshot; reading again");
     }
     Err(PolicyTxnError::Unstable { attempts: SNAPSHOT_ATTEMPTS })
+}
+
+/// Every rule of the nft ruleset as (place, handle, comment), one per nft rule (a verdict map's
+/// expansion shares its rule's handle). `text` is left empty.
+fn listed_of_ruleset(r: &nft_json::NftRuleset) -> Vec<nft_text::ListedRule> {
+    let mut out: Vec<nft_text::ListedRule> = Vec::new();
+    for ch in &r.fw.chains {
+        let Owner::Nft { family, table } = &ch.owner else { continue };
+        let mut last = None;
+        for rule in &ch.rules {
+            let Some(handle) = rule.handle else { continue };
+            if last == Some(handle) {
+                continue;
+            }
+            last = Some(handle);
+            out.push(nft_text::ListedRule {
+                family: family.clone(),
+                table: table.clone(),
+                chain: ch.name.clone(),
+                handle,
+                text: String::new(),
+                comment: rule.comment.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The nft ruleset rendered one line per table, chain and rule (handles left out), in the
+/// `table FAMILY NAME {` layout [`tables_of`] splits: what [`foreign_change_summary`] compares.
+fn ruleset_text(r: &nft_json::NftRuleset) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    for (f, n) in &r.tables {
+        let _ = writeln!(s, "table {f} {n} {{");
+        for ch in
+            r.fw.chains.iter().filter(|c| matches!(&c.owner, Owner::Nft { family, table } if family == f && table == n))
+        {
+            let _ =
+                writeln!(s, "\tchain {} {:?} {:?} {} {:?}", ch.name, ch.hook, ch.kind, ch.priority, ch.policy_accept);
+            for rule in &ch.rules {
+                let _ = writeln!(s, "\t\t{} {:?} {:?} {:?}", rule.text, rule.conds, rule.verdict, rule.comment);
+            }
+        }
+        let _ = writeln!(s, "}}");
+    }
+    s
+}
+
+/// The text of the previous transaction's rule with `handle` in a chain, for
+/// [`Removed::Nft::text`] (what a rollback loads back with `nft -f`): the rule as the previous
+/// undo record wrote it, matched by the handle the kernel echoed; else as `nft -a list chain`
+/// prints it (a record without handles).
+fn previous_rule_text(
+    prev: &PolicyUndo,
+    r: &nft_text::ListedRule,
+    listed_chains: &mut std::collections::HashMap<(String, String, String), Vec<nft_text::ListedRule>>,
+) -> Result<String, PolicyTxnError> {
+    if let Some(i) = prev
+        .nft_insertions
+        .iter()
+        .find(|i| i.handle == Some(r.handle) && i.family == r.family && i.table == r.table && i.chain == r.chain)
+    {
+        return Ok(i.rule.clone());
+    }
+    let key = (r.family.clone(), r.table.clone(), r.chain.clone());
+    if !listed_chains.contains_key(&key) {
+        let what = format!("nft -a list chain {} {} {}", r.family, r.table, r.chain);
+        let text = tool("nft")?
+            .run(&["-a", "list", "chain", &r.family, &r.table, &r.chain], None)
+            .map_err(|source| PolicyTxnError::Exec { what, source })?;
+        listed_chains.insert(key.clone(), nft_text::rules(&text));
+    }
+    listed_chains
+        .get(&key)
+        .and_then(|rules| rules.iter().find(|x| x.handle == r.handle))
+        .map(|x| x.text.clone())
+        .ok_or_else(|| {
+            PolicyTxnError::Stale(format!(
+                "rule handle {} of nft {} {} {} is gone since the snapshot",
+                r.handle, r.family, r.table, r.chain
+            ))
+        })
 }
 
 fn dump_of(live: &LiveState, variant: IptVariant, v6: bool) -> Option<&crate::live::IptDump> {
@@ -598,6 +683,7 @@ fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(Liv
     let Some(prev) = previous else { return Ok((live, Vec::new())) };
     let tag = prev.tag.as_str();
     let mut removed = Vec::new();
+    let mut listed_chains = std::collections::HashMap::new();
     // nft: the chains the previous transaction inserted into, in listing order.
     let mut nft_chains: Vec<(&str, &str, &str)> =
         prev.nft_insertions.iter().map(|i| (i.family.as_str(), i.table.as_str(), i.chain.as_str())).collect();
@@ -616,7 +702,7 @@ fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(Liv
                 table: r.table.clone(),
                 chain: r.chain.clone(),
                 handle: r.handle,
-                text: r.text.clone(),
+                text: previous_rule_text(prev, r, &mut listed_chains)?,
                 anchor,
             });
         }
@@ -1155,10 +1241,10 @@ fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchErr
     Ok((!b.is_empty()).then(|| b.finish()))
 }
 
-/// What another writer changed since `before` (the nft listing ctguard read): tables added and
+/// What another writer changed since `before` (the nft ruleset ctguard read, [`ruleset_text`]): tables added and
 /// removed, else the first changed lines of a fresh listing (failure path only). Read-only.
 fn foreign_change_summary(before: &str) -> String {
-    let now = Tool::find("nft").ok().and_then(|t| t.run(&["list", "ruleset"], None).ok()).unwrap_or_default();
+    let now = live_backend::read_nft().map(|r| ruleset_text(&r)).unwrap_or_default();
     let (then, now) = (tables_of(before), tables_of(&now));
     let names = |it: Vec<&String>| it.into_iter().map(String::as_str).collect::<Vec<_>>().join(", ");
     let added: Vec<&String> = now.keys().filter(|k| !then.contains_key(*k)).collect();
@@ -1198,14 +1284,6 @@ fn tables_of(listing: &str) -> std::collections::BTreeMap<String, Vec<String>> {
         }
     }
     out
-}
-
-/// `line` without nft's `# handle N` suffix.
-fn strip_handle(line: &str) -> &str {
-    match line.rfind(" # handle ") {
-        Some(i) => &line[..i],
-        None => line,
-    }
 }
 
 /// Undoes `undo` after a failed step and builds the error to return.
@@ -2058,7 +2136,7 @@ pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, Polic
                         Removed::Nft { family, table, chain, handle, text, .. }
                             if *handle == r.handle && family == f && table == t && chain == c =>
                         {
-                            Some(strip_handle(text).to_string())
+                            Some(text.split(" # handle ").next().unwrap_or(text).trim_end().to_string())
                         }
                         _ => None,
                     })

@@ -32,6 +32,9 @@ struct Report {
     plan: InsertionPlan,
     /// The previous transaction's accepts apply removes (they are re-planned).
     removals: Vec<String>,
+    /// The accepts after apply are the ones removed (the same rules, tags aside): re-planning
+    /// them changes nothing.
+    same_accepts: bool,
     sysctls: Vec<SysctlChange>,
     findings: Vec<Finding>,
     check: Option<Result<(), String>>,
@@ -40,10 +43,45 @@ struct Report {
 impl Report {
     fn changed(&self) -> bool {
         self.current != self.desired
-            || !self.plan.insertions.is_empty()
-            || !self.removals.is_empty()
+            || !self.same_accepts
             || self.sysctls.iter().any(|c| !c.unchanged && c.skipped.is_none())
     }
+}
+
+/// The accept rules, tags read as `ctguard:preview`, as comparable lines: (front end, table,
+/// chain, rule).
+fn accept_keys(removed: &[Removed], plan: &InsertionPlan) -> (Vec<String>, Vec<String>) {
+    let norm = crate::model::names::normalize_tags;
+    let mut gone: Vec<String> = removed
+        .iter()
+        .map(|r| match r {
+            Removed::Nft { family, table, chain, text, .. } => {
+                let text = text.split(" # handle ").next().unwrap_or(text).trim();
+                format!("nft {family} {table} {chain}: {}", norm(text))
+            }
+            Removed::Iptables { variant, v6, table, line, .. } => {
+                format!("{} {table}: {}", crate::live::fw::IptVariant::from(*variant).tool(*v6, ""), norm(line.trim()))
+            }
+        })
+        .collect();
+    let mut new = Vec::new();
+    for ins in &plan.insertions {
+        match (&ins.owner, &ins.rule) {
+            (crate::live::fw::Owner::Nft { family, table }, RuleSpec::Nft(rule)) => {
+                new.push(format!("nft {family} {table} {}: {}", ins.chain_name, norm(rule.trim())));
+            }
+            (crate::live::fw::Owner::Iptables { variant, v6, table }, RuleSpec::Iptables(specs)) => {
+                for spec in specs {
+                    let line = format!("-A {} {}", ins.chain_name, crate::render::iptables::spec_to_line(spec));
+                    new.push(format!("{} {table}: {}", variant.tool(*v6, ""), norm(&line)));
+                }
+            }
+            _ => {}
+        }
+    }
+    gone.sort();
+    new.sort();
+    (gone, new)
 }
 
 pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>> {
@@ -184,7 +222,10 @@ fn build_report(
             (current, desired)
         }
     };
-    let removals = prepared.undo_record().removed_previous.iter().map(removal_text).collect();
+    let removed = prepared.undo_record().removed_previous;
+    let removals = removed.iter().map(removal_text).collect();
+    let (gone, new) = accept_keys(&removed, &prepared.plan);
+    let same_accepts = gone == new;
     let check = check.then(|| policy_txn::kernel_check(&prepared).map_err(|e| policy_txn::chain_text(&e)));
     if let Some(Err(e)) = &check {
         tracing::warn!("kernel check failed: {e}");
@@ -198,6 +239,7 @@ fn build_report(
         desired,
         plan: prepared.plan.clone(),
         removals,
+        same_accepts,
         sysctls: prepared.sysctls.clone(),
         findings: prepared.findings.clone(),
         check,
