@@ -218,3 +218,28 @@ fn plan_shows_the_removal_of_the_committed_accepts_that_apply_performs() {
     ok(&ctg.run(&["rollback", &b]));
     assert!(ns.nft_list().contains(&a), "rolled back to the committed accepts");
 }
+
+/// The committed policy planned again: its accepts are re-planned identically, so nothing
+/// changes (`changed: false`, what Ansible's idempotence rests on), on nft and iptables-nft.
+#[test]
+fn plan_of_the_committed_policy_changes_nothing() {
+    for backend in ["nft", "iptables-nft"] {
+        let ns = Ns::new("plan-same");
+        ns.nft(STATEFUL);
+        let ctg = Ctg::new();
+        std::fs::create_dir_all(&ctg.base).expect("base");
+        let p = ctg.base.join("p.toml");
+        std::fs::write(&p, format!("backend = \"{backend}\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n"))
+            .expect("policy");
+        let p = p.to_str().expect("utf8");
+        let (out, id) = ctg.apply(&ns, &["--timeout", "60s", p]);
+        ok(&out);
+        ok(&ctg.run(&["confirm", &id]));
+        let plan = ctg.json(&["--netns", ns.name(), "plan", "--check", p]);
+        assert_eq!(plan["changed"], false, "{backend}: {plan}");
+        assert_eq!(plan["accepts_unchanged"], true, "{backend}: {plan}");
+        assert!(!plan["removals"].as_array().is_some_and(|a| a.is_empty()), "{backend}: {plan}");
+        let text = String::from_utf8_lossy(&ctg.run(&["--netns", ns.name(), "plan", p]).stdout).into_owned();
+        assert!(text.contains("in place: the committed transaction's"), "{text}");
+    }
+}

@@ -212,7 +212,9 @@ fn build_report(
                     let dump = iptables_save::parse(&d.text).map_err(|e| refused(&e))?;
                     for chain in [CHAIN_PRE, CHAIN_OUT] {
                         if let Some(c) = dump.chain(RAW_TABLE, chain) {
-                            current.extend(c.rules.iter().map(|r| format!("{}: {}", fam.tool_prefix(), r.line)));
+                            current.extend(c.rules.iter().map(|r| {
+                                crate::model::names::normalize_tags(&format!("{}: {}", fam.tool_prefix(), r.line))
+                            }));
                         }
                     }
                 }
@@ -297,12 +299,15 @@ fn report_text(r: &Report) -> String {
     let _ = writeln!(s, "\naccept insertions (accept_untracked):");
     if r.plan.insertions.is_empty() && r.removals.is_empty() {
         let _ = writeln!(s, "  none needed");
-    }
-    for rm in &r.removals {
-        let _ = writeln!(s, "  - {rm} (the committed transaction's, re-planned)");
-    }
-    for ins in &r.plan.insertions {
-        let _ = writeln!(s, "  + {}", insertion_text(ins));
+    } else if r.same_accepts {
+        let _ = writeln!(s, "  in place: the committed transaction's {} accept(s), unchanged", r.removals.len());
+    } else {
+        for rm in &r.removals {
+            let _ = writeln!(s, "  - {rm} (the committed transaction's, re-planned)");
+        }
+        for ins in &r.plan.insertions {
+            let _ = writeln!(s, "  + {}", insertion_text(ins));
+        }
     }
     let _ = writeln!(s, "\nsysctl:");
     if r.sysctls.is_empty() {
@@ -355,6 +360,7 @@ fn report_json(r: &Report) -> serde_json::Value {
         },
         "insertions": r.plan.insertions,
         "removals": r.removals,
+        "accepts_unchanged": r.same_accepts,
         "sysctl": r.sysctls,
         "findings": r.findings,
         "errors": r.findings.iter().filter(|f| f.severity == Severity::Error).count(),
