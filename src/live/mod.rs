@@ -4,6 +4,7 @@
 pub mod fw;
 pub mod iptables_fw;
 pub mod nft_json;
+pub mod nft_text;
 
 use fw::{FwTables, IptVariant, Owner};
 

@@ -4,7 +4,8 @@
 //! Reads are cheap (netlink table and chain dumps, one save per iptables variant and family);
 //! the repair itself is an ordinary `prepare` + `apply` with the committed transaction's tag.
 
-use super::{ipt, rollback, PolicyTxnError, PolicyUndo, RollbackReport, Variant};
+use super::{rollback, PolicyTxnError, PolicyUndo, RollbackReport, Variant};
+use crate::render::ipt_edit as ipt;
 use crate::backend::iptables as ipt_backend;
 use crate::backend::netlink::{dump_chain_rules, list_tables};
 use crate::model::Backend;
