@@ -1890,10 +1890,19 @@ fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     if todo.is_empty() {
         return Ok(());
     }
-    let (_, ruleset) = read_nft_for_rollback()?;
+    let nft = tool("nft")?;
     let mut script = String::new();
     for r in todo {
         let fam = if r.v6 { "ip6" } else { "ip" };
+        // Only the raw table of this family (cheap at any ruleset size); none is fine.
+        let out = nft.output(&["-j", "list", "table", fam, "raw"], None).map_err(|source| PolicyTxnError::Exec {
+            what: format!("nft -j list table {fam} raw"),
+            source,
+        })?;
+        if !out.status.success() {
+            continue;
+        }
+        let ruleset = nft_json::parse(&String::from_utf8_lossy(&out.stdout)).map_err(PolicyTxnError::NftJson)?;
         let chains: Vec<_> = ruleset
             .fw
             .chains
@@ -1919,7 +1928,7 @@ fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     if script.is_empty() {
         return Ok(());
     }
-    tool("nft")?.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ()).map_err(|source| PolicyTxnError::Exec {
+    nft.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ()).map_err(|source| PolicyTxnError::Exec {
         what: "nft: deleting the empty iptables-nft raw objects".into(),
         source,
     })
