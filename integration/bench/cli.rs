@@ -1153,13 +1153,8 @@ impl Drop for Scratch {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if !args.iter().any(|a| a == "--bench") && !std::env::var("CTGUARD_BENCH").is_ok_and(|v| v == "1") {
-        println!("cli bench: not run (use `cargo bench --bench cli`, as root)");
+    if !common::asked("cli", &args) {
         return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("cli bench: needs root (network namespaces, netfilter)");
-        std::process::exit(1);
     }
     let cfg = match Config::from_env() {
         Ok(c) => c,

@@ -159,3 +159,19 @@ pub fn min_median(v: &[f64]) -> (f64, f64) {
     let med = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
     (s[0], med)
 }
+
+/// Whether this bench was asked for (`cargo bench` passes `--bench`; `CTGUARD_BENCH=1` too):
+/// `cargo test --all-targets` also runs bench binaries, which then only say how to run them.
+/// Exits 1 when asked without root (namespaces and netfilter need it).
+pub fn asked(name: &str, args: &[String]) -> bool {
+    let asked = args.iter().any(|a| a == "--bench") || std::env::var("CTGUARD_BENCH").is_ok_and(|v| v == "1");
+    if !asked {
+        println!("{name} bench: not run (use `cargo bench --bench {name}`, as root)");
+        return false;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("{name} bench: needs root (network namespaces, netfilter)");
+        std::process::exit(1);
+    }
+    true
+}

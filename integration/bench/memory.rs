@@ -871,14 +871,8 @@ fn main() {
     if args.get(1).map(String::as_str) == Some("--rusage-child") {
         rusage_child(&args[2..]);
     }
-    let asked = args.iter().any(|a| a == "--bench") || std::env::var("CTGUARD_BENCH").is_ok_and(|v| v == "1");
-    if !asked {
-        println!("memory bench: not run (use `cargo bench --bench memory`, as root)");
+    if !common::asked("memory", &args) {
         return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("memory bench: needs root (network namespaces, netfilter)");
-        std::process::exit(1);
     }
     let cfg = match Config::from_env() {
         Ok(c) => c,

@@ -671,15 +671,8 @@ fn report(cfg: &Config, r: &BackendResult) -> String {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let asked = args.iter().any(|a| a == "--bench") || std::env::var("CTGUARD_BENCH").is_ok_and(|v| v == "1");
-    if !asked {
-        // `cargo test --all-targets` / `--benches` runs bench binaries without `--bench`.
-        println!("soak bench: not run (use `cargo bench --bench soak`, as root)");
+    if !common::asked("soak", &args) {
         return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("soak bench: needs root (network namespaces, netfilter)");
-        std::process::exit(1);
     }
     let cfg = match Config::from_env() {
         Ok(c) => c,

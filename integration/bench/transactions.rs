@@ -1083,15 +1083,8 @@ impl Drop for Scratch {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let asked = args.iter().any(|a| a == "--bench") || std::env::var("CTGUARD_BENCH").is_ok_and(|v| v == "1");
-    if !asked {
-        // `cargo test --all-targets` / `--benches` runs bench binaries without `--bench`.
-        println!("transactions bench: not run (use `cargo bench --bench transactions`, as root)");
+    if !common::asked("transactions", &args) {
         return;
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("transactions bench: needs root (network namespaces, netfilter)");
-        std::process::exit(1);
     }
     let cfg = Config::from_env();
     reap_stale_namespaces("ctg-bench");
