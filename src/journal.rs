@@ -525,24 +525,7 @@ impl Journal {
             step: "compress",
             source: io::Error::other(e),
         })?;
-        let written = (|| {
-            let _ = fs::remove_file(&tmp);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&tmp)
-                .map_err(step("create", &tmp))?;
-            f.write_all(&frame).map_err(step("write", &tmp))?;
-            f.sync_all().map_err(step("fsync", &tmp))?;
-            drop(f);
-            fs::rename(&tmp, &dest).map_err(step("rename", &dest))
-        })();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written?;
+        replace_file(&tmp, &dest, &frame).map_err(|(s, path, source)| step(s, &path)(source))?;
         self.remember(&part.sha256);
         Ok(frame.len() as u64)
     }
@@ -700,26 +683,7 @@ impl Journal {
             let path = path.to_path_buf();
             move |source| JournalError::Write { path, step, source }
         };
-        let replaced = (|| {
-            // A leftover (or planted) temp file is removed, never written through.
-            let _ = fs::remove_file(&tmp);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&tmp)
-                .map_err(step("create", &tmp))?;
-            f.write_all(bytes).map_err(step("write", &tmp))?;
-            f.sync_all().map_err(step("fsync", &tmp))?;
-            drop(f);
-            fs::rename(&tmp, &dest).map_err(step("rename", &dest))
-        })();
-        if replaced.is_err() {
-            // Best effort: a leftover would be ignored anyway and removed once stale.
-            let _ = fs::remove_file(&tmp);
-        }
-        replaced?;
+        replace_file(&tmp, &dest, bytes).map_err(|(s, path, source)| step(s, &path)(source))?;
         fsync_dir(&self.txn_dir).map_err(step("fsync directory", &self.txn_dir))
     }
 
@@ -1227,6 +1191,35 @@ fn check_space(dir: &Path) -> Result<(), JournalError> {
 /// ENOSPC or EDQUOT: the disk (or the quota) is full.
 pub fn is_no_space(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Writes `bytes` to a new `tmp` (0600, never through a link or a leftover: a leftover or
+/// planted temp file is removed first), fsyncs it and renames it over `dest`; on failure the
+/// temp file is removed (best effort). The caller fsyncs the directory. Errors say which step
+/// failed on which path.
+fn replace_file(tmp: &Path, dest: &Path, bytes: &[u8]) -> Result<(), (&'static str, PathBuf, io::Error)> {
+    let at = |step: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |e: io::Error| (step, path, e)
+    };
+    let written = (|| {
+        let _ = fs::remove_file(tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(tmp)
+            .map_err(at("create", tmp))?;
+        f.write_all(bytes).map_err(at("write", tmp))?;
+        f.sync_all().map_err(at("fsync", tmp))?;
+        drop(f);
+        fs::rename(tmp, dest).map_err(at("rename", dest))
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    written
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
