@@ -950,18 +950,7 @@ fn policy_pair(ctx: &Ctx<'_>, rows: &mut Rows, first: bool, cold: bool, same: bo
             ctx.backend, ctx.n
         );
     }
-    match c {
-        Ok((a, akib, rb, rkib)) => {
-            rows.entry(apply_key).or_default().pairs.push(Pair { ctg: a, agent_kib: akib, bare: ba });
-            if !cold {
-                rows.entry("policy rollback").or_default().pairs.push(Pair { ctg: rb, agent_kib: rkib, bare: bu });
-            }
-        }
-        Err(e) => {
-            eprintln!("cli bench: {} {}: {apply_key} failed: {e}", ctx.backend, ctx.n);
-            rows.entry(apply_key).or_default().failed = Some(e);
-        }
-    }
+    record(ctx, rows, apply_key, (!cold).then_some("policy rollback"), c, ba, bu);
     Ok(())
 }
 
@@ -992,11 +981,26 @@ fn ruleset_pair(ctx: &Ctx<'_>, rows: &mut Rows, first: bool, cold: bool) -> Resu
         Ok((a, u))
     };
     let (c, (ba, bu)) = ordered(first, ctg, bare)?;
+    record(ctx, rows, apply_key, (!cold).then_some("ruleset rollback"), c, ba, bu);
+    Ok(())
+}
+
+/// Files one paired run: the apply row and (warm runs) the rollback row, or the apply row's
+/// failure (later runs of that row are skipped).
+fn record(
+    ctx: &Ctx<'_>,
+    rows: &mut Rows,
+    apply_key: &'static str,
+    rollback_key: Option<&'static str>,
+    c: Result<CtgRun, String>,
+    ba: Finished,
+    bu: Finished,
+) {
     match c {
         Ok((a, akib, rb, rkib)) => {
             rows.entry(apply_key).or_default().pairs.push(Pair { ctg: a, agent_kib: akib, bare: ba });
-            if !cold {
-                rows.entry("ruleset rollback").or_default().pairs.push(Pair { ctg: rb, agent_kib: rkib, bare: bu });
+            if let Some(k) = rollback_key {
+                rows.entry(k).or_default().pairs.push(Pair { ctg: rb, agent_kib: rkib, bare: bu });
             }
         }
         Err(e) => {
@@ -1004,7 +1008,6 @@ fn ruleset_pair(ctx: &Ctx<'_>, rows: &mut Rows, first: bool, cold: bool) -> Resu
             rows.entry(apply_key).or_default().failed = Some(e);
         }
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1156,13 +1159,7 @@ fn main() {
     if !common::asked("cli", &args) {
         return;
     }
-    let cfg = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("cli bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let cfg = common::or_exit("cli", Config::from_env());
     reap_stale_namespaces("ctg-cli");
     let base = Scratch(std::env::temp_dir().join(format!("ctg-cli-{}", std::process::id())));
     for d in ["", "state", "run", "tmp"] {

@@ -175,3 +175,14 @@ pub fn asked(name: &str, args: &[String]) -> bool {
     }
     true
 }
+
+/// The bench's configuration, or exit 2 with `NAME bench: ERROR` (a bad knob is bad input).
+pub fn or_exit<T>(name: &str, r: Result<T, String>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{name} bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}

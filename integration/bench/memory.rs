@@ -874,13 +874,7 @@ fn main() {
     if !common::asked("memory", &args) {
         return;
     }
-    let cfg = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("memory bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let cfg = common::or_exit("memory", Config::from_env());
     reap_stale_namespaces("ctg-mem");
     let tmp = Scratch(std::env::temp_dir().join(format!("ctg-mem-{}", std::process::id())));
     if let Err(e) = private_dir(&tmp.0) {

@@ -674,13 +674,7 @@ fn main() {
     if !common::asked("soak", &args) {
         return;
     }
-    let cfg = match Config::from_env() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("soak bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let cfg = common::or_exit("soak", Config::from_env());
     reap_stale_namespaces("ctg-soak");
     let tmp = Scratch(std::env::temp_dir().join(format!("ctg-soak-{}", std::process::id())));
     if let Err(e) = std::fs::create_dir_all(&tmp.0) {

@@ -527,7 +527,7 @@ fn narrow(n: &mut NotrackRule, dir: Direction, c: &Cond) -> Narrowed {
         Cond::Named { inner, .. } => match inner.as_ref() {
             Cond::Saddr { .. } | Cond::Daddr { .. } | Cond::Dport { .. } | Cond::Sport { .. } => Narrowed::Extra,
             Cond::Iif { .. } | Cond::Oif { .. } => Narrowed::Extra,
-            other => Narrowed::Cannot(format!("{other:?}")),
+            _ => Narrowed::Cannot(format!("a lookup in set @{}", match c { Cond::Named { name, .. } => name.as_str(), _ => "" })),
         },
         Cond::Saddr { neg: false, prefixes } if peer_is_src => narrow_peers(n, dir, prefixes),
         Cond::Daddr { neg: false, prefixes } if !peer_is_src => narrow_peers(n, dir, prefixes),
