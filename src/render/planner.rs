@@ -524,10 +524,10 @@ fn narrow(n: &mut NotrackRule, dir: Direction, c: &Cond) -> Narrowed {
     match c {
         Cond::Opaque(text) => Narrowed::Cannot(text.clone()),
         // Repeated by name (never folded into the entry: the set may change later).
-        Cond::Named { inner, .. } => match inner.as_ref() {
+        Cond::Named { name, inner } => match inner.as_ref() {
             Cond::Saddr { .. } | Cond::Daddr { .. } | Cond::Dport { .. } | Cond::Sport { .. } => Narrowed::Extra,
             Cond::Iif { .. } | Cond::Oif { .. } => Narrowed::Extra,
-            _ => Narrowed::Cannot(format!("a lookup in set @{}", match c { Cond::Named { name, .. } => name.as_str(), _ => "" })),
+            _ => Narrowed::Cannot(format!("a lookup in set @{name}")),
         },
         Cond::Saddr { neg: false, prefixes } if peer_is_src => narrow_peers(n, dir, prefixes),
         Cond::Daddr { neg: false, prefixes } if !peer_is_src => narrow_peers(n, dir, prefixes),
