@@ -26,5 +26,6 @@ pub mod probe;
 pub mod render;
 pub mod snapshot;
 pub mod sysctl;
+pub mod timing;
 pub mod trust;
 pub mod txn;

@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use ctguard::backend::policy_txn::{
-    apply, check_rollback, listing, prepare, rollback, PolicyRequest, PolicyTxnError, PolicyUndo, Prepared,
+    after_listing, apply, check_rollback, listing, prepare, rollback, scope_listing, PolicyRequest, PolicyTxnError,
+    PolicyUndo, Prepared,
 };
 use ctguard::exit::Exit;
 use ctguard::model::auto::MachineFacts;
@@ -53,17 +54,26 @@ pub(crate) fn list(ns: &Ns, keys: &[SysctlKey]) -> String {
     ns.run(|| listing(keys)).unwrap_or_else(|e| panic!("listing: {e}"))
 }
 
+/// Prepares `req`; also proves the journal's `before`, taken from the snapshot, equal to a
+/// fresh [`scope_listing`] of the target.
 pub(crate) fn prep(ns: &Ns, req: &PolicyRequest) -> Prepared {
     let t = Instant::now();
     let p = ns.run(|| prepare(req, facts())).unwrap_or_else(|e| panic!("prepare {}: {}", req.tag, chain(&e)));
     eprintln!("policy_txn: prepare {} took {} ms", req.tag, t.elapsed().as_millis());
+    let read = ns.run(|| scope_listing(&p.undo_record(), p.scope_keys())).unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(p.before, read, "the before listing from the snapshot differs from a fresh read");
     p
 }
 
+/// Applies `p`; also proves the journal's `after`, known from the commit, equal to a fresh
+/// [`scope_listing`] (issue 16: no second read of the chains after apply).
 pub(crate) fn app(ns: &Ns, p: &Prepared) -> PolicyUndo {
     let t = Instant::now();
     let u = ns.run(|| apply(p)).unwrap_or_else(|e| panic!("apply {}: {}", p.request.tag, chain(&e)));
     eprintln!("policy_txn: apply {} took {} ms", p.request.tag, t.elapsed().as_millis());
+    let known = ns.run(|| after_listing(p, &u)).unwrap_or_else(|e| panic!("after_listing: {}", chain(&e)));
+    let read = ns.run(|| scope_listing(&u, p.scope_keys())).unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(known, read, "the after listing known from the commit differs from a fresh read");
     u
 }
 

@@ -145,6 +145,11 @@ pub trait Prepared: Send {
     fn warnings(&self) -> Vec<String>;
     /// Applies the change; returns the undo record with what was actually created.
     fn apply(self: Box<Self>) -> Result<Undo, EngineError>;
+    /// [`Prepared::apply`], with the listing after the change when the engine knows it from
+    /// the commit itself (`None`: the caller reads it with [`Engine::listing`]).
+    fn apply_listed(self: Box<Self>) -> Result<(Undo, Option<String>), EngineError> {
+        self.apply().map(|u| (u, None))
+    }
 }
 
 /// The engines of both transaction kinds.

@@ -224,7 +224,7 @@ async fn apply_inner(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32
     };
     // Prepare → PREPARED → apply, again after a foreign change raced the commit (bounded).
     let mut attempt = 0;
-    let (undo, warnings) = loop {
+    let (undo, warnings, after) = loop {
         attempt += 1;
         let engine = shared.engines.of(kind);
         let inp = input.clone();
@@ -252,8 +252,8 @@ async fn apply_inner(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32
         fault("apply:after-prepared");
         fault_fill_disk(shared.journal.txn_dir());
         // The change. From here on, every failure rolls back.
-        match worker.call(move || prepared.apply()).await {
-            Ok(Ok(u)) => break (u, warnings),
+        match worker.call(move || prepared.apply_listed()).await {
+            Ok(Ok((u, after))) => break (u, warnings, after),
             Ok(Err(e)) if retryable(&e) && attempt < CONFLICT_RETRIES => {
                 tracing::warn!(txid = txid.as_str(), "attempt {attempt}: {}; re-reading and re-planning", e.message);
                 rec.note(now_wall(), format!("attempt {attempt} refused: {}; re-planned", e.message));
@@ -287,9 +287,14 @@ async fn apply_inner(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32
         }
         Err(e) => return fail_and_roll_back(shared, &owner, rec, Exit::Internal, e.to_string()).await,
     }
-    let engine = shared.engines.of(kind);
-    let undo3 = undo.clone();
-    rec.after = worker.call(move || engine.listing(&undo3)).await.ok().and_then(Result::ok);
+    rec.after = match after {
+        Some(a) => Some(a),
+        None => {
+            let engine = shared.engines.of(kind);
+            let undo3 = undo.clone();
+            worker.call(move || engine.listing(&undo3)).await.ok().and_then(Result::ok)
+        }
+    };
     let now_bt = journal::boottime_ns();
     let deadline_bt = now_bt + a.timeout_secs * 1_000_000_000;
     let deadline =

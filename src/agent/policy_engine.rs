@@ -39,6 +39,18 @@ impl Prepared for PreparedPolicy {
     fn apply(self: Box<Self>) -> Result<Undo, EngineError> {
         policy_txn::apply(&self.0).map(|u| Undo::Policy(Box::new(u))).map_err(engine_error)
     }
+    fn apply_listed(self: Box<Self>) -> Result<(Undo, Option<String>), EngineError> {
+        let u = policy_txn::apply(&self.0).map_err(engine_error)?;
+        // The change is made: a failure to list it only leaves the listing to the caller.
+        let after = match policy_txn::after_listing(&self.0, &u) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!("the listing after apply: {}", policy_txn::chain_text(&e));
+                None
+            }
+        };
+        Ok((Undo::Policy(Box::new(u)), after))
+    }
 }
 
 impl Engine for PolicyEngine {

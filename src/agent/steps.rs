@@ -191,6 +191,7 @@ const LOCK_WAIT: Duration = Duration::from_millis(500);
 /// Writes `rec` crash-safely under the state-dir lock (every writer takes it: DESIGN §1).
 /// On failure the error is remembered on the owner's current transaction and logged.
 pub fn write_record(shared: &Shared, owner: Option<&Owner>, rec: &TxnRecord) -> Result<(), String> {
+    let _lap = crate::timing::Lap::start("journal write");
     let start = std::time::Instant::now();
     let lock = loop {
         match shared.journal.try_lock() {

@@ -71,11 +71,17 @@ pub fn read_nft() -> Result<crate::live::nft_json::NftRuleset, LiveError> {
 /// Reads the nft ruleset ([`read_nft`], when nft is installed) and every iptables dump whose
 /// tool is installed. An "incompatible table" warning in a dump is an error (DESIGN §1).
 pub fn read() -> Result<LiveState, LiveError> {
+    let lap = crate::timing::Lap::start("read: nft");
     let mut live = LiveState { nft: read_nft()?, ..LiveState::default() };
+    drop(lap);
+    let _lap = crate::timing::Lap::start("read: iptables saves");
+    let nft_read = Tool::find("nft").is_ok() && !nft_read_json();
     for &(name, variant, v6) in SAVE_TOOLS {
         let Ok(tool) = Tool::find(name) else { continue };
+        let nft = nft_read.then_some(&live.nft);
+        let saved = if save_would_be_empty(variant, v6, nft) { String::new() } else { tool.run(&[], None)? };
         // A table iptables-nft calls incompatible is a native nft table: nft's JSON has it.
-        let (text, native) = iptables_save::without_incompatible(&tool.run(&[], None)?);
+        let (text, native) = iptables_save::without_incompatible(&saved);
         if !native.is_empty() {
             tracing::debug!(tool = name, ?native, "tables left to nft (native, named like iptables tables)");
         }
@@ -83,6 +89,28 @@ pub fn read() -> Result<LiveState, LiveError> {
         live.iptables.push(IptDump { variant, v6, fw: iptables_fw::convert(&dump, variant, v6), text });
     }
     Ok(live)
+}
+
+/// True when `VARIANT-save` of family `v6` would print nothing, known without running it (a
+/// few milliseconds a process, four per read): iptables-nft prints only tables of the `ip`
+/// (`ip6`) nf_tables family, so none when `nft` — the ruleset read over netlink, `None` when it
+/// was not — has no table of that family; the legacy tools print the tables listed in
+/// `/proc/thread-self/net/ip{,6}_tables_names` (the calling thread's namespace), so none when
+/// that file is absent (no x_tables module) or empty. False whenever unsure: then the tool runs.
+pub fn save_would_be_empty(variant: IptVariant, v6: bool, nft: Option<&crate::live::nft_json::NftRuleset>) -> bool {
+    match variant {
+        IptVariant::Nft => {
+            let family = if v6 { "ip6" } else { "ip" };
+            nft.is_some_and(|r| !r.tables.iter().any(|(f, _)| f == family))
+        }
+        IptVariant::Legacy => {
+            let file = if v6 { "ip6_tables_names" } else { "ip_tables_names" };
+            match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
+                Ok(names) => names.trim().is_empty(),
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            }
+        }
+    }
 }
 
 /// `nft list table inet ctguard`, or `None` when the table does not exist.

@@ -431,6 +431,32 @@ pub fn send_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
 /// (the kernel queues them during the commit, before the BATCH_END ACK); one that did not
 /// arrive is simply missing from the result (read the rule back by tag then).
 pub fn send_batch_echoed(batch: &BatchBuffer) -> Result<Vec<RuleInfo>, NetlinkError> {
+    if !batch.commits() {
+        return Err(NetlinkError::Malformed("a check batch (no BATCH_END) sent as a commit".into()));
+    }
+    exchange(batch)
+}
+
+/// The kernel's verdict on a check batch ([`crate::render::nft_batch::BatchBuilder::finish_check`]:
+/// no BATCH_END), in the calling thread's network namespace: nf_tables runs every message, then
+/// aborts the batch and validates the tables as a commit would (`nft -c` works the same way).
+///
+/// Guarantees: changes nothing (a batch without BATCH_END is never committed). `Ok` when every
+/// message was ACKed 0; the first refused message otherwise ([`NetlinkError::Refused`], with
+/// the kernel's extended ACK text), [`NetlinkError::GenerationChanged`] for a stale generation
+/// id the batch carries. Exactly the bytes the commit would send, but for BATCH_END — not a
+/// text script standing in for them.
+pub fn check_batch(batch: &BatchBuffer) -> Result<(), NetlinkError> {
+    if batch.commits() {
+        return Err(NetlinkError::Malformed("a committing batch given to the check".into()));
+    }
+    exchange(batch).map(|_| ())
+}
+
+/// Sends `batch` and reads what the replies prove: for a committing batch the commit
+/// ([`send_batch_echoed`]), for a check batch that every message was accepted.
+fn exchange(batch: &BatchBuffer) -> Result<Vec<RuleInfo>, NetlinkError> {
+    let check = !batch.commits();
     let mut s = NfSocket::open()?;
     let bytes = batch.as_bytes();
     let msgs = batch.messages();
@@ -452,9 +478,14 @@ pub fn send_batch_echoed(batch: &BatchBuffer) -> Result<Vec<RuleInfo>, NetlinkEr
     let end_seq = msgs.last().map(|m| m.seq).unwrap_or(begin_seq);
     // Error code per sequence number, once its reply arrived.
     let mut got: std::collections::HashMap<u32, (i32, Option<String>)> = std::collections::HashMap::new();
+    // A check batch is aborted, never committed: its BATCH_BEGIN is answered only with an
+    // error (a stale generation id); each other message with its ACK.
     let expected: Vec<u32> = msgs
         .iter()
-        .filter(|m| ends_acked || !matches!(m.kind, MsgKind::BatchBegin | MsgKind::BatchEnd))
+        .filter(|m| {
+            let control = matches!(m.kind, MsgKind::BatchBegin | MsgKind::BatchEnd);
+            !control || (ends_acked && !check)
+        })
         .map(|m| m.seq)
         .collect();
     let deadline = Instant::now() + REPLY_TIMEOUT;
@@ -479,7 +510,7 @@ pub fn send_batch_echoed(batch: &BatchBuffer) -> Result<Vec<RuleInfo>, NetlinkEr
             }
         }
     }
-    outcome(batch, &got, &expected, ends_acked)?;
+    outcome(batch, &got, &expected, ends_acked && !check)?;
     echoed.sort_by_key(|r| r.seq.wrapping_sub(FIRST_SEQ));
     Ok(echoed)
 }

@@ -47,7 +47,7 @@ use crate::backend::exec::{ExecError, Tool};
 use crate::backend::iptables::{self as ipt_backend, IptablesError};
 use crate::backend::live::{self as live_backend, LiveError, SAVE_TOOLS};
 use crate::backend::netlink::{
-    dump_chain_rules, get_genid, get_rule, send_batch, send_batch_echoed, NetlinkError, RuleInfo,
+    check_batch, dump_chain_rules, get_genid, get_rule, send_batch, send_batch_echoed, NetlinkError, RuleInfo,
 };
 use crate::exit::Exit;
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
@@ -115,6 +115,10 @@ pub enum PolicyTxnError {
     /// `nft -c` refused the apply (or rollback) script (exit 3, nothing changed).
     #[error("kernel check of the nft script failed")]
     NftCheck(#[source] ExecError),
+    /// The kernel refused the nft batch sent as a check (no BATCH_END: nothing committed;
+    /// exit 3, nothing changed).
+    #[error("kernel check of the nft batch failed")]
+    NftBatchCheck(#[source] NetlinkError),
     /// The kernel refused an iptables document in a scratch namespace (exit 3).
     #[error("kernel check of the {variant}/{family} iptables document failed")]
     IptCheck {
@@ -242,6 +246,7 @@ impl PolicyTxnError {
             Unstable { .. }
             | Lint(_)
             | NftCheck(_)
+            | NftBatchCheck(_)
             | IptCheck { .. }
             | Stale(_)
             | GenerationChanged { .. }
@@ -482,6 +487,12 @@ pub struct Prepared {
     undo: PolicyUndo,
     /// The nft listing at the snapshot (see [`Snapshot`]).
     snapshot_text: String,
+    /// The sysctls the scope listings show.
+    scope_keys: Vec<SysctlKey>,
+    /// `table inet ctguard` at the snapshot, as nft lists it.
+    scope_table_text: Option<String>,
+    /// The snapshot's rules in the chains of [`scope_chains`] (for [`after_listing`]).
+    scope_listed: Vec<nft_text::ListedRule>,
 }
 
 impl Prepared {
@@ -492,6 +503,11 @@ impl Prepared {
         let mut u = self.undo.clone();
         u.sysctls = self.sysctl_writes();
         u
+    }
+
+    /// The sysctls [`Prepared::before`] and [`after_listing`] show.
+    pub fn scope_keys(&self) -> &[SysctlKey] {
+        &self.scope_keys
     }
 
     fn sysctl_writes(&self) -> Vec<SysctlWritten> {
@@ -792,8 +808,11 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
     if backend == Backend::Nft {
         tool("nft")?;
     }
+    let lap = crate::timing::Lap::start("prepare: snapshot");
     let snap = snapshot()?;
+    drop(lap);
     crate::fault::foreign_change("prepare:foreign-change");
+    let lap = crate::timing::Lap::start("prepare: plan");
     let (stripped, removed) = strip_previous(&snap, req.previous.as_ref())?;
     let plan = plan_insertions(policy, &stripped, tag);
 
@@ -1006,7 +1025,14 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         .collect();
     keys.sort();
     keys.dedup();
-    let before = scope_listing(&undo, &keys)?;
+    drop(lap);
+    let before = scope_listing_at_snapshot(&undo, &keys, &snap)?;
+    let scope: Vec<(&str, &str, &str)> = scope_chains(&undo);
+    let scope_listed: Vec<nft_text::ListedRule> = snap
+        .listed
+        .into_iter()
+        .filter(|r| scope.contains(&(r.family.as_str(), r.table.as_str(), r.chain.as_str())))
+        .collect();
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -1029,6 +1055,9 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         dumps,
         undo,
         snapshot_text: snap.text,
+        scope_keys: keys,
+        scope_table_text: snap.table_text,
+        scope_listed,
     })
 }
 
@@ -1037,8 +1066,9 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
 /// scratch namespace for every iptables document, on top of the dump it applies to. Exit 3
 /// when the kernel refuses.
 pub fn kernel_check(p: &Prepared) -> Result<(), PolicyTxnError> {
-    if !p.nft_script.is_empty() {
-        tool("nft")?.run(&["-c", "-f", "-"], Some(p.nft_script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
+    let _lap = crate::timing::Lap::start("prepare: kernel check");
+    if let Some(b) = batch_builder(p, None).map_err(PolicyTxnError::Batch)? {
+        check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
     }
     let docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
     scratch_check_docs(&docs, |v, v6| Ok(dump_of(&p.live, v, v6).map(|d| d.text.clone()).unwrap_or_default()))
@@ -1051,6 +1081,9 @@ fn scratch_check_docs(
     docs: &[&IptDoc],
     live: impl Fn(IptVariant, bool) -> Result<String, PolicyTxnError>,
 ) -> Result<(), PolicyTxnError> {
+    if docs.is_empty() {
+        return Ok(());
+    }
     let ipsets = ipt_backend::ipset_save().ok();
     for v in IptVariant::ALL {
         for v6 in [false, true] {
@@ -1078,7 +1111,13 @@ fn scratch_check_docs(
 /// The batch of [`apply`]: previous accept rules deleted, the table replaced, the accept rules
 /// inserted, carrying `genid`. `None` when there is nothing for nft to do.
 fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchError> {
-    let mut b = BatchBuilder::new(Some(genid));
+    Ok(batch_builder(p, Some(genid))?.map(BatchBuilder::finish))
+}
+
+/// The messages of [`build_batch`], unfinished: [`kernel_check`] sends them as a check batch
+/// (no BATCH_END), [`apply`] as the commit. `None` when there is nothing for nft to do.
+fn batch_builder(p: &Prepared, genid: Option<u32>) -> Result<Option<BatchBuilder>, BatchError> {
+    let mut b = BatchBuilder::new(genid);
     for r in &p.undo.removed_previous {
         if let Removed::Nft { family, table, chain, handle, text, .. } = r {
             b.delete_rule(
@@ -1122,7 +1161,7 @@ fn build_batch(p: &Prepared, genid: u32) -> Result<Option<BatchBuffer>, BatchErr
             },
         )?;
     }
-    Ok((!b.is_empty()).then(|| b.finish()))
+    Ok((!b.is_empty()).then_some(b))
 }
 
 /// What another writer changed since `before` (the nft ruleset ctguard read, [`ruleset_text`]): tables added and
@@ -1192,6 +1231,7 @@ fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + S
 /// At no point is a flow notracked without its accept rules in place. A failed flush is a
 /// warning in the record, not an error.
 pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
+    let _lap = crate::timing::Lap::start("apply");
     // Nothing changed since the snapshot?
     let g = get_genid().map_err(PolicyTxnError::Genid)?;
     if g != p.genid {
@@ -1643,10 +1683,10 @@ fn read_nft_for_rollback_of(
 fn nft_delete_batch(
     u: &PolicyUndo,
     listed: &[nft_text::ListedRule],
-    genid: u32,
+    genid: Option<u32>,
     delete_table: bool,
-) -> Result<Option<BatchBuffer>, BatchError> {
-    let mut b = BatchBuilder::new(Some(genid));
+) -> Result<Option<BatchBuilder>, BatchError> {
+    let mut b = BatchBuilder::new(genid);
     if delete_table {
         // Declare, then delete: deleting a table that is already gone is no error.
         b.add_table(TABLE_NAME)?;
@@ -1659,7 +1699,7 @@ fn nft_delete_batch(
             }
         }
     }
-    Ok((!b.is_empty()).then(|| b.finish()))
+    Ok((!b.is_empty()).then_some(b))
 }
 
 /// True when the rollback of `u` restores something with `nft -f` (a previous `table inet
@@ -1697,9 +1737,10 @@ fn nft_guarded_deletes(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     let listed = read_insertion_chains(u)?;
     crate::fault::foreign_change("rollback:foreign-change");
     let delete_table = u.table.is_some() && !needs_nft_script(u);
-    let Some(batch) = nft_delete_batch(u, &listed, genid, delete_table).map_err(PolicyTxnError::Batch)? else {
+    let Some(batch) = nft_delete_batch(u, &listed, Some(genid), delete_table).map_err(PolicyTxnError::Batch)? else {
         return Ok(());
     };
+    let batch = batch.finish();
     send_batch(&batch).map_err(|source| match source {
         NetlinkError::GenerationChanged { .. } => PolicyTxnError::GenerationChanged { genid, source },
         other => PolicyTxnError::RuleDump { chain: "the rollback batch".into(), source: other },
@@ -1722,6 +1763,7 @@ fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRu
 /// Guarantees: changes nothing. `Ok` means the rollback built now would be accepted by the
 /// kernel; it is rebuilt from a fresh read when it runs.
 pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
+    let _lap = crate::timing::Lap::start("check rollback");
     u.tag()?;
     for s in &u.sysctls {
         let key = SysctlKey::parse(&s.key).map_err(PolicyTxnError::BadUndo)?;
@@ -1730,9 +1772,15 @@ pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
         }
     }
     let (listed, chains) = read_nft_for_rollback_of(u)?;
-    let script = nft_rollback_script(u, &listed, &chains, true);
-    if !script.is_empty() {
-        tool("nft")?.run(&["-c", "-f", "-"], Some(script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
+    if needs_nft_script(u) {
+        // Something to put back with `nft -f` first: the whole script, deletes included.
+        let script = nft_rollback_script(u, &listed, &chains, true);
+        if !script.is_empty() {
+            tool("nft")?.run(&["-c", "-f", "-"], Some(script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
+        }
+    } else if let Some(b) = nft_delete_batch(u, &listed, None, u.table.is_some()).map_err(PolicyTxnError::Batch)? {
+        // Only deletes: the very batch the rollback sends, as a check.
+        check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
     }
     let docs = rollback_ipt_docs(u)?;
     let all: Vec<&IptDoc> = docs.raw.iter().chain(docs.filter.iter()).collect();
@@ -1756,6 +1804,7 @@ pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
 /// is attempted even when an earlier one fails; then [`PolicyTxnError::RollbackFailed`]
 /// (exit 7) lists what failed.
 pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
+    let _lap = crate::timing::Lap::start("rollback");
     u.tag()?;
     let mut report = RollbackReport::default();
     let mut failures: Vec<String> = Vec::new();
@@ -1987,16 +2036,127 @@ pub fn listing(keys: &[SysctlKey]) -> Result<String, PolicyTxnError> {
 ///
 /// Guarantees: read-only; no full `nft` listing (cost independent of the size of the host's
 /// own chains but for one kernel dump of each chain touched); two calls on an unchanged
-/// target return equal strings. [`listing`] stays the whole-state comparison of the tests.
+/// target return equal strings, equal to [`Prepared::before`] before apply and to
+/// [`after_listing`] right after it. [`listing`] stays the whole-state comparison of the tests.
 pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, PolicyTxnError> {
-    let mut s = String::new();
-    if let Some(text) = live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)? {
-        s.push_str("### nft table inet ctguard\n");
-        for line in text.lines() {
-            s.push_str(&zero_nft_counters(line));
-            s.push('\n');
+    let _lap = crate::timing::Lap::start("scope listing");
+    let table_text = live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)?;
+    let mut chains = Vec::new();
+    for (f, t, c) in scope_chains(u) {
+        let rules = match dump_chain_rules(f, t, c) {
+            Ok(r) => r.into_iter().map(|r| (r.handle, r.comment)).collect(),
+            // A chain (or table) that is gone holds none of ctguard's rules.
+            Err(NetlinkError::Query { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Vec::new(),
+            Err(source) => return Err(PolicyTxnError::RuleDump { chain: format!("{f} {t} {c}"), source }),
+        };
+        chains.push(((f.to_string(), t.to_string(), c.to_string()), rules));
+    }
+    let mut saves = Vec::new();
+    for &(name, variant, v6) in SAVE_TOOLS {
+        let Ok(t) = Tool::find(name) else { continue };
+        let text = if live_backend::save_would_be_empty(variant, v6, None) {
+            String::new()
+        } else {
+            t.run(&[], None).map_err(|source| PolicyTxnError::Exec { what: name.to_string(), source })?
+        };
+        saves.push((name, crate::live::iptables_save::without_incompatible(&text).0));
+    }
+    Ok(scope_text(u, table_text.as_deref(), &chains, &saves, &read_keys(keys)?))
+}
+
+/// [`scope_listing`] as it reads at the snapshot `p` was prepared from, without reading again
+/// (the table, the chains' rules and the saves are the snapshot's; the sysctls are read).
+fn scope_listing_at_snapshot(
+    u: &PolicyUndo,
+    keys: &[SysctlKey],
+    snap: &Snapshot,
+) -> Result<String, PolicyTxnError> {
+    let chains = scope_chains(u)
+        .into_iter()
+        .map(|(f, t, c)| ((f.to_string(), t.to_string(), c.to_string()), chain_rules_of(&snap.listed, f, t, c)))
+        .collect::<Vec<_>>();
+    let saves = snapshot_saves(&snap.live);
+    Ok(scope_text(u, snap.table_text.as_deref(), &chains, &saves, &read_keys(keys)?))
+}
+
+/// [`scope_listing`] right after [`apply`] of `p` returned `u`, from what the commit proved
+/// instead of a second read of the chains: the batch carried the snapshot's generation id (no
+/// other writer committed in between) and the kernel echoed each inserted rule's handle, so
+/// each chain is the snapshot's with the previous transaction's rules deleted and ctguard's
+/// inserted where the batch put them. Read now: `table inet ctguard` when the batch replaced
+/// it, the saves of the iptables variants and families apply wrote to, the sysctls.
+///
+/// Falls back to [`scope_listing`] when an inserted rule's handle is unknown.
+pub fn after_listing(p: &Prepared, u: &PolicyUndo) -> Result<String, PolicyTxnError> {
+    let _lap = crate::timing::Lap::start("scope listing after (from the commit)");
+    if u.nft_insertions.iter().any(|i| i.handle.is_none()) {
+        return scope_listing(u, &p.scope_keys);
+    }
+    let table_text = if p.table.is_some() {
+        live_backend::ctguard_table_text().map_err(PolicyTxnError::Live)?
+    } else if p.delete_table {
+        None
+    } else {
+        p.scope_table_text.clone()
+    };
+    let deleted: Vec<(&str, &str, &str, u64)> = u
+        .removed_previous
+        .iter()
+        .filter_map(|r| match r {
+            Removed::Nft { family, table, chain, handle, .. } => {
+                Some((family.as_str(), table.as_str(), chain.as_str(), *handle))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut chains = Vec::new();
+    for (f, t, c) in scope_chains(u) {
+        let mut rules: Vec<(u64, Option<String>)> = chain_rules_of(&p.scope_listed, f, t, c)
+            .into_iter()
+            .filter(|(h, _)| !deleted.contains(&(f, t, c, *h)))
+            .collect();
+        // Batch order: each insert goes right before its anchor (so several before one anchor
+        // keep their order), each append to the end.
+        for (ins, planned) in u.nft_insertions.iter().zip(p.plan.insertions.iter().filter(|i| is_nft_insertion(i))) {
+            if (ins.family.as_str(), ins.table.as_str(), ins.chain.as_str()) != (f, t, c) {
+                continue;
+            }
+            let rule = (ins.handle.unwrap_or_default(), Some(u.tag.clone()));
+            let at = match &planned.position {
+                Position::Before { handle: Some(h), .. } => rules.iter().position(|(x, _)| x == h),
+                _ => None,
+            };
+            match at {
+                Some(i) => rules.insert(i, rule),
+                None => rules.push(rule),
+            }
+        }
+        chains.push(((f.to_string(), t.to_string(), c.to_string()), rules));
+    }
+    let mut saves = Vec::new();
+    let written = |v: IptVariant, v6: bool| {
+        p.ipt_filter.iter().chain(p.ipt_raw.iter()).any(|d| IptVariant::from(d.variant) == v && d.v6 == v6)
+            || (v == IptVariant::Nft && p.request.policy.notrack.is_empty() && u.raw.iter().any(|r| r.v6 == v6))
+    };
+    for (name, text) in snapshot_saves(&p.live) {
+        let Some(&(_, v, v6)) = SAVE_TOOLS.iter().find(|(n, _, _)| *n == name) else { continue };
+        if written(v, v6) {
+            let now = ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+            saves.push((name, now));
+        } else {
+            saves.push((name, text));
         }
     }
+    Ok(scope_text(u, table_text.as_deref(), &chains, &saves, &read_keys(&p.scope_keys)?))
+}
+
+fn is_nft_insertion(i: &crate::render::planner::Insertion) -> bool {
+    matches!((&i.owner, &i.rule), (Owner::Nft { .. }, RuleSpec::Nft(_)))
+}
+
+/// The chains a scope listing of `u` covers: those it inserts into (outside `table inet
+/// ctguard`) and those it removes the previous transaction's rules from; sorted, once each.
+fn scope_chains(u: &PolicyUndo) -> Vec<(&str, &str, &str)> {
     let mut chains: Vec<(&str, &str, &str)> = insertion_chains(u);
     for r in &u.removed_previous {
         if let Removed::Nft { family, table, chain, .. } = r {
@@ -2005,45 +2165,86 @@ pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, Polic
     }
     chains.sort_unstable();
     chains.dedup();
-    for (f, t, c) in chains {
-        let rules = match dump_chain_rules(f, t, c) {
-            Ok(r) => r,
-            // A chain (or table) that is gone holds none of ctguard's rules.
-            Err(NetlinkError::Query { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(source) => return Err(PolicyTxnError::RuleDump { chain: format!("{f} {t} {c}"), source }),
-        };
-        let ours: Vec<&RuleInfo> =
-            rules.iter().filter(|r| r.comment.as_deref().is_some_and(|c| c.starts_with("ctguard:"))).collect();
+    chains
+}
+
+/// One chain's rules in `listed` as (handle, comment), in chain order, once per handle.
+fn chain_rules_of(listed: &[nft_text::ListedRule], f: &str, t: &str, c: &str) -> Vec<(u64, Option<String>)> {
+    listed
+        .iter()
+        .filter(|r| r.family == f && r.table == t && r.chain == c)
+        .map(|r| (r.handle, r.comment.clone()))
+        .collect()
+}
+
+/// Each installed save tool's output as read into `live` (incompatible tables already left
+/// out), in [`SAVE_TOOLS`] order.
+fn snapshot_saves(live: &LiveState) -> Vec<(&'static str, String)> {
+    SAVE_TOOLS
+        .iter()
+        .filter_map(|&(name, v, v6)| dump_of(live, v, v6).map(|d| (name, d.text.clone())))
+        .collect()
+}
+
+/// The sysctls `keys` as a scope listing shows them.
+fn read_keys(keys: &[SysctlKey]) -> Result<Vec<(SysctlKey, String)>, PolicyTxnError> {
+    keys.iter()
+        .map(|k| {
+            let v = crate::sysctl::read(k).map_err(PolicyTxnError::Sysctl)?;
+            Ok((k.clone(), v.map_or("(missing)".to_string(), |v| v.to_string())))
+        })
+        .collect()
+}
+
+/// The text of a scope listing (pure): see [`scope_listing`]. `chains` holds each chain of
+/// [`scope_chains`] with its rules as (handle, comment); `saves` each installed save tool's
+/// output; `sysctls` each key with its value as shown.
+fn scope_text(
+    u: &PolicyUndo,
+    table_text: Option<&str>,
+    chains: &[((String, String, String), Vec<(u64, Option<String>)>)],
+    saves: &[(&str, String)],
+    sysctls: &[(SysctlKey, String)],
+) -> String {
+    let mut s = String::new();
+    if let Some(text) = table_text {
+        s.push_str("### nft table inet ctguard\n");
+        for line in text.lines() {
+            s.push_str(&zero_nft_counters(line));
+            s.push('\n');
+        }
+    }
+    for ((f, t, c), rules) in chains {
+        let ours: Vec<&(u64, Option<String>)> =
+            rules.iter().filter(|(_, c)| c.as_deref().is_some_and(|c| c.starts_with("ctguard:"))).collect();
         if ours.is_empty() {
             continue;
         }
         let _ = writeln!(s, "### nft {f} {t} {c}: ctguard's rules");
-        for r in ours {
+        for (handle, comment) in ours {
             let text = u
                 .nft_insertions
                 .iter()
-                .find(|i| i.handle == Some(r.handle) && i.family == f && i.table == t && i.chain == c)
+                .find(|i| i.handle == Some(*handle) && i.family == *f && i.table == *t && i.chain == *c)
                 .map(|i| i.rule.clone())
                 .or_else(|| {
                     u.removed_previous.iter().find_map(|x| match x {
-                        Removed::Nft { family, table, chain, handle, text, .. }
-                            if *handle == r.handle && family == f && table == t && chain == c =>
+                        Removed::Nft { family, table, chain, handle: h, text, .. }
+                            if h == handle && family == f && table == t && chain == c =>
                         {
                             Some(text.split(" # handle ").next().unwrap_or(text).trim_end().to_string())
                         }
                         _ => None,
                     })
                 })
-                .unwrap_or_else(|| format!("(a rule with comment \"{}\")", r.comment.as_deref().unwrap_or_default()));
+                .unwrap_or_else(|| format!("(a rule with comment \"{}\")", comment.as_deref().unwrap_or_default()));
             let _ = writeln!(s, "{text}");
         }
     }
-    for &(name, _, _) in SAVE_TOOLS {
-        let Ok(t) = Tool::find(name) else { continue };
-        let text = t.run(&[], None).map_err(|source| PolicyTxnError::Exec { what: name.to_string(), source })?;
+    for (name, text) in saves {
         let mut table = String::new();
         let mut lines = Vec::new();
-        for line in ipt::normalize_save(&text).lines() {
+        for line in ipt::normalize_save(text).lines() {
             if let Some(t) = line.strip_prefix('*') {
                 table = t.to_string();
             }
@@ -2059,11 +2260,10 @@ pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, Polic
         }
     }
     s.push_str("### sysctl\n");
-    for k in keys {
-        let v = crate::sysctl::read(k).map_err(PolicyTxnError::Sysctl)?;
-        let _ = writeln!(s, "{k} = {}", v.map_or("(missing)".to_string(), |v| v.to_string()));
+    for (k, v) in sysctls {
+        let _ = writeln!(s, "{k} = {v}");
     }
-    Ok(s)
+    s
 }
 
 /// `counter packets N bytes M` → `counter packets 0 bytes 0`.

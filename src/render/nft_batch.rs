@@ -179,6 +179,11 @@ impl BatchBuffer {
     pub fn genid(&self) -> Option<u32> {
         self.genid
     }
+    /// True for a batch that commits (it ends with BATCH_END); false for a check batch
+    /// ([`BatchBuilder::finish_check`]).
+    pub fn commits(&self) -> bool {
+        self.msgs.last().is_some_and(|m| m.kind == MsgKind::BatchEnd)
+    }
 }
 
 /// Name nft gives an anonymous set in a batch; the kernel replaces `%d` at commit.
@@ -885,6 +890,15 @@ impl BatchBuilder {
     /// Writes BATCH_END and returns the batch.
     pub fn finish(mut self) -> BatchBuffer {
         self.push_control(MsgKind::BatchEnd, &[], "batch end (commit)".to_string());
+        BatchBuffer { bytes: self.bytes, msgs: self.msgs, genid: self.genid }
+    }
+
+    /// The batch without BATCH_END: a **check** batch. nf_tables processes every message of a
+    /// batch that does not end with BATCH_END, then aborts it, validating the tables as a commit
+    /// would (`NFNL_ABORT_VALIDATE`): the kernel's verdict on exactly these messages, with
+    /// nothing applied — what `nft -c` does. Send it with
+    /// [`crate::backend::netlink::check_batch`].
+    pub fn finish_check(self) -> BatchBuffer {
         BatchBuffer { bytes: self.bytes, msgs: self.msgs, genid: self.genid }
     }
 }
