@@ -94,14 +94,84 @@ pub fn save(variant: Variant, family: IpFamily) -> Result<String, IptablesError>
 }
 
 /// [`save`], returning the parsed dump as well.
+///
+/// Between [`share_nft_saves`]`(true)` and `(false)` on this thread, an iptables-nft save is
+/// taken again only when the nf_tables generation id of the thread's namespace moved since the
+/// last one of that family (its tables are nf_tables tables: an unchanged id means an unchanged
+/// dump): apply's listing after the commit and the rollback check that follows it share one.
 pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDump), IptablesError> {
     let name = variant.tool(family == IpFamily::V6, "-save");
     let t = tool(&name)?;
-    let raw = t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
-    // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
-    let (text, _native) = iptables_save::without_incompatible(&raw);
+    let at = (variant == Variant::Nft && nft_save_cache::on()).then(nft_save_cache::key).flatten();
+    let text = match at.and_then(|k| nft_save_cache::get(k, family)) {
+        Some(text) => text,
+        None => {
+            let raw =
+                t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
+            // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
+            let (text, _native) = iptables_save::without_incompatible(&raw);
+            // Kept only when nothing committed while the tool read.
+            if let Some(k) = at.filter(|k| nft_save_cache::key() == Some(*k)) {
+                nft_save_cache::put(k, family, &text);
+            }
+            text
+        }
+    };
     let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
     Ok((text, dump))
+}
+
+/// Turns the sharing of iptables-nft saves on this thread on or off (see [`save_parsed`]);
+/// off forgets the saves kept.
+pub fn share_nft_saves(on: bool) {
+    nft_save_cache::set(on);
+}
+
+/// The last iptables-nft save of each family on this thread, with the namespace and the
+/// nf_tables generation id it was taken at.
+mod nft_save_cache {
+    use std::cell::RefCell;
+
+    use crate::render::iptables::IpFamily;
+
+    /// (namespace device, namespace inode, generation id).
+    pub type Key = (u64, u64, u32);
+
+    thread_local! {
+        static SAVES: RefCell<Vec<(Key, IpFamily, String)>> = const { RefCell::new(Vec::new()) };
+        static ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    pub fn on() -> bool {
+        ON.with(std::cell::Cell::get)
+    }
+
+    pub fn set(on: bool) {
+        ON.with(|o| o.set(on));
+        if !on {
+            SAVES.with(|s| s.borrow_mut().clear());
+        }
+    }
+
+    /// This thread's namespace and its generation id now; `None` when either cannot be read.
+    pub fn key() -> Option<Key> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+        let genid = crate::backend::netlink::get_genid().ok()?;
+        Some((m.dev(), m.ino(), genid))
+    }
+
+    pub fn get(k: Key, family: IpFamily) -> Option<String> {
+        SAVES.with(|s| s.borrow().iter().find(|(x, f, _)| *x == k && *f == family).map(|(_, _, t)| t.clone()))
+    }
+
+    pub fn put(k: Key, family: IpFamily, text: &str) {
+        SAVES.with(|s| {
+            let mut s = s.borrow_mut();
+            s.retain(|(_, f, _)| *f != family);
+            s.push((k, family, text.to_string()));
+        });
+    }
 }
 
 /// Loads `text` with `iptables-VARIANT-restore -w SECONDS` ([`xtables_wait_args`]; plus `--noflush` when asked). Tables are

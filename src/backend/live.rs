@@ -71,37 +71,66 @@ pub fn read_nft() -> Result<crate::live::nft_json::NftRuleset, LiveError> {
 /// Reads the nft ruleset ([`read_nft`], when nft is installed) and every iptables dump whose
 /// tool is installed. An "incompatible table" warning in a dump is an error (DESIGN §1).
 pub fn read() -> Result<LiveState, LiveError> {
-    let lap = crate::timing::Lap::start("read: nft");
-    let mut live = LiveState { nft: read_nft()?, ..LiveState::default() };
-    drop(lap);
+    let nft_installed = Tool::find("nft").is_ok();
+    if !nft_installed || nft_read_json() {
+        let lap = crate::timing::Lap::start("read: nft");
+        let nft = read_nft()?;
+        drop(lap);
+        let iptables = read_saves(None)?;
+        return Ok(LiveState { nft, iptables });
+    }
+    // The saves first (only of families with tables), then nft's view without the rules of
+    // the tables iptables-nft owns: those are planned from its save (LiveState::chains).
+    let tables = super::nft_read::tables()?;
+    let iptables = read_saves(Some(&tables))?;
+    let skip: Vec<(String, String)> = iptables
+        .iter()
+        .filter(|d| d.variant == IptVariant::Nft)
+        .flat_map(|d| {
+            let family = if d.v6 { "ip6" } else { "ip" };
+            d.fw.chains.iter().filter_map(move |c| match &c.owner {
+                crate::live::fw::Owner::Iptables { table, .. } => Some((family.to_string(), table.clone())),
+                _ => None,
+            })
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let _lap = crate::timing::Lap::start("read: nft");
+    let (nft, _) = super::nft_read::read_skipping(&skip)?;
+    Ok(LiveState { nft, iptables })
+}
+
+/// Every installed save tool's dump, in [`SAVE_TOOLS`] order; `tables` (the nf_tables tables,
+/// when known) spares the run of a tool that would print nothing ([`save_would_be_empty`]).
+fn read_saves(tables: Option<&[(String, String)]>) -> Result<Vec<IptDump>, LiveError> {
     let _lap = crate::timing::Lap::start("read: iptables saves");
-    let nft_read = Tool::find("nft").is_ok() && !nft_read_json();
+    let mut out = Vec::new();
     for &(name, variant, v6) in SAVE_TOOLS {
         let Ok(tool) = Tool::find(name) else { continue };
-        let nft = nft_read.then_some(&live.nft);
-        let saved = if save_would_be_empty(variant, v6, nft) { String::new() } else { tool.run(&[], None)? };
+        let saved = if save_would_be_empty(variant, v6, tables) { String::new() } else { tool.run(&[], None)? };
         // A table iptables-nft calls incompatible is a native nft table: nft's JSON has it.
         let (text, native) = iptables_save::without_incompatible(&saved);
         if !native.is_empty() {
             tracing::debug!(tool = name, ?native, "tables left to nft (native, named like iptables tables)");
         }
         let dump = iptables_save::parse(&text).map_err(|source| LiveError::Save { tool: name.into(), source })?;
-        live.iptables.push(IptDump { variant, v6, fw: iptables_fw::convert(&dump, variant, v6), text });
+        out.push(IptDump { variant, v6, fw: iptables_fw::convert(&dump, variant, v6), text });
     }
-    Ok(live)
+    Ok(out)
 }
 
 /// True when `VARIANT-save` of family `v6` would print nothing, known without running it (a
 /// few milliseconds a process, four per read): iptables-nft prints only tables of the `ip`
-/// (`ip6`) nf_tables family, so none when `nft` — the ruleset read over netlink, `None` when it
-/// was not — has no table of that family; the legacy tools print the tables listed in
+/// (`ip6`) nf_tables family, so none when `tables` — the nf_tables tables read over netlink,
+/// `None` when they were not — has no table of that family; the legacy tools print the tables listed in
 /// `/proc/thread-self/net/ip{,6}_tables_names` (the calling thread's namespace), so none when
 /// that file is absent (no x_tables module) or empty. False whenever unsure: then the tool runs.
-pub fn save_would_be_empty(variant: IptVariant, v6: bool, nft: Option<&crate::live::nft_json::NftRuleset>) -> bool {
+pub fn save_would_be_empty(variant: IptVariant, v6: bool, tables: Option<&[(String, String)]>) -> bool {
     match variant {
         IptVariant::Nft => {
             let family = if v6 { "ip6" } else { "ip" };
-            nft.is_some_and(|r| !r.tables.iter().any(|(f, _)| f == family))
+            tables.is_some_and(|t| !t.iter().any(|(f, _)| f == family))
         }
         IptVariant::Legacy => {
             let file = if v6 { "ip6_tables_names" } else { "ip_tables_names" };

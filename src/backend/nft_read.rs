@@ -1565,8 +1565,9 @@ fn malformed(what: &str) -> NetlinkError {
     NetlinkError::Malformed(format!("{what} reply not understood"))
 }
 
-/// One pass of dumps; `Ok(None)` when a dump was interrupted by a concurrent change.
-fn read_once() -> Result<Option<Raw>, NetlinkError> {
+/// One pass of dumps; `Ok(None)` when a dump was interrupted by a concurrent change. The rules
+/// of the tables in `skip` are not dumped (their tables, chains and sets are).
+fn read_once(skip: &[(String, String)]) -> Result<Option<Raw>, NetlinkError> {
     let mut interrupted = false;
     let mut all = |msg: u16, what: &'static str| -> Result<Vec<netlink::DumpMsg>, NetlinkError> {
         let d = netlink::dump(msg, 0, &[], what)?;
@@ -1588,7 +1589,22 @@ fn read_once() -> Result<Option<Raw>, NetlinkError> {
         .filter(|m| m.ty == NFT_MSG_NEWSET)
         .map(|m| decode_set(&m.payload).ok_or_else(|| malformed("NEWSET")))
         .collect::<Result<Vec<_>, _>>()?;
-    let rules = all(NFT_MSG_GETRULE, "GETRULE (dump the rules)")?
+    let rule_msgs = if skip.is_empty() {
+        all(NFT_MSG_GETRULE, "GETRULE (dump the rules)")?
+    } else {
+        // Table by table (the kernel filters the dump on NFTA_RULE_TABLE), the skipped ones left out.
+        let mut msgs = Vec::new();
+        for (family, name) in tables.iter().filter(|t| !skip.contains(t)) {
+            let nfproto = crate::render::nft_batch::nfproto_of(family).unwrap_or(0) as u8;
+            let mut table = name.as_bytes().to_vec();
+            table.push(0);
+            let d = netlink::dump(NFT_MSG_GETRULE, nfproto, &[(1, &table)], "GETRULE (dump a table's rules)")?;
+            interrupted |= d.interrupted;
+            msgs.extend(d.msgs);
+        }
+        msgs
+    };
+    let rules = rule_msgs
         .iter()
         .filter(|m| m.ty == NFT_MSG_NEWRULE)
         .map(|m| decode_rule(&m.payload).ok_or_else(|| malformed("NEWRULE")))
@@ -1642,9 +1658,17 @@ pub fn ifname_of(index: u32) -> Option<String> {
 /// (`NLM_F_DUMP_INTR`); returns that generation id with the ruleset. Every expression not
 /// understood becomes [`Cond::Opaque`].
 pub fn read_with_genid() -> Result<(NftRuleset, u32), NftReadError> {
+    read_skipping(&[])
+}
+
+/// [`read_with_genid`], without the rules of the tables in `skip` (family, name): their
+/// tables, chains and sets are read, their chains come back empty. For the tables
+/// iptables-nft owns, which ctguard reads from `iptables-nft-save` instead (their compat
+/// expressions are opaque here): a 100k-rule iptables-nft table is not read twice.
+pub fn read_skipping(skip: &[(String, String)]) -> Result<(NftRuleset, u32), NftReadError> {
     for _ in 0..MAX_ATTEMPTS {
         let before = netlink::get_genid()?;
-        let Some(raw) = read_once()? else { continue };
+        let Some(raw) = read_once(skip)? else { continue };
         let after = netlink::get_genid()?;
         if before != after {
             continue;
@@ -1653,6 +1677,16 @@ pub fn read_with_genid() -> Result<(NftRuleset, u32), NftReadError> {
         return Ok((set, before));
     }
     Err(NftReadError::Unstable(MAX_ATTEMPTS))
+}
+
+/// Every (family, name) table of the calling thread's namespace (one GETTABLE dump). Read-only.
+pub fn tables() -> Result<Vec<(String, String)>, NftReadError> {
+    let d = netlink::dump(NFT_MSG_GETTABLE, 0, &[], "GETTABLE (dump the tables)")?;
+    Ok(d.msgs
+        .iter()
+        .filter(|m| m.ty == NFT_MSG_NEWTABLE)
+        .map(|m| decode_table(&m.payload).ok_or_else(|| malformed("NEWTABLE")))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 /// [`read_with_genid`] without the id.

@@ -115,6 +115,9 @@ pub enum PolicyTxnError {
     /// `nft -c` refused the apply (or rollback) script (exit 3, nothing changed).
     #[error("kernel check of the nft script failed")]
     NftCheck(#[source] ExecError),
+    /// A scratch-namespace check's thread panicked (exit 1, nothing changed).
+    #[error("a scratch-namespace check panicked")]
+    ScratchPanicked,
     /// The kernel refused the nft batch sent as a check (no BATCH_END: nothing committed;
     /// exit 3, nothing changed).
     #[error("kernel check of the nft batch failed")]
@@ -1081,10 +1084,9 @@ fn scratch_check_docs(
     docs: &[&IptDoc],
     live: impl Fn(IptVariant, bool) -> Result<String, PolicyTxnError>,
 ) -> Result<(), PolicyTxnError> {
-    if docs.is_empty() {
-        return Ok(());
-    }
-    let ipsets = ipt_backend::ipset_save().ok();
+    let _lap = crate::timing::Lap::start("scratch check");
+    // What each check loads, read here (the saves and ipsets are the target's: this thread's).
+    let mut jobs: Vec<(IptVariant, bool, String, String)> = Vec::new();
     for v in IptVariant::ALL {
         for v6 in [false, true] {
             let doc: String = docs
@@ -1096,16 +1098,46 @@ fn scratch_check_docs(
                 continue;
             }
             let live_text = live(v, v6)?;
-            ipt_backend::scratch_check(v, family(v6), &live_text, ipsets.as_deref(), &doc).map_err(|source| {
-                PolicyTxnError::IptCheck {
-                    variant: v.as_str(),
-                    family: family(v6).tool_prefix(),
-                    source: Box::new(source),
-                }
-            })?;
+            // Only what the documents refer to, not the whole save (ipt::scratch_base).
+            let (base, doc) = ipt::scratch_base(&live_text, &doc);
+            tracing::debug!(
+                variant = v.as_str(),
+                v6,
+                live_lines = live_text.lines().count(),
+                base_lines = base.lines().count(),
+                "scratch check"
+            );
+            jobs.push((v, v6, base, doc));
         }
     }
-    Ok(())
+    let ipsets = if jobs.iter().any(|(_, _, b, d)| b.contains("--match-set") || d.contains("--match-set")) {
+        ipt_backend::ipset_save().ok()
+    } else {
+        None
+    };
+    // Each in a scratch namespace of its own, all at once (each takes tens of milliseconds of
+    // iptables-restore, mostly waiting on the kernel).
+    let wait = crate::backend::exec::xtables_wait_secs();
+    let results: Vec<Result<(), PolicyTxnError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(v, v6, base, doc)| {
+                let sets = ipsets.as_deref();
+                s.spawn(move || {
+                    crate::backend::exec::with_xtables_wait(wait, || {
+                        ipt_backend::scratch_check(*v, family(*v6), base, sets, doc)
+                    })
+                    .map_err(|source| PolicyTxnError::IptCheck {
+                        variant: v.as_str(),
+                        family: family(*v6).tool_prefix(),
+                        source: Box::new(source),
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(Err(PolicyTxnError::ScratchPanicked))).collect()
+    });
+    results.into_iter().collect()
 }
 
 /// The batch of [`apply`]: previous accept rules deleted, the table replaced, the accept rules
@@ -1242,6 +1274,11 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         )));
     }
     for (v, v6, text) in &p.dumps {
+        // iptables-nft's tables are nf_tables tables: the generation id, unchanged since the
+        // snapshot that read this dump (above), proves it unchanged. Only legacy is re-read.
+        if *v == Variant::Nft {
+            continue;
+        }
         let now = ipt_backend::save((*v).into(), family(*v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
         if ipt::normalize_save(&now) != *text {
             return Err(PolicyTxnError::Stale(format!("{} output differs", IptVariant::from(*v).tool(*v6, "-save"))));
@@ -1507,18 +1544,21 @@ pub struct RollbackReport {
 struct RollbackDocs {
     raw: Vec<IptDoc>,
     filter: Vec<IptDoc>,
+    /// The saves the documents were built from, per variant and family.
+    saves: BTreeMap<(Variant, bool), String>,
 }
 
 fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
+    let _lap = crate::timing::Lap::start("rollback: iptables documents");
     // One save per variant and family, shared by the raw and the filter documents.
-    let mut saves: BTreeMap<(Variant, bool), SaveDump> = BTreeMap::new();
+    let mut saves: BTreeMap<(Variant, bool), (String, SaveDump)> = BTreeMap::new();
     let mut saved = |variant: Variant, v6: bool| -> Result<SaveDump, PolicyTxnError> {
-        if let Some(d) = saves.get(&(variant, v6)) {
+        if let Some((_, d)) = saves.get(&(variant, v6)) {
             return Ok(d.clone());
         }
-        let (_, dump) = ipt_backend::save_parsed(IptVariant::from(variant), family(v6))
+        let (text, dump) = ipt_backend::save_parsed(IptVariant::from(variant), family(v6))
             .map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
-        saves.insert((variant, v6), dump.clone());
+        saves.insert((variant, v6), (text, dump.clone()));
         Ok(dump)
     };
     let mut raw = Vec::new();
@@ -1595,7 +1635,8 @@ fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
             filter.push(IptDoc { variant, v6, text });
         }
     }
-    Ok(RollbackDocs { raw, filter })
+    let saves = saves.into_iter().map(|(k, (text, _))| (k, text)).collect();
+    Ok(RollbackDocs { raw, filter, saves })
 }
 
 /// The nft side of a rollback as one `nft -f` script, from a fresh listing: the previous
@@ -1764,6 +1805,12 @@ fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRu
 /// kernel; it is rebuilt from a fresh read when it runs.
 pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     let _lap = crate::timing::Lap::start("check rollback");
+    let result = check_rollback_shared(u);
+    ipt_backend::share_nft_saves(false);
+    result
+}
+
+fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     u.tag()?;
     for s in &u.sysctls {
         let key = SysctlKey::parse(&s.key).map_err(PolicyTxnError::BadUndo)?;
@@ -1784,8 +1831,10 @@ pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     }
     let docs = rollback_ipt_docs(u)?;
     let all: Vec<&IptDoc> = docs.raw.iter().chain(docs.filter.iter()).collect();
-    scratch_check_docs(&all, |v, v6| {
-        ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))
+    // Each document against the save it was built from (read just now).
+    scratch_check_docs(&all, |v, v6| match docs.saves.get(&(v.into(), v6)) {
+        Some(text) => Ok(text.clone()),
+        None => ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e))),
     })
 }
 
@@ -1935,6 +1984,7 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
 /// iptables-nft creates `table ip raw` and its base chains on demand; where they did not exist
 /// before the transaction and are empty now, delete them so the nft ruleset is as before.
 fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
+    let _lap = crate::timing::Lap::start("rollback: iptables-nft raw cleanup");
     let todo: Vec<&RawBefore> = u.raw.iter().filter(|r| r.variant == Variant::Nft).collect();
     if todo.is_empty() {
         return Ok(());
@@ -2089,6 +2139,8 @@ fn scope_listing_at_snapshot(
 /// Falls back to [`scope_listing`] when an inserted rule's handle is unknown.
 pub fn after_listing(p: &Prepared, u: &PolicyUndo) -> Result<String, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("scope listing after (from the commit)");
+    // The rollback check that follows reads the same iptables-nft saves (it ends the sharing).
+    ipt_backend::share_nft_saves(true);
     if u.nft_insertions.iter().any(|i| i.handle.is_none()) {
         return scope_listing(u, &p.scope_keys);
     }

@@ -260,6 +260,136 @@ impl ChainSim {
     }
 }
 
+/// What a scratch namespace must hold for the kernel's verdict on `doc` (an iptables-restore
+/// document with `--noflush`) as if loaded on top of `live` (a save of the target), without
+/// loading the whole save (the check took two restores of a 10k-rule dump per apply): per
+/// table `doc` touches, every chain of `live` declared with its policy, ctguard's chains with
+/// their rules, the rules that jump to them, and each rule a `-D` line of `doc` deletes; and
+/// `doc` with each `-I CHAIN N` into a chain the base holds only in part renumbered to `-I CHAIN
+/// 1` — only when `N` is a valid place in the live chain (at most one past its last rule), so
+/// an insert that fails live fails here too. Returns (base, document).
+///
+/// Exactness: the verdict is the same as on the whole save for what these documents do
+/// (declare, flush and delete ctguard's chains, add and delete rules by their exact text,
+/// insert at a place). When a `-D` line's rule is not in `live` as written, the whole live
+/// table goes into the base (the previous behaviour). Pure.
+pub fn scratch_base(live: &str, doc: &str) -> (String, String) {
+    struct Table<'a> {
+        name: &'a str,
+        decls: Vec<&'a str>,
+        rules: Vec<&'a str>,
+    }
+    let mut tables: Vec<Table<'_>> = Vec::new();
+    for line in live.lines().map(str::trim_end).filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        if let Some(name) = line.strip_prefix('*') {
+            tables.push(Table { name: name.trim(), decls: Vec::new(), rules: Vec::new() });
+        } else if let Some(t) = tables.last_mut() {
+            if line.starts_with(':') {
+                t.decls.push(line);
+            } else if line.starts_with("-A ") {
+                t.rules.push(line);
+            }
+        }
+    }
+    let chain_of = |rule: &str| rule.split_whitespace().nth(1).unwrap_or_default().to_string();
+    let ours = |rule: &str| {
+        let mut w = rule.split_whitespace();
+        let chain = w.nth(1).unwrap_or_default();
+        let mut jumps_ours = false;
+        while let Some(x) = w.next() {
+            if (x == "-j" || x == "-g") && w.next().is_some_and(|t| t.starts_with("CTGUARD")) {
+                jumps_ours = true;
+            }
+        }
+        chain.starts_with("CTGUARD") || jumps_ours
+    };
+    let mut base = String::new();
+    // Chains the base holds only in part, with the number of rules the live chain has.
+    let mut partial: Vec<(String, String, usize)> = Vec::new();
+    let mut table = String::new();
+    let mut done: Vec<String> = Vec::new();
+    for line in doc.lines() {
+        let Some(name) = line.strip_prefix('*').map(str::trim) else { continue };
+        table = name.to_string();
+        if done.contains(&table) {
+            continue;
+        }
+        done.push(table.clone());
+        let Some(t) = tables.iter().find(|t| t.name == name) else { continue };
+        let deletes: Vec<String> = table_lines(doc, name)
+            .filter_map(|l| l.strip_prefix("-D ").map(|r| format!("-A {r}")))
+            .filter(|l| l.split_whitespace().nth(2).is_some_and(|w| w.starts_with('-')))
+            .collect();
+        let whole = deletes.iter().any(|d| !t.rules.contains(&d.as_str()));
+        let _ = writeln!(base, "*{name}");
+        for d in &t.decls {
+            let _ = writeln!(base, "{}", zero_counters(d));
+        }
+        let mut kept = 0usize;
+        for r in &t.rules {
+            if whole || ours(r) || deletes.iter().any(|d| d == r) {
+                let _ = writeln!(base, "{r}");
+                kept += 1;
+            }
+        }
+        base.push_str("COMMIT\n");
+        if kept < t.rules.len() {
+            let mut counts: Vec<(String, usize)> = Vec::new();
+            for r in &t.rules {
+                let c = chain_of(r);
+                match counts.iter_mut().find(|(x, _)| *x == c) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((c, 1)),
+                }
+            }
+            for (c, n) in counts {
+                if !c.starts_with("CTGUARD") {
+                    partial.push((name.to_string(), c, n));
+                }
+            }
+        }
+    }
+    let _ = table;
+    // The document, with inserts into partly held chains renumbered where valid live.
+    let mut out = String::new();
+    let mut cur = String::new();
+    for line in doc.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            cur = name.trim().to_string();
+        }
+        let mut w = line.split_whitespace();
+        let renumbered = match (w.next(), w.next(), w.next().and_then(|n| n.parse::<usize>().ok())) {
+            (Some("-I"), Some(chain), Some(n)) if n > 1 => {
+                let live_len = partial.iter().find(|(t, c, _)| *t == cur && c == chain).map(|(_, _, len)| *len);
+                match live_len {
+                    Some(len) if n <= len + 1 => Some(format!("-I {chain} 1 {}", w.collect::<Vec<_>>().join(" "))),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        out.push_str(renumbered.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    (base, out)
+}
+
+/// The lines of table `name`'s sections in an iptables-restore document.
+fn table_lines<'a>(doc: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    let mut inside = false;
+    doc.lines().filter(move |l| {
+        if let Some(t) = l.strip_prefix('*') {
+            inside = t.trim() == name;
+            return false;
+        }
+        if *l == "COMMIT" {
+            inside = false;
+            return false;
+        }
+        inside
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +435,36 @@ mod tests {
         assert!(sim.contains(a1));
         let cmd = sim.insert("INPUT", "-A INPUT -j LOG", None, 1);
         assert_eq!(cmd, "-A INPUT -j LOG");
+    }
+
+    const LIVE: &str = "# Generated by iptables-save\n*filter\n:INPUT DROP [12:345]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:host_in - [0:0]\n-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -s 100.64.0.1/32 -j DROP\n-A INPUT -s 100.64.0.2/32 -j DROP\n-A INPUT -j host_in\n-A INPUT -p udp -m udp --dport 53 -m comment --comment \"ctguard:old\" -j ACCEPT\n-A host_in -p tcp -m tcp --dport 22 -j ACCEPT\nCOMMIT\n*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:CTGUARD-PRE - [0:0]\n-A PREROUTING -j CTGUARD-PRE\n-A CTGUARD-PRE -p udp -m udp --dport 53 -j CT --notrack\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -p tcp -j REDIRECT --to-ports 8080\nCOMMIT\n";
+
+    /// Regression (issue 16): the scratch check loaded the whole live save under a document of
+    /// a few lines. The base holds the chains, ctguard's rules and jumps, the rules deleted.
+    #[test]
+    fn scratch_base_holds_what_the_document_refers_to() {
+        let doc = "*filter\n-D INPUT -p udp -m udp --dport 53 -m comment --comment \"ctguard:old\" -j ACCEPT\n-I INPUT 4 -p udp --dport 53 -m comment --comment ctguard:new -j ACCEPT\n-I host_in 1 -j ACCEPT\nCOMMIT\n*raw\n-D PREROUTING -j CTGUARD-PRE\n-F CTGUARD-PRE\n-X CTGUARD-PRE\nCOMMIT\n";
+        let (base, out) = scratch_base(LIVE, doc);
+        assert_eq!(
+            base,
+            "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:host_in - [0:0]\n-A INPUT -p udp -m udp --dport 53 -m comment --comment \"ctguard:old\" -j ACCEPT\nCOMMIT\n*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:CTGUARD-PRE - [0:0]\n-A PREROUTING -j CTGUARD-PRE\n-A CTGUARD-PRE -p udp -m udp --dport 53 -j CT --notrack\nCOMMIT\n"
+        );
+        // INPUT has 5 rules live, 1 in the base: its insert at 4 becomes 1; host_in's at 1 stays.
+        assert!(out.contains("\n-I INPUT 1 -p udp --dport 53 -m comment --comment ctguard:new -j ACCEPT\n"), "{out}");
+        assert!(out.contains("\n-I host_in 1 -j ACCEPT\n"), "{out}");
+        assert!(!base.contains("*nat"), "a table the document does not touch stays out");
+    }
+
+    /// An insert past the end of the live chain stays as it is, so it fails in the scratch
+    /// namespace as it would live; a `-D` of a rule not in the save as written loads the whole
+    /// live table (the previous behaviour).
+    #[test]
+    fn scratch_base_keeps_what_would_fail_live_failing() {
+        let (_, out) = scratch_base(LIVE, "*filter\n-I INPUT 7 -j ACCEPT\nCOMMIT\n");
+        assert!(out.contains("-I INPUT 7 -j ACCEPT"), "{out}");
+        let (_, out) = scratch_base(LIVE, "*filter\n-I INPUT 6 -j ACCEPT\nCOMMIT\n");
+        assert!(out.contains("-I INPUT 1 -j ACCEPT"), "{out}");
+        let (base, _) = scratch_base(LIVE, "*filter\n-D INPUT -p udp --dport 53 -j ACCEPT\nCOMMIT\n");
+        assert!(base.contains("-A INPUT -s 100.64.0.2/32 -j DROP\n-A INPUT -j host_in\n"), "{base}");
     }
 }
