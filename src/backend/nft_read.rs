@@ -1668,11 +1668,14 @@ pub fn read_with_genid() -> Result<(NftRuleset, u32), NftReadError> {
 pub fn read_skipping(skip: &[(String, String)]) -> Result<(NftRuleset, u32), NftReadError> {
     for _ in 0..MAX_ATTEMPTS {
         let before = netlink::get_genid()?;
+        let lap = crate::timing::Lap::start("read: nft dumps");
         let Some(raw) = read_once(skip)? else { continue };
+        drop(lap);
         let after = netlink::get_genid()?;
         if before != after {
             continue;
         }
+        let _lap = crate::timing::Lap::start("read: nft model");
         let set = build(&raw.tables, &raw.chains, &raw.sets, &raw.rules, &ifname_of);
         return Ok((set, before));
     }

@@ -1774,8 +1774,11 @@ fn nft_put_back(u: &PolicyUndo) -> Result<Option<String>, String> {
 /// carrying that generation id (with `table inet ctguard` when no previous table replaces it).
 /// [`PolicyTxnError::GenerationChanged`] when the ruleset changed in between: nothing deleted.
 fn nft_guarded_deletes(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
+    let lap = crate::timing::Lap::start("rollback: read the rules to delete");
     let genid = get_genid().map_err(PolicyTxnError::Genid)?;
     let listed = read_insertion_chains(u)?;
+    drop(lap);
+    let _lap = crate::timing::Lap::start("rollback: the delete batch");
     crate::fault::foreign_change("rollback:foreign-change");
     let delete_table = u.table.is_some() && !needs_nft_script(u);
     let Some(batch) = nft_delete_batch(u, &listed, Some(genid), delete_table).map_err(PolicyTxnError::Batch)? else {
