@@ -95,15 +95,17 @@ pub fn save(variant: Variant, family: IpFamily) -> Result<String, IptablesError>
 
 /// [`save`], returning the parsed dump as well.
 ///
-/// Between [`share_nft_saves`]`(true)` and `(false)` on this thread, an iptables-nft save is
-/// taken again only when the nf_tables generation id of the thread's namespace moved since the
-/// last one of that family (its tables are nf_tables tables: an unchanged id means an unchanged
-/// dump): apply's listing after the commit and the rollback check that follows it share one.
+/// Between [`share_saves`]`(true)` and `(false)` on this thread, a save is taken again only
+/// when it may differ from the last one of that variant and family in this namespace: for
+/// iptables-nft when the nf_tables generation id moved (its tables are nf_tables tables: an
+/// unchanged id means an unchanged dump); for iptables-legacy, which has no such id, never (the
+/// caller shares a legacy save only between steps a moment apart: apply's listing after the
+/// commit and the rollback check that follows it).
 pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDump), IptablesError> {
     let name = variant.tool(family == IpFamily::V6, "-save");
     let t = tool(&name)?;
-    let at = (variant == Variant::Nft && nft_save_cache::on()).then(nft_save_cache::key).flatten();
-    let text = match at.and_then(|k| nft_save_cache::get(k, family)) {
+    let at = save_cache::on().then(|| save_cache::key(variant)).flatten();
+    let text = match at.and_then(|k| save_cache::get(k, family)) {
         Some(text) => text,
         None => {
             let raw =
@@ -111,8 +113,8 @@ pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDu
             // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
             let (text, _native) = iptables_save::without_incompatible(&raw);
             // Kept only when nothing committed while the tool read.
-            if let Some(k) = at.filter(|k| nft_save_cache::key() == Some(*k)) {
-                nft_save_cache::put(k, family, &text);
+            if let Some(k) = at.filter(|k| save_cache::key(variant) == Some(*k)) {
+                save_cache::put(k, family, &text);
             }
             text
         }
@@ -121,21 +123,22 @@ pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDu
     Ok((text, dump))
 }
 
-/// Turns the sharing of iptables-nft saves on this thread on or off (see [`save_parsed`]);
-/// off forgets the saves kept.
-pub fn share_nft_saves(on: bool) {
-    nft_save_cache::set(on);
+/// Turns the sharing of saves on this thread on or off (see [`save_parsed`]); off forgets the
+/// saves kept.
+pub fn share_saves(on: bool) {
+    save_cache::set(on);
 }
 
-/// The last iptables-nft save of each family on this thread, with the namespace and the
-/// nf_tables generation id it was taken at.
-mod nft_save_cache {
+/// The last save of each variant and family on this thread, with the namespace (and for
+/// iptables-nft the nf_tables generation id) it was taken at.
+mod save_cache {
     use std::cell::RefCell;
 
+    use super::Variant;
     use crate::render::iptables::IpFamily;
 
-    /// (namespace device, namespace inode, generation id).
-    pub type Key = (u64, u64, u32);
+    /// (variant, namespace device, namespace inode, generation id for iptables-nft).
+    pub type Key = (Variant, u64, u64, Option<u32>);
 
     thread_local! {
         static SAVES: RefCell<Vec<(Key, IpFamily, String)>> = const { RefCell::new(Vec::new()) };
@@ -153,12 +156,16 @@ mod nft_save_cache {
         }
     }
 
-    /// This thread's namespace and its generation id now; `None` when either cannot be read.
-    pub fn key() -> Option<Key> {
+    /// This thread's namespace (and for iptables-nft its generation id) now; `None` when it
+    /// cannot be read.
+    pub fn key(variant: Variant) -> Option<Key> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
-        let genid = crate::backend::netlink::get_genid().ok()?;
-        Some((m.dev(), m.ino(), genid))
+        let genid = match variant {
+            Variant::Nft => Some(crate::backend::netlink::get_genid().ok()?),
+            Variant::Legacy => None,
+        };
+        Some((variant, m.dev(), m.ino(), genid))
     }
 
     pub fn get(k: Key, family: IpFamily) -> Option<String> {
@@ -168,7 +175,7 @@ mod nft_save_cache {
     pub fn put(k: Key, family: IpFamily, text: &str) {
         SAVES.with(|s| {
             let mut s = s.borrow_mut();
-            s.retain(|(_, f, _)| *f != family);
+            s.retain(|(x, f, _)| !(x.0 == k.0 && *f == family));
             s.push((k, family, text.to_string()));
         });
     }

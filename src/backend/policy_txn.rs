@@ -53,16 +53,16 @@ use crate::exit::Exit;
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
 use crate::live::fw::{IptVariant, Owner};
 use crate::live::iptables_save::{self, SaveDump};
+use crate::live::nft_text;
 use crate::live::{nft_json, LiveState};
 use crate::model::auto::MachineFacts;
 use crate::model::names::{SysctlKey, Tag, TAG_PREFIX};
 use crate::model::{Backend, Policy};
+use crate::render::conntrack_flush::flush_commands;
+use crate::render::ipt_edit as ipt;
 use crate::render::iptables::{notrack_rules, IpFamily};
 use crate::render::nft_batch::{BatchBuffer, BatchBuilder, BatchError, RulePosition};
 use crate::render::nft_ir::{table_for, TableIr, TABLE_NAME};
-use crate::live::nft_text;
-use crate::render::ipt_edit as ipt;
-use crate::render::conntrack_flush::flush_commands;
 use crate::render::nft_script::replace_script;
 use crate::render::planner::{plan as plan_insertions, InsertionPlan, Position, RuleSpec};
 use crate::render::sysctl::{plan_sysctls, SysctlChange};
@@ -805,6 +805,8 @@ impl PrepareMode {
 /// plans the accepts and ctguard's own objects, lints, and builds every document apply would
 /// send. Changes nothing; no kernel check (see [`kernel_check`]).
 pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode) -> Result<Prepared, PolicyTxnError> {
+    // Saves are shared only between apply's listing and its rollback check: never stale here.
+    ipt_backend::share_saves(false);
     let policy = &req.policy;
     let tag = &req.tag;
     let backend = effective_backend(policy.backend);
@@ -1264,6 +1266,7 @@ fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + S
 /// warning in the record, not an error.
 pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("apply");
+    ipt_backend::share_saves(false);
     // Nothing changed since the snapshot?
     let g = get_genid().map_err(PolicyTxnError::Genid)?;
     if g != p.genid {
@@ -1809,7 +1812,7 @@ fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRu
 pub fn check_rollback(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     let _lap = crate::timing::Lap::start("check rollback");
     let result = check_rollback_shared(u);
-    ipt_backend::share_nft_saves(false);
+    ipt_backend::share_saves(false);
     result
 }
 
@@ -1857,6 +1860,7 @@ fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
 /// (exit 7) lists what failed.
 pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("rollback");
+    ipt_backend::share_saves(false);
     u.tag()?;
     let mut report = RollbackReport::default();
     let mut failures: Vec<String> = Vec::new();
@@ -1997,10 +2001,9 @@ fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     for r in todo {
         let fam = if r.v6 { "ip6" } else { "ip" };
         // Only the raw table of this family (cheap at any ruleset size); none is fine.
-        let out = nft.output(&["-j", "list", "table", fam, "raw"], None).map_err(|source| PolicyTxnError::Exec {
-            what: format!("nft -j list table {fam} raw"),
-            source,
-        })?;
+        let out = nft
+            .output(&["-j", "list", "table", fam, "raw"], None)
+            .map_err(|source| PolicyTxnError::Exec { what: format!("nft -j list table {fam} raw"), source })?;
         if !out.status.success() {
             continue;
         }
@@ -2119,11 +2122,7 @@ pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, Polic
 
 /// [`scope_listing`] as it reads at the snapshot `p` was prepared from, without reading again
 /// (the table, the chains' rules and the saves are the snapshot's; the sysctls are read).
-fn scope_listing_at_snapshot(
-    u: &PolicyUndo,
-    keys: &[SysctlKey],
-    snap: &Snapshot,
-) -> Result<String, PolicyTxnError> {
+fn scope_listing_at_snapshot(u: &PolicyUndo, keys: &[SysctlKey], snap: &Snapshot) -> Result<String, PolicyTxnError> {
     let chains = scope_chains(u)
         .into_iter()
         .map(|(f, t, c)| ((f.to_string(), t.to_string(), c.to_string()), chain_rules_of(&snap.listed, f, t, c)))
@@ -2142,8 +2141,8 @@ fn scope_listing_at_snapshot(
 /// Falls back to [`scope_listing`] when an inserted rule's handle is unknown.
 pub fn after_listing(p: &Prepared, u: &PolicyUndo) -> Result<String, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("scope listing after (from the commit)");
-    // The rollback check that follows reads the same iptables-nft saves (it ends the sharing).
-    ipt_backend::share_nft_saves(true);
+    // The rollback check that follows reads the same saves (it ends the sharing).
+    ipt_backend::share_saves(true);
     if u.nft_insertions.iter().any(|i| i.handle.is_none()) {
         return scope_listing(u, &p.scope_keys);
     }
@@ -2166,7 +2165,7 @@ pub fn after_listing(p: &Prepared, u: &PolicyUndo) -> Result<String, PolicyTxnEr
         .collect();
     let mut chains = Vec::new();
     for (f, t, c) in scope_chains(u) {
-        let mut rules: Vec<(u64, Option<String>)> = chain_rules_of(&p.scope_listed, f, t, c)
+        let mut rules: ChainRules = chain_rules_of(&p.scope_listed, f, t, c)
             .into_iter()
             .filter(|(h, _)| !deleted.contains(&(f, t, c, *h)))
             .collect();
@@ -2224,7 +2223,7 @@ fn scope_chains(u: &PolicyUndo) -> Vec<(&str, &str, &str)> {
 }
 
 /// One chain's rules in `listed` as (handle, comment), in chain order, once per handle.
-fn chain_rules_of(listed: &[nft_text::ListedRule], f: &str, t: &str, c: &str) -> Vec<(u64, Option<String>)> {
+fn chain_rules_of(listed: &[nft_text::ListedRule], f: &str, t: &str, c: &str) -> ChainRules {
     listed
         .iter()
         .filter(|r| r.family == f && r.table == t && r.chain == c)
@@ -2235,10 +2234,7 @@ fn chain_rules_of(listed: &[nft_text::ListedRule], f: &str, t: &str, c: &str) ->
 /// Each installed save tool's output as read into `live` (incompatible tables already left
 /// out), in [`SAVE_TOOLS`] order.
 fn snapshot_saves(live: &LiveState) -> Vec<(&'static str, String)> {
-    SAVE_TOOLS
-        .iter()
-        .filter_map(|&(name, v, v6)| dump_of(live, v, v6).map(|d| (name, d.text.clone())))
-        .collect()
+    SAVE_TOOLS.iter().filter_map(|&(name, v, v6)| dump_of(live, v, v6).map(|d| (name, d.text.clone()))).collect()
 }
 
 /// The sysctls `keys` as a scope listing shows them.
@@ -2251,13 +2247,19 @@ fn read_keys(keys: &[SysctlKey]) -> Result<Vec<(SysctlKey, String)>, PolicyTxnEr
         .collect()
 }
 
+/// One chain's rules as a scope listing needs them: (handle, comment), in chain order.
+type ChainRules = Vec<(u64, Option<String>)>;
+
+/// A chain (family, table, chain) of [`scope_chains`] with its [`ChainRules`].
+type ScopedChain = ((String, String, String), ChainRules);
+
 /// The text of a scope listing (pure): see [`scope_listing`]. `chains` holds each chain of
 /// [`scope_chains`] with its rules as (handle, comment); `saves` each installed save tool's
 /// output; `sysctls` each key with its value as shown.
 fn scope_text(
     u: &PolicyUndo,
     table_text: Option<&str>,
-    chains: &[((String, String, String), Vec<(u64, Option<String>)>)],
+    chains: &[ScopedChain],
     saves: &[(&str, String)],
     sysctls: &[(SysctlKey, String)],
 ) -> String {
