@@ -298,3 +298,114 @@ fn incompatible_nft_table_is_left_to_nft() {
         assert!(save(Variant::Legacy, IpFamily::V4).is_ok());
     })
 }
+
+/// Regression (issue 16: every policy apply loaded the whole live save into a scratch
+/// namespace, twice): the scratch check on `render::ipt_edit::scratch_base` gives the kernel's
+/// verdict the whole save gives, for what ctguard's documents do — inserts at a place, deletes
+/// by exact text, ctguard's chains declared, flushed and removed — including the refusals.
+#[test]
+fn scratch_base_gives_the_verdict_of_the_whole_save() {
+    use ctguard::render::ipt_edit::scratch_base;
+    for variant in [Variant::Nft, Variant::Legacy] {
+        in_fresh_netns(|| {
+            let family = IpFamily::V4;
+            setup_base(variant, family);
+            // A bigger INPUT (a blocklist of 300) and ctguard's raw chain with its jump.
+            let mut more = String::from("*filter\n");
+            for i in 0..300 {
+                more.push_str(&format!("-A INPUT -s 100.64.{}.{}/32 -j DROP\n", i / 256, i % 256));
+            }
+            more.push_str("-A INPUT -p udp -m udp --dport 53 -m comment --comment \"ctguard:old\" -j ACCEPT\nCOMMIT\n");
+            more.push_str("*raw\n:CTGUARD-PRE - [0:0]\n-A CTGUARD-PRE -p udp -m udp --dport 53 -j CT --notrack\n-I PREROUTING 1 -j CTGUARD-PRE\nCOMMIT\n");
+            restore(variant, family, &more, true).expect("more rules load");
+            let live = save(variant, family).expect("save");
+            let sets = ipset_save().expect("ipset save");
+            let docs: [(&str, bool); 8] = [
+                ("*filter\n-I INPUT 300 -p udp -m udp --dport 53 -m comment --comment ctguard:new -j ACCEPT\nCOMMIT\n", true),
+                // INPUT holds 304 rules: 305 is the end, 306 is past it.
+                ("*filter\n-I INPUT 305 -p udp -m udp --dport 53 -j ACCEPT\nCOMMIT\n", true),
+                ("*filter\n-I INPUT 306 -p udp -m udp --dport 53 -j ACCEPT\nCOMMIT\n", false),
+                ("*filter\n-D INPUT -p udp -m udp --dport 53 -m comment --comment \"ctguard:old\" -j ACCEPT\nCOMMIT\n", true),
+                ("*filter\n-D INPUT -p udp -m udp --dport 54 -j ACCEPT\nCOMMIT\n", false),
+                ("*filter\n-I blocklist 1 -m set --match-set blk src -j ACCEPT\nCOMMIT\n", true),
+                ("*raw\n-D PREROUTING -j CTGUARD-PRE\n-F CTGUARD-PRE\n-X CTGUARD-PRE\nCOMMIT\n", true),
+                // The jump is still there: the chain cannot go.
+                ("*raw\n-F CTGUARD-PRE\n-X CTGUARD-PRE\nCOMMIT\n", false),
+            ];
+            for (doc, ok) in docs {
+                let whole = scratch_check(variant, family, &live, Some(&sets), doc);
+                let (base, small_doc) = scratch_base(&live, doc);
+                // A -D of a rule not in the save as written takes the whole table (by design).
+                if !doc.contains("--dport 54") {
+                    assert!(base.lines().count() < 40, "the base holds what the document refers to:\n{base}");
+                }
+                let small = scratch_check(variant, family, &base, Some(&sets), &small_doc);
+                assert_eq!(whole.is_ok(), ok, "{variant:?} whole save, {doc}: {whole:?}");
+                assert_eq!(small.is_ok(), ok, "{variant:?} scratch base, {doc}: {small:?}\n{base}{small_doc}");
+            }
+        });
+    }
+}
+
+/// Regression (issue 16: four saves per read even on an nft-only host): a save is skipped only
+/// when the tool would print nothing — checked against the tools in each state.
+#[test]
+fn saves_are_skipped_only_when_they_would_be_empty() {
+    use ctguard::backend::live::save_would_be_empty;
+    use ctguard::backend::nft_read::tables;
+    in_fresh_netns(|| {
+        let check = |when: &str| {
+            let t = tables().expect("tables");
+            for variant in [Variant::Nft, Variant::Legacy] {
+                for v6 in [false, true] {
+                    let family = if v6 { IpFamily::V6 } else { IpFamily::V4 };
+                    let name = variant.tool(v6, "-save");
+                    let out = run(&name, &[], None);
+                    let printed = out.lines().any(|l| !l.starts_with('#') && !l.trim().is_empty());
+                    let skipped = save_would_be_empty(variant, v6, Some(&t));
+                    assert!(!(skipped && printed), "{when}: {name} skipped but prints:\n{out}");
+                    let _ = family;
+                }
+            }
+            t
+        };
+        let t = check("empty namespace");
+        assert!(save_would_be_empty(Variant::Nft, false, Some(&t)), "no ip table: iptables-nft-save skipped");
+        run("nft", &["add", "table", "inet", "host"], None);
+        check("an inet table only");
+        run("iptables-nft", &["-A", "INPUT", "-j", "ACCEPT"], None);
+        let t = check("iptables-nft filter v4");
+        assert!(!save_would_be_empty(Variant::Nft, false, Some(&t)));
+        assert!(save_would_be_empty(Variant::Nft, true, Some(&t)), "no ip6 table yet");
+        run("ip6tables-legacy", &["-A", "INPUT", "-j", "ACCEPT"], None);
+        check("legacy v6");
+        assert!(!save_would_be_empty(Variant::Legacy, true, Some(&t)));
+        run("nft", &["add", "table", "ip6", "foo"], None);
+        check("a native ip6 table (iptables-nft-save prints nothing for it)");
+    });
+}
+
+/// The shared saves never outlive their window: after `share_saves(false)` a save reads the
+/// tool again, and while sharing an iptables-nft save is taken again once the generation id
+/// moved (legacy ones are shared as they are: the window is apply's listing → rollback check).
+#[test]
+fn shared_saves_end_with_their_window_and_follow_the_generation_id() {
+    use ctguard::backend::iptables::share_saves;
+    in_fresh_netns(|| {
+        let family = IpFamily::V4;
+        share_saves(true);
+        for variant in [Variant::Nft, Variant::Legacy] {
+            restore(variant, family, "*filter\n-A INPUT -j ACCEPT\nCOMMIT\n", true).expect("load");
+            let first = save(variant, family).expect("save");
+            restore(variant, family, "*filter\n-A INPUT -j DROP\nCOMMIT\n", true).expect("load");
+            let second = save(variant, family).expect("save");
+            match variant {
+                Variant::Nft => assert_ne!(first, second, "the generation id moved: read again"),
+                Variant::Legacy => assert_eq!(first, second, "legacy: shared within the window"),
+            }
+        }
+        share_saves(false);
+        let after = save(Variant::Legacy, family).expect("save");
+        assert!(after.contains("-A INPUT -j DROP"), "after the window a save is read again:\n{after}");
+    });
+}
