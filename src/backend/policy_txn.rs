@@ -473,7 +473,8 @@ pub struct Prepared {
     pub genid: u32,
     /// [`listing`] before, for display and tests.
     pub before: String,
-    /// The nft side as one `nft -f` script: what the batch does (kernel-checked with `nft -c`).
+    /// The nft side as one `nft -f` script: what the batch does, as text (a kernel test loads
+    /// both and compares). The kernel check sends the batch itself, not this script.
     pub nft_script: String,
     /// iptables filter documents (insertions, previous rules removed), applied first.
     pub ipt_filter: Vec<IptDoc>,
@@ -1066,10 +1067,11 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
     })
 }
 
-/// Asks the kernel about everything [`prepare_with`] built, changing nothing: `nft -c` for
-/// the nft script (ctguard's table, the previous accepts' removal, the insertions) and a
-/// scratch namespace for every iptables document, on top of the dump it applies to. Exit 3
-/// when the kernel refuses.
+/// Asks the kernel about everything [`prepare_with`] built, changing nothing: the nft batch
+/// [`apply`] will send (ctguard's table, the previous accepts' removal, the insertions) sent
+/// without BATCH_END ([`check_batch`]: processed, validated, aborted), and a scratch namespace
+/// for every iptables document, on top of what it refers to in the dump it applies to
+/// ([`ipt::scratch_base`]). Exit 3 when the kernel refuses.
 pub fn kernel_check(p: &Prepared) -> Result<(), PolicyTxnError> {
     let _lap = crate::timing::Lap::start("prepare: kernel check");
     if let Some(b) = batch_builder(p, None).map_err(PolicyTxnError::Batch)? {
@@ -1804,8 +1806,10 @@ fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRu
     Ok((listed, parsed))
 }
 
-/// Kernel-checks the rollback of `u` against the current state: the nft script with `nft -c`,
-/// the iptables documents in a scratch namespace loaded with the current saves.
+/// Kernel-checks the rollback of `u` against the current state: its nft delete batch sent as a
+/// check batch (or, when it also puts a previous table or previous rules back, its whole script
+/// with `nft -c`), and the iptables documents in scratch namespaces loaded with what they refer
+/// to in the current saves.
 ///
 /// Guarantees: changes nothing. `Ok` means the rollback built now would be accepted by the
 /// kernel; it is rebuilt from a fresh read when it runs.
