@@ -342,6 +342,11 @@ fn scratch_base_gives_the_verdict_of_the_whole_save() {
                 let small = scratch_check(variant, family, &base, Some(&sets), &small_doc);
                 assert_eq!(whole.is_ok(), ok, "{variant:?} whole save, {doc}: {whole:?}");
                 assert_eq!(small.is_ok(), ok, "{variant:?} scratch base, {doc}: {small:?}\n{base}{small_doc}");
+                // A refusal names the document, not the live rules (one run for both, apart
+                // again only to tell which).
+                for r in [&whole, &small] {
+                    assert!(ok || matches!(r, Err(IptablesError::Rejected { .. })), "{variant:?} {doc}: {r:?}");
+                }
             }
         });
     }

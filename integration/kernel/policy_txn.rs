@@ -720,3 +720,28 @@ fn echoed_handles_and_chain_dumps_match_the_nft_listing() {
     ns.nft(&format!("delete rule inet host input handle {other}\n"));
     assert_same(&before, &list(&ns, &keys(&p)), "rollback restores the state exactly");
 }
+
+/// Regression (issue 16: the rollback reuses the iptables-nft documents its check built, while
+/// the generation id shows nothing committed since): a foreign change after the check — a
+/// second jump into ctguard's raw chain, which the checked documents do not delete — makes the
+/// rollback build them again, and it still removes the chain and restores the saves exactly.
+#[test]
+fn iptables_nft_rollback_rebuilds_checked_documents_after_a_foreign_change() {
+    let ns = Ns::new("ptx-ipt-docs");
+    ns.exec_stdin("iptables-nft-restore", &["-w"], LEGACY_FW);
+    let p = policy("backend = \"iptables-nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n");
+    let before = list(&ns, &[]);
+    let prepared = prep(&ns, &request(&p, "ptx-docs", None));
+    let undo = app(&ns, &prepared);
+    // On one thread, as the agent's worker does (the checked documents are kept per thread).
+    ns.run(|| {
+        check_rollback(&undo).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
+        // Someone else jumps to ctguard's chain too (their change moves the generation id).
+        let ipt = ctguard::backend::exec::Tool::find("iptables-nft").expect("iptables-nft");
+        ipt.run(&["-w", "5", "-t", "raw", "-A", "OUTPUT", "-j", "CTGUARD-PRE"], None).expect("foreign jump");
+        rollback(&undo).unwrap_or_else(|e| panic!("rollback after a foreign jump: {}", chain(&e)));
+    });
+    let save = ns.exec("iptables-nft-save", &["-t", "raw"]);
+    assert!(!save.contains("CTGUARD"), "ctguard's raw chains and every jump to them are gone:\n{save}");
+    assert_same(&before, &list(&ns, &[]), "the rollback restores every save exactly");
+}

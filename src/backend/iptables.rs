@@ -15,6 +15,13 @@ pub use crate::live::fw::IptVariant as Variant;
 /// Errors of the iptables backend.
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
+    /// The scratch check refused the live rules and the document in one run but accepted them
+    /// in two: no verdict (treated as a refusal).
+    #[error("{tool}: the scratch check refused the live rules and the document together but not apart")]
+    ScratchInconsistent {
+        /// The restore tool.
+        tool: String,
+    },
     /// A tool could not be found, started, or it failed.
     #[error("{what}")]
     Exec {
@@ -278,15 +285,48 @@ pub fn scratch_check(
                     .run(&["restore"], Some(text.as_bytes()))
                     .map_err(|source| IptablesError::ScratchIpsets { source })?;
             }
-            if !live_dump.trim().is_empty() {
-                restore_with(&restore_tool, live_dump, false, &wait)
-                    .map_err(|source| IptablesError::ScratchLive { tool: name.clone(), source })?;
+            if live_dump.trim().is_empty() {
+                return restore_with(&restore_tool, candidate, true, &wait)
+                    .map_err(|source| IptablesError::Rejected { tool: name.clone(), source });
             }
-            restore_with(&restore_tool, candidate, true, &wait)
-                .map_err(|source| IptablesError::Rejected { tool: name.clone(), source })
+            // One tool run for both (in an empty namespace `--noflush` changes nothing for the
+            // dump); only when it fails, the two again apart, to tell which one the kernel refused.
+            let both = format!("{live_dump}{}{candidate}", if live_dump.ends_with('\n') { "" } else { "\n" });
+            if restore_with(&restore_tool, &both, true, &wait).is_ok() {
+                return Ok(());
+            }
+            Err(scratch_apart(&restore_tool, &name, live_dump, candidate, ipset_tool.as_ref(), &wait))
         });
         h.join().map_err(|_| IptablesError::ScratchPanicked)?
     })
+}
+
+/// [`scratch_check`]'s failure path: in another fresh namespace, `live_dump` then `candidate`,
+/// each in its own tool run, so the error names the one the kernel refused.
+fn scratch_apart(
+    restore_tool: &Tool,
+    name: &str,
+    live_dump: &str,
+    candidate: &str,
+    ipsets: Option<&(Tool, &str)>,
+    wait: &[String; 2],
+) -> IptablesError {
+    let run = || -> Result<(), IptablesError> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|source| IptablesError::Unshare { source })?;
+        if let Some((ipset, text)) = ipsets {
+            ipset.run(&["restore"], Some(text.as_bytes())).map_err(|source| IptablesError::ScratchIpsets { source })?;
+        }
+        restore_with(restore_tool, live_dump, false, wait)
+            .map_err(|source| IptablesError::ScratchLive { tool: name.to_string(), source })?;
+        restore_with(restore_tool, candidate, true, wait)
+            .map_err(|source| IptablesError::Rejected { tool: name.to_string(), source })
+    };
+    match std::thread::scope(|s| s.spawn(run).join()) {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) => IptablesError::ScratchInconsistent { tool: name.to_string() },
+        Err(_) => IptablesError::ScratchPanicked,
+    }
 }
 
 /// `ipset save` of the calling thread's namespace (for [`scratch_check`]).

@@ -1545,7 +1545,53 @@ pub struct RollbackReport {
     pub warnings: Vec<String>,
 }
 
+/// The rollback documents [`check_rollback`] built and checked, kept on this thread for the
+/// rollback of the same transaction while they are provably current: only iptables-nft ones
+/// (its tables are nf_tables tables), in the same namespace, at the same nf_tables generation
+/// id — nothing committed since they were built from a save, so a fresh save would give the
+/// same documents. Spares the rollback a whole save and parse.
+mod checked_docs {
+    use std::cell::RefCell;
+
+    use super::{RollbackDocs, Variant};
+    use crate::backend::policy_txn::PolicyUndo;
+
+    /// (tag, namespace device, namespace inode, generation id).
+    type Key = (String, u64, u64, u32);
+
+    thread_local! {
+        static KEPT: RefCell<Option<(Key, RollbackDocs)>> = const { RefCell::new(None) };
+    }
+
+    /// `u`'s key now: its tag, this thread's namespace and its generation id.
+    pub fn key(u: &PolicyUndo) -> Option<Key> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+        let genid = crate::backend::netlink::get_genid().ok()?;
+        Some((u.tag.clone(), m.dev(), m.ino(), genid))
+    }
+
+    /// Keeps `docs`, built for `u` after `before` was read, when they are iptables-nft only and
+    /// nothing committed while they were built (the key is the same now).
+    pub fn keep(before: Option<Key>, u: &PolicyUndo, docs: &RollbackDocs) {
+        let nft_only = docs.saves.keys().all(|(v, _)| *v == Variant::Nft)
+            && docs.raw.iter().chain(docs.filter.iter()).all(|d| d.variant == Variant::Nft);
+        let kept = match before {
+            Some(k) if nft_only && key(u).as_ref() == Some(&k) => Some((k, docs.clone())),
+            _ => None,
+        };
+        KEPT.with(|d| *d.borrow_mut() = kept);
+    }
+
+    /// The documents kept for `u`, when nothing committed since; forgets them either way.
+    pub fn take(u: &PolicyUndo) -> Option<RollbackDocs> {
+        let (k, docs) = KEPT.with(|d| d.borrow_mut().take())?;
+        (Some(k) == key(u)).then_some(docs)
+    }
+}
+
 /// The documents of a rollback, built from a fresh read.
+#[derive(Clone)]
 struct RollbackDocs {
     raw: Vec<IptDoc>,
     filter: Vec<IptDoc>,
@@ -1839,7 +1885,9 @@ fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
         // Only deletes: the very batch the rollback sends, as a check.
         check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
     }
+    let before = checked_docs::key(u);
     let docs = rollback_ipt_docs(u)?;
+    checked_docs::keep(before, u, &docs);
     let all: Vec<&IptDoc> = docs.raw.iter().chain(docs.filter.iter()).collect();
     // Each document against the save it was built from (read just now).
     scratch_check_docs(&all, |v, v6| match docs.saves.get(&(v.into(), v6)) {
@@ -1900,7 +1948,7 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
         }
     }
 
-    let docs = match rollback_ipt_docs(u) {
+    let docs = match checked_docs::take(u).map_or_else(|| rollback_ipt_docs(u), Ok) {
         Ok(d) => Some(d),
         Err(e) => {
             failures.push(format!("reading iptables state: {}", chain_text(&e)));
@@ -2000,47 +2048,72 @@ fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     if todo.is_empty() {
         return Ok(());
     }
-    let nft = tool("nft")?;
     let mut script = String::new();
     for r in todo {
         let fam = if r.v6 { "ip6" } else { "ip" };
-        // Only the raw table of this family (cheap at any ruleset size); none is fine.
-        let out = nft
-            .output(&["-j", "list", "table", fam, "raw"], None)
-            .map_err(|source| PolicyTxnError::Exec { what: format!("nft -j list table {fam} raw"), source })?;
-        if !out.status.success() {
-            continue;
-        }
-        let ruleset = nft_json::parse(&String::from_utf8_lossy(&out.stdout)).map_err(PolicyTxnError::NftJson)?;
-        let chains: Vec<_> = ruleset
-            .fw
-            .chains
-            .iter()
-            .filter(|c| matches!(&c.owner, Owner::Nft { family, table } if family == fam && table == "raw"))
-            .collect();
+        // Only the raw table of this family, over netlink (cheap at any ruleset size); none is fine.
+        let chains = raw_table_now(fam)?;
         if chains.is_empty() {
             continue;
         }
-        let empty = chains.iter().all(|c| c.rules.is_empty());
+        let empty = chains.iter().all(|(_, rules)| *rules == 0);
         if !r.nft_table_existed {
             if empty {
                 let _ = writeln!(script, "delete table {fam} raw");
             }
             continue;
         }
-        for c in chains {
-            if c.rules.is_empty() && !r.nft_chains_before.contains(&c.name) {
-                let _ = writeln!(script, "delete chain {fam} raw {}", c.name);
+        for (name, rules) in chains {
+            if rules == 0 && !r.nft_chains_before.contains(&name) {
+                let _ = writeln!(script, "delete chain {fam} raw {name}");
             }
         }
     }
     if script.is_empty() {
         return Ok(());
     }
-    nft.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ()).map_err(|source| PolicyTxnError::Exec {
+    tool("nft")?.run(&["-f", "-"], Some(script.as_bytes())).map(|_| ()).map_err(|source| PolicyTxnError::Exec {
         what: "nft: deleting the empty iptables-nft raw objects".into(),
         source,
     })
+}
+
+/// The chains of `table FAMILY raw` with their rule counts, read over netlink (two dumps
+/// filtered to that table in the kernel); empty when the table does not exist. Read-only.
+fn raw_table_now(family: &str) -> Result<Vec<(String, usize)>, PolicyTxnError> {
+    use crate::backend::nft_read::{decode_chain, decode_rule};
+    let err = |source| PolicyTxnError::RuleDump { chain: format!("{family} raw"), source };
+    let nfproto = crate::render::nft_batch::nfproto_of(family).unwrap_or(0) as u8;
+    let table: &[u8] = b"raw\0";
+    let chains = crate::backend::netlink::dump(
+        libc::NFT_MSG_GETCHAIN as u16,
+        nfproto,
+        &[(1, table)],
+        "GETCHAIN (the raw table's chains)",
+    )
+    .map_err(err)?;
+    let rules = crate::backend::netlink::dump(
+        libc::NFT_MSG_GETRULE as u16,
+        nfproto,
+        &[(1, table)],
+        "GETRULE (the raw table's rules)",
+    )
+    .map_err(err)?;
+    let mut out: Vec<(String, usize)> = chains
+        .msgs
+        .iter()
+        .filter(|m| m.ty == libc::NFT_MSG_NEWCHAIN as u16)
+        .filter_map(|m| decode_chain(&m.payload))
+        .filter(|c| c.table == "raw")
+        .map(|c| (c.name, 0))
+        .collect();
+    for r in rules.msgs.iter().filter(|m| m.ty == libc::NFT_MSG_NEWRULE as u16).filter_map(|m| decode_rule(&m.payload))
+    {
+        if let Some((_, n)) = out.iter_mut().find(|(name, _)| *name == r.chain).filter(|_| r.table == "raw") {
+            *n += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// An error and its sources on one line.
