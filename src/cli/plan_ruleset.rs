@@ -40,7 +40,7 @@ pub(super) fn run(args: &PlanArgs, global: &Global) -> Result<Exit, Vec<Failure>
         return Err(vec![Failure::new(Exit::Busy, format!("{busy}; apply --ruleset would refuse until it ends"))]);
     }
     let ssh = requester_ssh();
-    let opts = PrepareOptions { ssh, force: args.force, diff: true };
+    let opts = PrepareOptions { ssh, force: args.force, diff: true, commit_checks_file: false };
     let prepared = target
         .run(move || ruleset_txn::prepare(&file.text, &file.format, opts))
         .map_err(|e| vec![Failure::internal(e.to_string())])?;
