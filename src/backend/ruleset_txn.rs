@@ -52,10 +52,10 @@ pub enum RulesetTxnError {
     #[error("the nf_tables ruleset kept changing while it was read ({0} attempts); nothing changed")]
     Unstable(usize),
     /// The ruleset file does not pass the kernel check (`nft -c -f`).
-    #[error("the kernel refuses the ruleset file (nft -c); nothing changed")]
+    #[error("the kernel refuses the ruleset file; nothing changed")]
     CandidateRefused(#[source] ExecError),
     /// The iptables dump does not load in a scratch namespace.
-    #[error("the kernel refuses the iptables dump (scratch namespace); nothing changed")]
+    #[error("the kernel refuses the iptables dump; nothing changed")]
     CandidateIptRefused(#[source] IptablesError),
     /// The restore script does not pass the kernel check.
     #[error("the rollback script does not pass the kernel check (nft -c)")]
@@ -777,13 +777,23 @@ pub fn apply(c: &Candidate) -> Result<ApplyInfo, RulesetTxnError> {
     let before = genid()?;
     let own_commits: u32 = match (c.format, c.family) {
         (RulesetFormat::Nft, _) => {
-            nft()?.run_timeout(&["-f", "-"], Some(c.text.as_bytes()), BULK_TIMEOUT).map_err(RulesetTxnError::Apply)?;
+            // One transaction: refused, it commits nothing — the same refusal as `nft -c`.
+            nft()?
+                .run_timeout(&["-f", "-"], Some(c.text.as_bytes()), BULK_TIMEOUT)
+                .map_err(RulesetTxnError::CandidateRefused)?;
             1
         }
         (RulesetFormat::Iptables, family) => {
             let family = family.unwrap_or(Family::V4);
             let variant = c.variant.unwrap_or(IptVariant::Nft);
-            iptables::restore(variant, ip_family(family), &c.text, false).map_err(RulesetTxnError::ApplyIpt)?;
+            iptables::restore(variant, ip_family(family), &c.text, false).map_err(|e| {
+                // One table is one commit: refused, it committed nothing.
+                if apply_is_atomic(c) {
+                    RulesetTxnError::CandidateIptRefused(e)
+                } else {
+                    RulesetTxnError::ApplyIpt(e)
+                }
+            })?;
             match variant {
                 IptVariant::Nft => snapshot::split_save(&c.text).blocks.len() as u32,
                 IptVariant::Legacy => 0,
