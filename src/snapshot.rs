@@ -350,6 +350,12 @@ pub struct UndoRecord {
     /// Tools used, by absolute path.
     #[serde(default)]
     pub tools: BTreeMap<String, String>,
+    /// In memory only (never journaled): the snapshot's native tables were kernel-checked to
+    /// load after deleting every native table present before the apply (the whole restore
+    /// script, checked before the apply). The check right after the apply then needs only the
+    /// deletes of the tables present by then (`crate::backend::ruleset_txn::check_restore_after_apply`).
+    #[serde(skip)]
+    pub restore_checked: bool,
 }
 
 impl UndoRecord {
@@ -364,6 +370,7 @@ impl UndoRecord {
             apply: None,
             drift: Vec::new(),
             tools,
+            restore_checked: false,
         }
     }
 }
@@ -618,6 +625,18 @@ pub fn ipt_nft_restore_docs(state: &FwState, tables: &[TableId]) -> Vec<(bool, S
 // ---------------------------------------------------------------------------------------------
 // Restore documents
 
+/// The first part of [`nft_restore_script`]: `add table` + `delete table` (deleted whether or
+/// not it still exists) for every table of `current` that iptables-nft does not restore, in
+/// `current`'s order; empty when there is none. Pure.
+pub fn nft_delete_script(snapshot: &Snapshot, current: &[TableId]) -> String {
+    let mut s = String::new();
+    for id in current.iter().filter(|id| !snapshot.is_iptables_nft(id)) {
+        let _ = writeln!(s, "add table {} {}", id.family, id.name);
+        let _ = writeln!(s, "delete table {} {}", id.family, id.name);
+    }
+    s
+}
+
 /// The one `nft -f` script of a rollback: every table present now (`current`) is deleted
 /// except those the snapshot restores through iptables-nft (their restore replaces them
 /// atomically), then the snapshot's native tables are created from their text, in the
@@ -625,11 +644,7 @@ pub fn ipt_nft_restore_docs(state: &FwState, tables: &[TableId]) -> Vec<(bool, S
 /// removed meanwhile. Never `flush table` (it keeps sets and chains: the union). Returns an
 /// empty string when there is nothing to do.
 pub fn nft_restore_script(snapshot: &Snapshot, current: &[TableId]) -> String {
-    let mut s = String::new();
-    for id in current.iter().filter(|id| !snapshot.is_iptables_nft(id)) {
-        let _ = writeln!(s, "add table {} {}", id.family, id.name);
-        let _ = writeln!(s, "delete table {} {}", id.family, id.name);
-    }
+    let mut s = nft_delete_script(snapshot, current);
     for t in snapshot.native_tables() {
         s.push_str(&t.text);
     }

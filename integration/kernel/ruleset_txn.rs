@@ -485,7 +485,8 @@ fn planned_undo_alone_restores() {
     assert_same("after rollback from the planned undo", &before, &capture(&ns));
 }
 
-/// Bad files are refused by the kernel check (exit 3) with nothing changed.
+/// Bad files are refused by the kernel check (exit 3) with nothing changed, before the apply —
+/// by the agent's preparation and by `plan`'s.
 #[test]
 fn bad_ruleset_is_refused_with_nothing_changed() {
     let ns = Ns::new("rs-bad");
@@ -501,13 +502,35 @@ fn bad_ruleset_is_refused_with_nothing_changed() {
         ("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j DNAT --to-destination 10.0.0.1\nCOMMIT\n", "iptables"),
     ] {
         let inp = input(text, format);
-        let r = ns.run(|| engine.prepare(&inp).map(|_| ()));
+        // The agent: refused before anything is committed (the generation id does not move).
+        let r = ns.run(|| {
+            let g = ctguard::backend::netlink::get_genid().expect("genid");
+            let r = engine.prepare(&inp).and_then(|p| p.apply()).map(|_| ());
+            (r, g == ctguard::backend::netlink::get_genid().expect("genid"))
+        });
         match r {
-            Ok(()) => panic!("accepted: {text}"),
-            Err(e) => assert_eq!(e.exit, Exit::Refused, "{text}: {}", e.message),
+            (Ok(()), _) => panic!("accepted: {text}"),
+            (Err(e), unmoved) => {
+                assert_eq!(e.exit, Exit::Refused, "{text}: {}", e.message);
+                assert!(unmoved, "a refused file committed something: {text}");
+            }
         }
         assert_same("after a refused file", &before, &capture(&ns));
+        // `plan --ruleset` applies nothing: its preparation checks the file itself.
+        let opts = ctguard::backend::ruleset_txn::PrepareOptions::default();
+        let r = ns.run(|| ctguard::backend::ruleset_txn::prepare(text, format, opts).map(|_| ()));
+        match r {
+            Ok(()) => panic!("plan accepted: {text}"),
+            Err(e) => assert_eq!(e.exit(), Exit::Refused, "{text}: {e}"),
+        }
+        assert_same("after a refused plan", &before, &capture(&ns));
     }
+    // A dump of two tables is not one commit (each COMMIT is its own): a bad second table is
+    // still refused before anything is applied, the first table included.
+    let two = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -p udp -j NOTRACK\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j DNAT --to-destination 10.0.0.1\nCOMMIT\n";
+    let r = ns.run(|| engine.prepare(&input(two, "iptables")).map(|_| ()));
+    assert!(matches!(r, Err(ref e) if e.exit == Exit::Refused), "two tables: {:?}", r.err());
+    assert_same("after a refused two-table dump", &before, &capture(&ns));
     let r = ns.run(|| {
         engine.prepare(&input("*filter\n-A INPUT -s 10.0.0.1 -d ::1 -j DROP\nCOMMIT\n", "iptables")).map(|_| ())
     });

@@ -63,16 +63,15 @@ impl Engine for RulesetEngine {
         let opts = PrepareOptions { ssh: input.ssh, force: input.force, diff: false };
         let plan = ruleset_txn::prepare(&file.text, &file.format, opts).map_err(engine_err)?;
         let warnings = plan.verdict().map_err(engine_err)?;
-        Ok(Box::new(PreparedRuleset {
-            undo: UndoRecord::planned(plan.snapshot, plan.tools),
-            candidate: plan.candidate,
-            warnings,
-        }))
+        let mut undo = UndoRecord::planned(plan.snapshot, plan.tools);
+        // `prepare` kernel-checked the whole restore script against the state before the apply.
+        undo.restore_checked = true;
+        Ok(Box::new(PreparedRuleset { undo, candidate: plan.candidate, warnings }))
     }
 
     fn check_rollback(&self, undo: &Undo) -> Result<(), EngineError> {
         let rec = parse_undo(undo)?;
-        ruleset_txn::check_restore(&rec.snapshot).map_err(engine_err)
+        ruleset_txn::check_restore_after_apply(&rec.snapshot, rec.restore_checked).map_err(engine_err)
     }
 
     fn rollback(&self, undo: &Undo) -> Result<(), EngineError> {

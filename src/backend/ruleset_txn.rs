@@ -75,6 +75,9 @@ pub enum RulesetTxnError {
     /// The scratch thread panicked.
     #[error("the scratch-namespace thread panicked")]
     ScratchPanicked,
+    /// The thread reading `nft list ruleset` panicked.
+    #[error("the thread reading nft list ruleset panicked")]
+    ReadPanicked,
     /// Reading the firewall a scratch namespace holds failed.
     #[error("scratch namespace: reading the result")]
     ScratchRead(#[source] crate::backend::live::LiveError),
@@ -163,6 +166,7 @@ fn genid() -> Result<u32, RulesetTxnError> {
 
 /// `nft list ruleset`, split into tables, with the tables nft says hold compat expressions.
 fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: nft list ruleset");
     let out = nft()?
         .output(&["list", "ruleset"], None)
         .map_err(|source| RulesetTxnError::Read { what: "nft list ruleset".into(), source })?;
@@ -186,7 +190,6 @@ fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
     Ok(tables)
 }
 
-/// The installed saves of `which` (variant, v6), read with `-c`.
 /// True when the calling thread's namespace has no legacy (x_tables) table of that family: the
 /// kernel's `ip{,6}_tables_names` is empty or absent, and `ip{,6}tables-legacy-save` would print
 /// nothing. Saves a process spawn per family on every snapshot and rollback.
@@ -198,12 +201,23 @@ fn no_legacy_tables(v6: bool) -> bool {
     }
 }
 
-fn read_saves(which: &[(IptVariant, bool)]) -> Result<Vec<SaveText>, RulesetTxnError> {
+/// The installed saves of `which` (variant, v6), read with `-c`; a legacy save of a family
+/// without x_tables table is not run ([`no_legacy_tables`]). With `nft` (the nf_tables
+/// tables, read in the same generation), an iptables-nft save of a
+/// family with no table is not run: iptables-nft lists only tables of the `ip` (`ip6`)
+/// nf_tables family, so it would print nothing.
+fn read_saves(which: &[(IptVariant, bool)], nft: Option<&[TableId]>) -> Result<Vec<SaveText>, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: iptables saves");
     let mut out = Vec::new();
     for &(variant, v6) in which {
         let name = variant.tool(v6, "-save");
         let Ok(t) = Tool::find(&name) else { continue };
-        if variant == IptVariant::Legacy && no_legacy_tables(v6) {
+        let family = if v6 { "ip6" } else { "ip" };
+        let empty = match variant {
+            IptVariant::Legacy => no_legacy_tables(v6),
+            IptVariant::Nft => nft.is_some_and(|tables| !tables.iter().any(|t| t.family == family)),
+        };
+        if empty {
             out.push(SaveText { variant, v6, text: String::new() });
             continue;
         }
@@ -220,10 +234,21 @@ fn read_ipsets() -> Result<Option<String>, RulesetTxnError> {
 
 /// Reads the whole firewall of the calling thread's namespace: `nft list ruleset`, every
 /// installed iptables save (`-c`, both variants and families; "incompatible" warnings kept
-/// as text, judged later) and `ipset save`, with the generation id read before. Read-only.
+/// as text, judged later; an iptables-nft save of a family without nf_tables table not run)
+/// and `ipset save`, with the generation id read before. `nft list ruleset` runs on a thread
+/// of its own (in the same namespace) while the saves run. Read-only.
 pub fn read_state() -> Result<FwState, RulesetTxnError> {
     let genid = Some(genid()?);
-    Ok(FwState { genid, nft: read_nft()?, saves: read_saves(&SAVE_ORDER)?, ipsets: read_ipsets()? })
+    let tables = current_tables()?;
+    let (nft, rest) = std::thread::scope(|s| {
+        // A new thread starts in the namespace of the thread that creates it.
+        let h = s.spawn(read_nft);
+        let rest = read_saves(&SAVE_ORDER, Some(&tables)).and_then(|saves| Ok((saves, read_ipsets()?)));
+        (h.join(), rest)
+    });
+    let nft = nft.map_err(|_| RulesetTxnError::ReadPanicked)??;
+    let (saves, ipsets) = rest?;
+    Ok(FwState { genid, nft, saves, ipsets })
 }
 
 /// The current nft tables, in kernel order (a netlink dump: `nft list tables` fetches the
@@ -243,6 +268,7 @@ pub fn current_tables() -> Result<Vec<TableId>, RulesetTxnError> {
 /// saves proven to load. Refuses (exit 3) a table no route restores exactly: compat (xt)
 /// expressions that iptables-nft-save does not represent faithfully. Changes nothing.
 pub fn take_snapshot() -> Result<Snapshot, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: snapshot");
     let mut attempt = 0;
     let state = loop {
         attempt += 1;
@@ -264,6 +290,7 @@ pub fn take_snapshot() -> Result<Snapshot, RulesetTxnError> {
 
 /// Decides each table's restore route (see [`take_snapshot`]).
 fn classify(state: FwState) -> Result<Snapshot, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: snapshot: scratch proof");
     let candidates = snapshot::ipt_nft_candidates(&state);
     let proven = scratch_prove(&state, &candidates)?;
     let mut iptables_nft = Vec::new();
@@ -423,6 +450,7 @@ fn ip_family(f: Family) -> IpFamily {
 /// in the target; an iptables dump by loading it into a scratch namespace (with the ipsets of
 /// `snapshot` recreated there) with the variant's restore tool.
 pub fn check_candidate(c: &Candidate, snapshot: &Snapshot) -> Result<(), RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: check the file");
     match (c.format, c.family) {
         (RulesetFormat::Nft, _) => nft_check(&c.text).map_err(RulesetTxnError::CandidateRefused),
         (RulesetFormat::Iptables, family) => {
@@ -438,7 +466,28 @@ pub fn check_candidate(c: &Candidate, snapshot: &Snapshot) -> Result<(), Ruleset
 /// now: `nft -c -f` of the restore script built from the current tables. (The iptables
 /// documents were proven when the snapshot was taken.) Changes nothing.
 pub fn check_restore(snapshot: &Snapshot) -> Result<(), RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: check the restore script");
     let script = snapshot::nft_restore_script(snapshot, &current_tables()?);
+    if script.is_empty() {
+        return Ok(());
+    }
+    nft_check(&script).map_err(RulesetTxnError::RestoreRefused)
+}
+
+/// The kernel check of the rollback right after the apply, given the one [`check_restore`]
+/// made before it (`checked_before`, [`crate::snapshot::UndoRecord::restore_checked`]): only
+/// the deletes of the tables present now ([`snapshot::nft_delete_script`]), `nft -c`. The
+/// snapshot's native tables need no second check: they were proven to load once every
+/// native table present before the apply was deleted in the same transaction, and loading
+/// them depends on no native table (the script deletes them all first) — only on the
+/// iptables-nft tables, which the nft script leaves alone either way. Without
+/// `checked_before`, the whole [`check_restore`]. Changes nothing.
+pub fn check_restore_after_apply(snapshot: &Snapshot, checked_before: bool) -> Result<(), RulesetTxnError> {
+    if !checked_before {
+        return check_restore(snapshot);
+    }
+    let _lap = crate::timing::Lap::start("ruleset: check the restore deletes");
+    let script = snapshot::nft_delete_script(snapshot, &current_tables()?);
     if script.is_empty() {
         return Ok(());
     }
@@ -706,6 +755,7 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
 /// is set when it moved by more than the apply's own commits (nft -f: 1; iptables-nft: one
 /// per table, measured). Reads nothing else: the state after is the agent's listing.
 pub fn apply(c: &Candidate) -> Result<ApplyInfo, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: apply");
     let before = genid()?;
     let own_commits: u32 = match (c.format, c.family) {
         (RulesetFormat::Nft, _) => {
@@ -790,16 +840,20 @@ pub fn restore(
     applied: Option<&FwState>,
     genid_after: Option<u32>,
 ) -> Result<RestoreReport, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: restore");
     let mut report = RestoreReport::default();
     let wait = xtables_wait_args();
     let g0 = genid()?;
-    let legacy_now = read_saves(&[(IptVariant::Legacy, false), (IptVariant::Legacy, true)])?;
+    let legacy_now = read_saves(&[(IptVariant::Legacy, false), (IptVariant::Legacy, true)], None)?;
     let ipsets_now = read_ipsets()?;
     if let Some(applied) = applied {
         let (nft, ipt_nft) = if genid_after == Some(g0) {
             (applied.nft.clone(), applied.saves.iter().filter(|s| s.variant == IptVariant::Nft).cloned().collect())
         } else {
-            (read_nft()?, read_saves(&[(IptVariant::Nft, false), (IptVariant::Nft, true)])?)
+            let nft = read_nft()?;
+            let ids: Vec<TableId> = nft.iter().map(NftTable::id).collect();
+            let saves = read_saves(&[(IptVariant::Nft, false), (IptVariant::Nft, true)], Some(&ids))?;
+            (nft, saves)
         };
         let mut saves: Vec<SaveText> = ipt_nft;
         saves.extend(legacy_now.iter().cloned());
@@ -854,6 +908,7 @@ pub fn restore(
 /// The listing of the calling thread's namespace now ([`snapshot::listing`]): `nft list
 /// ruleset`, every installed save and `ipset save`, counters zeroed. Read-only.
 pub fn listing() -> Result<String, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: listing");
     Ok(snapshot::listing(&read_state()?))
 }
 
@@ -884,6 +939,7 @@ mod tests {
             message: "m".into(),
         }
     }
+
 
     #[test]
     fn verdict_refuses_lint_errors_unless_forced_and_lists_every_warning() {
