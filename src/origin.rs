@@ -195,7 +195,6 @@ impl fmt::Display for Origin {
     }
 }
 
-
 /// `s` with control characters and non-ASCII escaped (values read from `/proc` end up in
 /// messages and the journal).
 fn escape(s: &str) -> String {

@@ -596,14 +596,21 @@ fn regression_accept_above_a_blocklist_in_a_user_chain() {
     );
     assert!(p.lost.is_empty() && p.uncarried.is_empty(), "{:?} {:?}", p.lost, p.uncarried);
     let p = planned("nft_jump_blocklist");
-    assert_eq!(p.nft_script().trim(), "add rule inet host input udp dport 53 ct state untracked accept comment \"ctguard:preview\"");
+    assert_eq!(
+        p.nft_script().trim(),
+        "add rule inet host input udp dport 53 ct state untracked accept comment \"ctguard:preview\""
+    );
 }
 
 /// Issue 12: `ip saddr A … ct state new accept` + policy drop gave an accept for every source.
 #[test]
 fn regression_source_restricted_service_keeps_its_restriction() {
     let p = planned("source_restricted");
-    assert!(p.nft_script().contains("ip saddr 10.0.0.0/8 udp dport 53 ct state untracked accept"), "{}", p.nft_script());
+    assert!(
+        p.nft_script().contains("ip saddr 10.0.0.0/8 udp dport 53 ct state untracked accept"),
+        "{}",
+        p.nft_script()
+    );
     assert!(p.uncarried.is_empty(), "{:?}", p.uncarried);
 }
 
@@ -635,10 +642,8 @@ fn design_verdict_maps_are_followed() {
 #[test]
 fn regression_deep_jumps_plan_in_linear_time() {
     let text = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/planner/regressions/deep-jumps-12x4.v4"));
-    let live = LiveState {
-        nft: Default::default(),
-        iptables: vec![dump_from(text, IptVariant::Nft, false, "deep-jumps")],
-    };
+    let live =
+        LiveState { nft: Default::default(), iptables: vec![dump_from(text, IptVariant::Nft, false, "deep-jumps")] };
     let policy = parse_policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n", Format::Toml).expect("policy");
     let p = plan(&policy, &live, &Tag::preview());
     assert!(!p.insertions.is_empty());

@@ -10,7 +10,7 @@ use std::time::Instant;
 use ctguard::live::fw::{ChainKind, Cond, FwChain, FwHook, FwRule, FwTables, Owner, Verdict};
 use ctguard::live::LiveState;
 use ctguard::model::names::Tag;
-use ctguard::model::{PortRange, Prefix, Policy};
+use ctguard::model::{Policy, PortRange, Prefix};
 
 fn rule(conds: Vec<Cond>, verdict: Verdict, i: usize) -> FwRule {
     FwRule { conds, verdict, handle: Some(i as u64 + 10), index: i + 1, text: format!("rule {i}"), comment: None }
@@ -18,10 +18,18 @@ fn rule(conds: Vec<Cond>, verdict: Verdict, i: usize) -> FwRule {
 
 fn blocklist(n: usize) -> FwTables {
     let owner = Owner::Nft { family: "inet".into(), table: "host".into() };
-    let mut rules = vec![rule(vec![Cond::CtState { neg: false, states: vec!["established".into(), "related".into()] }], Verdict::Accept, 0)];
+    let mut rules = vec![rule(
+        vec![Cond::CtState { neg: false, states: vec!["established".into(), "related".into()] }],
+        Verdict::Accept,
+        0,
+    )];
     for i in 0..n {
         let a = std::net::Ipv4Addr::from(0x0a00_0000u32 + i as u32);
-        rules.push(rule(vec![Cond::Family { v6: false }, Cond::Saddr { neg: false, prefixes: vec![Prefix::V4(a, 32)] }], Verdict::Drop, rules.len()));
+        rules.push(rule(
+            vec![Cond::Family { v6: false }, Cond::Saddr { neg: false, prefixes: vec![Prefix::V4(a, 32)] }],
+            Verdict::Drop,
+            rules.len(),
+        ));
     }
     rules.push(rule(
         vec![
@@ -32,7 +40,15 @@ fn blocklist(n: usize) -> FwTables {
         Verdict::Accept,
         rules.len(),
     ));
-    let input = FwChain { owner, name: "input".into(), hook: Some(FwHook::Input), kind: ChainKind::Filter, priority: 0, policy_accept: Some(false), rules };
+    let input = FwChain {
+        owner,
+        name: "input".into(),
+        hook: Some(FwHook::Input),
+        kind: ChainKind::Filter,
+        priority: 0,
+        policy_accept: Some(false),
+        rules,
+    };
     FwTables { chains: vec![input] }
 }
 
@@ -41,24 +57,64 @@ fn jumps(n: usize) -> FwTables {
     let owner = Owner::Nft { family: "ip".into(), table: "kube".into() };
     let services = (n / 10).max(1);
     let mut chains = Vec::new();
-    let mut base = vec![rule(vec![Cond::CtState { neg: false, states: vec!["established".into()] }], Verdict::Accept, 0)];
+    let mut base =
+        vec![rule(vec![Cond::CtState { neg: false, states: vec!["established".into()] }], Verdict::Accept, 0)];
     for s in 0..services {
         let a = std::net::Ipv4Addr::from(0x0a60_0000u32 + s as u32);
-        base.push(rule(vec![Cond::Daddr { neg: false, prefixes: vec![Prefix::V4(a, 32)] }], Verdict::Jump(format!("svc{s}")), base.len()));
+        base.push(rule(
+            vec![Cond::Daddr { neg: false, prefixes: vec![Prefix::V4(a, 32)] }],
+            Verdict::Jump(format!("svc{s}")),
+            base.len(),
+        ));
         let mut rules = Vec::new();
         for k in 0..9 {
             rules.push(rule(vec![Cond::Opaque(format!("numgen {k}"))], Verdict::Jump("sep".into()), k));
         }
-        chains.push(FwChain { owner: owner.clone(), name: format!("svc{s}"), hook: None, kind: ChainKind::Filter, priority: 0, policy_accept: None, rules });
+        chains.push(FwChain {
+            owner: owner.clone(),
+            name: format!("svc{s}"),
+            hook: None,
+            kind: ChainKind::Filter,
+            priority: 0,
+            policy_accept: None,
+            rules,
+        });
     }
-    chains.push(FwChain { owner: owner.clone(), name: "sep".into(), hook: None, kind: ChainKind::Filter, priority: 0, policy_accept: None, rules: vec![rule(vec![], Verdict::Accept, 0)] });
-    base.push(rule(vec![Cond::Proto { neg: false, protos: vec![17] }, Cond::Dport { neg: false, ranges: vec![PortRange::single(53)] }, Cond::CtState { neg: false, states: vec!["new".into()] }], Verdict::Accept, base.len()));
-    chains.push(FwChain { owner, name: "input".into(), hook: Some(FwHook::Input), kind: ChainKind::Filter, priority: 0, policy_accept: Some(false), rules: base });
+    chains.push(FwChain {
+        owner: owner.clone(),
+        name: "sep".into(),
+        hook: None,
+        kind: ChainKind::Filter,
+        priority: 0,
+        policy_accept: None,
+        rules: vec![rule(vec![], Verdict::Accept, 0)],
+    });
+    base.push(rule(
+        vec![
+            Cond::Proto { neg: false, protos: vec![17] },
+            Cond::Dport { neg: false, ranges: vec![PortRange::single(53)] },
+            Cond::CtState { neg: false, states: vec!["new".into()] },
+        ],
+        Verdict::Accept,
+        base.len(),
+    ));
+    chains.push(FwChain {
+        owner,
+        name: "input".into(),
+        hook: Some(FwHook::Input),
+        kind: ChainKind::Filter,
+        priority: 0,
+        policy_accept: Some(false),
+        rules: base,
+    });
     FwTables { chains }
 }
 
 fn time(label: &str, n: usize, tables: &FwTables, policy: &Policy) {
-    let live = LiveState { nft: ctguard::live::nft_json::NftRuleset { tables: Vec::new(), fw: tables.clone() }, iptables: Vec::new() };
+    let live = LiveState {
+        nft: ctguard::live::nft_json::NftRuleset { tables: Vec::new(), fw: tables.clone() },
+        iptables: Vec::new(),
+    };
     let tag = Tag::preview();
     let runs = if n >= 50_000 { 3 } else { 5 };
     let mut best = f64::MAX;
@@ -69,7 +125,10 @@ fn time(label: &str, n: usize, tables: &FwTables, policy: &Policy) {
         best = best.min(t.elapsed().as_secs_f64() * 1e3);
         ins = p.insertions.len();
     }
-    println!("{label:<10} {n:>7} rules: {best:>9.1} ms ({:.2} ms per 1k rules), {ins} insertion(s)", best / (n as f64 / 1000.0));
+    println!(
+        "{label:<10} {n:>7} rules: {best:>9.1} ms ({:.2} ms per 1k rules), {ins} insertion(s)",
+        best / (n as f64 / 1000.0)
+    );
 }
 
 fn main() {

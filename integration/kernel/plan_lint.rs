@@ -167,7 +167,13 @@ fn lint_warnings_invalid_drop_and_open_resolver() {
     assert!(has(&r, "warning", "invalid-drop"), "{:?}", codes(&r));
     assert!(!has(&r, "error", "open-resolver"), "{:?}", codes(&r));
     let ins = r.json["insertions"].as_array().cloned().unwrap_or_default();
-    assert!(ins.iter().any(|i| i["rule"]["nft"].as_str().unwrap_or("").contains("ip saddr 10.0.0.0/8 udp dport 53 ct state untracked accept")), "{ins:?}");
+    assert!(
+        ins.iter().any(|i| i["rule"]["nft"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ip saddr 10.0.0.0/8 udp dport 53 ct state untracked accept")),
+        "{ins:?}"
+    );
     assert_eq!(r.json["check"]["ok"], true, "{}", r.json);
     // A restriction the accept cannot repeat (an opaque match) is refused as widening.
     ns.nft("flush ruleset\ntable inet host {\n  chain input {\n    type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    meta pkttype host udp dport 53 ct state new accept\n  }\n}\n");

@@ -17,9 +17,7 @@ use ctguard::fault::{inject, FOREIGN_TABLE};
 use ctguard::model::names::Tag;
 
 use crate::harness::Ns;
-use crate::policy_txn::{
-    app, assert_same, back, chain, facts, list, policy, prep, request, HOST_FW, LEGACY_FW, UDP53,
-};
+use crate::policy_txn::{app, assert_same, back, chain, facts, list, policy, prep, request, HOST_FW, LEGACY_FW, UDP53};
 
 /// Removes the injected foreign table (so the listing can be compared with the one before)
 /// and fails the test when it is not there: the injection must have happened.

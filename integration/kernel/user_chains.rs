@@ -273,7 +273,9 @@ fn a_named_allowlist_is_carried_by_reference() {
     ok(&out);
     let listing = s.pair.srv.nft_list();
     assert!(
-        listing.lines().any(|l| l.contains(&id) && l.contains("ip saddr @trusted") && l.contains("ct state untracked accept")),
+        listing
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("ip saddr @trusted") && l.contains("ct state untracked accept")),
         "{listing}"
     );
     s.pair.srv.conntrack_flush();

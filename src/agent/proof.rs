@@ -49,7 +49,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
-
 /// Longest ancestry walked (a loop guard; real chains are a few dozen at most).
 const MAX_DEPTH: usize = 4096;
 

@@ -53,16 +53,16 @@ use crate::exit::Exit;
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
 use crate::live::fw::{IptVariant, Owner};
 use crate::live::iptables_save::{self, SaveDump};
+use crate::live::nft_text;
 use crate::live::{nft_json, LiveState};
 use crate::model::auto::MachineFacts;
 use crate::model::names::{SysctlKey, Tag, TAG_PREFIX};
 use crate::model::{Backend, Policy};
+use crate::render::conntrack_flush::flush_commands;
+use crate::render::ipt_edit as ipt;
 use crate::render::iptables::{notrack_rules, IpFamily};
 use crate::render::nft_batch::{BatchBuffer, BatchBuilder, BatchError, RulePosition};
 use crate::render::nft_ir::{table_for, TableIr, TABLE_NAME};
-use crate::live::nft_text;
-use crate::render::ipt_edit as ipt;
-use crate::render::conntrack_flush::flush_commands;
 use crate::render::nft_script::replace_script;
 use crate::render::planner::{plan as plan_insertions, InsertionPlan, Position, RuleSpec};
 use crate::render::sysctl::{plan_sysctls, SysctlChange};
@@ -1994,10 +1994,9 @@ fn cleanup_nft_raw(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     for r in todo {
         let fam = if r.v6 { "ip6" } else { "ip" };
         // Only the raw table of this family (cheap at any ruleset size); none is fine.
-        let out = nft.output(&["-j", "list", "table", fam, "raw"], None).map_err(|source| PolicyTxnError::Exec {
-            what: format!("nft -j list table {fam} raw"),
-            source,
-        })?;
+        let out = nft
+            .output(&["-j", "list", "table", fam, "raw"], None)
+            .map_err(|source| PolicyTxnError::Exec { what: format!("nft -j list table {fam} raw"), source })?;
         if !out.status.success() {
             continue;
         }
@@ -2116,11 +2115,7 @@ pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, Polic
 
 /// [`scope_listing`] as it reads at the snapshot `p` was prepared from, without reading again
 /// (the table, the chains' rules and the saves are the snapshot's; the sysctls are read).
-fn scope_listing_at_snapshot(
-    u: &PolicyUndo,
-    keys: &[SysctlKey],
-    snap: &Snapshot,
-) -> Result<String, PolicyTxnError> {
+fn scope_listing_at_snapshot(u: &PolicyUndo, keys: &[SysctlKey], snap: &Snapshot) -> Result<String, PolicyTxnError> {
     let chains = scope_chains(u)
         .into_iter()
         .map(|(f, t, c)| ((f.to_string(), t.to_string(), c.to_string()), chain_rules_of(&snap.listed, f, t, c)))
@@ -2232,10 +2227,7 @@ fn chain_rules_of(listed: &[nft_text::ListedRule], f: &str, t: &str, c: &str) ->
 /// Each installed save tool's output as read into `live` (incompatible tables already left
 /// out), in [`SAVE_TOOLS`] order.
 fn snapshot_saves(live: &LiveState) -> Vec<(&'static str, String)> {
-    SAVE_TOOLS
-        .iter()
-        .filter_map(|&(name, v, v6)| dump_of(live, v, v6).map(|d| (name, d.text.clone())))
-        .collect()
+    SAVE_TOOLS.iter().filter_map(|&(name, v, v6)| dump_of(live, v, v6).map(|d| (name, d.text.clone()))).collect()
 }
 
 /// The sysctls `keys` as a scope listing shows them.

@@ -154,9 +154,11 @@ fn previous_committed(global: &Global, target_id: (u64, u64)) -> Result<Option<P
     let bad = |m: String| vec![Failure::bad_input(m)];
     let j = crate::journal::Journal::attach(&global.state_dir).map_err(|e| bad(e.to_string()))?;
     let records = j.list().map_err(|e| bad(e.to_string()))?;
-    let Some(r) = records.into_iter().rev().find(|r| {
-        (r.target.dev, r.target.ino) == target_id && r.kind == crate::txn::Kind::Policy
-    }) else {
+    let Some(r) = records
+        .into_iter()
+        .rev()
+        .find(|r| (r.target.dev, r.target.ino) == target_id && r.kind == crate::txn::Kind::Policy)
+    else {
         return Ok(None);
     };
     if r.state != crate::txn::State::Committed {

@@ -248,9 +248,12 @@ fn convert_match(m: &Value, ctx: &Ctx<'_>) -> Vec<Cond> {
     conds
         .into_iter()
         .map(|c| match c {
-            Cond::Saddr { .. } | Cond::Daddr { .. } | Cond::Dport { .. } | Cond::Sport { .. } | Cond::Iif { .. } | Cond::Oif { .. } => {
-                Cond::Named { name: name.to_string(), inner: Box::new(c) }
-            }
+            Cond::Saddr { .. }
+            | Cond::Daddr { .. }
+            | Cond::Dport { .. }
+            | Cond::Sport { .. }
+            | Cond::Iif { .. }
+            | Cond::Oif { .. } => Cond::Named { name: name.to_string(), inner: Box::new(c) },
             other => other,
         })
         .collect()

@@ -121,4 +121,3 @@ fn source_args(p: &Prefix) -> Vec<String> {
         }
     }
 }
-

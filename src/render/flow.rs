@@ -330,16 +330,7 @@ fn outcome_of(walked: Option<ChainWalk>, chain: &FwChain) -> Outcome {
         End::Final(accept, path, place) => (accept, DecidedAt::Rule(path[0].rule.clone()), path, place),
         End::Fallthrough(place) => (policy, DecidedAt::Policy, Vec::new(), place),
     };
-    Outcome {
-        accept,
-        at,
-        path,
-        place,
-        maybe_accepts: w.ma,
-        maybe_drops: w.md,
-        effects: w.fx,
-        truncated: w.truncated,
-    }
+    Outcome { accept, at, path, place, maybe_accepts: w.ma, maybe_drops: w.md, effects: w.fx, truncated: w.truncated }
 }
 
 /// Whether every condition of `rule` holds for the whole flow.

@@ -478,7 +478,10 @@ fn carry(
 ) -> Result<Option<Carried>, (String, String)> {
     if truncated {
         let rule = path.last().map(|h| h.rule.text.clone()).unwrap_or_default();
-        return Err((rule, format!("more than {} paths lead through this table; they were not all followed", super::flow::MAX_PATHS)));
+        return Err((
+            rule,
+            format!("more than {} paths lead through this table; they were not all followed", super::flow::MAX_PATHS),
+        ));
     }
     let mut n = entry.clone();
     let mut extra = Vec::new();
@@ -494,7 +497,9 @@ fn carry(
                 Narrowed::Cannot(what) => {
                     return Err((
                         hop.rule.text.clone(),
-                        format!("the tracked flow is accepted only under `{what}`, which an inserted rule cannot repeat"),
+                        format!(
+                            "the tracked flow is accepted only under `{what}`, which an inserted rule cannot repeat"
+                        ),
                     ))
                 }
             }
@@ -645,7 +650,13 @@ fn lost_rules(out: &mut InsertionPlan, after: &FwTables, ev: &Evaluated) {
             widens,
             why,
         };
-        if !out.lost.iter().any(|o| o.chain == l.chain && o.entry == l.entry && o.rule_chain == l.rule_chain && o.rule == l.rule && o.direction == l.direction) {
+        if !out.lost.iter().any(|o| {
+            o.chain == l.chain
+                && o.entry == l.entry
+                && o.rule_chain == l.rule_chain
+                && o.rule == l.rule
+                && o.direction == l.direction
+        }) {
             out.lost.push(l);
         }
     };
@@ -653,7 +664,11 @@ fn lost_rules(out: &mut InsertionPlan, after: &FwTables, ev: &Evaluated) {
     for path in &ev.tracked.maybe_drops {
         if !reaches(path, &ev.untracked_flow) {
             if rate(path) {
-                push(path, false, "a rate limit that matches only tracked packets: untracked packets are never limited".into());
+                push(
+                    path,
+                    false,
+                    "a rate limit that matches only tracked packets: untracked packets are never limited".into(),
+                );
             } else {
                 push(path, true, "drops part of the flow only while it is tracked (it matches conntrack state): untracked packets skip it".into());
             }
@@ -667,7 +682,11 @@ fn lost_rules(out: &mut InsertionPlan, after: &FwTables, ev: &Evaluated) {
             || (!u.accept && u.path.last().map(|h| &h.rule) == leaf);
         if !still && u.accepts_some() {
             if rate(path) {
-                push(path, false, "a rate limit below the inserted accept: untracked packets are accepted before it".into());
+                push(
+                    path,
+                    false,
+                    "a rate limit below the inserted accept: untracked packets are accepted before it".into(),
+                );
             } else {
                 push(path, true, "drops part of the flow, but the inserted accept comes before it".into());
             }
@@ -888,7 +907,13 @@ fn ipt_cond(c: &Cond) -> Vec<String> {
             a.extend(["-m".into(), "multiport".into()]);
             not(&mut a, *neg);
             a.push(if matches!(c, Cond::Dport { .. }) { "--dports" } else { "--sports" }.into());
-            a.push(ranges.iter().map(|r| if r.lo == r.hi { r.lo.to_string() } else { format!("{}:{}", r.lo, r.hi) }).collect::<Vec<_>>().join(","));
+            a.push(
+                ranges
+                    .iter()
+                    .map(|r| if r.lo == r.hi { r.lo.to_string() } else { format!("{}:{}", r.lo, r.hi) })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
         }
         Cond::Iif { neg, names } | Cond::Oif { neg, names } => {
             for n in names {

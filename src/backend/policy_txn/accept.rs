@@ -207,7 +207,11 @@ fn extra_exprs(
                     (*neg, false)
                 }
                 Cond::Iif { neg, .. } | Cond::Oif { neg, .. } => {
-                    e.push(AcceptExpr::Meta(if matches!(inner.as_ref(), Cond::Iif { .. }) { Meta::IifName } else { Meta::OifName }));
+                    e.push(AcceptExpr::Meta(if matches!(inner.as_ref(), Cond::Iif { .. }) {
+                        Meta::IifName
+                    } else {
+                        Meta::OifName
+                    }));
                     (*neg, false)
                 }
                 _ => return Ok(()),
@@ -259,7 +263,9 @@ fn extra_exprs(
                 names.iter().filter_map(|n| crate::model::names::IfName::parse(n).ok()).collect();
             match parsed.as_slice() {
                 [one] => e.push(AcceptExpr::Cmp(op(*neg), Bytes(ifname_key(one).to_vec()))),
-                many => e.push(anon_lookup(b, spec, SetKind::Ifname, many.iter().cloned().map(Elem::Ifname).collect())?),
+                many => {
+                    e.push(anon_lookup(b, spec, SetKind::Ifname, many.iter().cloned().map(Elem::Ifname).collect())?)
+                }
             }
         }
         _ => {}

@@ -5,10 +5,10 @@
 //! the repair itself is an ordinary `prepare` + `apply` with the committed transaction's tag.
 
 use super::{rollback, PolicyTxnError, PolicyUndo, RollbackReport, Variant};
-use crate::render::ipt_edit as ipt;
 use crate::backend::iptables as ipt_backend;
 use crate::backend::netlink::{dump_chain_rules, list_tables};
 use crate::model::Backend;
+use crate::render::ipt_edit as ipt;
 use crate::render::iptables::{IpFamily, CHAIN_OUT, CHAIN_PRE, RAW_TABLE};
 use crate::render::nft_ir::TABLE_NAME;
 
