@@ -20,9 +20,14 @@
 //!    entries (one socket in the namespace sending to 127.0.a.b:port, every tuple distinct) up
 //!    to each size; at each, `ctguard doctor --netns NS --window 0 --json` — its peak RSS
 //!    (`ru_maxrss` from `wait4`) and wall time — beside `conntrack -L | sort | uniq -c` run in
-//!    the namespace (the goal of 0.57× is set at 250k entries). One more row: the doctor at 0 entries with a 10k-rule host ruleset (the
-//!    doctor reads the whole live ruleset for its NOTRACK analysis: that read, not the
-//!    conntrack table, is what grows).
+//!    the namespace (the goal of 0.57× is set at 250k entries).
+//! 3. **Doctor and the host ruleset.** At 0 entries, per host ruleset size
+//!    (`CTGUARD_MEM_DOCTOR_RULES`, default 10k and 100k) and backend (nft: [`host_ruleset`];
+//!    iptables-nft: [`host_iptables`], loaded with `iptables-nft-restore`), each in a fresh
+//!    namespace: the doctor's peak RSS (it reads the whole live ruleset for its NOTRACK
+//!    analysis, over netlink), the same doctor with `CTGUARD_NFT_READ=json` (its reader before
+//!    issue 16: `nft -j list ruleset`, children included in its peak) and
+//!    `nft -j list ruleset` alone (`ip netns exec`), all three in the same run. Goal ≤ 20 MiB.
 //!
 //! Measuring a child's peak RSS: `ru_maxrss` of a process includes the peak of the memory it
 //! had before `exec` — for a child that a big process spawns (fork or vfork), that big
@@ -38,7 +43,7 @@
 //! Only `cargo bench` measures: it passes `--bench`. `cargo test --all-targets` also runs this
 //! binary without `--bench`; then (unless `CTGUARD_BENCH=1`) `main` prints "not run". Knobs:
 //! `CTGUARD_MEM_SIZES=1000,10000,50000,100000` (host rules), `CTGUARD_MEM_ENTRIES=0,10000,100000,250000`
-//! (conntrack entries), `CTGUARD_MEM_ONLY=agent,doctor`, `CTGUARD_BENCH_QUICK=1` (1k and 10k
+//! (conntrack entries), `CTGUARD_MEM_DOCTOR_RULES=10000,100000` (the doctor's host rules), `CTGUARD_MEM_ONLY=agent,doctor`, `CTGUARD_BENCH_QUICK=1` (1k and 10k
 //! rules, 0 and 10k entries).
 
 #[path = "common.rs"]
@@ -62,6 +67,7 @@ use serde_json::Value;
 struct Config {
     sizes: Vec<usize>,
     entries: Vec<usize>,
+    doctor_rules: Vec<usize>,
     agent: bool,
     doctor: bool,
     raise_ct_max: bool,
@@ -95,6 +101,8 @@ impl Config {
         } else {
             vec![0, 10_000, 100_000, 250_000]
         });
+        let doctor_rules =
+            list_env("CTGUARD_MEM_DOCTOR_RULES")?.unwrap_or(if quick { vec![10_000] } else { vec![10_000, 100_000] });
         let only = std::env::var("CTGUARD_MEM_ONLY").unwrap_or_default();
         let wants = |s: &str| only.is_empty() || only.split(',').any(|x| x.trim() == s);
         for x in only.split(',').map(str::trim).filter(|x| !x.is_empty()) {
@@ -105,6 +113,7 @@ impl Config {
         Ok(Config {
             sizes,
             entries,
+            doctor_rules,
             agent: wants("agent"),
             doctor: wants("doctor"),
             raise_ct_max: on("CTGUARD_MEM_RAISE_CT_MAX"),
@@ -189,8 +198,14 @@ struct Measured {
 
 /// Runs `prog args` through the rusage helper.
 fn measured(prog: &Path, args: &[&str]) -> Result<Measured, String> {
+    measured_env(prog, args, &[])
+}
+
+/// [`measured`] with `env` set for the measured command.
+fn measured_env(prog: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Measured, String> {
     let me = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     let out = Command::new(me)
+        .envs(env.iter().copied())
         .arg("--rusage-child")
         .arg(prog)
         .args(args)
@@ -402,6 +417,28 @@ fn host_ruleset(n: usize) -> String {
     }
     s.push_str("\t\tudp dport 53 ct state new accept\n\t\ttcp dport 53 ct state new accept\n");
     s.push_str("\t\tcounter packets 0 bytes 0 drop\n\t}\n}\n");
+    s
+}
+
+/// The same host firewall as [`host_ruleset`] for `iptables-nft-restore`: `filter INPUT`, policy
+/// drop, `n` rules (addresses instead of named sets).
+fn host_iptables(n: usize) -> String {
+    let mut s = String::from(
+        "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n",
+    );
+    for i in 0..n.saturating_sub(5) {
+        let port = 1024 + i % 60_000;
+        let _ = match i % 3 {
+            0 => {
+                writeln!(s, "-A INPUT -s 10.0.0.0/8 -p tcp -m tcp --dport {port} -m conntrack --ctstate NEW -j ACCEPT")
+            }
+            1 => writeln!(s, "-A INPUT -s 192.168.0.0/16 -p tcp -m tcp --dport {port} -j ACCEPT"),
+            _ => writeln!(s, "-A INPUT -s 203.0.113.1/32 -p tcp -m tcp --dport {port} -j DROP"),
+        };
+    }
+    s.push_str("-A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\n");
+    s.push_str("-A INPUT -p tcp -m tcp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\n-A INPUT -j DROP\nCOMMIT\n");
     s
 }
 
@@ -643,10 +680,23 @@ struct DoctorRow {
     reference: Option<Duration>,
 }
 
+/// The doctor on a host ruleset of `rules` rules, beside the JSON reader and `nft -j` alone.
+struct RulesRow {
+    backend: &'static str,
+    rules: usize,
+    maxrss_kib: u64,
+    wall: Duration,
+    json_kib: u64,
+    json_wall: Duration,
+    nft_j_kib: u64,
+    nft_j_wall: Duration,
+}
+
 struct DoctorResult {
     floor_kib: u64,
     naive: Option<(u64, u64)>,
     rows: Vec<DoctorRow>,
+    rules_rows: Vec<RulesRow>,
     notes: Vec<String>,
     errors: Vec<String>,
 }
@@ -708,7 +758,14 @@ fn scanned_of(stdout: &str) -> (u64, String) {
 }
 
 fn bench_doctor(cfg: &Config, exe: &Path, dir: &Path) -> DoctorResult {
-    let mut out = DoctorResult { floor_kib: 0, naive: None, rows: Vec::new(), notes: Vec::new(), errors: Vec::new() };
+    let mut out = DoctorResult {
+        floor_kib: 0,
+        naive: None,
+        rows: Vec::new(),
+        rules_rows: Vec::new(),
+        notes: Vec::new(),
+        errors: Vec::new(),
+    };
     let cli = Cli { exe: exe.to_path_buf(), state: dir.join("state-doctor"), run: dir.join("run-doctor") };
     let res = (|| -> Result<(), String> {
         private_dir(&cli.state)?;
@@ -782,22 +839,61 @@ fn bench_doctor(cfg: &Config, exe: &Path, dir: &Path) -> DoctorResult {
             });
         }
         drop(ns);
-        // The other dimension: the live ruleset the NOTRACK analysis reads.
-        let rules = 10_000;
-        let ns = BenchNs::new("ctg-mem")?;
-        let host = host_ruleset(rules);
-        ns.run(|| exec("nft", &["-f", "-"], Some(host.as_bytes())))??;
-        let m = doctor_run(&cli, &ns)?;
-        let (scanned, source) = scanned_of(&m.stdout);
-        out.rows.push(DoctorRow {
-            label: format!("0 entries, {}-rule host ruleset", size_label(rules)),
-            entries: ns.run(ct_count)??,
-            maxrss_kib: m.maxrss_kib,
-            wall: m.wall,
-            scanned,
-            source,
-            reference: None,
-        });
+        // The other dimension: the live ruleset the NOTRACK analysis reads, nft and
+        // iptables-nft, beside `nft -j list ruleset` alone and the doctor with nft's JSON (the
+        // reader before issue 16's netlink one), measured in the same namespace.
+        for &rules in &cfg.doctor_rules {
+            for backend in ["nft", "iptables-nft"] {
+                let ns = BenchNs::new("ctg-mem")?;
+                let t = Instant::now();
+                match backend {
+                    "nft" => {
+                        let host = host_ruleset(rules);
+                        ns.run(|| exec("nft", &["-f", "-"], Some(host.as_bytes())))??;
+                    }
+                    _ => {
+                        let host = host_iptables(rules);
+                        ns.run(|| exec("iptables-nft-restore", &[], Some(host.as_bytes())))??;
+                    }
+                }
+                eprintln!(
+                    "memory: {}-rule {backend} host ruleset loaded in {:.1} s; doctor…",
+                    size_label(rules),
+                    t.elapsed().as_secs_f64()
+                );
+                let m = doctor_run(&cli, &ns)?;
+                let (scanned, source) = scanned_of(&m.stdout);
+                let args = doctor_args(&cli, &ns);
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                let json = measured_env(&cli.exe, &a, &[("CTGUARD_NFT_READ", "json")])?;
+                if json.code != 0 {
+                    return Err(format!("doctor (CTGUARD_NFT_READ=json) exited {}: {}", json.code, json.stderr.trim()));
+                }
+                let nft_j = measured(Path::new("ip"), &["netns", "exec", &ns.name, "nft", "-j", "list", "ruleset"])?;
+                if nft_j.code != 0 {
+                    return Err(format!("nft -j list ruleset exited {}: {}", nft_j.code, nft_j.stderr.trim()));
+                }
+                out.rules_rows.push(RulesRow {
+                    backend,
+                    rules,
+                    maxrss_kib: m.maxrss_kib,
+                    wall: m.wall,
+                    json_kib: json.maxrss_kib,
+                    json_wall: json.wall,
+                    nft_j_kib: nft_j.maxrss_kib,
+                    nft_j_wall: nft_j.wall,
+                });
+                out.rows.push(DoctorRow {
+                    label: format!("0 entries, {}-rule {backend} host ruleset", size_label(rules)),
+                    entries: ns.run(ct_count)??,
+                    maxrss_kib: m.maxrss_kib,
+                    wall: m.wall,
+                    scanned,
+                    source,
+                    reference: None,
+                });
+            }
+        }
         Ok(())
     })();
     if let Err(e) = res {
@@ -845,6 +941,33 @@ fn doctor_table(r: &DoctorResult) -> String {
             x.scanned,
             x.source
         );
+    }
+    if !r.rules_rows.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### `ctguard doctor --window 0 --json` on a host ruleset (0 conntrack entries; peak RSS from wait4, \
+             children included)\n\n\
+             | host ruleset | rules | doctor peak RSS | ≤ 20 MiB | doctor s | doctor with `CTGUARD_NFT_READ=json` \
+             (before) | s | `nft -j list ruleset` alone | s | doctor ÷ `nft -j` alone (RSS) | before → after |\n\
+             | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for x in &r.rules_rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.2}× | {:.2}× |",
+                x.backend,
+                size_label(x.rules),
+                mib(x.maxrss_kib),
+                if x.maxrss_kib <= 20 * 1024 { "yes" } else { "**no**" },
+                x.wall.as_secs_f64(),
+                mib(x.json_kib),
+                x.json_wall.as_secs_f64(),
+                mib(x.nft_j_kib),
+                x.nft_j_wall.as_secs_f64(),
+                x.maxrss_kib as f64 / x.nft_j_kib.max(1) as f64,
+                x.maxrss_kib as f64 / x.json_kib.max(1) as f64,
+            );
+        }
     }
     if let Some((naive, bench_hwm)) = r.naive {
         let _ = writeln!(

@@ -65,7 +65,18 @@ impl Run {
 
 /// Runs the real binary: `ctguard doctor [--netns NS] ARGS…`.
 fn ctguard(args: &[&str]) -> Run {
-    let out = match Command::new(env!("CARGO_BIN_EXE_ctguard")).args(args).env_remove("SSH_CONNECTION").output() {
+    ctguard_env(args, None)
+}
+
+/// [`ctguard`] with `CTGUARD_NFT_READ` set to `nft_read` (or removed).
+fn ctguard_env(args: &[&str], nft_read: Option<&str>) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+    cmd.args(args).env_remove("SSH_CONNECTION");
+    match nft_read {
+        Some(v) => cmd.env(ctguard::backend::live::NFT_READ_ENV, v),
+        None => cmd.env_remove(ctguard::backend::live::NFT_READ_ENV),
+    };
+    let out = match cmd.output() {
         Ok(o) => o,
         Err(e) => panic!("cannot run ctguard: {e}"),
     };
@@ -757,4 +768,61 @@ fn doctor_advises_a_shorter_tcp_timeout_for_idle_established_entries() {
     assert!(emitted.stdout.contains(&format!("\"{KEY}\" = 3600")), "{}", emitted.stdout);
     drop(clients);
     drop(served);
+}
+
+/// The doctor reads the firewall over netlink; `CTGUARD_NFT_READ=json` (nft's JSON) is the
+/// fallback: both give the same NOTRACK rules and findings, for nft rules (a hand-made raw
+/// table, ctguard's own table and insertions) and iptables-nft rules side by side.
+#[test]
+fn doctor_reads_the_same_firewall_over_netlink_and_with_nft_json() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("docread");
+    let srv = &pair.srv;
+    srv.nft(SRV_FIREWALL);
+    srv.nft(HANDMADE_RAW);
+    let policy = match parse_policy(
+        "[[notrack]]\nprotocols = [\"tcp\"]\nports = [8080]\naccept_untracked = true\n",
+        Format::Toml,
+    ) {
+        Ok(p) => p,
+        Err(e) => panic!("{e:?}"),
+    };
+    let tag = Tag::preview();
+    srv.nft(&nft_script::replace_script(&nft_ir::table_for(&policy, &tag)));
+    let live = match srv.run(ctguard::backend::live::read) {
+        Ok(l) => l,
+        Err(e) => panic!("{e}"),
+    };
+    srv.nft(&planner::plan(&policy, &live, &tag).nft_script());
+    for cmd in ["-t raw -A PREROUTING -p udp --sport 123 -j CT --notrack", "-A INPUT -p tcp --dport 22 -j ACCEPT"] {
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        srv.exec("iptables-nft", &args);
+    }
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let netlink = ctguard_env(&args, None);
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
+    let (n, j) = (netlink.json(), json.json());
+    let view = |v: &Value| {
+        let rules: Vec<String> = v["notrack_rules"]
+            .as_array()
+            .map(|a| {
+                a.iter().map(|r| format!("{} | {} | {}", r["notrack"]["chain"], r["flow"], r["ctguard"])).collect()
+            })
+            .unwrap_or_default();
+        let recs: Vec<String> = recs(v)
+            .iter()
+            .filter(|r| ["blackhole", "untracked_open", "ctguard_degraded"].contains(&r["kind"].as_str().unwrap_or("")))
+            .map(|r| format!("{} {} {} {}", r["kind"], r["notrack"]["chain"], r["dropped_by"]["chain"], r["fix"]))
+            .collect();
+        (rules, recs, v["unreadable"].clone())
+    };
+    let (nv, jv) = (view(&n), view(&j));
+    eprintln!("doctor: NOTRACK rules read over netlink: {:#?}\nfindings: {:#?}", nv.0, nv.1);
+    assert_eq!(nv, jv, "netlink and nft -j readers disagree");
+    // Both nft NOTRACK rules of the hand-made table, ctguard's, and iptables-nft's.
+    assert!(nv.0.iter().filter(|r| r.contains("raw_handmade")).count() == 2, "{:#?}", nv.0);
+    assert!(nv.0.iter().any(|r| r.contains("ctguard") && r.ends_with("true")), "{:#?}", nv.0);
+    assert!(nv.0.iter().any(|r| r.contains("iptables-nft raw PREROUTING")), "{:#?}", nv.0);
+    assert!(nv.1.iter().any(|r| r.starts_with("\"blackhole\"")), "{:#?}", nv.1);
 }

@@ -83,7 +83,17 @@ pub fn read() -> Result<LiveState, LiveError> {
     // the tables iptables-nft owns: those are planned from its save (LiveState::chains).
     let tables = super::nft_read::tables()?;
     let iptables = read_saves(Some(&tables))?;
-    let skip: Vec<(String, String)> = iptables
+    let skip = ipt_nft_tables(&iptables);
+    let _lap = crate::timing::Lap::start("read: nft");
+    let (nft, _) = super::nft_read::read_skipping(&skip)?;
+    Ok(LiveState { nft, iptables })
+}
+
+/// The nf_tables tables (family, name) iptables-nft owns, from its dumps in `iptables`: the
+/// ones [`read`] reads from the saves and leaves out of the netlink read
+/// ([`super::nft_read::read_skipping`]). Sorted, each once.
+pub fn ipt_nft_tables(iptables: &[IptDump]) -> Vec<(String, String)> {
+    iptables
         .iter()
         .filter(|d| d.variant == IptVariant::Nft)
         .flat_map(|d| {
@@ -95,15 +105,13 @@ pub fn read() -> Result<LiveState, LiveError> {
         })
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
-        .collect();
-    let _lap = crate::timing::Lap::start("read: nft");
-    let (nft, _) = super::nft_read::read_skipping(&skip)?;
-    Ok(LiveState { nft, iptables })
+        .collect()
 }
 
 /// Every installed save tool's dump, in [`SAVE_TOOLS`] order; `tables` (the nf_tables tables,
 /// when known) spares the run of a tool that would print nothing ([`save_would_be_empty`]).
-fn read_saves(tables: Option<&[(String, String)]>) -> Result<Vec<IptDump>, LiveError> {
+/// A table iptables-nft calls incompatible is left to nft; any other refusal is an error.
+pub fn read_saves(tables: Option<&[(String, String)]>) -> Result<Vec<IptDump>, LiveError> {
     let _lap = crate::timing::Lap::start("read: iptables saves");
     let mut out = Vec::new();
     for &(name, variant, v6) in SAVE_TOOLS {

@@ -1666,6 +1666,23 @@ pub fn read_with_genid() -> Result<(NftRuleset, u32), NftReadError> {
 /// iptables-nft owns, which ctguard reads from `iptables-nft-save` instead (their compat
 /// expressions are opaque here): a 100k-rule iptables-nft table is not read twice.
 pub fn read_skipping(skip: &[(String, String)]) -> Result<(NftRuleset, u32), NftReadError> {
+    read_consistent(skip, |_| ()).map(|(set, genid, ())| (set, genid))
+}
+
+/// [`read_skipping`], and with it the keys of the rules that carry a `notrack` statement
+/// ([`notrack_rules`]) from the same snapshot: what `ctguard doctor` needs besides the model,
+/// which has no place for that statement (nft_json's conversion ignores it too). The rules of
+/// the tables in `skip` are not read, so none of theirs is in the set.
+pub fn read_skipping_notrack(skip: &[(String, String)]) -> Result<(NftRuleset, u32, NotrackRules), NftReadError> {
+    read_consistent(skip, |raw| notrack_rules(&raw.chains, &raw.rules))
+}
+
+/// One consistent snapshot (see [`read_with_genid`]), built, and `with` applied to its raw
+/// objects.
+fn read_consistent<T>(
+    skip: &[(String, String)],
+    with: impl Fn(&Raw) -> T,
+) -> Result<(NftRuleset, u32, T), NftReadError> {
     for _ in 0..MAX_ATTEMPTS {
         let before = netlink::get_genid()?;
         let lap = crate::timing::Lap::start("read: nft dumps");
@@ -1677,9 +1694,31 @@ pub fn read_skipping(skip: &[(String, String)]) -> Result<(NftRuleset, u32), Nft
         }
         let _lap = crate::timing::Lap::start("read: nft model");
         let set = build(&raw.tables, &raw.chains, &raw.sets, &raw.rules, &ifname_of);
-        return Ok((set, before));
+        let extra = with(&raw);
+        return Ok((set, before, extra));
     }
     Err(NftReadError::Unstable(MAX_ATTEMPTS))
+}
+
+/// (family, table, chain, handle): how nft names one rule.
+pub type RuleKey = (String, String, String, u64);
+
+/// The keys of the rules with a `notrack` statement.
+pub type NotrackRules = std::collections::HashSet<RuleKey>;
+
+/// The rules of `rules` that carry a `notrack` statement (the kernel's `notrack` expression),
+/// by (family, table, chain, handle) — the set `nft -j list ruleset` gives by the rules with a
+/// `"notrack"` statement. Rules of binding chains (`jump { … }`) are left out: nft's JSON lists
+/// none of them, and [`build`] makes no chain of them. Pure.
+pub fn notrack_rules(chains: &[RawChain], rules: &[RawRule]) -> NotrackRules {
+    let bindings: std::collections::HashSet<(&str, &str, &str)> =
+        chains.iter().filter(|c| c.binding).map(|c| (c.family.as_str(), c.table.as_str(), c.name.as_str())).collect();
+    rules
+        .iter()
+        .filter(|r| r.exprs.iter().any(|e| matches!(e, Expr::Stmt { name, .. } if name == "notrack")))
+        .filter(|r| !bindings.contains(&(r.family.as_str(), r.table.as_str(), r.chain.as_str())))
+        .map(|r| (r.family.clone(), r.table.clone(), r.chain.clone(), r.handle))
+        .collect()
 }
 
 /// Every (family, name) table of the calling thread's namespace (one GETTABLE dump). Read-only.
@@ -1909,6 +1948,33 @@ mod tests {
 
     /// A NEWRULE message as the kernel sends it decodes into its expressions, handle and
     /// comment; a malformed one is refused.
+    #[test]
+    fn notrack_rules_are_keyed_and_binding_chains_left_out() {
+        let chain = |name: &str, binding: bool| RawChain {
+            family: "inet".into(),
+            table: "raw".into(),
+            name: name.into(),
+            hooknum: None,
+            priority: 0,
+            policy: None,
+            kind: None,
+            binding,
+        };
+        let mut with = rule("inet", vec![payload(2, 2, 2), cmp(0, &[0, 53]), st("notrack", None)]);
+        with.table = "raw".into();
+        with.chain = "pre".into();
+        with.handle = 7;
+        let mut counter = with.clone();
+        counter.exprs = vec![st("counter", None)];
+        counter.handle = 8;
+        let mut bound = with.clone();
+        bound.chain = "__chain0".into();
+        bound.handle = 9;
+        let got = notrack_rules(&[chain("pre", false), chain("__chain0", true)], &[with, counter, bound]);
+        let want: NotrackRules = [("inet".to_string(), "raw".to_string(), "pre".to_string(), 7)].into_iter().collect();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn decodes_a_newrule_from_bytes() {
         let be = |v: u32| v.to_be_bytes().to_vec();

@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::flows::Side;
+use crate::backend::nft_read::NotrackRules;
 use crate::live::fw::{ChainKind, Cond, FwChain, FwHook, FwRule, FwTables, IptVariant, Owner, Verdict};
 use crate::live::iptables_save::{self, RuleView};
 use crate::live::{iptables_fw, nft_json, IptDump, LiveState};
@@ -37,50 +38,70 @@ use crate::render::planner::Decision;
 const MAX_DEPTH: usize = 8;
 
 /// The live ruleset as the doctor reads it: the merged chains (`LiveState::chains`) and which
-/// nft rules are `notrack` statements (nft's JSON parser leaves that statement out).
+/// nft rules are `notrack` statements (the neutral model has no place for that statement).
 #[derive(Debug, Clone, Default)]
 pub struct Firewall {
     /// Every chain, each once.
     pub tables: FwTables,
     /// (family, table, chain, handle) of every nft rule with a `notrack` statement.
-    pub nft_notrack: HashSet<(String, String, String, u64)>,
+    pub nft_notrack: NotrackRules,
     /// True when `table inet ctguard` exists.
     pub ctguard_table: bool,
 }
 
 impl Firewall {
-    /// From `nft -j list ruleset` (if nft exists) and the iptables dumps (variant, IPv6, text).
-    pub fn parse(nft: Option<&str>, dumps: &[(IptVariant, bool, String)]) -> Result<Firewall, String> {
-        let mut live = LiveState::default();
-        let mut nft_notrack = HashSet::new();
-        if let Some(text) = nft {
-            live.nft = nft_json::parse(text).map_err(|e| e.to_string())?;
-            if !text.trim().is_empty() {
-                let doc: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-                for item in doc.get("nftables").and_then(Value::as_array).into_iter().flatten() {
-                    let Some(r) = item.get("rule") else { continue };
-                    let has = r
-                        .get("expr")
-                        .and_then(Value::as_array)
-                        .is_some_and(|e| e.iter().any(|x| x.get("notrack").is_some()));
-                    if let (true, Some(h)) = (has, r.get("handle").and_then(Value::as_u64)) {
-                        let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
-                        nft_notrack.insert((s("family"), s("table"), s("chain"), h));
-                    }
+    /// From the live state as read (over netlink: `crate::backend::nft_read`) and the keys of
+    /// its nft rules with a `notrack` statement (`nft_read::read_skipping_notrack`). Takes the
+    /// state by value: its chains are moved, not copied (the doctor's peak memory is the
+    /// ruleset's size once). The chains of the tables iptables-nft owns come from its dumps,
+    /// as in `LiveState::chains`.
+    pub fn from_live(live: LiveState, nft_notrack: NotrackRules) -> Firewall {
+        let ctguard_table = live.nft.has_table("inet", crate::render::nft_ir::TABLE_NAME);
+        let owned: HashSet<(String, String)> =
+            crate::backend::live::ipt_nft_tables(&live.iptables).into_iter().collect();
+        let mut tables = FwTables::default();
+        for c in live.nft.fw.chains {
+            if let Owner::Nft { family, table } = &c.owner {
+                if owned.contains(&(family.clone(), table.clone())) {
+                    continue;
                 }
             }
+            tables.chains.push(c);
         }
+        for d in live.iptables {
+            tables.chains.extend(d.fw.chains);
+        }
+        Firewall { tables, nft_notrack, ctguard_table }
+    }
+
+    /// From `nft -j list ruleset` (if nft exists; the `CTGUARD_NFT_READ=json` fallback) and the
+    /// iptables dumps as read.
+    pub fn from_json(nft: Option<&str>, iptables: Vec<IptDump>) -> Result<Firewall, String> {
+        let mut nft_model = crate::live::nft_json::NftRuleset::default();
+        let mut nft_notrack = NotrackRules::new();
+        if let Some(text) = nft {
+            nft_model = nft_json::parse(text).map_err(|e| e.to_string())?;
+            if !text.trim().is_empty() {
+                let doc: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+                nft_notrack = json_notrack_rules(&doc);
+            }
+        }
+        Ok(Firewall::from_live(LiveState { nft: nft_model, iptables }, nft_notrack))
+    }
+
+    /// From `nft -j list ruleset` (if nft exists) and the iptables dumps (variant, IPv6, text).
+    pub fn parse(nft: Option<&str>, dumps: &[(IptVariant, bool, String)]) -> Result<Firewall, String> {
+        let mut iptables = Vec::new();
         for (variant, v6, text) in dumps {
             let dump = iptables_save::parse(text).map_err(|e| format!("{}: {e}", variant.tool(*v6, "-save")))?;
-            live.iptables.push(IptDump {
+            iptables.push(IptDump {
                 variant: *variant,
                 v6: *v6,
                 fw: iptables_fw::convert(&dump, *variant, *v6),
                 text: String::new(),
             });
         }
-        let ctguard_table = live.nft.has_table("inet", crate::render::nft_ir::TABLE_NAME);
-        Ok(Firewall { tables: live.chains(), nft_notrack, ctguard_table })
+        Firewall::from_json(nft, iptables)
     }
 
     fn is_notrack(&self, chain: &FwChain, rule: &FwRule) -> bool {
@@ -106,6 +127,22 @@ impl Firewall {
     pub fn ctguard_present(&self) -> bool {
         self.ctguard_table || self.tables.chains.iter().any(|c| c.name.starts_with("CTGUARD-"))
     }
+}
+
+/// The rules of nft's JSON listing (`nft -j list ruleset`, parsed) that carry a `notrack`
+/// statement, by (family, table, chain, handle): the oracle of
+/// `nft_read::notrack_rules`. Pure.
+pub fn json_notrack_rules(doc: &Value) -> NotrackRules {
+    let mut out = NotrackRules::new();
+    for item in doc.get("nftables").and_then(Value::as_array).into_iter().flatten() {
+        let Some(r) = item.get("rule") else { continue };
+        let has = r.get("expr").and_then(Value::as_array).is_some_and(|e| e.iter().any(|x| x.get("notrack").is_some()));
+        if let (true, Some(h)) = (has, r.get("handle").and_then(Value::as_u64)) {
+            let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+            out.insert((s("family"), s("table"), s("chain"), h));
+        }
+    }
+    out
 }
 
 /// A rule, for findings.

@@ -81,7 +81,7 @@ pub struct Sources {
     pub time_limit: Duration,
     /// How long the counters are watched (two samples this far apart); zero: one sample.
     pub window: Duration,
-    /// Read the live ruleset (`nft -j list ruleset`, the iptables dumps) for NOTRACK rules.
+    /// Read the live ruleset (nf_tables over netlink, the iptables dumps) for NOTRACK rules.
     pub firewall: bool,
 }
 
@@ -205,19 +205,34 @@ fn read_stat(src: &Sources) -> (PathBuf, Result<DropCounters, SourceError>) {
     (stat, r)
 }
 
-/// Reads the live ruleset of the calling thread's namespace: `nft -j list ruleset` (when nft
-/// is installed) and every iptables dump whose tool is installed.
+/// Reads the live ruleset of the calling thread's namespace once, as `crate::backend::live::read`
+/// does: the iptables dumps whose tool is installed (only of families that have tables), then
+/// the nft ruleset over netlink without the rules of the tables iptables-nft owns, with the
+/// keys of its rules that carry a `notrack` statement from the same snapshot
+/// (`nft_read::read_skipping_notrack`). With `CTGUARD_NFT_READ=json`, or without `nft`
+/// installed, the previous reader: `nft -j list ruleset` (when nft is installed) parsed.
+/// The dumps' texts are not kept.
 pub fn read_firewall() -> Result<Firewall, String> {
-    let nft = match Tool::find("nft") {
-        Ok(t) => Some(t.run(&["-j", "list", "ruleset"], None).map_err(|e| e.to_string())?),
-        Err(_) => None,
+    use crate::backend::{live, nft_read};
+    let _lap = crate::timing::Lap::start("doctor: firewall");
+    let without_text = |mut dumps: Vec<crate::live::IptDump>| {
+        dumps.iter_mut().for_each(|d| d.text = String::new());
+        dumps
     };
-    let mut dumps = Vec::new();
-    for &(name, variant, v6) in crate::backend::live::SAVE_TOOLS {
-        let Ok(tool) = Tool::find(name) else { continue };
-        dumps.push((variant, v6, tool.run(&[], None).map_err(|e| e.to_string())?));
+    let nft = Tool::find("nft").ok();
+    if nft.is_none() || live::nft_read_json() {
+        let json = match nft {
+            Some(t) => Some(t.run(&["-j", "list", "ruleset"], None).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let dumps = without_text(live::read_saves(None).map_err(|e| e.to_string())?);
+        return Firewall::from_json(json.as_deref(), dumps);
     }
-    Firewall::parse(nft.as_deref(), &dumps)
+    let tables = nft_read::tables().map_err(|e| e.to_string())?;
+    let dumps = without_text(live::read_saves(Some(&tables)).map_err(|e| e.to_string())?);
+    let skip = live::ipt_nft_tables(&dumps);
+    let (ruleset, _, notrack) = nft_read::read_skipping_notrack(&skip).map_err(|e| e.to_string())?;
+    Ok(Firewall::from_live(crate::live::LiveState { nft: ruleset, iptables: dumps }, notrack))
 }
 
 fn mono_usec() -> Option<u64> {
@@ -250,7 +265,11 @@ pub fn collect(src: &Sources, capacity: usize) -> Observations {
             Ok(f) => o.firewall = Some(f),
             Err(e) => o.unreadable.push(Unreadable {
                 what: "firewall ruleset".into(),
-                path: "nft -j list ruleset; iptables-*-save".into(),
+                path: if crate::backend::live::nft_read_json() {
+                    "nft -j list ruleset; iptables-*-save".into()
+                } else {
+                    "nf_tables over netlink; iptables-*-save".into()
+                },
                 error: e,
             }),
         }
