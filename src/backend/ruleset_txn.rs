@@ -940,7 +940,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn verdict_refuses_lint_errors_unless_forced_and_lists_every_warning() {
         let p = plan(RulesetFormat::Nft, None, vec![finding(Severity::Error), finding(Severity::Warning)], false);
