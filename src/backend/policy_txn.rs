@@ -51,7 +51,7 @@ use crate::backend::netlink::{
 };
 use crate::exit::Exit;
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
-use crate::live::fw::{IptVariant, Owner};
+use crate::live::fw::{FwTables, IptVariant, Owner};
 use crate::live::iptables_save::{self, SaveDump};
 use crate::live::nft_text;
 use crate::live::{nft_json, LiveState};
@@ -60,11 +60,11 @@ use crate::model::names::{SysctlKey, Tag, TAG_PREFIX};
 use crate::model::{Backend, Policy};
 use crate::render::conntrack_flush::flush_commands;
 use crate::render::ipt_edit as ipt;
-use crate::render::iptables::{notrack_rules, IpFamily};
+use crate::render::iptables::{notrack_rules, IpFamily, RAW_TABLE};
 use crate::render::nft_batch::{BatchBuffer, BatchBuilder, BatchError, RulePosition};
 use crate::render::nft_ir::{table_for, TableIr, TABLE_NAME};
 use crate::render::nft_script::replace_script;
-use crate::render::planner::{plan as plan_insertions, InsertionPlan, Position, RuleSpec};
+use crate::render::planner::{plan_chains, InsertionPlan, Position, RuleSpec};
 use crate::render::sysctl::{plan_sysctls, SysctlChange};
 use crate::sysctl::SysctlError;
 
@@ -696,10 +696,11 @@ fn parse_dump(text: &str, variant: IptVariant, v6: bool) -> Result<SaveDump, Pol
     iptables_save::parse(text).map_err(|source| PolicyTxnError::Dump { tool: variant.tool(v6, "-save"), source })
 }
 
-/// The previous transaction's accept rules in the snapshot, and the live state without them.
-fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(LiveState, Vec<Removed>), PolicyTxnError> {
-    let mut live = snap.live.clone();
-    let Some(prev) = previous else { return Ok((live, Vec::new())) };
+/// The previous transaction's accept rules in the snapshot, and the chains to plan against
+/// ([`LiveState::chains`], one copy) without them.
+fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(FwTables, Vec<Removed>), PolicyTxnError> {
+    let mut tables = snap.live.chains();
+    let Some(prev) = previous else { return Ok((tables, Vec::new())) };
     let tag = prev.tag.as_str();
     let mut removed = Vec::new();
     let mut listed_chains = std::collections::HashMap::new();
@@ -725,7 +726,7 @@ fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(Liv
                 anchor,
             });
         }
-        for ch in live.nft.fw.chains.iter_mut() {
+        for ch in tables.chains.iter_mut() {
             if matches!(&ch.owner, Owner::Nft { family, table } if family == f && table == t) && ch.name == *c {
                 ch.rules.retain(|r| r.comment.as_deref() != Some(tag));
                 for (i, r) in ch.rules.iter_mut().enumerate() {
@@ -759,18 +760,18 @@ fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(Liv
                 anchor,
             });
         }
-        for dd in live.iptables.iter_mut().filter(|x| Variant::from(x.variant) == variant && x.v6 == v6) {
-            for ch in dd.fw.chains.iter_mut() {
-                if matches!(&ch.owner, Owner::Iptables { table: t, .. } if t == table) && ch.name == chain {
-                    ch.rules.retain(|r| r.comment.as_deref() != Some(tag));
-                    for (i, r) in ch.rules.iter_mut().enumerate() {
-                        r.index = i + 1;
-                    }
+        for ch in tables.chains.iter_mut() {
+            let ours = matches!(&ch.owner, Owner::Iptables { variant: cv, v6: c6, table: t }
+                if Variant::from(*cv) == variant && *c6 == v6 && t == table);
+            if ours && ch.name == chain {
+                ch.rules.retain(|r| r.comment.as_deref() != Some(tag));
+                for (i, r) in ch.rules.iter_mut().enumerate() {
+                    r.index = i + 1;
                 }
             }
         }
     }
-    Ok((live, removed))
+    Ok((tables, removed))
 }
 
 /// Reads the target, plans, lints and kernel-checks the apply documents.
@@ -819,8 +820,8 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
     drop(lap);
     crate::fault::foreign_change("prepare:foreign-change");
     let lap = crate::timing::Lap::start("prepare: plan");
-    let (stripped, removed) = strip_previous(&snap, req.previous.as_ref())?;
-    let plan = plan_insertions(policy, &stripped, tag);
+    let (tables, removed) = strip_previous(&snap, req.previous.as_ref())?;
+    let plan = plan_chains(policy, &tables, tag);
 
     // Sysctls.
     let sysctl_live = live_backend::read_sysctls(policy.sysctl.keys()).map_err(PolicyTxnError::Live)?;
@@ -836,7 +837,6 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         .collect();
 
     // Lint.
-    let tables = stripped.chains();
     let findings = lint(&LintInput { policy, tables: &tables, plan: &plan, sysctls: &sysctls, ssh: req.ssh });
     let errors: Vec<String> =
         findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
@@ -921,7 +921,8 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
                 }
                 continue;
             };
-            let parsed = parse_dump(&dump.text, v, v6)?;
+            // Only the raw table is needed here: parse that block, not the whole dump again.
+            let parsed = parse_dump(&ipt::table_block(&dump.text, RAW_TABLE), v, v6)?;
             let now = ipt::raw_chains(&parsed);
             let rules = notrack_rules(policy, family(v6), tag);
             let (doc, jumps_added) = if variant == Some(v) && !rules.is_empty() {

@@ -374,6 +374,25 @@ pub fn scratch_base(live: &str, doc: &str) -> (String, String) {
     (base, out)
 }
 
+/// Table `name`'s block of a save (`*name` … `COMMIT`), or nothing when it has none. Pure.
+pub fn table_block(save: &str, name: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for l in save.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            inside = t.trim() == name;
+        }
+        if inside {
+            out.push_str(l);
+            out.push('\n');
+            if l.trim() == "COMMIT" {
+                inside = false;
+            }
+        }
+    }
+    out
+}
+
 /// The lines of table `name`'s sections in an iptables-restore document.
 fn table_lines<'a>(doc: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     let mut inside = false;
@@ -466,5 +485,14 @@ mod tests {
         assert!(out.contains("-I INPUT 1 -j ACCEPT"), "{out}");
         let (base, _) = scratch_base(LIVE, "*filter\n-D INPUT -p udp --dport 53 -j ACCEPT\nCOMMIT\n");
         assert!(base.contains("-A INPUT -s 100.64.0.2/32 -j DROP\n-A INPUT -j host_in\n"), "{base}");
+    }
+
+    #[test]
+    fn table_block_is_that_table_only() {
+        assert_eq!(
+            table_block(LIVE, "raw"),
+            "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:CTGUARD-PRE - [0:0]\n-A PREROUTING -j CTGUARD-PRE\n-A CTGUARD-PRE -p udp -m udp --dport 53 -j CT --notrack\nCOMMIT\n"
+        );
+        assert_eq!(table_block(LIVE, "mangle"), "");
     }
 }
