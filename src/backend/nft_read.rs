@@ -1496,14 +1496,14 @@ fn prefixes(v6: bool, bits: u32, vals: &[Val]) -> Option<Vec<Prefix>> {
         .map(|v| match v {
             Val::One(b) => mk(b, bits),
             Val::Range(lo, hi) if lo.len() == width && hi.len() == width => {
-                // A prefix: lo's host bits all 0, hi's all 1, same network bits.
+                // A prefix: lo's host bits all 0, hi's all 1, same network bits. The network is
+                // the bits before the first one that differs (one pass: this runs for every
+                // rule that looks the set up, and was quadratic in the address width).
                 let total = (width * 8) as u32;
-                (0..=total).rev().find_map(|len| {
-                    let bit = |b: &[u8], i: u32| b[(i / 8) as usize] & (0x80 >> (i % 8)) != 0;
-                    let ok =
-                        (0..total).all(|i| if i < len { bit(lo, i) == bit(hi, i) } else { !bit(lo, i) && bit(hi, i) });
-                    ok.then(|| mk(lo, len)).flatten()
-                })
+                let bit = |b: &[u8], i: u32| b[(i / 8) as usize] & (0x80 >> (i % 8)) != 0;
+                let len = (0..total).find(|&i| bit(lo, i) != bit(hi, i)).unwrap_or(total);
+                let ok = (len..total).all(|i| !bit(lo, i) && bit(hi, i));
+                ok.then(|| mk(lo, len)).flatten()
             }
             _ => None,
         })
@@ -1767,6 +1767,27 @@ mod tests {
     }
     fn verdict(code: i32) -> Expr {
         Expr::Immediate { dreg: 0, data: Data::Verdict(code, None) }
+    }
+
+    /// Regression (issue 16: a set interval was turned into a prefix by trying every length,
+    /// quadratic in the address width, for every rule looking the set up): the one-pass
+    /// conversion gives the prefixes nft prints, and refuses ranges that are not prefixes.
+    #[test]
+    fn set_intervals_become_prefixes_in_one_pass() {
+        let r = |lo: &[u8], hi: &[u8]| Val::Range(lo.to_vec(), hi.to_vec());
+        let v4 = |a: [u8; 4], l| Prefix::V4(Ipv4Addr::from(a), l);
+        assert_eq!(
+            prefixes(false, 32, &[r(&[10, 0, 0, 0], &[10, 255, 255, 255]), r(&[192, 168, 1, 7], &[192, 168, 1, 7])]),
+            Some(vec![v4([10, 0, 0, 0], 8), v4([192, 168, 1, 7], 32)])
+        );
+        assert_eq!(prefixes(false, 32, &[r(&[0, 0, 0, 0], &[255, 255, 255, 255])]), Some(vec![v4([0, 0, 0, 0], 0)]));
+        assert_eq!(prefixes(false, 32, &[r(&[10, 0, 0, 1], &[10, 0, 0, 5])]), None, "not a prefix");
+        assert_eq!(prefixes(false, 32, &[r(&[10, 0, 0, 1], &[10, 0, 0, 255])]), None, "host bits set in lo");
+        let mut lo = [0u8; 16];
+        let mut hi = [0xffu8; 16];
+        lo[0] = 0xfd;
+        hi[0] = 0xfd;
+        assert_eq!(prefixes(true, 128, &[r(&lo, &hi)]), Some(vec![Prefix::V6(Ipv6Addr::from(lo), 8)]));
     }
 
     /// `udp dport 53 ct state new accept` in an inet table: the l4proto dependency folds into

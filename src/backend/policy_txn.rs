@@ -1577,8 +1577,13 @@ mod checked_docs {
     pub fn keep(before: Option<Key>, u: &PolicyUndo, docs: &RollbackDocs) {
         let nft_only = docs.saves.keys().all(|(v, _)| *v == Variant::Nft)
             && docs.raw.iter().chain(docs.filter.iter()).all(|d| d.variant == Variant::Nft);
+        // The saves they were built from stay out: a pending transaction must not hold a copy
+        // of a 100k-rule table (the rollback needs the documents only).
         let kept = match before {
-            Some(k) if nft_only && key(u).as_ref() == Some(&k) => Some((k, docs.clone())),
+            Some(k) if nft_only && key(u).as_ref() == Some(&k) => Some((
+                k,
+                RollbackDocs { raw: docs.raw.clone(), filter: docs.filter.clone(), saves: Default::default() },
+            )),
             _ => None,
         };
         KEPT.with(|d| *d.borrow_mut() = kept);
