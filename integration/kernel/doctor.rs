@@ -679,19 +679,7 @@ fn doctor_names_ctguards_degraded_policy() {
     let (srv, cli) = (&pair.srv, &pair.cli);
     srv.nft(SRV_FIREWALL);
     let _dns = UdpResponder::start(srv, sa(SRV4, 53));
-    let policy =
-        match parse_policy("[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\naccept_untracked = true\n", Format::Toml)
-        {
-            Ok(p) => p,
-            Err(e) => panic!("{e:?}"),
-        };
-    let tag = Tag::preview();
-    srv.nft(&nft_script::replace_script(&nft_ir::table_for(&policy, &tag)));
-    let live = match srv.run(ctguard::backend::live::read) {
-        Ok(l) => l,
-        Err(e) => panic!("{e}"),
-    };
-    srv.nft(&planner::plan(&policy, &live, &tag).nft_script());
+    load_as_apply_does(srv, "[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\naccept_untracked = true\n");
     let intact = doctor(srv, &["--json", "--window", "0"]).json();
     assert!(recs(&intact).iter().all(|r| r["kind"] != "ctguard_degraded" && r["kind"] != "blackhole"), "{intact}");
     assert_eq!(udp_queries(cli, sa(SRV4, 53), 50, 20000).answered, 50);
@@ -780,20 +768,7 @@ fn doctor_reads_the_same_firewall_over_netlink_and_with_nft_json() {
     let srv = &pair.srv;
     srv.nft(SRV_FIREWALL);
     srv.nft(HANDMADE_RAW);
-    let policy = match parse_policy(
-        "[[notrack]]\nprotocols = [\"tcp\"]\nports = [8080]\naccept_untracked = true\n",
-        Format::Toml,
-    ) {
-        Ok(p) => p,
-        Err(e) => panic!("{e:?}"),
-    };
-    let tag = Tag::preview();
-    srv.nft(&nft_script::replace_script(&nft_ir::table_for(&policy, &tag)));
-    let live = match srv.run(ctguard::backend::live::read) {
-        Ok(l) => l,
-        Err(e) => panic!("{e}"),
-    };
-    srv.nft(&planner::plan(&policy, &live, &tag).nft_script());
+    load_as_apply_does(srv, "[[notrack]]\nprotocols = [\"tcp\"]\nports = [8080]\naccept_untracked = true\n");
     for cmd in ["-t raw -A PREROUTING -p udp --sport 123 -j CT --notrack", "-A INPUT -p tcp --dport 22 -j ACCEPT"] {
         let args: Vec<&str> = cmd.split_whitespace().collect();
         srv.exec("iptables-nft", &args);
@@ -825,4 +800,20 @@ fn doctor_reads_the_same_firewall_over_netlink_and_with_nft_json() {
     assert!(nv.0.iter().any(|r| r.contains("ctguard") && r.ends_with("true")), "{:#?}", nv.0);
     assert!(nv.0.iter().any(|r| r.contains("iptables-nft raw PREROUTING")), "{:#?}", nv.0);
     assert!(nv.1.iter().any(|r| r.starts_with("\"blackhole\"")), "{:#?}", nv.1);
+}
+
+/// Loads ctguard's table for `policy_toml` and the accepts the planner inserts for it into
+/// `srv`, as `apply` would (with nft, without the agent).
+fn load_as_apply_does(srv: &Ns, policy_toml: &str) {
+    let policy = match parse_policy(policy_toml, Format::Toml) {
+        Ok(p) => p,
+        Err(e) => panic!("{e:?}"),
+    };
+    let tag = Tag::preview();
+    srv.nft(&nft_script::replace_script(&nft_ir::table_for(&policy, &tag)));
+    let live = match srv.run(ctguard::backend::live::read) {
+        Ok(l) => l,
+        Err(e) => panic!("{e}"),
+    };
+    srv.nft(&planner::plan(&policy, &live, &tag).nft_script());
 }

@@ -363,13 +363,11 @@ fn saves_are_skipped_only_when_they_would_be_empty() {
             let t = tables().expect("tables");
             for variant in [Variant::Nft, Variant::Legacy] {
                 for v6 in [false, true] {
-                    let family = if v6 { IpFamily::V6 } else { IpFamily::V4 };
                     let name = variant.tool(v6, "-save");
                     let out = run(&name, &[], None);
                     let printed = out.lines().any(|l| !l.starts_with('#') && !l.trim().is_empty());
                     let skipped = save_would_be_empty(variant, v6, Some(&t));
                     assert!(!(skipped && printed), "{when}: {name} skipped but prints:\n{out}");
-                    let _ = family;
                 }
             }
             t
