@@ -352,6 +352,13 @@ pub fn resolve_for_agent(arg: &str) -> Result<String, NetnsError> {
 /// Inode the kernel gives the initial network namespace (`PROC_NET_INIT_INO`, fixed).
 pub const INIT_NET_INO: u64 = 0xEFFF_FFF9;
 
+/// The calling thread's network namespace as (device, inode) of `/proc/thread-self/ns/net`:
+/// the same id as [`Target`]'s. `None` when it cannot be read. Read-only.
+pub fn current_id() -> Option<(u64, u64)> {
+    let m = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+    Some((m.dev(), m.ino()))
+}
+
 /// True when the namespace with this (device, inode) is the initial one: compared with PID 1's
 /// when `/proc/1/ns/net` can be read, else with the kernel's fixed inode of `init_net` (in some
 /// containers PID 1's namespace links are unreadable even to root).

@@ -166,13 +166,12 @@ mod save_cache {
     /// This thread's namespace (and for iptables-nft its generation id) now; `None` when it
     /// cannot be read.
     pub fn key(variant: Variant) -> Option<Key> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+        let (dev, ino) = crate::netns::current_id()?;
         let genid = match variant {
             Variant::Nft => Some(crate::backend::netlink::get_genid().ok()?),
             Variant::Legacy => None,
         };
-        Some((variant, m.dev(), m.ino(), genid))
+        Some((variant, dev, ino, genid))
     }
 
     pub fn get(k: Key, family: IpFamily) -> Option<String> {
@@ -276,15 +275,7 @@ pub fn scratch_check(
     let wait = xtables_wait_args();
     std::thread::scope(|s| {
         let h = s.spawn(|| -> Result<(), IptablesError> {
-            // A new namespace for this thread only; freed when the thread (and the tools it
-            // started, all waited for) are gone.
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|source| IptablesError::Unshare { source })?;
-            if let Some((ipset, text)) = &ipset_tool {
-                ipset
-                    .run(&["restore"], Some(text.as_bytes()))
-                    .map_err(|source| IptablesError::ScratchIpsets { source })?;
-            }
+            enter_scratch(ipset_tool.as_ref())?;
             if live_dump.trim().is_empty() {
                 return restore_with(&restore_tool, candidate, true, &wait)
                     .map_err(|source| IptablesError::Rejected { tool: name.clone(), source });
@@ -301,6 +292,16 @@ pub fn scratch_check(
     })
 }
 
+/// Moves the calling thread (a thread of its own: the namespace is freed when it and the tools
+/// it started are gone) into a fresh network namespace and recreates `ipsets` there.
+fn enter_scratch(ipsets: Option<&(Tool, &str)>) -> Result<(), IptablesError> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| IptablesError::Unshare { source })?;
+    if let Some((ipset, text)) = ipsets {
+        ipset.run(&["restore"], Some(text.as_bytes())).map_err(|source| IptablesError::ScratchIpsets { source })?;
+    }
+    Ok(())
+}
+
 /// [`scratch_check`]'s failure path: in another fresh namespace, `live_dump` then `candidate`,
 /// each in its own tool run, so the error names the one the kernel refused.
 fn scratch_apart(
@@ -312,11 +313,7 @@ fn scratch_apart(
     wait: &[String; 2],
 ) -> IptablesError {
     let run = || -> Result<(), IptablesError> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|source| IptablesError::Unshare { source })?;
-        if let Some((ipset, text)) = ipsets {
-            ipset.run(&["restore"], Some(text.as_bytes())).map_err(|source| IptablesError::ScratchIpsets { source })?;
-        }
+        enter_scratch(ipsets)?;
         restore_with(restore_tool, live_dump, false, wait)
             .map_err(|source| IptablesError::ScratchLive { tool: name.to_string(), source })?;
         restore_with(restore_tool, candidate, true, wait)

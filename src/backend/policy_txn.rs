@@ -1566,10 +1566,9 @@ mod checked_docs {
 
     /// `u`'s key now: its tag, this thread's namespace and its generation id.
     pub fn key(u: &PolicyUndo) -> Option<Key> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata("/proc/thread-self/ns/net").ok()?;
+        let (dev, ino) = crate::netns::current_id()?;
         let genid = crate::backend::netlink::get_genid().ok()?;
-        Some((u.tag.clone(), m.dev(), m.ino(), genid))
+        Some((u.tag.clone(), dev, ino, genid))
     }
 
     /// Keeps `docs`, built for `u` after `before` was read, when they are iptables-nft only and

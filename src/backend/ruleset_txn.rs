@@ -190,34 +190,20 @@ fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
     Ok(tables)
 }
 
-/// True when the calling thread's namespace has no legacy (x_tables) table of that family: the
-/// kernel's `ip{,6}_tables_names` is empty or absent, and `ip{,6}tables-legacy-save` would print
-/// nothing. Saves a process spawn per family on every snapshot and rollback.
-fn no_legacy_tables(v6: bool) -> bool {
-    let file = if v6 { "ip6_tables_names" } else { "ip_tables_names" };
-    match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
-        Ok(names) => names.trim().is_empty(),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-    }
-}
-
 /// The installed saves of `which` (variant, v6), read with `-c`; a legacy save of a family
-/// without x_tables table is not run ([`no_legacy_tables`]). With `nft` (the nf_tables
+/// without x_tables table is not run ([`crate::backend::live::save_would_be_empty`]). With `nft` (the nf_tables
 /// tables, read in the same generation), an iptables-nft save of a
 /// family with no table is not run: iptables-nft lists only tables of the `ip` (`ip6`)
 /// nf_tables family, so it would print nothing.
 fn read_saves(which: &[(IptVariant, bool)], nft: Option<&[TableId]>) -> Result<Vec<SaveText>, RulesetTxnError> {
     let _lap = crate::timing::Lap::start("ruleset: iptables saves");
+    let tables: Option<Vec<(String, String)>> =
+        nft.map(|t| t.iter().map(|t| (t.family.clone(), t.name.clone())).collect());
     let mut out = Vec::new();
     for &(variant, v6) in which {
         let name = variant.tool(v6, "-save");
         let Ok(t) = Tool::find(&name) else { continue };
-        let family = if v6 { "ip6" } else { "ip" };
-        let empty = match variant {
-            IptVariant::Legacy => no_legacy_tables(v6),
-            IptVariant::Nft => nft.is_some_and(|tables| !tables.iter().any(|t| t.family == family)),
-        };
-        if empty {
+        if crate::backend::live::save_would_be_empty(variant, v6, tables.as_deref()) {
             out.push(SaveText { variant, v6, text: String::new() });
             continue;
         }
