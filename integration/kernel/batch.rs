@@ -322,6 +322,71 @@ fn check_batch_is_judged_like_the_commit_and_never_applied() {
     });
 }
 
+/// Issue 16 (each kernel check costs the kernel an RCU grace period in its abort path): the
+/// apply's check batch also carries the rollback's deletes, by the batch-local ids of the rules
+/// it inserts. The kernel must honour the id — a DELRULE naming a chain without handle or id
+/// flushes the chain, which would make such a check pass whatever it claims — so deleting the
+/// same inserted rule twice is refused at the second delete, and a check of insert + delete
+/// leaves the host chain as it was.
+#[test]
+fn check_batch_deletes_inserted_rules_by_their_batch_local_id() {
+    use ctguard::render::nft_batch::RulePosition;
+    use ctguard::render::nft_expr::Expr;
+    in_fresh_netns(|| {
+        nft(
+            &["-f", "-"],
+            Some("table inet host {\n chain input {\n type filter hook input priority 0; policy accept;\n tcp dport 22 accept\n tcp dport 80 accept\n }\n}\n"),
+        );
+        let host_before = nft(&["-a", "list", "table", "inet", "host"], None);
+        let g = get_genid().expect("genid");
+        let build = || {
+            let mut b = BatchBuilder::new(Some(g));
+            b.insert_rule("inet", "host", "input", RulePosition::Append, &[Expr::Notrack], "ctguard:a", "a".into())
+                .expect("insert a");
+            b.insert_rule("inet", "host", "input", RulePosition::Append, &[Expr::Notrack], "ctguard:b", "b".into())
+                .expect("insert b");
+            b
+        };
+        // Insert two, delete both by id: accepted, nothing applied.
+        let mut b = build();
+        let ins = b.inserted().to_vec();
+        for r in &ins {
+            b.delete_inserted_rule(r).expect("delete by id");
+        }
+        check_batch(&b.finish_check()).expect("insert then delete by id passes the check");
+        assert_eq!(get_genid().expect("genid"), g, "a check commits nothing");
+        assert_eq!(nft(&["-a", "list", "table", "inet", "host"], None), host_before);
+
+        // The second delete of the same id is refused, naming it: the kernel looked the id up
+        // (a chain flush would have passed).
+        let mut b = build();
+        let ins = b.inserted().to_vec();
+        b.delete_inserted_rule(&ins[0]).expect("first delete");
+        b.delete_inserted_rule(&ins[0]).expect("second delete (encoded)");
+        let twice = b.finish_check();
+        let second = twice.messages().last().expect("messages").seq;
+        match check_batch(&twice) {
+            Err(NetlinkError::Refused { seq, what, source, .. }) => {
+                assert_eq!(seq, second, "the second delete is named: {what}");
+                assert!(what.contains("id 1"), "{what}");
+                assert_eq!(source.raw_os_error(), Some(libc::ENOENT), "{source}");
+            }
+            other => panic!("expected Refused, got {other:?}"),
+        }
+        // And the host's own rules were never at stake: committing insert + delete by id
+        // leaves the chain exactly as it was (one generation later).
+        let mut b = build();
+        let ins = b.inserted().to_vec();
+        for r in &ins {
+            b.delete_inserted_rule(r).expect("delete by id");
+        }
+        send_batch(&b.finish()).expect("commits");
+        assert_eq!(get_genid().expect("genid"), g.wrapping_add(1));
+        let after = nft(&["-a", "list", "table", "inet", "host"], None);
+        assert_eq!(after, host_before, "the host chain is untouched: no flush");
+    });
+}
+
 #[test]
 fn batch_whose_last_message_is_bad_is_refused_whole() {
     let t = table(&Policy::builtin());

@@ -6,7 +6,8 @@
 use std::time::Instant;
 
 use ctguard::backend::policy_txn::{
-    after_listing, apply, check_rollback, listing, prepare, rollback, scope_listing, PolicyRequest, PolicyTxnError,
+    after_listing, apply, check_rollback, listing, nft_rollback_already_checked, prepare, rollback, scope_listing,
+    PolicyRequest, PolicyTxnError,
     PolicyUndo, Prepared,
 };
 use ctguard::exit::Exit;
@@ -744,4 +745,65 @@ fn iptables_nft_rollback_rebuilds_checked_documents_after_a_foreign_change() {
     let save = ns.exec("iptables-nft-save", &["-t", "raw"]);
     assert!(!save.contains("CTGUARD"), "ctguard's raw chains and every jump to them are gone:\n{save}");
     assert_same(&before, &list(&ns, &[]), "the rollback restores every save exactly");
+}
+
+/// Issue 16 (every kernel check costs the kernel an RCU grace period: 10–16 ms even for a tiny
+/// batch): the check batch of `prepare` carries the rollback's deletes after the apply's
+/// messages, so the rollback check after the commit does not send them again — but only while
+/// the commit provably applied to the checked state and nothing committed since. On one thread,
+/// as the agent's worker runs apply and check_rollback: proven right after the commit; no
+/// longer after a foreign commit (then the full check runs and the rollback is still exact);
+/// never for a rollback that puts a previous table back (that one is checked with `nft -c` of
+/// its whole script after the commit).
+#[test]
+fn rollback_deletes_checked_before_the_commit_are_not_checked_again() {
+    let ns = Ns::new("ptx-merged-check");
+    ns.nft(HOST_FW);
+    let p = policy(UDP53);
+    let before = list(&ns, &[]);
+    let nft = |args: &[&str]| {
+        let t = ctguard::backend::exec::Tool::find("nft").expect("nft");
+        t.run(args, None).unwrap_or_else(|e| panic!("nft {args:?}: {e}"));
+    };
+    // Proven right after the commit; the check then passes without sending it again.
+    let u1 = ns.run(|| {
+        let prepared = prepare(&request(&p, "ptx-merged-1", None), facts()).unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let u = apply(&prepared).unwrap_or_else(|e| panic!("apply: {}", chain(&e)));
+        assert!(!u.nft_insertions.is_empty() && u.table.is_some(), "the policy inserts accepts and creates the table");
+        assert!(nft_rollback_already_checked(&u), "the check batch carried the rollback's deletes");
+        check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
+        assert!(!nft_rollback_already_checked(&u), "the proof is used once");
+        u
+    });
+    ns.run(|| rollback(&u1)).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+    assert_same(&before, &list(&ns, &[]), "rolled back exactly");
+
+    // A foreign commit after ours: the proof no longer holds; the full check runs and passes.
+    let u2 = ns.run(|| {
+        let prepared = prepare(&request(&p, "ptx-merged-2", None), facts()).unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let u = apply(&prepared).unwrap_or_else(|e| panic!("apply: {}", chain(&e)));
+        assert!(nft_rollback_already_checked(&u));
+        nft(&["add", "table", "ip", "foreign"]);
+        assert!(!nft_rollback_already_checked(&u), "a foreign commit ends the proof");
+        check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback after a foreign commit: {}", chain(&e)));
+        u
+    });
+    ns.run(|| rollback(&u2)).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+    ns.exec("nft", &["delete", "table", "ip", "foreign"]);
+    assert_same(&before, &list(&ns, &[]), "rolled back exactly after the full check");
+
+    // Another transaction's proof is not this one's, and a re-apply over a committed policy
+    // (its rollback puts the previous table back) is never proven before its commit.
+    let committed = app(&ns, &prep(&ns, &request(&p, "ptx-merged-3", None)));
+    ns.run(|| {
+        let prepared = prepare(&request(&policy(UDP53), "ptx-merged-4", Some(committed.clone())), facts())
+            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let u = apply(&prepared).unwrap_or_else(|e| panic!("re-apply: {}", chain(&e)));
+        assert!(!nft_rollback_already_checked(&u), "a rollback that puts a table back is checked after the commit");
+        assert!(!nft_rollback_already_checked(&committed), "the proof names its own transaction only");
+        check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback of the re-apply: {}", chain(&e)));
+        rollback(&u).unwrap_or_else(|e| panic!("rollback of the re-apply: {}", chain(&e)));
+    });
+    back(&ns, &committed);
+    assert_same(&before, &list(&ns, &[]), "every transaction rolled back exactly");
 }

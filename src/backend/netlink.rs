@@ -744,6 +744,21 @@ pub(crate) struct Dump {
 /// `NLMSG_DONE`. A dump that ends with `ENOENT` (no such table or set) is empty. Read-only.
 /// Blocks at most about 10 s between datagrams.
 pub(crate) fn dump(msg: u16, family: u8, attrs: &[(u16, &[u8])], what: &'static str) -> Result<Dump, NetlinkError> {
+    let mut msgs = Vec::new();
+    let interrupted = dump_each(msg, family, attrs, what, &mut |batch| msgs.extend(batch))?;
+    Ok(Dump { msgs, interrupted })
+}
+
+/// [`dump`], handing the messages of each datagram to `each` as it arrives instead of
+/// collecting them (a caller on another thread can decode while the kernel still dumps).
+/// Returns whether any message carried `NLM_F_DUMP_INTR` (see [`Dump::interrupted`]).
+pub(crate) fn dump_each(
+    msg: u16,
+    family: u8,
+    attrs: &[(u16, &[u8])],
+    what: &'static str,
+    each: &mut dyn FnMut(Vec<DumpMsg>),
+) -> Result<bool, NetlinkError> {
     let query = |source: io::Error| NetlinkError::Query { what, source };
     let seq = FIRST_SEQ;
     let mut req = Vec::with_capacity(64);
@@ -768,32 +783,42 @@ pub(crate) fn dump(msg: u16, family: u8, attrs: &[(u16, &[u8])], what: &'static 
     // dump is paced by our reads).
     s.raise_buffer(SO_RCVBUFFORCE, libc::SO_RCVBUF, 1 << 20);
     s.send(&req)?;
-    let mut out = Dump { msgs: Vec::new(), interrupted: false };
+    let mut interrupted = false;
     loop {
         let Some(replies) = s.recv(REPLY_TIMEOUT)? else {
             return Err(query(io::Error::from(io::ErrorKind::TimedOut)));
         };
+        let mut batch = Vec::with_capacity(replies.len());
+        let mut done = None;
         for r in replies.into_iter().filter(|r| r.seq == seq) {
             if r.flags & NLM_F_DUMP_INTR != 0 {
-                out.interrupted = true;
+                interrupted = true;
             }
             if r.ty == NLMSG_DONE {
                 let code = u32_ne(&r.payload, 0).map(|c| c as i32).unwrap_or(0);
                 if code < 0 && code.saturating_neg() != libc::ENOENT {
                     return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
                 }
-                return Ok(out);
+                done = Some(());
+                break;
             } else if r.ty == NLMSG_ERROR {
                 let (code, _) = parse_error(&r)?;
                 if code.saturating_neg() == libc::ENOENT {
-                    return Ok(out);
+                    done = Some(());
+                    break;
                 }
                 if code != 0 {
                     return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
                 }
             } else if r.ty >> 8 == NFNL_SUBSYS_NFTABLES {
-                out.msgs.push(DumpMsg { ty: r.ty & 0xff, payload: r.payload });
+                batch.push(DumpMsg { ty: r.ty & 0xff, payload: r.payload });
             }
+        }
+        if !batch.is_empty() {
+            each(batch);
+        }
+        if done.is_some() {
+            return Ok(interrupted);
         }
     }
 }

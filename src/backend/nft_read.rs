@@ -1567,6 +1567,50 @@ fn malformed(what: &str) -> NetlinkError {
 
 /// One pass of dumps; `Ok(None)` when a dump was interrupted by a concurrent change. The rules
 /// of the tables in `skip` are not dumped (their tables, chains and sets are).
+/// The GETRULE dumps of `requests` (family, optional NUL-terminated table name), run on a
+/// thread of their own while this one decodes each datagram's rules as it arrives: the kernel's
+/// part of a big dump (most of it, and quadratic in the chain length) overlaps with decoding.
+/// The spawned thread shares this thread's network namespace (a new thread starts in its
+/// creator's). Returns the rules in the kernel's order and whether any dump was interrupted.
+fn dump_rules_decoding(requests: &[(u8, Option<Vec<u8>>)]) -> Result<(Vec<RawRule>, bool), NetlinkError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<netlink::DumpMsg>>(256);
+    std::thread::scope(|scope| {
+        let dumper = scope.spawn(move || -> Result<bool, NetlinkError> {
+            let mut interrupted = false;
+            let mut send = |batch| {
+                // The receiver stops only after a decoding error; the dump then just ends.
+                let _ = tx.send(batch);
+            };
+            for (nfproto, table) in requests {
+                let attrs: Vec<(u16, &[u8])> = table.iter().map(|t| (1u16, t.as_slice())).collect();
+                let what = if table.is_some() { "GETRULE (dump a table's rules)" } else { "GETRULE (dump the rules)" };
+                interrupted |= netlink::dump_each(NFT_MSG_GETRULE, *nfproto, &attrs, what, &mut send)?;
+            }
+            Ok(interrupted)
+        });
+        let mut rules = Vec::new();
+        let mut bad = false;
+        for batch in rx {
+            for m in batch.iter().filter(|m| m.ty == NFT_MSG_NEWRULE) {
+                match decode_rule(&m.payload) {
+                    Some(r) => rules.push(r),
+                    None => bad = true,
+                }
+            }
+        }
+        let interrupted = dumper.join().unwrap_or_else(|_| {
+            Err(NetlinkError::Query {
+                what: "GETRULE (dump the rules)",
+                source: std::io::Error::other("the dumping thread panicked"),
+            })
+        })?;
+        if bad {
+            return Err(malformed("NEWRULE"));
+        }
+        Ok((rules, interrupted))
+    })
+}
+
 fn read_once(skip: &[(String, String)]) -> Result<Option<Raw>, NetlinkError> {
     let mut interrupted = false;
     let mut all = |msg: u16, what: &'static str| -> Result<Vec<netlink::DumpMsg>, NetlinkError> {
@@ -1589,26 +1633,23 @@ fn read_once(skip: &[(String, String)]) -> Result<Option<Raw>, NetlinkError> {
         .filter(|m| m.ty == NFT_MSG_NEWSET)
         .map(|m| decode_set(&m.payload).ok_or_else(|| malformed("NEWSET")))
         .collect::<Result<Vec<_>, _>>()?;
-    let rule_msgs = if skip.is_empty() {
-        all(NFT_MSG_GETRULE, "GETRULE (dump the rules)")?
+    // Table by table when some are skipped (the kernel filters the dump on NFTA_RULE_TABLE).
+    let requests: Vec<(u8, Option<Vec<u8>>)> = if skip.is_empty() {
+        vec![(0, None)]
     } else {
-        // Table by table (the kernel filters the dump on NFTA_RULE_TABLE), the skipped ones left out.
-        let mut msgs = Vec::new();
-        for (family, name) in tables.iter().filter(|t| !skip.contains(t)) {
-            let nfproto = crate::render::nft_batch::nfproto_of(family).unwrap_or(0) as u8;
-            let mut table = name.as_bytes().to_vec();
-            table.push(0);
-            let d = netlink::dump(NFT_MSG_GETRULE, nfproto, &[(1, &table)], "GETRULE (dump a table's rules)")?;
-            interrupted |= d.interrupted;
-            msgs.extend(d.msgs);
-        }
-        msgs
+        tables
+            .iter()
+            .filter(|t| !skip.contains(t))
+            .map(|(family, name)| {
+                let nfproto = crate::render::nft_batch::nfproto_of(family).unwrap_or(0) as u8;
+                let mut table = name.as_bytes().to_vec();
+                table.push(0);
+                (nfproto, Some(table))
+            })
+            .collect()
     };
-    let rules = rule_msgs
-        .iter()
-        .filter(|m| m.ty == NFT_MSG_NEWRULE)
-        .map(|m| decode_rule(&m.payload).ok_or_else(|| malformed("NEWRULE")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let (rules, rules_interrupted) = dump_rules_decoding(&requests)?;
+    interrupted |= rules_interrupted;
     // Elements of the sets the rules look up (the others do not change the model).
     let mut used: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
     for r in &rules {

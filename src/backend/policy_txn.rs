@@ -61,7 +61,7 @@ use crate::model::{Backend, Policy};
 use crate::render::conntrack_flush::flush_commands;
 use crate::render::ipt_edit as ipt;
 use crate::render::iptables::{notrack_rules, IpFamily, RAW_TABLE};
-use crate::render::nft_batch::{BatchBuffer, BatchBuilder, BatchError, RulePosition};
+use crate::render::nft_batch::{BatchBuffer, BatchBuilder, BatchError, InsertedRule, RulePosition};
 use crate::render::nft_ir::{table_for, TableIr, TABLE_NAME};
 use crate::render::nft_script::replace_script;
 use crate::render::planner::{plan_chains, InsertionPlan, Position, RuleSpec};
@@ -497,6 +497,9 @@ pub struct Prepared {
     scope_table_text: Option<String>,
     /// The snapshot's rules in the chains of [`scope_chains`] (for [`after_listing`]).
     scope_listed: Vec<nft_text::ListedRule>,
+    /// The kernel check ([`prepare`]) also checked the nft rollback's deletes after the
+    /// batch's messages (see [`kernel_check_covering_rollback`]).
+    nft_rollback_checked: bool,
 }
 
 impl Prepared {
@@ -782,8 +785,8 @@ fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(FwT
 /// with exit 2 for a missing tool or an explicit sysctl the target cannot write (naming the
 /// key), exit 3 for lint errors without `force` or a refused kernel check.
 pub fn prepare(req: &PolicyRequest, facts: MachineFacts) -> Result<Prepared, PolicyTxnError> {
-    let prepared = prepare_with(req, facts, PrepareMode::APPLY)?;
-    kernel_check(&prepared)?;
+    let mut prepared = prepare_with(req, facts, PrepareMode::APPLY)?;
+    prepared.nft_rollback_checked = kernel_check_covering_rollback(&prepared)?;
     Ok(prepared)
 }
 
@@ -1065,6 +1068,7 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         scope_keys: keys,
         scope_table_text: snap.table_text,
         scope_listed,
+        nft_rollback_checked: false,
     })
 }
 
@@ -1074,12 +1078,55 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
 /// for every iptables document, on top of what it refers to in the dump it applies to
 /// ([`ipt::scratch_base`]). Exit 3 when the kernel refuses.
 pub fn kernel_check(p: &Prepared) -> Result<(), PolicyTxnError> {
+    kernel_check_covering_rollback(p).map(|_| ())
+}
+
+/// [`kernel_check`]; when the nft rollback of `p` only deletes (`!`[`needs_nft_script`]), the
+/// check batch carries, after the apply's messages, the deletes that rollback will send —
+/// `table inet ctguard` declared and deleted, each inserted rule deleted by its batch-local id
+/// ([`BatchBuilder::delete_inserted_rule`]) — so one kernel check (one abort: each costs the
+/// kernel an RCU grace period) judges both. Returns true when it did.
+///
+/// What that proves: the deletes are accepted on the state the apply batch produces from the
+/// state checked. [`apply`]'s commit carries the snapshot's generation id, so when it commits
+/// (with nothing of ctguard's own committed before it) that checked state is the one it
+/// applied to; [`check_rollback`] then skips its own nft check only while the generation id
+/// is still the one this commit produced ([`checked_nft`]).
+fn kernel_check_covering_rollback(p: &Prepared) -> Result<bool, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("prepare: kernel check");
-    if let Some(b) = batch_builder(p, None).map_err(PolicyTxnError::Batch)? {
+    let mut covered = false;
+    if let Some(mut b) = batch_builder(p, None).map_err(PolicyTxnError::Batch)? {
+        if !needs_nft_script(&p.undo) {
+            append_rollback_deletes(&mut b, &p.undo).map_err(PolicyTxnError::Batch)?;
+            covered = true;
+        }
         check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
     }
     let docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
-    scratch_check_docs(&docs, |v, v6| Ok(dump_of(&p.live, v, v6).map(|d| d.text.clone()).unwrap_or_default()))
+    scratch_check_docs(&docs, |v, v6| Ok(dump_of(&p.live, v, v6).map(|d| d.text.clone()).unwrap_or_default()))?;
+    Ok(covered)
+}
+
+/// Appends to `b` (an apply batch, for a check) the nft deletes of the rollback of `u` as
+/// [`nft_delete_batch`] would send them after the commit: `table inet ctguard` declared and
+/// deleted when `u` replaces it, then the rules `b` inserted with `u`'s tag outside that table,
+/// by batch-local id instead of the handles they get at commit. Only for a rollback that does
+/// not put anything back ([`needs_nft_script`] false).
+fn append_rollback_deletes(b: &mut BatchBuilder, u: &PolicyUndo) -> Result<(), BatchError> {
+    if u.table.is_some() {
+        b.add_table(TABLE_NAME)?;
+        b.delete_table(TABLE_NAME)?;
+    }
+    let ours: Vec<InsertedRule> = b
+        .inserted()
+        .iter()
+        .filter(|r| r.comment == u.tag && !(r.family == "inet" && r.table == TABLE_NAME))
+        .cloned()
+        .collect();
+    for r in &ours {
+        b.delete_inserted_rule(r)?;
+    }
+    Ok(())
 }
 
 /// Loads each variant × family's documents (concatenated in the order given) into a scratch
@@ -1270,6 +1317,7 @@ fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + S
 pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("apply");
     ipt_backend::share_saves(false);
+    checked_nft::keep(&p.undo, None);
     // Nothing changed since the snapshot?
     let g = get_genid().map_err(PolicyTxnError::Genid)?;
     if g != p.genid {
@@ -1367,6 +1415,11 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
             }
         };
         done.table = undo.table.clone();
+        // Committed on the snapshot's generation, nothing of ctguard's before it: the state
+        // the check judged the rollback's deletes on is the one this commit applied to.
+        if p.nft_rollback_checked && own_commits == 0 {
+            checked_nft::keep(&undo, Some(genid.wrapping_add(1)));
+        }
         if !undo.nft_insertions.is_empty() {
             // The handles the kernel echoed; a full listing only when some did not come back.
             let listed: Vec<nft_text::ListedRule> = echoed.into_iter().map(listed_of).collect();
@@ -1592,6 +1645,48 @@ mod checked_docs {
     pub fn take(u: &PolicyUndo) -> Option<RollbackDocs> {
         let (k, docs) = KEPT.with(|d| d.borrow_mut().take())?;
         (Some(k) == key(u)).then_some(docs)
+    }
+}
+
+/// The proof, kept on this thread between [`apply`] and [`check_rollback`], that the nft
+/// rollback's deletes were already kernel-checked: the check batch of [`prepare`] carried them
+/// after the apply's messages ([`kernel_check_covering_rollback`]), and the commit that
+/// followed carried the snapshot's generation id, so it applied to the checked state. Valid
+/// while the generation id is still the one that commit produced (nothing committed since), in
+/// the same namespace, for the same tag.
+mod checked_nft {
+    use std::cell::RefCell;
+
+    use crate::backend::policy_txn::PolicyUndo;
+
+    /// (tag, namespace device, namespace inode, generation id after the commit).
+    type Key = (String, u64, u64, u32);
+
+    thread_local! {
+        static KEPT: RefCell<Option<Key>> = const { RefCell::new(None) };
+    }
+
+    /// Records that `u`'s nft rollback was checked together with the commit that produced
+    /// generation `genid_after`; `None` forgets any earlier record.
+    pub fn keep(u: &PolicyUndo, genid_after: Option<u32>) {
+        let kept = genid_after.and_then(|g| crate::netns::current_id().map(|(dev, ino)| (u.tag.clone(), dev, ino, g)));
+        KEPT.with(|k| *k.borrow_mut() = kept);
+    }
+
+    /// True when `u`'s nft rollback was checked before its commit and nothing committed since
+    /// (same namespace, same generation id now). Read-only.
+    pub fn holds(u: &PolicyUndo) -> bool {
+        let Some((tag, dev, ino, g)) = KEPT.with(|k| k.borrow().clone()) else { return false };
+        tag == u.tag
+            && crate::netns::current_id() == Some((dev, ino))
+            && crate::backend::netlink::get_genid().ok() == Some(g)
+    }
+
+    /// [`holds`], and forgets the record either way.
+    pub fn take(u: &PolicyUndo) -> bool {
+        let held = holds(u);
+        KEPT.with(|k| *k.borrow_mut() = None);
+        held
     }
 }
 
@@ -1857,10 +1952,21 @@ fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRu
     Ok((listed, parsed))
 }
 
+/// True when [`check_rollback`] of `u`, called now on this thread, would not send its nft check
+/// again: [`prepare`]'s check batch carried the rollback's deletes after the apply's messages,
+/// [`apply`] committed on the generation that check judged (nothing of ctguard's committed
+/// before it), and the generation id in this namespace is still the one that commit produced.
+/// Read-only (one generation id read).
+pub fn nft_rollback_already_checked(u: &PolicyUndo) -> bool {
+    checked_nft::holds(u)
+}
+
 /// Kernel-checks the rollback of `u` against the current state: its nft delete batch sent as a
 /// check batch (or, when it also puts a previous table or previous rules back, its whole script
 /// with `nft -c`), and the iptables documents in scratch namespaces loaded with what they refer
-/// to in the current saves.
+/// to in the current saves. The nft deletes are not sent again when [`prepare`]'s check batch
+/// already carried them and nothing committed since [`apply`]'s commit
+/// ([`nft_rollback_already_checked`]).
 ///
 /// Guarantees: changes nothing. `Ok` means the rollback built now would be accepted by the
 /// kernel; it is rebuilt from a fresh read when it runs.
@@ -1879,16 +1985,22 @@ fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
             return Err(PolicyTxnError::SysctlUnwritable { problems: vec![format!("sysctl.\"{key}\": not writable")] });
         }
     }
-    let (listed, chains) = read_nft_for_rollback_of(u)?;
     if needs_nft_script(u) {
         // Something to put back with `nft -f` first: the whole script, deletes included.
+        let (listed, chains) = read_nft_for_rollback_of(u)?;
         let script = nft_rollback_script(u, &listed, &chains, true);
         if !script.is_empty() {
             tool("nft")?.run(&["-c", "-f", "-"], Some(script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
         }
-    } else if let Some(b) = nft_delete_batch(u, &listed, None, u.table.is_some()).map_err(PolicyTxnError::Batch)? {
+    } else if checked_nft::take(u) {
+        // Only deletes, already judged by the check batch before the commit, on the state
+        // that is still the kernel's (see `checked_nft`).
+    } else {
         // Only deletes: the very batch the rollback sends, as a check.
-        check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
+        let (listed, _) = read_nft_for_rollback_of(u)?;
+        if let Some(b) = nft_delete_batch(u, &listed, None, u.table.is_some()).map_err(PolicyTxnError::Batch)? {
+            check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
+        }
     }
     let before = checked_docs::key(u);
     let docs = rollback_ipt_docs(u)?;

@@ -286,6 +286,21 @@ pub enum BatchError {
         /// Its length.
         len: usize,
     },
+    /// A delete by batch-local id names no rule this batch inserted.
+    #[error("chain {chain}: no rule with batch-local id {id} was inserted in this batch")]
+    UnknownRuleId {
+        /// Chain name.
+        chain: String,
+        /// The id.
+        id: u32,
+    },
+    /// An attribute could not be appended to a message (no message, or one that does not end
+    /// the buffer): a bug in the builder, refused rather than sent.
+    #[error("{what}: cannot append an attribute to it")]
+    Append {
+        /// The message.
+        what: String,
+    },
 }
 
 /// Encodes `table` as one batch equivalent to `replace_script(table)`: declare, delete and
@@ -475,7 +490,28 @@ pub struct BatchBuilder {
     set_ids: HashMap<(String, String), u32>,
     scratch: Scratch,
     echo_inserts: bool,
+    /// The rules [`BatchBuilder::insert_rule`] wrote, with the batch-local id each carries.
+    inserted: Vec<InsertedRule>,
 }
+
+/// A rule [`BatchBuilder::insert_rule`] wrote: where, its comment, and the batch-local rule id
+/// (`NFTA_RULE_ID`) a later message of the same batch can name it by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertedRule {
+    /// nft family (`ip`, `ip6`, `inet`).
+    pub family: String,
+    /// Table name.
+    pub table: String,
+    /// Chain name.
+    pub chain: String,
+    /// The rule's comment.
+    pub comment: String,
+    /// Its batch-local id (1, 2, … in the order written).
+    pub id: u32,
+}
+
+/// `NFTA_RULE_ID` (`enum nft_rule_attributes`): a rule's batch-local id, big-endian u32.
+const NFTA_RULE_ID: u16 = 9;
 
 impl BatchBuilder {
     /// Starts a batch: writes BATCH_BEGIN (with `NFNL_BATCH_GENID` when `genid` is Some).
@@ -489,6 +525,7 @@ impl BatchBuilder {
             set_ids: HashMap::new(),
             scratch: Scratch::new(),
             echo_inserts: false,
+            inserted: Vec::new(),
         };
         let attr = genid.map(|g| {
             let mut a = Vec::with_capacity(8);
@@ -800,7 +837,68 @@ impl BatchBuilder {
         self.push_written_echo(kind, what, echo, |buf, seq| {
             // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
             unsafe { r.write(buf, seq, MsgType::Add) }
-        })
+        })?;
+        let id = self.inserted.len() as u32 + 1;
+        self.append_u32_attr(NFTA_RULE_ID, id)?;
+        self.inserted.push(InsertedRule {
+            family: family.to_string(),
+            table: table.to_string(),
+            chain: chain.to_string(),
+            comment: comment.to_string(),
+            id,
+        });
+        Ok(())
+    }
+
+    /// The rules [`BatchBuilder::insert_rule`] wrote so far, in order, with their batch-local ids.
+    pub fn inserted(&self) -> &[InsertedRule] {
+        &self.inserted
+    }
+
+    /// DELRULE of a rule inserted earlier in **this** batch, named by its batch-local id
+    /// ([`InsertedRule::id`], `NFTA_RULE_ID`) — a rule without a handle yet: how a check batch
+    /// proves that the rollback's deletes would be accepted after the insertions. The kernel
+    /// refuses the batch (`ENOENT`) when no rule of `chain` added in this batch has that id.
+    /// (A DELRULE naming a chain but neither a handle nor an id would flush the chain: the id
+    /// is appended and checked here, never left out.)
+    pub fn delete_inserted_rule(&mut self, rule: &InsertedRule) -> Result<(), BatchError> {
+        let InsertedRule { family, table, chain, id, .. } = rule;
+        if !self.inserted.iter().any(|r| r == rule) {
+            return Err(BatchError::UnknownRuleId { chain: chain.clone(), id: *id });
+        }
+        let pf = proto_family_of(family).ok_or_else(|| BatchError::Family(family.to_string()))?;
+        let t = Table::new(cstring("table name", table)?, pf);
+        let c = Chain::new(cstring("chain name", chain)?, &t);
+        let r = Rule::new(&c);
+        let what = format!("delete rule {family} {table} {chain} id {id} (inserted above, {})", rule.comment);
+        self.push_written(MsgKind::DelRule, what, |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
+            unsafe { r.write(buf, seq, MsgType::Del) }
+        })?;
+        self.append_u32_attr(NFTA_RULE_ID, *id)
+    }
+
+    /// Appends the attribute `ty` = `value` (big-endian u32) to the last message written and
+    /// grows its length. nftnl pads every attribute it writes, so the message ends at the end
+    /// of the buffer; anything else is refused rather than guessed at.
+    fn append_u32_attr(&mut self, ty: u16, value: u32) -> Result<(), BatchError> {
+        let Some(last) = self.msgs.last_mut() else {
+            return Err(BatchError::Append { what: "the batch (no message yet)".into() });
+        };
+        let new_len = last.len + 8;
+        if last.offset + last.len != self.bytes.len() || last.len % 4 != 0 {
+            return Err(BatchError::Append { what: last.what.clone() });
+        }
+        if new_len > u32::MAX as usize {
+            return Err(BatchError::TooLarge { what: last.what.clone(), len: new_len });
+        }
+        self.bytes.extend_from_slice(&8u16.to_ne_bytes());
+        self.bytes.extend_from_slice(&ty.to_ne_bytes());
+        self.bytes.extend_from_slice(&value.to_be_bytes());
+        last.len = new_len;
+        let at = last.offset;
+        self.bytes[at..at + 4].copy_from_slice(&(new_len as u32).to_ne_bytes());
+        Ok(())
     }
 
     /// DELRULE: the rule with `handle` in `chain` of `table` (nft family `family`). The kernel
@@ -1134,6 +1232,48 @@ mod tests {
         assert_eq!(msgs[5].flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND);
         assert_eq!(get(&attrs(&msgs[5].payload), 6), None);
         assert_eq!(msgs[5].payload[0], libc::NFPROTO_IPV6 as u8);
+    }
+
+    #[test]
+    fn inserted_rules_carry_batch_local_ids_and_are_deleted_by_them() {
+        use crate::render::nft_expr::Expr;
+        let mut b = BatchBuilder::new(None);
+        b.insert_rule("ip", "h4", "in4", RulePosition::Before(9), &[Expr::Notrack], "ctguard:t", "ins".into())
+            .expect("ok");
+        b.echo_inserts(true);
+        b.insert_rule("inet", "h", "c", RulePosition::Append, &[Expr::Notrack], "ctguard:t", "add".into())
+            .expect("ok");
+        let inserted = b.inserted().to_vec();
+        assert_eq!(inserted.iter().map(|r| (r.chain.as_str(), r.id)).collect::<Vec<_>>(), vec![("in4", 1), ("c", 2)]);
+        assert_eq!(inserted[1].comment, "ctguard:t");
+        b.delete_inserted_rule(&inserted[1]).expect("ok");
+        b.delete_inserted_rule(&inserted[0]).expect("ok");
+        // An id this batch never gave out is refused here, not sent (it would flush nothing,
+        // but a DELRULE without an id must never be written).
+        let stranger = InsertedRule { id: 7, ..inserted[0].clone() };
+        assert!(matches!(b.delete_inserted_rule(&stranger), Err(BatchError::UnknownRuleId { id: 7, .. })));
+        let buf = b.finish_check();
+        use MsgKind::*;
+        assert_eq!(kinds(&buf), vec![BatchBegin, InsertRule, NewRule, DelRule, DelRule]);
+        let msgs = walk(buf.as_bytes());
+        let get = |a: &Vec<(u16, Vec<u8>)>, t: u16| a.iter().find(|x| x.0 == t).map(|x| x.1.clone());
+        // Every rule message: NFTA_RULE_ID (9); the inserts keep their position and echo flags.
+        for (i, id) in [(1usize, 1u32), (2, 2), (3, 2), (4, 1)] {
+            assert_eq!(get(&attrs(&msgs[i].payload), 9), Some(id.to_be_bytes().to_vec()), "message {i}");
+        }
+        assert_eq!(get(&attrs(&msgs[1].payload), 6), Some(9u64.to_be_bytes().to_vec()));
+        assert_eq!(msgs[2].flags & NLM_F_ECHO, NLM_F_ECHO);
+        // The deletes: table and chain, the id, never a handle; family from the insert.
+        for (i, table, chain) in [(3usize, "h", "c"), (4, "h4", "in4")] {
+            let a = attrs(&msgs[i].payload);
+            assert_eq!(get(&a, 1), Some(format!("{table}\0").into_bytes()));
+            assert_eq!(get(&a, 2), Some(format!("{chain}\0").into_bytes()));
+            assert_eq!(get(&a, 3), None, "a delete by id carries no handle");
+            assert_eq!(msgs[i].flags, NLM_F_REQUEST | NLM_F_ACK);
+        }
+        assert_eq!(msgs[4].payload[0], libc::NFPROTO_IPV4 as u8);
+        // Lengths stay consistent after the appended attributes (walk checks every one).
+        assert_eq!(msgs.iter().map(|m| m.len.next_multiple_of(4)).sum::<usize>(), buf.as_bytes().len());
     }
 
     #[test]
