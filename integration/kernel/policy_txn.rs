@@ -7,8 +7,7 @@ use std::time::Instant;
 
 use ctguard::backend::policy_txn::{
     after_listing, apply, check_rollback, listing, nft_rollback_already_checked, prepare, rollback, scope_listing,
-    PolicyRequest, PolicyTxnError,
-    PolicyUndo, Prepared,
+    PolicyRequest, PolicyTxnError, PolicyUndo, Prepared,
 };
 use ctguard::exit::Exit;
 use ctguard::model::auto::MachineFacts;

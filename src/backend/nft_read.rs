@@ -733,8 +733,32 @@ pub fn build(
     rules: &[RawRule],
     ifnames: IfNames<'_>,
 ) -> NftRuleset {
-    let mut out = NftRuleset { tables: tables.to_vec(), fw: FwTables::default() };
     let set_map: Sets<'_> = sets.iter().map(|s| ((s.family.as_str(), s.table.as_str(), s.name.as_str()), s)).collect();
+    let converted = rules.iter().map(|r| convert_rule(r, &set_map, ifnames)).collect();
+    assemble(tables, chains, rules, converted)
+}
+
+/// True when converting `r` looks a set up (a lookup, a verdict map, a meter or an object
+/// reference): only then does [`convert_rule`] need the sets and their elements.
+fn references_a_set(r: &RawRule) -> bool {
+    r.exprs.iter().any(|e| matches!(e, Expr::Lookup { .. } | Expr::Stmt { meter_set: Some(_), .. }))
+}
+
+/// [`convert_rule`] of `r` when it looks no set up (the same result as with every set and its
+/// elements at hand), else `None`: what the reader converts while the kernel is still dumping.
+fn convert_without_sets(r: &RawRule, ifnames: IfNames<'_>) -> Option<Vec<FwRule>> {
+    (!references_a_set(r)).then(|| convert_rule(r, &Sets::new(), ifnames))
+}
+
+/// The model of [`build`] from the rules already converted (`converted[i]` is
+/// [`convert_rule`] of `rules[i]`): chains table by table, rules in the kernel's order.
+fn assemble(
+    tables: &[(String, String)],
+    chains: &[RawChain],
+    rules: &[RawRule],
+    converted: Vec<Vec<FwRule>>,
+) -> NftRuleset {
+    let mut out = NftRuleset { tables: tables.to_vec(), fw: FwTables::default() };
     let mut chain_index: HashMap<(&str, &str, &str), usize> = HashMap::new();
     // nft lists the chains table by table, in the tables' order.
     for (tf, tn) in tables {
@@ -759,11 +783,11 @@ pub fn build(
     }
     let bindings: std::collections::HashSet<(&str, &str, &str)> =
         chains.iter().filter(|c| c.binding).map(|c| (c.family.as_str(), c.table.as_str(), c.name.as_str())).collect();
-    for r in rules {
+    for (r, model) in rules.iter().zip(converted) {
         let Some(&ci) = chain_index.get(&(r.family.as_str(), r.table.as_str(), r.chain.as_str())) else { continue };
         let chain = &mut out.fw.chains[ci];
         let index = chain.rules.last().map_or(0, |r: &FwRule| r.index) + 1;
-        for mut rule in convert_rule(r, &set_map, ifnames) {
+        for mut rule in model {
             // nft's JSON drops a jump into a binding chain (nft 1.0.6: "stmt ops chain have no
             // json callback"), so nft_json sees no verdict; what that chain does is unknown
             // here: say so instead of "continue".
@@ -1559,6 +1583,25 @@ struct Raw {
     chains: Vec<RawChain>,
     sets: Vec<RawSet>,
     rules: Vec<RawRule>,
+    /// `early[i]`: [`convert_without_sets`] of `rules[i]`, done while the kernel dumped.
+    early: Vec<Option<Vec<FwRule>>>,
+}
+
+impl Raw {
+    /// [`build`] of these objects, converting only the rules the dump left for later (those
+    /// that look a set up, now that the sets' elements are read). Consumes the conversions.
+    fn build(&mut self, ifnames: IfNames<'_>) -> NftRuleset {
+        let set_map: Sets<'_> =
+            self.sets.iter().map(|s| ((s.family.as_str(), s.table.as_str(), s.name.as_str()), s)).collect();
+        let early = std::mem::take(&mut self.early);
+        let converted = self
+            .rules
+            .iter()
+            .zip(early)
+            .map(|(r, done)| done.unwrap_or_else(|| convert_rule(r, &set_map, ifnames)))
+            .collect();
+        assemble(&self.tables, &self.chains, &self.rules, converted)
+    }
 }
 
 fn malformed(what: &str) -> NetlinkError {
@@ -1572,10 +1615,15 @@ fn malformed(what: &str) -> NetlinkError {
 /// part of a big dump (most of it, and quadratic in the chain length) overlaps with decoding.
 /// The spawned thread shares this thread's network namespace (a new thread starts in its
 /// creator's). Returns the rules in the kernel's order and whether any dump was interrupted.
-fn dump_rules_decoding(requests: &[(u8, Option<Vec<u8>>)]) -> Result<(Vec<RawRule>, bool), NetlinkError> {
+#[allow(clippy::type_complexity)]
+fn dump_rules_decoding(
+    requests: &[(u8, Option<Vec<u8>>)],
+    ifnames: IfNames<'_>,
+) -> Result<(Vec<RawRule>, Vec<Option<Vec<FwRule>>>, bool), NetlinkError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<netlink::DumpMsg>>(256);
     std::thread::scope(|scope| {
         let dumper = scope.spawn(move || -> Result<bool, NetlinkError> {
+            let _lap = crate::timing::Lap::start("read: rule dump (its thread)");
             let mut interrupted = false;
             let mut send = |batch| {
                 // The receiver stops only after a decoding error; the dump then just ends.
@@ -1589,11 +1637,15 @@ fn dump_rules_decoding(requests: &[(u8, Option<Vec<u8>>)]) -> Result<(Vec<RawRul
             Ok(interrupted)
         });
         let mut rules = Vec::new();
+        let mut early = Vec::new();
         let mut bad = false;
         for batch in rx {
             for m in batch.iter().filter(|m| m.ty == NFT_MSG_NEWRULE) {
                 match decode_rule(&m.payload) {
-                    Some(r) => rules.push(r),
+                    Some(r) => {
+                        early.push(convert_without_sets(&r, ifnames));
+                        rules.push(r);
+                    }
                     None => bad = true,
                 }
             }
@@ -1607,7 +1659,7 @@ fn dump_rules_decoding(requests: &[(u8, Option<Vec<u8>>)]) -> Result<(Vec<RawRul
         if bad {
             return Err(malformed("NEWRULE"));
         }
-        Ok((rules, interrupted))
+        Ok((rules, early, interrupted))
     })
 }
 
@@ -1648,7 +1700,9 @@ fn read_once(skip: &[(String, String)]) -> Result<Option<Raw>, NetlinkError> {
             })
             .collect()
     };
-    let (rules, rules_interrupted) = dump_rules_decoding(&requests)?;
+    let lap = crate::timing::Lap::start("read: rule dump and decode");
+    let (rules, early, rules_interrupted) = dump_rules_decoding(&requests, &ifname_of)?;
+    drop(lap);
     interrupted |= rules_interrupted;
     // Elements of the sets the rules look up (the others do not change the model).
     let mut used: std::collections::HashSet<(&str, &str, &str)> = std::collections::HashSet::new();
@@ -1674,7 +1728,7 @@ fn read_once(skip: &[(String, String)]) -> Result<Option<Raw>, NetlinkError> {
             s.elems.extend(decode_elems(&m.payload));
         }
     }
-    Ok((!interrupted).then_some(Raw { tables, chains, sets, rules }))
+    Ok((!interrupted).then_some(Raw { tables, chains, sets, rules, early }))
 }
 
 /// The interface name of `index` in the calling thread's namespace.
@@ -1734,7 +1788,8 @@ fn read_consistent<T>(
             continue;
         }
         let _lap = crate::timing::Lap::start("read: nft model");
-        let set = build(&raw.tables, &raw.chains, &raw.sets, &raw.rules, &ifname_of);
+        let mut raw = raw;
+        let set = raw.build(&ifname_of);
         let extra = with(&raw);
         return Ok((set, before, extra));
     }

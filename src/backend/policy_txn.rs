@@ -489,8 +489,6 @@ pub struct Prepared {
     delete_table: bool,
     dumps: Vec<(Variant, bool, String)>,
     undo: PolicyUndo,
-    /// The nft listing at the snapshot (see [`Snapshot`]).
-    snapshot_text: String,
     /// The sysctls the scope listings show.
     scope_keys: Vec<SysctlKey>,
     /// `table inet ctguard` at the snapshot, as nft lists it.
@@ -581,9 +579,6 @@ struct Snapshot {
     /// [`strip_previous`]).
     listed: Vec<nft_text::ListedRule>,
     table_text: Option<String>,
-    /// The nft ruleset as read, rendered ([`ruleset_text`]): what a foreign change is
-    /// described against.
-    text: String,
 }
 
 fn snapshot() -> Result<Snapshot, PolicyTxnError> {
@@ -591,7 +586,6 @@ fn snapshot() -> Result<Snapshot, PolicyTxnError> {
         let g0 = get_genid().map_err(PolicyTxnError::Genid)?;
         let live = live_backend::read().map_err(PolicyTxnError::Live)?;
         let listed = listed_of_ruleset(&live.nft);
-        let text = ruleset_text(&live.nft);
         // ctguard's own table as nft prints it (what a rollback loads back), only when it
         // exists: `nft list table` of a small table, not a listing of the ruleset.
         let table_text = if live.nft.has_table("inet", TABLE_NAME) || live_backend::nft_read_json() {
@@ -601,7 +595,7 @@ fn snapshot() -> Result<Snapshot, PolicyTxnError> {
         };
         let g1 = get_genid().map_err(PolicyTxnError::Genid)?;
         if g0 == g1 {
-            return Ok(Snapshot { genid: g0, live, listed, table_text, text });
+            return Ok(Snapshot { genid: g0, live, listed, table_text });
         }
         tracing::debug!(attempt, g0, g1, "the generation id moved during the snapshot; reading again");
     }
@@ -1064,7 +1058,6 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         delete_table,
         dumps,
         undo,
-        snapshot_text: snap.text,
         scope_keys: keys,
         scope_table_text: snap.table_text,
         scope_listed,
@@ -1324,7 +1317,7 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         return Err(PolicyTxnError::Stale(format!(
             "nf_tables generation {} is now {g}: {}",
             p.genid,
-            foreign_change_summary(&p.snapshot_text)
+            foreign_change_summary(&ruleset_text(&p.live.nft))
         )));
     }
     for (v, v6, text) in &p.dumps {

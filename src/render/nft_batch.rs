@@ -1241,8 +1241,7 @@ mod tests {
         b.insert_rule("ip", "h4", "in4", RulePosition::Before(9), &[Expr::Notrack], "ctguard:t", "ins".into())
             .expect("ok");
         b.echo_inserts(true);
-        b.insert_rule("inet", "h", "c", RulePosition::Append, &[Expr::Notrack], "ctguard:t", "add".into())
-            .expect("ok");
+        b.insert_rule("inet", "h", "c", RulePosition::Append, &[Expr::Notrack], "ctguard:t", "add".into()).expect("ok");
         let inserted = b.inserted().to_vec();
         assert_eq!(inserted.iter().map(|r| (r.chain.as_str(), r.id)).collect::<Vec<_>>(), vec![("in4", 1), ("c", 2)]);
         assert_eq!(inserted[1].comment, "ctguard:t");
