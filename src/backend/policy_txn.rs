@@ -575,9 +575,6 @@ fn boxed(e: impl StdError + Send + Sync + 'static) -> Box<dyn StdError + Send + 
 struct Snapshot {
     genid: u32,
     live: LiveState,
-    /// Every nft rule's place, handle and comment, from the live state (`text` empty: see
-    /// [`strip_previous`]).
-    listed: Vec<nft_text::ListedRule>,
     table_text: Option<String>,
 }
 
@@ -585,7 +582,6 @@ fn snapshot() -> Result<Snapshot, PolicyTxnError> {
     for attempt in 1..=SNAPSHOT_ATTEMPTS {
         let g0 = get_genid().map_err(PolicyTxnError::Genid)?;
         let live = live_backend::read().map_err(PolicyTxnError::Live)?;
-        let listed = listed_of_ruleset(&live.nft);
         // ctguard's own table as nft prints it (what a rollback loads back), only when it
         // exists: `nft list table` of a small table, not a listing of the ruleset.
         let table_text = if live.nft.has_table("inet", TABLE_NAME) || live_backend::nft_read_json() {
@@ -595,35 +591,39 @@ fn snapshot() -> Result<Snapshot, PolicyTxnError> {
         };
         let g1 = get_genid().map_err(PolicyTxnError::Genid)?;
         if g0 == g1 {
-            return Ok(Snapshot { genid: g0, live, listed, table_text });
+            return Ok(Snapshot { genid: g0, live, table_text });
         }
         tracing::debug!(attempt, g0, g1, "the generation id moved during the snapshot; reading again");
     }
     Err(PolicyTxnError::Unstable { attempts: SNAPSHOT_ATTEMPTS })
 }
 
-/// Every rule of the nft ruleset as (place, handle, comment), one per nft rule (a verdict map's
-/// expansion shares its rule's handle). `text` is left empty.
-fn listed_of_ruleset(r: &nft_json::NftRuleset) -> Vec<nft_text::ListedRule> {
+/// The rules of nft chain `c` of table `t` (family `f`) in `r` as (place, handle, comment), one
+/// per nft rule (a verdict map's expansion shares its rule's handle), in order; `text` left
+/// empty. Only the chains a transaction looks at are listed (a whole-ruleset list cost 4
+/// allocations a rule). Pure.
+fn listed_in(r: &nft_json::NftRuleset, f: &str, t: &str, c: &str) -> Vec<nft_text::ListedRule> {
     let mut out: Vec<nft_text::ListedRule> = Vec::new();
-    for ch in &r.fw.chains {
-        let Owner::Nft { family, table } = &ch.owner else { continue };
-        let mut last = None;
-        for rule in &ch.rules {
-            let Some(handle) = rule.handle else { continue };
-            if last == Some(handle) {
-                continue;
-            }
-            last = Some(handle);
-            out.push(nft_text::ListedRule {
-                family: family.clone(),
-                table: table.clone(),
-                chain: ch.name.clone(),
-                handle,
-                text: String::new(),
-                comment: rule.comment.clone(),
-            });
+    let chain =
+        r.fw.chains
+            .iter()
+            .find(|ch| ch.name == c && matches!(&ch.owner, Owner::Nft { family, table } if family == f && table == t));
+    let Some(ch) = chain else { return out };
+    let mut last = None;
+    for rule in &ch.rules {
+        let Some(handle) = rule.handle else { continue };
+        if last == Some(handle) {
+            continue;
         }
+        last = Some(handle);
+        out.push(nft_text::ListedRule {
+            family: f.to_string(),
+            table: t.to_string(),
+            chain: c.to_string(),
+            handle,
+            text: String::new(),
+            comment: rule.comment.clone(),
+        });
     }
     out
 }
@@ -707,8 +707,8 @@ fn strip_previous(snap: &Snapshot, previous: Option<&PolicyUndo>) -> Result<(FwT
     nft_chains.sort_unstable();
     nft_chains.dedup();
     for (f, t, c) in &nft_chains {
-        let rules: Vec<&nft_text::ListedRule> =
-            snap.listed.iter().filter(|r| r.family == *f && r.table == *t && r.chain == *c).collect();
+        let listed = listed_in(&snap.live.nft, f, t, c);
+        let rules: Vec<&nft_text::ListedRule> = listed.iter().collect();
         for (i, r) in rules.iter().enumerate() {
             if r.comment.as_deref() != Some(tag) {
                 continue;
@@ -817,8 +817,12 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
     drop(lap);
     crate::fault::foreign_change("prepare:foreign-change");
     let lap = crate::timing::Lap::start("prepare: plan");
+    let sub = crate::timing::Lap::start("plan: the chains without the previous transaction");
     let (tables, removed) = strip_previous(&snap, req.previous.as_ref())?;
+    drop(sub);
+    let sub = crate::timing::Lap::start("plan: insertions");
     let plan = plan_chains(policy, &tables, tag);
+    drop(sub);
 
     // Sysctls.
     let sysctl_live = live_backend::read_sysctls(policy.sysctl.keys()).map_err(PolicyTxnError::Live)?;
@@ -834,9 +838,11 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         .collect();
 
     // Lint.
+    let sub = crate::timing::Lap::start("plan: lint");
     let findings = lint(&LintInput { policy, tables: &tables, plan: &plan, sysctls: &sysctls, ssh: req.ssh });
     let errors: Vec<String> =
         findings.iter().filter(|f| f.severity == Severity::Error).map(|f| f.to_string()).collect();
+    drop(sub);
     if !errors.is_empty() && !req.force && mode.refuse_on_lint {
         return Err(PolicyTxnError::Lint(errors));
     }
@@ -1032,11 +1038,8 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
     drop(lap);
     let before = scope_listing_at_snapshot(&undo, &keys, &snap)?;
     let scope: Vec<(&str, &str, &str)> = scope_chains(&undo);
-    let scope_listed: Vec<nft_text::ListedRule> = snap
-        .listed
-        .into_iter()
-        .filter(|r| scope.contains(&(r.family.as_str(), r.table.as_str(), r.chain.as_str())))
-        .collect();
+    let scope_listed: Vec<nft_text::ListedRule> =
+        scope.iter().flat_map(|(f, t, c)| listed_in(&snap.live.nft, f, t, c)).collect();
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -1391,7 +1394,10 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         Err(e) => return Err(compensate(&done, "encoding the nft batch", boxed(e))),
     };
     if let Some(batch) = batch {
-        let echoed = match send_batch_echoed(&batch) {
+        let lap = crate::timing::Lap::start("apply: the nft commit");
+        let echoed = send_batch_echoed(&batch);
+        drop(lap);
+        let echoed = match echoed {
             Ok(r) => r,
             Err(e) => {
                 return Err(match e {
@@ -2312,7 +2318,12 @@ pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, Polic
 fn scope_listing_at_snapshot(u: &PolicyUndo, keys: &[SysctlKey], snap: &Snapshot) -> Result<String, PolicyTxnError> {
     let chains = scope_chains(u)
         .into_iter()
-        .map(|(f, t, c)| ((f.to_string(), t.to_string(), c.to_string()), chain_rules_of(&snap.listed, f, t, c)))
+        .map(|(f, t, c)| {
+            (
+                (f.to_string(), t.to_string(), c.to_string()),
+                chain_rules_of(&listed_in(&snap.live.nft, f, t, c), f, t, c),
+            )
+        })
         .collect::<Vec<_>>();
     let saves = snapshot_saves(&snap.live);
     Ok(scope_text(u, snap.table_text.as_deref(), &chains, &saves, &read_keys(keys)?))
