@@ -417,3 +417,39 @@ fn batch_whose_last_message_is_bad_is_refused_whole() {
         assert_eq!(get_genid().expect("genid"), g, "nothing committed");
     });
 }
+
+/// The generation id of the calling thread's namespace read on a brand-new thread (which opens
+/// a socket of its own there): what a kept socket must agree with.
+fn genid_on_a_fresh_thread() -> u32 {
+    std::thread::scope(|s| s.spawn(|| get_genid().expect("genid")).join().expect("thread"))
+}
+
+/// Issue 16 (closing a NETLINK_NETFILTER socket waits for the last commit's deferred
+/// destruction, an RCU grace period): the generation id is read on a socket the thread keeps,
+/// and the socket a commit went out on is closed on another thread. A kept socket must follow
+/// its thread into another namespace (never answer for the one it was opened in), and commits
+/// in quick succession — each closing its socket later — must each land, in order.
+#[test]
+fn kept_genid_socket_follows_its_thread_and_quick_commits_all_land() {
+    let t = table(&Policy::builtin());
+    in_fresh_netns(|| {
+        let g0 = get_genid().expect("genid");
+        assert_eq!(g0, genid_on_a_fresh_thread());
+        // Five commits back to back, each read back at once on the kept socket.
+        for i in 1..=5u32 {
+            send_batch(&encode(&t, Some(get_genid().expect("genid"))).expect("encodes")).expect("commit");
+            assert_eq!(get_genid().expect("genid"), g0.wrapping_add(i), "commit {i} is visible at once");
+        }
+        assert!(list_ctguard().contains("chain prerouting"));
+        let here = genid_on_a_fresh_thread();
+        assert_eq!(get_genid().expect("genid"), here);
+        // Into another fresh namespace on the same thread: the kept socket is not reused.
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare");
+        assert!(!in_initial_netns());
+        assert_eq!(tables(), "", "a new namespace");
+        let there = genid_on_a_fresh_thread();
+        assert_eq!(get_genid().expect("genid"), there, "the generation id of the namespace the thread is in now");
+        nft(&["add", "table", "ip", "moved"], None);
+        assert_eq!(get_genid().expect("genid"), there.wrapping_add(1));
+    });
+}

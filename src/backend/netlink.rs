@@ -259,6 +259,10 @@ impl NfSocket {
     fn open() -> Result<NfSocket, NetlinkError> {
         let sock = mnl::Socket::new(mnl::Bus::Netfilter).map_err(NetlinkError::Socket)?;
         let fd = sock.as_raw_fd();
+        // libmnl opens without SOCK_CLOEXEC: no tool ctguard runs inherits the socket (one
+        // stays open per thread, see `with_thread_socket`).
+        // SAFETY: fcntl on a descriptor `sock` owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         // Best effort: without CAP_ACK error replies echo the request (the buffer fits them);
         // without EXT_ACK there is no error text.
         let _ = setsockopt_int(fd, libc::SOL_NETLINK, NETLINK_CAP_ACK, 1);
@@ -510,6 +514,9 @@ fn exchange(batch: &BatchBuffer) -> Result<Vec<RuleInfo>, NetlinkError> {
             }
         }
     }
+    if !check {
+        close_later(s);
+    }
     outcome(batch, &got, &expected, ends_acked && !check)?;
     echoed.sort_by_key(|r| r.seq.wrapping_sub(FIRST_SEQ));
     Ok(echoed)
@@ -571,8 +578,17 @@ fn outcome(
 /// ([`crate::render::nft_batch::encode`]`(…, Some(id))`) is refused if another commit happened
 /// in between.
 pub fn get_genid() -> Result<u32, NetlinkError> {
-    let mut s = NfSocket::open()?;
-    let seq = FIRST_SEQ;
+    // A socket kept open on this thread (see `thread_socket`); a fresh one when that fails,
+    // so a broken cached socket costs one retry, never a wrong answer.
+    match with_thread_socket(genid_on) {
+        Ok(g) => Ok(g),
+        Err(_) => genid_on(&mut NfSocket::open()?, FIRST_SEQ),
+    }
+}
+
+/// GETGEN on `s` with sequence number `seq`; replies to other sequence numbers (left over on a
+/// reused socket) are skipped.
+fn genid_on(s: &mut NfSocket, seq: u32) -> Result<u32, NetlinkError> {
     let mut req = Vec::with_capacity(NLMSG_HDRLEN + 4);
     req.extend_from_slice(&((NLMSG_HDRLEN + 4) as u32).to_ne_bytes());
     req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | libc::NFT_MSG_GETGEN as u16).to_ne_bytes());
@@ -609,6 +625,58 @@ pub fn get_genid() -> Result<u32, NetlinkError> {
             }
         }
     }
+}
+
+thread_local! {
+    /// This thread's kept NETLINK_NETFILTER socket: the namespace it was opened in (device,
+    /// inode), the socket, the next sequence number.
+    static THREAD_SOCKET: std::cell::RefCell<Option<((u64, u64), NfSocket, u32)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` on a NETLINK_NETFILTER socket kept open on the calling thread for its current
+/// network namespace (opened on first use, and again when the thread moved to another
+/// namespace), with a sequence number no earlier request on it used. A socket `f` fails on is
+/// dropped, not kept.
+///
+/// Why keep one: closing a NETLINK_NETFILTER socket makes nf_tables finish the deferred
+/// destruction of the last commit first (`nft_rcv_nl_event` flushes its destroy work, which
+/// waits for an RCU grace period: 10–15 ms here). A short query on a fresh socket right after a
+/// commit — the generation id apply and the rollback check read — would wait for it.
+fn with_thread_socket<T>(f: impl FnOnce(&mut NfSocket, u32) -> Result<T, NetlinkError>) -> Result<T, NetlinkError> {
+    let ns = crate::netns::current_id().unwrap_or((0, 0));
+    let kept = THREAD_SOCKET.with(|k| k.borrow_mut().take());
+    let (mut sock, seq) = match kept {
+        Some((id, sock, seq)) if id == ns => (sock, seq),
+        // Another namespace's socket: dropped here (this thread left that namespace).
+        _ => (NfSocket::open()?, FIRST_SEQ),
+    };
+    let r = f(&mut sock, seq);
+    if r.is_ok() {
+        let next = seq.wrapping_add(1).max(FIRST_SEQ);
+        THREAD_SOCKET.with(|k| *k.borrow_mut() = Some((ns, sock, next)));
+    }
+    r
+}
+
+/// Closes a socket a commit was sent on without waiting: on a thread of its own, since the
+/// close waits for the commit's deferred destruction (an RCU grace period, see
+/// [`with_thread_socket`]) and nothing the caller does next depends on it. Inline when no
+/// thread can be started.
+fn close_later(s: NfSocket) {
+    // The socket object cannot cross threads; its file can. A duplicate descriptor keeps the
+    // file open, so closing the original returns at once; the duplicate is the last reference.
+    // SAFETY: a close-on-exec duplicate of a descriptor `s` owns, owned by `last` alone.
+    let dup = unsafe { libc::fcntl(s.sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        drop(s);
+        return;
+    }
+    // SAFETY: `dup` is a fresh descriptor nothing else owns.
+    let last = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    drop(s);
+    // If no thread starts, the closure (and `last` with it) is dropped here: closed inline.
+    let _ = std::thread::Builder::new().name("ctguard-nl-close".into()).spawn(move || drop(last));
 }
 
 /// nft family keyword of an `NFPROTO_*` value, as `nft list tables` prints it.
