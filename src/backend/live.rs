@@ -34,6 +34,9 @@ pub enum LiveError {
         #[source]
         source: SaveParseError,
     },
+    /// The thread running a save tool panicked.
+    #[error("reading an iptables save: its thread panicked")]
+    SavePanicked,
     /// A sysctl could not be read.
     #[error(transparent)]
     Sysctl(#[from] crate::sysctl::SysctlError),
@@ -113,10 +116,25 @@ pub fn ipt_nft_tables(iptables: &[IptDump]) -> Vec<(String, String)> {
 /// A table iptables-nft calls incompatible is left to nft; any other refusal is an error.
 pub fn read_saves(tables: Option<&[(String, String)]>) -> Result<Vec<IptDump>, LiveError> {
     let _lap = crate::timing::Lap::start("read: iptables saves");
+    let installed: Vec<(&str, IptVariant, bool, Tool)> = SAVE_TOOLS
+        .iter()
+        .filter_map(|&(name, variant, v6)| Tool::find(name).ok().map(|t| (name, variant, v6, t)))
+        .collect();
+    // The tools that have something to print run side by side (each is mostly its own start-up
+    // and the kernel's dump); a thread started here is in this thread's namespace.
+    let outputs: Vec<Result<String, LiveError>> = std::thread::scope(|s| {
+        let runs: Vec<_> = installed
+            .iter()
+            .map(|(_, variant, v6, tool)| {
+                let empty = save_would_be_empty(*variant, *v6, tables);
+                s.spawn(move || if empty { Ok(String::new()) } else { tool.run(&[], None).map_err(LiveError::from) })
+            })
+            .collect();
+        runs.into_iter().map(|h| h.join().unwrap_or(Err(LiveError::SavePanicked))).collect()
+    });
     let mut out = Vec::new();
-    for &(name, variant, v6) in SAVE_TOOLS {
-        let Ok(tool) = Tool::find(name) else { continue };
-        let saved = if save_would_be_empty(variant, v6, tables) { String::new() } else { tool.run(&[], None)? };
+    for ((name, variant, v6, _), saved) in installed.into_iter().zip(outputs) {
+        let saved = saved?;
         // A table iptables-nft calls incompatible is a native nft table: nft's JSON has it.
         let (text, native) = iptables_save::without_incompatible(&saved);
         if !native.is_empty() {
