@@ -126,11 +126,16 @@ pub fn read_saves(tables: Option<&[(String, String)]>) -> Result<Vec<IptDump>, L
         let runs: Vec<_> = installed
             .iter()
             .map(|(_, variant, v6, tool)| {
-                let empty = save_would_be_empty(*variant, *v6, tables);
-                s.spawn(move || if empty { Ok(String::new()) } else { tool.run(&[], None).map_err(LiveError::from) })
+                (!save_would_be_empty(*variant, *v6, tables))
+                    .then(|| s.spawn(move || tool.run(&[], None).map_err(LiveError::from)))
             })
             .collect();
-        runs.into_iter().map(|h| h.join().unwrap_or(Err(LiveError::SavePanicked))).collect()
+        runs.into_iter()
+            .map(|h| match h {
+                Some(h) => h.join().unwrap_or(Err(LiveError::SavePanicked)),
+                None => Ok(String::new()),
+            })
+            .collect()
     });
     let mut out = Vec::new();
     for ((name, variant, v6, _), saved) in installed.into_iter().zip(outputs) {
