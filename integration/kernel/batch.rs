@@ -453,3 +453,28 @@ fn kept_genid_socket_follows_its_thread_and_quick_commits_all_land() {
         assert_eq!(get_genid().expect("genid"), there.wrapping_add(1));
     });
 }
+
+/// [`BatchBuilder::create_table`] (a fresh apply's table, issue 16) is refused whole when the
+/// table exists, even by a batch without a generation id: nothing is added to another writer's
+/// `table inet ctguard`.
+#[test]
+fn created_table_is_refused_over_an_existing_one() {
+    let t = table(&Policy::builtin());
+    in_fresh_netns(|| {
+        let build = || {
+            let mut b = BatchBuilder::new(None);
+            b.create_table(&t).expect("encodes");
+            b.finish()
+        };
+        send_batch(&build()).expect("created in an empty namespace");
+        let first = list_ctguard();
+        assert!(first.contains("chain prerouting"));
+        match send_batch(&build()) {
+            Err(NetlinkError::Refused { source, what, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::EEXIST), "{what}: {source}");
+            }
+            other => panic!("expected EEXIST, got {other:?}"),
+        }
+        assert_eq!(list_ctguard(), first, "nothing appended");
+    });
+}

@@ -85,6 +85,31 @@ fn a_foreign_change_before_the_batch_is_refused_by_the_kernel_as_retryable() {
     assert_same(&before, &list(&ns, &[]), "nothing of ctguard's is applied");
 }
 
+/// Regression (issue 16: a fresh apply now creates `table inet ctguard` instead of declaring,
+/// deleting and recreating it, so its commit leaves nf_tables nothing to destroy): another
+/// writer that creates a `table inet ctguard` of its own between ctguard's read (which found
+/// none) and the commit never gets ctguard's chains and rules added to it — the commit is
+/// refused (the generation id moved; the table's NEWTABLE is exclusive besides) and the other
+/// writer's table is left exactly as it was.
+#[test]
+fn a_ctguard_table_created_after_the_read_is_never_appended_to() {
+    let ns = Ns::new("cas-create");
+    ns.nft(HOST_FW);
+    let prepared = prep(&ns, &request(&policy(UDP53), "cas-c1", None));
+    let theirs = "table inet ctguard {\n\tchain mine {\n\t\tcounter packets 0 bytes 0\n\t}\n}\n";
+    ns.nft(theirs);
+    let before = list(&ns, &[]);
+    let err = ns
+        .run(|| apply(&prepared))
+        .err()
+        .unwrap_or_else(|| panic!("a commit over a table created since must be refused"));
+    eprintln!("policy_txn_cas: table created since the read: {}", chain(&err));
+    assert!(err.retryable(), "{}", chain(&err));
+    assert_same(&before, &list(&ns, &[]), "the other writer's table is untouched, nothing of ctguard's applied");
+    let listed = ns.exec("nft", &["list", "table", "inet", "ctguard"]);
+    assert!(listed.contains("chain mine") && !listed.contains("prerouting"), "{listed}");
+}
+
 #[test]
 fn a_generation_moved_past_ctguards_own_iptables_nft_step_undoes_it_and_is_retryable() {
     let ns = Ns::new("cas-iptnft");

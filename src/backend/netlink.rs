@@ -627,11 +627,13 @@ fn genid_on(s: &mut NfSocket, seq: u32) -> Result<u32, NetlinkError> {
     }
 }
 
+/// A kept socket: the namespace it was opened in (device, inode), the socket, the next
+/// sequence number.
+type KeptSocket = ((u64, u64), NfSocket, u32);
+
 thread_local! {
-    /// This thread's kept NETLINK_NETFILTER socket: the namespace it was opened in (device,
-    /// inode), the socket, the next sequence number.
-    static THREAD_SOCKET: std::cell::RefCell<Option<((u64, u64), NfSocket, u32)>> =
-        const { std::cell::RefCell::new(None) };
+    /// This thread's kept NETLINK_NETFILTER socket.
+    static THREAD_SOCKET: std::cell::RefCell<Option<KeptSocket>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` on a NETLINK_NETFILTER socket kept open on the calling thread for its current

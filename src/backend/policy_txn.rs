@@ -1210,7 +1210,13 @@ fn batch_builder(p: &Prepared, genid: Option<u32>) -> Result<Option<BatchBuilder
         }
     }
     if let Some(t) = &p.table {
-        b.replace_table(t)?;
+        if p.live.nft.has_table("inet", TABLE_NAME) {
+            b.replace_table(t)?;
+        } else {
+            // Absent at the snapshot, whose generation id the commit carries: created, not
+            // replaced (nothing for nf_tables to destroy after the commit).
+            b.create_table(t)?;
+        }
     }
     if p.delete_table {
         b.delete_table(TABLE_NAME)?;

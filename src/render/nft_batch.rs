@@ -64,6 +64,7 @@ const NLM_F_REQUEST: u16 = libc::NLM_F_REQUEST as u16;
 const NLM_F_ACK: u16 = libc::NLM_F_ACK as u16;
 const NLM_F_CREATE: u16 = libc::NLM_F_CREATE as u16;
 const NLM_F_APPEND: u16 = libc::NLM_F_APPEND as u16;
+const NLM_F_EXCL: u16 = libc::NLM_F_EXCL as u16;
 /// `NLM_F_ECHO`: the kernel sends the committed object back to the sender (after the commit).
 pub const NLM_F_ECHO: u16 = libc::NLM_F_ECHO as u16;
 const NLMSG_HDRLEN: usize = 16;
@@ -645,8 +646,29 @@ impl BatchBuilder {
         check(table)?;
         self.add_table(&table.name)?;
         self.delete_table(&table.name)?;
+        self.table_contents(table, false)
+    }
+
+    /// [`BatchBuilder::replace_table`] without the declare-and-delete: creates `table inet
+    /// <name>` with its sets, elements, chains and rules, for a table the caller read as absent
+    /// (its commit must carry the generation id of that read: a table another writer created
+    /// since makes the kernel refuse the batch, never get ctguard's objects added to it). A
+    /// commit that only adds leaves nf_tables nothing to destroy later, so closing its socket
+    /// does not wait for an RCU grace period; the delete of a replace does. An empty table
+    /// writes nothing.
+    pub fn create_table(&mut self, table: &TableIr) -> Result<(), BatchError> {
+        check(table)?;
+        self.table_contents(table, true)
+    }
+
+    /// The table's messages; with `exclusive` its NEWTABLE carries `NLM_F_EXCL` (the kernel
+    /// refuses it, `EEXIST`, when the table exists).
+    fn table_contents(&mut self, table: &TableIr, exclusive: bool) -> Result<(), BatchError> {
         if !table.is_empty() {
             self.add_table(&table.name)?;
+            if exclusive {
+                self.add_flags_to_last(NLM_F_EXCL);
+            }
             for set in &table.sets {
                 self.add_set(&table.name, set)?;
             }
@@ -876,6 +898,15 @@ impl BatchBuilder {
             unsafe { r.write(buf, seq, MsgType::Del) }
         })?;
         self.append_u32_attr(NFTA_RULE_ID, *id)
+    }
+
+    /// ORs `flags` into the netlink header flags of the last message written.
+    fn add_flags_to_last(&mut self, flags: u16) {
+        if let Some(last) = self.msgs.last() {
+            let at = last.offset + 6;
+            let now = u16::from_ne_bytes([self.bytes[at], self.bytes[at + 1]]) | flags;
+            self.bytes[at..at + 2].copy_from_slice(&now.to_ne_bytes());
+        }
     }
 
     /// Appends the attribute `ty` = `value` (big-endian u32) to the last message written and
@@ -1232,6 +1263,27 @@ mod tests {
         assert_eq!(msgs[5].flags, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND);
         assert_eq!(get(&attrs(&msgs[5].payload), 6), None);
         assert_eq!(msgs[5].payload[0], libc::NFPROTO_IPV6 as u8);
+    }
+
+    #[test]
+    fn create_table_writes_no_delete_and_an_exclusive_newtable() {
+        let t = table_for(&Policy::builtin(), &Tag::preview());
+        let mut b = BatchBuilder::new(Some(1));
+        b.create_table(&t).expect("ok");
+        let created = b.finish();
+        let mut b = BatchBuilder::new(Some(1));
+        b.replace_table(&t).expect("ok");
+        let replaced = b.finish();
+        use MsgKind::*;
+        let k = kinds(&created);
+        assert!(!k.contains(&DelTable), "{k:?}");
+        // The same messages as a replace, without its leading declare and delete.
+        assert_eq!(&kinds(&replaced)[3..], &k[1..]);
+        let msgs = walk(created.as_bytes());
+        assert_eq!(msgs[1].flags & NLM_F_EXCL, NLM_F_EXCL, "the NEWTABLE is exclusive");
+        assert!(msgs[2..].iter().all(|m| m.flags & NLM_F_EXCL == 0), "only the table");
+        let r = walk(replaced.as_bytes());
+        assert!(r.iter().all(|m| m.flags & NLM_F_EXCL == 0), "a replace declares without EXCL");
     }
 
     #[test]
