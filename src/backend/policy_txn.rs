@@ -1706,25 +1706,6 @@ struct RollbackDocs {
 
 fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("rollback: iptables documents");
-    // One save per variant and family, shared by the raw and the filter documents.
-    let mut saves: BTreeMap<(Variant, bool), (String, SaveDump)> = BTreeMap::new();
-    let mut saved = |variant: Variant, v6: bool| -> Result<SaveDump, PolicyTxnError> {
-        if let Some((_, d)) = saves.get(&(variant, v6)) {
-            return Ok(d.clone());
-        }
-        let (text, dump) = ipt_backend::save_parsed(IptVariant::from(variant), family(v6))
-            .map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
-        saves.insert((variant, v6), (text, dump.clone()));
-        Ok(dump)
-    };
-    let mut raw = Vec::new();
-    for r in &u.raw {
-        let dump = saved(r.variant, r.v6)?;
-        let now = ipt::raw_chains(&dump);
-        if let Some(text) = ipt::raw_restore(&r.before, &now, &r.jumps_added) {
-            raw.push(IptDoc { variant: r.variant, v6: r.v6, text });
-        }
-    }
     let mut keys: Vec<(Variant, bool)> = u.ipt_insertions.iter().map(|i| (i.variant, i.v6)).collect();
     for r in &u.removed_previous {
         if let Removed::Iptables { variant, v6, .. } = r {
@@ -1733,9 +1714,28 @@ fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
     }
     keys.sort_unstable();
     keys.dedup();
+    // One save per variant and family, shared by the raw and the filter documents (parsed
+    // once, never copied: a 10k-rule dump is big).
+    let mut saves: BTreeMap<(Variant, bool), (String, SaveDump)> = BTreeMap::new();
+    for k in u.raw.iter().map(|r| (r.variant, r.v6)).chain(keys.iter().copied()) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = saves.entry(k) {
+            let parsed = ipt_backend::save_parsed(IptVariant::from(k.0), family(k.1))
+                .map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+            slot.insert(parsed);
+        }
+    }
+    let saved = |variant: Variant, v6: bool| -> &SaveDump { &saves[&(variant, v6)].1 };
+    let mut raw = Vec::new();
+    for r in &u.raw {
+        let dump = saved(r.variant, r.v6);
+        let now = ipt::raw_chains(dump);
+        if let Some(text) = ipt::raw_restore(&r.before, &now, &r.jumps_added) {
+            raw.push(IptDoc { variant: r.variant, v6: r.v6, text });
+        }
+    }
     let mut filter = Vec::new();
     for (variant, v6) in keys {
-        let dump = saved(variant, v6)?;
+        let dump = saved(variant, v6);
         // Chains by table: those of this transaction's rules and of the removed ones.
         let mut chains: Vec<(String, String)> = u
             .ipt_insertions
