@@ -678,7 +678,11 @@ pub fn legacy_restore_doc(
         }
     }
     if let Some(text) = current_save {
-        for t in parse(text)?.tables.iter().filter(|t| !have.contains(&t.name)) {
+        // Only the tables the snapshot lacks are parsed (a 10k-rule table the snapshot has
+        // need not be).
+        let new: String =
+            split_save(text).blocks.into_iter().filter(|b| !have.contains(&b.name)).map(|b| b.text).collect();
+        for t in parse(&new)?.tables.iter() {
             let _ = writeln!(doc, "*{}", t.name);
             for c in t.chains.iter().filter(|c| c.is_builtin()) {
                 let _ = writeln!(doc, ":{} ACCEPT [0:0]", c.name);

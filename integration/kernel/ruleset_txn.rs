@@ -833,3 +833,60 @@ fn regression_the_rollback_check_is_skipped_only_at_the_generation_id_it_passed_
     }
     rollback(&ns, &Undo::Ruleset(Box::new(good)), None);
 }
+
+/// Regression (issue 16): on a target whose tables are all native, the restore script is
+/// kernel-checked while the snapshot is read (the listing streamed into `nft -c`), and the
+/// transaction still rolls back exactly; a target with a table iptables-nft could own (`ip
+/// filter`) gets the check of its own after the read. A refused stream check is a refusal and
+/// leaves the listing whole.
+#[test]
+fn regression_restore_script_checked_while_the_snapshot_is_read() {
+    let ns = Ns::new("rs-stream");
+    ns.nft(RICH_NFT);
+    let native_only = !ns.nft_list().lines().any(|l| {
+        ctguard::snapshot::IPTABLES_TABLES
+            .iter()
+            .any(|t| l == format!("table ip {t} {{") || l == format!("table ip6 {t} {{"))
+    });
+    assert!(native_only, "the setup must have only native tables");
+    let before = capture(&ns);
+    let opts = ctguard::backend::ruleset_txn::PrepareOptions::default();
+    let plan = ns
+        .run(|| ctguard::backend::ruleset_txn::prepare(CHANGE_NFT_NATIVE, "nft", opts))
+        .unwrap_or_else(|e| panic!("prepare: {e}"));
+    assert!(plan.restore_checked_while_read, "native-only target: checked while read");
+    let a = apply(&ns, CHANGE_NFT_NATIVE, "nft");
+    assert_ne!(capture(&ns).parts, before.parts, "nothing applied");
+    let drift = rollback(&ns, &a.undo, Some(&a.after));
+    assert!(drift.is_empty(), "{drift:?}");
+    assert_same("after rollback (restore checked while read)", &before, &capture(&ns));
+    // The stream's plumbing: a check that fails early is reported, the listing is read whole.
+    let (out, result) = ns
+        .run(|| ctguard::backend::ruleset_txn::list_while_checking("add rule inet nosuch c drop\n"))
+        .unwrap_or_else(|e| panic!("list: {e}"));
+    assert!(result.is_err(), "the check of a bad script passed");
+    assert_eq!(
+        mask_expires(&String::from_utf8_lossy(&out.stdout)),
+        mask_expires(&ns.nft_list()),
+        "the listing is whole"
+    );
+    let (_, result) =
+        ns.run(|| ctguard::backend::ruleset_txn::list_while_checking("")).unwrap_or_else(|e| panic!("list: {e}"));
+    assert!(result.is_ok(), "the listing itself must load back: {result:?}");
+    // A table iptables-nft could own: checked after the read, same verdict.
+    ns.nft("table ip filter {\n\tchain c {\n\t}\n}\n");
+    let plan = ns
+        .run(|| ctguard::backend::ruleset_txn::prepare(CHANGE_NFT_NATIVE, "nft", opts))
+        .unwrap_or_else(|e| panic!("prepare: {e}"));
+    assert!(!plan.restore_checked_while_read, "an ip filter table: checked after the read");
+}
+
+/// [`CHANGE_NFT`] without the iptables tables.
+const CHANGE_NFT_NATIVE: &str = r#"add element inet rich allowed4 { 192.0.2.0/24 }
+add rule inet rich input tcp dport 8080 accept
+add chain inet rich extra
+table inet newtab {
+	set s { type inet_service; elements = { 1, 2, 3 }; }
+	chain c { type filter hook output priority 5; policy accept; udp dport @s counter drop; }
+}
+"#;
