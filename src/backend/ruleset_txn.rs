@@ -1155,7 +1155,10 @@ pub fn restore(
     };
     let (drift, done) = std::thread::scope(|s| {
         let drift = s.spawn(|| match (applied, &now) {
-            (Some(applied), Some(now)) => snapshot::overwritten(&snapshot.state, applied, now),
+            (Some(applied), Some(now)) => {
+                let _lap = crate::timing::Lap::start("ruleset: restore: drift");
+                snapshot::overwritten(&snapshot.state, applied, now)
+            }
             _ => Vec::new(),
         });
         let done = restore_steps(snapshot, &legacy_now, ipsets_now.as_deref());
@@ -1191,6 +1194,7 @@ fn restore_steps(
     legacy_now: &[SaveText],
     ipsets_now: Option<&str>,
 ) -> Result<RestoreReport, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: restore: steps");
     let mut report = RestoreReport::default();
     let wait = xtables_wait_args();
     // 1. ipsets the snapshot's rules need.
