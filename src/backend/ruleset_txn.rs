@@ -173,11 +173,6 @@ fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
     let out = nft()?
         .output(&["list", "ruleset"], None)
         .map_err(|source| RulesetTxnError::Read { what: "nft list ruleset".into(), source })?;
-    nft_tables_of(out)
-}
-
-/// The tables of an `nft list ruleset` run ([`read_nft`]).
-fn nft_tables_of(out: std::process::Output) -> Result<Vec<NftTable>, RulesetTxnError> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         return Err(RulesetTxnError::Read {
@@ -232,177 +227,17 @@ fn read_ipsets() -> Result<Option<String>, RulesetTxnError> {
 /// and `ipset save`, with the generation id read before. `nft list ruleset` runs on a thread
 /// of its own (in the same namespace) while the saves run. Read-only.
 pub fn read_state() -> Result<FwState, RulesetTxnError> {
-    read_state_checking(false).map(|(st, _)| st)
-}
-
-/// [`read_state`]; with `check_restore`, when no table could be an iptables-nft one (no `ip`/`ip6`
-/// table with an iptables name: every table is then restored natively), the restore script of
-/// the state being read is kernel-checked while it is read ([`list_while_checking`]): the
-/// deletes of the tables listed over netlink, then the listing as `nft list ruleset` prints it.
-pub fn read_state_checking(check_restore: bool) -> Result<(FwState, Option<StreamedCheck>), RulesetTxnError> {
     let genid = Some(genid()?);
     let tables = current_tables()?;
-    let stream = check_restore
-        && !tables
-            .iter()
-            .any(|t| matches!(t.family.as_str(), "ip" | "ip6") && snapshot::IPTABLES_TABLES.contains(&t.name.as_str()));
     let (nft, rest) = std::thread::scope(|s| {
         // A new thread starts in the namespace of the thread that creates it.
-        let h = s.spawn(|| -> Result<_, RulesetTxnError> {
-            if !stream {
-                return Ok((read_nft()?, None));
-            }
-            let _lap = crate::timing::Lap::start("ruleset: nft list ruleset while checking the restore script");
-            let prefix = all_deletes_script(&tables);
-            let (out, result) = list_while_checking(&prefix)?;
-            let mut script = prefix;
-            script.push_str(&String::from_utf8_lossy(&out.stdout));
-            Ok((nft_tables_of(out)?, Some(StreamedCheck { tables: tables.clone(), script, result })))
-        });
+        let h = s.spawn(read_nft);
         let rest = read_saves(&SAVE_ORDER, Some(&tables)).and_then(|saves| Ok((saves, read_ipsets()?)));
         (h.join(), rest)
     });
-    let (nft, streamed) = nft.map_err(|_| RulesetTxnError::ReadPanicked)??;
+    let nft = nft.map_err(|_| RulesetTxnError::ReadPanicked)??;
     let (saves, ipsets) = rest?;
-    Ok((FwState { genid, nft, saves, ipsets }, streamed))
-}
-
-/// A restore script kernel-checked while the state it restores was read
-/// ([`read_state_checking`]).
-#[derive(Debug)]
-pub struct StreamedCheck {
-    /// The tables listed over netlink right before the read (the deletes).
-    pub tables: Vec<TableId>,
-    /// The script checked: the deletes, then `nft list ruleset`'s output.
-    pub script: String,
-    /// What `nft -c -f -` said of it.
-    pub result: Result<(), ExecError>,
-}
-
-impl StreamedCheck {
-    /// True when the script checked is `script` (blank lines aside: nft ignores them), so its
-    /// result is that script's.
-    pub fn checked(&self, script: &str) -> bool {
-        let lines = |t: &str| t.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect::<Vec<_>>();
-        lines(&self.script) == lines(script)
-    }
-}
-
-/// `add table` + `delete table` of every table in `tables` (the restore script's deletes when
-/// every table is native, [`snapshot::nft_delete_script`]). Pure.
-fn all_deletes_script(tables: &[TableId]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::new();
-    for id in tables {
-        let _ = writeln!(s, "add table {} {}", id.family, id.name);
-        let _ = writeln!(s, "delete table {} {}", id.family, id.name);
-    }
-    s
-}
-
-/// `nft list ruleset` with its output fed, after `prefix`, into `nft -c -f -` as it is printed,
-/// so the check parses while the listing is produced. Both tools are argument vectors run by
-/// absolute path, bounded together by [`BULK_TIMEOUT`] (past it both are killed with SIGKILL
-/// and reaped). Returns the listing's raw output and the check's verdict. Changes nothing.
-pub fn list_while_checking(prefix: &str) -> Result<(std::process::Output, Result<(), ExecError>), RulesetTxnError> {
-    use std::io::{Read, Write};
-    use std::process::{Command, Stdio};
-    let tool = nft()?;
-    let read_err = |source| RulesetTxnError::Read { what: "nft list ruleset".into(), source };
-    let spawn = |args: &[&str], stdin: Stdio, stdout: Stdio| {
-        Command::new(&tool.path)
-            .args(args)
-            .stdin(stdin)
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .env("LC_ALL", "C")
-            .spawn()
-            .map_err(|source| ExecError::Spawn { path: tool.path.clone(), source })
-    };
-    let mut check = spawn(&["-c", "-f", "-"], Stdio::piped(), Stdio::null()).map_err(read_err)?;
-    let mut list = match spawn(&["list", "ruleset"], Stdio::null(), Stdio::piped()) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = check.kill();
-            let _ = check.wait();
-            return Err(read_err(e));
-        }
-    };
-    let pids = [check.id(), list.id()];
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-    let timed_out = std::sync::atomic::AtomicBool::new(false);
-    let (list_out, list_status, check_status, check_err, list_err) = std::thread::scope(|s| {
-        // The watchdog: both children are ours and not reaped before it is told we are done.
-        let flag = &timed_out;
-        s.spawn(move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(BULK_TIMEOUT) {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                for pid in pids {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        });
-        let drain = |pipe: Option<Box<dyn Read + Send>>| {
-            s.spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_end(&mut buf);
-                }
-                buf
-            })
-        };
-        let check_err = drain(check.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-        let list_err = drain(list.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-        let mut into = check.stdin.take();
-        if let Some(w) = into.as_mut() {
-            if w.write_all(prefix.as_bytes()).is_err() {
-                into = None;
-            }
-        }
-        let mut out = Vec::new();
-        if let Some(mut r) = list.stdout.take() {
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        out.extend_from_slice(&buf[..n]);
-                        // A check that exited early (a parse error) closed its stdin: the
-                        // listing is still read whole; the check's status tells.
-                        if into.as_mut().is_some_and(|w| w.write_all(&buf[..n]).is_err()) {
-                            into = None;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-        }
-        drop(into);
-        let list_status = list.wait();
-        let check_status = check.wait();
-        let _ = done_tx.send(());
-        let join = |h: std::thread::ScopedJoinHandle<'_, Vec<u8>>| h.join().unwrap_or_default();
-        (out, list_status, check_status, join(check_err), join(list_err))
-    });
-    let timeout = |cmd: &str| ExecError::TimedOut { cmd: cmd.into(), after: BULK_TIMEOUT };
-    if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(read_err(timeout("nft list ruleset (while nft -c -f - checked the restore script)")));
-    }
-    let list_status = list_status.map_err(|source| read_err(ExecError::Spawn { path: tool.path.clone(), source }))?;
-    let result = match check_status {
-        Ok(st) if st.success() => Ok(()),
-        Ok(st) => Err(ExecError::Failed {
-            cmd: "nft -c -f -".into(),
-            status: st.to_string(),
-            stderr: crate::backend::exec::one_line(&String::from_utf8_lossy(&check_err)),
-        }),
-        Err(source) => Err(ExecError::Spawn { path: tool.path.clone(), source }),
-    };
-    Ok((std::process::Output { status: list_status, stdout: list_out, stderr: list_err }, result))
+    Ok(FwState { genid, nft, saves, ipsets })
 }
 
 /// The current nft tables, in kernel order (a netlink dump: `nft list tables` fetches the
@@ -423,23 +258,22 @@ pub fn current_tables() -> Result<Vec<TableId>, RulesetTxnError> {
 /// expressions that iptables-nft-save does not represent faithfully. Changes nothing.
 pub fn take_snapshot() -> Result<Snapshot, RulesetTxnError> {
     let _lap = crate::timing::Lap::start("ruleset: snapshot");
-    classify(read_stable_state(false)?.0)
+    classify(read_stable_state()?)
 }
 
 /// The first part of [`take_snapshot`]: [`read_state`] between two equal generation ids
 /// (re-read up to [`SNAPSHOT_ATTEMPTS`] times, then [`RulesetTxnError::Unstable`]), its
-/// `genid` set to that id; no table classified yet; with `check_restore`, the restore script
-/// checked while it was read ([`read_state_checking`]), between the same ids. Read-only.
-fn read_stable_state(check_restore: bool) -> Result<(FwState, Option<StreamedCheck>), RulesetTxnError> {
+/// `genid` set to that id; no table classified yet. Read-only.
+fn read_stable_state() -> Result<FwState, RulesetTxnError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let before = genid()?;
-        let (mut st, streamed) = read_state_checking(check_restore)?;
+        let mut st = read_state()?;
         let after = genid()?;
         if before == after {
             st.genid = Some(before);
-            return Ok((st, streamed));
+            return Ok(st);
         }
         tracing::debug!(before, after, attempt, "generation id moved while reading the snapshot; re-reading");
         if attempt >= SNAPSHOT_ATTEMPTS {
@@ -645,40 +479,21 @@ fn check_file_between_genids(c: &Candidate, fault: bool) -> Result<(u32, u32), R
     Ok((before, genid()?))
 }
 
-/// A [`take_snapshot`] of `state` (read first when `None`, its restore script kernel-checked
-/// while it is read where it can be, [`read_state_checking`]), and apart from it the result of
+/// A [`take_snapshot`] of `state` (read first when `None`), and apart from it the result of
 /// [`check_restore`] of that snapshot (the caller reports a refused file before a refused
-/// restore script, as when the file was checked first). The check made during the read stands
-/// for [`check_restore`] only when it saw the same generation id (the read's, unchanged
-/// around it) and checked the very script [`check_restore`] builds from the tables of that
-/// generation; otherwise [`check_restore`] runs.
-fn snapshot_then_check_restore(state: Option<FwState>) -> Result<(Snapshot, RestoreCheck), RulesetTxnError> {
-    let (snap, streamed) = {
+/// restore script, as when the file was checked first).
+fn snapshot_then_check_restore(
+    state: Option<FwState>,
+) -> Result<(Snapshot, Result<(), RulesetTxnError>), RulesetTxnError> {
+    let snap = {
         let _lap = crate::timing::Lap::start("ruleset: snapshot");
-        let (state, streamed) = match state {
-            Some(s) => (s, None),
-            None => read_stable_state(true)?,
-        };
-        (classify(state)?, streamed)
+        classify(match state {
+            Some(s) => s,
+            None => read_stable_state()?,
+        })?
     };
-    let restore = match streamed {
-        Some(c) if c.checked(&snapshot::nft_restore_script(&snap, &c.tables)) => {
-            RestoreCheck { result: c.result.map_err(RulesetTxnError::RestoreRefused), while_read: true }
-        }
-        Some(_) => {
-            tracing::debug!("the restore script checked during the read is not the snapshot's; checking it");
-            RestoreCheck { result: check_restore(&snap), while_read: false }
-        }
-        None => RestoreCheck { result: check_restore(&snap), while_read: false },
-    };
+    let restore = check_restore(&snap);
     Ok((snap, restore))
-}
-
-/// The restore script's kernel check in [`prepare`]: its verdict, and whether it is the one made
-/// while the snapshot was read.
-struct RestoreCheck {
-    result: Result<(), RulesetTxnError>,
-    while_read: bool,
 }
 
 /// Kernel-checks the rollback of `snapshot` against the calling thread's namespace as it is
@@ -892,9 +707,6 @@ pub struct RulesetPlan {
     pub result: Option<Result<ScratchResult, String>>,
     /// `--force` was given.
     pub force: bool,
-    /// The restore script's kernel check is the one made while the snapshot was read
-    /// ([`read_state_checking`]), not a run of its own after it.
-    pub restore_checked_while_read: bool,
 }
 
 impl RulesetPlan {
@@ -948,7 +760,6 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
     let (format, family) = snapshot::resolve_format(format, text).map_err(RulesetTxnError::Snapshot)?;
     let mut notes = Vec::new();
     let mut candidate = Candidate { text: text.to_string(), format, family, variant: None };
-    let while_read;
     let snap = match format {
         RulesetFormat::Nft => {
             // The file's check needs nothing from the snapshot: it runs on a thread of its own
@@ -961,7 +772,6 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
                 (snap, h.join())
             });
             let (snap, restore) = snap?;
-            while_read = restore.while_read;
             let (before, after) = checked.map_err(|_| RulesetTxnError::Panicked("checking the ruleset file"))??;
             if before != after || snap.state.genid != Some(after) {
                 // Another writer committed while the file was checked: the check saw another
@@ -969,7 +779,7 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
                 tracing::debug!(before, after, snapshot = ?snap.state.genid, "the ruleset moved around the file's check; checking it again");
                 check_candidate(&candidate, &snap)?;
             }
-            restore.result?;
+            restore?;
             snap
         }
         RulesetFormat::Iptables => {
@@ -977,7 +787,7 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
             // the proof of the snapshot's tables, with the variant the proof's candidates give;
             // the proof can only take candidates away, and when that changes the variant the
             // dump is checked again with the right one.
-            let (state, _) = read_stable_state(false)?;
+            let state = read_stable_state()?;
             let (guess, _) = snapshot::choose_variant_of(&state, &snapshot::ipt_nft_candidates(&state));
             let guessed = Candidate { variant: Some(guess), ..candidate.clone() };
             let ipsets = state.ipsets.clone();
@@ -987,7 +797,6 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
                 (snap, h.join())
             });
             let (snap, restore) = snap?;
-            while_read = restore.while_read;
             let checked = checked.map_err(|_| RulesetTxnError::Panicked("checking the ruleset file"))?;
             let (v, w) = snapshot::choose_variant(&snap);
             notes.extend(w);
@@ -998,7 +807,7 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
                 tracing::debug!(?guess, chosen = ?v, "the proof changed the iptables variant; checking the dump again");
                 check_candidate(&candidate, &snap)?;
             }
-            restore.result?;
+            restore?;
             snap
         }
     };
@@ -1018,16 +827,7 @@ pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<Ruleset
             None => {}
         }
     }
-    Ok(RulesetPlan {
-        tools,
-        snapshot: snap,
-        candidate,
-        findings,
-        notes,
-        result,
-        force: opts.force,
-        restore_checked_while_read: while_read,
-    })
+    Ok(RulesetPlan { tools, snapshot: snap, candidate, findings, notes, result, force: opts.force })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1259,7 +1059,6 @@ mod tests {
             notes: vec!["a note".into()],
             result: None,
             force,
-            restore_checked_while_read: false,
         }
     }
 
