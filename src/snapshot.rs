@@ -356,6 +356,12 @@ pub struct UndoRecord {
     /// deletes of the tables present by then (`crate::backend::ruleset_txn::check_restore_after_apply`).
     #[serde(skip)]
     pub restore_checked: bool,
+    /// In memory only (never journaled): the generation id at which the rollback's deletes
+    /// passed the kernel check right after the apply (read before and after the check, equal).
+    /// While the id is unchanged the ruleset is the one checked, so the agent's rollback check
+    /// need not run `nft -c` again (`crate::backend::ruleset_txn::check_restore_after_apply`).
+    #[serde(skip)]
+    pub deletes_checked_at: Option<u32>,
 }
 
 impl UndoRecord {
@@ -371,6 +377,7 @@ impl UndoRecord {
             drift: Vec::new(),
             tools,
             restore_checked: false,
+            deletes_checked_at: None,
         }
     }
 }
@@ -671,7 +678,11 @@ pub fn legacy_restore_doc(
         }
     }
     if let Some(text) = current_save {
-        for t in parse(text)?.tables.iter().filter(|t| !have.contains(&t.name)) {
+        // Only the tables the snapshot lacks are parsed (a 10k-rule table the snapshot has
+        // need not be).
+        let new: String =
+            split_save(text).blocks.into_iter().filter(|b| !have.contains(&b.name)).map(|b| b.text).collect();
+        for t in parse(&new)?.tables.iter() {
             let _ = writeln!(doc, "*{}", t.name);
             for c in t.chains.iter().filter(|c| c.is_builtin()) {
                 let _ = writeln!(doc, ":{} ACCEPT [0:0]", c.name);
@@ -732,8 +743,15 @@ pub fn missing_ipsets_restore(snapshot: &FwState, current_save: &str) -> Option<
 /// iptables-nft table; iptables-nft otherwise (Debian's default, also on a bare target).
 /// The second value is a warning when both are in use.
 pub fn choose_variant(snapshot: &Snapshot) -> (IptVariant, Option<String>) {
+    choose_variant_of(&snapshot.state, &snapshot.iptables_nft)
+}
+
+/// [`choose_variant`] of a state whose iptables-nft tables are `iptables_nft` (a snapshot's
+/// proven ones, or — before the proof — its [`ipt_nft_candidates`], which the proof can only
+/// shrink: the guess it gives is then confirmed or corrected by [`choose_variant`]). Pure.
+pub fn choose_variant_of(state: &FwState, iptables_nft: &[TableId]) -> (IptVariant, Option<String>) {
     let legacy_used = [false, true].into_iter().any(|v6| {
-        snapshot.state.save(IptVariant::Legacy, v6).is_some_and(|s| {
+        state.save(IptVariant::Legacy, v6).is_some_and(|s| {
             iptables_save::parse(&s.text).is_ok_and(|d| {
                 d.tables.iter().any(|t| {
                     t.chains
@@ -743,7 +761,7 @@ pub fn choose_variant(snapshot: &Snapshot) -> (IptVariant, Option<String>) {
             })
         })
     });
-    let nft_used = !snapshot.iptables_nft.is_empty();
+    let nft_used = !iptables_nft.is_empty();
     match (legacy_used, nft_used) {
         (true, false) => (IptVariant::Legacy, None),
         (true, true) => (

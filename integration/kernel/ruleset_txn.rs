@@ -724,3 +724,112 @@ fn ssh_lockout_lint_evaluates_a_rich_result() {
     assert!(msg.contains("nft inet rich input") && msg.contains("ip saddr 198.18.0.2 drop"), "{msg}");
     assert_same("after the prepares", &before, &capture(&ns));
 }
+
+/// Regression (issue 16, the file's kernel check now runs beside the snapshot): a bad file —
+/// an nft script and an iptables dump — is still refused through the agent with exit 3 and one
+/// line, nothing applied and no transaction journaled (refused before PREPARED).
+#[test]
+fn regression_concurrent_file_check_refuses_with_nothing_applied_or_journaled() {
+    use crate::txn_cli::Ctg;
+    let ns = Ns::new("rs-ccheck");
+    setup_rich(&ns);
+    let before = capture(&ns);
+    let ctg = Ctg::new();
+    let dir = ctg.base.join("files");
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (name, text, format) in [
+        ("bad.nft", "add table inet x\nadd chain inet x c\nadd rule inet x c jump nowhere\n", "nft"),
+        ("bad.rules", "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j DNAT --to-destination 10.0.0.1\nCOMMIT\n", "iptables"),
+    ] {
+        let file = dir.join(name);
+        std::fs::write(&file, text).expect("write");
+        let out = ctg.run(&[
+            "apply",
+            "--netns",
+            ns.name(),
+            "--timeout",
+            "60s",
+            "--ruleset",
+            file.to_str().expect("utf8"),
+            "--format",
+            format,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{format}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{format}: one line: {stderr}");
+        assert!(stderr.contains("kernel refuses the"), "{format}: names the refusal: {stderr}");
+        assert_same(&format!("after a refused {format} file"), &before, &capture(&ns));
+        let h = ctg.json(&["history"]);
+        assert_eq!(h["transactions"].as_array().map(Vec::len), Some(0), "{format}: a transaction was journaled: {h}");
+    }
+}
+
+/// Regression (issue 16): the file's check runs beside the snapshot, so another writer can
+/// commit between the check and the snapshot. A file valid only before that change (`create
+/// table` of the table the change adds) must still be refused before anything is applied: the
+/// check saw another generation than the snapshot, so it is run again. Without the fault the
+/// same file is accepted (the test can tell).
+#[test]
+fn regression_a_foreign_change_right_after_the_concurrent_file_check_is_checked_again() {
+    use ctguard::backend::ruleset_txn::FAULT_AFTER_FILE_CHECK;
+    let ns = Ns::new("rs-cfault");
+    ns.nft("table inet keep {\n\tchain input {\n\t\ttype filter hook input priority 0; policy accept;\n\t}\n}\n");
+    let file = format!("create table ip {}\n", ctguard::fault::FOREIGN_TABLE);
+    let engine = RulesetEngine;
+    let inp = input(&file, "nft");
+    let accepted = ns.run(|| engine.prepare(&inp).map(|_| ()));
+    assert!(accepted.is_ok(), "the file is valid before the change: {:?}", accepted.err().map(|e| e.message));
+    let (r, fired, moved) = ns.run(|| {
+        let g = ctguard::backend::netlink::get_genid().expect("genid");
+        let (r, fired) = ctguard::fault::inject(FAULT_AFTER_FILE_CHECK, 1, || engine.prepare(&inp).map(|_| ()));
+        (r, fired, ctguard::backend::netlink::get_genid().expect("genid").wrapping_sub(g))
+    });
+    assert_eq!(fired, 1, "the fault point was not reached");
+    match r {
+        Ok(()) => panic!("a file the kernel refuses after the foreign change was accepted"),
+        Err(e) => {
+            assert_eq!(e.exit, Exit::Refused, "{}", e.message);
+            assert!(e.message.contains("kernel refuses the ruleset file"), "{}", e.message);
+        }
+    }
+    assert_eq!(moved, 1, "only the foreign change committed");
+    let list = ns.nft_list();
+    assert!(list.contains(ctguard::fault::FOREIGN_TABLE) && list.contains("table inet keep"), "{list}");
+}
+
+/// Regression (issue 16): the rollback's deletes are kernel-checked beside the listing right
+/// after the apply ([`Prepared::apply_listed`]), and the agent's `check_rollback` skips the
+/// check only while the generation id is the one that check passed at. Shown with a snapshot
+/// whose restore script the kernel refuses: skipped at that id, refused once another commit
+/// moved it. The listing returned is the listing.
+#[test]
+fn regression_the_rollback_check_is_skipped_only_at_the_generation_id_it_passed_at() {
+    let ns = Ns::new("rs-lcheck");
+    setup_rich(&ns);
+    let engine = RulesetEngine;
+    let inp = input(CHANGE_NFT, "nft");
+    let (undo, listed, g) = ns.run(|| {
+        let p = engine.prepare(&inp).unwrap_or_else(|e| panic!("prepare: {}", e.message));
+        let (undo, listed) = p.apply_listed().unwrap_or_else(|e| panic!("apply: {}", e.message));
+        (undo, listed, ctguard::backend::netlink::get_genid().expect("genid"))
+    });
+    let mut rec = record(&undo);
+    assert_eq!(rec.deletes_checked_at, Some(g), "the deletes check beside the listing passed at the apply's id");
+    assert_eq!(rec.genid_after, Some(g));
+    let listing = ns.run(|| engine.listing(&undo)).unwrap_or_else(|e| panic!("listing: {}", e.message));
+    assert_eq!(listed.as_deref(), Some(listing.as_str()), "the listing beside the check is the listing");
+    // A restore script the kernel refuses (a jump to a chain that does not exist), checked whole.
+    let good = rec.clone();
+    rec.restore_checked = false;
+    for t in rec.snapshot.state.nft.iter_mut().filter(|t| t.name == "rich") {
+        t.text = t.text.replacen("chain input {\n", "chain input {\n\t\tjump nowhere\n", 1);
+    }
+    let bad_undo = Undo::Ruleset(Box::new(rec));
+    assert!(ns.run(|| engine.check_rollback(&bad_undo)).is_ok(), "skipped at the id it passed at");
+    ns.nft("add table ip moved\n");
+    match ns.run(|| engine.check_rollback(&bad_undo)) {
+        Ok(()) => panic!("the check was skipped after another commit moved the generation id"),
+        Err(e) => assert_eq!(e.exit, Exit::Refused, "{}", e.message),
+    }
+    rollback(&ns, &Undo::Ruleset(Box::new(good)), None);
+}

@@ -71,6 +71,13 @@ impl Engine for RulesetEngine {
 
     fn check_rollback(&self, undo: &Undo) -> Result<(), EngineError> {
         let rec = parse_undo(undo)?;
+        if let Some(g) = rec.deletes_checked_at {
+            // Checked beside the listing right after the apply ([`Prepared::apply_listed`]):
+            // while the generation id is the one checked, so is the ruleset.
+            if crate::backend::netlink::get_genid().ok() == Some(g) {
+                return Ok(());
+            }
+        }
         ruleset_txn::check_restore_after_apply(&rec.snapshot, rec.restore_checked).map_err(engine_err)
     }
 
@@ -123,6 +130,45 @@ impl Prepared for PreparedRuleset {
     }
 
     fn apply(self: Box<Self>) -> Result<Undo, EngineError> {
+        self.apply_record().map(|rec| Undo::Ruleset(Box::new(rec)))
+    }
+
+    /// [`Prepared::apply`], then the listing after it ([`Engine::listing`]) read on a thread
+    /// of its own while this one kernel-checks the rollback's deletes
+    /// ([`ruleset_txn::check_restore_after_apply_at`]); a check that passed at an unchanged
+    /// generation id is recorded ([`UndoRecord::deletes_checked_at`]) so the agent's
+    /// [`Engine::check_rollback`] does not repeat it while that id holds. A failed check is
+    /// not an error here: the agent's check runs it again and undoes the change. A failed
+    /// listing gives `None` (the agent reads it again).
+    fn apply_listed(self: Box<Self>) -> Result<(Undo, Option<String>), EngineError> {
+        let mut rec = self.apply_record()?;
+        let (listing, checked) = std::thread::scope(|s| {
+            let h = s.spawn(ruleset_txn::listing);
+            let checked = ruleset_txn::check_restore_after_apply_at(&rec.snapshot, rec.restore_checked);
+            (h.join(), checked)
+        });
+        match checked {
+            Ok(at) => rec.deletes_checked_at = at,
+            Err(e) => tracing::debug!(
+                "the rollback check beside the listing failed; the agent's check decides: {}",
+                chain_text(&e)
+            ),
+        }
+        let listing = match listing {
+            Ok(Ok(l)) => Some(l),
+            Ok(Err(e)) => {
+                tracing::debug!("the listing after the apply failed; read again: {}", chain_text(&e));
+                None
+            }
+            Err(_) => None,
+        };
+        Ok((Undo::Ruleset(Box::new(rec)), listing))
+    }
+}
+
+impl PreparedRuleset {
+    /// The apply itself: the snapshot made fresh, the file applied, the record completed.
+    fn apply_record(self: Box<Self>) -> Result<UndoRecord, EngineError> {
         let (snap, resnapshot) = self.fresh_snapshot().map_err(engine_err)?;
         let mut info = ruleset_txn::apply(&self.candidate).map_err(engine_err)?;
         info.resnapshot = resnapshot;
@@ -131,6 +177,6 @@ impl Prepared for PreparedRuleset {
         rec.genid_after = info.genid_after;
         rec.snapshot = snap;
         rec.apply = Some(info);
-        Ok(Undo::Ruleset(Box::new(rec)))
+        Ok(rec)
     }
 }

@@ -78,6 +78,9 @@ pub enum RulesetTxnError {
     /// The thread reading `nft list ruleset` panicked.
     #[error("the thread reading nft list ruleset panicked")]
     ReadPanicked,
+    /// A helper thread panicked (which one).
+    #[error("the thread {0} panicked")]
+    Panicked(&'static str),
     /// Reading the firewall a scratch namespace holds failed.
     #[error("scratch namespace: reading the result")]
     ScratchRead(#[source] crate::backend::live::LiveError),
@@ -255,23 +258,29 @@ pub fn current_tables() -> Result<Vec<TableId>, RulesetTxnError> {
 /// expressions that iptables-nft-save does not represent faithfully. Changes nothing.
 pub fn take_snapshot() -> Result<Snapshot, RulesetTxnError> {
     let _lap = crate::timing::Lap::start("ruleset: snapshot");
+    classify(read_stable_state()?)
+}
+
+/// The first part of [`take_snapshot`]: [`read_state`] between two equal generation ids
+/// (re-read up to [`SNAPSHOT_ATTEMPTS`] times, then [`RulesetTxnError::Unstable`]), its
+/// `genid` set to that id; no table classified yet. Read-only.
+fn read_stable_state() -> Result<FwState, RulesetTxnError> {
     let mut attempt = 0;
-    let state = loop {
+    loop {
         attempt += 1;
         let before = genid()?;
         let mut st = read_state()?;
         let after = genid()?;
         if before == after {
             st.genid = Some(before);
-            break st;
+            return Ok(st);
         }
         tracing::debug!(before, after, attempt, "generation id moved while reading the snapshot; re-reading");
         if attempt >= SNAPSHOT_ATTEMPTS {
             return Err(RulesetTxnError::Unstable(attempt));
         }
         std::thread::sleep(Duration::from_millis(20 * attempt as u64));
-    };
-    classify(state)
+    }
 }
 
 /// Decides each table's restore route (see [`take_snapshot`]).
@@ -436,16 +445,55 @@ fn ip_family(f: Family) -> IpFamily {
 /// in the target; an iptables dump by loading it into a scratch namespace (with the ipsets of
 /// `snapshot` recreated there) with the variant's restore tool.
 pub fn check_candidate(c: &Candidate, snapshot: &Snapshot) -> Result<(), RulesetTxnError> {
+    check_file(c, snapshot.state.ipsets.as_deref())
+}
+
+/// [`check_candidate`] with the ipsets to recreate for an iptables dump given directly (the
+/// target's `ipset save`; an nft script ignores them).
+fn check_file(c: &Candidate, ipsets: Option<&str>) -> Result<(), RulesetTxnError> {
     let _lap = crate::timing::Lap::start("ruleset: check the file");
     match (c.format, c.family) {
         (RulesetFormat::Nft, _) => nft_check(&c.text).map_err(RulesetTxnError::CandidateRefused),
         (RulesetFormat::Iptables, family) => {
             let family = ip_family(family.unwrap_or(Family::V4));
             let variant = c.variant.unwrap_or(IptVariant::Nft);
-            iptables::scratch_check(variant, family, "", snapshot.state.ipsets.as_deref(), &c.text)
-                .map_err(RulesetTxnError::CandidateIptRefused)
+            iptables::scratch_check(variant, family, "", ipsets, &c.text).map_err(RulesetTxnError::CandidateIptRefused)
         }
     }
+}
+
+/// Test-only fault point ([`crate::fault`]): another writer's nft change lands right after the
+/// concurrent kernel check of an nft file and before the generation id that closes it is read
+/// (so the check saw the ruleset before the change, and the snapshot may see it after).
+pub const FAULT_AFTER_FILE_CHECK: &str = "ruleset-prepare:foreign-change-after-file-check";
+
+/// [`check_file`] between two reads of the generation id: `(before, after)`; equal ids mean
+/// the check saw exactly the ruleset of that generation. With `fault`, the foreign change of
+/// [`FAULT_AFTER_FILE_CHECK`] is injected after the check (tests only).
+fn check_file_between_genids(c: &Candidate, fault: bool) -> Result<(u32, u32), RulesetTxnError> {
+    let before = genid()?;
+    check_file(c, None)?;
+    if fault {
+        crate::fault::inject(FAULT_AFTER_FILE_CHECK, 1, || crate::fault::foreign_change(FAULT_AFTER_FILE_CHECK));
+    }
+    Ok((before, genid()?))
+}
+
+/// A [`take_snapshot`] of `state` (read first when `None`), and apart from it the result of
+/// [`check_restore`] of that snapshot (the caller reports a refused file before a refused
+/// restore script, as when the file was checked first).
+fn snapshot_then_check_restore(
+    state: Option<FwState>,
+) -> Result<(Snapshot, Result<(), RulesetTxnError>), RulesetTxnError> {
+    let snap = {
+        let _lap = crate::timing::Lap::start("ruleset: snapshot");
+        classify(match state {
+            Some(s) => s,
+            None => read_stable_state()?,
+        })?
+    };
+    let restore = check_restore(&snap);
+    Ok((snap, restore))
 }
 
 /// Kernel-checks the rollback of `snapshot` against the calling thread's namespace as it is
@@ -469,15 +517,25 @@ pub fn check_restore(snapshot: &Snapshot) -> Result<(), RulesetTxnError> {
 /// iptables-nft tables, which the nft script leaves alone either way. Without
 /// `checked_before`, the whole [`check_restore`]. Changes nothing.
 pub fn check_restore_after_apply(snapshot: &Snapshot, checked_before: bool) -> Result<(), RulesetTxnError> {
+    check_restore_after_apply_at(snapshot, checked_before).map(drop)
+}
+
+/// [`check_restore_after_apply`], returning the generation id the check saw when it was read
+/// equal right before and after it (`None` otherwise: another commit landed meanwhile). Changes
+/// nothing.
+pub fn check_restore_after_apply_at(snapshot: &Snapshot, checked_before: bool) -> Result<Option<u32>, RulesetTxnError> {
+    let before = genid()?;
     if !checked_before {
-        return check_restore(snapshot);
+        check_restore(snapshot)?;
+    } else {
+        let _lap = crate::timing::Lap::start("ruleset: check the restore deletes");
+        let script = snapshot::nft_delete_script(snapshot, &current_tables()?);
+        if !script.is_empty() {
+            nft_check(&script).map_err(RulesetTxnError::RestoreRefused)?;
+        }
     }
-    let _lap = crate::timing::Lap::start("ruleset: check the restore deletes");
-    let script = snapshot::nft_delete_script(snapshot, &current_tables()?);
-    if script.is_empty() {
-        return Ok(());
-    }
-    nft_check(&script).map_err(RulesetTxnError::RestoreRefused)
+    let after = genid()?;
+    Ok((before == after).then_some(after))
 }
 
 /// Names of the calling thread's namespace's network interfaces other than `lo`, from
@@ -700,19 +758,59 @@ impl RulesetPlan {
 pub fn prepare(text: &str, format: &str, opts: PrepareOptions) -> Result<RulesetPlan, RulesetTxnError> {
     let tools = tools()?;
     let (format, family) = snapshot::resolve_format(format, text).map_err(RulesetTxnError::Snapshot)?;
-    let snap = take_snapshot()?;
     let mut notes = Vec::new();
-    let variant = match format {
-        RulesetFormat::Nft => None,
+    let mut candidate = Candidate { text: text.to_string(), format, family, variant: None };
+    let snap = match format {
+        RulesetFormat::Nft => {
+            // The file's check needs nothing from the snapshot: it runs on a thread of its own
+            // (in the target, like every thread this one starts) beside the snapshot and the
+            // restore script's check.
+            let fault = crate::fault::fires(FAULT_AFTER_FILE_CHECK);
+            let (snap, checked) = std::thread::scope(|s| {
+                let h = s.spawn(|| check_file_between_genids(&candidate, fault));
+                let snap = snapshot_then_check_restore(None);
+                (snap, h.join())
+            });
+            let (snap, restore) = snap?;
+            let (before, after) = checked.map_err(|_| RulesetTxnError::Panicked("checking the ruleset file"))??;
+            if before != after || snap.state.genid != Some(after) {
+                // Another writer committed while the file was checked: the check saw another
+                // ruleset than the snapshot's. Again, against the ruleset now.
+                tracing::debug!(before, after, snapshot = ?snap.state.genid, "the ruleset moved around the file's check; checking it again");
+                check_candidate(&candidate, &snap)?;
+            }
+            restore?;
+            snap
+        }
         RulesetFormat::Iptables => {
+            // The dump is checked in a scratch namespace (only the target's ipsets needed) beside
+            // the proof of the snapshot's tables, with the variant the proof's candidates give;
+            // the proof can only take candidates away, and when that changes the variant the
+            // dump is checked again with the right one.
+            let state = read_stable_state()?;
+            let (guess, _) = snapshot::choose_variant_of(&state, &snapshot::ipt_nft_candidates(&state));
+            let guessed = Candidate { variant: Some(guess), ..candidate.clone() };
+            let ipsets = state.ipsets.clone();
+            let (snap, checked) = std::thread::scope(|s| {
+                let h = s.spawn(|| check_file(&guessed, ipsets.as_deref()));
+                let snap = snapshot_then_check_restore(Some(state));
+                (snap, h.join())
+            });
+            let (snap, restore) = snap?;
+            let checked = checked.map_err(|_| RulesetTxnError::Panicked("checking the ruleset file"))?;
             let (v, w) = snapshot::choose_variant(&snap);
             notes.extend(w);
-            Some(v)
+            candidate.variant = Some(v);
+            if v == guess {
+                checked?;
+            } else {
+                tracing::debug!(?guess, chosen = ?v, "the proof changed the iptables variant; checking the dump again");
+                check_candidate(&candidate, &snap)?;
+            }
+            restore?;
+            snap
         }
     };
-    let candidate = Candidate { text: text.to_string(), format, family, variant };
-    check_candidate(&candidate, &snap)?;
-    check_restore(&snap)?;
     let mut findings = Vec::new();
     let result =
         (opts.ssh.is_some() || opts.diff).then(|| scratch_result(&candidate, &snap).map_err(|e| chain_text(&e)));
@@ -820,39 +918,87 @@ fn restore_with(step: &str, args: &[&str], doc: &str) -> Result<(), RulesetTxnEr
 /// ignores). With `applied` (the state right after the apply, e.g. read back from the agent's
 /// listing) and `genid_after` (the generation id right after the apply), what others changed
 /// since is returned as drift ([`snapshot::overwritten`]); the nft side is read only when the
-/// generation id moved since the apply.
+/// generation id moved since the apply. Everything the drift needs is read before step 1 (the
+/// legacy saves and `ipset save` side by side); the drift itself is computed on a thread while
+/// the steps run.
 pub fn restore(
     snapshot: &Snapshot,
     applied: Option<&FwState>,
     genid_after: Option<u32>,
 ) -> Result<RestoreReport, RulesetTxnError> {
     let _lap = crate::timing::Lap::start("ruleset: restore");
+    let g0 = genid()?;
+    // The legacy saves of both families and `ipset save`, each on a thread (in this namespace).
+    let (legacy_now, ipsets_now) = std::thread::scope(|s| {
+        let v6 = s.spawn(|| read_saves(&[(IptVariant::Legacy, true)], None));
+        let ipsets = s.spawn(read_ipsets);
+        let v4 = read_saves(&[(IptVariant::Legacy, false)], None);
+        join_reads(v4, v6.join(), ipsets.join())
+    })?;
+    // Everything the drift needs is read now, before anything changes; the diff itself (pure)
+    // is computed on a thread while the rollback runs.
+    let now = match applied {
+        Some(a) => {
+            let (nft, ipt_nft) = if genid_after == Some(g0) {
+                (a.nft.clone(), a.saves.iter().filter(|s| s.variant == IptVariant::Nft).cloned().collect())
+            } else {
+                let nft = read_nft()?;
+                let ids: Vec<TableId> = nft.iter().map(NftTable::id).collect();
+                let saves = read_saves(&[(IptVariant::Nft, false), (IptVariant::Nft, true)], Some(&ids))?;
+                (nft, saves)
+            };
+            let mut saves: Vec<SaveText> = ipt_nft;
+            saves.extend(legacy_now.iter().cloned());
+            Some(FwState { genid: Some(g0), nft, saves, ipsets: ipsets_now.clone() })
+        }
+        None => None,
+    };
+    let (drift, done) = std::thread::scope(|s| {
+        let drift = s.spawn(|| match (applied, &now) {
+            (Some(applied), Some(now)) => {
+                let _lap = crate::timing::Lap::start("ruleset: restore: drift");
+                snapshot::overwritten(&snapshot.state, applied, now)
+            }
+            _ => Vec::new(),
+        });
+        let done = restore_steps(snapshot, &legacy_now, ipsets_now.as_deref());
+        (drift.join(), done)
+    });
+    let mut report = done?;
+    report.drift = drift.map_err(|_| RulesetTxnError::Panicked("computing the drift"))?;
+    for d in &report.drift {
+        let fate = if d.overwritten { "the rollback overwrites it" } else { "kept (ipset contents are not restored)" };
+        tracing::warn!(section = %d.section, "changed by someone else during the window; {fate}: {}", d.diff.join(" | "));
+    }
+    Ok(report)
+}
+
+type Joined<T> = std::thread::Result<Result<T, RulesetTxnError>>;
+
+/// The reads at the start of [`restore`], joined: the legacy saves (IPv4, IPv6) and `ipset save`.
+fn join_reads(
+    v4: Result<Vec<SaveText>, RulesetTxnError>,
+    v6: Joined<Vec<SaveText>>,
+    ipsets: Joined<Option<String>>,
+) -> Result<(Vec<SaveText>, Option<String>), RulesetTxnError> {
+    let mut saves = v4?;
+    saves.extend(v6.map_err(|_| RulesetTxnError::ReadPanicked)??);
+    let ipsets = ipsets.map_err(|_| RulesetTxnError::ReadPanicked)??;
+    Ok((saves, ipsets))
+}
+
+/// The changing part of [`restore`] (its steps 1–4), given the legacy saves and the ipsets read
+/// before it; the report without drift.
+fn restore_steps(
+    snapshot: &Snapshot,
+    legacy_now: &[SaveText],
+    ipsets_now: Option<&str>,
+) -> Result<RestoreReport, RulesetTxnError> {
+    let _lap = crate::timing::Lap::start("ruleset: restore: steps");
     let mut report = RestoreReport::default();
     let wait = xtables_wait_args();
-    let g0 = genid()?;
-    let legacy_now = read_saves(&[(IptVariant::Legacy, false), (IptVariant::Legacy, true)], None)?;
-    let ipsets_now = read_ipsets()?;
-    if let Some(applied) = applied {
-        let (nft, ipt_nft) = if genid_after == Some(g0) {
-            (applied.nft.clone(), applied.saves.iter().filter(|s| s.variant == IptVariant::Nft).cloned().collect())
-        } else {
-            let nft = read_nft()?;
-            let ids: Vec<TableId> = nft.iter().map(NftTable::id).collect();
-            let saves = read_saves(&[(IptVariant::Nft, false), (IptVariant::Nft, true)], Some(&ids))?;
-            (nft, saves)
-        };
-        let mut saves: Vec<SaveText> = ipt_nft;
-        saves.extend(legacy_now.iter().cloned());
-        let now = FwState { genid: Some(g0), nft, saves, ipsets: ipsets_now.clone() };
-        report.drift = snapshot::overwritten(&snapshot.state, applied, &now);
-        for d in &report.drift {
-            let fate =
-                if d.overwritten { "the rollback overwrites it" } else { "kept (ipset contents are not restored)" };
-            tracing::warn!(section = %d.section, "changed by someone else during the window; {fate}: {}", d.diff.join(" | "));
-        }
-    }
     // 1. ipsets the snapshot's rules need.
-    if let Some(text) = snapshot::missing_ipsets_restore(&snapshot.state, ipsets_now.as_deref().unwrap_or_default()) {
+    if let Some(text) = snapshot::missing_ipsets_restore(&snapshot.state, ipsets_now.unwrap_or_default()) {
         restore_with("ipset", &["-exist", "restore"], &text)?;
         report.steps.push("ipset".into());
     }
