@@ -645,6 +645,9 @@ thread_local! {
 /// destruction of the last commit first (`nft_rcv_nl_event` flushes its destroy work, which
 /// waits for an RCU grace period: 10–15 ms here). A short query on a fresh socket right after a
 /// commit — the generation id apply and the rollback check read — would wait for it.
+///
+/// A kept socket holds its namespace: a thread that leaves a namespace for good releases the
+/// socket at its next use (or its exit). ctguard's namespace workers never leave theirs.
 fn with_thread_socket<T>(f: impl FnOnce(&mut NfSocket, u32) -> Result<T, NetlinkError>) -> Result<T, NetlinkError> {
     let ns = crate::netns::current_id().unwrap_or((0, 0));
     let kept = THREAD_SOCKET.with(|k| k.borrow_mut().take());
