@@ -494,7 +494,7 @@ pub struct Prepared {
     /// `table inet ctguard` at the snapshot, as nft lists it.
     scope_table_text: Option<String>,
     /// The snapshot's rules in the chains of [`scope_chains`] (for [`after_listing`]).
-    scope_listed: Vec<nft_text::ListedRule>,
+    scope_rules: Vec<ScopedChain>,
     /// The kernel check ([`prepare`]) also checked the nft rollback's deletes after the
     /// batch's messages (see [`kernel_check_covering_rollback`]).
     nft_rollback_checked: bool,
@@ -603,27 +603,34 @@ fn snapshot() -> Result<Snapshot, PolicyTxnError> {
 /// empty. Only the chains a transaction looks at are listed (a whole-ruleset list cost 4
 /// allocations a rule). Pure.
 fn listed_in(r: &nft_json::NftRuleset, f: &str, t: &str, c: &str) -> Vec<nft_text::ListedRule> {
-    let mut out: Vec<nft_text::ListedRule> = Vec::new();
-    let chain =
-        r.fw.chains
-            .iter()
-            .find(|ch| ch.name == c && matches!(&ch.owner, Owner::Nft { family, table } if family == f && table == t));
-    let Some(ch) = chain else { return out };
-    let mut last = None;
-    for rule in &ch.rules {
-        let Some(handle) = rule.handle else { continue };
-        if last == Some(handle) {
-            continue;
-        }
-        last = Some(handle);
-        out.push(nft_text::ListedRule {
+    chain_rules_in(r, f, t, c)
+        .into_iter()
+        .map(|(handle, comment)| nft_text::ListedRule {
             family: f.to_string(),
             table: t.to_string(),
             chain: c.to_string(),
             handle,
             text: String::new(),
-            comment: rule.comment.clone(),
-        });
+            comment,
+        })
+        .collect()
+}
+
+/// The rules of nft chain `c` of table `t` (family `f`) in `r` as (handle, comment), one per
+/// nft rule (a verdict map's expansion shares its rule's handle), in order. Pure.
+fn chain_rules_in(r: &nft_json::NftRuleset, f: &str, t: &str, c: &str) -> ChainRules {
+    let chain =
+        r.fw.chains
+            .iter()
+            .find(|ch| ch.name == c && matches!(&ch.owner, Owner::Nft { family, table } if family == f && table == t));
+    let Some(ch) = chain else { return Vec::new() };
+    let mut out: ChainRules = Vec::with_capacity(ch.rules.len());
+    for rule in &ch.rules {
+        let Some(handle) = rule.handle else { continue };
+        if out.last().is_some_and(|(h, _)| *h == handle) {
+            continue;
+        }
+        out.push((handle, rule.comment.clone()));
     }
     out
 }
@@ -1036,10 +1043,11 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
     keys.sort();
     keys.dedup();
     drop(lap);
-    let before = scope_listing_at_snapshot(&undo, &keys, &snap)?;
-    let scope: Vec<(&str, &str, &str)> = scope_chains(&undo);
-    let scope_listed: Vec<nft_text::ListedRule> =
-        scope.iter().flat_map(|(f, t, c)| listed_in(&snap.live.nft, f, t, c)).collect();
+    let scope_rules: Vec<ScopedChain> = scope_chains(&undo)
+        .into_iter()
+        .map(|(f, t, c)| ((f.to_string(), t.to_string(), c.to_string()), chain_rules_in(&snap.live.nft, f, t, c)))
+        .collect();
+    let before = scope_listing_at_snapshot(&undo, &keys, &snap, &scope_rules)?;
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -1063,7 +1071,7 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         undo,
         scope_keys: keys,
         scope_table_text: snap.table_text,
-        scope_listed,
+        scope_rules,
         nft_rollback_checked: false,
     })
 }
@@ -2320,19 +2328,16 @@ pub fn scope_listing(u: &PolicyUndo, keys: &[SysctlKey]) -> Result<String, Polic
 }
 
 /// [`scope_listing`] as it reads at the snapshot `p` was prepared from, without reading again
-/// (the table, the chains' rules and the saves are the snapshot's; the sysctls are read).
-fn scope_listing_at_snapshot(u: &PolicyUndo, keys: &[SysctlKey], snap: &Snapshot) -> Result<String, PolicyTxnError> {
-    let chains = scope_chains(u)
-        .into_iter()
-        .map(|(f, t, c)| {
-            (
-                (f.to_string(), t.to_string(), c.to_string()),
-                chain_rules_of(&listed_in(&snap.live.nft, f, t, c), f, t, c),
-            )
-        })
-        .collect::<Vec<_>>();
+/// (the table, the chains' rules — `chains`, taken from the snapshot — and the saves are the
+/// snapshot's; the sysctls are read).
+fn scope_listing_at_snapshot(
+    u: &PolicyUndo,
+    keys: &[SysctlKey],
+    snap: &Snapshot,
+    chains: &[ScopedChain],
+) -> Result<String, PolicyTxnError> {
     let saves = snapshot_saves(&snap.live);
-    Ok(scope_text(u, snap.table_text.as_deref(), &chains, &saves, &read_keys(keys)?))
+    Ok(scope_text(u, snap.table_text.as_deref(), chains, &saves, &read_keys(keys)?))
 }
 
 /// [`scope_listing`] right after [`apply`] of `p` returned `u`, from what the commit proved
@@ -2369,7 +2374,12 @@ pub fn after_listing(p: &Prepared, u: &PolicyUndo) -> Result<String, PolicyTxnEr
         .collect();
     let mut chains = Vec::new();
     for (f, t, c) in scope_chains(u) {
-        let mut rules: ChainRules = chain_rules_of(&p.scope_listed, f, t, c)
+        let mut rules: ChainRules = p
+            .scope_rules
+            .iter()
+            .find(|((cf, ct, cc), _)| (cf.as_str(), ct.as_str(), cc.as_str()) == (f, t, c))
+            .map(|(_, rules)| rules.clone())
+            .unwrap_or_default()
             .into_iter()
             .filter(|(h, _)| !deleted.contains(&(f, t, c, *h)))
             .collect();
@@ -2424,15 +2434,6 @@ fn scope_chains(u: &PolicyUndo) -> Vec<(&str, &str, &str)> {
     chains.sort_unstable();
     chains.dedup();
     chains
-}
-
-/// One chain's rules in `listed` as (handle, comment), in chain order, once per handle.
-fn chain_rules_of(listed: &[nft_text::ListedRule], f: &str, t: &str, c: &str) -> ChainRules {
-    listed
-        .iter()
-        .filter(|r| r.family == f && r.table == t && r.chain == c)
-        .map(|r| (r.handle, r.comment.clone()))
-        .collect()
 }
 
 /// Each installed save tool's output as read into `live` (incompatible tables already left
