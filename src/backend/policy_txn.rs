@@ -1763,12 +1763,12 @@ fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
         let mut tables: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut sims: BTreeMap<(String, String), ipt::ChainSim> = BTreeMap::new();
         for (table, chain) in &chains {
-            for (_, rule) in ipt::tagged(&dump, table, chain, &u.tag) {
+            for (_, rule) in ipt::tagged(dump, table, chain, &u.tag) {
                 tables.entry(table.clone()).or_default().push(ipt::delete_line(rule));
             }
             sims.insert(
                 (table.clone(), chain.clone()),
-                ipt::ChainSim::new(&dump, table, chain, |r| ipt::comment(r).as_deref() == Some(u.tag.as_str())),
+                ipt::ChainSim::new(dump, table, chain, |r| ipt::comment(r).as_deref() == Some(u.tag.as_str())),
             );
         }
         for r in &u.removed_previous {
