@@ -782,7 +782,7 @@ pub fn build(
 }
 
 /// nft's hook name for a family's hook number.
-fn hook_name(family: &str, h: u32) -> Option<&'static str> {
+pub(crate) fn hook_name(family: &str, h: u32) -> Option<&'static str> {
     match family {
         "netdev" => match h {
             0 => Some("ingress"),

@@ -205,15 +205,19 @@ fn read_stat(src: &Sources) -> (PathBuf, Result<DropCounters, SourceError>) {
     (stat, r)
 }
 
-/// Reads the live ruleset of the calling thread's namespace once, as `crate::backend::live::read`
-/// does: the iptables dumps whose tool is installed (only of families that have tables), then
-/// the nft ruleset over netlink without the rules of the tables iptables-nft owns, with the
-/// keys of its rules that carry a `notrack` statement from the same snapshot
-/// (`nft_read::read_skipping_notrack`). With `CTGUARD_NFT_READ=json`, or without `nft`
-/// installed, the previous reader: `nft -j list ruleset` (when nft is installed) parsed.
-/// The dumps' texts are not kept.
+/// Reads what the NOTRACK analysis needs of the live ruleset of the calling thread's namespace.
+/// First, streamed and in bounded memory whatever the ruleset's size, whether any rule may
+/// notrack: every nf_tables rule over netlink (`nft_stream::outline`, one consistent
+/// snapshot; the tables iptables-nft owns included) and the iptables-legacy saves line by line
+/// ([`outline_keeps`]). When none may, the chains without their rules are all the analysis
+/// reads ([`Firewall::from_outline`]). Otherwise the whole ruleset, as
+/// `crate::backend::live::read` does: the iptables dumps (only of families that have tables),
+/// then the nft ruleset over netlink without the rules of the tables iptables-nft owns, with
+/// the keys of its `notrack` rules from the same snapshot (`nft_read::read_skipping_notrack`).
+/// With `CTGUARD_NFT_READ=json`, or without `nft` installed, the previous reader:
+/// `nft -j list ruleset` (when nft is installed) parsed. The dumps' texts are not kept.
 pub fn read_firewall() -> Result<Firewall, String> {
-    use crate::backend::{live, nft_read};
+    use crate::backend::{live, nft_read, nft_stream};
     let _lap = crate::timing::Lap::start("doctor: firewall");
     let without_text = |mut dumps: Vec<crate::live::IptDump>| {
         dumps.iter_mut().for_each(|d| d.text = String::new());
@@ -228,6 +232,16 @@ pub fn read_firewall() -> Result<Firewall, String> {
         let dumps = without_text(live::read_saves(None).map_err(|e| e.to_string())?);
         return Firewall::from_json(json.as_deref(), dumps);
     }
+    // First what may notrack, streamed (bounded memory at any ruleset size): nothing to
+    // analyse when no rule does.
+    let outline = nft_stream::outline().map_err(|e| e.to_string())?;
+    let legacy = legacy_outlines()?;
+    let fw = Firewall::from_outline(&outline, legacy);
+    if outline.notrack_candidates == 0 && !fw.any_notrack_rule() {
+        tracing::debug!(rules = outline.rules, "doctor: no rule may notrack; the rules are not kept");
+        return Ok(fw);
+    }
+    drop(fw);
     let tables = nft_read::tables().map_err(|e| e.to_string())?;
     let dumps = without_text(live::read_saves(Some(&tables)).map_err(|e| e.to_string())?);
     let skip = live::ipt_nft_tables(&dumps);
@@ -396,6 +410,23 @@ fn boot_unix_usec() -> Option<i64> {
 fn stream_conntrack_tool(agg: &mut FlowAggregator, limit: Duration) -> Result<String, SourceError> {
     let tool = Tool::find("conntrack")?;
     let args = ["-L", "-o", "extended"];
+    stream_stdout(&tool, &args, limit, |out| aggregate_reader(out, agg)).map_err(|e| match e {
+        SourceError::Tool(ExecError::TimedOut { .. }) => SourceError::Timeout(limit),
+        e => e,
+    })?;
+    Ok(format!("{} {}", tool.path.display(), args.join(" ")))
+}
+
+/// Runs `tool` with `args` (an argument vector, `LC_ALL=C`, in the calling thread's namespace)
+/// and hands its stdout to `read` as a stream (64 KiB buffered): the output is never held
+/// whole. Killed after `limit` ([`ExecError::TimedOut`]); a non-zero exit is
+/// [`ExecError::Failed`] with the first 64 KiB of stderr.
+fn stream_stdout<T>(
+    tool: &Tool,
+    args: &[&str],
+    limit: Duration,
+    read: impl FnOnce(&mut dyn BufRead) -> std::io::Result<T>,
+) -> Result<T, SourceError> {
     let spawn_err = |source| ExecError::Spawn { path: tool.path.clone(), source };
     let mut child = Command::new(&tool.path)
         .args(args)
@@ -426,26 +457,75 @@ fn stream_conntrack_tool(agg: &mut FlowAggregator, limit: Duration) -> Result<St
             String::from_utf8_lossy(&buf).into_owned()
         });
         let res = match stdout {
-            Some(out) => aggregate_reader(BufReader::with_capacity(64 * 1024, out), agg),
-            None => Ok(()),
+            Some(out) => read(&mut BufReader::with_capacity(64 * 1024, out)),
+            None => Err(std::io::Error::other("no stdout")),
         };
         let _ = done_tx.send(());
         let timed_out = watchdog.join().unwrap_or(false);
         (res, err_reader.join().unwrap_or_default(), timed_out)
     });
     let status = child.wait().map_err(spawn_err)?;
+    let cmd = format!("{} {}", tool.name, args.join(" ")).trim_end().to_string();
     if timed_out {
-        return Err(SourceError::Timeout(limit));
+        return Err(SourceError::Tool(ExecError::TimedOut { cmd, after: limit }));
     }
     if !status.success() {
         return Err(SourceError::Tool(ExecError::Failed {
-            cmd: format!("conntrack {}", args.join(" ")),
+            cmd,
             status: status.to_string(),
             stderr: one_line(&stderr_text),
         }));
     }
-    read_result.map_err(|source| SourceError::Io { path: tool.path.clone(), source })?;
-    Ok(format!("{} {}", tool.path.display(), args.join(" ")))
+    read_result.map_err(|source| SourceError::Io { path: tool.path.clone(), source })
+}
+
+/// True for a line of an iptables save the doctor keeps when it reads only what may notrack:
+/// everything but rules (`*table`, `:chain`, `COMMIT`, comments and warnings), and the rules
+/// that may notrack (`-j NOTRACK`, `-j CT --notrack`; any mention errs on the side of "may").
+/// Pure.
+pub fn outline_keeps(line: &str) -> bool {
+    let l = line.trim_start();
+    !l.starts_with("-A ") || l.contains("NOTRACK") || l.contains("--notrack")
+}
+
+/// The dump of every installed iptables-legacy save tool (x_tables, invisible to netlink) with
+/// only the lines [`outline_keeps`]: streamed, so a 100k-rule table is never held.
+fn legacy_outlines() -> Result<Vec<crate::live::IptDump>, String> {
+    use crate::backend::live::{save_would_be_empty, SAVE_TOOLS};
+    use crate::live::fw::IptVariant;
+    use crate::live::{iptables_fw, iptables_save};
+    let mut out = Vec::new();
+    for &(name, variant, v6) in SAVE_TOOLS.iter().filter(|t| t.1 == IptVariant::Legacy) {
+        let Ok(tool) = Tool::find(name) else { continue };
+        if save_would_be_empty(variant, v6, None) {
+            continue;
+        }
+        let mut kept = String::new();
+        stream_stdout(&tool, &[], crate::backend::exec::DEFAULT_TIMEOUT, |r| {
+            let mut line = Vec::with_capacity(256);
+            loop {
+                line.clear();
+                if r.read_until(b'\n', &mut line)? == 0 {
+                    return Ok(());
+                }
+                let text = String::from_utf8_lossy(&line);
+                if outline_keeps(&text) {
+                    kept.push_str(text.trim_end_matches('\n'));
+                    kept.push('\n');
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        let (text, _) = iptables_save::without_incompatible(&kept);
+        let dump = iptables_save::parse(&text).map_err(|e| format!("{name}: {e}"))?;
+        out.push(crate::live::IptDump {
+            variant,
+            v6,
+            fw: iptables_fw::convert(&dump, variant, v6),
+            text: String::new(),
+        });
+    }
+    Ok(out)
 }
 
 /// Writes `text` to `path` atomically: a temporary file in the same directory, flushed to disk,
