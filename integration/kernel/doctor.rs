@@ -927,3 +927,67 @@ fn doctor_without_notrack_rules_reports_as_the_full_read() {
         "ctguard's empty table is noted: {notes:#?}"
     );
 }
+
+/// The pruned read (issue 16): with a NOTRACK rule present, the filter chains are re-read
+/// keeping only the rules that may match the flows the analysis evaluates. Behind 600 rules
+/// that cannot match (tcp ports, an anonymous set), a jump into a chain with a named-set rule
+/// and the stateful accept: the findings, the dropping rule and the fix's position are the
+/// same as nft's JSON gives, and the debug log shows the rules left out.
+#[test]
+fn doctor_prunes_filter_rules_without_changing_findings() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("docprune");
+    let srv = &pair.srv;
+    let mut fw = String::from(
+        "table inet host {
+  set peers {
+    type ipv4_addr
+    elements = { 192.0.2.1, 192.0.2.7 }
+  }
+  chain svc {
+    tcp dport { 1000-1999, 3000 } accept
+    ip saddr @peers udp dport 53 accept
+    udp dport 53 ct state new accept
+  }
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iif \"lo\" accept
+",
+    );
+    for i in 0..600 {
+        fw.push_str(&format!("    tcp dport {} ct state new accept\n", 2000 + i));
+    }
+    fw.push_str("    jump svc\n    reject\n  }\n}\n");
+    srv.nft(&fw);
+    srv.nft(HANDMADE_RAW);
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+    cmd.args(args).env_remove(ctguard::backend::live::NFT_READ_ENV).env("RUST_LOG", "ctguard=debug");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{e}"));
+    let netlink = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
+    let (n, j) = (netlink.json(), json.json());
+    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone());
+    assert_eq!(view(&n), view(&j), "the pruned read and nft -j disagree");
+    let Some(hole) = recs(&n).into_iter().find(|r| r["kind"] == "blackhole") else { panic!("{:#?}", recs(&n)) };
+    eprintln!("doctor: pruned read: {}\n  fix: {}", hole["dropped_by"], hole["fix"]);
+    assert_eq!(hole["dropped_by"]["chain"], "nft inet host input", "{hole}");
+    assert_eq!(hole["dropped_by"]["rule"], "reject", "{hole}");
+    let Some(line) = netlink.stderr.lines().find(|l| l.contains("doctor: nft rules streamed")) else {
+        panic!("no debug line in {}", netlink.stderr)
+    };
+    eprintln!("doctor: {line}");
+    let kept: u64 = line
+        .split("kept=")
+        .nth(1)
+        .and_then(|x| x.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(kept < 50, "the 600 tcp rules are left out: {line}");
+}

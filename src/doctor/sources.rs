@@ -245,8 +245,54 @@ pub fn read_firewall() -> Result<Firewall, String> {
     let tables = nft_read::tables().map_err(|e| e.to_string())?;
     let dumps = without_text(live::read_saves(Some(&tables)).map_err(|e| e.to_string())?);
     let skip = live::ipt_nft_tables(&dumps);
-    let (ruleset, _, notrack) = nft_read::read_skipping_notrack(&skip).map_err(|e| e.to_string())?;
-    Ok(Firewall::from_live(crate::live::LiveState { nft: ruleset, iptables: dumps }, notrack))
+    let mut ipt: Vec<crate::live::fw::FwChain> = dumps.into_iter().flat_map(|d| d.fw.chains).collect();
+    for _ in 0..MAX_NFT_ATTEMPTS {
+        let (fw, consistent) = read_nft_pruned(&skip, ipt).map_err(|e| e.to_string())?;
+        if consistent {
+            return Ok(fw);
+        }
+        let mut fw = fw;
+        ipt = fw.iptables_chains();
+    }
+    Err(nft_stream::NftStreamError::Unstable(MAX_NFT_ATTEMPTS).to_string())
+}
+
+/// How often the pruned nft read is repeated when the ruleset changed during it.
+const MAX_NFT_ATTEMPTS: usize = 8;
+
+/// The nft rules the NOTRACK analysis uses, streamed and pruned, beside the iptables chains
+/// `ipt` (read in full): first every rule that notracks or jumps (the NOTRACK rules and the
+/// paths to them, `notrack::notrack_flows`); then, when there is a NOTRACK rule, the filter
+/// chains `notrack::check` may evaluate, re-read keeping the rules that may match one of the
+/// flows it evaluates (`notrack::evaluated_flows`; the evaluator skips any other). True when
+/// the snapshot was consistent.
+fn read_nft_pruned(
+    skip: &[(String, String)],
+    ipt: Vec<crate::live::fw::FwChain>,
+) -> Result<(Firewall, bool), crate::backend::nft_stream::NftStreamError> {
+    use super::notrack::{evaluated_flows, filter_chains_reached, notrack_flows};
+    use crate::live::fw::Verdict;
+    use crate::render::flow::{rule_matches, Tri};
+    let _lap = crate::timing::Lap::start("doctor: nft rules (streamed, pruned)");
+    let jumps = |r: &crate::live::fw::FwRule| matches!(r.verdict, Verdict::Jump(_) | Verdict::Goto(_));
+    let mut reader = crate::backend::nft_stream::Reader::open(skip)?;
+    let mut nft = reader.skeleton();
+    let mut notrack = crate::backend::nft_read::NotrackRules::new();
+    reader.stream_into(&mut nft.fw, &mut notrack, None, &mut |r, nt| nt || jumps(r))?;
+    let mut fw = Firewall::from_parts(nft, skip, ipt, notrack);
+    let flows = notrack_flows(&fw);
+    if !flows.is_empty() {
+        let chains = filter_chains_reached(&fw);
+        let eval = evaluated_flows(&flows);
+        let mut again = crate::backend::nft_read::NotrackRules::new();
+        reader.stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| {
+            nt || jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No)
+        })?;
+        fw.nft_notrack.extend(again);
+    }
+    tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
+    let consistent = reader.consistent()?;
+    Ok((fw, consistent))
 }
 
 fn mono_usec() -> Option<u64> {
