@@ -1,21 +1,13 @@
-//! Streaming reads of the nf_tables ruleset for `ctguard doctor` (issue 16): the rule dump is
-//! decoded message by message as its datagrams arrive and only what the caller asks for is
-//! kept, so the memory of a read does not grow with the number of rules.
-//!
-//! [`outline`] reads the tables and chains (small) and, of the rules, only whether any of them
-//! may notrack ([`may_notrack`]): the doctor's NOTRACK analysis has nothing to find when none
-//! does, whatever the ruleset's size. Every rule of every table is looked at (chains reached
-//! only by a jump included), the tables iptables-nft owns too (their compat `CT`/`NOTRACK`
-//! targets count). One consistent snapshot: the generation id is read before and after the
-//! dumps and the read is repeated when it moved or a dump was interrupted (`NLM_F_DUMP_INTR`).
+//! Streaming reads of the nf_tables ruleset for `ctguard doctor` (issue 16): the rules as
+//! [`crate::backend::nft_read::build`] models them, but each converted as its message arrives
+//! (the set elements it looks up read on demand, an anonymous set's dropped after its rule)
+//! and kept only when the caller's predicate says so; the raw messages and decoded expressions
+//! are never held, so a read's memory is what the caller keeps, whatever the ruleset's size.
+//! [`Reader::stream_into`] streams every table's rules or only chosen chains (`GETRULE` with
+//! `NFTA_RULE_TABLE`/`NFTA_RULE_CHAIN`), and counts the rules that may notrack
+//! ([`may_notrack`]). All passes of a [`Reader`] sit between the same two generation ids:
+//! [`Reader::consistent`] says whether the snapshot held (no change, no `NLM_F_DUMP_INTR`).
 //! Read-only; run it in the target's thread (`crate::netns::Target::run`).
-//!
-//! [`Reader`] reads the rules as [`crate::backend::nft_read::build`] models them, but streamed
-//! and pruned: each rule is converted as its message arrives (the set elements it looks up
-//! read on demand, an anonymous set's dropped after its rule) and kept only when the caller's
-//! predicate says so; a second pass may re-read chosen chains (`GETRULE` with
-//! `NFTA_RULE_TABLE`/`NFTA_RULE_CHAIN`). Both passes sit between the same two generation ids
-//! ([`Reader::consistent`]).
 
 use std::collections::{HashMap, HashSet};
 
@@ -41,7 +33,7 @@ const NFT_MSG_GETSETELEM: u16 = 13;
 /// `NFT_SET_ANONYMOUS`.
 const SET_ANONYMOUS: u32 = 0x1;
 /// How often a read is retried when the ruleset changed during it.
-const MAX_ATTEMPTS: usize = 8;
+pub const MAX_ATTEMPTS: usize = 8;
 
 /// Errors of a streamed read.
 #[derive(Debug, thiserror::Error)]
@@ -57,21 +49,6 @@ pub enum NftStreamError {
     Unstable(usize),
 }
 
-/// The ruleset without its rules: what the doctor needs when no rule may notrack.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Outline {
-    /// (family, name) of every table, in the kernel's order.
-    pub tables: Vec<(String, String)>,
-    /// Every chain (binding chains included, marked), in the kernel's order.
-    pub chains: Vec<RawChain>,
-    /// Rules looked at.
-    pub rules: u64,
-    /// Rules that may notrack ([`may_notrack`]).
-    pub notrack_candidates: u64,
-    /// The generation id of the snapshot.
-    pub genid: u32,
-}
-
 /// True when `rule` may notrack a packet: a `notrack` statement, or an x_tables compat target
 /// `CT` (iptables-nft's `-j CT --notrack`, among other CT options) or `NOTRACK`. Errs on the
 /// side of "may": a false "may" costs the doctor a full read, a false "not" a missed finding.
@@ -82,64 +59,6 @@ pub fn may_notrack(rule: &RawRule) -> bool {
         Expr::XtTarget(t) => t == "CT" || t == "NOTRACK",
         _ => false,
     })
-}
-
-/// One pass; `Ok(None)` when a dump was interrupted.
-fn outline_once() -> Result<Option<Outline>, NftStreamError> {
-    let mut out = Outline::default();
-    let mut bad: Option<&'static str> = None;
-    let mut interrupted = netlink::dump_each(NFT_MSG_GETTABLE, 0, &[], "GETTABLE (dump the tables)", &mut |ty, p| {
-        if ty == NFT_MSG_NEWTABLE {
-            match decode_table(p) {
-                Some(t) => out.tables.push(t),
-                None => bad = bad.or(Some("NEWTABLE")),
-            }
-        }
-    })?;
-    interrupted |= netlink::dump_each(NFT_MSG_GETCHAIN, 0, &[], "GETCHAIN (dump the chains)", &mut |ty, p| {
-        if ty == NFT_MSG_NEWCHAIN {
-            match decode_chain(p) {
-                Some(c) => out.chains.push(c),
-                None => bad = bad.or(Some("NEWCHAIN")),
-            }
-        }
-    })?;
-    let (mut rules, mut candidates) = (0u64, 0u64);
-    interrupted |= netlink::dump_each(NFT_MSG_GETRULE, 0, &[], "GETRULE (dump the rules)", &mut |ty, p| {
-        if ty == NFT_MSG_NEWRULE {
-            match decode_rule(p) {
-                Some(r) => {
-                    rules += 1;
-                    candidates += u64::from(may_notrack(&r));
-                }
-                None => bad = bad.or(Some("NEWRULE")),
-            }
-        }
-    })?;
-    if let Some(what) = bad {
-        return Err(NftStreamError::Malformed(what));
-    }
-    out.rules = rules;
-    out.notrack_candidates = candidates;
-    Ok((!interrupted).then_some(out))
-}
-
-/// The tables and chains of the calling thread's namespace and whether any rule may notrack,
-/// from one consistent snapshot (see the module's documentation). Memory: the tables and
-/// chains, and one receive buffer; no rule is kept.
-pub fn outline() -> Result<Outline, NftStreamError> {
-    for _ in 0..MAX_ATTEMPTS {
-        let before = netlink::get_genid()?;
-        let lap = crate::timing::Lap::start("doctor: nft outline (streamed)");
-        let Some(mut o) = outline_once()? else { continue };
-        drop(lap);
-        if netlink::get_genid()? != before {
-            continue;
-        }
-        o.genid = before;
-        return Ok(o);
-    }
-    Err(NftStreamError::Unstable(MAX_ATTEMPTS))
 }
 
 /// One GETRULE dump: family, attributes (type, NUL-terminated value), what it is for.
@@ -164,6 +83,8 @@ pub struct Reader {
     pub rules_seen: u64,
     /// Rules kept, over every pass.
     pub rules_kept: u64,
+    /// Rules that may notrack ([`may_notrack`]; binding chains' included), over every pass.
+    pub notrack_candidates: u64,
 }
 
 fn nul(s: &str) -> Vec<u8> {
@@ -193,6 +114,7 @@ impl Reader {
             loaded: HashSet::new(),
             rules_seen: 0,
             rules_kept: 0,
+            notrack_candidates: 0,
         };
         let mut bad: Option<&'static str> = None;
         let (tables, chains, sets) = (&mut r.tables, &mut r.chains, &mut r.sets);
@@ -392,6 +314,7 @@ impl Reader {
                     return;
                 };
                 self.rules_seen += 1;
+                self.notrack_candidates += u64::from(may_notrack(&r));
                 let key = (r.family.clone(), r.table.clone(), r.chain.clone());
                 if self.bindings.contains(&key) {
                     return;

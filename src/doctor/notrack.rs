@@ -91,37 +91,6 @@ impl Firewall {
         first.map(|i| self.tables.chains.split_off(i)).unwrap_or_default()
     }
 
-    /// From a ruleset in which no rule notracks (`nft_stream::outline` found no candidate and
-    /// the iptables dumps hold no NOTRACK rule): the chains without their rules, which is all
-    /// the analysis reads then (`ctguard_present`, and no NOTRACK rule to follow). The chains of
-    /// the tables iptables-nft owns are read over netlink here (their names are the same).
-    pub fn from_outline(outline: &crate::backend::nft_stream::Outline, iptables: Vec<IptDump>) -> Firewall {
-        let ctguard_table = outline.tables.iter().any(|(f, t)| f == "inet" && t == crate::render::nft_ir::TABLE_NAME);
-        let mut tables = FwTables::default();
-        for c in outline.chains.iter().filter(|c| !c.binding) {
-            let hook =
-                c.hooknum.and_then(|h| crate::backend::nft_read::hook_name(&c.family, h)).and_then(FwHook::parse);
-            let kind = match c.kind.as_deref() {
-                Some("filter") => ChainKind::Filter,
-                Some("nat") => ChainKind::Nat,
-                _ => ChainKind::Other,
-            };
-            tables.chains.push(FwChain {
-                owner: Owner::Nft { family: c.family.clone(), table: c.table.clone() },
-                name: c.name.clone(),
-                hook,
-                kind,
-                priority: if c.hooknum.is_some() { c.priority } else { 0 },
-                policy_accept: hook.map(|_| c.policy != Some(0)),
-                rules: Vec::new(),
-            });
-        }
-        for d in iptables {
-            tables.chains.extend(d.fw.chains);
-        }
-        Firewall { tables, nft_notrack: NotrackRules::new(), ctguard_table }
-    }
-
     /// True when any chain holds a NOTRACK rule (reachable or not). Pure.
     pub fn any_notrack_rule(&self) -> bool {
         self.tables.chains.iter().any(|c| c.rules.iter().any(|r| self.is_notrack(c, r)))

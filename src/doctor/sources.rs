@@ -205,19 +205,16 @@ fn read_stat(src: &Sources) -> (PathBuf, Result<DropCounters, SourceError>) {
     (stat, r)
 }
 
-/// Reads what the NOTRACK analysis needs of the live ruleset of the calling thread's namespace.
-/// First, streamed and in bounded memory whatever the ruleset's size, whether any rule may
-/// notrack: every nf_tables rule over netlink (`nft_stream::outline`, one consistent
-/// snapshot; the tables iptables-nft owns included) and the iptables-legacy saves line by line
-/// ([`outline_keeps`]). When none may, the chains without their rules are all the analysis
-/// reads ([`Firewall::from_outline`]). Otherwise the whole ruleset, as
-/// `crate::backend::live::read` does: the iptables dumps (only of families that have tables),
-/// then the nft ruleset over netlink without the rules of the tables iptables-nft owns, with
-/// the keys of its `notrack` rules from the same snapshot (`nft_read::read_skipping_notrack`).
-/// With `CTGUARD_NFT_READ=json`, or without `nft` installed, the previous reader:
-/// `nft -j list ruleset` (when nft is installed) parsed. The dumps' texts are not kept.
+/// Reads what the NOTRACK analysis needs of the live ruleset of the calling thread's namespace,
+/// streamed: the iptables-legacy saves line by line keeping only what may notrack
+/// ([`outline_keeps`]), then every nf_tables rule over netlink keeping the rules that notrack
+/// or jump ([`read_streamed`]; one consistent snapshot, repeated when the ruleset changed).
+/// When no rule may notrack, that is all — bounded memory at any ruleset size. Otherwise the
+/// iptables saves in full and the filter chains the check evaluates, pruned to the rules that
+/// may match its flows. With `CTGUARD_NFT_READ=json`, or without `nft` installed, the previous
+/// reader: `nft -j list ruleset` (when nft is installed) parsed. The dumps' texts are not kept.
 pub fn read_firewall() -> Result<Firewall, String> {
-    use crate::backend::{live, nft_read, nft_stream};
+    use crate::backend::live;
     let _lap = crate::timing::Lap::start("doctor: firewall");
     let without_text = |mut dumps: Vec<crate::live::IptDump>| {
         dumps.iter_mut().for_each(|d| d.text = String::new());
@@ -232,67 +229,71 @@ pub fn read_firewall() -> Result<Firewall, String> {
         let dumps = without_text(live::read_saves(None).map_err(|e| e.to_string())?);
         return Firewall::from_json(json.as_deref(), dumps);
     }
-    // First what may notrack, streamed (bounded memory at any ruleset size): nothing to
-    // analyse when no rule does.
-    let outline = nft_stream::outline().map_err(|e| e.to_string())?;
     let legacy = legacy_outlines()?;
-    let fw = Firewall::from_outline(&outline, legacy);
-    if outline.notrack_candidates == 0 && !fw.any_notrack_rule() {
-        tracing::debug!(rules = outline.rules, "doctor: no rule may notrack; the rules are not kept");
-        return Ok(fw);
-    }
-    drop(fw);
-    let tables = nft_read::tables().map_err(|e| e.to_string())?;
-    let dumps = without_text(live::read_saves(Some(&tables)).map_err(|e| e.to_string())?);
-    let skip = live::ipt_nft_tables(&dumps);
-    let mut ipt: Vec<crate::live::fw::FwChain> = dumps.into_iter().flat_map(|d| d.fw.chains).collect();
-    for _ in 0..MAX_NFT_ATTEMPTS {
-        let (fw, consistent) = read_nft_pruned(&skip, ipt).map_err(|e| e.to_string())?;
-        if consistent {
+    for _ in 0..crate::backend::nft_stream::MAX_ATTEMPTS {
+        if let Some(fw) = read_streamed(&legacy)? {
             return Ok(fw);
         }
-        let mut fw = fw;
-        ipt = fw.iptables_chains();
     }
-    Err(nft_stream::NftStreamError::Unstable(MAX_NFT_ATTEMPTS).to_string())
+    Err(crate::backend::nft_stream::NftStreamError::Unstable(crate::backend::nft_stream::MAX_ATTEMPTS).to_string())
 }
 
-/// How often the pruned nft read is repeated when the ruleset changed during it.
-const MAX_NFT_ATTEMPTS: usize = 8;
-
-/// The nft rules the NOTRACK analysis uses, streamed and pruned, beside the iptables chains
-/// `ipt` (read in full): first every rule that notracks or jumps (the NOTRACK rules and the
-/// paths to them, `notrack::notrack_flows`); then, when there is a NOTRACK rule, the filter
-/// chains `notrack::check` may evaluate, re-read keeping the rules that may match one of the
-/// flows it evaluates (`notrack::evaluated_flows`; the evaluator skips any other). True when
-/// the snapshot was consistent.
-fn read_nft_pruned(
-    skip: &[(String, String)],
-    ipt: Vec<crate::live::fw::FwChain>,
-) -> Result<(Firewall, bool), crate::backend::nft_stream::NftStreamError> {
+/// One attempt of the streamed, pruned read ([`read_firewall`]); `None` when the ruleset
+/// changed during it. Every nf_tables rule is streamed once (the tables iptables-nft owns
+/// included), keeping the rules that notrack or jump (the NOTRACK rules and the paths to
+/// them, `notrack::notrack_flows`). When no rule may notrack there (`nft_stream::may_notrack`)
+/// nor in the legacy outlines, that is all. Otherwise the iptables saves are read in full
+/// (iptables-nft's tables from them, as `crate::backend::live::read` does) and the nft filter
+/// chains `notrack::check` may evaluate are re-read chain by chain, keeping the rules that may
+/// match one of the flows it evaluates (`notrack::evaluated_flows`; the evaluator skips any
+/// other). Everything between the same two generation ids.
+fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, String> {
     use super::notrack::{evaluated_flows, filter_chains_reached, notrack_flows};
     use crate::live::fw::Verdict;
     use crate::render::flow::{rule_matches, Tri};
     let _lap = crate::timing::Lap::start("doctor: nft rules (streamed, pruned)");
     let jumps = |r: &crate::live::fw::FwRule| matches!(r.verdict, Verdict::Jump(_) | Verdict::Goto(_));
-    let mut reader = crate::backend::nft_stream::Reader::open(skip)?;
+    let mut reader = crate::backend::nft_stream::Reader::open(&[]).map_err(|e| e.to_string())?;
     let mut nft = reader.skeleton();
     let mut notrack = crate::backend::nft_read::NotrackRules::new();
-    reader.stream_into(&mut nft.fw, &mut notrack, None, &mut |r, nt| nt || jumps(r))?;
-    let mut fw = Firewall::from_parts(nft, skip, ipt, notrack);
+    reader.stream_into(&mut nft.fw, &mut notrack, None, &mut |r, nt| nt || jumps(r)).map_err(|e| e.to_string())?;
+    let legacy_chains = || legacy.iter().flat_map(|d| d.fw.chains.iter().cloned()).collect::<Vec<_>>();
+    let fw = Firewall::from_parts(nft, &[], legacy_chains(), notrack);
+    if reader.notrack_candidates == 0 && !fw.any_notrack_rule() {
+        tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: no rule may notrack");
+        return Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw));
+    }
+    // Something may notrack: the iptables dumps in full, and the nft part without the tables
+    // iptables-nft owns (their chains come from its dumps).
+    let Firewall { tables, nft_notrack, .. } = fw;
+    let nft = crate::live::nft_json::NftRuleset {
+        tables: reader.skeleton().tables,
+        fw: crate::live::fw::FwTables {
+            chains: tables
+                .chains
+                .into_iter()
+                .filter(|c| matches!(c.owner, crate::live::fw::Owner::Nft { .. }))
+                .collect(),
+        },
+    };
+    let dumps = crate::backend::live::read_saves(Some(&nft.tables)).map_err(|e| e.to_string())?;
+    let skip = crate::backend::live::ipt_nft_tables(&dumps);
+    let ipt = dumps.into_iter().flat_map(|d| d.fw.chains).collect();
+    let mut fw = Firewall::from_parts(nft, &skip, ipt, nft_notrack);
     let flows = notrack_flows(&fw);
     if !flows.is_empty() {
         let chains = filter_chains_reached(&fw);
         let eval = evaluated_flows(&flows);
         let mut again = crate::backend::nft_read::NotrackRules::new();
-        reader.stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| {
-            nt || jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No)
-        })?;
+        reader
+            .stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| {
+                nt || jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No)
+            })
+            .map_err(|e| e.to_string())?;
         fw.nft_notrack.extend(again);
     }
     tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
-    let consistent = reader.consistent()?;
-    Ok((fw, consistent))
+    Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw))
 }
 
 fn mono_usec() -> Option<u64> {
