@@ -725,6 +725,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn filter_chains_reached_follow_jumps_and_evaluated_flows_cover_both_states() {
+        let text = r#"{"nftables":[
+{"table":{"family":"inet","name":"t","handle":1}},
+{"chain":{"family":"inet","table":"t","name":"input","handle":1,"type":"filter","hook":"input","prio":0,"policy":"drop"}},
+{"chain":{"family":"inet","table":"t","name":"svc","handle":2}},
+{"chain":{"family":"inet","table":"t","name":"unused","handle":3}},
+{"chain":{"family":"inet","table":"t","name":"pre","handle":4,"type":"filter","hook":"prerouting","prio":-300,"policy":"accept"}},
+{"rule":{"family":"inet","table":"t","chain":"input","handle":5,"expr":[{"jump":{"target":"svc"}}]}},
+{"rule":{"family":"inet","table":"t","chain":"pre","handle":6,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":53}},{"notrack":null}]}}
+]}"#;
+        let fw = nft_json(text);
+        let reached = filter_chains_reached(&fw);
+        let names: std::collections::BTreeSet<&str> = reached.iter().map(|k| k.2.as_str()).collect();
+        assert_eq!(names.into_iter().collect::<Vec<_>>(), ["input", "svc"]);
+        let flows = notrack_flows(&fw);
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        let eval = evaluated_flows(&flows);
+        // udp, the input leg, both families, new and untracked.
+        assert_eq!(eval.len(), 4, "{eval:?}");
+        assert!(eval.iter().any(|f| f.ct == "new") && eval.iter().any(|f| f.ct == "untracked"));
+        assert!(eval.iter().all(|f| f.proto == Proto::Udp && f.dports == flows[0].dports));
+    }
+
     const SEED002: &str = "*raw
 :PREROUTING ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]

@@ -662,6 +662,25 @@ mod tests {
     }
 
     #[test]
+    fn outline_keeps_what_may_notrack_and_every_non_rule_line() {
+        for kept in [
+            "*raw",
+            ":PREROUTING ACCEPT [0:0]",
+            ":DNS - [0:0]",
+            "COMMIT",
+            "# Warning: iptables-legacy tables present",
+            "-A DNS -p udp -m udp --dport 53 -j NOTRACK",
+            "-A PREROUTING -p udp -m udp --sport 123 -j CT --notrack",
+        ] {
+            assert!(outline_keeps(kept), "{kept}");
+        }
+        for left in ["-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT", "-A PREROUTING -j DNS", "-A OUTPUT -j CT --zone 1"]
+        {
+            assert!(!outline_keeps(left), "{left}");
+        }
+    }
+
+    #[test]
     fn atomic_write_replaces() {
         let d = tempdir("atomic");
         let p = d.join("ctguard.prom");
