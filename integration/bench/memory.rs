@@ -28,6 +28,10 @@
 //!    analysis, over netlink), the same doctor with `CTGUARD_NFT_READ=json` (its reader before
 //!    issue 16: `nft -j list ruleset`, children included in its peak) and
 //!    `nft -j list ruleset` alone (`ip netns exec`), all three in the same run. Goal ≤ 20 MiB.
+//!    The `+notrack` variants add one NOTRACK rule (udp/53, in a raw chain): then the doctor
+//!    evaluates the filter chain for its flows (it keeps only the rules that may match them).
+//!    `CTGUARD_MEM_DOCTOR_BEFORE=/path/to/an/earlier/ctguard` measures that build's doctor in
+//!    the same namespace, same run (paired before → after).
 //!
 //! Measuring a child's peak RSS: `ru_maxrss` of a process includes the peak of the memory it
 //! had before `exec` — for a child that a big process spawns (fork or vfork), that big
@@ -43,7 +47,9 @@
 //! Only `cargo bench` measures: it passes `--bench`. `cargo test --all-targets` also runs this
 //! binary without `--bench`; then (unless `CTGUARD_BENCH=1`) `main` prints "not run". Knobs:
 //! `CTGUARD_MEM_SIZES=1000,10000,50000,100000` (host rules), `CTGUARD_MEM_ENTRIES=0,10000,100000,250000`
-//! (conntrack entries), `CTGUARD_MEM_DOCTOR_RULES=10000,100000` (the doctor's host rules), `CTGUARD_MEM_ONLY=agent,doctor`, `CTGUARD_BENCH_QUICK=1` (1k and 10k
+//! (conntrack entries), `CTGUARD_MEM_DOCTOR_RULES=10000,100000` (the doctor's host rules),
+//! `CTGUARD_MEM_DOCTOR_BACKENDS=nft,iptables-nft,nft+notrack,iptables-nft+notrack`,
+//! `CTGUARD_MEM_DOCTOR_BEFORE=PATH`, `CTGUARD_MEM_ONLY=agent,doctor`, `CTGUARD_BENCH_QUICK=1` (1k and 10k
 //! rules, 0 and 10k entries).
 
 #[path = "common.rs"]
@@ -72,6 +78,10 @@ struct Config {
     doctor: bool,
     raise_ct_max: bool,
     quick: bool,
+    /// Host ruleset variants of the doctor's rows (`CTGUARD_MEM_DOCTOR_BACKENDS`).
+    doctor_backends: Vec<&'static str>,
+    /// An earlier build of ctguard measured beside (`CTGUARD_MEM_DOCTOR_BEFORE`).
+    before: Option<PathBuf>,
 }
 
 fn list_env(name: &str) -> Result<Option<Vec<usize>>, String> {
@@ -116,9 +126,32 @@ impl Config {
             doctor_rules,
             agent: wants("agent"),
             doctor: wants("doctor"),
+            doctor_backends: doctor_backends()?,
+            before: std::env::var_os("CTGUARD_MEM_DOCTOR_BEFORE").map(PathBuf::from),
             raise_ct_max: on("CTGUARD_MEM_RAISE_CT_MAX"),
             quick,
         })
+    }
+}
+
+/// The doctor's host ruleset variants: `nft`, `iptables-nft`, and each with one NOTRACK rule
+/// in a raw chain (`+notrack`: the analysis then evaluates the 10k/100k-rule filter chain).
+const DOCTOR_BACKENDS: &[&str] = &["nft", "iptables-nft", "nft+notrack", "iptables-nft+notrack"];
+
+fn doctor_backends() -> Result<Vec<&'static str>, String> {
+    match std::env::var("CTGUARD_MEM_DOCTOR_BACKENDS") {
+        Err(_) => Ok(DOCTOR_BACKENDS.to_vec()),
+        Ok(v) => {
+            v.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(|x| {
+                    DOCTOR_BACKENDS.iter().find(|b| **b == x).copied().ok_or_else(|| {
+                        format!("CTGUARD_MEM_DOCTOR_BACKENDS: unknown {x:?} (one of {DOCTOR_BACKENDS:?})")
+                    })
+                })
+                .collect()
+        }
     }
 }
 
@@ -420,6 +453,10 @@ fn host_ruleset(n: usize) -> String {
     s
 }
 
+/// One NOTRACK rule in a raw chain of its own, added to [`host_ruleset`] for the `+notrack`
+/// rows.
+const NOTRACK_NFT: &str = "table inet raw_dns {\n\tchain pre {\n\t\ttype filter hook prerouting priority raw; policy accept;\n\t\tudp dport 53 notrack\n\t}\n}\n";
+
 /// The same host firewall as [`host_ruleset`] for `iptables-nft-restore`: `filter INPUT`, policy
 /// drop, `n` rules (addresses instead of named sets).
 fn host_iptables(n: usize) -> String {
@@ -690,6 +727,8 @@ struct RulesRow {
     json_wall: Duration,
     nft_j_kib: u64,
     nft_j_wall: Duration,
+    /// The earlier build's doctor (`CTGUARD_MEM_DOCTOR_BEFORE`): peak RSS and wall time.
+    before: Option<(u64, Duration)>,
 }
 
 struct DoctorResult {
@@ -843,19 +882,27 @@ fn bench_doctor(cfg: &Config, exe: &Path, dir: &Path) -> DoctorResult {
         // iptables-nft, beside `nft -j list ruleset` alone and the doctor with nft's JSON (the
         // reader before issue 16's netlink one), measured in the same namespace.
         for &rules in &cfg.doctor_rules {
-            for backend in ["nft", "iptables-nft"] {
+            for &backend in &cfg.doctor_backends {
                 let ns = BenchNs::new("ctg-mem")?;
                 let t = Instant::now();
-                match backend {
-                    "nft" => {
-                        let host = host_ruleset(rules);
-                        ns.run(|| exec("nft", &["-f", "-"], Some(host.as_bytes())))??;
-                    }
-                    _ => {
-                        let host = host_iptables(rules);
-                        ns.run(|| exec("iptables-nft-restore", &[], Some(host.as_bytes())))??;
-                    }
+                if backend.starts_with("nft") {
+                    let host = host_ruleset(rules);
+                    ns.run(|| exec("nft", &["-f", "-"], Some(host.as_bytes())))??;
+                } else {
+                    let host = host_iptables(rules);
+                    ns.run(|| exec("iptables-nft-restore", &[], Some(host.as_bytes())))??;
                 }
+                match backend {
+                    "nft+notrack" => ns.run(|| exec("nft", &["-f", "-"], Some(NOTRACK_NFT.as_bytes())))??,
+                    "iptables-nft+notrack" => ns.run(|| {
+                        exec(
+                            "iptables-nft",
+                            &["-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "53", "-j", "CT", "--notrack"],
+                            None,
+                        )
+                    })??,
+                    _ => String::new(),
+                };
                 eprintln!(
                     "memory: {}-rule {backend} host ruleset loaded in {:.1} s; doctor…",
                     size_label(rules),
@@ -869,6 +916,16 @@ fn bench_doctor(cfg: &Config, exe: &Path, dir: &Path) -> DoctorResult {
                 if json.code != 0 {
                     return Err(format!("doctor (CTGUARD_NFT_READ=json) exited {}: {}", json.code, json.stderr.trim()));
                 }
+                let before = match &cfg.before {
+                    Some(b) => {
+                        let m = measured(b, &a)?;
+                        if m.code != 0 {
+                            return Err(format!("{} exited {}: {}", b.display(), m.code, m.stderr.trim()));
+                        }
+                        Some((m.maxrss_kib, m.wall))
+                    }
+                    None => None,
+                };
                 let nft_j = measured(Path::new("ip"), &["netns", "exec", &ns.name, "nft", "-j", "list", "ruleset"])?;
                 if nft_j.code != 0 {
                     return Err(format!("nft -j list ruleset exited {}: {}", nft_j.code, nft_j.stderr.trim()));
@@ -882,6 +939,7 @@ fn bench_doctor(cfg: &Config, exe: &Path, dir: &Path) -> DoctorResult {
                     json_wall: json.wall,
                     nft_j_kib: nft_j.maxrss_kib,
                     nft_j_wall: nft_j.wall,
+                    before,
                 });
                 out.rows.push(DoctorRow {
                     label: format!("0 entries, {}-rule {backend} host ruleset", size_label(rules)),
@@ -948,13 +1006,14 @@ fn doctor_table(r: &DoctorResult) -> String {
             "\n### `ctguard doctor --window 0 --json` on a host ruleset (0 conntrack entries; peak RSS from wait4, \
              children included)\n\n\
              | host ruleset | rules | doctor peak RSS | ≤ 20 MiB | doctor s | doctor with `CTGUARD_NFT_READ=json` \
-             (before) | s | `nft -j list ruleset` alone | s | doctor ÷ `nft -j` alone (RSS) | before → after |\n\
-             | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+             (before) | s | `nft -j list ruleset` alone | s | doctor ÷ `nft -j` alone (RSS) | before → after | \
+             earlier build (`CTGUARD_MEM_DOCTOR_BEFORE`) | s | this ÷ earlier (RSS) |\n\
+             | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for x in &r.rules_rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.2}× | {:.2}× |",
+                "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.2}× | {:.2}× | {} | {} | {} |",
                 x.backend,
                 size_label(x.rules),
                 mib(x.maxrss_kib),
@@ -966,6 +1025,9 @@ fn doctor_table(r: &DoctorResult) -> String {
                 x.nft_j_wall.as_secs_f64(),
                 x.maxrss_kib as f64 / x.nft_j_kib.max(1) as f64,
                 x.maxrss_kib as f64 / x.json_kib.max(1) as f64,
+                x.before.map_or("–".to_string(), |(k, _)| mib(k)),
+                x.before.map_or("–".to_string(), |(_, w)| format!("{:.2}", w.as_secs_f64())),
+                x.before.map_or("–".to_string(), |(k, _)| format!("{:.3}×", x.maxrss_kib as f64 / k.max(1) as f64)),
             );
         }
     }

@@ -817,3 +817,177 @@ fn load_as_apply_does(srv: &Ns, policy_toml: &str) {
     };
     srv.nft(&planner::plan(&policy, &live, &tag).nft_script());
 }
+
+/// NOTRACK rules that sit in chains reached only by a jump from a raw base chain (nft, and
+/// both iptables variants), behind a stateful filter: the doctor's first, streamed read looks
+/// at every rule of every chain, so a read that follows only some chains cannot miss them;
+/// each is reported as a blackhole, the same over netlink and with nft's JSON.
+#[test]
+fn doctor_finds_a_notrack_rule_reached_only_by_a_jump() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("docjump");
+    let srv = &pair.srv;
+    srv.nft(SRV_FIREWALL);
+    srv.nft(
+        "table inet raw_jump {
+  chain dns {
+    udp dport 53 notrack
+  }
+  chain pre {
+    type filter hook prerouting priority raw; policy accept;
+    meta l4proto udp jump dns
+  }
+}
+",
+    );
+    for (tool, cmds) in [
+        (
+            "iptables-nft",
+            [
+                "-t raw -N NFTDNS",
+                "-t raw -A PREROUTING -j NFTDNS",
+                "-t raw -A NFTDNS -p udp --dport 53 -j CT --notrack",
+            ],
+        ),
+        (
+            "iptables-legacy",
+            ["-t raw -N LEGDNS", "-t raw -A PREROUTING -j LEGDNS", "-t raw -A LEGDNS -p udp --dport 53 -j NOTRACK"],
+        ),
+    ] {
+        for cmd in cmds {
+            let args: Vec<&str> = cmd.split_whitespace().collect();
+            srv.exec(tool, &args);
+        }
+    }
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let netlink = ctguard_env(&args, None);
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
+    let (n, j) = (netlink.json(), json.json());
+    let chains = |v: &Value| -> Vec<String> {
+        let mut c: Vec<String> = v["notrack_rules"]
+            .as_array()
+            .map(|a| a.iter().map(|r| format!("{} | {}", r["notrack"]["chain"], r["flow"])).collect())
+            .unwrap_or_default();
+        c.sort();
+        c
+    };
+    let holes = |v: &Value| -> Vec<String> {
+        let mut h: Vec<String> = recs(v)
+            .iter()
+            .filter(|r| r["kind"] == "blackhole")
+            .map(|r| format!("{} {} {}", r["notrack"]["chain"], r["dropped_by"]["chain"], r["fix"]))
+            .collect();
+        h.sort();
+        h
+    };
+    eprintln!("doctor: NOTRACK rules behind jumps: {:#?}\nblackholes: {:#?}", chains(&n), holes(&n));
+    assert_eq!((chains(&n), holes(&n)), (chains(&j), holes(&j)), "netlink and nft -j readers disagree");
+    for want in ["nft inet raw_jump dns", "iptables-nft raw NFTDNS", "iptables-legacy raw LEGDNS"] {
+        assert!(chains(&n).iter().any(|c| c.contains(want)), "{want} missing from {:#?}", chains(&n));
+        assert!(holes(&n).iter().any(|h| h.contains(want)), "no blackhole for {want}: {:#?}", holes(&n));
+    }
+}
+
+/// The streamed read's shortcut: with no rule that may notrack, the doctor keeps no rule —
+/// and still says that ctguard's table exists without a NOTRACK rule, as the full read does,
+/// beside a few thousand rules of nft and iptables-nft.
+#[test]
+fn doctor_without_notrack_rules_reports_as_the_full_read() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("docnont");
+    let srv = &pair.srv;
+    let mut host = String::from("table inet host {\n  chain input {\n    type filter hook input priority filter; policy drop;\n    ct state established,related accept\n");
+    for i in 0..3000 {
+        host.push_str(&format!("    tcp dport {} ct state new accept\n", 1024 + i));
+    }
+    host.push_str("  }\n}\n");
+    srv.nft(&host);
+    srv.nft(
+        "table inet ctguard {\n  chain pre {\n    type filter hook prerouting priority raw; policy accept;\n  }\n}\n",
+    );
+    let mut ipt =
+        String::from("*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:CTGUARD-IN - [0:0]\n");
+    for i in 0..3000 {
+        ipt.push_str(&format!("-A INPUT -p tcp -m tcp --dport {} -j ACCEPT\n", 20000 + i));
+    }
+    ipt.push_str("-A INPUT -j CTGUARD-IN\nCOMMIT\n");
+    srv.exec_stdin("iptables-nft-restore", &[], &ipt);
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let netlink = ctguard_env(&args, None);
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
+    let (n, j) = (netlink.json(), json.json());
+    let view = |v: &Value| (v["notrack_rules"].clone(), v["notes"].clone(), recs(v), v["unreadable"].clone());
+    assert_eq!(view(&n), view(&j), "netlink and nft -j readers disagree");
+    assert_eq!(n["notrack_rules"], serde_json::json!([]), "{}", n["notrack_rules"]);
+    let notes = n["notes"].as_array().cloned().unwrap_or_default();
+    assert!(
+        notes.iter().any(|x| x.as_str().is_some_and(|x| x.contains("hold no NOTRACK rule"))),
+        "ctguard's empty table is noted: {notes:#?}"
+    );
+}
+
+/// The pruned read (issue 16): with a NOTRACK rule present, the filter chains are re-read
+/// keeping only the rules that may match the flows the analysis evaluates. Behind 600 rules
+/// that cannot match (tcp ports, an anonymous set), a jump into a chain with a named-set rule
+/// and the stateful accept: the findings, the dropping rule and the fix's position are the
+/// same as nft's JSON gives, and the debug log shows the rules left out.
+#[test]
+fn doctor_prunes_filter_rules_without_changing_findings() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("docprune");
+    let srv = &pair.srv;
+    let mut fw = String::from(
+        "table inet host {
+  set peers {
+    type ipv4_addr
+    elements = { 192.0.2.1, 192.0.2.7 }
+  }
+  chain svc {
+    tcp dport { 1000-1999, 3000 } accept
+    ip saddr @peers udp dport 53 accept
+    udp dport 53 ct state new accept
+  }
+  chain input {
+    type filter hook input priority filter; policy drop;
+    ct state established,related accept
+    iif \"lo\" accept
+",
+    );
+    for i in 0..600 {
+        fw.push_str(&format!("    tcp dport {} ct state new accept\n", 2000 + i));
+    }
+    fw.push_str("    jump svc\n    reject\n  }\n}\n");
+    srv.nft(&fw);
+    srv.nft(HANDMADE_RAW);
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+    cmd.args(args).env_remove(ctguard::backend::live::NFT_READ_ENV).env("RUST_LOG", "ctguard=debug");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{e}"));
+    let netlink = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
+    let (n, j) = (netlink.json(), json.json());
+    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone());
+    assert_eq!(view(&n), view(&j), "the pruned read and nft -j disagree");
+    let Some(hole) = recs(&n).into_iter().find(|r| r["kind"] == "blackhole") else { panic!("{:#?}", recs(&n)) };
+    eprintln!("doctor: pruned read: {}\n  fix: {}", hole["dropped_by"], hole["fix"]);
+    assert_eq!(hole["dropped_by"]["chain"], "nft inet host input", "{hole}");
+    assert_eq!(hole["dropped_by"]["rule"], "reject", "{hole}");
+    let Some(line) = netlink.stderr.lines().find(|l| l.contains("doctor: nft rules streamed")) else {
+        panic!("no debug line in {}", netlink.stderr)
+    };
+    eprintln!("doctor: {line}");
+    let kept: u64 = line
+        .split("kept=")
+        .nth(1)
+        .and_then(|x| x.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(kept < 50, "the 600 tcp rules are left out: {line}");
+}

@@ -19,7 +19,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use ctguard::backend::exec::Tool;
-use ctguard::backend::nft_read;
+use ctguard::backend::{nft_read, nft_stream};
 use ctguard::doctor::notrack::{self, Firewall, NotrackFlow};
 use ctguard::live::fw::{Cond, Verdict};
 use ctguard::live::nft_json::{self, NftRuleset};
@@ -356,6 +356,39 @@ fn compare(rs: &Ruleset) -> Outcome {
             let mut diff = String::new();
             if got_notrack != want_notrack {
                 diff.push_str(&format!("  notrack rules: json {want_notrack:?}\n          netlink {got_notrack:?}\n"));
+            }
+            // The doctor's streamed reader (issue 16), keeping every rule, reads what nft_read
+            // reads, over one dump and chain by chain; its outline sees every notrack rule.
+            let mut reader = nft_stream::Reader::open(&[]).expect("streamed read");
+            let mut streamed = reader.skeleton();
+            let mut streamed_notrack = nft_read::NotrackRules::new();
+            reader.stream_into(&mut streamed.fw, &mut streamed_notrack, None, &mut |_, _| true).expect("streamed rules");
+            if streamed != got || streamed_notrack != got_notrack {
+                diff.push_str("  the streamed read differs from nft_read's\n");
+            }
+            let keys: std::collections::HashSet<nft_stream::ChainKey> = got
+                .fw
+                .chains
+                .iter()
+                .filter_map(|c| match &c.owner {
+                    ctguard::live::fw::Owner::Nft { family, table } => Some((family.clone(), table.clone(), c.name.clone())),
+                    _ => None,
+                })
+                .collect();
+            let mut per_chain = reader.skeleton();
+            let mut per_chain_notrack = nft_read::NotrackRules::new();
+            reader
+                .stream_into(&mut per_chain.fw, &mut per_chain_notrack, Some(&keys), &mut |_, _| true)
+                .expect("per-chain rules");
+            if per_chain != got || per_chain_notrack != got_notrack {
+                diff.push_str("  the per-chain streamed read differs from nft_read's\n");
+            }
+            if reader.notrack_candidates < 2 * got_notrack.len() as u64 {
+                diff.push_str(&format!(
+                    "  the streamed reader counted {} rules that may notrack over two passes, nft_read {} notrack rules\n",
+                    reader.notrack_candidates,
+                    got_notrack.len()
+                ));
             }
             // The doctor's view from either reader (the full netlink read, as the JSON lists all).
             let fw_json = Firewall::from_json(Some(&json), Vec::new()).expect("doctor's JSON reader");

@@ -6,5 +6,6 @@ pub mod live;
 pub mod netlink;
 pub mod nft_monitor;
 pub mod nft_read;
+pub mod nft_stream;
 pub mod policy_txn;
 pub mod ruleset_txn;

@@ -612,7 +612,7 @@ fn is_port_proto(p: u8) -> bool {
 }
 
 /// The sets of a ruleset, by (family, table, name).
-type Sets<'a> = HashMap<(&'a str, &'a str, &'a str), &'a RawSet>;
+pub(crate) type Sets<'a> = HashMap<(&'a str, &'a str, &'a str), &'a RawSet>;
 
 /// Looks up interface names by index (`if_indextoname` in the namespace read).
 pub type IfNames<'a> = &'a dyn Fn(u32) -> Option<String>;
@@ -806,7 +806,7 @@ fn assemble(
 }
 
 /// nft's hook name for a family's hook number.
-fn hook_name(family: &str, h: u32) -> Option<&'static str> {
+pub(crate) fn hook_name(family: &str, h: u32) -> Option<&'static str> {
     match family {
         "netdev" => match h {
             0 => Some("ingress"),
@@ -858,7 +858,7 @@ struct Conv<'a> {
 
 /// One kernel rule as neutral rules (one, or one per element of a verdict map), mirroring
 /// `nft_json::convert_rule`.
-fn convert_rule(r: &RawRule, sets: &Sets<'_>, ifnames: IfNames<'_>) -> Vec<FwRule> {
+pub(crate) fn convert_rule(r: &RawRule, sets: &Sets<'_>, ifnames: IfNames<'_>) -> Vec<FwRule> {
     let mut c = Conv {
         conds: Vec::new(),
         words: Vec::new(),

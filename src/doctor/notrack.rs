@@ -56,11 +56,24 @@ impl Firewall {
     /// ruleset's size once). The chains of the tables iptables-nft owns come from its dumps,
     /// as in `LiveState::chains`.
     pub fn from_live(live: LiveState, nft_notrack: NotrackRules) -> Firewall {
-        let ctguard_table = live.nft.has_table("inet", crate::render::nft_ir::TABLE_NAME);
-        let owned: HashSet<(String, String)> =
-            crate::backend::live::ipt_nft_tables(&live.iptables).into_iter().collect();
+        let owned = crate::backend::live::ipt_nft_tables(&live.iptables);
+        let ipt = live.iptables.into_iter().flat_map(|d| d.fw.chains).collect();
+        Firewall::from_parts(live.nft, &owned, ipt, nft_notrack)
+    }
+
+    /// [`Firewall::from_live`] from its parts: the nft ruleset, the tables iptables-nft owns
+    /// (their nft chains are left out) and the chains of the iptables dumps, appended after
+    /// the nft ones. [`Firewall::iptables_chains`] takes the latter back.
+    pub fn from_parts(
+        nft: crate::live::nft_json::NftRuleset,
+        owned: &[(String, String)],
+        iptables: Vec<FwChain>,
+        nft_notrack: NotrackRules,
+    ) -> Firewall {
+        let ctguard_table = nft.has_table("inet", crate::render::nft_ir::TABLE_NAME);
+        let owned: HashSet<&(String, String)> = owned.iter().collect();
         let mut tables = FwTables::default();
-        for c in live.nft.fw.chains {
+        for c in nft.fw.chains {
             if let Owner::Nft { family, table } = &c.owner {
                 if owned.contains(&(family.clone(), table.clone())) {
                     continue;
@@ -68,10 +81,19 @@ impl Firewall {
             }
             tables.chains.push(c);
         }
-        for d in live.iptables {
-            tables.chains.extend(d.fw.chains);
-        }
+        tables.chains.extend(iptables);
         Firewall { tables, nft_notrack, ctguard_table }
+    }
+
+    /// Takes the iptables chains back out (they follow the nft ones), leaving the nft part.
+    pub fn iptables_chains(&mut self) -> Vec<FwChain> {
+        let first = self.tables.chains.iter().position(|c| matches!(c.owner, Owner::Iptables { .. }));
+        first.map(|i| self.tables.chains.split_off(i)).unwrap_or_default()
+    }
+
+    /// True when any chain holds a NOTRACK rule (reachable or not). Pure.
+    pub fn any_notrack_rule(&self) -> bool {
+        self.tables.chains.iter().any(|c| c.rules.iter().any(|r| self.is_notrack(c, r)))
     }
 
     /// From `nft -j list ruleset` (if nft exists; the `CTGUARD_NFT_READ=json` fallback) and the
@@ -339,6 +361,82 @@ pub fn notrack_flows(fw: &Firewall) -> Vec<NotrackFlow> {
     out
 }
 
+/// The nft chains [`check`] may evaluate: every filter base chain at input or output, and the
+/// chains their rules (as held in `fw`) jump or go to, transitively. Pure.
+pub fn filter_chains_reached(fw: &Firewall) -> HashSet<(String, String, String)> {
+    let mut seen: HashSet<(String, String, String)> = HashSet::new();
+    let mut todo: Vec<&FwChain> = fw
+        .tables
+        .chains
+        .iter()
+        .filter(|c| c.kind == ChainKind::Filter && matches!(c.hook, Some(FwHook::Input | FwHook::Output)))
+        .collect();
+    while let Some(c) = todo.pop() {
+        let Owner::Nft { family, table } = &c.owner else { continue };
+        if !seen.insert((family.clone(), table.clone(), c.name.clone())) {
+            continue;
+        }
+        for r in &c.rules {
+            if let Verdict::Jump(name) | Verdict::Goto(name) = &r.verdict {
+                if let Some(sub) = fw.tables.find(&c.owner, name) {
+                    todo.push(sub);
+                }
+            }
+        }
+    }
+    seen
+}
+
+/// Every flow [`check`] may evaluate for `flows` (both families, tracked and untracked, each
+/// leg): a rule that matches none of them (`rule_matches` says no) changes none of its
+/// outcomes, so a reader may leave it out. Pure.
+pub fn evaluated_flows(flows: &[NotrackFlow]) -> Vec<Flow> {
+    let mut out = Vec::new();
+    for n in flows {
+        for &proto in &n.protos {
+            for (_, via_lo) in legs(n) {
+                for v6 in [false, true] {
+                    if n.v6.is_some_and(|x| x != v6) {
+                        continue;
+                    }
+                    for ct in [tracked_state(n), "untracked"] {
+                        out.push(flow_at(n, proto, v6, ct, via_lo));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The state the packets of `n` have while tracked: requests are new, replies established.
+fn tracked_state(n: &NotrackFlow) -> &'static str {
+    match n.side {
+        Side::Client if n.hook == FwHook::Prerouting => "established",
+        Side::Server if n.hook == FwHook::Output && n.dports.is_empty() => "established",
+        _ => "new",
+    }
+}
+
+/// The filter hooks the untracked packets of `n` pass (`true`: the loopback leg).
+fn legs(n: &NotrackFlow) -> Vec<(FwHook, bool)> {
+    let mut legs: Vec<(FwHook, bool)> = Vec::new();
+    match n.hook {
+        FwHook::Prerouting => legs.push((FwHook::Input, false)),
+        _ => {
+            legs.push((FwHook::Output, false));
+            // The loopback leg: the same untracked packets arrive again at input on `lo`
+            // (a local client of a local service); not for rules restricted to addresses,
+            // which name remote peers.
+            let lo = n.oif.is_empty() || n.oif.iter().any(|o| o == "lo");
+            if lo && n.saddr.is_empty() && n.daddr.is_empty() {
+                legs.push((FwHook::Input, true));
+            }
+        }
+    }
+    legs
+}
+
 fn walk(fw: &Firewall, chain: &FwChain, hook: FwHook, prefix: &[Cond], depth: usize, out: &mut Vec<NotrackFlow>) {
     for rule in &chain.rules {
         let mut conds = prefix.to_vec();
@@ -425,26 +523,8 @@ fn rule_ref(chain: &FwChain, o: &Outcome) -> RuleRef {
 pub fn check(fw: &Firewall, flows: &[NotrackFlow]) -> Vec<Finding> {
     let mut out: Vec<Finding> = Vec::new();
     for n in flows {
-        // The state the same packets have while tracked: requests are new, replies established.
-        let tracked = match n.side {
-            Side::Client if n.hook == FwHook::Prerouting => "established",
-            Side::Server if n.hook == FwHook::Output && n.dports.is_empty() => "established",
-            _ => "new",
-        };
-        let mut legs: Vec<(FwHook, bool)> = Vec::new();
-        match n.hook {
-            FwHook::Prerouting => legs.push((FwHook::Input, false)),
-            _ => {
-                legs.push((FwHook::Output, false));
-                // The loopback leg: the same untracked packets arrive again at input on `lo`
-                // (a local client of a local service); not for rules restricted to addresses,
-                // which name remote peers.
-                let lo = n.oif.is_empty() || n.oif.iter().any(|o| o == "lo");
-                if lo && n.saddr.is_empty() && n.daddr.is_empty() {
-                    legs.push((FwHook::Input, true));
-                }
-            }
-        }
+        let tracked = tracked_state(n);
+        let legs = legs(n);
         for &proto in &n.protos {
             for &(hook, via_lo) in &legs {
                 for chain in fw.tables.base_chains(ChainKind::Filter, hook) {
@@ -643,6 +723,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn filter_chains_reached_follow_jumps_and_evaluated_flows_cover_both_states() {
+        let text = r#"{"nftables":[
+{"table":{"family":"inet","name":"t","handle":1}},
+{"chain":{"family":"inet","table":"t","name":"input","handle":1,"type":"filter","hook":"input","prio":0,"policy":"drop"}},
+{"chain":{"family":"inet","table":"t","name":"svc","handle":2}},
+{"chain":{"family":"inet","table":"t","name":"unused","handle":3}},
+{"chain":{"family":"inet","table":"t","name":"pre","handle":4,"type":"filter","hook":"prerouting","prio":-300,"policy":"accept"}},
+{"rule":{"family":"inet","table":"t","chain":"input","handle":5,"expr":[{"jump":{"target":"svc"}}]}},
+{"rule":{"family":"inet","table":"t","chain":"pre","handle":6,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":53}},{"notrack":null}]}}
+]}"#;
+        let fw = nft_json(text);
+        let reached = filter_chains_reached(&fw);
+        let names: std::collections::BTreeSet<&str> = reached.iter().map(|k| k.2.as_str()).collect();
+        assert_eq!(names.into_iter().collect::<Vec<_>>(), ["input", "svc"]);
+        let flows = notrack_flows(&fw);
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        let eval = evaluated_flows(&flows);
+        // udp, the input leg, both families, new and untracked.
+        assert_eq!(eval.len(), 4, "{eval:?}");
+        assert!(eval.iter().any(|f| f.ct == "new") && eval.iter().any(|f| f.ct == "untracked"));
+        assert!(eval.iter().all(|f| f.proto == Proto::Udp && f.dports == flows[0].dports));
     }
 
     const SEED002: &str = "*raw

@@ -205,15 +205,16 @@ fn read_stat(src: &Sources) -> (PathBuf, Result<DropCounters, SourceError>) {
     (stat, r)
 }
 
-/// Reads the live ruleset of the calling thread's namespace once, as `crate::backend::live::read`
-/// does: the iptables dumps whose tool is installed (only of families that have tables), then
-/// the nft ruleset over netlink without the rules of the tables iptables-nft owns, with the
-/// keys of its rules that carry a `notrack` statement from the same snapshot
-/// (`nft_read::read_skipping_notrack`). With `CTGUARD_NFT_READ=json`, or without `nft`
-/// installed, the previous reader: `nft -j list ruleset` (when nft is installed) parsed.
-/// The dumps' texts are not kept.
+/// Reads what the NOTRACK analysis needs of the live ruleset of the calling thread's namespace,
+/// streamed: the iptables-legacy saves line by line keeping only what may notrack
+/// ([`outline_keeps`]), then every nf_tables rule over netlink keeping the rules that notrack
+/// or jump ([`read_streamed`]; one consistent snapshot, repeated when the ruleset changed).
+/// When no rule may notrack, that is all — bounded memory at any ruleset size. Otherwise the
+/// iptables saves in full and the filter chains the check evaluates, pruned to the rules that
+/// may match its flows. With `CTGUARD_NFT_READ=json`, or without `nft` installed, the previous
+/// reader: `nft -j list ruleset` (when nft is installed) parsed. The dumps' texts are not kept.
 pub fn read_firewall() -> Result<Firewall, String> {
-    use crate::backend::{live, nft_read};
+    use crate::backend::live;
     let _lap = crate::timing::Lap::start("doctor: firewall");
     let without_text = |mut dumps: Vec<crate::live::IptDump>| {
         dumps.iter_mut().for_each(|d| d.text = String::new());
@@ -228,11 +229,71 @@ pub fn read_firewall() -> Result<Firewall, String> {
         let dumps = without_text(live::read_saves(None).map_err(|e| e.to_string())?);
         return Firewall::from_json(json.as_deref(), dumps);
     }
-    let tables = nft_read::tables().map_err(|e| e.to_string())?;
-    let dumps = without_text(live::read_saves(Some(&tables)).map_err(|e| e.to_string())?);
-    let skip = live::ipt_nft_tables(&dumps);
-    let (ruleset, _, notrack) = nft_read::read_skipping_notrack(&skip).map_err(|e| e.to_string())?;
-    Ok(Firewall::from_live(crate::live::LiveState { nft: ruleset, iptables: dumps }, notrack))
+    let legacy = legacy_outlines()?;
+    for _ in 0..crate::backend::nft_stream::MAX_ATTEMPTS {
+        if let Some(fw) = read_streamed(&legacy)? {
+            return Ok(fw);
+        }
+    }
+    Err(crate::backend::nft_stream::NftStreamError::Unstable(crate::backend::nft_stream::MAX_ATTEMPTS).to_string())
+}
+
+/// One attempt of the streamed, pruned read ([`read_firewall`]); `None` when the ruleset
+/// changed during it. Every nf_tables rule is streamed once (the tables iptables-nft owns
+/// included), keeping the rules that notrack or jump (the NOTRACK rules and the paths to
+/// them, `notrack::notrack_flows`). When no rule may notrack there (`nft_stream::may_notrack`)
+/// nor in the legacy outlines, that is all. Otherwise the iptables saves are read in full
+/// (iptables-nft's tables from them, as `crate::backend::live::read` does) and the nft filter
+/// chains `notrack::check` may evaluate are re-read chain by chain, keeping the rules that may
+/// match one of the flows it evaluates (`notrack::evaluated_flows`; the evaluator skips any
+/// other). Everything between the same two generation ids.
+fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, String> {
+    use super::notrack::{evaluated_flows, filter_chains_reached, notrack_flows};
+    use crate::live::fw::Verdict;
+    use crate::render::flow::{rule_matches, Tri};
+    let _lap = crate::timing::Lap::start("doctor: nft rules (streamed, pruned)");
+    let jumps = |r: &crate::live::fw::FwRule| matches!(r.verdict, Verdict::Jump(_) | Verdict::Goto(_));
+    let mut reader = crate::backend::nft_stream::Reader::open(&[]).map_err(|e| e.to_string())?;
+    let mut nft = reader.skeleton();
+    let mut notrack = crate::backend::nft_read::NotrackRules::new();
+    reader.stream_into(&mut nft.fw, &mut notrack, None, &mut |r, nt| nt || jumps(r)).map_err(|e| e.to_string())?;
+    let legacy_chains = || legacy.iter().flat_map(|d| d.fw.chains.iter().cloned()).collect::<Vec<_>>();
+    let fw = Firewall::from_parts(nft, &[], legacy_chains(), notrack);
+    if reader.notrack_candidates == 0 && !fw.any_notrack_rule() {
+        tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: no rule may notrack");
+        return Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw));
+    }
+    // Something may notrack: the iptables dumps in full, and the nft part without the tables
+    // iptables-nft owns (their chains come from its dumps).
+    let Firewall { tables, nft_notrack, .. } = fw;
+    let nft = crate::live::nft_json::NftRuleset {
+        tables: reader.skeleton().tables,
+        fw: crate::live::fw::FwTables {
+            chains: tables
+                .chains
+                .into_iter()
+                .filter(|c| matches!(c.owner, crate::live::fw::Owner::Nft { .. }))
+                .collect(),
+        },
+    };
+    let dumps = crate::backend::live::read_saves(Some(&nft.tables)).map_err(|e| e.to_string())?;
+    let skip = crate::backend::live::ipt_nft_tables(&dumps);
+    let ipt = dumps.into_iter().flat_map(|d| d.fw.chains).collect();
+    let mut fw = Firewall::from_parts(nft, &skip, ipt, nft_notrack);
+    let flows = notrack_flows(&fw);
+    if !flows.is_empty() {
+        let chains = filter_chains_reached(&fw);
+        let eval = evaluated_flows(&flows);
+        let mut again = crate::backend::nft_read::NotrackRules::new();
+        reader
+            .stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| {
+                nt || jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No)
+            })
+            .map_err(|e| e.to_string())?;
+        fw.nft_notrack.extend(again);
+    }
+    tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
+    Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw))
 }
 
 fn mono_usec() -> Option<u64> {
@@ -396,6 +457,23 @@ fn boot_unix_usec() -> Option<i64> {
 fn stream_conntrack_tool(agg: &mut FlowAggregator, limit: Duration) -> Result<String, SourceError> {
     let tool = Tool::find("conntrack")?;
     let args = ["-L", "-o", "extended"];
+    stream_stdout(&tool, &args, limit, |out| aggregate_reader(out, agg)).map_err(|e| match e {
+        SourceError::Tool(ExecError::TimedOut { .. }) => SourceError::Timeout(limit),
+        e => e,
+    })?;
+    Ok(format!("{} {}", tool.path.display(), args.join(" ")))
+}
+
+/// Runs `tool` with `args` (an argument vector, `LC_ALL=C`, in the calling thread's namespace)
+/// and hands its stdout to `read` as a stream (64 KiB buffered): the output is never held
+/// whole. Killed after `limit` ([`ExecError::TimedOut`]); a non-zero exit is
+/// [`ExecError::Failed`] with the first 64 KiB of stderr.
+fn stream_stdout<T>(
+    tool: &Tool,
+    args: &[&str],
+    limit: Duration,
+    read: impl FnOnce(&mut dyn BufRead) -> std::io::Result<T>,
+) -> Result<T, SourceError> {
     let spawn_err = |source| ExecError::Spawn { path: tool.path.clone(), source };
     let mut child = Command::new(&tool.path)
         .args(args)
@@ -426,26 +504,75 @@ fn stream_conntrack_tool(agg: &mut FlowAggregator, limit: Duration) -> Result<St
             String::from_utf8_lossy(&buf).into_owned()
         });
         let res = match stdout {
-            Some(out) => aggregate_reader(BufReader::with_capacity(64 * 1024, out), agg),
-            None => Ok(()),
+            Some(out) => read(&mut BufReader::with_capacity(64 * 1024, out)),
+            None => Err(std::io::Error::other("no stdout")),
         };
         let _ = done_tx.send(());
         let timed_out = watchdog.join().unwrap_or(false);
         (res, err_reader.join().unwrap_or_default(), timed_out)
     });
     let status = child.wait().map_err(spawn_err)?;
+    let cmd = format!("{} {}", tool.name, args.join(" ")).trim_end().to_string();
     if timed_out {
-        return Err(SourceError::Timeout(limit));
+        return Err(SourceError::Tool(ExecError::TimedOut { cmd, after: limit }));
     }
     if !status.success() {
         return Err(SourceError::Tool(ExecError::Failed {
-            cmd: format!("conntrack {}", args.join(" ")),
+            cmd,
             status: status.to_string(),
             stderr: one_line(&stderr_text),
         }));
     }
-    read_result.map_err(|source| SourceError::Io { path: tool.path.clone(), source })?;
-    Ok(format!("{} {}", tool.path.display(), args.join(" ")))
+    read_result.map_err(|source| SourceError::Io { path: tool.path.clone(), source })
+}
+
+/// True for a line of an iptables save the doctor keeps when it reads only what may notrack:
+/// everything but rules (`*table`, `:chain`, `COMMIT`, comments and warnings), and the rules
+/// that may notrack (`-j NOTRACK`, `-j CT --notrack`; any mention errs on the side of "may").
+/// Pure.
+pub fn outline_keeps(line: &str) -> bool {
+    let l = line.trim_start();
+    !l.starts_with("-A ") || l.contains("NOTRACK") || l.contains("--notrack")
+}
+
+/// The dump of every installed iptables-legacy save tool (x_tables, invisible to netlink) with
+/// only the lines [`outline_keeps`]: streamed, so a 100k-rule table is never held.
+fn legacy_outlines() -> Result<Vec<crate::live::IptDump>, String> {
+    use crate::backend::live::{save_would_be_empty, SAVE_TOOLS};
+    use crate::live::fw::IptVariant;
+    use crate::live::{iptables_fw, iptables_save};
+    let mut out = Vec::new();
+    for &(name, variant, v6) in SAVE_TOOLS.iter().filter(|t| t.1 == IptVariant::Legacy) {
+        let Ok(tool) = Tool::find(name) else { continue };
+        if save_would_be_empty(variant, v6, None) {
+            continue;
+        }
+        let mut kept = String::new();
+        stream_stdout(&tool, &[], crate::backend::exec::DEFAULT_TIMEOUT, |r| {
+            let mut line = Vec::with_capacity(256);
+            loop {
+                line.clear();
+                if r.read_until(b'\n', &mut line)? == 0 {
+                    return Ok(());
+                }
+                let text = String::from_utf8_lossy(&line);
+                if outline_keeps(&text) {
+                    kept.push_str(text.trim_end_matches('\n'));
+                    kept.push('\n');
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+        let (text, _) = iptables_save::without_incompatible(&kept);
+        let dump = iptables_save::parse(&text).map_err(|e| format!("{name}: {e}"))?;
+        out.push(crate::live::IptDump {
+            variant,
+            v6,
+            fw: iptables_fw::convert(&dump, variant, v6),
+            text: String::new(),
+        });
+    }
+    Ok(out)
 }
 
 /// Writes `text` to `path` atomically: a temporary file in the same directory, flushed to disk,
@@ -532,6 +659,25 @@ mod tests {
         assert_eq!(f.scanned, 1);
         assert!(source.ends_with("thread-self/net/nf_conntrack"));
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn outline_keeps_what_may_notrack_and_every_non_rule_line() {
+        for kept in [
+            "*raw",
+            ":PREROUTING ACCEPT [0:0]",
+            ":DNS - [0:0]",
+            "COMMIT",
+            "# Warning: iptables-legacy tables present",
+            "-A DNS -p udp -m udp --dport 53 -j NOTRACK",
+            "-A PREROUTING -p udp -m udp --sport 123 -j CT --notrack",
+        ] {
+            assert!(outline_keeps(kept), "{kept}");
+        }
+        for left in ["-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT", "-A PREROUTING -j DNS", "-A OUTPUT -j CT --zone 1"]
+        {
+            assert!(!outline_keeps(left), "{left}");
+        }
     }
 
     #[test]
