@@ -896,66 +896,23 @@ pub(crate) fn dump_each(
     }
 }
 
-/// [`dump`], streamed: `each` gets every nf_tables message (type without the subsystem byte,
-/// nfgenmsg + attributes) as its datagram arrives, and nothing is kept, so a dump of any size
-/// reads in one receive buffer. Returns true when any message carried `NLM_F_DUMP_INTR` (the
-/// ruleset changed during the dump: read again). Same requests, errors and time limit as
-/// [`dump`]. Read-only.
-pub(crate) fn dump_each(
+/// [`dump_each`], one message at a time: `each` gets every nf_tables message (type without the
+/// subsystem byte, nfgenmsg + attributes) as its datagram arrives, and nothing is kept, so a
+/// dump of any size reads in one receive buffer. Returns true when any message carried
+/// `NLM_F_DUMP_INTR` (the ruleset changed during the dump: read again). Same requests, errors
+/// and time limit as [`dump`]. Read-only.
+pub(crate) fn dump_each_msg(
     msg: u16,
     family: u8,
     attrs: &[(u16, &[u8])],
     what: &'static str,
     each: &mut dyn FnMut(u16, &[u8]),
 ) -> Result<bool, NetlinkError> {
-    let query = |source: io::Error| NetlinkError::Query { what, source };
-    let seq = FIRST_SEQ;
-    let mut req = Vec::with_capacity(64);
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
-    req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req.extend_from_slice(&seq.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&[family, 0, 0, 0]);
-    for (ty, d) in attrs {
-        req.extend_from_slice(&((4 + d.len()) as u16).to_ne_bytes());
-        req.extend_from_slice(&ty.to_ne_bytes());
-        req.extend_from_slice(d);
-        while req.len() % 4 != 0 {
-            req.push(0);
+    dump_each(msg, family, attrs, what, &mut |batch| {
+        for m in batch {
+            each(m.ty, &m.payload);
         }
-    }
-    let total = req.len() as u32;
-    req[0..4].copy_from_slice(&total.to_ne_bytes());
-    let mut s = NfSocket::open()?;
-    s.raise_buffer(SO_RCVBUFFORCE, libc::SO_RCVBUF, 1 << 20);
-    s.send(&req)?;
-    let mut interrupted = false;
-    loop {
-        let Some(replies) = s.recv(REPLY_TIMEOUT)? else {
-            return Err(query(io::Error::from(io::ErrorKind::TimedOut)));
-        };
-        for r in replies.into_iter().filter(|r| r.seq == seq) {
-            interrupted |= r.flags & NLM_F_DUMP_INTR != 0;
-            if r.ty == NLMSG_DONE {
-                let code = u32_ne(&r.payload, 0).map(|c| c as i32).unwrap_or(0);
-                if code < 0 && code.saturating_neg() != libc::ENOENT {
-                    return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
-                }
-                return Ok(interrupted);
-            } else if r.ty == NLMSG_ERROR {
-                let (code, _) = parse_error(&r)?;
-                if code.saturating_neg() == libc::ENOENT {
-                    return Ok(interrupted);
-                }
-                if code != 0 {
-                    return Err(query(io::Error::from_raw_os_error(code.saturating_neg())));
-                }
-            } else if r.ty >> 8 == NFNL_SUBSYS_NFTABLES {
-                each(r.ty & 0xff, &r.payload);
-            }
-        }
-    }
+    })
 }
 
 /// A GETRULE request for `chain` of `table`: a dump of the chain (`NLM_F_DUMP`) without

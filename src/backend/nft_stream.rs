@@ -118,23 +118,25 @@ impl Reader {
         };
         let mut bad: Option<&'static str> = None;
         let (tables, chains, sets) = (&mut r.tables, &mut r.chains, &mut r.sets);
-        r.interrupted |= netlink::dump_each(NFT_MSG_GETTABLE, 0, &[], "GETTABLE (dump the tables)", &mut |ty, p| {
-            if ty == NFT_MSG_NEWTABLE {
-                match decode_table(p) {
-                    Some(t) => tables.push(t),
-                    None => bad = bad.or(Some("NEWTABLE")),
+        r.interrupted |=
+            netlink::dump_each_msg(NFT_MSG_GETTABLE, 0, &[], "GETTABLE (dump the tables)", &mut |ty, p| {
+                if ty == NFT_MSG_NEWTABLE {
+                    match decode_table(p) {
+                        Some(t) => tables.push(t),
+                        None => bad = bad.or(Some("NEWTABLE")),
+                    }
                 }
-            }
-        })?;
-        r.interrupted |= netlink::dump_each(NFT_MSG_GETCHAIN, 0, &[], "GETCHAIN (dump the chains)", &mut |ty, p| {
-            if ty == NFT_MSG_NEWCHAIN {
-                match decode_chain(p) {
-                    Some(c) => chains.push(c),
-                    None => bad = bad.or(Some("NEWCHAIN")),
+            })?;
+        r.interrupted |=
+            netlink::dump_each_msg(NFT_MSG_GETCHAIN, 0, &[], "GETCHAIN (dump the chains)", &mut |ty, p| {
+                if ty == NFT_MSG_NEWCHAIN {
+                    match decode_chain(p) {
+                        Some(c) => chains.push(c),
+                        None => bad = bad.or(Some("NEWCHAIN")),
+                    }
                 }
-            }
-        })?;
-        r.interrupted |= netlink::dump_each(NFT_MSG_GETSET, 0, &[], "GETSET (dump the sets)", &mut |ty, p| {
+            })?;
+        r.interrupted |= netlink::dump_each_msg(NFT_MSG_GETSET, 0, &[], "GETSET (dump the sets)", &mut |ty, p| {
             if ty == NFT_MSG_NEWSET {
                 match decode_set(p) {
                     Some(s) => sets.push(s),
@@ -190,7 +192,7 @@ impl Reader {
         let s = &mut self.sets[i];
         let (table, name) = (nul(&s.table), nul(&s.name));
         let elems = &mut s.elems;
-        self.interrupted |= netlink::dump_each(
+        self.interrupted |= netlink::dump_each_msg(
             NFT_MSG_GETSETELEM,
             nfproto(&s.family),
             &[(1, &table), (2, &name)],
@@ -339,7 +341,7 @@ impl Reader {
                     Err(e) => failed = Some(e),
                 }
             };
-            let interrupted = netlink::dump_each(NFT_MSG_GETRULE, family, &attrs, what, &mut each)?;
+            let interrupted = netlink::dump_each_msg(NFT_MSG_GETRULE, family, &attrs, what, &mut each)?;
             self.interrupted |= interrupted;
             if let Some(e) = failed {
                 return Err(e);
