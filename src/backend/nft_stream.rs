@@ -19,17 +19,11 @@ use super::nft_read::{
 use crate::live::fw::{ChainKind, FwChain, FwHook, FwRule, FwTables, Owner, Verdict};
 use crate::live::nft_json::NftRuleset;
 
-// nf_tables message types (linux/netfilter/nf_tables.h).
-const NFT_MSG_NEWTABLE: u16 = 0;
-const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_NEWCHAIN: u16 = 3;
-const NFT_MSG_GETCHAIN: u16 = 4;
-const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_GETRULE: u16 = 7;
-const NFT_MSG_NEWSET: u16 = 9;
-const NFT_MSG_GETSET: u16 = 10;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_GETSETELEM: u16 = 13;
+// nf_tables message types (linux/netfilter/nf_tables.h), as the whole-ruleset reader names them.
+use super::nft_read::{
+    NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWRULE, NFT_MSG_NEWSET, NFT_MSG_NEWSETELEM, NFT_MSG_NEWTABLE,
+};
 /// `NFT_SET_ANONYMOUS`.
 const SET_ANONYMOUS: u32 = 0x1;
 /// How often a read is retried when the ruleset changed during it.
