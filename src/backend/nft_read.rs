@@ -738,6 +738,26 @@ pub fn build(
     assemble(tables, chains, rules, converted)
 }
 
+/// The model chain of `c` without its rules: owner, name, hook, kind, priority and policy as
+/// nft's JSON gives them (a regular chain has priority 0 and no policy). Pure.
+pub(crate) fn empty_chain(c: &RawChain) -> FwChain {
+    let hook = c.hooknum.and_then(|h| hook_name(&c.family, h)).and_then(FwHook::parse);
+    let kind = match c.kind.as_deref() {
+        Some("filter") => ChainKind::Filter,
+        Some("nat") => ChainKind::Nat,
+        _ => ChainKind::Other,
+    };
+    FwChain {
+        owner: Owner::Nft { family: c.family.clone(), table: c.table.clone() },
+        name: c.name.clone(),
+        hook,
+        kind,
+        priority: if c.hooknum.is_some() { c.priority } else { 0 },
+        policy_accept: hook.map(|_| c.policy != Some(0)),
+        rules: Vec::new(),
+    }
+}
+
 /// True when converting `r` looks a set up (a lookup, a verdict map, a meter or an object
 /// reference): only then does [`convert_rule`] need the sets and their elements.
 fn references_a_set(r: &RawRule) -> bool {
@@ -763,22 +783,8 @@ fn assemble(
     // nft lists the chains table by table, in the tables' order.
     for (tf, tn) in tables {
         for c in chains.iter().filter(|c| &c.family == tf && &c.table == tn && !c.binding) {
-            let hook = c.hooknum.and_then(|h| hook_name(&c.family, h)).and_then(FwHook::parse);
-            let kind = match c.kind.as_deref() {
-                Some("filter") => ChainKind::Filter,
-                Some("nat") => ChainKind::Nat,
-                _ => ChainKind::Other,
-            };
             chain_index.insert((&c.family, &c.table, &c.name), out.fw.chains.len());
-            out.fw.chains.push(FwChain {
-                owner: Owner::Nft { family: c.family.clone(), table: c.table.clone() },
-                name: c.name.clone(),
-                hook,
-                kind,
-                priority: if c.hooknum.is_some() { c.priority } else { 0 },
-                policy_accept: hook.map(|_| c.policy != Some(0)),
-                rules: Vec::new(),
-            });
+            out.fw.chains.push(empty_chain(c));
         }
     }
     let bindings: std::collections::HashSet<(&str, &str, &str)> =
@@ -806,7 +812,7 @@ fn assemble(
 }
 
 /// nft's hook name for a family's hook number.
-pub(crate) fn hook_name(family: &str, h: u32) -> Option<&'static str> {
+fn hook_name(family: &str, h: u32) -> Option<&'static str> {
     match family {
         "netdev" => match h {
             0 => Some("ingress"),

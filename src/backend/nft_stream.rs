@@ -13,10 +13,10 @@ use std::collections::{HashMap, HashSet};
 
 use super::netlink::{self, NetlinkError};
 use super::nft_read::{
-    convert_rule, decode_chain, decode_elems, decode_rule, decode_set, decode_table, hook_name, ifname_of, Expr,
-    NotrackRules, RawChain, RawRule, RawSet, Sets, ANON_CHAIN,
+    convert_rule, decode_chain, decode_elems, decode_rule, decode_set, decode_table, ifname_of, Expr, NotrackRules,
+    RawChain, RawRule, RawSet, Sets, ANON_CHAIN,
 };
-use crate::live::fw::{ChainKind, FwChain, FwHook, FwRule, FwTables, Owner, Verdict};
+use crate::live::fw::{FwRule, FwTables, Owner, Verdict};
 use crate::live::nft_json::NftRuleset;
 
 // nf_tables message types (linux/netfilter/nf_tables.h), as the whole-ruleset reader names them.
@@ -158,21 +158,7 @@ impl Reader {
         let mut out = NftRuleset { tables: self.tables.clone(), fw: FwTables::default() };
         for (tf, tn) in &self.tables {
             for c in self.chains.iter().filter(|c| &c.family == tf && &c.table == tn && !c.binding) {
-                let hook = c.hooknum.and_then(|h| hook_name(&c.family, h)).and_then(FwHook::parse);
-                let kind = match c.kind.as_deref() {
-                    Some("filter") => ChainKind::Filter,
-                    Some("nat") => ChainKind::Nat,
-                    _ => ChainKind::Other,
-                };
-                out.fw.chains.push(FwChain {
-                    owner: Owner::Nft { family: c.family.clone(), table: c.table.clone() },
-                    name: c.name.clone(),
-                    hook,
-                    kind,
-                    priority: if c.hooknum.is_some() { c.priority } else { 0 },
-                    policy_accept: hook.map(|_| c.policy != Some(0)),
-                    rules: Vec::new(),
-                });
+                out.fw.chains.push(super::nft_read::empty_chain(c));
             }
         }
         out
