@@ -771,10 +771,14 @@ fn rollback_deletes_checked_before_the_commit_are_not_checked_again() {
         assert!(!u.nft_insertions.is_empty() && u.table.is_some(), "the policy inserts accepts and creates the table");
         assert!(nft_rollback_already_checked(&u), "the check batch carried the rollback's deletes");
         check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
-        assert!(!nft_rollback_already_checked(&u), "the proof is used once");
+        assert!(nft_rollback_already_checked(&u), "a check commits nothing: the proof still holds");
+        // The rollback on the same thread deletes by the handles the commit echoed, and its
+        // own commit ends the proof.
+        rollback(&u).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+        assert!(!nft_rollback_already_checked(&u), "the rollback's commit ends the proof");
         u
     });
-    ns.run(|| rollback(&u1)).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+    assert!(!u1.nft_insertions.is_empty());
     assert_same(&before, &list(&ns, &[]), "rolled back exactly");
 
     // A foreign commit after ours: the proof no longer holds; the full check runs and passes.
@@ -805,4 +809,42 @@ fn rollback_deletes_checked_before_the_commit_are_not_checked_again() {
     });
     back(&ns, &committed);
     assert_same(&before, &list(&ns, &[]), "every transaction rolled back exactly");
+}
+
+/// Issue 16 (the rollback deletes by the handles the commit echoed while nothing has committed
+/// since, instead of reading each rule back): handles are reused when a table is recreated, so
+/// after another commit they are not trusted. Here another writer replaces the host table with
+/// one whose rules get the very handles ctguard's accepts had: the rollback, on the same thread
+/// as the apply, must find by tag that nothing of ctguard's is left in that chain and delete
+/// none of the other writer's rules.
+#[test]
+fn echoed_handles_are_not_trusted_after_another_commit() {
+    let ns = Ns::new("ptx-stale-handles");
+    ns.nft(HOST_FW);
+    let p = policy(UDP53);
+    let (u, theirs) = ns.run(|| {
+        let prepared = prepare(&request(&p, "ptx-stale-1", None), facts()).unwrap_or_else(|e| panic!("{}", chain(&e)));
+        let u = apply(&prepared).unwrap_or_else(|e| panic!("apply: {}", chain(&e)));
+        let ins = u.nft_insertions.iter().find(|i| i.table != "ctguard").expect("an accept outside ctguard's table");
+        let (family, table, chain_name) = (ins.family.clone(), ins.table.clone(), ins.chain.clone());
+        let top = u.nft_insertions.iter().filter_map(|i| i.handle).max().expect("echoed handles");
+        // Another writer: the host table again, its chain filled with counter rules up to and
+        // past the handles ctguard's accepts had.
+        let mut script = format!("delete table {family} {table}\ntable {family} {table} {{\n\tchain {chain_name} {{\n");
+        for _ in 0..top + 2 {
+            script.push_str("\t\tcounter\n");
+        }
+        script.push_str("\t}\n}\n");
+        let nft = ctguard::backend::exec::Tool::find("nft").expect("nft");
+        nft.run(&["-f", "-"], Some(script.as_bytes())).unwrap_or_else(|e| panic!("the other writer's table: {e}"));
+        assert!(!nft_rollback_already_checked(&u), "another commit ends the proof");
+        let theirs = nft.run(&["-a", "list", "table", &family, &table], None).expect("list");
+        rollback(&u).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+        let after = nft.run(&["-a", "list", "table", &family, &table], None).expect("list");
+        assert_eq!(after, theirs, "the other writer's rules, at ctguard's old handles, survive the rollback");
+        (u, theirs)
+    });
+    assert!(!u.nft_insertions.is_empty() && theirs.contains("counter"));
+    let listed = ns.exec("nft", &["list", "ruleset"]);
+    assert!(!listed.contains("ctguard"), "ctguard's table is gone:\n{listed}");
 }

@@ -1327,7 +1327,7 @@ fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + S
 pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("apply");
     ipt_backend::share_saves(false);
-    checked_nft::keep(&p.undo, None);
+    checked_nft::keep(&p.undo, None, false, false);
     // Nothing changed since the snapshot?
     let g = get_genid().map_err(PolicyTxnError::Genid)?;
     if g != p.genid {
@@ -1428,16 +1428,13 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
             }
         };
         done.table = undo.table.clone();
-        // Committed on the snapshot's generation, nothing of ctguard's before it: the state
-        // the check judged the rollback's deletes on is the one this commit applied to.
-        if p.nft_rollback_checked && own_commits == 0 {
-            checked_nft::keep(&undo, Some(genid.wrapping_add(1)));
-        }
+        let mut handles_echoed = true;
         if !undo.nft_insertions.is_empty() {
             // The handles the kernel echoed; a full listing only when some did not come back.
             let listed: Vec<nft_text::ListedRule> = echoed.into_iter().map(listed_of).collect();
             fill_handles(&mut undo, &listed);
             if undo.nft_insertions.iter().any(|i| i.handle.is_none()) {
+                handles_echoed = false;
                 tracing::debug!("not every inserted rule was echoed; reading the handles back with nft");
                 for ins in undo.nft_insertions.iter_mut() {
                     ins.handle = None;
@@ -1447,6 +1444,11 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
                     Err(e) => undo.warnings.push(format!("reading the inserted rules' handles back failed: {e}")),
                 }
             }
+        }
+        // Committed on the snapshot's generation, nothing of ctguard's before it: what the
+        // check judged and the handles the kernel echoed hold until the next commit.
+        if own_commits == 0 {
+            checked_nft::keep(&undo, Some(genid.wrapping_add(1)), p.nft_rollback_checked, handles_echoed);
         }
     }
 
@@ -1583,6 +1585,26 @@ fn read_insertion_chains(u: &PolicyUndo) -> Result<Vec<nft_text::ListedRule>, Po
     Ok(out)
 }
 
+/// The rules `u` inserted outside `table inet ctguard`, as listed rules carrying `u`'s tag,
+/// from the handles apply recorded (those the kernel echoed): what [`read_insertion_chains`]
+/// would find while nothing has committed since that commit. Pure.
+fn listed_from_echo(u: &PolicyUndo) -> Vec<nft_text::ListedRule> {
+    u.nft_insertions
+        .iter()
+        .filter(|i| !(i.family == "inet" && i.table == TABLE_NAME))
+        .filter_map(|i| {
+            i.handle.map(|handle| nft_text::ListedRule {
+                family: i.family.clone(),
+                table: i.table.clone(),
+                chain: i.chain.clone(),
+                handle,
+                text: String::new(),
+                comment: Some(u.tag.clone()),
+            })
+        })
+        .collect()
+}
+
 /// Handles of the inserted rules, matched by chain and tag in listing order.
 fn fill_handles(undo: &mut PolicyUndo, listed: &[nft_text::ListedRule]) {
     let tag = undo.tag.clone();
@@ -1661,45 +1683,61 @@ mod checked_docs {
     }
 }
 
-/// The proof, kept on this thread between [`apply`] and [`check_rollback`], that the nft
-/// rollback's deletes were already kernel-checked: the check batch of [`prepare`] carried them
-/// after the apply's messages ([`kernel_check_covering_rollback`]), and the commit that
-/// followed carried the snapshot's generation id, so it applied to the checked state. Valid
-/// while the generation id is still the one that commit produced (nothing committed since), in
-/// the same namespace, for the same tag.
+/// What [`apply`]'s nft commit proved, kept on this thread for [`check_rollback`] and
+/// [`rollback`] of the same transaction: the commit carried the snapshot's generation id (with
+/// nothing of ctguard's committed before it), so it applied to the state [`prepare`] read and
+/// checked. While the generation id is still the one that commit produced (nothing committed
+/// since), in the same namespace, for the same tag: the rollback's deletes were kernel-checked
+/// when the check batch carried them, and the handles the kernel echoed are the inserted rules'
+/// own (handles are reused only when a table is recreated: a commit). Lost with the thread:
+/// after an agent restart the rollback reads and checks everything again.
 mod checked_nft {
     use std::cell::RefCell;
 
     use crate::backend::policy_txn::PolicyUndo;
 
-    /// (tag, namespace device, namespace inode, generation id after the commit).
-    type Key = (String, u64, u64, u32);
-
-    thread_local! {
-        static KEPT: RefCell<Option<Key>> = const { RefCell::new(None) };
+    /// What a commit proved (see the module).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Proof {
+        tag: String,
+        netns: (u64, u64),
+        /// The generation id the commit produced.
+        genid: u32,
+        /// The check batch before the commit carried the rollback's deletes.
+        pub rollback_checked: bool,
+        /// Every inserted rule's handle came back in the commit's echo.
+        pub handles_echoed: bool,
     }
 
-    /// Records that `u`'s nft rollback was checked together with the commit that produced
-    /// generation `genid_after`; `None` forgets any earlier record.
-    pub fn keep(u: &PolicyUndo, genid_after: Option<u32>) {
-        let kept = genid_after.and_then(|g| crate::netns::current_id().map(|(dev, ino)| (u.tag.clone(), dev, ino, g)));
+    thread_local! {
+        static KEPT: RefCell<Option<Proof>> = const { RefCell::new(None) };
+    }
+
+    /// Records what the commit that produced generation `genid_after` proved for `u`; `None`
+    /// forgets any earlier record.
+    pub fn keep(u: &PolicyUndo, genid_after: Option<u32>, rollback_checked: bool, handles_echoed: bool) {
+        let kept = genid_after.and_then(|genid| {
+            crate::netns::current_id().map(|netns| Proof {
+                tag: u.tag.clone(),
+                netns,
+                genid,
+                rollback_checked,
+                handles_echoed,
+            })
+        });
         KEPT.with(|k| *k.borrow_mut() = kept);
     }
 
-    /// True when `u`'s nft rollback was checked before its commit and nothing committed since
-    /// (same namespace, same generation id now). Read-only.
-    pub fn holds(u: &PolicyUndo) -> bool {
-        let Some((tag, dev, ino, g)) = KEPT.with(|k| k.borrow().clone()) else { return false };
-        tag == u.tag
-            && crate::netns::current_id() == Some((dev, ino))
-            && crate::backend::netlink::get_genid().ok() == Some(g)
+    /// The proof for `u` when the generation id in this thread's namespace is `genid` and
+    /// that is still the one its commit produced. Read-only.
+    pub fn at(u: &PolicyUndo, genid: u32) -> Option<Proof> {
+        let p = KEPT.with(|k| k.borrow().clone())?;
+        (p.tag == u.tag && p.genid == genid && crate::netns::current_id() == Some(p.netns)).then_some(p)
     }
 
-    /// [`holds`], and forgets the record either way.
-    pub fn take(u: &PolicyUndo) -> bool {
-        let held = holds(u);
-        KEPT.with(|k| *k.borrow_mut() = None);
-        held
+    /// [`at`] the generation id read now.
+    pub fn now(u: &PolicyUndo) -> Option<Proof> {
+        crate::backend::netlink::get_genid().ok().and_then(|g| at(u, g))
     }
 }
 
@@ -1940,7 +1978,14 @@ fn nft_put_back(u: &PolicyUndo) -> Result<Option<String>, String> {
 fn nft_guarded_deletes(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     let lap = crate::timing::Lap::start("rollback: read the rules to delete");
     let genid = get_genid().map_err(PolicyTxnError::Genid)?;
-    let listed = read_insertion_chains(u)?;
+    let every_handle = u.nft_insertions.iter().all(|i| i.handle.is_some());
+    let listed = match checked_nft::at(u, genid) {
+        // Nothing committed since ctguard's own commit: the handles it echoed are the rules'
+        // (the batch below carries this generation id, so that still holds when it lands).
+        // An undo without them (a failed apply's partial one) reads by tag.
+        Some(proof) if proof.handles_echoed && every_handle => listed_from_echo(u),
+        _ => read_insertion_chains(u)?,
+    };
     drop(lap);
     let _lap = crate::timing::Lap::start("rollback: the delete batch");
     crate::fault::foreign_change("rollback:foreign-change");
@@ -1971,7 +2016,7 @@ fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRu
 /// before it), and the generation id in this namespace is still the one that commit produced.
 /// Read-only (one generation id read).
 pub fn nft_rollback_already_checked(u: &PolicyUndo) -> bool {
-    checked_nft::holds(u)
+    checked_nft::now(u).is_some_and(|p| p.rollback_checked)
 }
 
 /// Kernel-checks the rollback of `u` against the current state: its nft delete batch sent as a
@@ -2005,7 +2050,7 @@ fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
         if !script.is_empty() {
             tool("nft")?.run(&["-c", "-f", "-"], Some(script.as_bytes())).map_err(PolicyTxnError::NftCheck)?;
         }
-    } else if checked_nft::take(u) {
+    } else if nft_rollback_already_checked(u) {
         // Only deletes, already judged by the check batch before the commit, on the state
         // that is still the kernel's (see `checked_nft`).
     } else {
