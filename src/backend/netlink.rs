@@ -578,7 +578,7 @@ fn outcome(
 /// ([`crate::render::nft_batch::encode`]`(…, Some(id))`) is refused if another commit happened
 /// in between.
 pub fn get_genid() -> Result<u32, NetlinkError> {
-    // A socket kept open on this thread (see `thread_socket`); a fresh one when that fails,
+    // A socket kept open on this thread (see `with_thread_socket`); a fresh one when that fails,
     // so a broken cached socket costs one retry, never a wrong answer.
     match with_thread_socket(genid_on) {
         Ok(g) => Ok(g),
