@@ -373,7 +373,10 @@ fn doctor_reports_a_table_full_episode() {
         events["events"].as_array().and_then(|a| a.last()).map(ToString::to_string)
     );
     assert_eq!(j["max"].as_u64(), Some(lowered_to), "the report saw the lowered max");
-    assert!(j["usage"].as_f64().is_some_and(|u| u >= 0.95), "usage {}", j["usage"]);
+    // Nearly full, not exactly: at a max of ~200 the kernel's early drop frees a few unreplied
+    // entries when an insert meets the full table (a clean-clone CI run saw 189 of 200 right
+    // after the flood, `early_drop` 7: usage 0.945).
+    assert!(j["usage"].as_f64().is_some_and(|u| u >= 0.9), "usage {}", j["usage"]);
     assert!(drops["drop"].as_u64().is_some_and(|d| d > 0), "the flood shows in drops: {drops}");
     assert!(events["count"].as_u64().is_some_and(|c| c > 0), "{events}");
     assert!(fresh > 0, "a table-full event from this flood is in the kernel log: {events}");
