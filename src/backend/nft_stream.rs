@@ -112,32 +112,33 @@ impl Reader {
         };
         let mut bad: Option<&'static str> = None;
         let (tables, chains, sets) = (&mut r.tables, &mut r.chains, &mut r.sets);
-        r.interrupted |=
-            netlink::dump_each_msg(NFT_MSG_GETTABLE, 0, &[], "GETTABLE (dump the tables)", &mut |ty, p| {
-                if ty == NFT_MSG_NEWTABLE {
-                    match decode_table(p) {
-                        Some(t) => tables.push(t),
-                        None => bad = bad.or(Some("NEWTABLE")),
-                    }
-                }
-            })?;
-        r.interrupted |=
-            netlink::dump_each_msg(NFT_MSG_GETCHAIN, 0, &[], "GETCHAIN (dump the chains)", &mut |ty, p| {
-                if ty == NFT_MSG_NEWCHAIN {
-                    match decode_chain(p) {
-                        Some(c) => chains.push(c),
-                        None => bad = bad.or(Some("NEWCHAIN")),
-                    }
-                }
-            })?;
-        r.interrupted |= netlink::dump_each_msg(NFT_MSG_GETSET, 0, &[], "GETSET (dump the sets)", &mut |ty, p| {
-            if ty == NFT_MSG_NEWSET {
-                match decode_set(p) {
-                    Some(s) => sets.push(s),
-                    None => bad = bad.or(Some("NEWSET")),
-                }
-            }
-        })?;
+        r.interrupted |= collect_decoded(
+            NFT_MSG_GETTABLE,
+            NFT_MSG_NEWTABLE,
+            "GETTABLE (dump the tables)",
+            "NEWTABLE",
+            decode_table,
+            tables,
+            &mut bad,
+        )?;
+        r.interrupted |= collect_decoded(
+            NFT_MSG_GETCHAIN,
+            NFT_MSG_NEWCHAIN,
+            "GETCHAIN (dump the chains)",
+            "NEWCHAIN",
+            decode_chain,
+            chains,
+            &mut bad,
+        )?;
+        r.interrupted |= collect_decoded(
+            NFT_MSG_GETSET,
+            NFT_MSG_NEWSET,
+            "GETSET (dump the sets)",
+            "NEWSET",
+            decode_set,
+            sets,
+            &mut bad,
+        )?;
         if let Some(what) = bad {
             return Err(NftStreamError::Malformed(what));
         }
@@ -335,6 +336,28 @@ impl Reader {
     pub fn consistent(&self) -> Result<bool, NftStreamError> {
         Ok(!self.interrupted && netlink::get_genid()? == self.genid)
     }
+}
+
+/// One whole-namespace dump of `get` (every family), each message of type `new` decoded with
+/// `decode` into `out`; the first message `decode` refuses is named in `bad` (as `name`).
+/// Returns whether the dump was interrupted. Read-only.
+fn collect_decoded<T>(
+    get: u16,
+    new: u16,
+    what: &'static str,
+    name: &'static str,
+    decode: fn(&[u8]) -> Option<T>,
+    out: &mut Vec<T>,
+    bad: &mut Option<&'static str>,
+) -> Result<bool, NetlinkError> {
+    netlink::dump_each_msg(get, 0, &[], what, &mut |ty, p| {
+        if ty == new {
+            match decode(p) {
+                Some(v) => out.push(v),
+                None => *bad = bad.or(Some(name)),
+            }
+        }
+    })
 }
 
 #[cfg(test)]

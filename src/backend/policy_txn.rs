@@ -1095,7 +1095,7 @@ pub fn kernel_check(p: &Prepared) -> Result<(), PolicyTxnError> {
 /// state checked. [`apply`]'s commit carries the snapshot's generation id, so when it commits
 /// (with nothing of ctguard's own committed before it) that checked state is the one it
 /// applied to; [`check_rollback`] then skips its own nft check only while the generation id
-/// is still the one this commit produced ([`checked_nft`]).
+/// is still the one this commit produced ([`commit_proof`]).
 fn kernel_check_covering_rollback(p: &Prepared) -> Result<bool, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("prepare: kernel check");
     let mut covered = false;
@@ -1327,7 +1327,7 @@ fn compensate(undo: &PolicyUndo, step: &str, source: Box<dyn StdError + Send + S
 pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("apply");
     ipt_backend::share_saves(false);
-    checked_nft::keep(&p.undo, None, false, false);
+    commit_proof::keep(&p.undo, None, false, false);
     // Nothing changed since the snapshot?
     let g = get_genid().map_err(PolicyTxnError::Genid)?;
     if g != p.genid {
@@ -1448,7 +1448,7 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         // Committed on the snapshot's generation, nothing of ctguard's before it: what the
         // check judged and the handles the kernel echoed hold until the next commit.
         if own_commits == 0 {
-            checked_nft::keep(&undo, Some(genid.wrapping_add(1)), p.nft_rollback_checked, handles_echoed);
+            commit_proof::keep(&undo, Some(genid.wrapping_add(1)), p.nft_rollback_checked, handles_echoed);
         }
     }
 
@@ -1691,7 +1691,7 @@ mod checked_docs {
 /// when the check batch carried them, and the handles the kernel echoed are the inserted rules'
 /// own (handles are reused only when a table is recreated: a commit). Lost with the thread:
 /// after an agent restart the rollback reads and checks everything again.
-mod checked_nft {
+mod commit_proof {
     use std::cell::RefCell;
 
     use crate::backend::policy_txn::PolicyUndo;
@@ -1979,7 +1979,7 @@ fn nft_guarded_deletes(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     let lap = crate::timing::Lap::start("rollback: read the rules to delete");
     let genid = get_genid().map_err(PolicyTxnError::Genid)?;
     let every_handle = u.nft_insertions.iter().all(|i| i.handle.is_some());
-    let listed = match checked_nft::at(u, genid) {
+    let listed = match commit_proof::at(u, genid) {
         // Nothing committed since ctguard's own commit: the handles it echoed are the rules'
         // (the batch below carries this generation id, so that still holds when it lands).
         // An undo without them (a failed apply's partial one) reads by tag.
@@ -2016,7 +2016,7 @@ fn read_nft_for_rollback() -> Result<(Vec<nft_text::ListedRule>, nft_json::NftRu
 /// before it), and the generation id in this namespace is still the one that commit produced.
 /// Read-only (one generation id read).
 pub fn nft_rollback_already_checked(u: &PolicyUndo) -> bool {
-    checked_nft::now(u).is_some_and(|p| p.rollback_checked)
+    commit_proof::now(u).is_some_and(|p| p.rollback_checked)
 }
 
 /// Kernel-checks the rollback of `u` against the current state: its nft delete batch sent as a
@@ -2052,7 +2052,7 @@ fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
         }
     } else if nft_rollback_already_checked(u) {
         // Only deletes, already judged by the check batch before the commit, on the state
-        // that is still the kernel's (see `checked_nft`).
+        // that is still the kernel's (see `commit_proof`).
     } else {
         // Only deletes: the very batch the rollback sends, as a check.
         let (listed, _) = read_nft_for_rollback_of(u)?;
