@@ -77,6 +77,15 @@ pub(crate) fn app(ns: &Ns, p: &Prepared) -> PolicyUndo {
     u
 }
 
+/// Prepares and applies `p` tagged `id` on the calling thread — call it inside [`Ns::run`], and
+/// check or roll back on that same thread, as the agent's worker does (what the commit proved is
+/// kept per thread).
+fn apply_here(p: &Policy, id: &str, previous: Option<PolicyUndo>) -> PolicyUndo {
+    let prepared =
+        prepare(&request(p, id, previous), facts()).unwrap_or_else(|e| panic!("prepare {id}: {}", chain(&e)));
+    apply(&prepared).unwrap_or_else(|e| panic!("apply {id}: {}", chain(&e)))
+}
+
 pub(crate) fn back(ns: &Ns, u: &PolicyUndo) {
     ns.run(|| check_rollback(u)).unwrap_or_else(|e| panic!("check_rollback {}: {}", u.tag, chain(&e)));
     let t = Instant::now();
@@ -766,8 +775,7 @@ fn rollback_deletes_checked_before_the_commit_are_not_checked_again() {
     };
     // Proven right after the commit; the check then passes without sending it again.
     let u1 = ns.run(|| {
-        let prepared = prepare(&request(&p, "ptx-merged-1", None), facts()).unwrap_or_else(|e| panic!("{}", chain(&e)));
-        let u = apply(&prepared).unwrap_or_else(|e| panic!("apply: {}", chain(&e)));
+        let u = apply_here(&p, "ptx-merged-1", None);
         assert!(!u.nft_insertions.is_empty() && u.table.is_some(), "the policy inserts accepts and creates the table");
         assert!(nft_rollback_already_checked(&u), "the check batch carried the rollback's deletes");
         check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
@@ -783,8 +791,7 @@ fn rollback_deletes_checked_before_the_commit_are_not_checked_again() {
 
     // A foreign commit after ours: the proof no longer holds; the full check runs and passes.
     let u2 = ns.run(|| {
-        let prepared = prepare(&request(&p, "ptx-merged-2", None), facts()).unwrap_or_else(|e| panic!("{}", chain(&e)));
-        let u = apply(&prepared).unwrap_or_else(|e| panic!("apply: {}", chain(&e)));
+        let u = apply_here(&p, "ptx-merged-2", None);
         assert!(nft_rollback_already_checked(&u));
         nft(&["add", "table", "ip", "foreign"]);
         assert!(!nft_rollback_already_checked(&u), "a foreign commit ends the proof");
@@ -799,9 +806,7 @@ fn rollback_deletes_checked_before_the_commit_are_not_checked_again() {
     // (its rollback puts the previous table back) is never proven before its commit.
     let committed = app(&ns, &prep(&ns, &request(&p, "ptx-merged-3", None)));
     ns.run(|| {
-        let prepared = prepare(&request(&policy(UDP53), "ptx-merged-4", Some(committed.clone())), facts())
-            .unwrap_or_else(|e| panic!("{}", chain(&e)));
-        let u = apply(&prepared).unwrap_or_else(|e| panic!("re-apply: {}", chain(&e)));
+        let u = apply_here(&p, "ptx-merged-4", Some(committed.clone()));
         assert!(!nft_rollback_already_checked(&u), "a rollback that puts a table back is checked after the commit");
         assert!(!nft_rollback_already_checked(&committed), "the proof names its own transaction only");
         check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback of the re-apply: {}", chain(&e)));
@@ -823,8 +828,7 @@ fn echoed_handles_are_not_trusted_after_another_commit() {
     ns.nft(HOST_FW);
     let p = policy(UDP53);
     let (u, theirs) = ns.run(|| {
-        let prepared = prepare(&request(&p, "ptx-stale-1", None), facts()).unwrap_or_else(|e| panic!("{}", chain(&e)));
-        let u = apply(&prepared).unwrap_or_else(|e| panic!("apply: {}", chain(&e)));
+        let u = apply_here(&p, "ptx-stale-1", None);
         let ins = u.nft_insertions.iter().find(|i| i.table != "ctguard").expect("an accept outside ctguard's table");
         let (family, table, chain_name) = (ins.family.clone(), ins.table.clone(), ins.chain.clone());
         let top = u.nft_insertions.iter().filter_map(|i| i.handle).max().expect("echoed handles");
