@@ -11,7 +11,9 @@
 //! Points: `prepare:foreign-change` (policy prepare, right after its snapshot),
 //! `apply:foreign-change` (policy apply, right before the nft batch, after ctguard's own
 //! iptables-nft step), `rollback:foreign-change` (policy rollback, between the read of the rules
-//! to delete and the batch deleting them).
+//! to delete and the batch deleting them), `apply:after-iptables` (policy apply, after its
+//! last iptables step: another writer's iptables-nft rule in the raw table, see
+//! [`foreign_iptables_change`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -29,7 +31,10 @@ pub const FOREIGN_TABLE: &str = "ctguard_foreign_test";
 
 /// The foreign-change points.
 pub const FOREIGN_CHANGE_POINTS: &[&str] =
-    &["prepare:foreign-change", "apply:foreign-change", "rollback:foreign-change"];
+    &["prepare:foreign-change", "apply:foreign-change", "rollback:foreign-change", "apply:after-iptables"];
+
+/// The address of the rule [`foreign_iptables_change`] adds.
+pub const FOREIGN_IPT_SOURCE: &str = "192.0.2.99/32";
 
 thread_local! {
     static THREAD: RefCell<Vec<(String, usize, usize)>> = const { RefCell::new(Vec::new()) };
@@ -104,6 +109,22 @@ pub fn foreign_change(point: &str) {
     let script = format!("add table ip {FOREIGN_TABLE}\nadd chain ip {FOREIGN_TABLE} c{n}\n");
     tracing::warn!("fault point {point}: injecting a foreign nft change");
     match Tool::find("nft").and_then(|nft| nft.run(&["-f", "-"], Some(script.as_bytes()))) {
+        Ok(_) => {}
+        Err(e) => tracing::error!("fault point {point}: the foreign change failed: {e}"),
+    }
+}
+
+/// At `point`, when it fires: another writer's iptables-nft change in the calling thread's
+/// namespace, one that a save shows (`iptables-nft -t raw -A PREROUTING -s`
+/// [`FOREIGN_IPT_SOURCE`] `-j ACCEPT`). A failure to inject is logged, as for [`foreign_change`].
+pub fn foreign_iptables_change(point: &str) {
+    if !fires(point) {
+        return;
+    }
+    INJECTIONS.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!("fault point {point}: injecting a foreign iptables-nft change");
+    let args = ["-w", "5", "-t", "raw", "-A", "PREROUTING", "-s", FOREIGN_IPT_SOURCE, "-j", "ACCEPT"];
+    match Tool::find("iptables-nft").and_then(|t| t.run(&args, None)) {
         Ok(_) => {}
         Err(e) => tracing::error!("fault point {point}: the foreign change failed: {e}"),
     }

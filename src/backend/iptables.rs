@@ -136,6 +136,41 @@ pub fn share_saves(on: bool) {
     save_cache::set(on);
 }
 
+/// Hands `text` to the save sharing of [`share_saves`] as what `variant`'s save of `family`
+/// prints now (this thread's namespace, and for iptables-nft the generation id read now): the
+/// caller proved it (see `policy_txn::apply`). Legacy has no generation id to key it on and
+/// is never seeded. Debug builds take the save anyway and panic when it differs (`#` lines
+/// and counters aside): the tests check every seeded save against the tool.
+pub fn seed_save(variant: Variant, family: IpFamily, text: &str) {
+    if variant != Variant::Nft {
+        return;
+    }
+    let Some(k) = save_cache::key(variant) else { return };
+    #[cfg(debug_assertions)]
+    {
+        use crate::render::ipt_edit::normalize_save;
+        let name = variant.tool(family == IpFamily::V6, "-save");
+        if let Ok(real) = tool(&name).and_then(|t| {
+            t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })
+        }) {
+            let (real, _) = iptables_save::without_incompatible(&real);
+            // (Unless another writer committed meanwhile: then the seed is never used.)
+            let unchanged = save_cache::key(variant) == Some(k);
+            assert!(
+                !unchanged || normalize_save(text) == normalize_save(&real),
+                "the computed {name} output differs from the tool's:\n--- computed\n{text}--- {name}\n{real}"
+            );
+        }
+    }
+    save_cache::put(k, family, text);
+}
+
+/// The save of `variant`/`family` that [`seed_save`] handed to the sharing on this thread and
+/// that still holds now (same namespace and generation id), if any. Read-only; for tests.
+pub fn seeded_save(variant: Variant, family: IpFamily) -> Option<String> {
+    save_cache::key(variant).and_then(|k| save_cache::get(k, family))
+}
+
 /// The last save of each variant and family on this thread, with the namespace (and for
 /// iptables-nft the nf_tables generation id) it was taken at.
 mod save_cache {

@@ -60,6 +60,7 @@ use crate::model::names::{SysctlKey, Tag, TAG_PREFIX};
 use crate::model::{Backend, Policy};
 use crate::render::conntrack_flush::flush_commands;
 use crate::render::ipt_edit as ipt;
+use crate::render::ipt_sim;
 use crate::render::iptables::{notrack_rules, IpFamily, RAW_TABLE};
 use crate::render::nft_batch::{BatchBuffer, BatchBuilder, BatchError, InsertedRule, RulePosition};
 use crate::render::nft_ir::{table_for, TableIr, TABLE_NAME};
@@ -1363,7 +1364,7 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
             return Err(compensate(&done, &format!("{} (filter insertions)", v.tool(doc.v6, "-restore")), boxed(e)));
         }
         if v == IptVariant::Nft {
-            own_commits += doc.text.lines().filter(|l| l.starts_with('*')).count() as u32;
+            own_commits += table_sections(&doc.text);
         }
     }
 
@@ -1407,6 +1408,10 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         Ok(b) => b,
         Err(e) => return Err(compensate(&done, "encoding the nft batch", boxed(e))),
     };
+    // Every commit ctguard's own steps make, while each is known to make exactly one: with
+    // the generation id moved by exactly that many at the end, no other writer committed
+    // (see `seed_proven_saves`).
+    let mut commits_counted = Some(own_commits + u32::from(batch.is_some()));
     if let Some(batch) = batch {
         let lap = crate::timing::Lap::start("apply: the nft commit");
         let echoed = send_batch_echoed(&batch);
@@ -1461,7 +1466,11 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
             return Err(compensate(&done, &format!("{} (raw chains)", v.tool(doc.v6, "-restore")), boxed(e)));
         }
+        if v == IptVariant::Nft {
+            commits_counted = commits_counted.map(|n| n + table_sections(&doc.text));
+        }
     }
+    crate::fault::foreign_iptables_change("apply:after-iptables");
     // Nothing to notrack any more (`apply --remove`): the raw tables iptables-nft created for
     // ctguard's chains go too when nothing else uses them (iptables-nft recreates them on use).
     if p.request.policy.notrack.is_empty() {
@@ -1471,6 +1480,8 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
             .filter(|r| r.variant == Variant::Nft)
             .map(|r| RawBefore { nft_table_existed: false, ..r.clone() })
             .collect();
+        // It may commit or not: the count no longer proves anything.
+        commits_counted = None;
         let probe = PolicyUndo { raw: pretend, ..PolicyUndo::empty(&undo.tag) };
         if let Err(e) = cleanup_nft_raw(&probe) {
             tracing::warn!("removing the empty iptables-nft raw tables: {}", chain_text(&e));
@@ -1513,10 +1524,45 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         }
     }
     undo.genid_after = get_genid().ok();
+    if let (Some(n), Some(g)) = (commits_counted, undo.genid_after) {
+        if g.wrapping_sub(p.genid) == n {
+            seed_proven_saves(p);
+        }
+    }
     for w in &undo.warnings {
         tracing::warn!("{w}");
     }
     Ok(undo)
+}
+
+/// The table sections of an iptables-restore document: iptables-nft-restore commits each in
+/// a transaction of its own.
+fn table_sections(doc: &str) -> u32 {
+    doc.lines().filter(|l| l.starts_with('*')).count() as u32
+}
+
+/// After an [`apply`] that the generation id proves was the only writer since the snapshot
+/// (it moved by exactly ctguard's own commits), the iptables-nft saves of the families apply
+/// wrote to are the snapshot's with apply's documents carried out ([`ipt_sim::after_restore`]):
+/// they are handed to the save sharing of [`after_listing`] and [`check_rollback`] instead of
+/// two more reads of the tables (a second each at 100k rules). A family whose documents use
+/// something the simulation does not model is simply read again. Debug builds read it anyway
+/// and panic on any difference (every kernel test that applies through iptables-nft checks
+/// the simulation so).
+fn seed_proven_saves(p: &Prepared) {
+    for v6 in [false, true] {
+        let docs: Vec<&IptDoc> =
+            p.ipt_filter.iter().chain(p.ipt_raw.iter()).filter(|d| d.variant == Variant::Nft && d.v6 == v6).collect();
+        let Some(before) = dump_of(&p.live, IptVariant::Nft, v6).filter(|_| !docs.is_empty()) else { continue };
+        let mut text = Some(before.text.clone());
+        for d in docs {
+            text = text.and_then(|t| ipt_sim::after_restore(&t, &d.text));
+        }
+        match text {
+            Some(t) => ipt_backend::seed_save(IptVariant::Nft, family(v6), &t),
+            None => tracing::debug!("the iptables-nft save after apply is not modelled; it is read again"),
+        }
+    }
 }
 
 fn read_listed() -> Result<Vec<nft_text::ListedRule>, PolicyTxnError> {

@@ -5,6 +5,7 @@ pub mod conntrack_flush;
 pub mod document;
 pub mod flow;
 pub mod ipt_edit;
+pub mod ipt_sim;
 pub mod iptables;
 pub mod nft_batch;
 pub mod nft_expr;
