@@ -97,6 +97,11 @@ fn tool(name: &str) -> Result<Tool, IptablesError> {
 /// parsed before it is returned: a dump iptables-nft marks as incomplete ("table … is
 /// incompatible, use 'nft' tool") is an error, though the tool exits 0.
 pub fn save(variant: Variant, family: IpFamily) -> Result<String, IptablesError> {
+    // A shared save was parsed when it was kept (or computed, see [`seed_save`]): it is not
+    // parsed again (a 100k-rule save takes tens of milliseconds).
+    if let Some(text) = save_cache::on().then(|| seeded_save(variant, family)).flatten() {
+        return Ok(text);
+    }
     save_parsed(variant, family).map(|(text, _)| text)
 }
 
@@ -112,21 +117,18 @@ pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDu
     let name = variant.tool(family == IpFamily::V6, "-save");
     let t = tool(&name)?;
     let at = save_cache::on().then(|| save_cache::key(variant)).flatten();
-    let text = match at.and_then(|k| save_cache::get(k, family)) {
-        Some(text) => text,
-        None => {
-            let raw =
-                t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
-            // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
-            let (text, _native) = iptables_save::without_incompatible(&raw);
-            // Kept only when nothing committed while the tool read.
-            if let Some(k) = at.filter(|k| save_cache::key(variant) == Some(*k)) {
-                save_cache::put(k, family, &text);
-            }
-            text
-        }
-    };
+    if let Some(text) = at.and_then(|k| save_cache::get(k, family)) {
+        let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
+        return Ok((text, dump));
+    }
+    let raw = t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
+    // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
+    let (text, _native) = iptables_save::without_incompatible(&raw);
     let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
+    // Kept (parsed) only when nothing committed while the tool read.
+    if let Some(k) = at.filter(|k| save_cache::key(variant) == Some(*k)) {
+        save_cache::put(k, family, &text);
+    }
     Ok((text, dump))
 }
 
@@ -165,8 +167,9 @@ pub fn seed_save(variant: Variant, family: IpFamily, text: &str) {
     save_cache::put(k, family, text);
 }
 
-/// The save of `variant`/`family` that [`seed_save`] handed to the sharing on this thread and
-/// that still holds now (same namespace and generation id), if any. Read-only; for tests.
+/// The save of `variant`/`family` kept for sharing on this thread — handed over by
+/// [`seed_save`], or read by the tool while sharing was on — that still holds now (same
+/// namespace, and for iptables-nft the same generation id), if any. Read-only.
 pub fn seeded_save(variant: Variant, family: IpFamily) -> Option<String> {
     save_cache::key(variant).and_then(|k| save_cache::get(k, family))
 }

@@ -1811,9 +1811,19 @@ fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
     let mut saves: BTreeMap<(Variant, bool), (String, SaveDump)> = BTreeMap::new();
     for k in u.raw.iter().map(|r| (r.variant, r.v6)).chain(keys.iter().copied()) {
         if let std::collections::btree_map::Entry::Vacant(slot) = saves.entry(k) {
-            let parsed = ipt_backend::save_parsed(IptVariant::from(k.0), family(k.1))
+            let text = ipt_backend::save(IptVariant::from(k.0), family(k.1))
                 .map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
-            slot.insert(parsed);
+            // Without rules to put back, only ctguard's own rules and the raw table matter.
+            let puts_back = u
+                .removed_previous
+                .iter()
+                .any(|r| matches!(r, Removed::Iptables { variant, v6, .. } if (*variant, *v6) == k));
+            let dump = if puts_back {
+                parse_dump(&text, k.0.into(), k.1)?
+            } else {
+                parse_dump(&ipt::reduce_save(&text, u.tag.as_str()), k.0.into(), k.1)?
+            };
+            slot.insert((text, dump));
         }
     }
     let saved = |variant: Variant, v6: bool| -> &SaveDump { &saves[&(variant, v6)].1 };
@@ -2597,12 +2607,15 @@ fn scope_text(
     for (name, text) in saves {
         let mut table = String::new();
         let mut lines = Vec::new();
-        for line in ipt::normalize_save(text).lines() {
+        // (As `normalize_save` would show them, normalizing only the lines kept: a save may
+        // hold a 100k-rule chain.)
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
             if let Some(t) = line.strip_prefix('*') {
                 table = t.to_string();
             }
             if table == "raw" || line.contains("ctguard:") {
-                lines.push(if table == "raw" { line.to_string() } else { format!("[{table}] {line}") });
+                let line = ipt::zero_counters(line);
+                lines.push(if table == "raw" { line } else { format!("[{table}] {line}") });
             }
         }
         if !lines.is_empty() {

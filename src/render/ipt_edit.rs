@@ -374,6 +374,26 @@ pub fn scratch_base(live: &str, doc: &str) -> (String, String) {
     (base, out)
 }
 
+/// The part of a save a rollback's documents are built from when nothing is put back: every
+/// table's declarations, the whole `raw` table (ctguard's chains and the jumps to them) and
+/// the rules whose line contains `tag` (a superset of those carrying it as their comment).
+/// Parsing it instead of the whole save spares a 100k-rule chain's parse. Pure.
+pub fn reduce_save(save: &str, tag: &str) -> String {
+    let mut out = String::new();
+    let mut table = "";
+    for line in save.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t.trim();
+        }
+        let keep = !line.starts_with("-A ") || table == RAW_TABLE || line.contains(tag);
+        if keep && !line.starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Table `name`'s block of a save (`*name` … `COMMIT`), or nothing when it has none. Pure.
 pub fn table_block(save: &str, name: &str) -> String {
     let mut out = String::new();
@@ -485,6 +505,22 @@ mod tests {
         assert!(out.contains("-I INPUT 1 -j ACCEPT"), "{out}");
         let (base, _) = scratch_base(LIVE, "*filter\n-D INPUT -p udp --dport 53 -j ACCEPT\nCOMMIT\n");
         assert!(base.contains("-A INPUT -s 100.64.0.2/32 -j DROP\n-A INPUT -j host_in\n"), "{base}");
+    }
+
+    #[test]
+    fn a_reduced_save_keeps_the_raw_table_declarations_and_the_tagged_rules() {
+        let r = reduce_save(LIVE, "ctguard:old");
+        assert_eq!(
+            r,
+            "*filter\n:INPUT DROP [12:345]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:host_in - [0:0]\n-A INPUT -p udp -m udp --dport 53 -m comment --comment \"ctguard:old\" -j ACCEPT\nCOMMIT\n*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:CTGUARD-PRE - [0:0]\n-A PREROUTING -j CTGUARD-PRE\n-A CTGUARD-PRE -p udp -m udp --dport 53 -j CT --notrack\nCOMMIT\n*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"
+        );
+        let full = parse(LIVE).expect("parses");
+        let reduced = parse(&r).expect("parses");
+        assert_eq!(raw_chains(&full), raw_chains(&reduced));
+        let lines = |d: &SaveDump| {
+            tagged(d, "filter", "INPUT", "ctguard:old").iter().map(|(_, r)| r.line.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(lines(&full), lines(&reduced));
     }
 
     #[test]
