@@ -210,7 +210,42 @@ impl NftTable {
     pub fn id(&self) -> TableId {
         TableId { family: self.family.clone(), name: self.name.clone() }
     }
+
+    /// An iptables-nft table shown by its save instead of `nft list` ([`NftTable::stub`]) has
+    /// the kernel fingerprint digest it was read with; a table nft listed has none.
+    pub fn stub_digest(&self) -> Option<&str> {
+        self.text.lines().nth(1)?.trim().strip_prefix(STUB_MARK).map(str::trim)
+    }
+
+    /// The stand-in for an iptables-nft table that its family's `iptables-nft-save` lists (and
+    /// that holds nothing but chains): `nft list` of a 100k-rule table takes seconds, its
+    /// netlink fingerprint a fraction of one. The block names the table's chains — base
+    /// chains with `type … hook …` lines, as [`base_chains`] reads them — and the digest of
+    /// `fp`, so two equal tables give equal text and any change to the table changes it. Never
+    /// loaded with `nft -f` (such a table is restored by iptables-nft, or listed with nft first).
+    pub fn stub(id: &TableId, fp: &crate::backend::nft_fingerprint::TableFingerprint) -> NftTable {
+        const HOOKS: [&str; 5] = ["prerouting", "input", "forward", "output", "postrouting"];
+        let mut text = format!("table {} {} {{\n\t{STUB_MARK}{}\n", id.family, id.name, fp.digest());
+        for (name, base) in fp.chain_outline() {
+            let _ = writeln!(text, "\tchain {name} {{");
+            if let Some(b) = base {
+                let hook = HOOKS.get(b.hook as usize).map_or_else(|| b.hook.to_string(), |h| (*h).to_string());
+                let policy = match b.policy {
+                    Some(0) => " policy drop;",
+                    Some(1) => " policy accept;",
+                    _ => "",
+                };
+                let _ = writeln!(text, "\t\ttype {} hook {hook} priority {};{policy}", b.kind, b.priority);
+            }
+            text.push_str("\t}\n");
+        }
+        text.push_str("}\n");
+        NftTable { family: id.family.clone(), name: id.name.clone(), text, xt: false }
+    }
 }
+
+/// The comment line that marks an [`NftTable::stub`], followed by the digest.
+pub const STUB_MARK: &str = "# managed by iptables-nft, listed by its save below; kernel fingerprint ";
 
 /// A table's identity.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -558,7 +593,8 @@ pub fn has_non_chain_items(table_text: &str) -> bool {
         .skip(1)
         .filter(|l| l.starts_with('\t') && !l.starts_with("\t\t"))
         .map(str::trim)
-        .any(|l| !(l.is_empty() || l == "}" || l.starts_with("chain ")))
+        // (`#` lines: the mark of an [`NftTable::stub`]; nft prints none in a listing.)
+        .any(|l| !(l.is_empty() || l == "}" || l.starts_with("chain ") || l.starts_with('#')))
 }
 
 /// The restore block for one iptables-nft table: the save's block with the declarations of

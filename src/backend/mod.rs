@@ -4,6 +4,7 @@ pub mod exec;
 pub mod iptables;
 pub mod live;
 pub mod netlink;
+pub mod nft_fingerprint;
 pub mod nft_monitor;
 pub mod nft_read;
 pub mod nft_stream;

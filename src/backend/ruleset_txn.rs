@@ -14,6 +14,7 @@ use std::time::Duration;
 use crate::backend::exec::{xtables_wait_args, ExecError, Tool, BULK_TIMEOUT};
 use crate::backend::iptables::{self, IptablesError};
 use crate::backend::netlink::{self, NetlinkError};
+use crate::backend::nft_fingerprint;
 use crate::exit::Exit;
 use crate::live::fw::IptVariant;
 use crate::render::iptables::IpFamily;
@@ -170,15 +171,25 @@ fn genid() -> Result<u32, RulesetTxnError> {
 /// `nft list ruleset`, split into tables, with the tables nft says hold compat expressions.
 fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
     let _lap = crate::timing::Lap::start("ruleset: nft list ruleset");
-    let out = nft()?
-        .output(&["list", "ruleset"], None)
-        .map_err(|source| RulesetTxnError::Read { what: "nft list ruleset".into(), source })?;
+    nft_list(&["list", "ruleset"])
+}
+
+/// `nft list table FAMILY NAME` (nft fetches only that table), as [`read_nft`] reads it.
+fn list_nft_table(id: &TableId) -> Result<Option<NftTable>, RulesetTxnError> {
+    let mut tables = nft_list(&["list", "table", &id.family, &id.name])?;
+    Ok(tables.pop().filter(|t| t.id() == *id))
+}
+
+/// An nft listing command's tables, with the tables nft says hold compat expressions.
+fn nft_list(args: &[&str]) -> Result<Vec<NftTable>, RulesetTxnError> {
+    let what = format!("nft {}", args.join(" "));
+    let out = nft()?.output(args, None).map_err(|source| RulesetTxnError::Read { what: what.clone(), source })?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         return Err(RulesetTxnError::Read {
-            what: "nft list ruleset".into(),
+            what: what.clone(),
             source: ExecError::Failed {
-                cmd: "nft list ruleset".into(),
+                cmd: what,
                 status: out.status.to_string(),
                 stderr: crate::backend::exec::one_line(&stderr),
             },
@@ -228,16 +239,79 @@ fn read_ipsets() -> Result<Option<String>, RulesetTxnError> {
 /// of its own (in the same namespace) while the saves run. Read-only.
 pub fn read_state() -> Result<FwState, RulesetTxnError> {
     let genid = Some(genid()?);
-    let tables = current_tables()?;
-    let (nft, rest) = std::thread::scope(|s| {
+    let (read, ipsets) = std::thread::scope(|s| {
         // A new thread starts in the namespace of the thread that creates it.
-        let h = s.spawn(read_nft);
-        let rest = read_saves(&SAVE_ORDER, Some(&tables)).and_then(|saves| Ok((saves, read_ipsets()?)));
-        (h.join(), rest)
+        let h = s.spawn(read_ipsets);
+        let read = read_nft_and_saves(&SAVE_ORDER);
+        (read, h.join())
     });
-    let nft = nft.map_err(|_| RulesetTxnError::ReadPanicked)??;
-    let (saves, ipsets) = rest?;
+    let (nft, saves) = read?;
+    let ipsets = ipsets.map_err(|_| RulesetTxnError::ReadPanicked)??;
     Ok(FwState { genid, nft, saves, ipsets })
+}
+
+/// The nf_tables tables and the saves `which`, read together (issue 16: `nft list` of a
+/// 100k-rule iptables-nft table takes 4.5 s). An `ip`/`ip6` table with an iptables name that
+/// its family's iptables-nft save lists (no "incompatible" warning) and that holds nothing but
+/// chains is shown by that save and an [`NftTable::stub`] carrying its kernel fingerprint; every
+/// other table is listed by nft — with `nft list ruleset` when no table can be such a stub (the
+/// reading before this change), else one `nft list table` each, beside the saves and the
+/// fingerprints. Read-only.
+fn read_nft_and_saves(which: &[(IptVariant, bool)]) -> Result<(Vec<NftTable>, Vec<SaveText>), RulesetTxnError> {
+    let tables = current_tables()?;
+    let maybe_ipt =
+        |t: &TableId| matches!(t.family.as_str(), "ip" | "ip6") && snapshot::IPTABLES_TABLES.contains(&t.name.as_str());
+    if !tables.iter().any(maybe_ipt) {
+        let (nft, saves) = std::thread::scope(|s| {
+            let h = s.spawn(read_nft);
+            let saves = read_saves(which, Some(&tables));
+            (h.join(), saves)
+        });
+        return Ok((nft.map_err(|_| RulesetTxnError::ReadPanicked)??, saves?));
+    }
+    let (other, saves) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let _lap = crate::timing::Lap::start("ruleset: nft list table, fingerprints");
+            let mut listed = Vec::new();
+            let mut prints = BTreeMap::new();
+            for t in &tables {
+                if maybe_ipt(t) {
+                    let fp = match nft_fingerprint::has_other_objects(&t.family, &t.name) {
+                        Ok(false) => nft_fingerprint::table_fingerprint(&t.family, &t.name).ok(),
+                        _ => None,
+                    };
+                    prints.insert(t.clone(), fp);
+                } else if let Some(l) = list_nft_table(t)? {
+                    listed.push(l);
+                }
+            }
+            Ok::<_, RulesetTxnError>((listed, prints))
+        });
+        let saves = read_saves(which, Some(&tables));
+        (h.join(), saves)
+    });
+    let (mut listed, prints) = other.map_err(|_| RulesetTxnError::ReadPanicked)??;
+    let saves = saves?;
+    let shown_by_save = |t: &TableId| {
+        let v6 = t.family == "ip6";
+        saves.iter().find(|s| s.variant == IptVariant::Nft && s.v6 == v6).is_some_and(|s| {
+            let split = snapshot::split_save(&s.text);
+            split.block(&t.name).is_some() && !split.incompatible.contains_key(&t.name)
+        })
+    };
+    let mut nft = Vec::with_capacity(tables.len());
+    for t in &tables {
+        match prints.get(t) {
+            Some(Some(fp)) if shown_by_save(t) => nft.push(NftTable::stub(t, fp)),
+            Some(_) => nft.extend(list_nft_table(t)?),
+            None => {
+                if let Some(i) = listed.iter().position(|l| l.id() == *t) {
+                    nft.push(listed.remove(i));
+                }
+            }
+        }
+    }
+    Ok((nft, saves))
 }
 
 /// The current nft tables, in kernel order (a netlink dump: `nft list tables` fetches the
@@ -286,8 +360,20 @@ fn read_stable_state() -> Result<FwState, RulesetTxnError> {
 /// Decides each table's restore route (see [`take_snapshot`]).
 fn classify(state: FwState) -> Result<Snapshot, RulesetTxnError> {
     let _lap = crate::timing::Lap::start("ruleset: snapshot: scratch proof");
+    let mut state = state;
     let candidates = snapshot::ipt_nft_candidates(&state);
     let proven = scratch_prove(&state, &candidates)?;
+    // A table read as a stub that its save does not give back exactly is restored natively
+    // (or refused): it needs its real listing, as it was when the state was read.
+    for i in 0..state.nft.len() {
+        let id = state.nft[i].id();
+        if state.nft[i].stub_digest().is_some() && !matches!(proven.get(&id), Some(Ok(()))) {
+            match listed_at(&state, &id)? {
+                Some(real) => state.nft[i] = real,
+                None => return Err(RulesetTxnError::Unstable(1)),
+            }
+        }
+    }
     let mut iptables_nft = Vec::new();
     for t in &state.nft {
         let id = t.id();
@@ -357,7 +443,7 @@ fn scratch_prove(
     }
     let nft_tool = nft()?;
     let wait = xtables_wait_args();
-    in_scratch(|| {
+    let (mut out, relist) = in_scratch(|| {
         if let (Some(t), Some(text)) = (&ipset_tool, ipsets) {
             t.run(&["restore"], Some(text.as_bytes())).map_err(|source| RulesetTxnError::Scratch {
                 what: "recreating the ipsets (ipset restore)".into(),
@@ -377,26 +463,39 @@ fn scratch_prove(
             };
             out.insert(id.clone(), result);
         }
-        if !candidates.is_empty() {
+        // A table read as a stub (its fingerprint): byte-equal here, nft would list it the
+        // same. Anything else is compared as nft lists it.
+        let mut to_list = Vec::new();
+        for (id, result) in out.iter_mut() {
+            if result.is_err() {
+                continue;
+            }
+            let live = state.table(id).and_then(NftTable::stub_digest);
+            let same = live.is_some_and(|d| {
+                nft_fingerprint::table_fingerprint(&id.family, &id.name).is_ok_and(|here| here.digest() == d)
+            });
+            if !same {
+                to_list.push(id.clone());
+            }
+        }
+        // (The listing here of stubs whose fingerprint differs, compared with the live
+        // table's once back in the target's namespace.)
+        let mut relist: BTreeMap<TableId, Option<String>> = BTreeMap::new();
+        if !to_list.is_empty() {
             let listed = nft_tool
                 .run(&["list", "ruleset"], None)
                 .map_err(|source| RulesetTxnError::Scratch { what: "nft list ruleset".into(), source })?;
             let scratch = snapshot::split_nft_tables(&listed).map_err(RulesetTxnError::Snapshot)?;
             for (id, result) in out.iter_mut() {
-                if result.is_err() {
+                if result.is_err() || !to_list.contains(id) {
                     continue;
                 }
-                let live = state.table(id).map(|t| snapshot::table_items(&t.text));
-                let back = scratch.iter().find(|t| t.id() == *id).map(|t| snapshot::table_items(&t.text));
-                if live != back {
-                    let a = state.table(id).map(|t| snapshot::normalize_nft(&t.text)).unwrap_or_default();
-                    let b = scratch
-                        .iter()
-                        .find(|t| t.id() == *id)
-                        .map(|t| snapshot::normalize_nft(&t.text))
-                        .unwrap_or_default();
-                    *result =
-                        Err(format!("restored, it lists differently: {}", snapshot::changed_lines(&a, &b).join(" | ")));
+                let back = scratch.iter().find(|t| t.id() == *id).map(|t| t.text.as_str());
+                match state.table(id) {
+                    Some(t) if t.stub_digest().is_some() => {
+                        relist.insert(id.clone(), back.map(str::to_string));
+                    }
+                    live => *result = same_listing(live.map(|t| t.text.as_str()), back),
                 }
             }
         }
@@ -407,8 +506,36 @@ fn scratch_prove(
                 })?;
             }
         }
-        Ok(out)
-    })
+        Ok((out, relist))
+    })?;
+    for (id, back) in relist {
+        let live = listed_at(state, &id)?;
+        out.insert(id, same_listing(live.as_ref().map(|t| t.text.as_str()), back.as_deref()));
+    }
+    Ok(out)
+}
+
+/// `Ok` when two `nft list` blocks of one table hold the same items (order aside), else what
+/// differs.
+fn same_listing(live: Option<&str>, back: Option<&str>) -> Result<(), String> {
+    if live.map(snapshot::table_items) == back.map(snapshot::table_items) {
+        return Ok(());
+    }
+    let a = live.map(snapshot::normalize_nft).unwrap_or_default();
+    let b = back.map(snapshot::normalize_nft).unwrap_or_default();
+    Err(format!("restored, it lists differently: {}", snapshot::changed_lines(&a, &b).join(" | ")))
+}
+
+/// `nft list table` of `id` in the calling thread's namespace, as it was when `state` was read
+/// (the generation id unchanged around the listing), for a table `state` holds as a stub.
+/// [`RulesetTxnError::Unstable`] when the ruleset changed since (the caller reads again).
+fn listed_at(state: &FwState, id: &TableId) -> Result<Option<NftTable>, RulesetTxnError> {
+    let before = genid()?;
+    let listed = list_nft_table(id)?;
+    if Some(before) != state.genid || genid()? != before {
+        return Err(RulesetTxnError::Unstable(1));
+    }
+    Ok(listed)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -577,7 +704,8 @@ impl ScratchResult {
 /// wrapped over several) written as `elements = {`, one element a line (indented one tab
 /// more), sorted, and `}`: the same elements give the same lines whatever order nft lists them
 /// in. Elements are split at the commas outside quotes, braces, brackets and parentheses.
-/// Every other line is kept as it is. Pure.
+/// The fingerprint line of a table shown by its iptables-nft save ([`NftTable::stub`]) is left
+/// out: the save's own lines show what changed. Every other line is kept as it is. Pure.
 pub fn canonical_lines(listing: &str) -> Vec<String> {
     /// The elements of `body` (after `elements = {`) and the text after its closing brace;
     /// `None` while the brace is not closed yet.
@@ -608,6 +736,9 @@ pub fn canonical_lines(listing: &str) -> Vec<String> {
     let mut lines = listing.lines();
     while let Some(line) = lines.next() {
         let trimmed = line.trim_start();
+        if trimmed.starts_with(snapshot::STUB_MARK) {
+            continue;
+        }
         let Some(rest) = trimmed.strip_prefix("elements = {") else {
             out.push(line.to_string());
             continue;
@@ -942,10 +1073,7 @@ pub fn restore(
             let (nft, ipt_nft) = if genid_after == Some(g0) {
                 (a.nft.clone(), a.saves.iter().filter(|s| s.variant == IptVariant::Nft).cloned().collect())
             } else {
-                let nft = read_nft()?;
-                let ids: Vec<TableId> = nft.iter().map(NftTable::id).collect();
-                let saves = read_saves(&[(IptVariant::Nft, false), (IptVariant::Nft, true)], Some(&ids))?;
-                (nft, saves)
+                read_nft_and_saves(&[(IptVariant::Nft, false), (IptVariant::Nft, true)])?
             };
             let mut saves: Vec<SaveText> = ipt_nft;
             saves.extend(legacy_now.iter().cloned());
