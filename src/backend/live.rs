@@ -84,7 +84,9 @@ pub fn read() -> Result<LiveState, LiveError> {
     }
     // The saves first (only of families with tables), then nft's view without the rules of
     // the tables iptables-nft owns: those are planned from its save (LiveState::chains).
+    let lap = crate::timing::Lap::start("read: tables");
     let tables = super::nft_read::tables()?;
+    drop(lap);
     let iptables = read_saves(Some(&tables))?;
     let skip = ipt_nft_tables(&iptables);
     let _lap = crate::timing::Lap::start("read: nft");

@@ -664,24 +664,33 @@ fn with_thread_socket<T>(f: impl FnOnce(&mut NfSocket, u32) -> Result<T, Netlink
     r
 }
 
-/// Closes a socket a commit was sent on without waiting: on a thread of its own, since the
-/// close waits for the commit's deferred destruction (an RCU grace period, see
-/// [`with_thread_socket`]) and nothing the caller does next depends on it. Inline when no
-/// thread can be started.
-fn close_later(s: NfSocket) {
-    // The socket object cannot cross threads; its file can. A duplicate descriptor keeps the
-    // file open, so closing the original returns at once; the duplicate is the last reference.
-    // SAFETY: a close-on-exec duplicate of a descriptor `s` owns, owned by `last` alone.
-    let dup = unsafe { libc::fcntl(s.sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        drop(s);
-        return;
+/// Every nf_tables socket is closed without waiting: its last reference goes on a thread of
+/// its own. Closing a NETLINK_NETFILTER socket waits while a commit that deleted something
+/// has its deferred destruction pending (an RCU grace period, 10–15 ms here; see
+/// [`with_thread_socket`]) — a commit's own socket, and any socket closed just after such a
+/// commit, also another process's: the first dump of the next transaction waited 6.6 ms
+/// measured. Nothing ctguard does next depends on the close. Inline when no thread can be
+/// started.
+impl Drop for NfSocket {
+    fn drop(&mut self) {
+        // The socket object cannot cross threads; its file can. A duplicate descriptor keeps
+        // the file open, so the close of the original (by `mnl::Socket`'s drop, right after
+        // this) returns at once; the duplicate is the last reference.
+        // SAFETY: a close-on-exec duplicate of a descriptor `self` owns, owned by `last` alone.
+        let dup = unsafe { libc::fcntl(self.sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return;
+        }
+        // SAFETY: `dup` is a fresh descriptor nothing else owns.
+        let last = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        // If no thread starts, the closure (and `last` with it) is dropped here: closed inline.
+        let _ = std::thread::Builder::new().name("ctguard-nl-close".into()).spawn(move || drop(last));
     }
-    // SAFETY: `dup` is a fresh descriptor nothing else owns.
-    let last = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+}
+
+/// Closes a socket a commit was sent on without waiting (see [`NfSocket`]'s `Drop`).
+fn close_later(s: NfSocket) {
     drop(s);
-    // If no thread starts, the closure (and `last` with it) is dropped here: closed inline.
-    let _ = std::thread::Builder::new().name("ctguard-nl-close".into()).spawn(move || drop(last));
 }
 
 /// nft family keyword of an `NFPROTO_*` value, as `nft list tables` prints it.

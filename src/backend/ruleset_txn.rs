@@ -174,10 +174,19 @@ fn read_nft() -> Result<Vec<NftTable>, RulesetTxnError> {
     nft_list(&["list", "ruleset"])
 }
 
-/// `nft list table FAMILY NAME` (nft fetches only that table), as [`read_nft`] reads it.
+/// `nft list table FAMILY NAME` (nft fetches only that table), as [`read_nft`] reads it;
+/// `None` when the table is gone (removed since it was seen: the caller's generation id
+/// check then reads again).
 fn list_nft_table(id: &TableId) -> Result<Option<NftTable>, RulesetTxnError> {
-    let mut tables = nft_list(&["list", "table", &id.family, &id.name])?;
-    Ok(tables.pop().filter(|t| t.id() == *id))
+    match nft_list(&["list", "table", &id.family, &id.name]) {
+        Ok(mut tables) => Ok(tables.pop().filter(|t| t.id() == *id)),
+        Err(RulesetTxnError::Read { source: ExecError::Failed { stderr, .. }, .. })
+            if stderr.contains("No such file or directory") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// An nft listing command's tables, with the tables nft says hold compat expressions.
