@@ -1107,9 +1107,47 @@ fn kernel_check_covering_rollback(p: &Prepared) -> Result<bool, PolicyTxnError> 
         }
         check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
     }
-    let docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
-    scratch_check_docs(&docs, |v, v6| Ok(dump_of(&p.live, v, v6).map(|d| d.text.clone()).unwrap_or_default()))?;
+    let mut docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
+    let live = |v: IptVariant, v6: bool| Ok(dump_of(&p.live, v, v6).map(|d| d.text.clone()).unwrap_or_default());
+    ipt_rollback_proof::forget();
+    match rollback_after_simulated_apply(p) {
+        Some((rollback, after)) => {
+            // The rollback's documents right after the apply's, in the same scratch run.
+            docs.extend(rollback.raw.iter().chain(rollback.filter.iter()));
+            scratch_check_docs(&docs, live)?;
+            ipt_rollback_proof::keep(&p.undo, &after);
+        }
+        None => scratch_check_docs(&docs, live)?,
+    }
     Ok(covered)
+}
+
+/// The iptables rollback documents of `p` as [`check_rollback`] will build them right after
+/// [`apply`], from the saves apply will leave ([`ipt_sim::after_restore`] of the snapshot's);
+/// with those saves per variant and family. `None` when there is nothing iptables to undo,
+/// when the rollback puts previous rules back (their places are computed on the live chain),
+/// or when a save after apply is not modelled.
+#[allow(clippy::type_complexity)]
+fn rollback_after_simulated_apply(p: &Prepared) -> Option<(RollbackDocs, BTreeMap<(Variant, bool), String>)> {
+    let docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
+    if docs.is_empty() || p.undo.removed_previous.iter().any(|r| matches!(r, Removed::Iptables { .. })) {
+        return None;
+    }
+    let mut after: BTreeMap<(Variant, bool), String> = BTreeMap::new();
+    for d in &docs {
+        let k = (d.variant, d.v6);
+        let before = match after.remove(&k) {
+            Some(t) => t,
+            None => dump_of(&p.live, d.variant.into(), d.v6)?.text.clone(),
+        };
+        after.insert(k, ipt_sim::after_restore(&before, &d.text)?);
+    }
+    let rollback = rollback_ipt_docs_from(&p.undo, |v, v6| match after.get(&(v, v6)) {
+        Some(t) => Ok(t.clone()),
+        None => Ok(dump_of(&p.live, v.into(), v6).map(|d| d.text.clone()).unwrap_or_default()),
+    })
+    .ok()?;
+    Some((rollback, after))
 }
 
 /// Appends to `b` (an apply batch, for a check) the nft deletes of the rollback of `u` as
@@ -1142,6 +1180,7 @@ fn scratch_check_docs(
     live: impl Fn(IptVariant, bool) -> Result<String, PolicyTxnError>,
 ) -> Result<(), PolicyTxnError> {
     let _lap = crate::timing::Lap::start("scratch check");
+    SCRATCH_CHECKS.with(|n| n.set(n.get() + 1));
     // What each check loads, read here (the saves and ipsets are the target's: this thread's).
     let mut jobs: Vec<(IptVariant, bool, String, String)> = Vec::new();
     for v in IptVariant::ALL {
@@ -1729,6 +1768,65 @@ mod checked_docs {
     }
 }
 
+thread_local! {
+    static SCRATCH_CHECKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many iptables scratch checks (each: scratch namespaces, one restore run per variant and
+/// family) this thread has run. Read-only; for tests and timing.
+pub fn scratch_checks_run() -> usize {
+    SCRATCH_CHECKS.with(std::cell::Cell::get)
+}
+
+/// The iptables rollback documents [`kernel_check`] checked in the scratch run of the apply's
+/// own, on this thread: the tag, the namespace, and a digest of each save (normalized) they
+/// were built from — the saves apply would leave, simulated. [`check_rollback`] skips its
+/// scratch check when the documents it builds come from saves with the same digests (for
+/// iptables-nft, the simulated saves themselves, proven by the generation id; for legacy, a
+/// fresh save that reads the same): the same documents, checked on the same state.
+mod ipt_rollback_proof {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    use super::Variant;
+    use crate::backend::policy_txn::PolicyUndo;
+
+    type Kept = (String, (u64, u64), BTreeMap<(Variant, bool), u64>);
+
+    thread_local! {
+        static KEPT: RefCell<Option<Kept>> = const { RefCell::new(None) };
+    }
+
+    fn digest(text: &str) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in crate::render::ipt_edit::normalize_save(text).bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
+    /// Keeps what `u`'s checked documents were built from (`after`: the simulated saves).
+    pub fn keep(u: &PolicyUndo, after: &BTreeMap<(Variant, bool), String>) {
+        let kept = crate::netns::current_id()
+            .map(|ns| (u.tag.clone(), ns, after.iter().map(|(k, t)| (*k, digest(t))).collect()));
+        KEPT.with(|k| *k.borrow_mut() = kept);
+    }
+
+    pub fn forget() {
+        KEPT.with(|k| *k.borrow_mut() = None);
+    }
+
+    /// True when documents of `u` built from `saves` are the ones checked; forgets either way.
+    pub fn take(u: &PolicyUndo, saves: &BTreeMap<(Variant, bool), String>) -> bool {
+        let Some((tag, ns, digests)) = KEPT.with(|k| k.borrow_mut().take()) else { return false };
+        tag == u.tag
+            && crate::netns::current_id() == Some(ns)
+            && !saves.is_empty()
+            && saves.iter().all(|(k, t)| digests.get(k) == Some(&digest(t)))
+    }
+}
+
 /// What [`apply`]'s nft commit proved, kept on this thread for [`check_rollback`] and
 /// [`rollback`] of the same transaction: the commit carried the snapshot's generation id (with
 /// nothing of ctguard's committed before it), so it applied to the state [`prepare`] read and
@@ -1798,6 +1896,17 @@ struct RollbackDocs {
 
 fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("rollback: iptables documents");
+    rollback_ipt_docs_from(u, |v, v6| {
+        ipt_backend::save(IptVariant::from(v), family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))
+    })
+}
+
+/// [`rollback_ipt_docs`] built from the saves `save` gives per variant and family (pure but
+/// for `save`).
+fn rollback_ipt_docs_from(
+    u: &PolicyUndo,
+    save: impl Fn(Variant, bool) -> Result<String, PolicyTxnError>,
+) -> Result<RollbackDocs, PolicyTxnError> {
     let mut keys: Vec<(Variant, bool)> = u.ipt_insertions.iter().map(|i| (i.variant, i.v6)).collect();
     for r in &u.removed_previous {
         if let Removed::Iptables { variant, v6, .. } = r {
@@ -1811,8 +1920,7 @@ fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
     let mut saves: BTreeMap<(Variant, bool), (String, SaveDump)> = BTreeMap::new();
     for k in u.raw.iter().map(|r| (r.variant, r.v6)).chain(keys.iter().copied()) {
         if let std::collections::btree_map::Entry::Vacant(slot) = saves.entry(k) {
-            let text = ipt_backend::save(IptVariant::from(k.0), family(k.1))
-                .map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+            let text = save(k.0, k.1)?;
             // Without rules to put back, only ctguard's own rules and the raw table matter.
             let puts_back = u
                 .removed_previous
@@ -2119,6 +2227,11 @@ fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
     let before = checked_docs::key(u);
     let docs = rollback_ipt_docs(u)?;
     checked_docs::keep(before, u, &docs);
+    if ipt_rollback_proof::take(u, &docs.saves) {
+        // Built from the very saves prepare simulated and checked these documents against,
+        // in the scratch run of the apply's own (see `kernel_check`).
+        return Ok(());
+    }
     let all: Vec<&IptDoc> = docs.raw.iter().chain(docs.filter.iter()).collect();
     // Each document against the save it was built from (read just now).
     scratch_check_docs(&all, |v, v6| match docs.saves.get(&(v.into(), v6)) {

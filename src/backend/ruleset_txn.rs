@@ -241,11 +241,12 @@ fn read_ipsets() -> Result<Option<String>, RulesetTxnError> {
     t.run(&["save"], None).map(Some).map_err(|source| RulesetTxnError::Read { what: "ipset save".into(), source })
 }
 
-/// Reads the whole firewall of the calling thread's namespace: `nft list ruleset`, every
-/// installed iptables save (`-c`, both variants and families; "incompatible" warnings kept
-/// as text, judged later; an iptables-nft save of a family without nf_tables table not run)
-/// and `ipset save`, with the generation id read before. `nft list ruleset` runs on a thread
-/// of its own (in the same namespace) while the saves run. Read-only.
+/// Reads the whole firewall of the calling thread's namespace: the nf_tables tables (listed by
+/// nft, or as stubs for iptables-nft's own, see [`read_nft_and_saves`]), every installed
+/// iptables save (`-c`, both variants and families; "incompatible" warnings kept as text,
+/// judged later; an iptables-nft save of a family without nf_tables table not run) and `ipset
+/// save`, with the generation id read before. The nft side and `ipset save` run on threads of
+/// their own (in the same namespace) while the saves run. Read-only.
 pub fn read_state() -> Result<FwState, RulesetTxnError> {
     let genid = Some(genid()?);
     let (read, ipsets) = std::thread::scope(|s| {
@@ -301,12 +302,13 @@ fn read_nft_and_saves(which: &[(IptVariant, bool)]) -> Result<(Vec<NftTable>, Ve
     });
     let (mut listed, prints) = other.map_err(|_| RulesetTxnError::ReadPanicked)??;
     let saves = saves?;
+    let splits: Vec<(bool, snapshot::SaveSplit)> =
+        saves.iter().filter(|s| s.variant == IptVariant::Nft).map(|s| (s.v6, snapshot::split_save(&s.text))).collect();
     let shown_by_save = |t: &TableId| {
         let v6 = t.family == "ip6";
-        saves.iter().find(|s| s.variant == IptVariant::Nft && s.v6 == v6).is_some_and(|s| {
-            let split = snapshot::split_save(&s.text);
-            split.block(&t.name).is_some() && !split.incompatible.contains_key(&t.name)
-        })
+        splits
+            .iter()
+            .any(|(f, split)| *f == v6 && split.block(&t.name).is_some() && !split.incompatible.contains_key(&t.name))
     };
     let mut nft = Vec::with_capacity(tables.len());
     for t in &tables {

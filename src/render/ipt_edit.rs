@@ -316,9 +316,13 @@ pub fn scratch_base(live: &str, doc: &str) -> (String, String) {
         }
         done.push(table.clone());
         let Some(t) = tables.iter().find(|t| t.name == name) else { continue };
+        // Rules the document itself adds (its `-D` of them needs nothing from the live table:
+        // a rollback document checked after the apply's, in one run).
+        let added: Vec<String> = table_lines(doc, name).filter_map(added_line).collect();
         let deletes: Vec<String> = table_lines(doc, name)
             .filter_map(|l| l.strip_prefix("-D ").map(|r| format!("-A {r}")))
             .filter(|l| l.split_whitespace().nth(2).is_some_and(|w| w.starts_with('-')))
+            .filter(|l| !added.contains(l))
             .collect();
         let whole = deletes.iter().any(|d| !t.rules.contains(&d.as_str()));
         let _ = writeln!(base, "*{name}");
@@ -392,6 +396,22 @@ pub fn reduce_save(save: &str, tag: &str) -> String {
         }
     }
     out
+}
+
+/// The `-A` line a save prints for the rule an `-A`/`-I` line of a document adds (as
+/// [`crate::render::ipt_sim::save_line`] models it; else the line with `-I CHAIN [N]` written
+/// as `-A CHAIN`). Pure.
+fn added_line(line: &str) -> Option<String> {
+    let words = crate::live::iptables_save::tokenize(line).ok()?;
+    let (cmd, chain) = (words.first()?.as_str(), words.get(1)?);
+    let spec = match cmd {
+        "-A" => &words[2..],
+        "-I" if words.get(2).is_some_and(|n| n.parse::<usize>().is_ok()) => &words[3..],
+        "-I" => &words[2..],
+        _ => return None,
+    };
+    crate::render::ipt_sim::save_line(chain, spec)
+        .or_else(|| Some(format!("-A {chain} {}", crate::render::iptables::spec_to_line(spec))))
 }
 
 /// Table `name`'s block of a save (`*name` … `COMMIT`), or nothing when it has none. Pure.
@@ -521,6 +541,18 @@ mod tests {
             tagged(d, "filter", "INPUT", "ctguard:old").iter().map(|(_, r)| r.line.clone()).collect::<Vec<_>>()
         };
         assert_eq!(lines(&full), lines(&reduced));
+    }
+
+    /// A rollback document checked in the same run as the apply's: its `-D` of a rule the
+    /// apply's `-I` adds needs no live rule (the base stays small).
+    #[test]
+    fn scratch_base_does_not_load_the_table_for_a_delete_of_what_the_document_adds() {
+        let doc = "*filter\n-I INPUT 4 -p udp -m multiport --dports 53 -m comment --comment ctguard:new -j ACCEPT\nCOMMIT\n*filter\n-D INPUT -p udp -m multiport --dports 53 -m comment --comment \"ctguard:new\" -j ACCEPT\nCOMMIT\n";
+        let (base, _) = scratch_base(LIVE, doc);
+        assert!(!base.contains("100.64.0.2"), "{base}");
+        let (base, _) =
+            scratch_base(LIVE, "*filter\n-D INPUT -p udp -m comment --comment ctguard:other -j ACCEPT\nCOMMIT\n");
+        assert!(base.contains("100.64.0.2"), "a delete of a rule nobody adds still loads the table: {base}");
     }
 
     #[test]

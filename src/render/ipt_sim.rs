@@ -121,8 +121,9 @@ fn print(tables: &[Table]) -> String {
     s
 }
 
-/// The `-A CHAIN …` line `iptables-nft-save` prints for the rule `args` (see the module).
-fn save_line(chain: &str, args: &[String]) -> Option<String> {
+/// The `-A CHAIN …` line `iptables-nft-save` prints for the rule `args` (see the module);
+/// `None` when not modelled. Pure.
+pub fn save_line(chain: &str, args: &[String]) -> Option<String> {
     // (option, negated, value) of the built-in matches, in the save's order.
     const ORDER: [&str; 5] = ["-s", "-d", "-i", "-o", "-p"];
     let mut builtin: Vec<(usize, bool, String)> = Vec::new();
