@@ -69,12 +69,10 @@ impl TableFingerprint {
     /// A 64-bit digest of the whole fingerprint (FNV-1a over its bytes, each part
     /// length-prefixed), as 16 hex digits: stable across builds, so it can be journaled.
     pub fn digest(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut h = Fnv1a::new();
         let mut eat = |b: &[u8]| {
-            for x in (b.len() as u64).to_le_bytes().iter().chain(b) {
-                h ^= u64::from(*x);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
+            h.eat(&(b.len() as u64).to_le_bytes());
+            h.eat(b);
         };
         eat(self.flags.as_deref().unwrap_or(b"-"));
         for (name, (def, rules)) in &self.chains {
@@ -85,13 +83,30 @@ impl TableFingerprint {
                 eat(r);
             }
         }
-        format!("{h:016x}")
+        format!("{:016x}", h.0)
     }
 
     /// Each chain in name order with, for a base chain, its type, hook number, priority and
     /// policy (`None` when the chain has no policy attribute).
     pub fn chain_outline(&self) -> Vec<(String, Option<BaseChain>)> {
         self.chains.iter().map(|(name, (def, _))| (name.clone(), base_chain(def))).collect()
+    }
+}
+
+/// 64-bit FNV-1a: a digest stable across builds and Rust versions (unlike `DefaultHasher`),
+/// for values that are journaled or compared later.
+pub(crate) struct Fnv1a(pub u64);
+
+impl Fnv1a {
+    pub fn new() -> Fnv1a {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+
+    pub fn eat(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
 }
 

@@ -1798,12 +1798,9 @@ mod ipt_rollback_proof {
     }
 
     fn digest(text: &str) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in crate::render::ipt_edit::normalize_save(text).bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
+        let mut h = crate::backend::nft_fingerprint::Fnv1a::new();
+        h.eat(crate::render::ipt_edit::normalize_save(text).as_bytes());
+        h.0
     }
 
     /// Keeps what `u`'s checked documents were built from (`after`: the simulated saves).
