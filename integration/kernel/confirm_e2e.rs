@@ -872,11 +872,14 @@ fn disguises_refused_then_a_new_connection_commits(label: &str, use_pam: bool) {
     let line = log.lines().find(|l| l.contains(&format!("SIGUSR1 from pid Some({sender})"))).unwrap_or_default();
     eprintln!("disguise usr1 (UsePAM {use_pam}): agent: {line}");
     // Refused either way; which identifier matched first depends on whether the double fork
-    // had left the sshd process tree yet when the signal was sent (a loaded machine).
+    // had left the sshd process tree yet when the signal was sent (a loaded machine) — or
+    // was leaving it while the agent read the sender's ancestry (then no connection can be
+    // named: refused as unidentified; seen once in a clean-clone CI run).
     assert!(
         line.contains(&detached_reason)
             || line.contains("same SSH connection")
-            || (sid.is_none() && line.contains("does not run under an SSH")),
+            || (sid.is_none() && line.contains("does not run under an SSH"))
+            || line.contains("cannot identify its SSH connection"),
         "{line}"
     );
     assert_eq!(ctg.state(&id), "PENDING");

@@ -561,13 +561,19 @@ pub async fn confirm(shared: &Arc<Shared>, txid: Option<&str>, netns: Option<&st
     if !rec.options.allow_same_connection {
         let confirming = match peer_pid.map(proof::origin_of) {
             Some(Ok(o)) => o,
-            Some(Err(e)) => {
-                return Response::fail(
-                    Exit::ConfirmRefused,
-                    format!("confirm refused: cannot identify its SSH connection ({e})"),
-                )
+            // Journaled like every other refusal, with what it rested on.
+            unidentified => {
+                let why = match unidentified {
+                    Some(Err(e)) => format!("cannot identify its SSH connection ({e})"),
+                    _ => "the sender is gone".to_string(),
+                };
+                let mut r = rec.clone();
+                let who = peer_pid.map_or_else(|| "an unknown sender".to_string(), |p| format!("pid {p}"));
+                r.note(now_wall(), format!("confirm refused from {who}: {why}"));
+                owner.set_record(&r);
+                let _ = write_record(shared, Some(&owner), &r);
+                return Response::fail(Exit::ConfirmRefused, format!("confirm refused: {why}"));
             }
-            None => return Response::fail(Exit::ConfirmRefused, "confirm refused: the sender is gone"),
         };
         note = format!("confirmed from {confirming}");
         if let Some(applied) = &rec.requester.origin {
