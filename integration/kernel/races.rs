@@ -291,8 +291,13 @@ fn a_full_disk_after_the_snapshot_ends_rolled_back_and_never_restores_an_older_s
     ok(&ctg.run(&["rollback", &id2]));
     assert!(ns.nft_list().contains("table ip handmade"));
     assert_eq!(ctg.state(&id), "ROLLED_BACK");
+    // The agent stopped (Ctg's drop), then the disk: the installation's dir is removed only
+    // once the mount is gone (it stayed behind, a mount point cannot be removed).
+    let base = ctg.base.clone();
     drop(ctg);
     drop(disk);
+    let _ = std::fs::remove_dir_all(&base);
+    assert!(!base.exists(), "{} left behind", base.display());
 }
 
 #[test]

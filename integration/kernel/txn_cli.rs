@@ -138,8 +138,14 @@ impl Drop for Ctg {
                 let _ = self.run(&["rollback", id]);
             }
         }
-        if self.agent_pid().is_some() {
-            wait_gone(self.signal_agent(Signal::SIGTERM), Duration::from_secs(5));
+        if let Some(pid) = self.agent_pid() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
+            if !wait_gone(pid, Duration::from_secs(5)) {
+                // Still rolling back (a loaded machine): it would write into the dirs removed
+                // below and leave them behind.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+                wait_gone(pid, Duration::from_secs(5));
+            }
         }
         // Pins of transactions closed without the agent (none should be left; be tidy anyway).
         for e in std::fs::read_dir(self.base.join("run/ns")).into_iter().flatten().flatten() {
