@@ -367,6 +367,17 @@ pub struct RuleInfo {
     pub comment: Option<String>,
 }
 
+/// Appends attribute `(ty, data)` to `out` in netlink layout: length, type, data, padding to 4
+/// bytes. Pure.
+pub(crate) fn put_attr(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
+    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(data);
+    while out.len() % 4 != 0 {
+        out.push(0);
+    }
+}
+
 pub(crate) fn nul_str(d: &[u8]) -> String {
     String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
 }
@@ -1075,14 +1086,7 @@ mod tests {
 
     #[test]
     fn parses_a_newrule_with_handle_and_comment() {
-        fn attr(b: &mut Vec<u8>, ty: u16, d: &[u8]) {
-            b.extend_from_slice(&((4 + d.len()) as u16).to_ne_bytes());
-            b.extend_from_slice(&ty.to_ne_bytes());
-            b.extend_from_slice(d);
-            while b.len() % 4 != 0 {
-                b.push(0);
-            }
-        }
+        let attr = put_attr;
         let mut p = vec![libc::NFPROTO_INET as u8, 0, 0, 7];
         attr(&mut p, NFTA_RULE_TABLE, b"host\0");
         attr(&mut p, NFTA_RULE_CHAIN, b"input\0");

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::backend::netlink::{dump_each_msg, parse_attrs, NetlinkError};
+use crate::backend::netlink::{dump_each_msg, nul_str, parse_attrs, put_attr as put, NetlinkError};
 use crate::backend::nft_read::{
     NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE,
 };
@@ -165,20 +165,6 @@ pub fn has_other_objects(family: &str, name: &str) -> Result<bool, NetlinkError>
         }
     }
     Ok(false)
-}
-
-fn nul_str(d: &[u8]) -> String {
-    String::from_utf8_lossy(d.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
-}
-
-/// Appends attribute `(ty, data)` in netlink layout (length, type, data, padding).
-fn put(out: &mut Vec<u8>, ty: u16, data: &[u8]) {
-    out.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&ty.to_ne_bytes());
-    out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
-        out.push(0);
-    }
 }
 
 /// A rule's expressions with every `counter`'s values left out. Pure.

@@ -2042,12 +2042,7 @@ mod tests {
     }
 
     fn nla(b: &mut Vec<u8>, ty: u16, d: &[u8]) {
-        b.extend_from_slice(&((4 + d.len()) as u16).to_ne_bytes());
-        b.extend_from_slice(&ty.to_ne_bytes());
-        b.extend_from_slice(d);
-        while b.len() % 4 != 0 {
-            b.push(0);
-        }
+        crate::backend::netlink::put_attr(b, ty, d);
     }
 
     fn expr(name: &str, attrs: &[(u16, Vec<u8>)]) -> Vec<u8> {
