@@ -86,6 +86,13 @@ fn apply_here(p: &Policy, id: &str, previous: Option<PolicyUndo>) -> PolicyUndo 
     apply(&prepared).unwrap_or_else(|e| panic!("apply {id}: {}", chain(&e)))
 }
 
+/// Checks and runs the rollback of `u` on the calling thread (inside [`Ns::run`], the thread
+/// that applied it: what the apply proved is kept per thread).
+fn back_here(u: &PolicyUndo) {
+    check_rollback(u).unwrap_or_else(|e| panic!("check_rollback {}: {}", u.tag, chain(&e)));
+    rollback(u).unwrap_or_else(|e| panic!("rollback {}: {}", u.tag, chain(&e)));
+}
+
 pub(crate) fn back(ns: &Ns, u: &PolicyUndo) {
     ns.run(|| check_rollback(u)).unwrap_or_else(|e| panic!("check_rollback {}: {}", u.tag, chain(&e)));
     let t = Instant::now();
@@ -799,10 +806,8 @@ fn the_save_after_an_iptables_nft_apply_is_computed_and_is_the_tools() {
         assert_computed_saves_are_the_tools("first apply");
         let ub = apply_here(&b, "ptx-seed-b", Some(ua.clone()));
         assert_computed_saves_are_the_tools("re-apply");
-        check_rollback(&ub).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
-        rollback(&ub).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
-        check_rollback(&ua).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
-        rollback(&ua).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+        back_here(&ub);
+        back_here(&ua);
     });
     assert_same(&before, &list(&ns, &[]), "both rollbacks restore every save exactly");
 }
@@ -828,8 +833,7 @@ fn a_foreign_iptables_commit_during_apply_is_never_hidden_by_a_computed_save() {
         assert!(after.contains(FOREIGN_IPT_SOURCE), "the foreign raw rule is in the listing after apply:\n{after}");
         let fresh = scope_listing(&u, prepared.scope_keys()).unwrap_or_else(|e| panic!("{}", chain(&e)));
         assert_eq!(after, fresh);
-        check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
-        rollback(&u).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+        back_here(&u);
     });
     let save = ns.exec("iptables-nft-save", &["-t", "raw"]);
     assert!(
