@@ -6,6 +6,7 @@ pub mod live;
 pub mod netlink;
 pub mod nft_fingerprint;
 pub mod nft_monitor;
+pub mod ipt_nft_rule;
 pub mod nft_read;
 pub mod nft_stream;
 pub mod policy_txn;

@@ -198,9 +198,28 @@ pub enum Expr {
         meter_set: Option<String>,
     },
     /// xt compat `match`.
-    XtMatch(String),
+    XtMatch(Xt),
     /// xt compat `target`.
-    XtTarget(String),
+    XtTarget(Xt),
+}
+
+/// An x_tables compat match or target as iptables-nft writes it: the extension's name,
+/// revision and its info structure, as the kernel holds it (host byte order inside).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Xt {
+    /// `NFTA_MATCH_NAME` / `NFTA_TARGET_NAME` (`conntrack`, `CT`, …).
+    pub name: String,
+    /// `NFTA_MATCH_REV` / `NFTA_TARGET_REV`.
+    pub rev: u32,
+    /// `NFTA_MATCH_INFO` / `NFTA_TARGET_INFO`.
+    pub info: Vec<u8>,
+}
+
+impl Xt {
+    /// A compat extension known by name only (tests).
+    pub fn named(name: &str) -> Xt {
+        Xt { name: name.to_string(), ..Xt::default() }
+    }
 }
 
 /// A rule as the kernel reports it.
@@ -269,6 +288,12 @@ fn attr_u32(attrs: &[(u16, &[u8])], ty: u16) -> Option<u32> {
 
 fn attr_str(attrs: &[(u16, &[u8])], ty: u16) -> Option<String> {
     attr(attrs, ty).map(nul_str)
+}
+
+/// A compat `match` / `target` expression's attributes (name 1, revision 2, info 3: the same
+/// numbers for both).
+fn xt(a: &[(u16, &[u8])]) -> Xt {
+    Xt { name: attr_str(a, 1).unwrap_or_default(), rev: attr_u32(a, 2).unwrap_or(0), info: attr(a, 3).unwrap_or_default().to_vec() }
 }
 
 /// Family keyword and attributes of an nfgenmsg payload.
@@ -499,8 +524,8 @@ pub fn decode_expr(name: &str, a: &[(u16, &[u8])]) -> Expr {
                 e => e,
             }
         }
-        "match" => Expr::XtMatch(attr_str(a, 1).unwrap_or_default()),
-        "target" => Expr::XtTarget(attr_str(a, 1).unwrap_or_default()),
+        "match" => Expr::XtMatch(xt(a)),
+        "target" => Expr::XtTarget(xt(a)),
         "fib" | "rt" | "numgen" | "osf" | "xfrm" => stmt(name, Some(u(1))),
         "hash" => stmt(name, Some(u(2))),
         "socket" => stmt(name, Some(u(2))),
@@ -1072,12 +1097,12 @@ pub(crate) fn convert_rule(r: &RawRule, sets: &Sets<'_>, ifnames: IfNames<'_>) -
                     c.words.push(name.clone());
                 }
             }
-            Expr::XtMatch(m) => {
+            Expr::XtMatch(Xt { name: m, .. }) => {
                 if m != "comment" {
                     c.opaque(format!("xt match {m}"));
                 }
             }
-            Expr::XtTarget(t) => {
+            Expr::XtTarget(Xt { name: t, .. }) => {
                 match t.as_str() {
                     "REJECT" => verdict = Verdict::Reject,
                     "LOG" => {}

@@ -16,7 +16,8 @@ use super::nft_read::{
     convert_rule, decode_chain, decode_elems, decode_rule, decode_set, decode_table, ifname_of, Expr, NotrackRules,
     RawChain, RawRule, RawSet, Sets, ANON_CHAIN,
 };
-use crate::live::fw::{FwRule, FwTables, Owner, Verdict};
+use crate::live::fw::{FwChain, FwRule, FwTables, IptVariant, Owner, Verdict};
+use crate::live::iptables_fw;
 use crate::live::nft_json::NftRuleset;
 
 // nf_tables message types (linux/netfilter/nf_tables.h), as the whole-ruleset reader names them.
@@ -26,6 +27,15 @@ use super::nft_read::{
 };
 /// `NFT_SET_ANONYMOUS`.
 const SET_ANONYMOUS: u32 = 0x1;
+/// iptables' tables in the order `iptables-nft-save` prints them, each with its built-in
+/// chains in hook order.
+const IPT_TABLES: [(&str, &[&str]); 5] = [
+    ("mangle", &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"]),
+    ("security", &["INPUT", "FORWARD", "OUTPUT"]),
+    ("raw", &["PREROUTING", "OUTPUT"]),
+    ("filter", &["INPUT", "FORWARD", "OUTPUT"]),
+    ("nat", &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"]),
+];
 /// How often a read is retried when the ruleset changed during it.
 pub const MAX_ATTEMPTS: usize = 8;
 
@@ -50,7 +60,7 @@ pub enum NftStreamError {
 pub fn may_notrack(rule: &RawRule) -> bool {
     rule.exprs.iter().any(|e| match e {
         Expr::Stmt { name, .. } => name == "notrack",
-        Expr::XtTarget(t) => t == "CT" || t == "NOTRACK",
+        Expr::XtTarget(t) => t.name == "CT" || t.name == "NOTRACK",
         _ => false,
     })
 }
@@ -331,6 +341,142 @@ impl Reader {
         Ok(())
     }
 
+    /// The tables `iptables-nft-save` would print (`ip`/`ip6` tables with iptables' names), as
+    /// empty chains in the order the save lists them ([`crate::live::iptables_fw::convert`]'s
+    /// model: tables mangle, security, raw, filter, nat; IPv4 first; built-in chains in hook
+    /// order, then user chains by name) — or `None` when one of them is not shaped as
+    /// iptables-nft writes tables: a set, a binding chain, a base chain that is not one of the
+    /// table's built-in chains or a built-in name that is not a base chain. Pure (reads
+    /// nothing more).
+    pub fn ipt_nft_layout(&self) -> Option<Vec<FwChain>> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            let family = if v6 { "ip6" } else { "ip" };
+            for (table, builtins) in IPT_TABLES {
+                if !self.tables.iter().any(|(f, n)| f == family && n == table) {
+                    continue;
+                }
+                if self.sets.iter().any(|s| s.family == family && s.table == table) {
+                    return None;
+                }
+                let chains: Vec<&RawChain> =
+                    self.chains.iter().filter(|c| c.family == family && c.table == table).collect();
+                let mut users: Vec<&str> = Vec::new();
+                for c in &chains {
+                    let builtin = builtins.contains(&c.name.as_str());
+                    if c.binding || builtin != c.hooknum.is_some() {
+                        return None;
+                    }
+                    if !builtin {
+                        users.push(&c.name);
+                    }
+                }
+                users.sort_unstable();
+                for name in builtins {
+                    let Some(c) = chains.iter().find(|c| c.name == *name) else { continue };
+                    let policy = match c.policy {
+                        Some(1) => "ACCEPT",
+                        Some(0) => "DROP",
+                        _ => return None,
+                    };
+                    out.push(iptables_fw::empty_chain(IptVariant::Nft, v6, table, name, Some(policy)));
+                }
+                for name in users {
+                    out.push(iptables_fw::empty_chain(IptVariant::Nft, v6, table, name, None));
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Streams the rules of iptables-nft's chains in `into` (those of
+    /// [`Reader::ipt_nft_layout`], found by owner and name), each printed as the save prints it
+    /// ([`super::ipt_nft_rule::save_line`]) and modelled from that line as a save's
+    /// ([`crate::live::iptables_fw::rule_from_line`]): of every such table (`only` = `None`), or
+    /// of the chains in `only` (family `ip`/`ip6`, table, chain; their rules are replaced). A
+    /// rule is kept when `keep` says so; every rule counts for the indexes. Returns `false`
+    /// when a rule cannot be printed: the caller reads the save instead.
+    pub fn stream_ipt_nft(
+        &mut self,
+        into: &mut FwTables,
+        only: Option<&HashSet<ChainKey>>,
+        keep: &mut dyn FnMut(&FwRule) -> bool,
+    ) -> Result<bool, NftStreamError> {
+        let index: HashMap<ChainKey, usize> = into
+            .chains
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match &c.owner {
+                Owner::Iptables { variant: IptVariant::Nft, v6, table } => {
+                    Some(((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone(), c.name.clone()), i))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut requests: Vec<RuleDump> = Vec::new();
+        match only {
+            None => {
+                let tables: std::collections::BTreeSet<(&str, &str)> =
+                    index.keys().map(|(f, t, _)| (f.as_str(), t.as_str())).collect();
+                for (family, table) in tables {
+                    requests.push((nfproto(family), vec![(1, nul(table))], "GETRULE (dump an iptables-nft table)"));
+                }
+            }
+            Some(chains) => {
+                for key in chains {
+                    if let Some(&i) = index.get(key) {
+                        into.chains[i].rules.clear();
+                        requests.push((
+                            nfproto(&key.0),
+                            vec![(1, nul(&key.1)), (2, nul(&key.2))],
+                            "GETRULE (dump one iptables-nft chain)",
+                        ));
+                    }
+                }
+            }
+        }
+        let mut counts: HashMap<usize, usize> = HashMap::new();
+        let mut printable = true;
+        for (family, attrs, what) in requests {
+            let attrs: Vec<(u16, &[u8])> = attrs.iter().map(|(t, d)| (*t, d.as_slice())).collect();
+            let mut malformed = false;
+            let mut each = |ty: u16, p: &[u8]| {
+                if ty != NFT_MSG_NEWRULE || malformed || !printable {
+                    return;
+                }
+                let Some(r) = decode_rule(p) else {
+                    malformed = true;
+                    return;
+                };
+                self.rules_seen += 1;
+                let key = (r.family.clone(), r.table.clone(), r.chain.clone());
+                let Some(&ci) = index.get(&key) else { return };
+                let n = counts.entry(ci).or_insert(0);
+                *n += 1;
+                let line = super::ipt_nft_rule::save_line(&r, r.family == "ip6");
+                let Some(rule) = line.and_then(|l| iptables_fw::rule_from_line(&l, *n, r.family == "ip6")) else {
+                    tracing::debug!(family = %r.family, table = %r.table, chain = %r.chain, handle = r.handle,
+                        "an iptables-nft rule not printed from netlink; the save is read instead");
+                    printable = false;
+                    return;
+                };
+                if keep(&rule) {
+                    self.rules_kept += 1;
+                    into.chains[ci].rules.push(rule);
+                }
+            };
+            let interrupted = netlink::dump_each_msg(NFT_MSG_GETRULE, family, &attrs, what, &mut each)?;
+            self.interrupted |= interrupted;
+            if malformed {
+                return Err(NftStreamError::Malformed("NEWRULE"));
+            }
+            if !printable {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// True when nothing changed since [`Reader::open`]: the generation id is the same and no
     /// dump was interrupted.
     pub fn consistent(&self) -> Result<bool, NftStreamError> {
@@ -363,6 +509,7 @@ fn collect_decoded<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::nft_read::Xt;
 
     fn rule(exprs: Vec<Expr>) -> RawRule {
         RawRule {
@@ -382,9 +529,9 @@ mod tests {
     #[test]
     fn notrack_statement_and_compat_targets_may_notrack() {
         assert!(may_notrack(&rule(vec![stmt("counter"), stmt("notrack")])));
-        assert!(may_notrack(&rule(vec![Expr::XtTarget("CT".into())])));
-        assert!(may_notrack(&rule(vec![Expr::XtTarget("NOTRACK".into())])));
-        assert!(!may_notrack(&rule(vec![Expr::XtTarget("REJECT".into()), Expr::XtMatch("conntrack".into())])));
+        assert!(may_notrack(&rule(vec![Expr::XtTarget(Xt::named("CT"))])));
+        assert!(may_notrack(&rule(vec![Expr::XtTarget(Xt::named("NOTRACK"))])));
+        assert!(!may_notrack(&rule(vec![Expr::XtTarget(Xt::named("REJECT")), Expr::XtMatch(Xt::named("conntrack"))])));
         assert!(!may_notrack(&rule(vec![stmt("counter"), stmt("ct")])));
         assert!(!may_notrack(&rule(Vec::new())));
     }

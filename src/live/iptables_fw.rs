@@ -8,43 +8,53 @@ use crate::model::PortRange;
 pub fn convert(dump: &SaveDump, variant: IptVariant, v6: bool) -> FwTables {
     let mut out = FwTables::default();
     for t in &dump.tables {
-        let owner = Owner::Iptables { variant, v6, table: t.name.clone() };
-        let kind = match t.name.as_str() {
-            "filter" => ChainKind::Filter,
-            "nat" => ChainKind::Nat,
-            _ => ChainKind::Other,
-        };
         for c in &t.chains {
-            let hook = if c.is_builtin() { FwHook::parse(&c.name) } else { None };
-            let rules = c
+            let mut chain = empty_chain(variant, v6, &t.name, &c.name, c.policy.as_deref());
+            chain.rules = c
                 .rules
                 .iter()
                 .enumerate()
-                .map(|(i, r)| {
-                    let view = RuleView::from_args(&r.args);
-                    let (conds, verdict) = conds_of(&view, v6);
-                    FwRule {
-                        conds,
-                        verdict,
-                        handle: None,
-                        index: i + 1,
-                        text: r.line.clone(),
-                        comment: view.comment.clone(),
-                    }
-                })
+                .map(|(i, r)| rule_of(&RuleView::from_args(&r.args), r.line.clone(), i + 1, v6))
                 .collect();
-            out.chains.push(FwChain {
-                owner: owner.clone(),
-                name: c.name.clone(),
-                hook,
-                kind,
-                priority: 0,
-                policy_accept: c.policy.as_deref().map(|p| p != "DROP"),
-                rules,
-            });
+            out.chains.push(chain);
         }
     }
     out
+}
+
+/// Chain `name` of table `table` as [`convert`] models it, without its rules: `policy` as the
+/// save declares it (`DROP`, `ACCEPT`; `None` for a user chain, `-` in the save).
+pub fn empty_chain(variant: IptVariant, v6: bool, table: &str, name: &str, policy: Option<&str>) -> FwChain {
+    let kind = match table {
+        "filter" => ChainKind::Filter,
+        "nat" => ChainKind::Nat,
+        _ => ChainKind::Other,
+    };
+    FwChain {
+        owner: Owner::Iptables { variant, v6, table: table.to_string() },
+        name: name.to_string(),
+        hook: if policy.is_some() { FwHook::parse(name) } else { None },
+        kind,
+        priority: 0,
+        policy_accept: policy.map(|p| p != "DROP"),
+        rules: Vec::new(),
+    }
+}
+
+/// The rule at 1-based `index` of its chain as [`convert`] models it, from the save's line
+/// `line` (`-A CHAIN …`); `None` when the line does not tokenize.
+pub fn rule_from_line(line: &str, index: usize, v6: bool) -> Option<FwRule> {
+    let tokens = super::iptables_save::tokenize(line).ok()?;
+    let args = match tokens.first().map(String::as_str) {
+        Some("-A") => tokens.get(2..)?,
+        _ => return None,
+    };
+    Some(rule_of(&RuleView::from_args(args), line.to_string(), index, v6))
+}
+
+fn rule_of(view: &RuleView, line: String, index: usize, v6: bool) -> FwRule {
+    let (conds, verdict) = conds_of(view, v6);
+    FwRule { conds, verdict, handle: None, index, text: line, comment: view.comment.clone() }
 }
 
 fn ranges(v: &[std::ops::RangeInclusive<u16>]) -> Vec<PortRange> {
