@@ -994,3 +994,87 @@ fn doctor_prunes_filter_rules_without_changing_findings() {
         .unwrap_or(u64::MAX);
     assert!(kept < 50, "the 600 tcp rules are left out: {line}");
 }
+
+/// The iptables-nft read over netlink (issue 16: `doctor` ≤ 20 MiB at any size, so no
+/// `iptables-nft-save`): with NOTRACK rules in iptables-nft's raw tables (both families) and,
+/// in `filter INPUT`, a stateful accept, source drops, 600 tcp port accepts and a jump into a
+/// user chain, the findings are
+/// those the save gives (the `CTGUARD_NFT_READ=json` reader reads the saves), the debug log
+/// shows iptables-nft's rules streamed and the 600 left out. A rule the netlink printer does
+/// not know (`-m limit`) makes the doctor read the save, with the same findings.
+#[test]
+fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("docipt");
+    let srv = &pair.srv;
+    let mut v4 = String::from(
+        "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         -A PREROUTING -p udp -m udp --dport 53 -j CT --notrack\n\
+         -A OUTPUT -p udp -m udp --sport 53 -j CT --notrack\nCOMMIT\n\
+         *filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:svc - [0:0]\n\
+         -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n",
+    );
+    for i in 0..5 {
+        v4.push_str(&format!("-A INPUT -s 100.64.0.{}/32 -j DROP\n", i + 1));
+    }
+    for i in 0..600 {
+        v4.push_str(&format!("-A INPUT -p tcp -m tcp --dport {} -m conntrack --ctstate NEW -j ACCEPT\n", 2000 + i));
+    }
+    v4.push_str(
+        "-A INPUT -j svc\n-A INPUT -p tcp -j REJECT --reject-with tcp-reset\n\
+         -A svc -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\n-A svc -j RETURN\nCOMMIT\n",
+    );
+    srv.exec_stdin("iptables-nft-restore", &[], &v4);
+    srv.exec_stdin(
+        "ip6tables-nft-restore",
+        &[],
+        "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         -A PREROUTING -p udp -m udp --dport 53 -j NOTRACK\nCOMMIT\n\
+         *filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         -A INPUT -p udp -m conntrack --ctstate UNTRACKED -j ACCEPT\nCOMMIT\n",
+    );
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let debug_run = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+        cmd.args(args).env_remove(ctguard::backend::live::NFT_READ_ENV).env("RUST_LOG", "ctguard=debug");
+        let out = cmd.output().unwrap_or_else(|e| panic!("{e}"));
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone());
+    let netlink = debug_run();
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
+    let (n, j) = (netlink.json(), json.json());
+    assert_eq!(view(&n), view(&j), "iptables-nft over netlink and its save disagree");
+    assert!(!netlink.stderr.contains("read from its save"), "iptables-nft is read over netlink:\n{}", netlink.stderr);
+    let notracks = n["notrack_rules"].as_array().map_or(0, Vec::len);
+    assert_eq!(notracks, 3, "both families' NOTRACK rules: {:#}", n["notrack_rules"]);
+    let Some(hole) = recs(&n).into_iter().find(|r| r["kind"] == "blackhole") else { panic!("{:#?}", recs(&n)) };
+    eprintln!("doctor: iptables-nft over netlink: {}\n  fix: {}", hole["dropped_by"], hole["fix"]);
+    // Untracked udp/53 passes svc (its accept wants NEW), is not tcp, and meets the policy.
+    assert_eq!(hole["dropped_by"]["chain"], "iptables-nft filter INPUT", "{hole}");
+    assert_eq!(hole["dropped_by"]["rule"], "the chain's policy (drop)", "{hole}");
+    let Some(line) = netlink.stderr.lines().find(|l| l.contains("doctor: nft rules streamed")) else {
+        panic!("no debug line in {}", netlink.stderr)
+    };
+    let kept: u64 = line
+        .split("kept=")
+        .nth(1)
+        .and_then(|x| x.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(kept < 50, "the 600 tcp rules are left out: {line}");
+
+    // A rule the printer does not know: the save is read, the findings stay the save's.
+    srv.exec("iptables-nft", &["-A", "INPUT", "-p", "icmp", "-m", "limit", "--limit", "5/sec", "-j", "ACCEPT"]);
+    let netlink = debug_run();
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
+    assert!(netlink.stderr.contains("read from its save"), "the save is read:\n{}", netlink.stderr);
+    assert_eq!(view(&netlink.json()), view(&json.json()), "after the fallback");
+}

@@ -652,7 +652,11 @@ fn compare_ipt_nft(text: &str, v6: bool) -> IptOutcome {
             }
             if got.chains.len() != want.len() {
                 let names = |c: &[ctguard::live::fw::FwChain]| c.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
-                d.push_str(&format!("  chains: netlink {:?}\n          save    {:?}\n", names(&got.chains), names(&want)));
+                d.push_str(&format!(
+                    "  chains: netlink {:?}\n          save    {:?}\n",
+                    names(&got.chains),
+                    names(&want)
+                ));
             }
             IptOutcome::Differs(d)
         })

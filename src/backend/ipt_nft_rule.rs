@@ -12,10 +12,10 @@
 //! gives `None`, and the caller reads the real save instead: the text is the tool's or
 //! nothing. Pure.
 
-use std::fmt::Write as _;
 use super::nft_read::{Data, Expr, RawRule, Xt};
 use crate::model::{mask_v4, mask_v6, Prefix};
 use crate::render::iptables::{prefix_arg, spec_to_line};
+use std::fmt::Write as _;
 
 /// `NFT_META_IIFNAME`, `NFT_META_OIFNAME`, `NFT_META_L4PROTO`.
 const META_IIFNAME: u32 = 6;
@@ -42,9 +42,15 @@ enum Reg {
     Iifname,
     Oifname,
     /// A network-header field: offset, length, and the prefix mask's length when masked.
-    Network { offset: u32, len: u32, masked: Option<u32> },
+    Network {
+        offset: u32,
+        len: u32,
+        masked: Option<u32>,
+    },
     /// A transport port: destination (offset 2) or source (0).
-    Port { dport: bool },
+    Port {
+        dport: bool,
+    },
 }
 
 /// A rule's parts in the order the save prints them.
@@ -532,7 +538,10 @@ mod tests {
     #[test]
     fn conntrack_state_and_notrack_compat_extensions() {
         let est = rule(vec![Expr::XtMatch(conntrack(CONNTRACK_STATE, 0, 4 | 2)), verdict(NF_ACCEPT, None)]);
-        assert_eq!(save_line(&est, false).as_deref(), Some("-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"));
+        assert_eq!(
+            save_line(&est, false).as_deref(),
+            Some("-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+        );
         let state = rule(vec![
             Expr::XtMatch(conntrack(CONNTRACK_STATE | CONNTRACK_STATE_ALIAS, CONNTRACK_STATE, 8 | 256)),
             verdict(NF_DROP, None),

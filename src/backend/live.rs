@@ -117,9 +117,15 @@ pub fn ipt_nft_tables(iptables: &[IptDump]) -> Vec<(String, String)> {
 /// when known) spares the run of a tool that would print nothing ([`save_would_be_empty`]).
 /// A table iptables-nft calls incompatible is left to nft; any other refusal is an error.
 pub fn read_saves(tables: Option<&[(String, String)]>) -> Result<Vec<IptDump>, LiveError> {
+    read_saves_of(tables, &[IptVariant::Nft, IptVariant::Legacy])
+}
+
+/// [`read_saves`] of the tools of `variants` only.
+pub fn read_saves_of(tables: Option<&[(String, String)]>, variants: &[IptVariant]) -> Result<Vec<IptDump>, LiveError> {
     let _lap = crate::timing::Lap::start("read: iptables saves");
     let installed: Vec<(&str, IptVariant, bool, Tool)> = SAVE_TOOLS
         .iter()
+        .filter(|t| variants.contains(&t.1))
         .filter_map(|&(name, variant, v6)| Tool::find(name).ok().map(|t| (name, variant, v6, t)))
         .collect();
     // The tools that have something to print run side by side (each is mostly its own start-up

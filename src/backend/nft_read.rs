@@ -293,7 +293,11 @@ fn attr_str(attrs: &[(u16, &[u8])], ty: u16) -> Option<String> {
 /// A compat `match` / `target` expression's attributes (name 1, revision 2, info 3: the same
 /// numbers for both).
 fn xt(a: &[(u16, &[u8])]) -> Xt {
-    Xt { name: attr_str(a, 1).unwrap_or_default(), rev: attr_u32(a, 2).unwrap_or(0), info: attr(a, 3).unwrap_or_default().to_vec() }
+    Xt {
+        name: attr_str(a, 1).unwrap_or_default(),
+        rev: attr_u32(a, 2).unwrap_or(0),
+        info: attr(a, 3).unwrap_or_default().to_vec(),
+    }
 }
 
 /// Family keyword and attributes of an nfgenmsg payload.

@@ -131,17 +131,7 @@ impl Firewall {
             Owner::Nft { family, table } => rule
                 .handle
                 .is_some_and(|h| self.nft_notrack.contains(&(family.clone(), table.clone(), chain.name.clone(), h))),
-            Owner::Iptables { .. } => {
-                let Ok(tokens) = iptables_save::tokenize(&rule.text) else { return false };
-                let args = if tokens.first().map(String::as_str) == Some("-A") {
-                    &tokens[2.min(tokens.len())..]
-                } else {
-                    &tokens[..]
-                };
-                let view = RuleView::from_args(args);
-                view.target
-                    .is_some_and(|t| t.name == "NOTRACK" || (t.name == "CT" && t.args.iter().any(|a| a == "--notrack")))
-            }
+            Owner::Iptables { .. } => iptables_rule_notracks(rule),
         }
     }
 
@@ -361,9 +351,43 @@ pub fn notrack_flows(fw: &Firewall) -> Vec<NotrackFlow> {
     out
 }
 
+/// True when `rule`, an iptables rule (its [`FwRule::text`] the save's line), is `-j NOTRACK`
+/// or `-j CT --notrack`. Pure.
+pub fn iptables_rule_notracks(rule: &FwRule) -> bool {
+    let Ok(tokens) = iptables_save::tokenize(&rule.text) else { return false };
+    let args =
+        if tokens.first().map(String::as_str) == Some("-A") { &tokens[2.min(tokens.len())..] } else { &tokens[..] };
+    let view = RuleView::from_args(args);
+    view.target.is_some_and(|t| t.name == "NOTRACK" || (t.name == "CT" && t.args.iter().any(|a| a == "--notrack")))
+}
+
 /// The nft chains [`check`] may evaluate: every filter base chain at input or output, and the
 /// chains their rules (as held in `fw`) jump or go to, transitively. Pure.
 pub fn filter_chains_reached(fw: &Firewall) -> HashSet<(String, String, String)> {
+    chains_reached(fw, |o| match o {
+        Owner::Nft { family, table } => Some((family.clone(), table.clone())),
+        Owner::Iptables { .. } => None,
+    })
+}
+
+/// [`filter_chains_reached`] for iptables-nft's chains: its filter tables' INPUT and OUTPUT and
+/// the chains their rules (as held in `fw`) jump or go to, keyed by nf_tables family (`ip`,
+/// `ip6`), table and chain. Pure.
+pub fn ipt_nft_filter_chains_reached(fw: &Firewall) -> HashSet<(String, String, String)> {
+    chains_reached(fw, |o| match o {
+        Owner::Iptables { variant: IptVariant::Nft, v6, table } => {
+            Some((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone()))
+        }
+        _ => None,
+    })
+}
+
+/// The filter base chains at input or output whose owner `key` names, and the chains they
+/// reach by jumps and gotos, transitively: (key, chain name).
+fn chains_reached(
+    fw: &Firewall,
+    key: impl Fn(&Owner) -> Option<(String, String)>,
+) -> HashSet<(String, String, String)> {
     let mut seen: HashSet<(String, String, String)> = HashSet::new();
     let mut todo: Vec<&FwChain> = fw
         .tables
@@ -372,8 +396,8 @@ pub fn filter_chains_reached(fw: &Firewall) -> HashSet<(String, String, String)>
         .filter(|c| c.kind == ChainKind::Filter && matches!(c.hook, Some(FwHook::Input | FwHook::Output)))
         .collect();
     while let Some(c) = todo.pop() {
-        let Owner::Nft { family, table } = &c.owner else { continue };
-        if !seen.insert((family.clone(), table.clone(), c.name.clone())) {
+        let Some((family, table)) = key(&c.owner) else { continue };
+        if !seen.insert((family, table, c.name.clone())) {
             continue;
         }
         for r in &c.rules {

@@ -263,8 +263,9 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
         tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: no rule may notrack");
         return Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw));
     }
-    // Something may notrack: the iptables dumps in full, and the nft part without the tables
-    // iptables-nft owns (their chains come from its dumps).
+    // Something may notrack: the iptables chains, and the nft part without the tables
+    // iptables-nft owns (their chains come from its save, or from netlink printed as the save
+    // prints them).
     let Firewall { tables, nft_notrack, .. } = fw;
     let nft = crate::live::nft_json::NftRuleset {
         tables: reader.skeleton().tables,
@@ -276,24 +277,74 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
                 .collect(),
         },
     };
-    let dumps = crate::backend::live::read_saves(Some(&nft.tables)).map_err(|e| e.to_string())?;
-    let skip = crate::backend::live::ipt_nft_tables(&dumps);
-    let ipt = dumps.into_iter().flat_map(|d| d.fw.chains).collect();
+    let notracks_or_jumps = |r: &crate::live::fw::FwRule| super::notrack::iptables_rule_notracks(r) || jumps(r);
+    let over_netlink = match reader.ipt_nft_layout() {
+        Some(layout) => {
+            let mut chains = crate::live::fw::FwTables { chains: layout };
+            reader
+                .stream_ipt_nft(&mut chains, None, &mut |r| notracks_or_jumps(r))
+                .map_err(|e| e.to_string())?
+                .then_some(chains.chains)
+        }
+        None => None,
+    };
+    let (skip, ipt, ipt_nft_netlink) = match over_netlink {
+        // iptables-nft's tables read over netlink: the legacy saves in full beside them.
+        Some(chains) => {
+            let skip = ipt_nft_table_keys(&chains);
+            let legacy = crate::backend::live::read_saves_of(None, &[crate::live::fw::IptVariant::Legacy])
+                .map_err(|e| e.to_string())?;
+            let mut ipt = chains;
+            ipt.extend(legacy.into_iter().flat_map(|d| d.fw.chains));
+            (skip, ipt, true)
+        }
+        None => {
+            tracing::debug!("doctor: iptables-nft's tables read from its save");
+            let dumps = crate::backend::live::read_saves(Some(&nft.tables)).map_err(|e| e.to_string())?;
+            let skip = crate::backend::live::ipt_nft_tables(&dumps);
+            (skip, dumps.into_iter().flat_map(|d| d.fw.chains).collect(), false)
+        }
+    };
     let mut fw = Firewall::from_parts(nft, &skip, ipt, nft_notrack);
     let flows = notrack_flows(&fw);
     if !flows.is_empty() {
         let chains = filter_chains_reached(&fw);
         let eval = evaluated_flows(&flows);
         let mut again = crate::backend::nft_read::NotrackRules::new();
+        let keep = |r: &crate::live::fw::FwRule| jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No);
         reader
-            .stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| {
-                nt || jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No)
-            })
+            .stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| nt || keep(r))
             .map_err(|e| e.to_string())?;
         fw.nft_notrack.extend(again);
+        if ipt_nft_netlink {
+            let chains = super::notrack::ipt_nft_filter_chains_reached(&fw);
+            let printed = reader
+                .stream_ipt_nft(&mut fw.tables, Some(&chains), &mut |r| {
+                    super::notrack::iptables_rule_notracks(r) || keep(r)
+                })
+                .map_err(|e| e.to_string())?;
+            if !printed {
+                // The same rules printed a moment ago: the ruleset changed; read again.
+                return Ok(None);
+            }
+        }
     }
     tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
     Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw))
+}
+
+/// The (family, table) of iptables-nft's chains among `chains`, sorted, each once.
+fn ipt_nft_table_keys(chains: &[crate::live::fw::FwChain]) -> Vec<(String, String)> {
+    let keys: std::collections::BTreeSet<(String, String)> = chains
+        .iter()
+        .filter_map(|c| match &c.owner {
+            crate::live::fw::Owner::Iptables { variant: crate::live::fw::IptVariant::Nft, v6, table } => {
+                Some((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    keys.into_iter().collect()
 }
 
 fn mono_usec() -> Option<u64> {
