@@ -1001,7 +1001,7 @@ fn doctor_prunes_filter_rules_without_changing_findings() {
 /// user chain, the findings are
 /// those the save gives (the `CTGUARD_NFT_READ=json` reader reads the saves), the debug log
 /// shows iptables-nft's rules streamed and the 600 left out. A rule the netlink printer does
-/// not know (`-m limit`) makes the doctor read the save, with the same findings.
+/// not know (`-m hashlimit`) makes the doctor read the save, with the same findings.
 #[test]
 fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
     let _host = host_conntrack_shared();
@@ -1071,7 +1071,23 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
     assert!(kept < 50, "the 600 tcp rules are left out: {line}");
 
     // A rule the printer does not know: the save is read, the findings stay the save's.
-    srv.exec("iptables-nft", &["-A", "INPUT", "-p", "icmp", "-m", "limit", "--limit", "5/sec", "-j", "ACCEPT"]);
+    srv.exec(
+        "iptables-nft",
+        &[
+            "-A",
+            "INPUT",
+            "-p",
+            "icmp",
+            "-m",
+            "hashlimit",
+            "--hashlimit-upto",
+            "5/sec",
+            "--hashlimit-name",
+            "ping",
+            "-j",
+            "ACCEPT",
+        ],
+    );
     let netlink = debug_run();
     let json = ctguard_env(&args, Some("json"));
     assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);

@@ -5,14 +5,15 @@
 //!
 //! Understood: `-s`/`-d` (any prefix), `-i`/`-o` (exact or `+` wildcard), `-p` tcp, udp, icmp,
 //! ipv6-icmp, `-m tcp`/`-m udp` ports and port ranges, `-m multiport` (revision 1), `-m
-//! conntrack --ctstate` and `-m state --state` (state only), `-m comment`, the verdicts
-//! (ACCEPT, DROP, RETURN, jump, goto), `-j CT --notrack`, `-j NOTRACK` and `-j REJECT` with
-//! the usual `--reject-with` types; each negation iptables allows. Anything else — another
+//! conntrack --ctstate` and `-m state --state` (state only), `-m comment`, `-m limit` (packets),
+//! `-m icmp --icmp-type`, `-m icmp6 --icmpv6-type`, `-m hl`, `-m rt --rt-type`, `-m addrtype`, `-m recent`, the verdicts (ACCEPT, DROP, RETURN, jump, goto), `-j
+//! CT --notrack`, `-j NOTRACK`, `-j REJECT` with the usual `--reject-with` types and `-j LOG`
+//! with a prefix and level; each negation iptables allows. (ufw's tables print so.) Anything else — another
 //! match or target, another option of these, an expression iptables-nft would not write —
 //! gives `None`, and the caller reads the real save instead: the text is the tool's or
 //! nothing. Pure.
 
-use super::nft_read::{Data, Expr, RawRule, Xt};
+use super::nft_read::{Data, Expr, Limit, RawRule, Xt};
 use crate::model::{mask_v4, mask_v6, Prefix};
 use crate::render::iptables::{prefix_arg, spec_to_line};
 use std::fmt::Write as _;
@@ -51,6 +52,9 @@ enum Reg {
     Port {
         dport: bool,
     },
+    /// Both ports, source then destination (iptables-nft loads them at once when a rule
+    /// matches both, not negated).
+    PortPair,
 }
 
 /// A rule's parts in the order the save prints them.
@@ -94,6 +98,7 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
             Expr::Payload { dreg: 1, base: TRANSPORT, offset, len: 2 } if *offset <= 2 && offset % 2 == 0 => {
                 reg = Reg::Port { dport: *offset == 2 }
             }
+            Expr::Payload { dreg: 1, base: TRANSPORT, offset: 0, len: 4 } => reg = Reg::PortPair,
             Expr::Bitwise { sreg: 1, dreg: 1, mask, xor, shift: false } => {
                 let Reg::Network { offset, len, masked: None } = reg else { return None };
                 if xor.iter().any(|b| *b != 0) || mask.len() != len as usize {
@@ -116,6 +121,10 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
                         *slot = Some((neg, prefix));
                     }
                     Reg::Port { dport } => p.port(dport, neg, be16(data)?.to_string())?,
+                    Reg::PortPair if !neg && data.len() == 4 => {
+                        p.port(false, false, be16(&data[..2])?.to_string())?;
+                        p.port(true, false, be16(&data[2..])?.to_string())?;
+                    }
                     _ => return None,
                 }
                 reg = Reg::Empty;
@@ -126,8 +135,9 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
                 reg = Reg::Empty;
             }
             Expr::Stmt { name, .. } if name == "counter" => {}
+            Expr::Limit(l) => p.matches.push(limit(l)?),
             Expr::XtMatch(m) => {
-                let args = compat_match(m)?;
+                let args = compat_match(m, v6)?;
                 p.matches.push(args);
             }
             Expr::XtTarget(t) if p.target.is_none() => p.target = Some(compat_target(t, v6)?),
@@ -168,21 +178,21 @@ impl Parts {
     fn line(self, chain: &str) -> Option<String> {
         let mut args: Vec<String> = Vec::new();
         if let Some((neg, a)) = &self.src {
-            opt(&mut args, *neg, "-s", prefix_arg(a));
+            opt_into(&mut args, *neg, "-s", prefix_arg(a));
         }
         if let Some((neg, a)) = &self.dst {
-            opt(&mut args, *neg, "-d", prefix_arg(a));
+            opt_into(&mut args, *neg, "-d", prefix_arg(a));
         }
         if let Some((neg, i)) = &self.iif {
-            opt(&mut args, *neg, "-i", i.clone());
+            opt_into(&mut args, *neg, "-i", i.clone());
         }
         if let Some((neg, o)) = &self.oif {
-            opt(&mut args, *neg, "-o", o.clone());
+            opt_into(&mut args, *neg, "-o", o.clone());
         }
         let proto = match self.proto {
             Some((neg, n)) => {
                 let name = proto_name(n)?;
-                opt(&mut args, neg, "-p", name.into());
+                opt_into(&mut args, neg, "-p", name.into());
                 Some((neg, name))
             }
             None => None,
@@ -194,7 +204,7 @@ impl Parts {
             let mut m = vec!["-m".to_string(), name.to_string()];
             for (o, v) in [("--sport", self.sport), ("--dport", self.dport)] {
                 if let Some((neg, v)) = v {
-                    opt(&mut m, neg, o, v);
+                    opt_into(&mut m, neg, o, v);
                 }
             }
             matches.insert(at, m);
@@ -212,7 +222,7 @@ impl Parts {
 }
 
 /// Appends `[!] NAME VALUE`.
-fn opt(args: &mut Vec<String>, neg: bool, name: &str, value: String) {
+fn opt_into(args: &mut Vec<String>, neg: bool, name: &str, value: String) {
     if neg {
         args.push("!".into());
     }
@@ -339,7 +349,7 @@ fn states(mask: u16) -> Option<String> {
 }
 
 /// A compat match's save arguments (`-m NAME …`).
-fn compat_match(m: &Xt) -> Option<Vec<String>> {
+fn compat_match(m: &Xt, v6: bool) -> Option<Vec<String>> {
     let info = &m.info;
     match (m.name.as_str(), m.rev) {
         // xt_conntrack_mtinfo1..3: flags at 146, inverted flags at 148, the state mask at
@@ -404,8 +414,185 @@ fn compat_match(m: &Xt) -> Option<Vec<String>> {
             Some(args)
         }
         ("comment", 0) => Some(vec!["-m".into(), "comment".into(), "--comment".into(), c_str(info, 0, 256)?]),
+        ("addrtype", 1) => addrtype(info),
+        ("recent", 1) => recent(info, v6),
+        ("icmp", 0) if !v6 => icmp(info, "icmp", "--icmp-type"),
+        ("icmp6", 0) if v6 => icmp(info, "icmp6", "--icmpv6-type"),
+        ("hl", 0) if v6 => {
+            let (mode, limit) = (*info.first()?, *info.get(1)?);
+            let (neg, opt) = match mode {
+                0 => (false, "--hl-eq"),
+                1 => (true, "--hl-eq"),
+                2 => (false, "--hl-lt"),
+                3 => (false, "--hl-gt"),
+                _ => return None,
+            };
+            let mut args = vec!["-m".to_string(), "hl".into()];
+            opt_into(&mut args, neg, opt, limit.to_string());
+            Some(args)
+        }
+        // ip6t_rt: the type only (flags IP6T_RT_TYP, the default segments-left range, no
+        // address).
+        ("rt", 0) if v6 => {
+            let (ty, sl_lo, sl_hi) = (ne32(info, 0)?, ne32(info, 4)?, ne32(info, 8)?);
+            let (flags, inv, addrnr) = (*info.get(16)?, *info.get(17)?, *info.get(274)?);
+            if flags != 1 || inv > 1 || (sl_lo, sl_hi) != (0, u32::MAX) || addrnr != 0 {
+                return None;
+            }
+            let mut args = vec!["-m".to_string(), "rt".into()];
+            opt_into(&mut args, inv == 1, "--rt-type", ty.to_string());
+            Some(args)
+        }
         _ => None,
     }
+}
+
+/// `XT_LIMIT_SCALE`, `XT_LIMIT_BURST` (the default burst, which the save leaves out).
+const LIMIT_SCALE: u64 = 10_000;
+const LIMIT_BURST: u32 = 5;
+
+/// `-m limit`'s arguments for a native `limit` as iptables-nft reads it back (`avg = scale ×
+/// unit / rate`) and libxt_limit prints it: the largest unit whose count is exact enough.
+fn limit(l: &Limit) -> Option<Vec<String>> {
+    if l.bytes || l.inv || l.rate == 0 {
+        return None;
+    }
+    let avg = u32::try_from(LIMIT_SCALE.checked_mul(l.unit)? / l.rate).ok()?;
+    if avg == 0 {
+        return None;
+    }
+    const RATES: [(&str, u32); 4] =
+        [("day", 10_000 * 24 * 60 * 60), ("hour", 10_000 * 60 * 60), ("min", 10_000 * 60), ("sec", 10_000)];
+    let mut i = 1;
+    while i < RATES.len() {
+        let mult = RATES[i].1;
+        if avg > mult || mult / avg < mult % avg {
+            break;
+        }
+        i += 1;
+    }
+    let (name, mult) = RATES[i - 1];
+    let mut args = vec!["-m".to_string(), "limit".into(), "--limit".into(), format!("{}/{name}", mult / avg)];
+    if l.burst != LIMIT_BURST {
+        args.push("--limit-burst".into());
+        args.push(l.burst.to_string());
+    }
+    Some(args)
+}
+
+/// libxt_addrtype's type names, bit by bit.
+const ADDRTYPES: [&str; 12] = [
+    "UNSPEC",
+    "UNICAST",
+    "LOCAL",
+    "BROADCAST",
+    "ANYCAST",
+    "MULTICAST",
+    "BLACKHOLE",
+    "UNREACHABLE",
+    "PROHIBIT",
+    "THROW",
+    "NAT",
+    "XRESOLVE",
+];
+
+/// `-m addrtype`'s arguments (xt_addrtype_info_v1: source and destination type masks, flags).
+fn addrtype(info: &[u8]) -> Option<Vec<String>> {
+    let (src, dst, flags) = (ne16(info, 0)?, ne16(info, 2)?, ne32(info, 4)?);
+    if flags & !0xf != 0 || (src | dst) >> ADDRTYPES.len() != 0 || (src == 0 && dst == 0) {
+        return None;
+    }
+    let names = |mask: u16| {
+        ADDRTYPES
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut args = vec!["-m".to_string(), "addrtype".into()];
+    for (mask, invert, opt) in [(src, 1, "--src-type"), (dst, 2, "--dst-type")] {
+        if mask != 0 {
+            opt_into(&mut args, flags & invert != 0, opt, names(mask));
+        }
+    }
+    if flags & 4 != 0 {
+        args.push("--limit-iface-in".into());
+    }
+    if flags & 8 != 0 {
+        args.push("--limit-iface-out".into());
+    }
+    Some(args)
+}
+
+/// `-m recent`'s arguments (xt_recent_mtinfo_v1: seconds, hit count, the action flags, the
+/// inverse flag, name[200], side, mask), in libxt_recent's order.
+fn recent(info: &[u8], v6: bool) -> Option<Vec<String>> {
+    let (seconds, hits) = (ne32(info, 0)?, ne32(info, 4)?);
+    let (flags, invert) = (*info.get(8)?, *info.get(9)?);
+    let name = c_str(info, 10, 200)?;
+    let side = *info.get(210)?;
+    let mask = info.get(212..228)?;
+    if flags & !0x3f != 0
+        || invert > 1
+        || side > 1
+        || i32::try_from(seconds | hits).is_err()
+        || name.is_empty()
+        || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return None;
+    }
+    let mut args = vec!["-m".to_string(), "recent".into()];
+    if invert == 1 {
+        args.push("!".into());
+    }
+    for (bit, opt) in [(2, "--set"), (1, "--rcheck"), (4, "--update"), (8, "--remove")] {
+        if flags & bit != 0 {
+            args.push(opt.into());
+        }
+    }
+    if seconds != 0 {
+        args.extend(["--seconds".to_string(), seconds.to_string()]);
+    }
+    if flags & 32 != 0 {
+        args.push("--reap".into());
+    }
+    if hits != 0 {
+        args.extend(["--hitcount".to_string(), hits.to_string()]);
+    }
+    if flags & 16 != 0 {
+        args.push("--rttl".into());
+    }
+    args.extend(["--name".to_string(), name]);
+    let mask = if v6 {
+        let a: [u8; 16] = mask.try_into().ok()?;
+        std::net::Ipv6Addr::from(a).to_string()
+    } else {
+        std::net::Ipv4Addr::new(mask[0], mask[1], mask[2], mask[3]).to_string()
+    };
+    args.extend(["--mask".to_string(), mask]);
+    args.push(if side == 0 { "--rsource" } else { "--rdest" }.into());
+    Some(args)
+}
+
+/// `-m icmp`'s (`-m icmp6`'s) arguments: ipt_icmp (ip6t_icmp): type, code range, the
+/// inverse flag; `any` is IPv4's only.
+fn icmp(info: &[u8], module: &str, opt: &str) -> Option<Vec<String>> {
+    let (ty, lo, hi, inv) = (*info.first()?, *info.get(1)?, *info.get(2)?, *info.get(3)?);
+    if inv > 1 {
+        return None;
+    }
+    let value = match (ty, lo, hi) {
+        (0xff, 0, 0xff) if module == "icmp" => "any".to_string(),
+        (0xff, _, _) => return None,
+        (t, 0, 0xff) => t.to_string(),
+        (t, c, d) if c == d => format!("{t}/{c}"),
+        _ => return None,
+    };
+    let mut args = vec!["-m".to_string(), module.into()];
+    opt_into(&mut args, inv == 1, opt, value);
+    Some(args)
 }
 
 /// `XT_CT_NOTRACK`, `XT_CT_NOTRACK_ALIAS` (`-j NOTRACK`).
@@ -441,6 +628,24 @@ fn compat_target(t: &Xt, v6: bool) -> Option<Vec<String>> {
         }
         // ipt_reject_info / ip6t_reject_info: the type, as libipt_REJECT / libip6t_REJECT
         // name it.
+        // xt_log_info: level, flags, prefix[30]; a prefix and a level only.
+        ("LOG", 0) => {
+            let (level, flags) = (*info.first()?, *info.get(1)?);
+            if flags != 0 || level > 7 {
+                return None;
+            }
+            let mut args = vec!["-j".to_string(), "LOG".into()];
+            let prefix = c_str(info, 2, 30)?;
+            if !prefix.is_empty() {
+                args.push("--log-prefix".into());
+                args.push(prefix);
+            }
+            if level != 4 {
+                args.push("--log-level".into());
+                args.push(level.to_string());
+            }
+            Some(args)
+        }
         ("REJECT", 0) => {
             let with = ne32(info, 0)?;
             let name = if v6 {

@@ -197,10 +197,27 @@ pub enum Expr {
         /// an anonymous one).
         meter_set: Option<String>,
     },
+    /// `limit` (native; iptables-nft writes `-m limit` so).
+    Limit(Limit),
     /// xt compat `match`.
     XtMatch(Xt),
     /// xt compat `target`.
     XtTarget(Xt),
+}
+
+/// A native `limit` expression's attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// `NFTA_LIMIT_RATE`: so many per `unit`.
+    pub rate: u64,
+    /// `NFTA_LIMIT_UNIT`: seconds.
+    pub unit: u64,
+    /// `NFTA_LIMIT_BURST`.
+    pub burst: u32,
+    /// `NFTA_LIMIT_TYPE`: bytes instead of packets.
+    pub bytes: bool,
+    /// `NFTA_LIMIT_FLAGS` `NFT_LIMIT_F_INV`: `over`.
+    pub inv: bool,
 }
 
 /// An x_tables compat match or target as iptables-nft writes it: the extension's name,
@@ -276,6 +293,10 @@ pub struct Elem {
 
 fn be32(d: &[u8]) -> Option<u32> {
     d.get(..4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn be64(d: &[u8]) -> Option<u64> {
+    d.get(..8).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes)
 }
 
 fn attr<'a>(attrs: &[(u16, &'a [u8])], ty: u16) -> Option<&'a [u8]> {
@@ -501,7 +522,17 @@ pub fn decode_expr(name: &str, a: &[(u16, &[u8])]) -> Expr {
             Some(data) => Expr::Immediate { dreg: u(1).unwrap_or(u32::MAX), data },
             None => stmt("immediate", Some(None)),
         },
-        "counter" | "log" | "notrack" | "reject" | "queue" | "limit" | "quota" | "last" | "tproxy" | "dup" | "fwd"
+        "limit" => match (attr(a, 1).and_then(be64), attr(a, 2).and_then(be64)) {
+            (Some(rate), Some(unit)) => Expr::Limit(Limit {
+                rate,
+                unit,
+                burst: u(3).unwrap_or(0),
+                bytes: u(4).unwrap_or(0) == 1,
+                inv: u(5).unwrap_or(0) & 1 != 0,
+            }),
+            _ => stmt(name, None),
+        },
+        "counter" | "log" | "notrack" | "reject" | "queue" | "quota" | "last" | "tproxy" | "dup" | "fwd"
         | "synproxy" => stmt(name, None),
         "nat" => with(stmt(if u(1) == Some(0) { "snat" } else { "dnat" }, None), regs(&[3, 4, 6, 7]), false),
         "masq" => with(stmt("masquerade", None), regs(&[2, 3]), false),
@@ -1100,6 +1131,11 @@ pub(crate) fn convert_rule(r: &RawRule, sets: &Sets<'_>, ifnames: IfNames<'_>) -
                 if !matches!(name.as_str(), "mangle" | "set") {
                     c.words.push(name.clone());
                 }
+            }
+            // As the statement `limit` (no register): "may or may not match".
+            Expr::Limit(_) => {
+                c.opaque("limit".into());
+                c.words.push("limit".into());
             }
             Expr::XtMatch(Xt { name: m, .. }) => {
                 if m != "comment" {

@@ -254,13 +254,15 @@ impl Reader {
     /// `GETRULE` dump each; the rules those chains held are replaced). A rule is kept when
     /// `keep(rule, notrack)` says so (`notrack`: it carries a `notrack` statement, and its key
     /// then goes into `notrack`); every rule counts for the indexes. Rules of binding chains
-    /// are left out, as `build` does.
+    /// are left out, as `build` does. With `ipt`, the rules of iptables-nft's tables are also
+    /// printed into it as they pass ([`IptCapture`]).
     pub fn stream_into(
         &mut self,
         into: &mut FwTables,
         notrack: &mut NotrackRules,
         only: Option<&HashSet<ChainKey>>,
         keep: &mut dyn FnMut(&FwRule, bool) -> bool,
+        mut ipt: Option<&mut IptCapture<'_>>,
     ) -> Result<(), NftStreamError> {
         let index: HashMap<ChainKey, usize> = into
             .chains
@@ -308,6 +310,9 @@ impl Reader {
                 };
                 self.rules_seen += 1;
                 self.notrack_candidates += u64::from(may_notrack(&r));
+                if let Some(c) = ipt.as_deref_mut() {
+                    self.rules_kept += u64::from(c.take(&r));
+                }
                 let key = (r.family.clone(), r.table.clone(), r.chain.clone());
                 if self.bindings.contains(&key) {
                     return;
@@ -389,43 +394,25 @@ impl Reader {
         Some(out)
     }
 
-    /// Streams the rules of iptables-nft's chains in `into` (those of
-    /// [`Reader::ipt_nft_layout`], found by owner and name), each printed as the save prints it
-    /// ([`super::ipt_nft_rule::save_line`]) and modelled from that line as a save's
-    /// ([`crate::live::iptables_fw::rule_from_line`]): of every such table (`only` = `None`), or
-    /// of the chains in `only` (family `ip`/`ip6`, table, chain; their rules are replaced). A
-    /// rule is kept when `keep` says so; every rule counts for the indexes. Returns `false`
-    /// when a rule cannot be printed: the caller reads the save instead.
+    /// Streams the rules of the iptables-nft chains `capture` holds (of every such table when
+    /// `only` is `None`, else of the chains in `only`: family `ip`/`ip6`, table, chain; their
+    /// rules are replaced) into it ([`IptCapture`]). Returns `false` when a rule cannot be
+    /// printed: the caller reads the save instead.
     pub fn stream_ipt_nft(
         &mut self,
-        into: &mut FwTables,
+        capture: &mut IptCapture<'_>,
         only: Option<&HashSet<ChainKey>>,
-        keep: &mut dyn FnMut(&FwRule) -> bool,
     ) -> Result<bool, NftStreamError> {
-        let index: HashMap<ChainKey, usize> = into
-            .chains
-            .iter()
-            .enumerate()
-            .filter_map(|(i, c)| match &c.owner {
-                Owner::Iptables { variant: IptVariant::Nft, v6, table } => {
-                    Some(((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone(), c.name.clone()), i))
-                }
-                _ => None,
-            })
-            .collect();
         let mut requests: Vec<RuleDump> = Vec::new();
         match only {
             None => {
-                let tables: std::collections::BTreeSet<(&str, &str)> =
-                    index.keys().map(|(f, t, _)| (f.as_str(), t.as_str())).collect();
-                for (family, table) in tables {
-                    requests.push((nfproto(family), vec![(1, nul(table))], "GETRULE (dump an iptables-nft table)"));
+                for (family, table) in capture.tables() {
+                    requests.push((nfproto(&family), vec![(1, nul(&table))], "GETRULE (dump an iptables-nft table)"));
                 }
             }
             Some(chains) => {
                 for key in chains {
-                    if let Some(&i) = index.get(key) {
-                        into.chains[i].rules.clear();
+                    if capture.clear(key) {
                         requests.push((
                             nfproto(&key.0),
                             vec![(1, nul(&key.1)), (2, nul(&key.2))],
@@ -435,13 +422,11 @@ impl Reader {
                 }
             }
         }
-        let mut counts: HashMap<usize, usize> = HashMap::new();
-        let mut printable = true;
         for (family, attrs, what) in requests {
             let attrs: Vec<(u16, &[u8])> = attrs.iter().map(|(t, d)| (*t, d.as_slice())).collect();
             let mut malformed = false;
             let mut each = |ty: u16, p: &[u8]| {
-                if ty != NFT_MSG_NEWRULE || malformed || !printable {
+                if ty != NFT_MSG_NEWRULE || malformed || !capture.printable {
                     return;
                 }
                 let Some(r) = decode_rule(p) else {
@@ -449,28 +434,14 @@ impl Reader {
                     return;
                 };
                 self.rules_seen += 1;
-                let key = (r.family.clone(), r.table.clone(), r.chain.clone());
-                let Some(&ci) = index.get(&key) else { return };
-                let n = counts.entry(ci).or_insert(0);
-                *n += 1;
-                let line = super::ipt_nft_rule::save_line(&r, r.family == "ip6");
-                let Some(rule) = line.and_then(|l| iptables_fw::rule_from_line(&l, *n, r.family == "ip6")) else {
-                    tracing::debug!(family = %r.family, table = %r.table, chain = %r.chain, handle = r.handle,
-                        "an iptables-nft rule not printed from netlink; the save is read instead");
-                    printable = false;
-                    return;
-                };
-                if keep(&rule) {
-                    self.rules_kept += 1;
-                    into.chains[ci].rules.push(rule);
-                }
+                self.rules_kept += u64::from(capture.take(&r));
             };
             let interrupted = netlink::dump_each_msg(NFT_MSG_GETRULE, family, &attrs, what, &mut each)?;
             self.interrupted |= interrupted;
             if malformed {
                 return Err(NftStreamError::Malformed("NEWRULE"));
             }
-            if !printable {
+            if !capture.printable {
                 return Ok(false);
             }
         }
@@ -481,6 +452,78 @@ impl Reader {
     /// dump was interrupted.
     pub fn consistent(&self) -> Result<bool, NftStreamError> {
         Ok(!self.interrupted && netlink::get_genid()? == self.genid)
+    }
+}
+
+/// The rules of iptables-nft's tables gathered while rules stream ([`Reader::stream_into`],
+/// [`Reader::stream_ipt_nft`]): each printed as `iptables-nft-save` prints it
+/// ([`super::ipt_nft_rule::save_line`]), modelled from that line as a save's rule
+/// ([`crate::live::iptables_fw::rule_from_line`]) and kept in its chain when `keep` says so;
+/// every rule counts for the indexes. Once a rule cannot be printed, `printable` is false and
+/// nothing more is taken (the caller reads the save instead).
+pub struct IptCapture<'a> {
+    /// The chains ([`Reader::ipt_nft_layout`]), filled.
+    pub chains: FwTables,
+    index: HashMap<ChainKey, usize>,
+    counts: HashMap<usize, usize>,
+    keep: &'a mut dyn FnMut(&FwRule) -> bool,
+    /// False once a rule of these chains could not be printed.
+    pub printable: bool,
+}
+
+impl<'a> IptCapture<'a> {
+    /// A capture into `chains` (iptables-nft's, as [`Reader::ipt_nft_layout`] gives them).
+    pub fn new(chains: Vec<FwChain>, keep: &'a mut dyn FnMut(&FwRule) -> bool) -> IptCapture<'a> {
+        let index = chains
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match &c.owner {
+                Owner::Iptables { variant: IptVariant::Nft, v6, table } => {
+                    Some(((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone(), c.name.clone()), i))
+                }
+                _ => None,
+            })
+            .collect();
+        IptCapture { chains: FwTables { chains }, index, counts: HashMap::new(), keep, printable: true }
+    }
+
+    /// The (family, table) of its chains, sorted, each once.
+    fn tables(&self) -> Vec<(String, String)> {
+        let set: std::collections::BTreeSet<(String, String)> =
+            self.index.keys().map(|(f, t, _)| (f.clone(), t.clone())).collect();
+        set.into_iter().collect()
+    }
+
+    /// Empties chain `key` to read it again; false when it holds no such chain.
+    fn clear(&mut self, key: &ChainKey) -> bool {
+        let Some(&i) = self.index.get(key) else { return false };
+        self.chains.chains[i].rules.clear();
+        self.counts.remove(&i);
+        true
+    }
+
+    /// Takes rule `r` when it is one of its chains'; true when it was kept.
+    fn take(&mut self, r: &RawRule) -> bool {
+        if !self.printable {
+            return false;
+        }
+        let key = (r.family.clone(), r.table.clone(), r.chain.clone());
+        let Some(&ci) = self.index.get(&key) else { return false };
+        let n = self.counts.entry(ci).or_insert(0);
+        *n += 1;
+        let v6 = r.family == "ip6";
+        let line = super::ipt_nft_rule::save_line(r, v6);
+        let Some(rule) = line.and_then(|l| iptables_fw::rule_from_line(&l, *n, v6)) else {
+            tracing::debug!(family = %r.family, table = %r.table, chain = %r.chain, handle = r.handle,
+                "an iptables-nft rule not printed from netlink; the save is read instead");
+            self.printable = false;
+            return false;
+        };
+        if (self.keep)(&rule) {
+            self.chains.chains[ci].rules.push(rule);
+            return true;
+        }
+        false
     }
 }
 

@@ -239,24 +239,32 @@ pub fn read_firewall() -> Result<Firewall, String> {
 }
 
 /// One attempt of the streamed, pruned read ([`read_firewall`]); `None` when the ruleset
-/// changed during it. Every nf_tables rule is streamed once (the tables iptables-nft owns
-/// included), keeping the rules that notrack or jump (the NOTRACK rules and the paths to
-/// them, `notrack::notrack_flows`). When no rule may notrack there (`nft_stream::may_notrack`)
-/// nor in the legacy outlines, that is all. Otherwise the iptables saves are read in full
-/// (iptables-nft's tables from them, as `crate::backend::live::read` does) and the nft filter
-/// chains `notrack::check` may evaluate are re-read chain by chain, keeping the rules that may
-/// match one of the flows it evaluates (`notrack::evaluated_flows`; the evaluator skips any
-/// other). Everything between the same two generation ids.
+/// changed during it. Every nf_tables rule is streamed once, keeping the rules that notrack or
+/// jump (the NOTRACK rules and the paths to them, `notrack::notrack_flows`); the rules of
+/// iptables-nft's tables are also printed as its save prints them as they pass
+/// (`nft_stream::IptCapture`). When no rule may notrack there (`nft_stream::may_notrack`) nor
+/// in the legacy outlines, that is all. Otherwise the iptables chains: iptables-nft's as
+/// printed (the legacy saves read in full beside them), or — when one of its rules holds what
+/// the printer does not know — every save in full (iptables-nft's tables from its save, as
+/// `crate::backend::live::read` does); then the filter chains `notrack::check` may evaluate
+/// are re-read chain by chain (nft's, and iptables-nft's when printed), keeping the rules that
+/// may match one of the flows it evaluates (`notrack::evaluated_flows`; the evaluator skips
+/// any other). Everything between the same two generation ids.
 fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, String> {
-    use super::notrack::{evaluated_flows, filter_chains_reached, notrack_flows};
-    use crate::live::fw::Verdict;
+    use super::notrack::{evaluated_flows, filter_chains_reached, iptables_rule_notracks, notrack_flows};
+    use crate::backend::nft_stream::IptCapture;
+    use crate::live::fw::{FwRule, IptVariant, Owner, Verdict};
     use crate::render::flow::{rule_matches, Tri};
     let _lap = crate::timing::Lap::start("doctor: nft rules (streamed, pruned)");
-    let jumps = |r: &crate::live::fw::FwRule| matches!(r.verdict, Verdict::Jump(_) | Verdict::Goto(_));
+    let jumps = |r: &FwRule| matches!(r.verdict, Verdict::Jump(_) | Verdict::Goto(_));
     let mut reader = crate::backend::nft_stream::Reader::open(&[]).map_err(|e| e.to_string())?;
     let mut nft = reader.skeleton();
     let mut notrack = crate::backend::nft_read::NotrackRules::new();
-    reader.stream_into(&mut nft.fw, &mut notrack, None, &mut |r, nt| nt || jumps(r)).map_err(|e| e.to_string())?;
+    let mut ipt_keep = |r: &FwRule| iptables_rule_notracks(r) || jumps(r);
+    let mut capture = reader.ipt_nft_layout().map(|chains| IptCapture::new(chains, &mut ipt_keep));
+    reader
+        .stream_into(&mut nft.fw, &mut notrack, None, &mut |r, nt| nt || jumps(r), capture.as_mut())
+        .map_err(|e| e.to_string())?;
     let legacy_chains = || legacy.iter().flat_map(|d| d.fw.chains.iter().cloned()).collect::<Vec<_>>();
     let fw = Firewall::from_parts(nft, &[], legacy_chains(), notrack);
     if reader.notrack_candidates == 0 && !fw.any_notrack_rule() {
@@ -270,30 +278,15 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
     let nft = crate::live::nft_json::NftRuleset {
         tables: reader.skeleton().tables,
         fw: crate::live::fw::FwTables {
-            chains: tables
-                .chains
-                .into_iter()
-                .filter(|c| matches!(c.owner, crate::live::fw::Owner::Nft { .. }))
-                .collect(),
+            chains: tables.chains.into_iter().filter(|c| matches!(c.owner, Owner::Nft { .. })).collect(),
         },
     };
-    let notracks_or_jumps = |r: &crate::live::fw::FwRule| super::notrack::iptables_rule_notracks(r) || jumps(r);
-    let over_netlink = match reader.ipt_nft_layout() {
-        Some(layout) => {
-            let mut chains = crate::live::fw::FwTables { chains: layout };
-            reader
-                .stream_ipt_nft(&mut chains, None, &mut |r| notracks_or_jumps(r))
-                .map_err(|e| e.to_string())?
-                .then_some(chains.chains)
-        }
-        None => None,
-    };
-    let (skip, ipt, ipt_nft_netlink) = match over_netlink {
+    let printed = capture.filter(|c| c.printable).map(|c| c.chains.chains);
+    let (skip, ipt, ipt_nft_printed) = match printed {
         // iptables-nft's tables read over netlink: the legacy saves in full beside them.
         Some(chains) => {
             let skip = ipt_nft_table_keys(&chains);
-            let legacy = crate::backend::live::read_saves_of(None, &[crate::live::fw::IptVariant::Legacy])
-                .map_err(|e| e.to_string())?;
+            let legacy = crate::backend::live::read_saves_of(None, &[IptVariant::Legacy]).map_err(|e| e.to_string())?;
             let mut ipt = chains;
             ipt.extend(legacy.into_iter().flat_map(|d| d.fw.chains));
             (skip, ipt, true)
@@ -311,22 +304,26 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
         let chains = filter_chains_reached(&fw);
         let eval = evaluated_flows(&flows);
         let mut again = crate::backend::nft_read::NotrackRules::new();
-        let keep = |r: &crate::live::fw::FwRule| jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No);
+        let keep = |r: &FwRule| jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No);
         reader
-            .stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| nt || keep(r))
+            .stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| nt || keep(r), None)
             .map_err(|e| e.to_string())?;
         fw.nft_notrack.extend(again);
-        if ipt_nft_netlink {
-            let chains = super::notrack::ipt_nft_filter_chains_reached(&fw);
-            let printed = reader
-                .stream_ipt_nft(&mut fw.tables, Some(&chains), &mut |r| {
-                    super::notrack::iptables_rule_notracks(r) || keep(r)
-                })
-                .map_err(|e| e.to_string())?;
-            if !printed {
+        if ipt_nft_printed {
+            // iptables-nft's chains (they follow the nft ones, before the legacy ones) the
+            // check may evaluate, read again keeping what may match.
+            let reached = super::notrack::ipt_nft_filter_chains_reached(&fw);
+            let mut rest = fw.iptables_chains();
+            let at = rest.iter().position(|c| !matches!(c.owner, Owner::Iptables { variant: IptVariant::Nft, .. }));
+            let legacy_rest = rest.split_off(at.unwrap_or(rest.len()));
+            let mut ipt_keep = |r: &FwRule| iptables_rule_notracks(r) || keep(r);
+            let mut capture = IptCapture::new(rest, &mut ipt_keep);
+            if !reader.stream_ipt_nft(&mut capture, Some(&reached)).map_err(|e| e.to_string())? {
                 // The same rules printed a moment ago: the ruleset changed; read again.
                 return Ok(None);
             }
+            fw.tables.chains.extend(capture.chains.chains);
+            fw.tables.chains.extend(legacy_rest);
         }
     }
     tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
