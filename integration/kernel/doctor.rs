@@ -929,6 +929,35 @@ fn doctor_without_notrack_rules_reports_as_the_full_read() {
         notes.iter().any(|x| x.as_str().is_some_and(|x| x.contains("hold no NOTRACK rule"))),
         "ctguard's empty table is noted: {notes:#?}"
     );
+    // Only the chains a NOTRACK could act from are read (prerouting and output, and where
+    // they jump): not the 6,000 input rules.
+    let debug = debug_run(&args);
+    let Some(line) = debug.stderr.lines().find(|l| l.contains("doctor: no rule may notrack")) else {
+        panic!("no debug line in {}", debug.stderr)
+    };
+    eprintln!("doctor: {line}");
+    assert!(counted(line, "seen=") < 100, "the input chains are not read: {line}");
+}
+
+/// `ctguard ARGS` with the default (netlink) reader and the debug log on stderr.
+fn debug_run(args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
+    cmd.args(args).env_remove(ctguard::backend::live::NFT_READ_ENV).env("RUST_LOG", "ctguard=debug");
+    let out = cmd.output().unwrap_or_else(|e| panic!("{e}"));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The number after `key` in a debug line (`kept=12`); `u64::MAX` when absent.
+fn counted(line: &str, key: &str) -> u64 {
+    line.split(key)
+        .nth(1)
+        .and_then(|x| x.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(u64::MAX)
 }
 
 /// The pruned read (issue 16): with a NOTRACK rule present, the filter chains are re-read
@@ -965,14 +994,7 @@ fn doctor_prunes_filter_rules_without_changing_findings() {
     srv.nft(&fw);
     srv.nft(HANDMADE_RAW);
     let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
-    cmd.args(args).env_remove(ctguard::backend::live::NFT_READ_ENV).env("RUST_LOG", "ctguard=debug");
-    let out = cmd.output().unwrap_or_else(|e| panic!("{e}"));
-    let netlink = Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let netlink = debug_run(&args);
     let json = ctguard_env(&args, Some("json"));
     assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
     let (n, j) = (netlink.json(), json.json());
@@ -986,13 +1008,7 @@ fn doctor_prunes_filter_rules_without_changing_findings() {
         panic!("no debug line in {}", netlink.stderr)
     };
     eprintln!("doctor: {line}");
-    let kept: u64 = line
-        .split("kept=")
-        .nth(1)
-        .and_then(|x| x.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(u64::MAX);
-    assert!(kept < 50, "the 600 tcp rules are left out: {line}");
+    assert!(counted(line, "kept=") < 50, "the 600 tcp rules are left out: {line}");
 }
 
 /// The iptables-nft read over netlink (issue 16: `doctor` ≤ 20 MiB at any size, so no
@@ -1035,18 +1051,8 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
          -A INPUT -p udp -m conntrack --ctstate UNTRACKED -j ACCEPT\nCOMMIT\n",
     );
     let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
-    let debug_run = || {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
-        cmd.args(args).env_remove(ctguard::backend::live::NFT_READ_ENV).env("RUST_LOG", "ctguard=debug");
-        let out = cmd.output().unwrap_or_else(|e| panic!("{e}"));
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    };
     let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone());
-    let netlink = debug_run();
+    let netlink = debug_run(&args);
     let json = ctguard_env(&args, Some("json"));
     assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
     let (n, j) = (netlink.json(), json.json());
@@ -1062,13 +1068,9 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
     let Some(line) = netlink.stderr.lines().find(|l| l.contains("doctor: nft rules streamed")) else {
         panic!("no debug line in {}", netlink.stderr)
     };
-    let kept: u64 = line
-        .split("kept=")
-        .nth(1)
-        .and_then(|x| x.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(u64::MAX);
-    assert!(kept < 50, "the 600 tcp rules are left out: {line}");
+    assert!(counted(line, "kept=") < 50, "the 600 tcp rules are left out: {line}");
+    // The input chain is read once (the evaluated chains), not in the first pass too.
+    assert!(counted(line, "seen=") < 1000, "the 600-rule input chain is read once: {line}");
 
     // A rule the printer does not know: the save is read, the findings stay the save's.
     srv.exec(
@@ -1088,7 +1090,7 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
             "ACCEPT",
         ],
     );
-    let netlink = debug_run();
+    let netlink = debug_run(&args);
     let json = ctguard_env(&args, Some("json"));
     assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
     assert!(netlink.stderr.contains("read from its save"), "the save is read:\n{}", netlink.stderr);

@@ -7,6 +7,7 @@
 //! Nothing here fails the diagnosis: whatever cannot be read is listed in
 //! [`Observations::unreadable`] and the rest goes on.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -239,39 +240,60 @@ pub fn read_firewall() -> Result<Firewall, String> {
 }
 
 /// One attempt of the streamed, pruned read ([`read_firewall`]); `None` when the ruleset
-/// changed during it. Every nf_tables rule is streamed once, keeping the rules that notrack or
-/// jump (the NOTRACK rules and the paths to them, `notrack::notrack_flows`); the rules of
-/// iptables-nft's tables are also printed as its save prints them as they pass
-/// (`nft_stream::IptCapture`). When no rule may notrack there (`nft_stream::may_notrack`) nor
-/// in the legacy outlines, that is all. Otherwise the iptables chains: iptables-nft's as
-/// printed (the legacy saves read in full beside them), or — when one of its rules holds what
-/// the printer does not know — every save in full (iptables-nft's tables from its save, as
-/// `crate::backend::live::read` does); then the filter chains `notrack::check` may evaluate
-/// are re-read chain by chain (nft's, and iptables-nft's when printed), keeping the rules that
-/// may match one of the flows it evaluates (`notrack::evaluated_flows`; the evaluator skips
-/// any other). Everything between the same two generation ids.
+/// changed during it.
+///
+/// 1. The chains a NOTRACK can act from — the base chains at prerouting and output and the
+///    chains they jump or go to, transitively — are streamed chain by chain, keeping the rules
+///    that notrack or jump (the NOTRACK rules and the paths to them, `notrack::notrack_flows`);
+///    the rules of iptables-nft's tables among them are also printed as its save prints them
+///    (`nft_stream::IptCapture`). When no rule there may notrack (`nft_stream::may_notrack`)
+///    nor in the legacy outlines, that is all: no other rule is read.
+/// 2. Otherwise the iptables chains: iptables-nft's as printed (the legacy saves read in full
+///    beside them), or — when one of its rules holds what the printer does not know — every
+///    save in full (iptables-nft's tables from its save, as `crate::backend::live::read` does).
+/// 3. The filter chains `notrack::check` may evaluate (the input and output base chains and
+///    the chains they reach, found as their rules arrive) are streamed, keeping the rules that
+///    may match one of the flows it evaluates (`notrack::evaluated_flows`; the evaluator skips
+///    any other) or jump; iptables-nft's as printed.
+///
+/// Each chain is read at most twice, a big input chain once. Everything between the same two
+/// generation ids.
 fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, String> {
-    use super::notrack::{evaluated_flows, filter_chains_reached, iptables_rule_notracks, notrack_flows};
-    use crate::backend::nft_stream::IptCapture;
-    use crate::live::fw::{FwRule, IptVariant, Owner, Verdict};
-    use crate::render::flow::{rule_matches, Tri};
+    use super::notrack::iptables_rule_notracks;
+    use crate::backend::nft_stream::{ChainKey, IptCapture};
+    use crate::live::fw::{FwHook, FwRule, IptVariant, Owner};
     let _lap = crate::timing::Lap::start("doctor: nft rules (streamed, pruned)");
-    let jumps = |r: &FwRule| matches!(r.verdict, Verdict::Jump(_) | Verdict::Goto(_));
     let mut reader = crate::backend::nft_stream::Reader::open(&[]).map_err(|e| e.to_string())?;
     let mut nft = reader.skeleton();
     let mut notrack = crate::backend::nft_read::NotrackRules::new();
     let mut ipt_keep = |r: &FwRule| iptables_rule_notracks(r) || jumps(r);
     let mut capture = reader.ipt_nft_layout().map(|chains| IptCapture::new(chains, &mut ipt_keep));
-    reader
-        .stream_into(&mut nft.fw, &mut notrack, None, &mut |r, nt| nt || jumps(r), capture.as_mut())
-        .map_err(|e| e.to_string())?;
+    // 1. From the prerouting and output base chains, following the jumps kept.
+    let mut done: HashSet<ChainKey> = HashSet::new();
+    loop {
+        let todo: HashSet<ChainKey> = nft
+            .fw
+            .chains
+            .iter()
+            .filter(|c| matches!(c.hook, Some(FwHook::Prerouting | FwHook::Output)))
+            .flat_map(|c| reached_from(&nft.fw, c))
+            .filter(|k| !done.contains(k))
+            .collect();
+        if todo.is_empty() {
+            break;
+        }
+        reader
+            .stream_into(&mut nft.fw, &mut notrack, Some(&todo), &mut |r, nt| nt || jumps(r), capture.as_mut())
+            .map_err(|e| e.to_string())?;
+        done.extend(todo);
+    }
     let legacy_chains = || legacy.iter().flat_map(|d| d.fw.chains.iter().cloned()).collect::<Vec<_>>();
     let fw = Firewall::from_parts(nft, &[], legacy_chains(), notrack);
     if reader.notrack_candidates == 0 && !fw.any_notrack_rule() {
         tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: no rule may notrack");
         return Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw));
     }
-    // Something may notrack: the iptables chains, and the nft part without the tables
+    // 2. Something may notrack: the iptables chains, and the nft part without the tables
     // iptables-nft owns (their chains come from its save, or from netlink printed as the save
     // prints them).
     let Firewall { tables, nft_notrack, .. } = fw;
@@ -281,53 +303,115 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
             chains: tables.chains.into_iter().filter(|c| matches!(c.owner, Owner::Nft { .. })).collect(),
         },
     };
-    let printed = capture.filter(|c| c.printable).map(|c| c.chains.chains);
-    let (skip, ipt, ipt_nft_printed) = match printed {
-        // iptables-nft's tables read over netlink: the legacy saves in full beside them.
-        Some(chains) => {
-            let skip = ipt_nft_table_keys(&chains);
-            let legacy = crate::backend::live::read_saves_of(None, &[IptVariant::Legacy]).map_err(|e| e.to_string())?;
-            let mut ipt = chains;
-            ipt.extend(legacy.into_iter().flat_map(|d| d.fw.chains));
-            (skip, ipt, true)
-        }
-        None => {
-            tracing::debug!("doctor: iptables-nft's tables read from its save");
-            let dumps = crate::backend::live::read_saves(Some(&nft.tables)).map_err(|e| e.to_string())?;
-            let skip = crate::backend::live::ipt_nft_tables(&dumps);
-            (skip, dumps.into_iter().flat_map(|d| d.fw.chains).collect(), false)
-        }
-    };
-    let mut fw = Firewall::from_parts(nft, &skip, ipt, nft_notrack);
-    let flows = notrack_flows(&fw);
-    if !flows.is_empty() {
-        let chains = filter_chains_reached(&fw);
-        let eval = evaluated_flows(&flows);
-        let mut again = crate::backend::nft_read::NotrackRules::new();
-        let keep = |r: &FwRule| jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No);
-        reader
-            .stream_into(&mut fw.tables, &mut again, Some(&chains), &mut |r, nt| nt || keep(r), None)
-            .map_err(|e| e.to_string())?;
-        fw.nft_notrack.extend(again);
-        if ipt_nft_printed {
-            // iptables-nft's chains (they follow the nft ones, before the legacy ones) the
-            // check may evaluate, read again keeping what may match.
-            let reached = super::notrack::ipt_nft_filter_chains_reached(&fw);
-            let mut rest = fw.iptables_chains();
-            let at = rest.iter().position(|c| !matches!(c.owner, Owner::Iptables { variant: IptVariant::Nft, .. }));
-            let legacy_rest = rest.split_off(at.unwrap_or(rest.len()));
-            let mut ipt_keep = |r: &FwRule| iptables_rule_notracks(r) || keep(r);
-            let mut capture = IptCapture::new(rest, &mut ipt_keep);
-            if !reader.stream_ipt_nft(&mut capture, Some(&reached)).map_err(|e| e.to_string())? {
-                // The same rules printed a moment ago: the ruleset changed; read again.
-                return Ok(None);
-            }
-            fw.tables.chains.extend(capture.chains.chains);
-            fw.tables.chains.extend(legacy_rest);
+    if let Some(printed) = capture.filter(|c| c.printable).map(|c| c.chains.chains) {
+        let legacy = crate::backend::live::read_saves_of(None, &[IptVariant::Legacy]).map_err(|e| e.to_string())?;
+        let skip = ipt_nft_table_keys(&printed);
+        let mut ipt = printed;
+        ipt.extend(legacy.into_iter().flat_map(|d| d.fw.chains));
+        let mut fw = Firewall::from_parts(nft.clone(), &skip, ipt, nft_notrack.clone());
+        // 3., iptables-nft's chains printed.
+        if evaluated_chains(&mut reader, &mut fw, true)? {
+            tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
+            return Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw));
         }
     }
+    tracing::debug!("doctor: iptables-nft's tables read from its save");
+    let dumps = crate::backend::live::read_saves(Some(&nft.tables)).map_err(|e| e.to_string())?;
+    let skip = crate::backend::live::ipt_nft_tables(&dumps);
+    let mut fw = Firewall::from_parts(nft, &skip, dumps.into_iter().flat_map(|d| d.fw.chains).collect(), nft_notrack);
+    // 3., iptables-nft's chains from its save (whole).
+    evaluated_chains(&mut reader, &mut fw, false)?;
     tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
     Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw))
+}
+
+/// True for a rule that jumps or goes to a chain (kept: the paths between chains).
+fn jumps(r: &crate::live::fw::FwRule) -> bool {
+    use crate::live::fw::Verdict;
+    matches!(r.verdict, Verdict::Jump(_) | Verdict::Goto(_))
+}
+
+/// Chain `c` of the nft part of `fw` and the chains its rules (as held) jump or go to,
+/// transitively: their (family, table, chain) keys.
+fn reached_from(fw: &crate::live::fw::FwTables, c: &crate::live::fw::FwChain) -> Vec<(String, String, String)> {
+    use crate::live::fw::{Owner, Verdict};
+    let mut out = Vec::new();
+    let mut todo = vec![c];
+    while let Some(c) = todo.pop() {
+        let Owner::Nft { family, table } = &c.owner else { continue };
+        let key = (family.clone(), table.clone(), c.name.clone());
+        if out.contains(&key) {
+            continue;
+        }
+        out.push(key);
+        for r in &c.rules {
+            if let Verdict::Jump(name) | Verdict::Goto(name) = &r.verdict {
+                if let Some(sub) = fw.find(&c.owner, name) {
+                    todo.push(sub);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Step 3 of [`read_streamed`]: with NOTRACK flows in `fw`, streams the filter chains the check
+/// may evaluate — nft's, and iptables-nft's when `ipt_printed` (else they came whole from its
+/// save) — as they are found (a chain's jumps lead to the next), keeping the rules that may
+/// match an evaluated flow, notrack or jump. False when an iptables-nft rule cannot be printed
+/// (the caller reads the saves instead).
+fn evaluated_chains(
+    reader: &mut crate::backend::nft_stream::Reader,
+    fw: &mut Firewall,
+    ipt_printed: bool,
+) -> Result<bool, String> {
+    use super::notrack::{evaluated_flows, filter_chains_reached, iptables_rule_notracks, notrack_flows};
+    use crate::backend::nft_stream::{ChainKey, IptCapture};
+    use crate::live::fw::{FwRule, IptVariant, Owner};
+    use crate::render::flow::{rule_matches, Tri};
+    let flows = notrack_flows(fw);
+    if flows.is_empty() {
+        return Ok(true);
+    }
+    let eval = evaluated_flows(&flows);
+    let keep = |r: &FwRule| jumps(r) || eval.iter().any(|f| rule_matches(r, f) != Tri::No);
+    let mut done: HashSet<ChainKey> = HashSet::new();
+    loop {
+        let todo: HashSet<ChainKey> = filter_chains_reached(fw).into_iter().filter(|k| !done.contains(k)).collect();
+        if todo.is_empty() {
+            break;
+        }
+        let mut again = crate::backend::nft_read::NotrackRules::new();
+        reader
+            .stream_into(&mut fw.tables, &mut again, Some(&todo), &mut |r, nt| nt || keep(r), None)
+            .map_err(|e| e.to_string())?;
+        fw.nft_notrack.extend(again);
+        done.extend(todo);
+    }
+    if !ipt_printed {
+        return Ok(true);
+    }
+    // iptables-nft's chains (they follow the nft ones, before the legacy ones).
+    let mut done: HashSet<ChainKey> = HashSet::new();
+    loop {
+        let todo: HashSet<ChainKey> =
+            super::notrack::ipt_nft_filter_chains_reached(fw).into_iter().filter(|k| !done.contains(k)).collect();
+        if todo.is_empty() {
+            return Ok(true);
+        }
+        let mut rest = fw.iptables_chains();
+        let at = rest.iter().position(|c| !matches!(c.owner, Owner::Iptables { variant: IptVariant::Nft, .. }));
+        let legacy_rest = rest.split_off(at.unwrap_or(rest.len()));
+        let mut ipt_keep = |r: &FwRule| iptables_rule_notracks(r) || keep(r);
+        let mut capture = IptCapture::new(rest, &mut ipt_keep);
+        let printed = reader.stream_ipt_nft(&mut capture, Some(&todo)).map_err(|e| e.to_string())?;
+        fw.tables.chains.extend(capture.chains.chains);
+        fw.tables.chains.extend(legacy_rest);
+        if !printed {
+            return Ok(false);
+        }
+        done.extend(todo);
+    }
 }
 
 /// The (family, table) of iptables-nft's chains among `chains`, sorted, each once.
