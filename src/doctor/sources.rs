@@ -208,12 +208,15 @@ fn read_stat(src: &Sources) -> (PathBuf, Result<DropCounters, SourceError>) {
 
 /// Reads what the NOTRACK analysis needs of the live ruleset of the calling thread's namespace,
 /// streamed: the iptables-legacy saves line by line keeping only what may notrack
-/// ([`outline_keeps`]), then every nf_tables rule over netlink keeping the rules that notrack
-/// or jump ([`read_streamed`]; one consistent snapshot, repeated when the ruleset changed).
-/// When no rule may notrack, that is all — bounded memory at any ruleset size. Otherwise the
-/// iptables saves in full and the filter chains the check evaluates, pruned to the rules that
-/// may match its flows. With `CTGUARD_NFT_READ=json`, or without `nft` installed, the previous
-/// reader: `nft -j list ruleset` (when nft is installed) parsed. The dumps' texts are not kept.
+/// ([`outline_keeps`]), then over netlink the rules of the chains a NOTRACK can act from
+/// (prerouting and output, and where they jump), keeping the rules that notrack or jump
+/// ([`read_streamed`]; one consistent snapshot, repeated when the ruleset changed). When no
+/// rule may notrack, that is all — bounded memory and time at any ruleset size. Otherwise the
+/// iptables chains (iptables-nft's printed from netlink as its save prints them, else read
+/// from the saves) and the filter chains the check evaluates, pruned to the rules that may
+/// match its flows. With `CTGUARD_NFT_READ=json`, or without `nft` installed, the previous
+/// reader: `nft -j list ruleset` (when nft is installed) parsed, and every save. The dumps'
+/// texts are not kept.
 pub fn read_firewall() -> Result<Firewall, String> {
     use crate::backend::live;
     let _lap = crate::timing::Lap::start("doctor: firewall");
