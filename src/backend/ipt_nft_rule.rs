@@ -677,24 +677,16 @@ fn compat_target(t: &Xt, v6: bool) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::nft_read::test_exprs::{cmp, meta, payload, st};
 
     fn rule(exprs: Vec<Expr>) -> RawRule {
         RawRule { family: "ip".into(), table: "filter".into(), chain: "INPUT".into(), handle: 1, comment: None, exprs }
-    }
-    fn meta(key: u32) -> Expr {
-        Expr::Meta { dreg: 1, key }
-    }
-    fn cmp(op: u32, data: &[u8]) -> Expr {
-        Expr::Cmp { sreg: 1, op, data: data.to_vec() }
-    }
-    fn payload(base: u32, offset: u32, len: u32) -> Expr {
-        Expr::Payload { dreg: 1, base, offset, len }
     }
     fn verdict(code: i32, chain: Option<&str>) -> Expr {
         Expr::Immediate { dreg: 0, data: Data::Verdict(code, chain.map(str::to_string)) }
     }
     fn counter() -> Expr {
-        Expr::Stmt { name: "counter".into(), loads: None, uses: Vec::new(), kill_l4: false, meter_set: None }
+        st("counter", None)
     }
     /// xt_conntrack_mtinfo3 with the state flags (and alias) and mask set.
     fn conntrack(flags: u16, invert: u16, mask: u16) -> Xt {
@@ -776,8 +768,7 @@ mod tests {
         assert_eq!(save_line(&rule(vec![Expr::XtMatch(conntrack(CONNTRACK_STATE | 2, 0, 8))]), false), None);
         // An unknown match, an nft-only statement, a loaded register never compared.
         assert_eq!(save_line(&rule(vec![Expr::XtMatch(Xt::named("limit"))]), false), None);
-        let log = Expr::Stmt { name: "log".into(), loads: None, uses: Vec::new(), kill_l4: false, meter_set: None };
-        assert_eq!(save_line(&rule(vec![log]), false), None);
+        assert_eq!(save_line(&rule(vec![st("log", None)]), false), None);
         assert_eq!(save_line(&rule(vec![meta(META_L4PROTO)]), false), None);
         // Ports without `-p tcp`/`-p udp`, and a rule with a comment in its user data.
         assert_eq!(save_line(&rule(vec![payload(TRANSPORT, 2, 2), cmp(EQ, &[0, 53])]), false), None);

@@ -1903,6 +1903,29 @@ pub fn read() -> Result<NftRuleset, NftReadError> {
     read_with_genid().map(|(r, _)| r)
 }
 
+/// Expression builders for the unit tests of the readers of rules (register 1).
+#[cfg(test)]
+pub(crate) mod test_exprs {
+    use super::Expr;
+
+    /// A statement `name` (loading `loads`).
+    pub(crate) fn st(name: &str, loads: Option<Option<u32>>) -> Expr {
+        Expr::Stmt { name: name.into(), loads, uses: Vec::new(), kill_l4: false, meter_set: None }
+    }
+    /// `meta load KEY => reg 1`.
+    pub(crate) fn meta(key: u32) -> Expr {
+        Expr::Meta { dreg: 1, key }
+    }
+    /// `cmp OP reg 1 DATA`.
+    pub(crate) fn cmp(op: u32, data: &[u8]) -> Expr {
+        Expr::Cmp { sreg: 1, op, data: data.to_vec() }
+    }
+    /// `payload load LEN @ BASE + OFFSET => reg 1`.
+    pub(crate) fn payload(base: u32, offset: u32, len: u32) -> Expr {
+        Expr::Payload { dreg: 1, base, offset, len }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1920,18 +1943,7 @@ mod tests {
         convert_rule(r, &m, &no_if)
     }
 
-    fn st(name: &str, loads: Option<Option<u32>>) -> Expr {
-        Expr::Stmt { name: name.into(), loads, uses: Vec::new(), kill_l4: false, meter_set: None }
-    }
-    fn meta(key: u32) -> Expr {
-        Expr::Meta { dreg: 1, key }
-    }
-    fn cmp(op: u32, data: &[u8]) -> Expr {
-        Expr::Cmp { sreg: 1, op, data: data.to_vec() }
-    }
-    fn payload(base: u32, offset: u32, len: u32) -> Expr {
-        Expr::Payload { dreg: 1, base, offset, len }
-    }
+    use super::test_exprs::{cmp, meta, payload, st};
     fn verdict(code: i32) -> Expr {
         Expr::Immediate { dreg: 0, data: Data::Verdict(code, None) }
     }
