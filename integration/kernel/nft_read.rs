@@ -596,6 +596,60 @@ COMMIT
 ",
     ),
     (
+        "own: iptables-nft, nat (Docker, kube-proxy)",
+        false,
+        "*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-TCOU7JCQXEZGVUNU - [0:0]
+:KUBE-SEP-AAA - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A POSTROUTING -s 10.0.0.0/8 -j SNAT --to-source 192.0.2.1
+-A POSTROUTING -s 10.1.0.0/16 -p tcp -j SNAT --to-source 192.0.2.1-192.0.2.9:1024-2047 --random --persistent
+-A POSTROUTING -s 10.2.0.0/16 -p udp -j MASQUERADE --to-ports 30000-30999 --random
+-A POSTROUTING -p tcp -m mark --mark 0x1 -j MASQUERADE --to-ports 4000
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A DOCKER -i docker0 -j RETURN
+-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
+-A DOCKER -p tcp -m tcp --dport 9000:9010 -j DNAT --to-destination 172.17.0.3-172.17.0.4:9000-9010
+-A DOCKER -p tcp -m tcp -j DNAT --to-destination 172.17.0.5
+-A KUBE-SERVICES -d 10.96.0.10/32 -p udp -m comment --comment \"kube-system/kube-dns:dns cluster IP\" -m udp --dport 53 -j KUBE-SVC-TCOU7JCQXEZGVUNU
+-A KUBE-SVC-TCOU7JCQXEZGVUNU ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p udp -m comment --comment \"kube-system/kube-dns:dns cluster IP\" -m udp --dport 53 -j KUBE-MARK-MASQ
+-A KUBE-SVC-TCOU7JCQXEZGVUNU -m comment --comment \"kube-system/kube-dns:dns -> 10.244.0.5:53\" -m statistic --mode random --probability 0.33333333349 -j KUBE-SEP-AAA
+-A KUBE-SVC-TCOU7JCQXEZGVUNU -m statistic --mode random ! --probability 0.50000000000 -j KUBE-SEP-AAA
+-A KUBE-SVC-TCOU7JCQXEZGVUNU -m statistic --mode nth --every 3 --packet 1 -j KUBE-SEP-AAA
+-A KUBE-SEP-AAA -s 10.244.0.5/32 -m comment --comment \"kube-system/kube-dns:dns\" -j KUBE-MARK-MASQ
+-A KUBE-SEP-AAA -p udp -m comment --comment \"kube-system/kube-dns:dns\" -m udp -j DNAT --to-destination 10.244.0.5:53
+-A KUBE-SEP-AAA -p udp -m udp ! --sport 53 -j DNAT --to-destination 10.244.0.6:53 --random
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -j MARK --set-mark 0x10
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+-A INPUT -j KUBE-FIREWALL
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A KUBE-FIREWALL -m mark --mark 0x8000/0x8000 -j DROP
+-A KUBE-FIREWALL -p tcp -m tcp ! --sport 1:2 -j ACCEPT
+COMMIT
+",
+    ),
+    (
         "own: iptables-nft, a match not printed (hashlimit)",
         false,
         "*filter
@@ -736,7 +790,7 @@ fn iptables_nft_rules_read_over_netlink_print_as_the_save() {
         println!("  declined: {d}");
     }
     assert!(differs.is_empty(), "printed differently from the save:\n{}", differs.join("\n"));
-    for own in ["own: iptables-nft, IPv4", "own: iptables-nft, IPv6"] {
+    for own in ["own: iptables-nft, IPv4", "own: iptables-nft, IPv6", "own: iptables-nft, nat (Docker, kube-proxy)"] {
         assert!(same.iter().any(|n| n == own), "{own} is read over netlink: declined {declined:?}");
     }
     assert!(
@@ -871,6 +925,11 @@ fn random_filter_rules(rng: &mut Rng, v6: bool, n: usize) -> String {
         if v6 && rng.chance(15) {
             r += &format!(" -m hl {}--hl-eq {}", rng.neg(), rng.below(256));
         }
+        if rng.chance(15) {
+            let mark = rng.below(1 << 16);
+            let mask = if rng.chance(50) { format!("/0x{:x}", mark | rng.below(1 << 20)) } else { String::new() };
+            r += &format!(" -m mark {}--mark 0x{mark:x}{mask}", rng.neg());
+        }
         if rng.chance(20) {
             let per = rng.pick(&["sec", "min", "hour", "day"]);
             r += &format!(" -m limit --limit {}/{per}", 1 + rng.below(50));
@@ -886,7 +945,7 @@ fn random_filter_rules(rng: &mut Rng, v6: bool, n: usize) -> String {
         } else {
             ["icmp-net-unreachable", "icmp-host-unreachable", "icmp-port-unreachable", "icmp-host-prohibited"]
         };
-        match rng.below(9) {
+        match rng.below(10) {
             0 => r += " -j ACCEPT",
             1 => r += " -j DROP",
             2 => r += " -j RETURN",
@@ -894,6 +953,7 @@ fn random_filter_rules(rng: &mut Rng, v6: bool, n: usize) -> String {
             4 if proto == Some("tcp") => r += " -j REJECT --reject-with tcp-reset",
             5 => r += &format!(" -j LOG --log-prefix \"{}\" --log-level {}", rng.pick(&["x ", "[UFW]"]), rng.below(8)),
             6 if chain != "u1" => r += &format!(" -{} u1", rng.pick(&["j", "g"])),
+            7 => r += &format!(" -j MARK --set-xmark 0x{:x}/0x{:x}", rng.below(1 << 16), rng.below(1 << 16)),
             _ => {}
         }
         out += &r;

@@ -4,13 +4,15 @@
 //! (whose peak memory grows with the ruleset: 58 MiB at 100k rules even for `-t raw`).
 //!
 //! Understood: `-s`/`-d` (any prefix), `-i`/`-o` (exact or `+` wildcard), `-p` tcp, udp, icmp,
-//! ipv6-icmp, `-m tcp`/`-m udp` ports and port ranges, `-m multiport` (revision 1), `-m
-//! conntrack --ctstate` and `-m state --state` (state only), `-m comment`, `-m limit` (packets),
-//! `-m icmp --icmp-type`, `-m icmp6 --icmpv6-type`, `-m hl`, `-m rt --rt-type`, `-m addrtype`, `-m recent`, the verdicts (ACCEPT, DROP, RETURN, jump, goto), `-j
-//! CT --notrack`, `-j NOTRACK`, `-j REJECT` with the usual `--reject-with` types and `-j LOG`
-//! with a prefix and level; each negation iptables allows. (ufw's tables print so.) Anything else — another
-//! match or target, another option of these, an expression iptables-nft would not write —
-//! gives `None`, and the caller reads the real save instead: the text is the tool's or
+//! ipv6-icmp; `-m tcp`/`-m udp` ports and port ranges (native or compat), `-m multiport`
+//! (revision 1), `-m conntrack --ctstate` and `-m state --state` (state only), `-m comment`,
+//! `-m limit` (packets), `-m icmp`, `-m icmp6`, `-m hl`, `-m rt --rt-type`, `-m addrtype`, `-m
+//! recent`, `-m mark`, `-m statistic`; the verdicts (ACCEPT, DROP, RETURN, jump, goto), `-j CT
+//! --notrack`, `-j NOTRACK`, `-j REJECT` with the usual `--reject-with` types, `-j LOG` with a
+//! prefix and level, `-j MARK`, and IPv4's `-j SNAT`, `-j DNAT`, `-j MASQUERADE`; each
+//! negation iptables allows (ufw's, Docker's and kube-proxy's tables print so). Anything else —
+//! another match or target, another option of these, an expression iptables-nft would not
+//! write — gives `None`, and the caller reads the real save instead: the text is the tool's or
 //! nothing. Pure.
 
 use super::nft_read::{Data, Expr, Limit, RawRule, Xt};
@@ -22,6 +24,8 @@ use std::fmt::Write as _;
 const META_IIFNAME: u32 = 6;
 const META_OIFNAME: u32 = 7;
 const META_L4PROTO: u32 = 16;
+/// `NFT_META_MARK`.
+const META_MARK: u32 = 3;
 /// `NFT_PAYLOAD_NETWORK_HEADER`, `NFT_PAYLOAD_TRANSPORT_HEADER`.
 const NETWORK: u32 = 1;
 const TRANSPORT: u32 = 2;
@@ -51,6 +55,10 @@ enum Reg {
     /// A transport port: destination (offset 2) or source (0).
     Port {
         dport: bool,
+    },
+    /// The packet mark, masked when the rule gives a mask.
+    Mark {
+        mask: Option<u32>,
     },
     /// Both ports, source then destination (iptables-nft loads them at once when a rule
     /// matches both, not negated).
@@ -89,6 +97,7 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
                     META_L4PROTO => Reg::L4proto,
                     META_IIFNAME => Reg::Iifname,
                     META_OIFNAME => Reg::Oifname,
+                    META_MARK => Reg::Mark { mask: None },
                     _ => return None,
                 }
             }
@@ -99,6 +108,12 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
                 reg = Reg::Port { dport: *offset == 2 }
             }
             Expr::Payload { dreg: 1, base: TRANSPORT, offset: 0, len: 4 } => reg = Reg::PortPair,
+            Expr::Bitwise { sreg: 1, dreg: 1, mask, xor, shift: false } if reg == (Reg::Mark { mask: None }) => {
+                if xor.iter().any(|b| *b != 0) {
+                    return None;
+                }
+                reg = Reg::Mark { mask: Some(ne32(mask, 0).filter(|_| mask.len() == 4)?) };
+            }
             Expr::Bitwise { sreg: 1, dreg: 1, mask, xor, shift: false } => {
                 let Reg::Network { offset, len, masked: None } = reg else { return None };
                 if xor.iter().any(|b| *b != 0) || mask.len() != len as usize {
@@ -121,6 +136,17 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
                         *slot = Some((neg, prefix));
                     }
                     Reg::Port { dport } => p.port(dport, neg, be16(data)?.to_string())?,
+                    // libxt_mark: `0xMARK/0xMASK`, or `0xMARK` for the whole mark.
+                    Reg::Mark { mask } => {
+                        let mark = ne32(data, 0).filter(|_| data.len() == 4)?;
+                        let value = match mask {
+                            Some(m) if m != u32::MAX => format!("0x{mark:x}/0x{m:x}"),
+                            _ => format!("0x{mark:x}"),
+                        };
+                        let mut args = vec!["-m".to_string(), "mark".into()];
+                        opt_into(&mut args, neg, "--mark", value);
+                        p.matches.push(args);
+                    }
                     Reg::PortPair if !neg && data.len() == 4 => {
                         p.port(false, false, be16(&data[..2])?.to_string())?;
                         p.port(true, false, be16(&data[2..])?.to_string())?;
@@ -415,6 +441,8 @@ fn compat_match(m: &Xt, v6: bool) -> Option<Vec<String>> {
         }
         ("comment", 0) => Some(vec!["-m".into(), "comment".into(), "--comment".into(), c_str(info, 0, 256)?]),
         ("addrtype", 1) => addrtype(info),
+        ("udp" | "tcp", 0) => tcp_udp(&m.name, info),
+        ("statistic", 0) => statistic(info),
         ("recent", 1) => recent(info, v6),
         ("icmp", 0) if !v6 => icmp(info, "icmp", "--icmp-type"),
         ("icmp6", 0) if v6 => icmp(info, "icmp6", "--icmpv6-type"),
@@ -523,6 +551,146 @@ fn addrtype(info: &[u8]) -> Option<Vec<String>> {
     if flags & 8 != 0 {
         args.push("--limit-iface-out".into());
     }
+    Some(args)
+}
+
+/// A compat `-m udp` / `-m tcp` (xt_udp, xt_tcp: source and destination port ranges, then
+/// tcp's option and flags, the inverse flags): ports only, as libxt_udp / libxt_tcp save them.
+fn tcp_udp(name: &str, info: &[u8]) -> Option<Vec<String>> {
+    let (s0, s1, d0, d1) = (ne16(info, 0)?, ne16(info, 2)?, ne16(info, 4)?, ne16(info, 6)?);
+    let invert = if name == "tcp" {
+        let (option, flg_mask, flg_cmp) = (*info.get(8)?, *info.get(9)?, *info.get(10)?);
+        if option != 0 || flg_mask != 0 || flg_cmp != 0 {
+            return None;
+        }
+        *info.get(11)?
+    } else {
+        *info.get(8)?
+    };
+    if invert & !3 != 0 {
+        return None;
+    }
+    let mut args = vec!["-m".to_string(), name.to_string()];
+    for ((lo, hi), bit, opt) in [((s0, s1), 1, "--sport"), ((d0, d1), 2, "--dport")] {
+        if (lo, hi) != (0, u16::MAX) {
+            let v = if lo == hi { lo.to_string() } else { format!("{lo}:{hi}") };
+            opt_into(&mut args, invert & bit != 0, opt, v);
+        }
+    }
+    Some(args)
+}
+
+/// `-m statistic`'s arguments (xt_statistic_info: mode, flags, then the probability — of 2³¹ —
+/// or every/packet), as libxt_statistic saves them.
+fn statistic(info: &[u8]) -> Option<Vec<String>> {
+    let (mode, flags) = (ne16(info, 0)?, ne16(info, 2)?);
+    if flags & !1 != 0 {
+        return None;
+    }
+    let invert = flags & 1 != 0;
+    let mut args = vec!["-m".to_string(), "statistic".into(), "--mode".into()];
+    match mode {
+        0 => {
+            args.push("random".into());
+            let p = f64::from(ne32(info, 4)?) / f64::from(0x8000_0000u32);
+            opt_into(&mut args, invert, "--probability", format!("{p:.11}"));
+        }
+        1 => {
+            args.push("nth".into());
+            let every = ne32(info, 4)?.checked_add(1)?;
+            opt_into(&mut args, invert, "--every", every.to_string());
+            args.extend(["--packet".to_string(), ne32(info, 8)?.to_string()]);
+        }
+        _ => return None,
+    }
+    Some(args)
+}
+
+/// `NF_NAT_RANGE_*` flags.
+const NAT_MAP_IPS: u32 = 1;
+const NAT_PROTO_SPECIFIED: u32 = 2;
+const NAT_PROTO_RANDOM: u32 = 4;
+const NAT_PERSISTENT: u32 = 8;
+const NAT_PROTO_RANDOM_FULLY: u32 = 16;
+
+/// An IPv4 NAT range as libxt_NAT prints it: `A[-B][:P[-Q]]` (address part when mapping
+/// addresses, port part when given); `None` for flags it does not print so.
+fn nat_range(flags: u32, min: [u8; 4], max: [u8; 4], pmin: u16, pmax: u16) -> Option<String> {
+    if flags & !(NAT_MAP_IPS | NAT_PROTO_SPECIFIED | NAT_PROTO_RANDOM | NAT_PERSISTENT | NAT_PROTO_RANDOM_FULLY) != 0 {
+        return None;
+    }
+    let mut out = String::new();
+    if flags & NAT_MAP_IPS != 0 {
+        let _ = write!(out, "{}", std::net::Ipv4Addr::from(min));
+        if min != max {
+            let _ = write!(out, "-{}", std::net::Ipv4Addr::from(max));
+        }
+    }
+    if flags & NAT_PROTO_SPECIFIED != 0 {
+        let _ = write!(out, ":{pmin}");
+        if pmin != pmax {
+            let _ = write!(out, "-{pmax}");
+        }
+    }
+    Some(out)
+}
+
+/// The NAT flags' options, in libxt_NAT's order.
+fn nat_flags(flags: u32, args: &mut Vec<String>) {
+    for (bit, opt) in
+        [(NAT_PROTO_RANDOM, "--random"), (NAT_PROTO_RANDOM_FULLY, "--random-fully"), (NAT_PERSISTENT, "--persistent")]
+    {
+        if flags & bit != 0 {
+            args.push(opt.into());
+        }
+    }
+}
+
+fn addr4(info: &[u8], at: usize) -> Option<[u8; 4]> {
+    info.get(at..at + 4)?.try_into().ok()
+}
+
+fn port_be(info: &[u8], at: usize) -> Option<u16> {
+    be16(info.get(at..at + 2)?)
+}
+
+/// `-j SNAT`/`-j DNAT`/`-j MASQUERADE` of IPv4: revision 0's nf_nat_ipv4_multi_range_compat
+/// (one range: flags, min and max address, min and max port) or revision 2's nf_nat_range2
+/// (flags, min and max address of 16 bytes, min, max and base port; DNAT only here).
+fn nat_target(name: &str, rev: u32, info: &[u8]) -> Option<Vec<String>> {
+    let (flags, min, max, pmin, pmax) = match rev {
+        0 => {
+            if ne32(info, 0)? != 1 {
+                return None;
+            }
+            (ne32(info, 4)?, addr4(info, 8)?, addr4(info, 12)?, port_be(info, 16)?, port_be(info, 18)?)
+        }
+        2 if name == "DNAT" => {
+            // IPv4 addresses in the first 4 bytes of each nf_inet_addr; no port offset.
+            (ne32(info, 0)?, addr4(info, 4)?, addr4(info, 20)?, port_be(info, 36)?, port_be(info, 38)?)
+        }
+        _ => return None,
+    };
+    let mut args = vec!["-j".to_string(), name.to_string()];
+    match name {
+        "MASQUERADE" => {
+            if flags & NAT_MAP_IPS != 0 || flags & NAT_PERSISTENT != 0 {
+                return None;
+            }
+            if flags & NAT_PROTO_SPECIFIED != 0 {
+                let ports = if pmin == pmax { pmin.to_string() } else { format!("{pmin}-{pmax}") };
+                args.extend(["--to-ports".to_string(), ports]);
+            }
+        }
+        _ => {
+            if flags & (NAT_MAP_IPS | NAT_PROTO_SPECIFIED) == 0 {
+                return None;
+            }
+            let opt = if name == "SNAT" { "--to-source" } else { "--to-destination" };
+            args.extend([opt.to_string(), nat_range(flags, min, max, pmin, pmax)?]);
+        }
+    }
+    nat_flags(flags, &mut args);
     Some(args)
 }
 
@@ -646,6 +814,12 @@ fn compat_target(t: &Xt, v6: bool) -> Option<Vec<String>> {
             }
             Some(args)
         }
+        // xt_mark_tginfo2: mark, mask; the save prints `--set-xmark` whatever was written.
+        ("MARK", 2) => {
+            let (mark, mask) = (ne32(info, 0)?, ne32(info, 4)?);
+            Some(vec!["-j".into(), "MARK".into(), "--set-xmark".into(), format!("0x{mark:x}/0x{mask:x}")])
+        }
+        ("SNAT" | "DNAT" | "MASQUERADE", _) if !v6 => nat_target(&t.name, t.rev, info),
         ("REJECT", 0) => {
             let with = ne32(info, 0)?;
             let name = if v6 {
