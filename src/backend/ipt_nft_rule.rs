@@ -91,6 +91,10 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
     let mut p = Parts::default();
     let mut reg = Reg::Empty;
     for e in &rule.exprs {
+        // A load whose value nothing compared is not a rule iptables-nft writes.
+        if reg != Reg::Empty && matches!(e, Expr::Meta { .. } | Expr::Payload { .. }) {
+            return None;
+        }
         match e {
             Expr::Meta { dreg: 1, key } => {
                 reg = match *key {
@@ -944,6 +948,11 @@ mod tests {
         assert_eq!(save_line(&rule(vec![Expr::XtMatch(Xt::named("limit"))]), false), None);
         assert_eq!(save_line(&rule(vec![st("log", None)]), false), None);
         assert_eq!(save_line(&rule(vec![meta(META_L4PROTO)]), false), None);
+        // A load nothing compares before the next.
+        assert_eq!(
+            save_line(&rule(vec![meta(META_L4PROTO), payload(NETWORK, 12, 4), cmp(EQ, &[1, 2, 3, 4])]), false),
+            None
+        );
         // Ports without `-p tcp`/`-p udp`, and a rule with a comment in its user data.
         assert_eq!(save_line(&rule(vec![payload(TRANSPORT, 2, 2), cmp(EQ, &[0, 53])]), false), None);
         let mut commented = rule(vec![verdict(NF_ACCEPT, None)]);

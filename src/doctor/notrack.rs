@@ -354,6 +354,10 @@ pub fn notrack_flows(fw: &Firewall) -> Vec<NotrackFlow> {
 /// True when `rule`, an iptables rule (its [`FwRule::text`] the save's line), is `-j NOTRACK`
 /// or `-j CT --notrack`. Pure.
 pub fn iptables_rule_notracks(rule: &FwRule) -> bool {
+    // Most rules say neither (the doctor asks of every rule it streams); the tokens decide.
+    if !rule.text.contains("NOTRACK") && !rule.text.contains("--notrack") {
+        return false;
+    }
     let Ok(tokens) = iptables_save::tokenize(&rule.text) else { return false };
     let args =
         if tokens.first().map(String::as_str) == Some("-A") { &tokens[2.min(tokens.len())..] } else { &tokens[..] };
