@@ -1096,3 +1096,43 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
     assert!(netlink.stderr.contains("read from its save"), "the save is read:\n{}", netlink.stderr);
     assert_eq!(view(&netlink.json()), view(&json.json()), "after the fallback");
 }
+
+/// The legacy side of the pruned read (issue 16): iptables-legacy's saves are streamed — the
+/// NOTRACK rules and the jumps to them first (a NOTRACK in a user chain of `raw`), then the
+/// evaluated filter chains keeping what may match — never held whole. Findings equal the full
+/// read's (`CTGUARD_NFT_READ=json` reads the saves whole), the 600 tcp rules are left out.
+#[test]
+fn doctor_streams_iptables_legacy_as_its_full_save_gives() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("docleg");
+    let srv = &pair.srv;
+    let mut v4 = String::from(
+        "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:LEGDNS - [0:0]\n\
+         -A PREROUTING -j LEGDNS\n-A LEGDNS -p udp -m udp --dport 53 -j CT --notrack\n\
+         -A OUTPUT -p udp -m udp --sport 53 -j CT --notrack\nCOMMIT\n\
+         *filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:svc - [0:0]\n\
+         -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n",
+    );
+    for i in 0..600 {
+        v4.push_str(&format!("-A INPUT -p tcp -m tcp --dport {} -m conntrack --ctstate NEW -j ACCEPT\n", 2000 + i));
+    }
+    v4.push_str("-A INPUT -j svc\n-A svc -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\nCOMMIT\n");
+    srv.exec_stdin("iptables-legacy-restore", &[], &v4);
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone());
+    let streamed = debug_run(&args);
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((streamed.code, json.code), (0, 0), "{}\n{}", streamed.stderr, json.stderr);
+    let (n, j) = (streamed.json(), json.json());
+    assert_eq!(view(&n), view(&j), "the streamed legacy read and the full saves disagree");
+    assert_eq!(n["notrack_rules"].as_array().map_or(0, Vec::len), 2, "behind the jump too: {:#}", n["notrack_rules"]);
+    let Some(hole) = recs(&n).into_iter().find(|r| r["kind"] == "blackhole") else { panic!("{:#?}", recs(&n)) };
+    eprintln!("doctor: iptables-legacy streamed: {}\n  fix: {}", hole["dropped_by"], hole["fix"]);
+    assert_eq!(hole["dropped_by"]["chain"], "iptables-legacy filter INPUT", "{hole}");
+    let Some(line) = streamed.stderr.lines().find(|l| l.contains("iptables-legacy's evaluated chains read again"))
+    else {
+        panic!("no debug line in {}", streamed.stderr)
+    };
+    eprintln!("doctor: {line}");
+    assert!(counted(line, "kept=") < 50, "the 600 tcp rules are left out: {line}");
+}

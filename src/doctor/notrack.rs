@@ -386,6 +386,19 @@ pub fn ipt_nft_filter_chains_reached(fw: &Firewall) -> HashSet<(String, String, 
     })
 }
 
+/// [`filter_chains_reached`] for iptables-legacy's chains: (IPv6, table, chain). Pure.
+pub fn legacy_filter_chains_reached(fw: &Firewall) -> HashSet<(bool, String, String)> {
+    chains_reached(fw, |o| match o {
+        Owner::Iptables { variant: IptVariant::Legacy, v6, table } => {
+            Some((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone()))
+        }
+        _ => None,
+    })
+    .into_iter()
+    .map(|(f, t, c)| (f == "ip6", t, c))
+    .collect()
+}
+
 /// The filter base chains at input or output whose owner `key` names, and the chains they
 /// reach by jumps and gotos, transitively: (key, chain name).
 fn chains_reached(

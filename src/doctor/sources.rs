@@ -307,10 +307,11 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
         },
     };
     if let Some(printed) = capture.filter(|c| c.printable).map(|c| c.chains.chains) {
-        let legacy = crate::backend::live::read_saves_of(None, &[IptVariant::Legacy]).map_err(|e| e.to_string())?;
+        // The legacy chains as the outlines hold them (NOTRACK rules and jumps); step 3 reads
+        // the evaluated ones again.
         let skip = ipt_nft_table_keys(&printed);
         let mut ipt = printed;
-        ipt.extend(legacy.into_iter().flat_map(|d| d.fw.chains));
+        ipt.extend(legacy_chains());
         let mut fw = Firewall::from_parts(nft.clone(), &skip, ipt, nft_notrack.clone());
         // 3., iptables-nft's chains printed.
         if evaluated_chains(&mut reader, &mut fw, true)? {
@@ -319,9 +320,12 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
         }
     }
     tracing::debug!("doctor: iptables-nft's tables read from its save");
-    let dumps = crate::backend::live::read_saves(Some(&nft.tables)).map_err(|e| e.to_string())?;
+    let dumps =
+        crate::backend::live::read_saves_of(Some(&nft.tables), &[IptVariant::Nft]).map_err(|e| e.to_string())?;
     let skip = crate::backend::live::ipt_nft_tables(&dumps);
-    let mut fw = Firewall::from_parts(nft, &skip, dumps.into_iter().flat_map(|d| d.fw.chains).collect(), nft_notrack);
+    let mut ipt: Vec<_> = dumps.into_iter().flat_map(|d| d.fw.chains).collect();
+    ipt.extend(legacy_chains());
+    let mut fw = Firewall::from_parts(nft, &skip, ipt, nft_notrack);
     // 3., iptables-nft's chains from its save (whole).
     evaluated_chains(&mut reader, &mut fw, false)?;
     tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: nft rules streamed");
@@ -359,8 +363,8 @@ fn reached_from(fw: &crate::live::fw::FwTables, c: &crate::live::fw::FwChain) ->
 }
 
 /// Step 3 of [`read_streamed`]: with NOTRACK flows in `fw`, streams the filter chains the check
-/// may evaluate — nft's, and iptables-nft's when `ipt_printed` (else they came whole from its
-/// save) — as they are found (a chain's jumps lead to the next), keeping the rules that may
+/// may evaluate — nft's, iptables-legacy's (its saves read again, [`legacy_evaluated`]), and
+/// iptables-nft's when `ipt_printed` (else they came whole from its save) — as they are found (a chain's jumps lead to the next), keeping the rules that may
 /// match an evaluated flow, notrack or jump. False when an iptables-nft rule cannot be printed
 /// (the caller reads the saves instead).
 fn evaluated_chains(
@@ -391,6 +395,7 @@ fn evaluated_chains(
         fw.nft_notrack.extend(again);
         done.extend(todo);
     }
+    legacy_evaluated(fw, &|r: &FwRule| iptables_rule_notracks(r) || keep(r))?;
     if !ipt_printed {
         return Ok(true);
     }
@@ -671,11 +676,53 @@ pub fn outline_keeps(line: &str) -> bool {
 }
 
 /// The dump of every installed iptables-legacy save tool (x_tables, invisible to netlink) with
-/// only the lines [`outline_keeps`]: streamed, so a 100k-rule table is never held.
+/// only the lines [`outline_keeps`] and the rules that jump or go to a chain (the paths to the
+/// NOTRACK rules): streamed, so a 100k-rule table is never held.
 fn legacy_outlines() -> Result<Vec<crate::live::IptDump>, String> {
+    legacy_streamed(&mut |_, _, line, rule| {
+        outline_keeps(line) || (may_jump(line) && rule().is_some_and(|r| jumps(&r)))
+    })
+}
+
+/// False for a save line whose target is one of the built-in targets (most rules): only the
+/// others may jump to a chain, and only those are modelled to know.
+fn may_jump(line: &str) -> bool {
+    const BUILTIN: [&str; 14] = [
+        "ACCEPT",
+        "DROP",
+        "RETURN",
+        "REJECT",
+        "LOG",
+        "NFLOG",
+        "NOTRACK",
+        "CT",
+        "MARK",
+        "CONNMARK",
+        "DNAT",
+        "SNAT",
+        "MASQUERADE",
+        "TCPMSS",
+    ];
+    if line.contains(" -g ") {
+        return true;
+    }
+    match line.rsplit_once(" -j ") {
+        Some((_, target)) => !BUILTIN.contains(&target.split_whitespace().next().unwrap_or_default()),
+        None => false,
+    }
+}
+
+/// Every installed iptables-legacy save tool's dump, streamed line by line: the non-rule lines,
+/// and the rules `keep(IPv6, (table, chain), line, rule)` says (`rule()`: the line modelled as
+/// the save's rule, its index that in the whole chain). The dumps as
+/// `crate::backend::live::read_saves` gives them, less the rules left out.
+fn legacy_streamed(
+    keep: &mut dyn FnMut(bool, (&str, &str), &str, &dyn Fn() -> Option<crate::live::fw::FwRule>) -> bool,
+) -> Result<Vec<crate::live::IptDump>, String> {
     use crate::backend::live::{save_would_be_empty, SAVE_TOOLS};
     use crate::live::fw::IptVariant;
     use crate::live::{iptables_fw, iptables_save};
+    use std::collections::HashMap;
     let mut out = Vec::new();
     for &(name, variant, v6) in SAVE_TOOLS.iter().filter(|t| t.1 == IptVariant::Legacy) {
         let Ok(tool) = Tool::find(name) else { continue };
@@ -683,6 +730,10 @@ fn legacy_outlines() -> Result<Vec<crate::live::IptDump>, String> {
             continue;
         }
         let mut kept = String::new();
+        // Each kept rule's index in its whole chain, in order, by (table, chain).
+        let mut indexes: HashMap<(String, String), Vec<usize>> = HashMap::new();
+        let mut counts: HashMap<(String, String), usize> = HashMap::new();
+        let mut table = String::new();
         stream_stdout(&tool, &[], crate::backend::exec::DEFAULT_TIMEOUT, |r| {
             let mut line = Vec::with_capacity(256);
             loop {
@@ -691,8 +742,27 @@ fn legacy_outlines() -> Result<Vec<crate::live::IptDump>, String> {
                     return Ok(());
                 }
                 let text = String::from_utf8_lossy(&line);
-                if outline_keeps(&text) {
-                    kept.push_str(text.trim_end_matches('\n'));
+                let text = text.trim_end_matches('\n');
+                if let Some(t) = text.strip_prefix('*') {
+                    table = t.trim().to_string();
+                }
+                let chain = text.strip_prefix("-A ").and_then(|rest| rest.split_whitespace().next());
+                let keep_it = match chain {
+                    None => true,
+                    Some(chain) => {
+                        let key = (table.clone(), chain.to_string());
+                        let n = counts.entry(key.clone()).or_insert(0);
+                        *n += 1;
+                        let index = *n;
+                        let k = keep(v6, (&table, chain), text, &|| iptables_fw::rule_from_line(text, index, v6));
+                        if k {
+                            indexes.entry(key).or_default().push(index);
+                        }
+                        k
+                    }
+                };
+                if keep_it {
+                    kept.push_str(text);
                     kept.push('\n');
                 }
             }
@@ -700,14 +770,40 @@ fn legacy_outlines() -> Result<Vec<crate::live::IptDump>, String> {
         .map_err(|e| e.to_string())?;
         let (text, _) = iptables_save::without_incompatible(&kept);
         let dump = iptables_save::parse(&text).map_err(|e| format!("{name}: {e}"))?;
-        out.push(crate::live::IptDump {
-            variant,
-            v6,
-            fw: iptables_fw::convert(&dump, variant, v6),
-            text: String::new(),
-        });
+        let mut fw = iptables_fw::convert(&dump, variant, v6);
+        for c in &mut fw.chains {
+            let crate::live::fw::Owner::Iptables { table, .. } = &c.owner else { continue };
+            if let Some(ix) = indexes.get(&(table.clone(), c.name.clone())) {
+                for (r, i) in c.rules.iter_mut().zip(ix) {
+                    r.index = *i;
+                }
+            }
+        }
+        out.push(crate::live::IptDump { variant, v6, fw, text: String::new() });
     }
     Ok(out)
+}
+
+/// Step 3 for iptables-legacy (see [`evaluated_chains`]): the saves read again, keeping in the
+/// filter chains the check may evaluate the rules `keep` says and elsewhere the NOTRACK rules
+/// and jumps ([`legacy_outlines`]); `fw`'s legacy chains replaced by them. Nothing when no
+/// legacy chain is evaluated.
+fn legacy_evaluated(fw: &mut Firewall, keep: &dyn Fn(&crate::live::fw::FwRule) -> bool) -> Result<(), String> {
+    use crate::live::fw::{IptVariant, Owner};
+    let reached = super::notrack::legacy_filter_chains_reached(fw);
+    if reached.is_empty() {
+        return Ok(());
+    }
+    let dumps = legacy_streamed(&mut |v6, (table, chain), line, rule| {
+        let evaluated = reached.contains(&(v6, table.to_string(), chain.to_string()));
+        outline_keeps(line)
+            || ((evaluated || may_jump(line)) && rule().is_some_and(|r| jumps(&r) || (evaluated && keep(&r))))
+    })?;
+    let kept: usize = dumps.iter().flat_map(|d| &d.fw.chains).map(|c| c.rules.len()).sum();
+    tracing::debug!(kept, chains = reached.len(), "doctor: iptables-legacy's evaluated chains read again");
+    fw.tables.chains.retain(|c| !matches!(c.owner, Owner::Iptables { variant: IptVariant::Legacy, .. }));
+    fw.tables.chains.extend(dumps.into_iter().flat_map(|d| d.fw.chains));
+    Ok(())
 }
 
 /// Writes `text` to `path` atomically: a temporary file in the same directory, flushed to disk,
@@ -812,6 +908,23 @@ mod tests {
         for left in ["-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT", "-A PREROUTING -j DNS", "-A OUTPUT -j CT --zone 1"]
         {
             assert!(!outline_keeps(left), "{left}");
+        }
+    }
+
+    #[test]
+    fn only_rules_whose_target_is_no_built_in_one_may_jump() {
+        for jumps in
+            ["-A INPUT -j f2b-sshd", "-A INPUT -p tcp -g DNS", "-A INPUT -m comment --comment \"-j ACCEPT\" -j x"]
+        {
+            assert!(may_jump(jumps), "{jumps}");
+        }
+        for stays in [
+            "-A INPUT -s 10.0.0.1/32 -j DROP",
+            "-A INPUT -j LOG --log-prefix x",
+            "-A INPUT -p tcp",
+            "-A X -j CT --notrack",
+        ] {
+            assert!(!may_jump(stays), "{stays}");
         }
     }
 
