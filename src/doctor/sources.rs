@@ -712,13 +712,15 @@ fn may_jump(line: &str) -> bool {
     }
 }
 
+/// What [`legacy_streamed`] asks of each rule: (IPv6, (table, chain), the save's line, the rule
+/// modelled on demand) → keep it.
+type LegacyKeep<'a> = dyn FnMut(bool, (&str, &str), &str, &dyn Fn() -> Option<crate::live::fw::FwRule>) -> bool + 'a;
+
 /// Every installed iptables-legacy save tool's dump, streamed line by line: the non-rule lines,
 /// and the rules `keep(IPv6, (table, chain), line, rule)` says (`rule()`: the line modelled as
 /// the save's rule, its index that in the whole chain). The dumps as
 /// `crate::backend::live::read_saves` gives them, less the rules left out.
-fn legacy_streamed(
-    keep: &mut dyn FnMut(bool, (&str, &str), &str, &dyn Fn() -> Option<crate::live::fw::FwRule>) -> bool,
-) -> Result<Vec<crate::live::IptDump>, String> {
+fn legacy_streamed(keep: &mut LegacyKeep<'_>) -> Result<Vec<crate::live::IptDump>, String> {
     use crate::backend::live::{save_would_be_empty, SAVE_TOOLS};
     use crate::live::fw::IptVariant;
     use crate::live::{iptables_fw, iptables_save};
