@@ -13,7 +13,9 @@
 //! iptables-nft step), `rollback:foreign-change` (policy rollback, between the read of the rules
 //! to delete and the batch deleting them), `apply:after-iptables` (policy apply, after its
 //! last iptables step: another writer's iptables-nft rule in the raw table, see
-//! [`foreign_iptables_change`]).
+//! [`foreign_iptables_change`]), `doctor:between-reads` (the doctor's streamed read, after the
+//! chains a NOTRACK acts from and before the filter chains it evaluates: the nft script named
+//! by [`NFT_SCRIPT_ENV`], see [`foreign_nft_script`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,6 +34,12 @@ pub const FOREIGN_TABLE: &str = "ctguard_foreign_test";
 /// The foreign-change points.
 pub const FOREIGN_CHANGE_POINTS: &[&str] =
     &["prepare:foreign-change", "apply:foreign-change", "rollback:foreign-change", "apply:after-iptables"];
+
+/// The doctor's point between its reads ([`foreign_nft_script`]).
+pub const DOCTOR_BETWEEN_READS: &str = "doctor:between-reads";
+
+/// The variable naming the nft script [`foreign_nft_script`] loads.
+pub const NFT_SCRIPT_ENV: &str = "CTGUARD_FAULT_NFT_SCRIPT";
 
 /// The address of the rule [`foreign_iptables_change`] adds.
 pub const FOREIGN_IPT_SOURCE: &str = "192.0.2.99/32";
@@ -125,6 +133,29 @@ pub fn foreign_iptables_change(point: &str) {
     tracing::warn!("fault point {point}: injecting a foreign iptables-nft change");
     let args = ["-w", "5", "-t", "raw", "-A", "PREROUTING", "-s", FOREIGN_IPT_SOURCE, "-j", "ACCEPT"];
     match Tool::find("iptables-nft").and_then(|t| t.run(&args, None)) {
+        Ok(_) => {}
+        Err(e) => tracing::error!("fault point {point}: the foreign change failed: {e}"),
+    }
+}
+
+/// At `point`, when it fires: another writer's change in the calling thread's namespace, the
+/// nft script in the file [`NFT_SCRIPT_ENV`] names (`nft -f FILE`). A failure to inject is
+/// logged, as for [`foreign_change`].
+pub fn foreign_nft_script(point: &str) {
+    if !fires(point) {
+        return;
+    }
+    INJECTIONS.fetch_add(1, Ordering::Relaxed);
+    let Some(path) = std::env::var_os(NFT_SCRIPT_ENV) else {
+        tracing::error!("fault point {point}: {NFT_SCRIPT_ENV} is not set");
+        return;
+    };
+    tracing::warn!("fault point {point}: loading {}", std::path::Path::new(&path).display());
+    let script = match std::fs::read(&path) {
+        Ok(s) => s,
+        Err(e) => return tracing::error!("fault point {point}: {}: {e}", std::path::Path::new(&path).display()),
+    };
+    match Tool::find("nft").and_then(|nft| nft.run(&["-f", "-"], Some(&script))) {
         Ok(_) => {}
         Err(e) => tracing::error!("fault point {point}: the foreign change failed: {e}"),
     }

@@ -296,6 +296,9 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
         tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: no rule may notrack");
         return Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw));
     }
+    // Tests only: another writer's change between this read and the next (the generation id
+    // must make the read start again).
+    crate::fault::foreign_nft_script(crate::fault::DOCTOR_BETWEEN_READS);
     // 2. Something may notrack: the iptables chains, and the nft part without the tables
     // iptables-nft owns (their chains come from its save, or from netlink printed as the save
     // prints them).
