@@ -932,9 +932,7 @@ fn doctor_without_notrack_rules_reports_as_the_full_read() {
     // Only the chains a NOTRACK could act from are read (prerouting and output, and where
     // they jump): not the 6,000 input rules.
     let debug = debug_run(&args);
-    let Some(line) = debug.stderr.lines().find(|l| l.contains("doctor: no rule may notrack")) else {
-        panic!("no debug line in {}", debug.stderr)
-    };
+    let line = debug_line(&debug, "doctor: no rule may notrack");
     eprintln!("doctor: {line}");
     assert!(counted(line, "seen=") < 100, "the input chains are not read: {line}");
 }
@@ -1004,9 +1002,7 @@ fn doctor_prunes_filter_rules_without_changing_findings() {
     eprintln!("doctor: pruned read: {}\n  fix: {}", hole["dropped_by"], hole["fix"]);
     assert_eq!(hole["dropped_by"]["chain"], "nft inet host input", "{hole}");
     assert_eq!(hole["dropped_by"]["rule"], "reject", "{hole}");
-    let Some(line) = netlink.stderr.lines().find(|l| l.contains("doctor: nft rules streamed")) else {
-        panic!("no debug line in {}", netlink.stderr)
-    };
+    let line = debug_line(&netlink, "doctor: nft rules streamed");
     eprintln!("doctor: {line}");
     assert!(counted(line, "kept=") < 50, "the 600 tcp rules are left out: {line}");
 }
@@ -1065,9 +1061,7 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
     // Untracked udp/53 passes svc (its accept wants NEW), is not tcp, and meets the policy.
     assert_eq!(hole["dropped_by"]["chain"], "iptables-nft filter INPUT", "{hole}");
     assert_eq!(hole["dropped_by"]["rule"], "the chain's policy (drop)", "{hole}");
-    let Some(line) = netlink.stderr.lines().find(|l| l.contains("doctor: nft rules streamed")) else {
-        panic!("no debug line in {}", netlink.stderr)
-    };
+    let line = debug_line(&netlink, "doctor: nft rules streamed");
     assert!(counted(line, "kept=") < 50, "the 600 tcp rules are left out: {line}");
     // The input chain is read once (the evaluated chains), not in the first pass too.
     assert!(counted(line, "seen=") < 1000, "the 600-rule input chain is read once: {line}");
@@ -1129,10 +1123,7 @@ fn doctor_streams_iptables_legacy_as_its_full_save_gives() {
     let Some(hole) = recs(&n).into_iter().find(|r| r["kind"] == "blackhole") else { panic!("{:#?}", recs(&n)) };
     eprintln!("doctor: iptables-legacy streamed: {}\n  fix: {}", hole["dropped_by"], hole["fix"]);
     assert_eq!(hole["dropped_by"]["chain"], "iptables-legacy filter INPUT", "{hole}");
-    let Some(line) = streamed.stderr.lines().find(|l| l.contains("iptables-legacy's evaluated chains read again"))
-    else {
-        panic!("no debug line in {}", streamed.stderr)
-    };
+    let line = debug_line(&streamed, "iptables-legacy's evaluated chains read again");
     eprintln!("doctor: {line}");
     assert!(counted(line, "kept=") < 50, "the 600 tcp rules are left out: {line}");
 }
@@ -1151,15 +1142,7 @@ fn doctor_reads_never_mix_two_states_of_a_changing_ruleset() {
     let _host = host_conntrack_shared();
     let pair = Pair::new("docrace");
     let srv = &pair.srv;
-    let state = |port: u16| {
-        format!(
-            "flush ruleset\ntable inet raw_dns {{\n  chain pre {{\n    type filter hook prerouting priority raw; policy accept;\n    \
-             udp dport {port} notrack\n  }}\n}}\ntable inet host {{\n  chain input {{\n    \
-             type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    \
-             udp dport {port} ct state untracked accept\n  }}\n}}\n"
-        )
-    };
-    srv.nft(&state(53));
+    srv.nft(&flip_state(53));
     let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
     let quiet = ctguard_env(&args, None);
     assert_eq!(quiet.code, 0, "{}", quiet.stderr);
@@ -1172,7 +1155,7 @@ fn doctor_reads_never_mix_two_states_of_a_changing_ruleset() {
         s.spawn(|| {
             let mut port = 5353;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let script = state(port);
+                let script = flip_state(port);
                 let mut child = Command::new("ip")
                     .args(["netns", "exec", &name, "nft", "-f", "-"])
                     .stdin(std::process::Stdio::piped())
@@ -1217,18 +1200,10 @@ fn doctor_read_restarts_when_the_ruleset_changes_between_its_dumps() {
     let _host = host_conntrack_shared();
     let pair = Pair::new("docflip");
     let srv = &pair.srv;
-    let state = |port: u16| {
-        format!(
-            "flush ruleset\ntable inet raw_dns {{\n  chain pre {{\n    type filter hook prerouting priority raw; policy accept;\n    \
-             udp dport {port} notrack\n  }}\n}}\ntable inet host {{\n  chain input {{\n    \
-             type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    \
-             udp dport {port} ct state untracked accept\n  }}\n}}\n"
-        )
-    };
-    srv.nft(&state(53));
+    srv.nft(&flip_state(53));
     let dir = temp_dir("docflip");
     let flip = dir.join("flip.nft");
-    std::fs::write(&flip, state(5353)).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&flip, flip_state(5353)).unwrap_or_else(|e| panic!("{e}"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
     cmd.args(["doctor", "--netns", srv.name(), "--json", "--window", "0"])
         .env_remove(ctguard::backend::live::NFT_READ_ENV)
@@ -1245,4 +1220,24 @@ fn doctor_read_restarts_when_the_ruleset_changes_between_its_dumps() {
     assert!(holes.is_empty(), "a read mixed two states: {holes:#?}");
     let rules = j["notrack_rules"].to_string();
     assert!(rules.contains("5353"), "the read started again and saw the new state: {rules}");
+}
+
+/// The two states the race tests flip between (one nft transaction, `flush ruleset` first): a
+/// NOTRACK rule on udp `port` and the filter's untracked accept on the same port. Either holds
+/// no blackhole; the NOTRACK rule of one with the accept of the other does.
+fn flip_state(port: u16) -> String {
+    format!(
+        "flush ruleset\ntable inet raw_dns {{\n  chain pre {{\n    type filter hook prerouting priority raw; policy accept;\n    \
+         udp dport {port} notrack\n  }}\n}}\ntable inet host {{\n  chain input {{\n    \
+         type filter hook input priority filter; policy drop;\n    ct state established,related accept\n    \
+         udp dport {port} ct state untracked accept\n  }}\n}}\n"
+    )
+}
+
+/// The first line of `run`'s debug log that contains `needle` (the test fails without one).
+fn debug_line<'a>(run: &'a Run, needle: &str) -> &'a str {
+    match run.stderr.lines().find(|l| l.contains(needle)) {
+        Some(line) => line,
+        None => panic!("no debug line with {needle:?} in {}", run.stderr),
+    }
 }
