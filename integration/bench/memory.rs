@@ -23,7 +23,8 @@
 //!    the namespace (the goal of 0.57× is set at 250k entries).
 //! 3. **Doctor and the host ruleset.** At 0 entries, per host ruleset size
 //!    (`CTGUARD_MEM_DOCTOR_RULES`, default 10k and 100k) and backend (nft: [`host_ruleset`];
-//!    iptables-nft: [`host_iptables`], loaded with `iptables-nft-restore`), each in a fresh
+//!    iptables-nft and iptables-legacy: [`host_iptables`], loaded with the variant's
+//!    `-restore`), each in a fresh
 //!    namespace: the doctor's peak RSS (it reads the whole live ruleset for its NOTRACK
 //!    analysis, over netlink), the same doctor with `CTGUARD_NFT_READ=json` (its reader before
 //!    issue 16: `nft -j list ruleset`, children included in its peak) and
@@ -48,7 +49,7 @@
 //! binary without `--bench`; then (unless `CTGUARD_BENCH=1`) `main` prints "not run". Knobs:
 //! `CTGUARD_MEM_SIZES=1000,10000,50000,100000` (host rules), `CTGUARD_MEM_ENTRIES=0,10000,100000,250000`
 //! (conntrack entries), `CTGUARD_MEM_DOCTOR_RULES=10000,100000` (the doctor's host rules),
-//! `CTGUARD_MEM_DOCTOR_BACKENDS=nft,iptables-nft,nft+notrack,iptables-nft+notrack`,
+//! `CTGUARD_MEM_DOCTOR_BACKENDS=nft,iptables-nft,nft+notrack,iptables-nft+notrack,iptables-legacy,iptables-legacy+notrack`,
 //! `CTGUARD_MEM_DOCTOR_BEFORE=PATH`, `CTGUARD_MEM_ONLY=agent,doctor`, `CTGUARD_BENCH_QUICK=1` (1k and 10k
 //! rules, 0 and 10k entries).
 
@@ -136,7 +137,8 @@ impl Config {
 
 /// The doctor's host ruleset variants: `nft`, `iptables-nft`, and each with one NOTRACK rule
 /// in a raw chain (`+notrack`: the analysis then evaluates the 10k/100k-rule filter chain).
-const DOCTOR_BACKENDS: &[&str] = &["nft", "iptables-nft", "nft+notrack", "iptables-nft+notrack"];
+const DOCTOR_BACKENDS: &[&str] =
+    &["nft", "iptables-nft", "nft+notrack", "iptables-nft+notrack", "iptables-legacy", "iptables-legacy+notrack"];
 
 fn doctor_backends() -> Result<Vec<&'static str>, String> {
     match std::env::var("CTGUARD_MEM_DOCTOR_BACKENDS") {
@@ -885,18 +887,21 @@ fn bench_doctor(cfg: &Config, exe: &Path, dir: &Path) -> DoctorResult {
             for &backend in &cfg.doctor_backends {
                 let ns = BenchNs::new("ctg-mem")?;
                 let t = Instant::now();
-                if backend.starts_with("nft") {
+                // The variant's tools: `iptables-nft`/`iptables-legacy` (`…-restore` for the host).
+                let variant = backend.split('+').next().unwrap_or(backend);
+                if variant == "nft" {
                     let host = host_ruleset(rules);
                     ns.run(|| exec("nft", &["-f", "-"], Some(host.as_bytes())))??;
                 } else {
                     let host = host_iptables(rules);
-                    ns.run(|| exec("iptables-nft-restore", &[], Some(host.as_bytes())))??;
+                    let restore = format!("{variant}-restore");
+                    ns.run(|| exec(&restore, &[], Some(host.as_bytes())))??;
                 }
-                match backend {
-                    "nft+notrack" => ns.run(|| exec("nft", &["-f", "-"], Some(NOTRACK_NFT.as_bytes())))??,
-                    "iptables-nft+notrack" => ns.run(|| {
+                match (variant, backend.ends_with("+notrack")) {
+                    ("nft", true) => ns.run(|| exec("nft", &["-f", "-"], Some(NOTRACK_NFT.as_bytes())))??,
+                    (tool, true) => ns.run(|| {
                         exec(
-                            "iptables-nft",
+                            tool,
                             &["-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "53", "-j", "CT", "--notrack"],
                             None,
                         )
