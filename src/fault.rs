@@ -116,9 +116,14 @@ pub fn foreign_change(point: &str) {
     let n = INJECTIONS.fetch_add(1, Ordering::Relaxed);
     let script = format!("add table ip {FOREIGN_TABLE}\nadd chain ip {FOREIGN_TABLE} c{n}\n");
     tracing::warn!("fault point {point}: injecting a foreign nft change");
-    match Tool::find("nft").and_then(|nft| nft.run(&["-f", "-"], Some(script.as_bytes()))) {
-        Ok(_) => {}
-        Err(e) => tracing::error!("fault point {point}: the foreign change failed: {e}"),
+    run_foreign(point, "nft", &["-f", "-"], Some(script.as_bytes()));
+}
+
+/// Runs the foreign writer's tool; a failure is logged (the test then sees no conflict and
+/// fails on its own assertions).
+fn run_foreign(point: &str, tool: &str, args: &[&str], stdin: Option<&[u8]>) {
+    if let Err(e) = Tool::find(tool).and_then(|t| t.run(args, stdin)) {
+        tracing::error!("fault point {point}: the foreign change failed: {e}");
     }
 }
 
@@ -132,14 +137,11 @@ pub fn foreign_iptables_change(point: &str) {
     INJECTIONS.fetch_add(1, Ordering::Relaxed);
     tracing::warn!("fault point {point}: injecting a foreign iptables-nft change");
     let args = ["-w", "5", "-t", "raw", "-A", "PREROUTING", "-s", FOREIGN_IPT_SOURCE, "-j", "ACCEPT"];
-    match Tool::find("iptables-nft").and_then(|t| t.run(&args, None)) {
-        Ok(_) => {}
-        Err(e) => tracing::error!("fault point {point}: the foreign change failed: {e}"),
-    }
+    run_foreign(point, "iptables-nft", &args, None);
 }
 
 /// At `point`, when it fires: another writer's change in the calling thread's namespace, the
-/// nft script in the file [`NFT_SCRIPT_ENV`] names (`nft -f FILE`). A failure to inject is
+/// nft script in the file [`NFT_SCRIPT_ENV`] names (loaded with `nft -f -`). A failure to inject is
 /// logged, as for [`foreign_change`].
 pub fn foreign_nft_script(point: &str) {
     if !fires(point) {
@@ -155,10 +157,7 @@ pub fn foreign_nft_script(point: &str) {
         Ok(s) => s,
         Err(e) => return tracing::error!("fault point {point}: {}: {e}", std::path::Path::new(&path).display()),
     };
-    match Tool::find("nft").and_then(|nft| nft.run(&["-f", "-"], Some(&script))) {
-        Ok(_) => {}
-        Err(e) => tracing::error!("fault point {point}: the foreign change failed: {e}"),
-    }
+    run_foreign(point, "nft", &["-f", "-"], Some(&script));
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@
 //! write — gives `None`, and the caller reads the real save instead: the text is the tool's or
 //! nothing. Pure.
 
-use super::nft_read::{Data, Expr, Limit, RawRule, Xt};
+use super::nft_read::{prefix_bits, Data, Expr, Limit, RawRule, Xt};
 use crate::model::{mask_v4, mask_v6, Prefix};
 use crate::render::iptables::{prefix_arg, spec_to_line};
 use std::fmt::Write as _;
@@ -123,7 +123,7 @@ pub fn save_line(rule: &RawRule, v6: bool) -> Option<String> {
                 if xor.iter().any(|b| *b != 0) || mask.len() != len as usize {
                     return None;
                 }
-                reg = Reg::Network { offset, len, masked: Some(contiguous_ones(mask)?) };
+                reg = Reg::Network { offset, len, masked: Some(prefix_bits(mask)?) };
             }
             Expr::Cmp { sreg: 1, op, data } if *op == EQ || *op == NEQ => {
                 let neg = *op == NEQ;
@@ -273,26 +273,6 @@ fn proto_name(n: u8) -> Option<&'static str> {
 
 fn be16(d: &[u8]) -> Option<u16> {
     (d.len() == 2).then(|| u16::from_be_bytes([d[0], d[1]]))
-}
-
-/// The number of leading one bits of a prefix mask; `None` when the ones are not contiguous.
-fn contiguous_ones(mask: &[u8]) -> Option<u32> {
-    let mut n = 0;
-    let mut ended = false;
-    for b in mask {
-        for i in (0..8).rev() {
-            let one = b >> i & 1 == 1;
-            if one && ended {
-                return None;
-            }
-            if one {
-                n += 1;
-            } else {
-                ended = true;
-            }
-        }
-    }
-    Some(n)
 }
 
 /// `-i`/`-o`'s argument from the bytes compared: the name and its NUL for an exact name, the

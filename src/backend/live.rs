@@ -98,16 +98,16 @@ pub fn read() -> Result<LiveState, LiveError> {
 /// ones [`read`] reads from the saves and leaves out of the netlink read
 /// ([`super::nft_read::read_skipping`]). Sorted, each once.
 pub fn ipt_nft_tables(iptables: &[IptDump]) -> Vec<(String, String)> {
-    iptables
-        .iter()
-        .filter(|d| d.variant == IptVariant::Nft)
-        .flat_map(|d| {
-            let family = if d.v6 { "ip6" } else { "ip" };
-            d.fw.chains.iter().filter_map(move |c| match &c.owner {
-                crate::live::fw::Owner::Iptables { table, .. } => Some((family.to_string(), table.clone())),
-                _ => None,
-            })
-        })
+    ipt_nft_tables_of(iptables.iter().filter(|d| d.variant == IptVariant::Nft).flat_map(|d| &d.fw.chains))
+}
+
+/// The nf_tables tables (family, name) of the iptables-nft chains among `chains`. Sorted, each
+/// once.
+pub fn ipt_nft_tables_of<'a>(chains: impl IntoIterator<Item = &'a crate::live::fw::FwChain>) -> Vec<(String, String)> {
+    chains
+        .into_iter()
+        .filter(|c| matches!(c.owner, crate::live::fw::Owner::Iptables { variant: IptVariant::Nft, .. }))
+        .filter_map(|c| c.owner.nf_table())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect()

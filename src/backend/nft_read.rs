@@ -1239,8 +1239,8 @@ fn lhs_len(l: &Lhs) -> Option<u32> {
     })
 }
 
-/// The prefix length of a contiguous mask (`ff ff f0 00` → 20); `None` otherwise.
-fn prefix_bits(mask: &[u8]) -> Option<u32> {
+/// The prefix length of a contiguous mask (`ff ff f0 00` → 20); `None` otherwise. Pure.
+pub(crate) fn prefix_bits(mask: &[u8]) -> Option<u32> {
     let mut bits = 0;
     let mut ended = false;
     for b in mask {

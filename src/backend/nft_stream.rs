@@ -477,12 +477,8 @@ impl<'a> IptCapture<'a> {
         let index = chains
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| match &c.owner {
-                Owner::Iptables { variant: IptVariant::Nft, v6, table } => {
-                    Some(((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone(), c.name.clone()), i))
-                }
-                _ => None,
-            })
+            .filter(|(_, c)| matches!(c.owner, Owner::Iptables { variant: IptVariant::Nft, .. }))
+            .filter_map(|(i, c)| c.owner.nf_table().map(|(f, t)| ((f, t, c.name.clone()), i)))
             .collect();
         IptCapture { chains: FwTables { chains }, index, counts: HashMap::new(), keep, printable: true }
     }

@@ -368,21 +368,15 @@ pub fn iptables_rule_notracks(rule: &FwRule) -> bool {
 /// The nft chains [`check`] may evaluate: every filter base chain at input or output, and the
 /// chains their rules (as held in `fw`) jump or go to, transitively. Pure.
 pub fn filter_chains_reached(fw: &Firewall) -> HashSet<(String, String, String)> {
-    chains_reached(fw, |o| match o {
-        Owner::Nft { family, table } => Some((family.clone(), table.clone())),
-        Owner::Iptables { .. } => None,
-    })
+    chains_reached(fw, |o| matches!(o, Owner::Nft { .. }).then(|| o.nf_table()).flatten())
 }
 
 /// [`filter_chains_reached`] for iptables-nft's chains: its filter tables' INPUT and OUTPUT and
 /// the chains their rules (as held in `fw`) jump or go to, keyed by nf_tables family (`ip`,
 /// `ip6`), table and chain. Pure.
 pub fn ipt_nft_filter_chains_reached(fw: &Firewall) -> HashSet<(String, String, String)> {
-    chains_reached(fw, |o| match o {
-        Owner::Iptables { variant: IptVariant::Nft, v6, table } => {
-            Some((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone()))
-        }
-        _ => None,
+    chains_reached(fw, |o| {
+        matches!(o, Owner::Iptables { variant: IptVariant::Nft, .. }).then(|| o.nf_table()).flatten()
     })
 }
 

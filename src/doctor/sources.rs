@@ -312,7 +312,7 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
     if let Some(printed) = capture.filter(|c| c.printable).map(|c| c.chains.chains) {
         // The legacy chains as the outlines hold them (NOTRACK rules and jumps); step 3 reads
         // the evaluated ones again.
-        let skip = ipt_nft_table_keys(&printed);
+        let skip = crate::backend::live::ipt_nft_tables_of(&printed);
         let mut ipt = printed;
         ipt.extend(legacy_chains());
         let mut fw = Firewall::from_parts(nft.clone(), &skip, ipt, nft_notrack.clone());
@@ -423,20 +423,6 @@ fn evaluated_chains(
         }
         done.extend(todo);
     }
-}
-
-/// The (family, table) of iptables-nft's chains among `chains`, sorted, each once.
-fn ipt_nft_table_keys(chains: &[crate::live::fw::FwChain]) -> Vec<(String, String)> {
-    let keys: std::collections::BTreeSet<(String, String)> = chains
-        .iter()
-        .filter_map(|c| match &c.owner {
-            crate::live::fw::Owner::Iptables { variant: crate::live::fw::IptVariant::Nft, v6, table } => {
-                Some((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone()))
-            }
-            _ => None,
-        })
-        .collect();
-    keys.into_iter().collect()
 }
 
 fn mono_usec() -> Option<u64> {

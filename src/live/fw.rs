@@ -27,6 +27,20 @@ pub enum Owner {
     },
 }
 
+impl Owner {
+    /// The nf_tables (family, table) of an nft table or an iptables-nft one (`ip`/`ip6`);
+    /// `None` for iptables-legacy, which nf_tables does not hold.
+    pub fn nf_table(&self) -> Option<(String, String)> {
+        match self {
+            Owner::Nft { family, table } => Some((family.clone(), table.clone())),
+            Owner::Iptables { variant: IptVariant::Nft, v6, table } => {
+                Some((if *v6 { "ip6" } else { "ip" }.to_string(), table.clone()))
+            }
+            Owner::Iptables { variant: IptVariant::Legacy, .. } => None,
+        }
+    }
+}
+
 /// iptables variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
