@@ -1241,3 +1241,110 @@ fn debug_line<'a>(run: &'a Run, needle: &str) -> &'a str {
         None => panic!("no debug line with {needle:?} in {}", run.stderr),
     }
 }
+
+/// The doctor's chain-by-chain read against rulesets ctguard did not write (issue 16): each
+/// dump of the nftables project's tests in `../shared/corpus/nft-tests` that loads, and the
+/// ufw saves (iptables-nft), with a NOTRACK rule added and, in an input filter chain, a drop of
+/// its untracked packets where the tracked ones pass (a blackhole that only the read of the
+/// evaluated chains finds: the whole analysis runs), reads to the
+/// same NOTRACK rules, findings and notes as the full read (`CTGUARD_NFT_READ=json`: `nft -j
+/// list ruleset` and every save). Rule texts are compared only as "a rule" or "the chain's
+/// policy", and fixes not at all: the netlink reader words nft rules its own way (`nft_read`'s
+/// module doc). The tally is printed.
+#[test]
+fn doctor_reads_the_corpus_as_the_full_read() {
+    let _host = host_conntrack_shared();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus.join("nft-tests"))
+        .unwrap_or_else(|e| panic!("the corpus: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "nft"))
+        .collect();
+    files.sort();
+    files.push(corpus.join("ufw/ufw-allow.v4"));
+    files.push(corpus.join("ufw/ufw-allow.v6"));
+    /// What both readers must agree on, rule texts blanked.
+    fn view(v: &Value) -> String {
+        let mut v = v.clone();
+        fn blank(v: &mut Value) {
+            match v {
+                Value::Object(m) => {
+                    for (k, x) in m.iter_mut() {
+                        if k == "rule" {
+                            // A policy or a rule, not the rule's wording.
+                            let policy = x.as_str().is_some_and(|t| t.starts_with("the chain's policy"));
+                            *x = Value::from(if policy { "the chain's policy" } else { "a rule" });
+                        } else if k == "fix" {
+                            *x = Value::Null;
+                        } else {
+                            blank(x);
+                        }
+                    }
+                }
+                Value::Array(a) => a.iter_mut().for_each(blank),
+                _ => {}
+            }
+        }
+        blank(&mut v);
+        format!("{} {} {} {}", v["notrack_rules"], Value::Array(recs(&v)), v["notes"], v["unreadable"])
+    }
+    let (mut same, mut refused, mut differ, mut holes) = (0, 0, Vec::new(), 0);
+    for f in &files {
+        let ns = Ns::new("doccorp");
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let (tool, v6) = match name.as_str() {
+            "ufw-allow.v4" => ("iptables-nft-restore", Some(false)),
+            "ufw-allow.v6" => ("ip6tables-nft-restore", Some(true)),
+            _ => ("nft", None),
+        };
+        let mut args = vec!["netns", "exec", ns.name(), tool];
+        if v6.is_none() {
+            args.push("-f");
+        }
+        let path = f.to_string_lossy().into_owned();
+        args.push(&path);
+        let loaded = Command::new("ip").args(&args).output().is_ok_and(|o| o.status.success());
+        if !loaded {
+            refused += 1;
+            continue;
+        }
+        match v6 {
+            // The NOTRACK rule, and in a filter chain a drop of its untracked packets where the
+            // tracked ones pass: a blackhole that only a read of the evaluated chains sees.
+            None => ns.nft(
+                "table inet ctg_corpus {\n  chain pre {\n    type filter hook prerouting priority raw; policy accept;\n    \
+                 udp dport 53 notrack\n  }\n  chain in {\n    type filter hook input priority 10; policy accept;\n    \
+                 udp dport 53 ct state untracked drop\n  }\n}\n",
+            ),
+            Some(v6) => {
+                let tool = if v6 { "ip6tables-nft" } else { "iptables-nft" };
+                ns.exec(tool, &["-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "53", "-j", "CT", "--notrack"]);
+                let state = |pos: &'static str, st: &'static str, target: &'static str| {
+                    ["-I", "INPUT", pos, "-p", "udp", "--dport", "53", "-m", "conntrack", "--ctstate", st, "-j", target]
+                };
+                ns.exec(tool, &state("1", "UNTRACKED", "DROP"));
+                ns.exec(tool, &state("2", "NEW", "ACCEPT"));
+            }
+        }
+        let args = ["doctor", "--netns", ns.name(), "--json", "--window", "0"];
+        let (streamed, full) = (ctguard_env(&args, None), ctguard_env(&args, Some("json")));
+        assert_eq!((streamed.code, full.code), (0, 0), "{name}: {}\n{}", streamed.stderr, full.stderr);
+        let streamed_json = streamed.json();
+        holes += usize::from(recs(&streamed_json).iter().any(|r| r["kind"] == "blackhole"));
+        let (a, b) = (view(&streamed_json), view(&full.json()));
+        if a == b {
+            same += 1;
+        } else {
+            differ.push(format!("{name}:\n  streamed {a}\n  full     {b}"));
+        }
+    }
+    println!(
+        "doctor on the corpus: {} rulesets, {same} read the same ({holes} with the blackhole found), {refused} not \
+         loaded, {} differ",
+        files.len(),
+        differ.len()
+    );
+    assert!(differ.is_empty(), "the streamed read and the full read disagree:\n{}", differ.join("\n"));
+    assert!(same >= 70, "too few rulesets compared: {same}");
+    assert!(holes >= 70, "the blackhole added to each is found: {holes}");
+}
