@@ -1128,6 +1128,65 @@ fn doctor_streams_iptables_legacy_as_its_full_save_gives() {
     assert!(counted(line, "kept=") < 50, "the 600 tcp rules are left out: {line}");
 }
 
+/// Issue 16 (legacy at 100k rules): a NOTRACK can be only in x_tables' `raw` table, so the
+/// doctor reads iptables-legacy's `raw` alone first (`iptables-legacy-save -t raw`; the save
+/// tool's peak is the whole table it fetches, 60 MiB for a 100k-rule filter table) and every
+/// table only when something may notrack. Without one, the 600-rule filter table is never
+/// read, and the report equals the full read's; with a NOTRACK rule in nft (and none in
+/// legacy's raw), iptables-legacy's `INPUT DROP` still blackholes the untracked flow, and is
+/// found as the full read finds it.
+#[test]
+fn doctor_reads_iptables_legacy_raw_alone_until_something_may_notrack() {
+    let _host = host_conntrack_shared();
+    let pair = Pair::new("doclraw");
+    let srv = &pair.srv;
+    let mut v4 = String::from(
+        "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n-A PREROUTING -p tcp -m tcp --dport 9 -j DROP\nCOMMIT\n\
+         *filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
+    );
+    for i in 0..600 {
+        v4.push_str(&format!("-A INPUT -p tcp -m tcp --dport {} -m conntrack --ctstate NEW -j ACCEPT\n", 2000 + i));
+    }
+    v4.push_str("-A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\nCOMMIT\n");
+    srv.exec_stdin("iptables-legacy-restore", &[], &v4);
+    let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
+    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone());
+    let tables_read = |run: &Run| -> Vec<String> {
+        run.stderr
+            .lines()
+            .filter(|l| l.contains("doctor: iptables-legacy save streamed"))
+            .map(|l| {
+                format!(
+                    "{} rules={}",
+                    l.split("table=").nth(1).unwrap_or("?").split(' ').next().unwrap_or("?").trim_matches('"'),
+                    counted(l, "rules=")
+                )
+            })
+            .collect()
+    };
+    // No rule may notrack: `raw` alone is read.
+    let streamed = debug_run(&args);
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((streamed.code, json.code), (0, 0), "{}\n{}", streamed.stderr, json.stderr);
+    assert_eq!(view(&streamed.json()), view(&json.json()), "the raw-only read and the full saves disagree");
+    eprintln!("doctor: no NOTRACK: iptables-legacy tables read: {:?}", tables_read(&streamed));
+    assert_eq!(tables_read(&streamed), ["raw rules=1"], "only raw is read: {}", streamed.stderr);
+    // A NOTRACK rule in nft: every legacy table is read, and legacy's INPUT DROP found.
+    srv.nft(
+        "table inet dns_raw {\n  chain pre {\n    type filter hook prerouting priority raw; policy accept;\n    udp dport 53 notrack\n  }\n}\n",
+    );
+    let streamed = debug_run(&args);
+    let json = ctguard_env(&args, Some("json"));
+    assert_eq!((streamed.code, json.code), (0, 0), "{}\n{}", streamed.stderr, json.stderr);
+    let (n, j) = (streamed.json(), json.json());
+    assert_eq!(view(&n), view(&j), "the streamed legacy read and the full saves disagree");
+    eprintln!("doctor: nft NOTRACK: iptables-legacy tables read: {:?}", tables_read(&streamed));
+    assert!(tables_read(&streamed).iter().any(|t| t.starts_with("all ")), "every table read: {}", streamed.stderr);
+    let Some(hole) = recs(&n).into_iter().find(|r| r["kind"] == "blackhole") else { panic!("{:#?}", recs(&n)) };
+    assert_eq!(hole["dropped_by"]["chain"], "iptables-legacy filter INPUT", "{hole}");
+}
+
 /// Racing the doctor's read (issue 16: it now reads chain by chain, in several dumps): a writer
 /// flips, in one nft transaction each time, both a NOTRACK rule's port and the filter's
 /// untracked accept between 53 and 5353, while the doctor runs 40 times. Each run must exit 0

@@ -171,14 +171,20 @@ pub fn save_would_be_empty(variant: IptVariant, v6: bool, tables: Option<&[(Stri
             let family = if v6 { "ip6" } else { "ip" };
             tables.is_some_and(|t| !t.iter().any(|(f, _)| f == family))
         }
-        IptVariant::Legacy => {
-            let file = if v6 { "ip6_tables_names" } else { "ip_tables_names" };
-            match std::fs::read_to_string(format!("/proc/thread-self/net/{file}")) {
-                Ok(names) => names.trim().is_empty(),
-                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-            }
-        }
+        IptVariant::Legacy => match legacy_table_names(v6) {
+            Ok(names) => names.is_empty(),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        },
     }
+}
+
+/// The x_tables tables of the calling thread's network namespace, as the kernel lists them
+/// (`/proc/thread-self/net/ip_tables_names`, `ip6_tables_names`); reading them creates none,
+/// where a save tool's `-t TABLE` would. Read-only.
+pub fn legacy_table_names(v6: bool) -> std::io::Result<Vec<String>> {
+    let file = if v6 { "ip6_tables_names" } else { "ip_tables_names" };
+    let names = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))?;
+    Ok(names.split_whitespace().map(str::to_string).collect())
 }
 
 /// `nft list table inet ctguard`, or `None` when the table does not exist.

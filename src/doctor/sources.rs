@@ -233,9 +233,9 @@ pub fn read_firewall() -> Result<Firewall, String> {
         let dumps = without_text(live::read_saves(None).map_err(|e| e.to_string())?);
         return Firewall::from_json(json.as_deref(), dumps);
     }
-    let legacy = legacy_outlines()?;
+    let mut legacy = legacy_outlines(Some(RAW))?;
     for _ in 0..crate::backend::nft_stream::MAX_ATTEMPTS {
-        if let Some(fw) = read_streamed(&legacy)? {
+        if let Some(fw) = read_streamed(&mut legacy)? {
             return Ok(fw);
         }
     }
@@ -261,7 +261,7 @@ pub fn read_firewall() -> Result<Firewall, String> {
 ///
 /// Each chain is read at most twice, a big input chain once. Everything between the same two
 /// generation ids.
-fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, String> {
+fn read_streamed(legacy: &mut LegacyOutlines) -> Result<Option<Firewall>, String> {
     use super::notrack::iptables_rule_notracks;
     use crate::backend::nft_stream::{ChainKey, IptCapture};
     use crate::live::fw::{FwHook, FwRule, IptVariant, Owner};
@@ -290,12 +290,18 @@ fn read_streamed(legacy: &[crate::live::IptDump]) -> Result<Option<Firewall>, St
             .map_err(|e| e.to_string())?;
         done.extend(todo);
     }
-    let legacy_chains = || legacy.iter().flat_map(|d| d.fw.chains.iter().cloned()).collect::<Vec<_>>();
-    let fw = Firewall::from_parts(nft, &[], legacy_chains(), notrack);
+    let raw_chains = legacy.dumps.iter().flat_map(|d| d.fw.chains.iter().cloned()).collect::<Vec<_>>();
+    let fw = Firewall::from_parts(nft, &[], raw_chains, notrack);
     if reader.notrack_candidates == 0 && !fw.any_notrack_rule() {
         tracing::debug!(seen = reader.rules_seen, kept = reader.rules_kept, "doctor: no rule may notrack");
         return Ok(reader.consistent().map_err(|e| e.to_string())?.then_some(fw));
     }
+    // Something may notrack: the legacy filter chains its flows meet are found from the
+    // outlines of every legacy table (until now only `raw`'s, the one table a NOTRACK can be in).
+    if legacy.only.is_some() {
+        *legacy = legacy_outlines(None)?;
+    }
+    let legacy_chains = || legacy.dumps.iter().flat_map(|d| d.fw.chains.iter().cloned()).collect::<Vec<_>>();
     // Tests only: another writer's change between this read and the next (the generation id
     // must make the read start again).
     crate::fault::foreign_nft_script(crate::fault::DOCTOR_BETWEEN_READS);
@@ -664,13 +670,25 @@ pub fn outline_keeps(line: &str) -> bool {
     !l.starts_with("-A ") || l.contains("NOTRACK") || l.contains("--notrack")
 }
 
-/// The dump of every installed iptables-legacy save tool (x_tables, invisible to netlink) with
-/// only the lines [`outline_keeps`] and the rules that jump or go to a chain (the paths to the
-/// NOTRACK rules): streamed, so a 100k-rule table is never held.
-fn legacy_outlines() -> Result<Vec<crate::live::IptDump>, String> {
-    legacy_streamed(&mut |_, _, line, rule| {
+/// The one x_tables table the kernel lets `NOTRACK` and `CT` in (`xt_CT`: `.table = "raw"`).
+const RAW: &str = "raw";
+
+/// iptables-legacy's outlines ([`legacy_outlines`]) and the one table they are of (`None`: all).
+struct LegacyOutlines {
+    dumps: Vec<crate::live::IptDump>,
+    only: Option<&'static str>,
+}
+
+/// The dump of every installed iptables-legacy save tool (x_tables, invisible to netlink) —
+/// of table `only` alone when given — with only the lines [`outline_keeps`] and the rules that
+/// jump or go to a chain (the paths to the NOTRACK rules): streamed, so a 100k-rule table is
+/// never held. Reading `raw` alone never runs a save tool over a big filter table (its peak
+/// is the whole table's).
+fn legacy_outlines(only: Option<&'static str>) -> Result<LegacyOutlines, String> {
+    let dumps = legacy_streamed(only, &mut |_, _, line, rule| {
         outline_keeps(line) || (may_jump(line) && rule().is_some_and(|r| jumps(&r)))
-    })
+    })?;
+    Ok(LegacyOutlines { dumps, only })
 }
 
 /// False for a save line whose target is one of the built-in targets (most rules): only the
@@ -705,11 +723,13 @@ fn may_jump(line: &str) -> bool {
 /// modelled on demand) → keep it.
 type LegacyKeep<'a> = dyn FnMut(bool, (&str, &str), &str, &dyn Fn() -> Option<crate::live::fw::FwRule>) -> bool + 'a;
 
-/// Every installed iptables-legacy save tool's dump, streamed line by line: the non-rule lines,
-/// and the rules `keep(IPv6, (table, chain), line, rule)` says (`rule()`: the line modelled as
-/// the save's rule, its index that in the whole chain). The dumps as
-/// `crate::backend::live::read_saves` gives them, less the rules left out.
-fn legacy_streamed(keep: &mut LegacyKeep<'_>) -> Result<Vec<crate::live::IptDump>, String> {
+/// Every installed iptables-legacy save tool's dump (of table `only` alone, `-t`, when given
+/// and the family has it: the tool never runs for a table the kernel lists not, which would
+/// create it), streamed line by line: the non-rule lines, and the rules
+/// `keep(IPv6, (table, chain), line, rule)` says (`rule()`: the line modelled as the save's
+/// rule, its index that in the whole chain). The dumps as `crate::backend::live::read_saves`
+/// gives them, less the rules left out.
+fn legacy_streamed(only: Option<&str>, keep: &mut LegacyKeep<'_>) -> Result<Vec<crate::live::IptDump>, String> {
     use crate::backend::live::{save_would_be_empty, SAVE_TOOLS};
     use crate::live::fw::IptVariant;
     use crate::live::{iptables_fw, iptables_save};
@@ -720,12 +740,20 @@ fn legacy_streamed(keep: &mut LegacyKeep<'_>) -> Result<Vec<crate::live::IptDump
         if save_would_be_empty(variant, v6, None) {
             continue;
         }
+        let args: Vec<&str> = match only {
+            Some(t) => match crate::backend::live::legacy_table_names(v6) {
+                Ok(names) if !names.iter().any(|n| n == t) => continue,
+                Ok(_) => vec!["-t", t],
+                Err(_) => Vec::new(),
+            },
+            None => Vec::new(),
+        };
         let mut kept = String::new();
         // Each kept rule's index in its whole chain, in order, by (table, chain).
         let mut indexes: HashMap<(String, String), Vec<usize>> = HashMap::new();
         let mut counts: HashMap<(String, String), usize> = HashMap::new();
         let mut table = String::new();
-        stream_stdout(&tool, &[], crate::backend::exec::DEFAULT_TIMEOUT, |r| {
+        stream_stdout(&tool, &args, crate::backend::exec::DEFAULT_TIMEOUT, |r| {
             let mut line = Vec::with_capacity(256);
             loop {
                 line.clear();
@@ -759,6 +787,8 @@ fn legacy_streamed(keep: &mut LegacyKeep<'_>) -> Result<Vec<crate::live::IptDump
             }
         })
         .map_err(|e| e.to_string())?;
+        let rules: usize = counts.values().sum();
+        tracing::debug!(tool = name, table = only.unwrap_or("all"), rules, "doctor: iptables-legacy save streamed");
         let (text, _) = iptables_save::without_incompatible(&kept);
         let dump = iptables_save::parse(&text).map_err(|e| format!("{name}: {e}"))?;
         let mut fw = iptables_fw::convert(&dump, variant, v6);
@@ -785,7 +815,7 @@ fn legacy_evaluated(fw: &mut Firewall, keep: &dyn Fn(&crate::live::fw::FwRule) -
     if reached.is_empty() {
         return Ok(());
     }
-    let dumps = legacy_streamed(&mut |v6, (table, chain), line, rule| {
+    let dumps = legacy_streamed(None, &mut |v6, (table, chain), line, rule| {
         let evaluated = reached.contains(&(v6, table.to_string(), chain.to_string()));
         outline_keeps(line)
             || ((evaluated || may_jump(line)) && rule().is_some_and(|r| jumps(&r) || (evaluated && keep(&r))))
