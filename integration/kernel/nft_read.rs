@@ -660,6 +660,28 @@ COMMIT
 COMMIT
 ",
     ),
+    (
+        "own: strings the save must quote or escape, IPv4",
+        false,
+        "*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m comment --comment \"say \\\"hi\\\"\" -j ACCEPT
+-A INPUT -m comment --comment \"back\\\\slash\" -j ACCEPT
+-A INPUT -m comment --comment \"it's; $HOME # not a shell\" -j ACCEPT
+-A INPUT -m comment --comment \"-j NOTRACK\" -j DROP
+-A INPUT -m comment --comment \"--dport 53\" -j RETURN
+-A INPUT -m comment --comment \"tab\there\" -j ACCEPT
+-A INPUT -m comment --comment \"ünïcode ✓\" -j ACCEPT
+-A INPUT -m comment --comment \"\" -j ACCEPT
+-A INPUT -m comment --comment a -m comment --comment b -j ACCEPT
+-A INPUT -m comment --comment \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\" -j ACCEPT
+-A INPUT -j LOG --log-prefix \"a \\\"q\\\" \"
+-A INPUT -j LOG --log-prefix \"it's\"
+COMMIT
+",
+    ),
 ];
 
 /// What reading iptables-nft's tables over netlink gave for one ruleset.
@@ -704,7 +726,13 @@ fn compare_ipt_nft(text: &str, v6: bool) -> IptOutcome {
             let mut all = |_: &ctguard::live::fw::FwRule| true;
             let mut capture = nft_stream::IptCapture::new(layout, &mut all);
             if !reader.stream_ipt_nft(&mut capture, None).expect("stream") {
-                return IptOutcome::Declined("a rule not printed".into());
+                let printed: Vec<&str> =
+                    capture.chains.chains.iter().flat_map(|c| &c.rules).map(|r| r.text.as_str()).collect();
+                let first = want.iter().flat_map(|c| &c.rules).find(|r| !printed.contains(&r.text.as_str()));
+                return IptOutcome::Declined(format!(
+                    "a rule not printed (the first the printer did not give: {})",
+                    first.map_or("?", |r| r.text.as_str())
+                ));
             }
             let got = capture.chains;
             // Printed while the whole ruleset streams (the doctor's first pass): the same.
@@ -790,7 +818,12 @@ fn iptables_nft_rules_read_over_netlink_print_as_the_save() {
         println!("  declined: {d}");
     }
     assert!(differs.is_empty(), "printed differently from the save:\n{}", differs.join("\n"));
-    for own in ["own: iptables-nft, IPv4", "own: iptables-nft, IPv6", "own: iptables-nft, nat (Docker, kube-proxy)"] {
+    for own in [
+        "own: iptables-nft, IPv4",
+        "own: iptables-nft, IPv6",
+        "own: iptables-nft, nat (Docker, kube-proxy)",
+        "own: strings the save must quote or escape, IPv4",
+    ] {
         assert!(same.iter().any(|n| n == own), "{own} is read over netlink: declined {declined:?}");
     }
     assert!(
