@@ -2065,10 +2065,10 @@ mod tests {
     /// test binary re-executes itself under `unshare --mount` to run `fs_checks_child`.
     #[test]
     fn open_refuses_read_only_and_full_fs() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root for mounts in a private mount namespace");
-            return;
-        }
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "needs root for mounts in a private mount namespace; run the suite as README.md says"
+        );
         let t = TempDir::new("fs");
         let exe = std::env::current_exe().expect("current exe");
         let script = r#"set -e

@@ -100,6 +100,12 @@ fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
+/// Fails `test` when not run as root (the agent pins its target namespace with a bind mount):
+/// a test that passed without running would hide a broken agent.
+fn require_root(test: &str) {
+    assert!(is_root(), "{test}: needs root (the agent pins the target namespace with a bind mount)");
+}
+
 impl TestAgent {
     fn start(fake: Fake) -> TestAgent {
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -200,9 +206,7 @@ fn txid(r: &Response) -> String {
 
 #[test]
 fn deadline_rolls_back_and_measures_slip() {
-    if !is_root() {
-        return;
-    }
+    require_root("deadline_rolls_back_and_measures_slip");
     let mut a = TestAgent::start(Fake::default());
     let r = a.apply(1);
     let id = txid(&r);
@@ -228,9 +232,7 @@ fn deadline_rolls_back_and_measures_slip() {
 
 #[test]
 fn confirm_keeps_the_change_past_the_deadline() {
-    if !is_root() {
-        return;
-    }
+    require_root("confirm_keeps_the_change_past_the_deadline");
     let mut a = TestAgent::start(Fake::default());
     let id = txid(&a.apply(1));
     let c = a.ask(Request::Confirm { txid: None, netns: None });
@@ -244,9 +246,7 @@ fn confirm_keeps_the_change_past_the_deadline() {
 
 #[test]
 fn second_apply_on_the_same_target_is_busy() {
-    if !is_root() {
-        return;
-    }
+    require_root("second_apply_on_the_same_target_is_busy");
     let mut a = TestAgent::start(Fake::default());
     let id = txid(&a.apply(60));
     let r = a.apply(60);
@@ -257,9 +257,7 @@ fn second_apply_on_the_same_target_is_busy() {
 
 #[test]
 fn extend_then_rollback_now() {
-    if !is_root() {
-        return;
-    }
+    require_root("extend_then_rollback_now");
     let mut a = TestAgent::start(Fake::default());
     let id = txid(&a.apply(2));
     let e = a.ask(Request::Extend { txid: Some(id.clone()), by_secs: 60, netns: None });
@@ -278,9 +276,7 @@ fn extend_then_rollback_now() {
 
 #[test]
 fn prepare_failure_changes_nothing_and_keeps_its_exit_code() {
-    if !is_root() {
-        return;
-    }
+    require_root("prepare_failure_changes_nothing_and_keeps_its_exit_code");
     let fake = Fake::default();
     fake.0.lock().expect("lock").fail_prepare = Some((Exit::Refused, "lint found 1 error".into()));
     let mut a = TestAgent::start(fake);
@@ -293,9 +289,7 @@ fn prepare_failure_changes_nothing_and_keeps_its_exit_code() {
 
 #[test]
 fn rollback_failure_is_exit_7_and_retried() {
-    if !is_root() {
-        return;
-    }
+    require_root("rollback_failure_is_exit_7_and_retried");
     let fake = Fake::default();
     fake.0.lock().expect("lock").fail_rollback = 1;
     let mut a = TestAgent::start(fake);
@@ -347,9 +341,7 @@ fn record(journal: &Journal, boot_id: &str, state_pending: bool, deadline_in: Du
 
 #[test]
 fn recovery_on_start_closes_other_boots_and_rolls_back_prepared() {
-    if !is_root() {
-        return;
-    }
+    require_root("recovery_on_start_closes_other_boots_and_rolls_back_prepared");
     let fake = Fake::default();
     let base = std::env::temp_dir().join(format!("ctguard-agent-recover-{}", std::process::id()));
     let state = base.join("state");
@@ -380,9 +372,7 @@ fn recovery_on_start_closes_other_boots_and_rolls_back_prepared() {
 
 #[test]
 fn agent_refuses_other_protocol_versions_and_garbage() {
-    if !is_root() {
-        return;
-    }
+    require_root("agent_refuses_other_protocol_versions_and_garbage");
     use std::io::{BufRead, BufReader, Write};
     let a = TestAgent::start(Fake::default());
     for line in ["{\"v\":99,\"op\":\"ping\"}\n", "not json\n"] {

@@ -236,9 +236,7 @@ fn nobody_can_read(p: &Path) {
 
 #[test]
 fn without_root_the_error_says_run_ctguard_as_root_exit_2() {
-    if common::skip_unless_root("without_root_the_error_says_run_ctguard_as_root_exit_2") {
-        return;
-    }
+    common::require_root("without_root_the_error_says_run_ctguard_as_root_exit_2");
     let d = Dirs::new("nobody");
     nobody_can_read(&d.0);
     let good = d.file("good.toml", POLICY);
@@ -281,9 +279,7 @@ fn without_root_the_error_says_run_ctguard_as_root_exit_2() {
 
 #[test]
 fn root_without_the_capabilities_is_told_to_run_as_root_not_given_eperm() {
-    if common::skip_unless_root("root_without_the_capabilities_is_told_to_run_as_root_not_given_eperm") {
-        return;
-    }
+    common::require_root("root_without_the_capabilities_is_told_to_run_as_root_not_given_eperm");
     let d = Dirs::new("nocaps");
     let good = d.file("good.toml", POLICY);
     // uid 0 without CAP_SYS_ADMIN and CAP_NET_ADMIN (a container): setns is EPERM.
@@ -308,9 +304,7 @@ fn root_without_the_capabilities_is_told_to_run_as_root_not_given_eperm() {
 fn history_of_the_same_second_is_in_order_of_events_not_of_the_random_suffix() {
     use ctguard::journal::Journal;
     use ctguard::txn::{Kind, Reason, Requester, TargetRecord, TxnId, TxnRecord};
-    if common::skip_unless_root("history_of_the_same_second_is_in_order_of_events_not_of_the_random_suffix") {
-        return;
-    }
+    common::require_root("history_of_the_same_second_is_in_order_of_events_not_of_the_random_suffix");
     let d = Dirs::new("history");
     let j = Journal::open(&d.state()).expect("journal");
     let second = 1_780_000_000;

@@ -218,9 +218,7 @@ fn golden_files_follow_the_design() {
 
 #[test]
 fn expected_nft_loads_with_nft_check() {
-    if skip_unless_root("expected_nft_loads_with_nft_check") {
-        return;
-    }
+    require_root("expected_nft_loads_with_nft_check");
     let mut checked = 0;
     for (case, dir) in cases() {
         let file = dir.join("expected.nft");
@@ -262,9 +260,7 @@ fn existing_rules(v6: bool) -> (String, [&'static str; 2]) {
 
 #[test]
 fn expected_iptables_restores_on_top_of_existing_rules() {
-    if skip_unless_root("expected_iptables_restores_on_top_of_existing_rules") {
-        return;
-    }
+    require_root("expected_iptables_restores_on_top_of_existing_rules");
     let mut checked = 0;
     for (case, dir) in cases() {
         for (file, v6) in [("expected.iptables", false), ("expected.ip6tables", true)] {

@@ -395,7 +395,8 @@ fn without_comments(s: &str) -> String {
 
 #[test]
 fn live_captures_are_current() {
-    if skip_unless_root("live_captures_are_current") || bless() {
+    require_root("live_captures_are_current");
+    if bless() {
         return;
     }
     for (case, dir) in cases() {
@@ -418,9 +419,7 @@ fn live_captures_are_current() {
 /// Applies a case's expected insertions on top of its setup in a fresh namespace; they must
 /// load, and planning again must find nothing left to insert.
 fn apply_case(case: &'static str) {
-    if skip_unless_root(&format!("apply {case}")) {
-        return;
-    }
+    require_root(&format!("apply {case}"));
     let dir = planner_dir().join(case);
     in_fresh_netns(case, move || {
         let policy = load_policy(&dir);

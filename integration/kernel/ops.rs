@@ -208,10 +208,8 @@ fn boot_sequence_recover_then_restore_reapplies_the_persisted_policy() {
 
 #[test]
 fn restore_is_idempotent_with_an_iptables_backend_and_reapplies_what_is_missing() {
-    let Ok(_) = ctguard::backend::exec::Tool::find("iptables-nft-restore") else {
-        eprintln!("SKIP: iptables-nft-restore is not installed");
-        return;
-    };
+    ctguard::backend::exec::Tool::find("iptables-nft-restore")
+        .expect("iptables-nft-restore (integration/packages.txt)");
     let inst = Inst::new();
     let policy = POLICY.replace("backend = \"nft\"", "backend = \"iptables-nft\"");
     let file = inst.base.join("committed-policy.toml");

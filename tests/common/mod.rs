@@ -67,12 +67,8 @@ pub fn in_fresh_netns<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Sen
     }
 }
 
-pub fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("SKIPPED {test}: needs root (network namespaces and netfilter)");
-    true
+pub fn require_root(test: &str) {
+    assert!(is_root(), "{test}: needs root (network namespaces and netfilter); run the suite as README.md says");
 }
 
 pub fn bless() -> bool {
