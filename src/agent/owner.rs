@@ -49,8 +49,8 @@ fn retryable(e: &super::engine::EngineError) -> bool {
 pub async fn apply(shared: &Arc<Shared>, a: ApplyRequest, peer_pid: Option<i32>, peer_uid: u32) -> Response {
     let r = apply_inner(shared, a, peer_pid, peer_uid).await;
     // What prepare read and planned is freed by now: give it back to the system, so a pending
-    // transaction holds only its (compressed) record.
-    super::state::release_memory();
+    // transaction holds only its (compressed) record (once the answer is written).
+    super::state::release_memory_after_answer();
     r
 }
 
@@ -656,7 +656,7 @@ fn commit(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, note: &str) -> R
     }
     tracing::info!(txid, "{note}");
     drop(rec);
-    super::state::release_memory();
+    super::state::release_memory_after_answer();
     Response::ok(json!({"txid": txid, "state": "COMMITTED", "persisted": persist_note}))
 }
 

@@ -70,7 +70,7 @@ pub async fn roll_back(shared: &Arc<Shared>, owner: &Arc<Owner>, txid: &str, rea
             owner.set_record(&rec);
             finish(shared, owner, &rec);
             drop(rec);
-            super::state::release_memory();
+            super::state::release_memory_after_answer();
             Ok(())
         }
         Err(e) => {

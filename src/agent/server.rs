@@ -343,6 +343,10 @@ async fn handle_connection(shared: &Arc<Shared>, stream: UnixStream) {
     let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
     out.push(b'\n');
     let _ = write.write_all(&out).await;
+    drop((out, response));
+    if super::state::take_release_after_answer() {
+        drop(tokio::task::spawn_blocking(super::state::release_memory));
+    }
 }
 
 async fn dispatch(shared: &Arc<Shared>, req: Request, peer_pid: Option<i32>, peer_uid: u32) -> Response {

@@ -210,11 +210,41 @@ impl HeldRecord {
 /// `malloc_trim`): after an apply or a rollback, whose reads and plans are freed but would
 /// otherwise stay in the process's resident set. Best effort; a no-op elsewhere.
 pub fn release_memory() {
+    let _lap = crate::timing::Lap::start("agent: release memory (malloc_trim)");
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists; any thread may call it.
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// A [`release_memory`] asked for by a verb whose answer is not written yet.
+static RELEASE_AFTER_ANSWER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How long a [`release_memory_after_answer`] waits for an answer to be written before it
+/// releases anyway (a deadline's rollback or a probe's commit answers nobody).
+const RELEASE_FALLBACK: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// [`release_memory`] once the verb's answer is written ([`take_release_after_answer`], the
+/// server's part), not before: `malloc_trim` holds the allocator's lock while it walks the
+/// free memory (2 ms after a 10k-rule apply, 11 ms after a 100k-rule one), and the answer
+/// would wait for it. Without an answer to write, on a thread of its own after
+/// [`RELEASE_FALLBACK`]. Best effort.
+pub fn release_memory_after_answer() {
+    use std::sync::atomic::Ordering;
+    RELEASE_AFTER_ANSWER.store(true, Ordering::SeqCst);
+    let _ = std::thread::Builder::new().name("release-memory".into()).spawn(|| {
+        std::thread::sleep(RELEASE_FALLBACK);
+        if take_release_after_answer() {
+            release_memory();
+        }
+    });
+}
+
+/// True (once) when a verb asked for [`release_memory_after_answer`]: the server releases
+/// after writing its answer.
+pub fn take_release_after_answer() -> bool {
+    RELEASE_AFTER_ANSWER.swap(false, std::sync::atomic::Ordering::SeqCst)
 }
 
 /// Allocator settings of the agent, before its threads start: one malloc arena for every
@@ -578,6 +608,17 @@ mod tests {
         assert!(raw > raw_total, "{raw} vs {raw_total}");
         assert!(zst * 10 < raw, "compressed {zst} of {raw}");
         assert_eq!(held.record().expect("unpack"), full);
+    }
+
+    /// The answer's writer takes the release once; without one, the fallback thread takes it.
+    #[test]
+    fn a_release_after_the_answer_is_taken_once_by_the_writer_or_else_by_the_fallback() {
+        release_memory_after_answer();
+        assert!(take_release_after_answer(), "the server's writer takes it");
+        assert!(!take_release_after_answer(), "once");
+        release_memory_after_answer();
+        std::thread::sleep(RELEASE_FALLBACK * 3);
+        assert!(!take_release_after_answer(), "nobody wrote an answer: the fallback released");
     }
 
     #[test]
