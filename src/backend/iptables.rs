@@ -87,6 +87,12 @@ pub enum IptablesError {
     /// The scratch thread died.
     #[error("the scratch-namespace thread panicked")]
     ScratchPanicked,
+    /// The thread reading a save died.
+    #[error("the thread running {tool} panicked")]
+    SavePanicked {
+        /// The save tool.
+        tool: String,
+    },
 }
 
 fn tool(name: &str) -> Result<Tool, IptablesError> {
@@ -121,15 +127,65 @@ pub fn save_parsed(variant: Variant, family: IpFamily) -> Result<(String, SaveDu
         let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
         return Ok((text, dump));
     }
-    let raw = t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
-    // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
-    let (text, _native) = iptables_save::without_incompatible(&raw);
-    let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name, source })?;
+    let (text, dump) = read_save(&t, &name)?;
     // Kept (parsed) only when nothing committed while the tool read.
     if let Some(k) = at.filter(|k| save_cache::key(variant) == Some(*k)) {
         save_cache::put(k, family, &text);
     }
     Ok((text, dump))
+}
+
+/// One run of the save tool `t` (`name`), parsed; no sharing.
+fn read_save(t: &Tool, name: &str) -> Result<(String, SaveDump), IptablesError> {
+    let raw = t.run(&[], None).map_err(|source| IptablesError::Exec { what: format!("{name} failed"), source })?;
+    // Native nft tables with iptables-like names are nft's, not this tool's (DESIGN §1).
+    let (text, _native) = iptables_save::without_incompatible(&raw);
+    let dump = iptables_save::parse(&text).map_err(|source| IptablesError::Dump { tool: name.to_string(), source })?;
+    Ok((text, dump))
+}
+
+/// [`save`] of each (variant, family) of `which`, in that order, the tools run side by side
+/// (each mostly waits on its own start-up and the kernel): threads of this one, in its
+/// namespace. Shared saves ([`share_saves`]) are used and kept as [`save`] would.
+pub fn saves_at_once(which: &[(Variant, IpFamily)]) -> Vec<Result<String, IptablesError>> {
+    let keys: Vec<Option<save_cache::Key>> =
+        which.iter().map(|(v, _)| save_cache::on().then(|| save_cache::key(*v)).flatten()).collect();
+    let read: Vec<Option<Result<String, IptablesError>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = which
+            .iter()
+            .zip(&keys)
+            .map(|(&(v, f), k)| {
+                let kept = k.and_then(|k| save_cache::get(k, f));
+                match kept {
+                    Some(text) => Err(text),
+                    None => Ok(s.spawn(move || {
+                        let name = v.tool(f == IpFamily::V6, "-save");
+                        read_save(&tool(&name)?, &name).map(|(text, _)| text)
+                    })),
+                }
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Err(kept) => Some(Ok(kept)),
+                Ok(h) => h.join().ok(),
+            })
+            .collect()
+    });
+    which
+        .iter()
+        .zip(keys)
+        .zip(read)
+        .map(|((&(v, f), k), r)| {
+            let r =
+                r.unwrap_or_else(|| Err(IptablesError::SavePanicked { tool: v.tool(f == IpFamily::V6, "-save") }))?;
+            if let Some(k) = k.filter(|k| save_cache::key(v) == Some(*k)) {
+                save_cache::put(k, f, &r);
+            }
+            Ok(r)
+        })
+        .collect()
 }
 
 /// Turns the sharing of saves on this thread on or off (see [`save_parsed`]); off forgets the

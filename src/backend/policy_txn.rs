@@ -1377,13 +1377,13 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
             foreign_change_summary(&ruleset_text(&p.live.nft))
         )));
     }
-    for (v, v6, text) in &p.dumps {
-        // iptables-nft's tables are nf_tables tables: the generation id, unchanged since the
-        // snapshot that read this dump (above), proves it unchanged. Only legacy is re-read.
-        if *v == Variant::Nft {
-            continue;
-        }
-        let now = ipt_backend::save((*v).into(), family(*v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
+    // iptables-nft's tables are nf_tables tables: the generation id, unchanged since the
+    // snapshot that read their dumps (above), proves them unchanged. Only legacy is re-read,
+    // both families at once.
+    let legacy: Vec<&(Variant, bool, String)> = p.dumps.iter().filter(|(v, _, _)| *v != Variant::Nft).collect();
+    let which: Vec<(IptVariant, IpFamily)> = legacy.iter().map(|(v, v6, _)| ((*v).into(), family(*v6))).collect();
+    for ((v, v6, text), now) in legacy.iter().zip(ipt_backend::saves_at_once(&which)) {
+        let now = now.map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
         if ipt::normalize_save(&now) != *text {
             return Err(PolicyTxnError::Stale(format!("{} output differs", IptVariant::from(*v).tool(*v6, "-save"))));
         }
@@ -1893,17 +1893,30 @@ struct RollbackDocs {
 
 fn rollback_ipt_docs(u: &PolicyUndo) -> Result<RollbackDocs, PolicyTxnError> {
     let _lap = crate::timing::Lap::start("rollback: iptables documents");
+    // Every save the documents need, read side by side.
+    let keys = rollback_save_keys(u);
+    let which: Vec<(IptVariant, IpFamily)> = keys.iter().map(|(v, v6)| (IptVariant::from(*v), family(*v6))).collect();
+    let mut read: BTreeMap<(Variant, bool), Result<String, PolicyTxnError>> = keys
+        .iter()
+        .copied()
+        .zip(
+            ipt_backend::saves_at_once(&which)
+                .into_iter()
+                .map(|r| r.map_err(|e| PolicyTxnError::Iptables(Box::new(e)))),
+        )
+        .collect();
+    let taken = std::cell::RefCell::new(&mut read);
     rollback_ipt_docs_from(u, |v, v6| {
-        ipt_backend::save(IptVariant::from(v), family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))
+        let kept = taken.borrow_mut().remove(&(v, v6));
+        kept.unwrap_or_else(|| {
+            ipt_backend::save(IptVariant::from(v), family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))
+        })
     })
 }
 
-/// [`rollback_ipt_docs`] built from the saves `save` gives per variant and family (pure but
-/// for `save`).
-fn rollback_ipt_docs_from(
-    u: &PolicyUndo,
-    save: impl Fn(Variant, bool) -> Result<String, PolicyTxnError>,
-) -> Result<RollbackDocs, PolicyTxnError> {
+/// The (variant, family) of the filter documents of `u`'s rollback: where it inserted or
+/// removed rules; sorted, once each.
+fn filter_keys(u: &PolicyUndo) -> Vec<(Variant, bool)> {
     let mut keys: Vec<(Variant, bool)> = u.ipt_insertions.iter().map(|i| (i.variant, i.v6)).collect();
     for r in &u.removed_previous {
         if let Removed::Iptables { variant, v6, .. } = r {
@@ -1912,10 +1925,32 @@ fn rollback_ipt_docs_from(
     }
     keys.sort_unstable();
     keys.dedup();
+    keys
+}
+
+/// The (variant, family) saves [`rollback_ipt_docs_from`] asks for, in its order, once each:
+/// those of ctguard's raw chains, then those it inserted into or removed from.
+fn rollback_save_keys(u: &PolicyUndo) -> Vec<(Variant, bool)> {
+    let mut all: Vec<(Variant, bool)> = Vec::new();
+    for k in u.raw.iter().map(|r| (r.variant, r.v6)).chain(filter_keys(u)) {
+        if !all.contains(&k) {
+            all.push(k);
+        }
+    }
+    all
+}
+
+/// [`rollback_ipt_docs`] built from the saves `save` gives per variant and family (pure but
+/// for `save`).
+fn rollback_ipt_docs_from(
+    u: &PolicyUndo,
+    save: impl Fn(Variant, bool) -> Result<String, PolicyTxnError>,
+) -> Result<RollbackDocs, PolicyTxnError> {
+    let keys = filter_keys(u);
     // One save per variant and family, shared by the raw and the filter documents (parsed
     // once, never copied: a 10k-rule dump is big).
     let mut saves: BTreeMap<(Variant, bool), (String, SaveDump)> = BTreeMap::new();
-    for k in u.raw.iter().map(|r| (r.variant, r.v6)).chain(keys.iter().copied()) {
+    for k in rollback_save_keys(u) {
         if let std::collections::btree_map::Entry::Vacant(slot) = saves.entry(k) {
             let text = save(k.0, k.1)?;
             // Without rules to put back, only ctguard's own rules and the raw table matter.
@@ -2612,19 +2647,29 @@ pub fn after_listing(p: &Prepared, u: &PolicyUndo) -> Result<String, PolicyTxnEr
         }
         chains.push(((f.to_string(), t.to_string(), c.to_string()), rules));
     }
-    let mut saves = Vec::new();
     let written = |v: IptVariant, v6: bool| {
         p.ipt_filter.iter().chain(p.ipt_raw.iter()).any(|d| IptVariant::from(d.variant) == v && d.v6 == v6)
             || (v == IptVariant::Nft && p.request.policy.notrack.is_empty() && u.raw.iter().any(|r| r.v6 == v6))
     };
-    for (name, text) in snapshot_saves(&p.live) {
-        let Some(&(_, v, v6)) = SAVE_TOOLS.iter().find(|(n, _, _)| *n == name) else { continue };
-        if written(v, v6) {
-            let now = ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?;
-            saves.push((name, now));
-        } else {
-            saves.push((name, text));
-        }
+    // The saves apply wrote to, read again (side by side); the others are the snapshot's.
+    let listed: Vec<(&str, String, Option<(IptVariant, bool)>)> = snapshot_saves(&p.live)
+        .into_iter()
+        .filter_map(|(name, text)| {
+            let &(_, v, v6) = SAVE_TOOLS.iter().find(|(n, _, _)| *n == name)?;
+            Some((name, text, written(v, v6).then_some((v, v6))))
+        })
+        .collect();
+    let which: Vec<(IptVariant, IpFamily)> =
+        listed.iter().filter_map(|(_, _, w)| w.map(|(v, v6)| (v, family(v6)))).collect();
+    let mut now = ipt_backend::saves_at_once(&which).into_iter();
+    let mut saves = Vec::new();
+    for (name, text, w) in listed {
+        // One read per written save, in order.
+        let text = match w.and_then(|_| now.next()) {
+            Some(read) => read.map_err(|e| PolicyTxnError::Iptables(Box::new(e)))?,
+            None => text,
+        };
+        saves.push((name, text));
     }
     Ok(scope_text(u, table_text.as_deref(), &chains, &saves, &read_keys(&p.scope_keys)?))
 }
