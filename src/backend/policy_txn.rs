@@ -2652,7 +2652,9 @@ pub fn after_listing(p: &Prepared, u: &PolicyUndo) -> Result<String, PolicyTxnEr
             || (v == IptVariant::Nft && p.request.policy.notrack.is_empty() && u.raw.iter().any(|r| r.v6 == v6))
     };
     // The saves apply wrote to, read again (side by side); the others are the snapshot's.
-    let listed: Vec<(&str, String, Option<(IptVariant, bool)>)> = snapshot_saves(&p.live)
+    // (save tool, the snapshot's text, (variant, IPv6) when apply wrote to it).
+    type Listed<'a> = (&'a str, String, Option<(IptVariant, bool)>);
+    let listed: Vec<Listed> = snapshot_saves(&p.live)
         .into_iter()
         .filter_map(|(name, text)| {
             let &(_, v, v6) = SAVE_TOOLS.iter().find(|(n, _, _)| *n == name)?;
