@@ -937,6 +937,20 @@ fn doctor_without_notrack_rules_reports_as_the_full_read() {
     assert!(counted(line, "seen=") < 100, "the input chains are not read: {line}");
 }
 
+/// `n` iptables INPUT rules accepting new tcp connections to ports 2000, 2001, …: the bulk of
+/// a filter chain that no DNS flow matches (the streamed reads leave them out).
+fn new_tcp_accepts(n: u16) -> String {
+    (0..n)
+        .map(|i| format!("-A INPUT -p tcp -m tcp --dport {} -m conntrack --ctstate NEW -j ACCEPT\n", 2000 + i))
+        .collect()
+}
+
+/// What two doctor reports must agree on to say the same: NOTRACK rules, recommendations,
+/// notes and what could not be read.
+fn findings_view(v: &Value) -> (Value, Vec<Value>, Value, Value) {
+    (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone())
+}
+
 /// `ctguard ARGS` with the default (netlink) reader and the debug log on stderr.
 fn debug_run(args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ctguard"));
@@ -1029,9 +1043,7 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
     for i in 0..5 {
         v4.push_str(&format!("-A INPUT -s 100.64.0.{}/32 -j DROP\n", i + 1));
     }
-    for i in 0..600 {
-        v4.push_str(&format!("-A INPUT -p tcp -m tcp --dport {} -m conntrack --ctstate NEW -j ACCEPT\n", 2000 + i));
-    }
+    v4.push_str(&new_tcp_accepts(600));
     v4.push_str(
         "-A INPUT -j svc\n-A INPUT -p tcp -j REJECT --reject-with tcp-reset\n\
          -A svc -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\n-A svc -j RETURN\nCOMMIT\n",
@@ -1047,7 +1059,7 @@ fn doctor_reads_iptables_nft_over_netlink_as_its_save_gives() {
          -A INPUT -p udp -m conntrack --ctstate UNTRACKED -j ACCEPT\nCOMMIT\n",
     );
     let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
-    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone());
+    let view = findings_view;
     let netlink = debug_run(&args);
     let json = ctguard_env(&args, Some("json"));
     assert_eq!((netlink.code, json.code), (0, 0), "{}\n{}", netlink.stderr, json.stderr);
@@ -1107,13 +1119,11 @@ fn doctor_streams_iptables_legacy_as_its_full_save_gives() {
          *filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n:svc - [0:0]\n\
          -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A INPUT -i lo -j ACCEPT\n",
     );
-    for i in 0..600 {
-        v4.push_str(&format!("-A INPUT -p tcp -m tcp --dport {} -m conntrack --ctstate NEW -j ACCEPT\n", 2000 + i));
-    }
+    v4.push_str(&new_tcp_accepts(600));
     v4.push_str("-A INPUT -j svc\n-A svc -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\nCOMMIT\n");
     srv.exec_stdin("iptables-legacy-restore", &[], &v4);
     let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
-    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone());
+    let view = findings_view;
     let streamed = debug_run(&args);
     let json = ctguard_env(&args, Some("json"));
     assert_eq!((streamed.code, json.code), (0, 0), "{}\n{}", streamed.stderr, json.stderr);
@@ -1145,13 +1155,11 @@ fn doctor_reads_iptables_legacy_raw_alone_until_something_may_notrack() {
          *filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
          -A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
     );
-    for i in 0..600 {
-        v4.push_str(&format!("-A INPUT -p tcp -m tcp --dport {} -m conntrack --ctstate NEW -j ACCEPT\n", 2000 + i));
-    }
+    v4.push_str(&new_tcp_accepts(600));
     v4.push_str("-A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT\nCOMMIT\n");
     srv.exec_stdin("iptables-legacy-restore", &[], &v4);
     let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
-    let view = |v: &Value| (v["notrack_rules"].clone(), recs(v), v["notes"].clone(), v["unreadable"].clone());
+    let view = findings_view;
     let tables_read = |run: &Run| -> Vec<String> {
         run.stderr
             .lines()
