@@ -1311,13 +1311,14 @@ fn debug_line<'a>(run: &'a Run, needle: &str) -> &'a str {
 
 /// The doctor's chain-by-chain read against rulesets ctguard did not write (issue 16): each
 /// dump of the nftables project's tests in `../shared/corpus/nft-tests` that loads, and the
-/// ufw saves (iptables-nft), with a NOTRACK rule added and, in an input filter chain, a drop of
-/// its untracked packets where the tracked ones pass (a blackhole that only the read of the
-/// evaluated chains finds: the whole analysis runs), reads to the
-/// same NOTRACK rules, findings and notes as the full read (`CTGUARD_NFT_READ=json`: `nft -j
-/// list ruleset` and every save). Rule texts are compared only as "a rule" or "the chain's
-/// policy", and fixes not at all: the netlink reader words nft rules its own way (`nft_read`'s
-/// module doc). The tally is printed.
+/// ufw saves (with iptables-nft, and with iptables-legacy), with a NOTRACK rule added and, in
+/// an input filter chain, a drop of its untracked packets where the tracked ones pass (a
+/// blackhole that only the read of the evaluated chains finds: the whole analysis runs), reads
+/// to the same NOTRACK rules, findings and notes as the full read (`CTGUARD_NFT_READ=json`:
+/// `nft -j list ruleset` and every save). The ufw saves are read once more with
+/// iptables-legacy and nothing added (the doctor then reads legacy's `raw` alone). Rule texts
+/// are compared only as "a rule" or "the chain's policy", and fixes not at all: the netlink
+/// reader words nft rules its own way (`nft_read`'s module doc). The tally is printed.
 #[test]
 fn doctor_reads_the_corpus_as_the_full_read() {
     let _host = host_conntrack_shared();
@@ -1328,8 +1329,12 @@ fn doctor_reads_the_corpus_as_the_full_read() {
         .filter(|p| p.extension().is_some_and(|x| x == "nft"))
         .collect();
     files.sort();
-    files.push(corpus.join("ufw/ufw-allow.v4"));
-    files.push(corpus.join("ufw/ufw-allow.v6"));
+    // (file, iptables variant and IPv6 for a save, a NOTRACK and its blackhole added).
+    let mut cases: Vec<(PathBuf, Option<(&str, bool)>, bool)> = files.into_iter().map(|f| (f, None, true)).collect();
+    for (variant, notrack) in [("nft", true), ("legacy", true), ("legacy", false)] {
+        cases.push((corpus.join("ufw/ufw-allow.v4"), Some((variant, false)), notrack));
+        cases.push((corpus.join("ufw/ufw-allow.v6"), Some((variant, true)), notrack));
+    }
     /// What both readers must agree on, rule texts blanked.
     fn view(v: &Value) -> String {
         let mut v = v.clone();
@@ -1356,16 +1361,20 @@ fn doctor_reads_the_corpus_as_the_full_read() {
         format!("{} {} {} {}", v["notrack_rules"], Value::Array(recs(&v)), v["notes"], v["unreadable"])
     }
     let (mut same, mut refused, mut differ, mut holes) = (0, 0, Vec::new(), 0);
-    for f in &files {
+    for (f, save, notrack) in &cases {
         let ns = Ns::new("doccorp");
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let (tool, v6) = match name.as_str() {
-            "ufw-allow.v4" => ("iptables-nft-restore", Some(false)),
-            "ufw-allow.v6" => ("ip6tables-nft-restore", Some(true)),
-            _ => ("nft", None),
+        let file = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = match save {
+            Some((variant, _)) => format!("{file} (iptables-{variant}{})", if *notrack { "" } else { ", as it is" }),
+            None => file,
         };
-        let mut args = vec!["netns", "exec", ns.name(), tool];
-        if v6.is_none() {
+        let tool = |suffix: &str| match save {
+            Some((variant, v6)) => format!("{}-{variant}{suffix}", if *v6 { "ip6tables" } else { "iptables" }),
+            None => "nft".to_string(),
+        };
+        let restore = tool("-restore");
+        let mut args = vec!["netns", "exec", ns.name(), restore.as_str()];
+        if save.is_none() {
             args.push("-f");
         }
         let path = f.to_string_lossy().into_owned();
@@ -1375,7 +1384,8 @@ fn doctor_reads_the_corpus_as_the_full_read() {
             refused += 1;
             continue;
         }
-        match v6 {
+        match save {
+            _ if !notrack => {}
             // The NOTRACK rule, and in a filter chain a drop of its untracked packets where the
             // tracked ones pass: a blackhole that only a read of the evaluated chains sees.
             None => ns.nft(
@@ -1383,14 +1393,14 @@ fn doctor_reads_the_corpus_as_the_full_read() {
                  udp dport 53 notrack\n  }\n  chain in {\n    type filter hook input priority 10; policy accept;\n    \
                  udp dport 53 ct state untracked drop\n  }\n}\n",
             ),
-            Some(v6) => {
-                let tool = if v6 { "ip6tables-nft" } else { "iptables-nft" };
-                ns.exec(tool, &["-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "53", "-j", "CT", "--notrack"]);
+            Some(_) => {
+                let tool = tool("");
+                ns.exec(&tool, &["-t", "raw", "-A", "PREROUTING", "-p", "udp", "--dport", "53", "-j", "CT", "--notrack"]);
                 let state = |pos: &'static str, st: &'static str, target: &'static str| {
                     ["-I", "INPUT", pos, "-p", "udp", "--dport", "53", "-m", "conntrack", "--ctstate", st, "-j", target]
                 };
-                ns.exec(tool, &state("1", "UNTRACKED", "DROP"));
-                ns.exec(tool, &state("2", "NEW", "ACCEPT"));
+                ns.exec(&tool, &state("1", "UNTRACKED", "DROP"));
+                ns.exec(&tool, &state("2", "NEW", "ACCEPT"));
             }
         }
         let args = ["doctor", "--netns", ns.name(), "--json", "--window", "0"];
@@ -1408,10 +1418,10 @@ fn doctor_reads_the_corpus_as_the_full_read() {
     println!(
         "doctor on the corpus: {} rulesets, {same} read the same ({holes} with the blackhole found), {refused} not \
          loaded, {} differ",
-        files.len(),
+        cases.len(),
         differ.len()
     );
     assert!(differ.is_empty(), "the streamed read and the full read disagree:\n{}", differ.join("\n"));
-    assert!(same >= 70, "too few rulesets compared: {same}");
-    assert!(holes >= 70, "the blackhole added to each is found: {holes}");
+    assert!(same >= 76, "too few rulesets compared: {same}");
+    assert!(holes >= 74, "the blackhole added to each is found: {holes}");
 }
