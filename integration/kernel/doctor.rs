@@ -1329,8 +1329,9 @@ fn doctor_reads_the_corpus_as_the_full_read() {
         .filter(|p| p.extension().is_some_and(|x| x == "nft"))
         .collect();
     files.sort();
-    // (file, iptables variant and IPv6 for a save, a NOTRACK and its blackhole added).
-    let mut cases: Vec<(PathBuf, Option<(&str, bool)>, bool)> = files.into_iter().map(|f| (f, None, true)).collect();
+    /// (file, iptables variant and IPv6 for a save, a NOTRACK and its blackhole added).
+    type Case = (PathBuf, Option<(&'static str, bool)>, bool);
+    let mut cases: Vec<Case> = files.into_iter().map(|f| (f, None, true)).collect();
     for (variant, notrack) in [("nft", true), ("legacy", true), ("legacy", false)] {
         cases.push((corpus.join("ufw/ufw-allow.v4"), Some((variant, false)), notrack));
         cases.push((corpus.join("ufw/ufw-allow.v6"), Some((variant, true)), notrack));
