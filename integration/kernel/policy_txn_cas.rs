@@ -247,3 +247,43 @@ fn a_held_xtables_lock_fails_legacy_apply_and_rollback_in_bounded_time_then_they
     ns.run(|| PolicyEngine.rollback(&undo_json)).unwrap_or_else(|e| panic!("rollback, lock free: {}", e.message));
     assert_same(&before, &list(&ns, &[]), "rolled back once the lock is free");
 }
+
+/// What the rollback's one restore per family rests on (issue 16: each family's raw and
+/// filter documents go in one `--noflush` restore when the nft steps between them have nothing
+/// to do): a restore stops at the first table it cannot commit, so a raw step the kernel
+/// refuses (here `-X` of a chain another rule still jumps to) never reaches the filter section
+/// after it — ctguard's accepts stay while its NOTRACK rules do. The tools themselves, on
+/// iptables-nft and iptables-legacy, both families.
+#[test]
+fn a_restore_that_fails_in_raw_never_reaches_the_filter_section_after_it() {
+    for variant in ["nft", "legacy"] {
+        for v6 in [false, true] {
+            let ns = Ns::new("rawfail");
+            let tool = format!("{}-{variant}", if v6 { "ip6tables" } else { "iptables" });
+            let setup = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:CTGUARD-PRE - [0:0]\n\
+                         -A PREROUTING -j CTGUARD-PRE\n-A OUTPUT -j CTGUARD-PRE\nCOMMIT\n\
+                         *filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+                         -A INPUT -p udp -m udp --dport 53 -m comment --comment ctguard:x -j ACCEPT\nCOMMIT\n";
+            ns.exec_stdin(&format!("{tool}-restore"), &["-w"], setup);
+            // The rollback's raw step misses the foreign jump in OUTPUT: `-X` is refused.
+            let doc = "*raw\n-D PREROUTING -j CTGUARD-PRE\n-X CTGUARD-PRE\nCOMMIT\n\
+                       *filter\n-D INPUT -p udp -m udp --dport 53 -m comment --comment ctguard:x -j ACCEPT\nCOMMIT\n";
+            let out = ns.run(|| {
+                ctguard::backend::exec::Tool::find(&format!("{tool}-restore"))
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .run(&["-w", "--noflush"], Some(doc.as_bytes()))
+            });
+            eprintln!("policy_txn_cas: {tool}-restore, raw refused: {out:?}");
+            assert!(out.is_err(), "{tool}: -X of a chain still jumped to is refused");
+            let save = ns.exec(&format!("{tool}-save"), &[]);
+            assert!(
+                save.contains("ctguard:x"),
+                "{tool}: the filter section after the refused raw one never ran:\n{save}"
+            );
+            assert!(
+                save.contains("-A PREROUTING -j CTGUARD-PRE"),
+                "{tool}: the refused raw section changed nothing:\n{save}"
+            );
+        }
+    }
+}

@@ -2337,7 +2337,29 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     // blackholed); a held xtables lock stops the iptables steps at once (the others would
     // wait for the same lock): the whole rollback is retried later.
     let mut raw_failed = false;
-    if let Some(d) = &docs {
+    // With nothing for the nft steps between them to do, each family's raw chains and filter
+    // rules go in one restore (raw first; a restore stops at the first table it cannot
+    // commit, so a failed raw step still keeps that family's accepts): half the tool runs.
+    let merged = docs.as_ref().filter(|_| nft_rollback_idle(u)).map(one_restore_per_family);
+    if let Some(per_family) = &merged {
+        for doc in per_family {
+            let v = IptVariant::from(doc.variant);
+            if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
+                let locked = matches!(&e, IptablesError::Exec { source: ExecError::XtablesLocked { .. }, .. });
+                failures.push(format!(
+                    "{} (raw chains, then filter rules): {}",
+                    v.tool(doc.v6, "-restore"),
+                    chain_text(&e)
+                ));
+                if locked {
+                    break;
+                }
+            }
+        }
+        if let Err(e) = cleanup_nft_raw(u) {
+            failures.push(format!("removing the iptables-nft raw table ctguard created: {}", chain_text(&e)));
+        }
+    } else if let Some(d) = &docs {
         for doc in &d.raw {
             let v = IptVariant::from(doc.variant);
             if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
@@ -2398,7 +2420,7 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     // iptables filter rules, only once the raw chains are gone.
     if raw_failed {
         failures.push("iptables filter accepts kept until ctguard's raw chains can be removed".to_string());
-    } else if let Some(d) = &docs {
+    } else if let (None, Some(d)) = (&merged, &docs) {
         for doc in &d.filter {
             let v = IptVariant::from(doc.variant);
             if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
@@ -2414,6 +2436,30 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
         }
         Err(PolicyTxnError::RollbackFailed { failures })
     }
+}
+
+/// True when the nft steps of `u`'s rollback have nothing to do: no `table inet ctguard` to
+/// delete or put back, no nft accept rule to delete, no previous nft rule to put back. Pure.
+fn nft_rollback_idle(u: &PolicyUndo) -> bool {
+    u.table.is_none() && u.nft_insertions.is_empty() && !needs_nft_script(u)
+}
+
+/// The rollback's documents as one per (variant, family), in the order of their first
+/// document: that family's raw documents, then its filter documents. Pure.
+fn one_restore_per_family(d: &RollbackDocs) -> Vec<IptDoc> {
+    let mut out: Vec<IptDoc> = Vec::new();
+    for doc in d.raw.iter().chain(&d.filter) {
+        match out.iter_mut().find(|o| o.variant == doc.variant && o.v6 == doc.v6) {
+            Some(o) => {
+                if !o.text.is_empty() && !o.text.ends_with('\n') {
+                    o.text.push('\n');
+                }
+                o.text.push_str(&doc.text);
+            }
+            None => out.push(doc.clone()),
+        }
+    }
+    out
 }
 
 /// iptables-nft creates `table ip raw` and its base chains on demand; where they did not exist
@@ -2813,6 +2859,30 @@ fn zero_nft_counters(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// The rollback's documents merged per family: raw before filter, families in order.
+    #[test]
+    fn a_rollback_restores_each_familys_raw_then_filter_documents_in_one_run() {
+        let doc = |variant, v6, text: &str| IptDoc { variant, v6, text: text.to_string() };
+        let d = RollbackDocs {
+            raw: vec![doc(Variant::Nft, false, "*raw\nA\nCOMMIT\n"), doc(Variant::Nft, true, "*raw\nB\nCOMMIT")],
+            filter: vec![
+                doc(Variant::Nft, true, "*filter\nC\nCOMMIT\n"),
+                doc(Variant::Legacy, false, "*filter\nD\nCOMMIT\n"),
+            ],
+            saves: BTreeMap::new(),
+        };
+        let got: Vec<(Variant, bool, String)> =
+            one_restore_per_family(&d).into_iter().map(|d| (d.variant, d.v6, d.text)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Variant::Nft, false, "*raw\nA\nCOMMIT\n".to_string()),
+                (Variant::Nft, true, "*raw\nB\nCOMMIT\n*filter\nC\nCOMMIT\n".to_string()),
+                (Variant::Legacy, false, "*filter\nD\nCOMMIT\n".to_string()),
+            ]
+        );
+    }
     use super::*;
 
     #[test]
