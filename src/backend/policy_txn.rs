@@ -2337,10 +2337,12 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     // blackholed); a held xtables lock stops the iptables steps at once (the others would
     // wait for the same lock): the whole rollback is retried later.
     let mut raw_failed = false;
-    // With nothing for the nft steps between them to do, each family's raw chains and filter
-    // rules go in one restore (raw first; a restore stops at the first table it cannot
-    // commit, so a failed raw step still keeps that family's accepts): half the tool runs.
-    let merged = docs.as_ref().filter(|_| nft_rollback_idle(u)).map(one_restore_per_family);
+    // When the rollback only takes away (`rollback_only_takes_away`: nothing for the nft
+    // steps between raw and filter to do, nothing of a previous transaction to put back),
+    // each family's raw chains and filter rules go in one restore (raw first; a restore stops
+    // at the first table it cannot commit, so a failed raw step still keeps that family's
+    // accepts): half the tool runs.
+    let merged = docs.as_ref().filter(|_| rollback_only_takes_away(u)).map(one_restore_per_family);
     if let Some(per_family) = &merged {
         for doc in per_family {
             let v = IptVariant::from(doc.variant);
@@ -2438,10 +2440,19 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     }
 }
 
-/// True when the nft steps of `u`'s rollback have nothing to do: no `table inet ctguard` to
-/// delete or put back, no nft accept rule to delete, no previous nft rule to put back. Pure.
-fn nft_rollback_idle(u: &PolicyUndo) -> bool {
-    u.table.is_none() && u.nft_insertions.is_empty() && !needs_nft_script(u)
+/// True when `u`'s rollback only takes away: the nft steps have nothing to do (no `table inet
+/// ctguard` to delete or put back, no nft accept rule to delete, no previous nft rule to put
+/// back), nothing of a previous transaction goes back (no removed rule, no raw chain that
+/// existed before), and each family has its raw chains in one variant. Then each family's
+/// raw and filter documents may go in one restore. Pure.
+fn rollback_only_takes_away(u: &PolicyUndo) -> bool {
+    let one_variant_per_family = u.raw.iter().all(|r| u.raw.iter().all(|o| o.v6 != r.v6 || o.variant == r.variant));
+    u.table.is_none()
+        && u.nft_insertions.is_empty()
+        && !needs_nft_script(u)
+        && u.removed_previous.is_empty()
+        && u.raw.iter().all(|r| !r.before.exist && r.before.jumps.is_empty())
+        && one_variant_per_family
 }
 
 /// The rollback's documents as one per (variant, family), in the order of their first
@@ -2859,6 +2870,39 @@ fn zero_nft_counters(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// One restore per family only for a rollback that only takes away: not when raw chains
+    /// existed before (a re-apply puts them back), when a family's raw chains are in two
+    /// variants, or when the nft steps have something to do.
+    #[test]
+    fn a_rollback_merges_per_family_only_when_it_only_takes_away() {
+        let raw = |variant, v6, existed: bool| RawBefore {
+            variant,
+            v6,
+            before: crate::render::ipt_edit::RawChains { exist: existed, lines: Vec::new(), jumps: Vec::new() },
+            jumps_added: Vec::new(),
+            nft_table_existed: false,
+            nft_chains_before: Vec::new(),
+        };
+        let mut u = PolicyUndo::empty("ctguard:t");
+        u.raw = vec![raw(Variant::Nft, false, false), raw(Variant::Nft, true, false)];
+        assert!(rollback_only_takes_away(&u), "a first apply's rollback");
+        let mut again = u.clone();
+        again.raw[0] = raw(Variant::Nft, false, true);
+        assert!(!rollback_only_takes_away(&again), "raw chains that existed before go back");
+        let mut two = u.clone();
+        two.raw.push(raw(Variant::Legacy, false, false));
+        assert!(!rollback_only_takes_away(&two), "IPv4 raw chains in two variants");
+        let mut nft = u.clone();
+        nft.nft_insertions.push(NftInsertion {
+            family: "inet".into(),
+            table: "host".into(),
+            chain: "input".into(),
+            handle: Some(7),
+            rule: "udp dport 53 ct state untracked accept".into(),
+        });
+        assert!(!rollback_only_takes_away(&nft), "an nft accept to delete between raw and filter");
+    }
 
     /// The rollback's documents merged per family: raw before filter, families in order.
     #[test]
