@@ -937,6 +937,16 @@ fn doctor_without_notrack_rules_reports_as_the_full_read() {
     assert!(counted(line, "seen=") < 100, "the input chains are not read: {line}");
 }
 
+/// The doctor's report read twice, streamed (debug log on, [`debug_run`]) and in full
+/// (`CTGUARD_NFT_READ=json`), both exiting 0: (the streamed run, its report, the full report).
+fn streamed_and_full(args: &[&str]) -> (Run, Value, Value) {
+    let streamed = debug_run(args);
+    let full = ctguard_env(args, Some("json"));
+    assert_eq!((streamed.code, full.code), (0, 0), "{}\n{}", streamed.stderr, full.stderr);
+    let (s, f) = (streamed.json(), full.json());
+    (streamed, s, f)
+}
+
 /// `n` iptables INPUT rules accepting new tcp connections to ports 2000, 2001, …: the bulk of
 /// a filter chain that no DNS flow matches (the streamed reads leave them out).
 fn new_tcp_accepts(n: u16) -> String {
@@ -1124,10 +1134,7 @@ fn doctor_streams_iptables_legacy_as_its_full_save_gives() {
     srv.exec_stdin("iptables-legacy-restore", &[], &v4);
     let args = ["doctor", "--netns", srv.name(), "--json", "--window", "0"];
     let view = findings_view;
-    let streamed = debug_run(&args);
-    let json = ctguard_env(&args, Some("json"));
-    assert_eq!((streamed.code, json.code), (0, 0), "{}\n{}", streamed.stderr, json.stderr);
-    let (n, j) = (streamed.json(), json.json());
+    let (streamed, n, j) = streamed_and_full(&args);
     assert_eq!(view(&n), view(&j), "the streamed legacy read and the full saves disagree");
     assert_eq!(n["notrack_rules"].as_array().map_or(0, Vec::len), 2, "behind the jump too: {:#}", n["notrack_rules"]);
     let Some(hole) = recs(&n).into_iter().find(|r| r["kind"] == "blackhole") else { panic!("{:#?}", recs(&n)) };
@@ -1174,20 +1181,15 @@ fn doctor_reads_iptables_legacy_raw_alone_until_something_may_notrack() {
             .collect()
     };
     // No rule may notrack: `raw` alone is read.
-    let streamed = debug_run(&args);
-    let json = ctguard_env(&args, Some("json"));
-    assert_eq!((streamed.code, json.code), (0, 0), "{}\n{}", streamed.stderr, json.stderr);
-    assert_eq!(view(&streamed.json()), view(&json.json()), "the raw-only read and the full saves disagree");
+    let (streamed, n, j) = streamed_and_full(&args);
+    assert_eq!(view(&n), view(&j), "the raw-only read and the full saves disagree");
     eprintln!("doctor: no NOTRACK: iptables-legacy tables read: {:?}", tables_read(&streamed));
     assert_eq!(tables_read(&streamed), ["raw rules=1"], "only raw is read: {}", streamed.stderr);
     // A NOTRACK rule in nft: every legacy table is read, and legacy's INPUT DROP found.
     srv.nft(
         "table inet dns_raw {\n  chain pre {\n    type filter hook prerouting priority raw; policy accept;\n    udp dport 53 notrack\n  }\n}\n",
     );
-    let streamed = debug_run(&args);
-    let json = ctguard_env(&args, Some("json"));
-    assert_eq!((streamed.code, json.code), (0, 0), "{}\n{}", streamed.stderr, json.stderr);
-    let (n, j) = (streamed.json(), json.json());
+    let (streamed, n, j) = streamed_and_full(&args);
     assert_eq!(view(&n), view(&j), "the streamed legacy read and the full saves disagree");
     eprintln!("doctor: nft NOTRACK: iptables-legacy tables read: {:?}", tables_read(&streamed));
     assert!(tables_read(&streamed).iter().any(|t| t.starts_with("all ")), "every table read: {}", streamed.stderr);
