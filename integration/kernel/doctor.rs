@@ -1199,7 +1199,8 @@ fn doctor_reads_iptables_legacy_raw_alone_until_something_may_notrack() {
 
 /// Racing the doctor's read (issue 16: it now reads chain by chain, in several dumps): a writer
 /// flips, in one nft transaction each time, both a NOTRACK rule's port and the filter's
-/// untracked accept between 53 and 5353, while the doctor runs 40 times. Each run must exit 0
+/// untracked accept between 53 and 5353, while the doctor runs 40 times or more (until the
+/// writer flipped 40 times). Each run must exit 0
 /// and report one state (one NOTRACK rule, no blackhole), or say the ruleset kept changing;
 /// at least 10 must read. A read that mixed the NOTRACK chain of one state with the filter
 /// chain of the other would report a blackhole — but the window between two dumps is short,
@@ -1237,7 +1238,16 @@ fn doctor_reads_never_mix_two_states_of_a_changing_ruleset() {
                 port = if port == 53 { 5353 } else { 53 };
             }
         });
-        for _ in 0..40 {
+        // At least 40 runs, and on until the writer flipped 40 times (on a busy machine the
+        // writer's `nft` processes may be slower than the doctor's runs).
+        let mut runs = 0;
+        while runs < 40 || flips.load(std::sync::atomic::Ordering::Relaxed) < 40 {
+            runs += 1;
+            assert!(
+                runs <= 400,
+                "the writer flipped only {} times in 400 runs",
+                flips.load(std::sync::atomic::Ordering::Relaxed)
+            );
             let run = ctguard_env(&args, None);
             assert_eq!(run.code, 0, "{}", run.stderr);
             let j = run.json();
@@ -1256,7 +1266,7 @@ fn doctor_reads_never_mix_two_states_of_a_changing_ruleset() {
     let flips = flips.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!("doctor race: {read} consistent reads, {unstable} unstable, {flips} flips by the writer");
     assert!(flips >= 40, "the ruleset kept changing during the runs: {flips} flips");
-    assert!(read >= 10, "most runs read one state: {read} of 40 ({unstable} unstable)");
+    assert!(read >= 10, "most runs read one state: {read} of {} ({unstable} unstable)", read + unstable);
 }
 
 /// The same race made certain (a fault point): right after the doctor read the NOTRACK chain of

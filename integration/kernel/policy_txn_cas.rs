@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ctguard::agent::engine::{ApplyInput, Engine, EngineError, Undo};
 use ctguard::agent::policy_engine::PolicyEngine;
 use ctguard::backend::exec::with_xtables_wait;
+use ctguard::backend::netlink::get_genid;
 use ctguard::backend::policy_txn::{apply, rollback, PolicyTxnError};
 use ctguard::exit::Exit;
 use ctguard::fault::{inject, FOREIGN_TABLE};
@@ -173,6 +174,52 @@ fn a_rollback_raced_between_its_read_and_its_batch_reads_again_and_succeeds() {
         drop_foreign(&ns);
         assert_same(expected, &list(&ns, &[]), what);
     }
+}
+
+/// An iptables-nft host: the stateful filter in both families, a raw table in IPv4 only (so
+/// apply creates `table ip6 raw` and the rollback must remove it again).
+fn iptables_nft_host(ns: &Ns) {
+    let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    ns.exec_stdin("iptables-nft-restore", &["-w"], &format!("{LEGACY_FW}{raw}"));
+    ns.exec_stdin("ip6tables-nft-restore", &["-w"], LEGACY_FW);
+}
+
+const IPT_NFT_UDP_TCP_53: &str =
+    "backend = \"iptables-nft\"\n[[notrack]]\nprotocols = [\"udp\", \"tcp\"]\nports = [53]\n";
+
+#[test]
+fn an_iptables_nft_rollback_is_one_kernel_transaction_for_both_families_and_tables() {
+    let ns = Ns::new("cas-ipt-one");
+    iptables_nft_host(&ns);
+    let before = list(&ns, &[]);
+    let undo = app(&ns, &prep(&ns, &request(&policy(IPT_NFT_UDP_TCP_53), "cas-ipt-one", None)));
+    assert!(undo.ipt_insertions.iter().any(|i| i.v6) && undo.ipt_insertions.iter().any(|i| !i.v6), "{undo:?}");
+    let genid = || ns.run(get_genid).unwrap_or_else(|e| panic!("genid: {e}"));
+    let g0 = genid();
+    let report = ns.run(|| rollback(&undo)).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+    // The restores took one commit per family (and an `nft -f` for the ip6 raw table
+    // iptables-nft created): at least three generations.
+    assert_eq!(genid().wrapping_sub(g0), 1, "one nf_tables commit: {:?}", report.warnings);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_same(&before, &list(&ns, &[]), "rolled back: both families, raw and filter, the created ip6 raw table gone");
+}
+
+#[test]
+fn an_iptables_nft_rollback_raced_between_its_read_and_its_batch_reads_again_and_succeeds() {
+    let ns = Ns::new("cas-ipt-race");
+    iptables_nft_host(&ns);
+    let before = list(&ns, &[]);
+    let undo = app(&ns, &prep(&ns, &request(&policy(IPT_NFT_UDP_TCP_53), "cas-ipt-race", None)));
+    let (res, fired) = ns.run(|| inject("rollback:foreign-change", 1, || rollback(&undo)));
+    assert_eq!(fired, 1, "the fault point must fire once");
+    let report = res.unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+    assert!(
+        report.warnings.iter().any(|w| w.contains("between the rollback's read and its batch; read again")),
+        "the first batch must have been refused and the read redone: {:?}",
+        report.warnings
+    );
+    drop_foreign(&ns);
+    assert_same(&before, &list(&ns, &[]), "rolled back after the race");
 }
 
 /// Holds the host-wide legacy xtables lock (`/run/xtables.lock`, flock) as another

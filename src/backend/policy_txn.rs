@@ -34,6 +34,7 @@
 
 mod accept;
 pub mod guard;
+mod ipt_nft_undo;
 
 pub use ipt::{RawChains, Variant};
 
@@ -2337,6 +2338,20 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     // blackholed); a held xtables lock stops the iptables steps at once (the others would
     // wait for the same lock): the whole rollback is retried later.
     let mut raw_failed = false;
+    // An iptables-nft rollback that only takes away: one nf_tables batch for both families and
+    // tables ([`ipt_nft_in_one_batch`]); the restores below only when it cannot be one.
+    let docs =
+        match docs.as_ref().filter(|_| rollback_only_takes_away(u)).map(|d| ipt_nft_in_one_batch(u, d, &mut report)) {
+            Some(Ok(true)) => None,
+            Some(Err(e)) => {
+                let w =
+                    format!("the iptables-nft rollback as one batch failed ({e}): restoring table by table instead");
+                tracing::warn!("{w}");
+                report.warnings.push(w);
+                docs
+            }
+            _ => docs,
+        };
     // When the rollback only takes away (`rollback_only_takes_away`: nothing for the nft
     // steps between raw and filter to do, nothing of a previous transaction to put back),
     // each family's raw chains and filter rules go in one restore (raw first; a restore stops
@@ -2438,6 +2453,57 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
         }
         Err(PolicyTxnError::RollbackFailed { failures })
     }
+}
+
+/// The iptables part of `u`'s rollback, documents `d`, as one nf_tables batch carrying the
+/// generation id read before the rules it deletes (`ipt_nft_undo`): `Ok(true)` when it is done
+/// (or there was nothing to delete), `Ok(false)` when it cannot be one batch (not iptables-nft
+/// alone, a document that does more than delete, a rule the netlink printer cannot print or
+/// find): nothing was sent, the restores do it. A batch refused because another writer
+/// committed in between is read and sent again ([`NFT_ROLLBACK_ATTEMPTS`] times, a warning
+/// each); any other refusal is an error, with nothing applied (one kernel transaction).
+fn ipt_nft_in_one_batch(u: &PolicyUndo, d: &RollbackDocs, report: &mut RollbackReport) -> Result<bool, String> {
+    use ipt_nft_undo::{batch, read_now, resolve, takes_of, RawCleanup, ReadError};
+    let _lap = crate::timing::Lap::start("rollback: iptables-nft in one batch");
+    if u.raw.iter().any(|r| r.variant != Variant::Nft) || u.ipt_insertions.iter().any(|i| i.variant != Variant::Nft) {
+        return Ok(false);
+    }
+    let docs: Vec<&IptDoc> = d.raw.iter().chain(&d.filter).collect();
+    let Some(takes) = takes_of(&docs) else { return Ok(false) };
+    let cleanups = RawCleanup::of(&u.raw);
+    if takes.is_empty() && cleanups.is_empty() {
+        return Ok(true);
+    }
+    for attempt in 1..=NFT_ROLLBACK_ATTEMPTS {
+        let retry = |report: &mut RollbackReport| {
+            let w = format!(
+                "attempt {attempt}: another writer changed the ruleset between the rollback's read and its batch; read again"
+            );
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+        };
+        let genid = get_genid().map_err(|e| chain_text(&e))?;
+        let now = match read_now(&takes, &cleanups) {
+            Ok(now) => now,
+            Err(ReadError::Interrupted(_)) => {
+                retry(report);
+                continue;
+            }
+            Err(e) => return Err(chain_text(&e)),
+        };
+        let Some(deletes) = resolve(&takes, &now, &cleanups) else {
+            tracing::debug!("rollback of {}: a rule to delete is not printable or not found over netlink", u.tag);
+            return Ok(false);
+        };
+        let Some(b) = batch(&deletes, genid).map_err(|e| chain_text(&e))? else { return Ok(true) };
+        crate::fault::foreign_change("rollback:foreign-change");
+        match send_batch(&b.finish()) {
+            Ok(()) => return Ok(true),
+            Err(NetlinkError::GenerationChanged { .. }) => retry(report),
+            Err(e) => return Err(chain_text(&e)),
+        }
+    }
+    Err(format!("another writer changed the ruleset at each of {NFT_ROLLBACK_ATTEMPTS} attempts"))
 }
 
 /// True when `u`'s rollback only takes away: the nft steps have nothing to do (no `table inet

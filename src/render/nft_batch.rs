@@ -103,6 +103,8 @@ pub enum MsgKind {
     InsertRule,
     /// `NFT_MSG_DELRULE` (by handle).
     DelRule,
+    /// `NFT_MSG_DELCHAIN` (by name; the kernel deletes the chain's rules with it).
+    DelChain,
     /// `NFNL_MSG_BATCH_END`.
     BatchEnd,
 }
@@ -120,6 +122,7 @@ impl MsgKind {
             MsgKind::NewChain => nft(libc::NFT_MSG_NEWCHAIN),
             MsgKind::NewRule | MsgKind::InsertRule => nft(libc::NFT_MSG_NEWRULE),
             MsgKind::DelRule => nft(libc::NFT_MSG_DELRULE),
+            MsgKind::DelChain => nft(libc::NFT_MSG_DELCHAIN),
             MsgKind::BatchEnd => NFNL_MSG_BATCH_END,
         }
     }
@@ -616,12 +619,18 @@ impl BatchBuilder {
     }
 
     fn table_msg(&mut self, kind: MsgKind, name: &str) -> Result<(), BatchError> {
+        self.table_msg_in(kind, "inet", name)
+    }
+
+    /// NEWTABLE or DELTABLE `name` of nft family `family` (`ip`, `ip6`, `inet`).
+    fn table_msg_in(&mut self, kind: MsgKind, family: &str, name: &str) -> Result<(), BatchError> {
+        let pf = nfproto_of(family).ok_or_else(|| BatchError::Family(family.to_string()))?;
         let cname = cstring("table name", name)?;
         let verb = if kind == MsgKind::DelTable { "delete" } else { "add" };
         let t = RawTable(non_null(unsafe { sys::nftnl_table_alloc() }));
         // SAFETY: `t` is a live table object; libnftnl copies the string.
         unsafe {
-            sys::nftnl_table_set_u32(t.0.as_ptr(), sys::NFTNL_TABLE_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_table_set_u32(t.0.as_ptr(), sys::NFTNL_TABLE_FAMILY as u16, u32::from(pf));
             sys::nftnl_table_set_str(t.0.as_ptr(), sys::NFTNL_TABLE_NAME as u16, cname.as_ptr());
             if kind == MsgKind::NewTable {
                 // nft sends NFTA_TABLE_FLAGS 0 when it declares a table, nothing when deleting.
@@ -629,10 +638,10 @@ impl BatchBuilder {
             }
         }
         let ty = kind.nlmsg_type() & 0xff;
-        self.push_written(kind, format!("{verb} table inet {name}"), |buf, seq| {
+        self.push_written(kind, format!("{verb} table {family} {name}"), |buf, seq| {
             // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a table message is tiny.
             unsafe {
-                let nlh = sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), ty, libc::NFPROTO_INET as u16, 0, seq);
+                let nlh = sys::nftnl_nlmsg_build_hdr(buf.cast::<c_char>(), ty, pf, 0, seq);
                 sys::nftnl_table_nlmsg_build_payload(nlh, t.0.as_ptr());
             }
         })
@@ -950,6 +959,25 @@ impl BatchBuilder {
         self.push_written(MsgKind::DelRule, what, |buf, seq| {
             // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a rule message is small.
             unsafe { r.write(buf, seq, MsgType::Del) }
+        })
+    }
+
+    /// DELTABLE: `table` of nft family `family` (`ip`, `ip6`, `inet`) and everything in it.
+    /// The kernel refuses the whole batch (`ENOENT`) when no such table exists.
+    pub fn delete_table_in(&mut self, family: &str, table: &str) -> Result<(), BatchError> {
+        self.table_msg_in(MsgKind::DelTable, family, table)
+    }
+
+    /// DELCHAIN: `chain` of `table` (nft family `family`) with every rule in it. The kernel
+    /// refuses the whole batch when no such chain exists (`ENOENT`) or a rule outside it still
+    /// jumps to it (`EBUSY`).
+    pub fn delete_chain_in(&mut self, family: &str, table: &str, chain: &str) -> Result<(), BatchError> {
+        let pf = proto_family_of(family).ok_or_else(|| BatchError::Family(family.to_string()))?;
+        let t = Table::new(cstring("table name", table)?, pf);
+        let c = Chain::new(cstring("chain name", chain)?, &t);
+        self.push_written(MsgKind::DelChain, format!("delete chain {family} {table} {chain}"), |buf, seq| {
+            // SAFETY: `buf` has room for nft_nlmsg_maxsize() bytes; a chain message is small.
+            unsafe { c.write(buf, seq, MsgType::Del) }
         })
     }
 
