@@ -222,6 +222,56 @@ fn an_iptables_nft_rollback_raced_between_its_read_and_its_batch_reads_again_and
     assert_same(&before, &list(&ns, &[]), "rolled back after the race");
 }
 
+#[test]
+fn an_iptables_nft_apply_keeps_the_handles_the_kernel_announced_for_its_rules() {
+    let ns = Ns::new("cas-ipt-hints");
+    iptables_nft_host(&ns);
+    let undo = app(&ns, &prep(&ns, &request(&policy(IPT_NFT_UDP_TCP_53), "cas-ipt-hints", None)));
+    let hints = &undo.ipt_nft_handles;
+    assert_eq!(hints.len(), undo.ipt_insertions.len(), "one per inserted rule: {hints:?}");
+    for h in hints {
+        let fam = if h.v6 { "ip6" } else { "ip" };
+        assert!(h.line.contains("--comment \"ctguard:cas-ipt-hints\""), "{h:?}");
+        let listed = ns.exec("nft", &["-a", "list", "chain", fam, &h.table, &h.chain]);
+        let at = listed
+            .lines()
+            .find(|l| l.trim_end().ends_with(&format!("# handle {}", h.handle)))
+            .unwrap_or_else(|| panic!("handle {} not in {fam} {} {}:\n{listed}", h.handle, h.table, h.chain));
+        // (nft does not print an iptables comment match; ctguard's are the only untracked accepts.)
+        assert!(
+            at.contains("ct state untracked") && at.contains("dport 53"),
+            "the handle is an accept of ctguard's: {at}"
+        );
+    }
+    back(&ns, &undo);
+}
+
+#[test]
+fn a_stale_handle_hint_never_deletes_another_rule() {
+    let ns = Ns::new("cas-ipt-stale");
+    iptables_nft_host(&ns);
+    let before = list(&ns, &[]);
+    let mut undo = app(&ns, &prep(&ns, &request(&policy(IPT_NFT_UDP_TCP_53), "cas-ipt-stale", None)));
+    // Point each IPv4 hint at the host's own `-i lo -j ACCEPT` rule (what a handle reused after a
+    // table was recreated could do).
+    let listed = ns.exec("nft", &["-a", "list", "chain", "ip", "filter", "INPUT"]);
+    let lo: u64 = listed
+        .lines()
+        .find(|l| l.contains("iifname \"lo\""))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .and_then(|h| h.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lo rule with a handle:\n{listed}"));
+    let mut pointed = 0;
+    for h in undo.ipt_nft_handles.iter_mut().filter(|h| !h.v6) {
+        h.handle = lo;
+        pointed += 1;
+    }
+    assert!(pointed > 0, "IPv4 hints to point elsewhere: {:?}", undo.ipt_nft_handles);
+    let report = ns.run(|| rollback(&undo)).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    assert_same(&before, &list(&ns, &[]), "the lo rule kept, ctguard's rules found by reading their chain");
+}
+
 /// Holds the host-wide legacy xtables lock (`/run/xtables.lock`, flock) as another
 /// iptables-legacy process would, until dropped.
 struct XtablesLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);

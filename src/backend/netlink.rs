@@ -980,6 +980,16 @@ fn getrule_request(family: &str, table: &str, chain: &str, handle: Option<u64>, 
 /// table exists. Read-only. A handle is unique in its table only until the table is
 /// recreated: check what comes back (its comment) before acting on it.
 pub fn get_rule(family: &str, table: &str, chain: &str, handle: u64) -> Result<Option<RuleInfo>, NetlinkError> {
+    get_rule_reply(family, table, chain, handle)?.map(|r| parse_rule(&r)).transpose()
+}
+
+/// [`get_rule`], the rule's NEWRULE payload (nfgenmsg + attributes) as the kernel sent it, for
+/// [`crate::backend::nft_read::decode_rule`]. Read-only.
+pub fn get_rule_payload(family: &str, table: &str, chain: &str, handle: u64) -> Result<Option<Vec<u8>>, NetlinkError> {
+    Ok(get_rule_reply(family, table, chain, handle)?.map(|r| r.payload))
+}
+
+fn get_rule_reply(family: &str, table: &str, chain: &str, handle: u64) -> Result<Option<Reply>, NetlinkError> {
     const WHAT: &str = "GETRULE (read one rule by handle)";
     let query = |source: io::Error| NetlinkError::Query { what: WHAT, source };
     let seq = FIRST_SEQ;
@@ -992,11 +1002,11 @@ pub fn get_rule(family: &str, table: &str, chain: &str, handle: u64) -> Result<O
         let Some(replies) = s.recv(deadline.saturating_duration_since(Instant::now()))? else {
             return Err(query(io::Error::from(io::ErrorKind::TimedOut)));
         };
-        for r in replies.iter().filter(|r| r.seq == seq) {
+        for r in replies.into_iter().filter(|r| r.seq == seq) {
             if r.ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE {
-                found = Some(parse_rule(r)?);
+                found = Some(r);
             } else if r.ty == NLMSG_ERROR {
-                let (code, _) = parse_error(r)?;
+                let (code, _) = parse_error(&r)?;
                 return match code.saturating_neg() {
                     0 => Ok(found),
                     libc::ENOENT => Ok(None),

@@ -104,6 +104,56 @@ impl NftMonitor {
     }
 }
 
+impl NftMonitor {
+    /// Reads every queued notification without blocking: the nf_tables messages, each as its
+    /// `NFT_MSG_*` type and its payload (nfgenmsg + attributes), in the kernel's order; `None`
+    /// when one was lost (`ENOBUFS`: the queue overflowed), as the list is then incomplete.
+    pub fn messages(&self) -> io::Result<Option<Vec<(u16, Vec<u8>)>>> {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut out = Vec::new();
+        let mut lost = false;
+        loop {
+            // SAFETY: recv into a buffer we own, of its length.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOBUFS) => {
+                        lost = true;
+                        continue;
+                    }
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            out.extend(nftables_messages(&buf[..n as usize]));
+        }
+        Ok((!lost).then_some(out))
+    }
+}
+
+/// The nf_tables messages of the netlink datagram `buf`: (`NFT_MSG_*` type, payload). Pure.
+pub fn nftables_messages(buf: &[u8]) -> Vec<(u16, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= buf.len() {
+        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
+        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        if ty >> 8 == NFNL_SUBSYS_NFTABLES {
+            out.push((ty & 0xff, buf[off + NLMSG_HDRLEN..off + len].to_vec()));
+        }
+        off += (len + 3) & !3;
+    }
+    out
+}
+
 impl AsRawFd for NftMonitor {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -137,6 +187,19 @@ mod tests {
         v.extend_from_slice(&ty.to_ne_bytes());
         v.extend_from_slice(&[0u8; 14]);
         v
+    }
+
+    #[test]
+    fn messages_are_split_with_their_payloads_and_other_subsystems_dropped() {
+        let sub = NFNL_SUBSYS_NFTABLES << 8;
+        let mut two = msg(sub | 6);
+        two.extend(msg((1 << 8) | 6));
+        two.extend(msg(sub | 8));
+        let got = nftables_messages(&two);
+        assert_eq!(got, vec![(6, vec![0u8; 4]), (8, vec![0u8; 4])]);
+        let mut cut = msg(sub | 6);
+        cut.truncate(18);
+        assert!(nftables_messages(&cut).is_empty(), "a message cut short is not read");
     }
 
     #[test]

@@ -50,6 +50,7 @@ use crate::backend::live::{self as live_backend, LiveError, SAVE_TOOLS};
 use crate::backend::netlink::{
     check_batch, dump_chain_rules, get_genid, get_rule, send_batch, send_batch_echoed, NetlinkError, RuleInfo,
 };
+use crate::backend::nft_monitor::NftMonitor;
 use crate::exit::Exit;
 use crate::lint::{lint, Finding, LintInput, Severity, SshConn};
 use crate::live::fw::{FwTables, IptVariant, Owner};
@@ -421,6 +422,27 @@ pub struct PolicyUndo {
     pub removed_previous: Vec<Removed>,
     /// Warnings of apply (skipped flushes, generation drift).
     pub warnings: Vec<String>,
+    /// iptables-nft's tagged rules as the kernel announced them when apply's restore committed
+    /// them (empty when unknown). A hint for the rollback, which reads each back by handle and
+    /// deletes it only if it still prints as its line. Absent from older journal records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipt_nft_handles: Vec<IptNftHandle>,
+}
+
+/// A rule of iptables-nft's as the kernel announced it after a commit: where, its handle, and
+/// its save line (`-A CHAIN …`, as `iptables-nft-save` prints it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IptNftHandle {
+    /// IPv6 (`ip6` family) when true.
+    pub v6: bool,
+    /// Table.
+    pub table: String,
+    /// Chain.
+    pub chain: String,
+    /// The kernel's handle (unique in its table until the table is recreated).
+    pub handle: u64,
+    /// The save line.
+    pub line: String,
 }
 
 impl PolicyUndo {
@@ -439,6 +461,7 @@ impl PolicyUndo {
             sysctls: Vec::new(),
             removed_previous: Vec::new(),
             warnings: Vec::new(),
+            ipt_nft_handles: Vec::new(),
         }
     }
 
@@ -1034,6 +1057,7 @@ pub fn prepare_with(req: &PolicyRequest, facts: MachineFacts, mode: PrepareMode)
         sysctls: Vec::new(),
         removed_previous: removed,
         warnings: Vec::new(),
+        ipt_nft_handles: Vec::new(),
     };
     // The keys this transaction writes: the ones its undo record (and so the listing after
     // apply) will name, so that `show` compares like with like.
@@ -1396,7 +1420,9 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     done.table = None;
     done.raw.clear();
 
-    // (1) iptables filter insertions.
+    // (1) iptables filter insertions. iptables-nft's are announced by the kernel with their
+    // handles: kept as the rollback's hints (`tagged_rules_announced`).
+    let monitor = p.ipt_filter.iter().any(|d| d.variant == Variant::Nft).then(NftMonitor::open).and_then(Result::ok);
     let mut own_commits: u32 = 0;
     for doc in &p.ipt_filter {
         let v = IptVariant::from(doc.variant);
@@ -1406,6 +1432,10 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         if v == IptVariant::Nft {
             own_commits += table_sections(&doc.text);
         }
+    }
+
+    if let Some(m) = monitor {
+        undo.ipt_nft_handles = tagged_rules_announced(&m, &undo.tag);
     }
 
     // (2) the nft batch, carrying the generation id of the snapshot, moved only by ctguard's
@@ -2483,7 +2513,7 @@ fn ipt_nft_in_one_batch(u: &PolicyUndo, d: &RollbackDocs, report: &mut RollbackR
             report.warnings.push(w);
         };
         let genid = get_genid().map_err(|e| chain_text(&e))?;
-        let now = match read_now(&takes, &cleanups) {
+        let now = match read_now(&takes, &cleanups, &u.ipt_nft_handles) {
             Ok(now) => now,
             Err(ReadError::Interrupted(_)) => {
                 retry(report);
@@ -2504,6 +2534,28 @@ fn ipt_nft_in_one_batch(u: &PolicyUndo, d: &RollbackDocs, report: &mut RollbackR
         }
     }
     Err(format!("another writer changed the ruleset at each of {NFT_ROLLBACK_ATTEMPTS} attempts"))
+}
+
+/// The rules tagged `tag` that `monitor` saw committed into iptables-nft's `ip`/`ip6` tables,
+/// with their handles and save lines; empty when a notification was lost or a rule does not
+/// print (the rollback then finds them by reading their chains).
+fn tagged_rules_announced(monitor: &NftMonitor, tag: &str) -> Vec<IptNftHandle> {
+    let Ok(Some(msgs)) = monitor.messages() else { return Vec::new() };
+    let comment = format!("--comment \"{tag}\"");
+    let mut out = Vec::new();
+    for (_, payload) in msgs.iter().filter(|(ty, _)| *ty == libc::NFT_MSG_NEWRULE as u16) {
+        let Some(r) = crate::backend::nft_read::decode_rule(payload) else { return Vec::new() };
+        let v6 = match r.family.as_str() {
+            "ip" => false,
+            "ip6" => true,
+            _ => continue,
+        };
+        let Some(line) = crate::backend::ipt_nft_rule::save_line(&r, v6) else { continue };
+        if line.contains(&comment) {
+            out.push(IptNftHandle { v6, table: r.table, chain: r.chain, handle: r.handle, line });
+        }
+    }
+    out
 }
 
 /// True when `u`'s rollback only takes away: the nft steps have nothing to do (no `table inet
@@ -3082,10 +3134,22 @@ mod tests {
                 anchor: Some(5),
             }],
             warnings: Vec::new(),
+            ipt_nft_handles: vec![IptNftHandle {
+                v6: true,
+                table: "filter".into(),
+                chain: "INPUT".into(),
+                handle: 12,
+                line: "-A INPUT -j ACCEPT".into(),
+            }],
         };
         let j = serde_json::to_string(&u).expect("serializes");
         let back: PolicyUndo = serde_json::from_str(&j).expect("deserializes");
         assert_eq!(back, u);
         assert_eq!(u.tag().expect("valid").as_str(), "ctguard:t-1");
+        // A record written before the handles were kept reads with none.
+        let mut old: serde_json::Value = serde_json::from_str(&j).expect("json");
+        old.as_object_mut().map(|o| o.remove("ipt_nft_handles"));
+        let back: PolicyUndo = serde_json::from_value(old).expect("an older record deserializes");
+        assert!(back.ipt_nft_handles.is_empty());
     }
 }

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{IptDoc, RawBefore, Variant};
+use super::{IptDoc, IptNftHandle, RawBefore, Variant};
 use crate::backend::ipt_nft_rule::save_line;
 use crate::backend::netlink::{self, NetlinkError};
 use crate::backend::nft_read::{decode_chain, decode_rule};
@@ -286,20 +286,27 @@ pub(super) enum ReadError {
 }
 
 /// Reads, over netlink, what `takes` and `cleanups` touch: per (family, table) its chains;
-/// the rules of every chain a `-D` names (one kernel dump each); every rule of a raw table
-/// to clean up (one dump of that table). Read-only.
+/// every rule of a raw table to clean up (one dump of that table); and in each chain a `-D`
+/// names, the rules whose save line one of its `-D`s names (one dump per chain, decoded and
+/// printed datagram by datagram as they arrive: the other rules of a 100k-rule chain are never
+/// held). Read-only.
+///
+/// A chain whose wanted rules all have a hint in `hints` (apply's announced handles) is not
+/// dumped: each hinted rule is read back by handle (one lookup, no dump) and counts only if it
+/// still prints as the hint's line; if one does not, the chain is dumped after all.
 pub(super) fn read_now(
     takes: &[TableTakes],
     cleanups: &[RawCleanup],
+    hints: &[IptNftHandle],
 ) -> Result<BTreeMap<(bool, String), TableNow>, ReadError> {
-    let mut wanted: BTreeMap<(bool, String), (bool, Vec<String>)> = BTreeMap::new();
+    // Per (IPv6, table): whole table wanted; per chain, the save lines its `-D`s name.
+    type Wanted = (bool, BTreeMap<String, Vec<String>>);
+    let mut wanted: BTreeMap<(bool, String), Wanted> = BTreeMap::new();
     for block in takes {
         let entry = wanted.entry((block.v6, block.table.clone())).or_default();
         for t in &block.takes {
-            if let Take::Rule { chain, .. } = t {
-                if !entry.1.contains(chain) {
-                    entry.1.push(chain.clone());
-                }
+            if let Take::Rule { chain, line } = t {
+                entry.1.entry(chain.clone()).or_default().push(line.clone());
             }
         }
     }
@@ -312,40 +319,68 @@ pub(super) fn read_now(
         let nfproto = crate::render::nft_batch::nfproto_of(fam).unwrap_or(0) as u8;
         let tname = format!("{table}\0");
         let what = |x: &str| format!("{x} of table {fam} {table}");
-        let dumped = |msg: i32, attrs: &[(u16, &[u8])], x: &str| {
-            let d = netlink::dump(msg as u16, nfproto, attrs, "GETCHAIN/GETRULE (the rollback's tables)")
-                .map_err(|source| ReadError::Dump { what: what(x), source })?;
-            if d.interrupted {
+        // One dump, each datagram's messages handed to `each` as they arrive.
+        let dump = |msg: i32, attrs: &[(u16, &[u8])], x: &str, each: &mut dyn FnMut(Vec<netlink::DumpMsg>)| {
+            let interrupted =
+                netlink::dump_each(msg as u16, nfproto, attrs, "GETCHAIN/GETRULE (the rollback's tables)", each)
+                    .map_err(|source| ReadError::Dump { what: what(x), source })?;
+            if interrupted {
                 return Err(ReadError::Interrupted(what(x)));
             }
-            Ok(d.msgs)
+            Ok(())
         };
         let mut now = TableNow::default();
-        for m in dumped(libc::NFT_MSG_GETCHAIN, &[(1, tname.as_bytes())], "the chains")? {
-            if let Some(c) = decode_chain(&m.payload).filter(|c| c.table == table) {
-                now.chains.push((c.name, None));
+        dump(libc::NFT_MSG_GETCHAIN, &[(1, tname.as_bytes())], "the chains", &mut |msgs| {
+            for m in msgs {
+                if let Some(c) = decode_chain(&m.payload).filter(|c| c.table == table) {
+                    now.chains.push((c.name, None));
+                }
             }
-        }
-        if whole {
-            add_rules(&mut now, &dumped(libc::NFT_MSG_GETRULE, &[(1, tname.as_bytes())], "the rules")?, &table, v6);
-            for (_, rules) in &mut now.chains {
-                rules.get_or_insert_with(Vec::new);
-            }
-        } else {
-            for chain in &chains {
-                if !now.chains.iter().any(|(c, _)| c == chain) {
+        })?;
+        let add = |now: &mut TableNow, msgs: Vec<netlink::DumpMsg>, keep: &dyn Fn(&str, &Option<String>) -> bool| {
+            for r in
+                msgs.iter().filter(|m| m.ty == libc::NFT_MSG_NEWRULE as u16).filter_map(|m| decode_rule(&m.payload))
+            {
+                if r.table != table {
                     continue;
                 }
-                let cname = format!("{chain}\0");
-                let msgs = dumped(
-                    libc::NFT_MSG_GETRULE,
-                    &[(1, tname.as_bytes()), (2, cname.as_bytes())],
-                    &format!("the rules of chain {chain}"),
-                )?;
-                add_rules(&mut now, &msgs, &table, v6);
-                if let Some((_, rules)) = now.chains.iter_mut().find(|(c, _)| c == chain) {
-                    rules.get_or_insert_with(Vec::new);
+                let line = save_line(&r, v6);
+                if !keep(&r.chain, &line) {
+                    continue;
                 }
+                if let Some((_, rules)) = now.chains.iter_mut().find(|(c, _)| *c == r.chain) {
+                    rules.get_or_insert_with(Vec::new).push((r.handle, line));
+                }
+            }
+        };
+        if whole {
+            dump(libc::NFT_MSG_GETRULE, &[(1, tname.as_bytes())], "the rules", &mut |msgs| {
+                add(&mut now, msgs, &|_, _| true)
+            })?;
+        }
+        for (chain, lines) in &chains {
+            if whole || !now.chains.iter().any(|(c, _)| c == chain) {
+                continue;
+            }
+            if let Some(rules) = hinted(v6, &table, chain, lines, hints)? {
+                if let Some((_, r)) = now.chains.iter_mut().find(|(c, _)| c == chain) {
+                    *r = Some(rules);
+                }
+                continue;
+            }
+            let cname = format!("{chain}\0");
+            let wanted_line = |_: &str, l: &Option<String>| l.as_ref().is_some_and(|l| lines.contains(l));
+            dump(
+                libc::NFT_MSG_GETRULE,
+                &[(1, tname.as_bytes()), (2, cname.as_bytes())],
+                &format!("the rules of chain {chain}"),
+                &mut |msgs| add(&mut now, msgs, &wanted_line),
+            )?;
+        }
+        // Every chain whose rules were dumped has a list, empty or not.
+        for (c, rules) in &mut now.chains {
+            if whole || chains.contains_key(c) {
+                rules.get_or_insert_with(Vec::new);
             }
         }
         out.insert((v6, table), now);
@@ -353,18 +388,37 @@ pub(super) fn read_now(
     Ok(out)
 }
 
-/// Adds the rules of `msgs` (a GETRULE dump of `table`) to their chains in `now`, each with its
-/// save line.
-fn add_rules(now: &mut TableNow, msgs: &[netlink::DumpMsg], table: &str, v6: bool) {
-    for r in msgs.iter().filter(|m| m.ty == libc::NFT_MSG_NEWRULE as u16).filter_map(|m| decode_rule(&m.payload)) {
-        if r.table != table {
-            continue;
-        }
-        let line = save_line(&r, v6);
-        if let Some((_, rules)) = now.chains.iter_mut().find(|(c, _)| *c == r.chain) {
-            rules.get_or_insert_with(Vec::new).push((r.handle, line));
-        }
+/// The rules of `chain` whose save lines are `lines`, read back by the handles `hints` give for
+/// them (one GETRULE each, no dump): `None` unless each line has a hint and each hinted rule
+/// still exists and prints as its line.
+fn hinted(
+    v6: bool,
+    table: &str,
+    chain: &str,
+    lines: &[String],
+    hints: &[IptNftHandle],
+) -> Result<Option<Vec<RuleNow>>, ReadError> {
+    let fam = nft_family(v6);
+    let mine: Vec<&IptNftHandle> = hints
+        .iter()
+        .filter(|h| h.v6 == v6 && h.table == table && h.chain == chain && lines.contains(&h.line))
+        .collect();
+    if lines.iter().any(|l| lines.iter().filter(|x| *x == l).count() > mine.iter().filter(|h| h.line == *l).count()) {
+        return Ok(None);
     }
+    let mut out = Vec::new();
+    for h in mine {
+        let payload = netlink::get_rule_payload(fam, table, chain, h.handle).map_err(|source| ReadError::Dump {
+            what: format!("rule {} of chain {fam} {table} {chain}", h.handle),
+            source,
+        })?;
+        let line = payload.as_deref().and_then(decode_rule).and_then(|r| save_line(&r, v6));
+        if line.as_deref() != Some(h.line.as_str()) {
+            return Ok(None);
+        }
+        out.push((h.handle, line));
+    }
+    Ok(Some(out))
 }
 
 #[cfg(test)]
