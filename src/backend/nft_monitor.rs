@@ -104,11 +104,14 @@ impl NftMonitor {
     }
 }
 
+/// One nf_tables notification: its `NFT_MSG_*` type and its payload (nfgenmsg + attributes).
+pub type NftMessage = (u16, Vec<u8>);
+
 impl NftMonitor {
     /// Reads every queued notification without blocking: the nf_tables messages, each as its
     /// `NFT_MSG_*` type and its payload (nfgenmsg + attributes), in the kernel's order; `None`
     /// when one was lost (`ENOBUFS`: the queue overflowed), as the list is then incomplete.
-    pub fn messages(&self) -> io::Result<Option<Vec<(u16, Vec<u8>)>>> {
+    pub fn messages(&self) -> io::Result<Option<Vec<NftMessage>>> {
         let mut buf = vec![0u8; 64 << 10];
         let mut out = Vec::new();
         let mut lost = false;
@@ -137,7 +140,7 @@ impl NftMonitor {
 }
 
 /// The nf_tables messages of the netlink datagram `buf`: (`NFT_MSG_*` type, payload). Pure.
-pub fn nftables_messages(buf: &[u8]) -> Vec<(u16, Vec<u8>)> {
+pub fn nftables_messages(buf: &[u8]) -> Vec<NftMessage> {
     let mut out = Vec::new();
     let mut off = 0;
     while off + NLMSG_HDRLEN <= buf.len() {
