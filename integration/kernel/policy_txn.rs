@@ -851,7 +851,7 @@ fn a_foreign_iptables_commit_during_apply_is_never_hidden_by_a_computed_save() {
 /// agent's worker runs them.
 #[test]
 fn the_iptables_rollback_is_checked_with_the_apply_and_not_again() {
-    use ctguard::backend::policy_txn::scratch_checks_run;
+    use ctguard::backend::policy_txn::{scratch_checks_run, scratch_rollback_batches_run};
     let ns = Ns::new("ptx-ipt-onecheck");
     // (A raw table of the host's own: the one the foreign rule goes into stays either way.)
     let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
@@ -861,8 +861,10 @@ fn the_iptables_rollback_is_checked_with_the_apply_and_not_again() {
     let before = list(&ns, &[]);
     ns.run(|| {
         let n = scratch_checks_run();
+        let m = scratch_rollback_batches_run();
         let ua = apply_here(&p, "ptx-one-a", None);
         assert_eq!(scratch_checks_run() - n, 1, "prepare: one scratch run");
+        assert_eq!(scratch_rollback_batches_run() - m, 2, "the rollback checked as the batch it runs, per family");
         check_rollback(&ua).unwrap_or_else(|e| panic!("{}", chain(&e)));
         assert_eq!(scratch_checks_run() - n, 1, "the rollback was checked with the apply");
         rollback(&ua).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
@@ -879,6 +881,34 @@ fn the_iptables_rollback_is_checked_with_the_apply_and_not_again() {
             .expect("foreign rule removed");
     });
     assert_same(&before, &list(&ns, &[]), "both rollbacks are exact");
+}
+
+/// An iptables-nft rollback is checked as the one nf_tables batch it sends: another writer's
+/// rule that jumps to ctguard's raw chain with a match of its own (the rollback deletes only the
+/// bare jumps) makes the kernel refuse that batch's DELCHAIN in the scratch namespace, and the
+/// check says so; without it, the check passes and the rollback is exact.
+#[test]
+fn an_iptables_nft_rollback_batch_the_kernel_would_refuse_fails_its_check() {
+    let ns = Ns::new("ptx-ipt-refuse");
+    let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    ns.exec_stdin("iptables-nft-restore", &["-w"], &format!("{LEGACY_FW}{raw}"));
+    let p = policy("backend = \"iptables-nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n");
+    let before = list(&ns, &[]);
+    let foreign = ["-w", "5", "-t", "raw", "-A", "PREROUTING", "-s", "192.0.2.8/32", "-j", "CTGUARD-PRE"];
+    ns.run(|| {
+        let u = apply_here(&p, "ptx-refuse", None);
+        let ipt = ctguard::backend::exec::Tool::find("iptables-nft").expect("iptables-nft");
+        ipt.run(&foreign, None).expect("foreign jump");
+        let err = check_rollback(&u).err().unwrap_or_else(|| panic!("a rollback the kernel refuses passed its check"));
+        let text = chain(&err);
+        assert!(text.contains("the kernel refuses the rollback's batch in a scratch namespace"), "{text}");
+        let mut undo = foreign;
+        undo[4] = "-D";
+        ipt.run(&undo, None).expect("foreign jump removed");
+        check_rollback(&u).unwrap_or_else(|e| panic!("check_rollback: {}", chain(&e)));
+        rollback(&u).unwrap_or_else(|e| panic!("rollback: {}", chain(&e)));
+    });
+    assert_same(&before, &list(&ns, &[]), "rolled back exactly");
 }
 
 /// Issue 16 (every kernel check costs the kernel an RCU grace period: 10–16 ms even for a tiny

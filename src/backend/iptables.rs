@@ -84,6 +84,14 @@ pub enum IptablesError {
         #[source]
         source: ExecError,
     },
+    /// What [`scratch_check_then`] checked after the candidate was refused.
+    #[error("the kernel refuses {what} in a scratch namespace: {detail}")]
+    RejectedAfter {
+        /// What was checked.
+        what: String,
+        /// The kernel's answer.
+        detail: String,
+    },
     /// The scratch thread died.
     #[error("the scratch-namespace thread panicked")]
     ScratchPanicked,
@@ -381,6 +389,43 @@ pub fn scratch_check(
                 return Ok(());
             }
             Err(scratch_apart(&restore_tool, &name, live_dump, candidate, ipset_tool.as_ref(), &wait))
+        });
+        h.join().map_err(|_| IptablesError::ScratchPanicked)?
+    })
+}
+
+/// [`scratch_check`], then, in the same scratch namespace and on the same thread, `then`: a
+/// further check the caller makes on the state the candidate left (iptables-nft's rollback as
+/// one nf_tables batch). `then`'s error, named `what`, is a refusal
+/// ([`IptablesError::RejectedAfter`]). Changes nothing in the target.
+pub fn scratch_check_then(
+    variant: Variant,
+    family: IpFamily,
+    live_dump: &str,
+    ipset_save: Option<&str>,
+    candidate: &str,
+    what: &str,
+    then: impl FnOnce() -> Result<(), String> + Send,
+) -> Result<(), IptablesError> {
+    let name = variant.tool(family == IpFamily::V6, "-restore");
+    let restore_tool = tool(&name)?;
+    let ipset_tool = match ipset_save {
+        Some(s) if !s.trim().is_empty() => Some((tool("ipset")?, s)),
+        _ => None,
+    };
+    let wait = xtables_wait_args();
+    std::thread::scope(|s| {
+        let h = s.spawn(|| -> Result<(), IptablesError> {
+            enter_scratch(ipset_tool.as_ref())?;
+            let both = if live_dump.trim().is_empty() {
+                candidate.to_string()
+            } else {
+                format!("{live_dump}{}{candidate}", if live_dump.ends_with('\n') { "" } else { "\n" })
+            };
+            if restore_with(&restore_tool, &both, true, &wait).is_err() {
+                return Err(scratch_apart(&restore_tool, &name, live_dump, candidate, ipset_tool.as_ref(), &wait));
+            }
+            then().map_err(|detail| IptablesError::RejectedAfter { what: what.to_string(), detail })
         });
         h.join().map_err(|_| IptablesError::ScratchPanicked)?
     })

@@ -1132,17 +1132,16 @@ fn kernel_check_covering_rollback(p: &Prepared) -> Result<bool, PolicyTxnError> 
         }
         check_batch(&b.finish_check()).map_err(PolicyTxnError::NftBatchCheck)?;
     }
-    let mut docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
+    let docs: Vec<&IptDoc> = p.ipt_filter.iter().chain(p.ipt_raw.iter()).collect();
     let live = |v: IptVariant, v6: bool| Ok(dump_of(&p.live, v, v6).map(|d| d.text.clone()).unwrap_or_default());
     ipt_rollback_proof::forget();
     match rollback_after_simulated_apply(p) {
         Some((rollback, after)) => {
-            // The rollback's documents right after the apply's, in the same scratch run.
-            docs.extend(rollback.raw.iter().chain(rollback.filter.iter()));
-            scratch_check_docs(&docs, live)?;
+            // The rollback right after the apply's documents, in the same scratch run.
+            scratch_check_docs(&docs, Some((&rollback, &p.undo)), live)?;
             ipt_rollback_proof::keep(&p.undo, &after);
         }
-        None => scratch_check_docs(&docs, live)?,
+        None => scratch_check_docs(&docs, None, live)?,
     }
     Ok(covered)
 }
@@ -1198,41 +1197,67 @@ fn append_rollback_deletes(b: &mut BatchBuilder, u: &PolicyUndo) -> Result<(), B
 }
 
 /// Loads each variant × family's documents (concatenated in the order given) into a scratch
-/// namespace on top of `live(variant, v6)` and the host's ipsets: the kernel's verdict on them,
-/// changing nothing in the target. Exit 3 naming the variant and family when it refuses.
+/// namespace on top of `live(variant, v6)` and the host's ipsets, then the rollback `rollback`
+/// (its documents, and the transaction they undo) right after them: the kernel's verdict on
+/// them, changing nothing in the target. Exit 3 naming the variant and family when it refuses.
+///
+/// A rollback iptables-nft will run as one nf_tables batch ([`ipt_nft_takes`]) is checked as
+/// that batch: built and sent, in the scratch namespace, exactly as the rollback builds and
+/// sends it on the target — what runs is what was checked — on a socket whose close does not
+/// wait for the batch's deferred destruction, as a restore's exit does (an RCU grace period
+/// per deleting commit). Any other rollback document goes through the restore tool after the
+/// others.
 fn scratch_check_docs(
     docs: &[&IptDoc],
+    rollback: Option<(&RollbackDocs, &PolicyUndo)>,
     live: impl Fn(IptVariant, bool) -> Result<String, PolicyTxnError>,
 ) -> Result<(), PolicyTxnError> {
     let _lap = crate::timing::Lap::start("scratch check");
     SCRATCH_CHECKS.with(|n| n.set(n.get() + 1));
-    // What each check loads, read here (the saves and ipsets are the target's: this thread's).
-    let mut jobs: Vec<(IptVariant, bool, String, String)> = Vec::new();
+    let takes = rollback.and_then(|(d, u)| ipt_nft_takes(u, d));
+    let cleanups = rollback.map(|(_, u)| ipt_nft_undo::RawCleanup::of(&u.raw)).unwrap_or_default();
+    // What each check loads, read here (the saves and ipsets are the target's: this thread's):
+    // (variant, IPv6, base, the documents, the rollback's documents, the rollback batch's takes).
+    type Job = (IptVariant, bool, String, String, String, Option<Vec<ipt_nft_undo::TableTakes>>);
+    let mut jobs: Vec<Job> = Vec::new();
     for v in IptVariant::ALL {
         for v6 in [false, true] {
-            let doc: String = docs
-                .iter()
-                .filter(|d| IptVariant::from(d.variant) == v && d.v6 == v6)
-                .map(|d| d.text.as_str())
-                .collect();
-            if doc.is_empty() {
+            let of = |d: &IptDoc| IptVariant::from(d.variant) == v && d.v6 == v6;
+            let doc: String = docs.iter().filter(|d| of(d)).map(|d| d.text.as_str()).collect();
+            let back: String = rollback
+                .map(|(d, _)| d.raw.iter().chain(&d.filter).filter(|d| of(d)).map(|d| d.text.as_str()).collect())
+                .unwrap_or_default();
+            if doc.is_empty() && back.is_empty() {
                 continue;
             }
             let live_text = live(v, v6)?;
-            // Only what the documents refer to, not the whole save (ipt::scratch_base).
-            let (base, doc) = ipt::scratch_base(&live_text, &doc);
+            // Only what the documents refer to, not the whole save (ipt::scratch_base); its
+            // renumbering keeps one line per line, so the rollback's part is the tail.
+            let (base, all) = ipt::scratch_base(&live_text, &format!("{doc}{back}"));
             let base = if v == IptVariant::Nft { ipt::without_builtin_policies(&base) } else { base };
+            let head = doc.lines().count();
+            let (mut doc, mut back) = (String::new(), String::new());
+            for (i, line) in all.lines().enumerate() {
+                let to = if i < head { &mut doc } else { &mut back };
+                to.push_str(line);
+                to.push('\n');
+            }
+            let family_takes = takes
+                .as_ref()
+                .filter(|_| v == IptVariant::Nft)
+                .map(|t| t.iter().filter(|b| b.v6 == v6).cloned().collect::<Vec<_>>());
             tracing::debug!(
                 variant = v.as_str(),
                 v6,
                 live_lines = live_text.lines().count(),
                 base_lines = base.lines().count(),
+                rollback_batch = family_takes.is_some(),
                 "scratch check"
             );
-            jobs.push((v, v6, base, doc));
+            jobs.push((v, v6, base, doc, back, family_takes));
         }
     }
-    let ipsets = if jobs.iter().any(|(_, _, b, d)| b.contains("--match-set") || d.contains("--match-set")) {
+    let ipsets = if jobs.iter().any(|(_, _, b, d, r, _)| [b, d, r].iter().any(|t| t.contains("--match-set"))) {
         ipt_backend::ipset_save().ok()
     } else {
         None
@@ -1240,14 +1265,41 @@ fn scratch_check_docs(
     // Each in a scratch namespace of its own, all at once (each takes tens of milliseconds of
     // iptables-restore, mostly waiting on the kernel).
     let wait = crate::backend::exec::xtables_wait_secs();
+    let cleanups = &cleanups;
+    let batches = std::sync::atomic::AtomicUsize::new(0);
+    let batches = &batches;
     let results: Vec<Result<(), PolicyTxnError>> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(v, v6, base, doc)| {
+            .map(|(v, v6, base, doc, back, takes)| {
                 let sets = ipsets.as_deref();
                 s.spawn(move || {
-                    crate::backend::exec::with_xtables_wait(wait, || {
-                        ipt_backend::scratch_check(*v, family(*v6), base, sets, doc)
+                    crate::backend::exec::with_xtables_wait(wait, || match takes {
+                        Some(takes) => {
+                            let cleanups: Vec<ipt_nft_undo::RawCleanup> =
+                                cleanups.iter().filter(|c| c.v6 == *v6).cloned().collect();
+                            let then = || match ipt_nft_batch_attempt(takes, &cleanups, &[], false)? {
+                                BatchAttempt::Done => {
+                                    batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    Ok(())
+                                }
+                                BatchAttempt::Raced => Err("the scratch namespace changed under the check".to_string()),
+                                // Not one batch here: the documents, as the rollback would then run them.
+                                BatchAttempt::NotExpressible => {
+                                    ipt_backend::restore(*v, family(*v6), back, true).map_err(|e| chain_text(&e))
+                                }
+                            };
+                            ipt_backend::scratch_check_then(
+                                *v,
+                                family(*v6),
+                                base,
+                                sets,
+                                doc,
+                                "the rollback's batch",
+                                then,
+                            )
+                        }
+                        None => ipt_backend::scratch_check(*v, family(*v6), base, sets, &format!("{doc}{back}")),
                     })
                     .map_err(|source| PolicyTxnError::IptCheck {
                         variant: v.as_str(),
@@ -1259,6 +1311,7 @@ fn scratch_check_docs(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or(Err(PolicyTxnError::ScratchPanicked))).collect()
     });
+    SCRATCH_ROLLBACK_BATCHES.with(|n| n.set(n.get() + batches.load(std::sync::atomic::Ordering::Relaxed)));
     results.into_iter().collect()
 }
 
@@ -1802,6 +1855,13 @@ mod checked_docs {
 
 thread_local! {
     static SCRATCH_CHECKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static SCRATCH_ROLLBACK_BATCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many iptables-nft rollbacks this thread's scratch checks checked as the one nf_tables
+/// batch the rollback sends (one per family). Read-only; for tests.
+pub fn scratch_rollback_batches_run() -> usize {
+    SCRATCH_ROLLBACK_BATCHES.with(std::cell::Cell::get)
 }
 
 /// How many iptables scratch checks (each: scratch namespaces, one restore run per variant and
@@ -2296,9 +2356,8 @@ fn check_rollback_shared(u: &PolicyUndo) -> Result<(), PolicyTxnError> {
         // in the scratch run of the apply's own (see `kernel_check`).
         return Ok(());
     }
-    let all: Vec<&IptDoc> = docs.raw.iter().chain(docs.filter.iter()).collect();
     // Each document against the save it was built from (read just now).
-    scratch_check_docs(&all, |v, v6| match docs.saves.get(&(v.into(), v6)) {
+    scratch_check_docs(&[], Some((&docs, u)), |v, v6| match docs.saves.get(&(v.into(), v6)) {
         Some(text) => Ok(text.clone()),
         None => ipt_backend::save(v, family(v6)).map_err(|e| PolicyTxnError::Iptables(Box::new(e))),
     })
@@ -2486,6 +2545,58 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     }
 }
 
+/// The deletions of `u`'s rollback documents `d` when they can go as one iptables-nft batch
+/// (`ipt_nft_undo`): `u` only takes away ([`rollback_only_takes_away`]) and is iptables-nft's
+/// alone, and `d` holds only deletions. Pure.
+fn ipt_nft_takes(u: &PolicyUndo, d: &RollbackDocs) -> Option<Vec<ipt_nft_undo::TableTakes>> {
+    if !rollback_only_takes_away(u)
+        || u.raw.iter().any(|r| r.variant != Variant::Nft)
+        || u.ipt_insertions.iter().any(|i| i.variant != Variant::Nft)
+    {
+        return None;
+    }
+    let docs: Vec<&IptDoc> = d.raw.iter().chain(&d.filter).collect();
+    ipt_nft_undo::takes_of(&docs)
+}
+
+/// What one attempt at the iptables-nft rollback batch came to.
+enum BatchAttempt {
+    /// Sent and committed, or nothing to delete.
+    Done,
+    /// A rule to delete is not printable or not found over netlink: nothing sent.
+    NotExpressible,
+    /// Another writer committed since the read (the batch was refused, or a dump interrupted).
+    Raced,
+}
+
+/// One attempt, in the calling thread's namespace: the generation id, then what `takes` and
+/// `cleanups` touch (the rules by `hints` where they hold), then the deletes in one batch
+/// carrying that id. `fault` fires the test point `rollback:foreign-change` before the send.
+fn ipt_nft_batch_attempt(
+    takes: &[ipt_nft_undo::TableTakes],
+    cleanups: &[ipt_nft_undo::RawCleanup],
+    hints: &[IptNftHandle],
+    fault: bool,
+) -> Result<BatchAttempt, String> {
+    use ipt_nft_undo::{batch, read_now, resolve, ReadError};
+    let genid = get_genid().map_err(|e| chain_text(&e))?;
+    let now = match read_now(takes, cleanups, hints) {
+        Ok(now) => now,
+        Err(ReadError::Interrupted(_)) => return Ok(BatchAttempt::Raced),
+        Err(e) => return Err(chain_text(&e)),
+    };
+    let Some(deletes) = resolve(takes, &now, cleanups) else { return Ok(BatchAttempt::NotExpressible) };
+    let Some(b) = batch(&deletes, genid).map_err(|e| chain_text(&e))? else { return Ok(BatchAttempt::Done) };
+    if fault {
+        crate::fault::foreign_change("rollback:foreign-change");
+    }
+    match send_batch(&b.finish()) {
+        Ok(()) => Ok(BatchAttempt::Done),
+        Err(NetlinkError::GenerationChanged { .. }) => Ok(BatchAttempt::Raced),
+        Err(e) => Err(chain_text(&e)),
+    }
+}
+
 /// The iptables part of `u`'s rollback, documents `d`, as one nf_tables batch carrying the
 /// generation id read before the rules it deletes (`ipt_nft_undo`): `Ok(true)` when it is done
 /// (or there was nothing to delete), `Ok(false)` when it cannot be one batch (not iptables-nft
@@ -2494,44 +2605,26 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
 /// committed in between is read and sent again ([`NFT_ROLLBACK_ATTEMPTS`] times, a warning
 /// each); any other refusal is an error, with nothing applied (one kernel transaction).
 fn ipt_nft_in_one_batch(u: &PolicyUndo, d: &RollbackDocs, report: &mut RollbackReport) -> Result<bool, String> {
-    use ipt_nft_undo::{batch, read_now, resolve, takes_of, RawCleanup, ReadError};
     let _lap = crate::timing::Lap::start("rollback: iptables-nft in one batch");
-    if u.raw.iter().any(|r| r.variant != Variant::Nft) || u.ipt_insertions.iter().any(|i| i.variant != Variant::Nft) {
-        return Ok(false);
-    }
-    let docs: Vec<&IptDoc> = d.raw.iter().chain(&d.filter).collect();
-    let Some(takes) = takes_of(&docs) else { return Ok(false) };
-    let cleanups = RawCleanup::of(&u.raw);
+    let Some(takes) = ipt_nft_takes(u, d) else { return Ok(false) };
+    let cleanups = ipt_nft_undo::RawCleanup::of(&u.raw);
     if takes.is_empty() && cleanups.is_empty() {
         return Ok(true);
     }
     for attempt in 1..=NFT_ROLLBACK_ATTEMPTS {
-        let retry = |report: &mut RollbackReport| {
-            let w = format!(
-                "attempt {attempt}: another writer changed the ruleset between the rollback's read and its batch; read again"
-            );
-            tracing::warn!("{w}");
-            report.warnings.push(w);
-        };
-        let genid = get_genid().map_err(|e| chain_text(&e))?;
-        let now = match read_now(&takes, &cleanups, &u.ipt_nft_handles) {
-            Ok(now) => now,
-            Err(ReadError::Interrupted(_)) => {
-                retry(report);
-                continue;
+        match ipt_nft_batch_attempt(&takes, &cleanups, &u.ipt_nft_handles, true)? {
+            BatchAttempt::Done => return Ok(true),
+            BatchAttempt::NotExpressible => {
+                tracing::debug!("rollback of {}: a rule to delete is not printable or not found over netlink", u.tag);
+                return Ok(false);
             }
-            Err(e) => return Err(chain_text(&e)),
-        };
-        let Some(deletes) = resolve(&takes, &now, &cleanups) else {
-            tracing::debug!("rollback of {}: a rule to delete is not printable or not found over netlink", u.tag);
-            return Ok(false);
-        };
-        let Some(b) = batch(&deletes, genid).map_err(|e| chain_text(&e))? else { return Ok(true) };
-        crate::fault::foreign_change("rollback:foreign-change");
-        match send_batch(&b.finish()) {
-            Ok(()) => return Ok(true),
-            Err(NetlinkError::GenerationChanged { .. }) => retry(report),
-            Err(e) => return Err(chain_text(&e)),
+            BatchAttempt::Raced => {
+                let w = format!(
+                    "attempt {attempt}: another writer changed the ruleset between the rollback's read and its batch; read again"
+                );
+                tracing::warn!("{w}");
+                report.warnings.push(w);
+            }
         }
     }
     Err(format!("another writer changed the ruleset at each of {NFT_ROLLBACK_ATTEMPTS} attempts"))
