@@ -240,6 +240,92 @@ fn twenty_extends_at_the_deadline_agree_with_journal_and_kernel() {
     deadline_races("extend", 20);
 }
 
+/// The iptables-nft host of [`ipt_nft_confirm_trial`]: a stateful filter in both families and
+/// no raw table, so apply creates `table ip raw` and `table ip6 raw`, and the deadline's
+/// rollback (one nf_tables batch for both families) must remove them again.
+const IPT_STATEFUL: &str = "*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -i lo -j ACCEPT
+-A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT
+COMMIT
+";
+
+/// Both iptables-nft saves (comment lines dropped) and `nft list ruleset`.
+fn ipt_nft_listing(ns: &Ns) -> String {
+    let mut s = String::new();
+    for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+        for l in ns.exec(tool, &[]).lines().filter(|l| !l.starts_with('#')) {
+            s.push_str(l);
+            s.push('\n');
+        }
+    }
+    s + &ns.nft_list()
+}
+
+/// One race on an iptables-nft host: the policy applied with a 1 s deadline, `confirm` sent at
+/// the deadline + `offset_ms`. Exit 0 means COMMITTED with ctguard's chains in the kernel; exit 5
+/// means ROLLED_BACK with every save and the nft ruleset as before. Returns the exit code.
+fn ipt_nft_confirm_trial(ctg: &Ctg, n: usize, offset_ms: i64) -> i32 {
+    let ns = Ns::new(&format!("race-iptc{n}"));
+    ns.exec_stdin("iptables-nft-restore", &["-w"], IPT_STATEFUL);
+    ns.exec_stdin("ip6tables-nft-restore", &["-w"], IPT_STATEFUL);
+    let before = ipt_nft_listing(&ns);
+    let policy = ctg.base.join(format!("ipt-nft-{n}.toml"));
+    std::fs::write(&policy, "backend = \"iptables-nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n")
+        .expect("write policy");
+    let (out, id) = ctg.apply(&ns, &[policy.to_str().expect("utf8"), "--timeout", "1s"]);
+    ok(&out);
+    let deadline = record(ctg, &id)["deadline"]["boottime_ns"].as_u64().expect("deadline");
+    sleep_until(deadline, offset_ms);
+    let out = ctg.run(&["confirm", &id]);
+    let c = code(&out);
+    let state = settled(ctg, &id, deadline);
+    let kernel = ipt_nft_listing(&ns);
+    let what = format!("confirm of {id} (iptables-nft) at the deadline {offset_ms:+} ms: exit {c}, journal {state}");
+    match c {
+        0 => {
+            assert_eq!(state, "COMMITTED", "{what}");
+            assert!(kernel.contains("-j CTGUARD-PRE") && kernel.contains("ctstate UNTRACKED"), "{what}, but: {kernel}");
+        }
+        5 => {
+            assert_eq!(state, "ROLLED_BACK", "{what}");
+            assert_eq!(kernel, before, "{what}, but the kernel is not the prior state");
+        }
+        _ => panic!("{what}: {}", text(&out)),
+    }
+    c
+}
+
+#[test]
+fn twenty_confirms_at_the_deadline_on_iptables_nft_agree_with_journal_and_kernel() {
+    const PARALLEL: usize = 5;
+    const TRIALS: usize = 20;
+    let ctg = Ctg::new();
+    start_agent(&ctg);
+    let codes: Vec<i32> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..PARALLEL)
+            .map(|i| {
+                let ctg = &ctg;
+                s.spawn(move || {
+                    (0..TRIALS / PARALLEL)
+                        .map(|k| {
+                            let n = k * PARALLEL + i;
+                            ipt_nft_confirm_trial(ctg, n, -50 + (n as i64 * 100) / (TRIALS as i64 - 1))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("trial")).collect()
+    });
+    let won = codes.iter().filter(|c| **c == 0).count();
+    eprintln!("iptables-nft confirm at the deadline ±50 ms: {TRIALS} trials, {won} exit 0, {} exit 5", TRIALS - won);
+    assert_eq!(codes.len(), TRIALS);
+}
+
 /// A small tmpfs mounted as a state dir for the test's life (unmounted on drop).
 struct SmallDisk(PathBuf);
 
