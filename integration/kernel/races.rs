@@ -199,10 +199,13 @@ fn deadline_trial(ctg: &Ctg, n: usize, verb: &str, offset_ms: i64) -> i32 {
     c
 }
 
-fn deadline_races(verb: &str, trials: usize) {
+/// `trials` races, five at a time on one agent, each `trial(ctg, n, offset_ms)` with offsets
+/// spread from -50 to +50 ms over the trials; the exit codes, in trial order per thread.
+fn race_at_the_deadline(trials: usize, trial: impl Fn(&Ctg, usize, i64) -> i32 + Sync) -> Vec<i32> {
     const PARALLEL: usize = 5;
     let ctg = Ctg::new();
     start_agent(&ctg);
+    let trial = &trial;
     let codes: Vec<i32> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..PARALLEL)
             .map(|i| {
@@ -210,10 +213,9 @@ fn deadline_races(verb: &str, trials: usize) {
                 s.spawn(move || {
                     (0..trials / PARALLEL)
                         .map(|k| {
-                            // Offsets from -50 to +50 ms, spread over the trials.
                             let n = k * PARALLEL + i;
                             let offset = -50 + (n as i64 * 100) / (trials as i64 - 1).max(1);
-                            deadline_trial(ctg, n, verb, offset)
+                            trial(ctg, n, offset)
                         })
                         .collect::<Vec<_>>()
                 })
@@ -221,13 +223,18 @@ fn deadline_races(verb: &str, trials: usize) {
             .collect();
         handles.into_iter().flat_map(|h| h.join().expect("trial")).collect()
     });
+    assert_eq!(codes.len(), trials);
+    codes
+}
+
+fn deadline_races(verb: &str, trials: usize) {
+    let codes = race_at_the_deadline(trials, |ctg, n, offset| deadline_trial(ctg, n, verb, offset));
     let won = codes.iter().filter(|c| **c == 0).count();
     eprintln!(
         "{verb} at the deadline ±50 ms: {} trials, {won} exit 0, {} exit 5; exit code, journal and kernel agreed in each",
         codes.len(),
         codes.len() - won
     );
-    assert_eq!(codes.len(), trials);
 }
 
 #[test]
@@ -301,29 +308,9 @@ fn ipt_nft_confirm_trial(ctg: &Ctg, n: usize, offset_ms: i64) -> i32 {
 
 #[test]
 fn twenty_confirms_at_the_deadline_on_iptables_nft_agree_with_journal_and_kernel() {
-    const PARALLEL: usize = 5;
-    const TRIALS: usize = 20;
-    let ctg = Ctg::new();
-    start_agent(&ctg);
-    let codes: Vec<i32> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..PARALLEL)
-            .map(|i| {
-                let ctg = &ctg;
-                s.spawn(move || {
-                    (0..TRIALS / PARALLEL)
-                        .map(|k| {
-                            let n = k * PARALLEL + i;
-                            ipt_nft_confirm_trial(ctg, n, -50 + (n as i64 * 100) / (TRIALS as i64 - 1))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("trial")).collect()
-    });
+    let codes = race_at_the_deadline(20, ipt_nft_confirm_trial);
     let won = codes.iter().filter(|c| **c == 0).count();
-    eprintln!("iptables-nft confirm at the deadline ±50 ms: {TRIALS} trials, {won} exit 0, {} exit 5", TRIALS - won);
-    assert_eq!(codes.len(), TRIALS);
+    eprintln!("iptables-nft confirm at the deadline ±50 ms: 20 trials, {won} exit 0, {} exit 5", 20 - won);
 }
 
 /// A small tmpfs mounted as a state dir for the test's life (unmounted on drop).

@@ -368,30 +368,7 @@ pub fn scratch_check(
     ipset_save: Option<&str>,
     candidate: &str,
 ) -> Result<(), IptablesError> {
-    let name = variant.tool(family == IpFamily::V6, "-restore");
-    let restore_tool = tool(&name)?;
-    let ipset_tool = match ipset_save {
-        Some(s) if !s.trim().is_empty() => Some((tool("ipset")?, s)),
-        _ => None,
-    };
-    let wait = xtables_wait_args();
-    std::thread::scope(|s| {
-        let h = s.spawn(|| -> Result<(), IptablesError> {
-            enter_scratch(ipset_tool.as_ref())?;
-            if live_dump.trim().is_empty() {
-                return restore_with(&restore_tool, candidate, true, &wait)
-                    .map_err(|source| IptablesError::Rejected { tool: name.clone(), source });
-            }
-            // One tool run for both (in an empty namespace `--noflush` changes nothing for the
-            // dump); only when it fails, the two again apart, to tell which one the kernel refused.
-            let both = format!("{live_dump}{}{candidate}", if live_dump.ends_with('\n') { "" } else { "\n" });
-            if restore_with(&restore_tool, &both, true, &wait).is_ok() {
-                return Ok(());
-            }
-            Err(scratch_apart(&restore_tool, &name, live_dump, candidate, ipset_tool.as_ref(), &wait))
-        });
-        h.join().map_err(|_| IptablesError::ScratchPanicked)?
-    })
+    scratch_check_then(variant, family, live_dump, ipset_save, candidate, "nothing more", || Ok(()))
 }
 
 /// [`scratch_check`], then, in the same scratch namespace and on the same thread, `then`: a

@@ -79,41 +79,15 @@ impl NftMonitor {
     /// tables, chains, rules or sets. A lost notification (`ENOBUFS`: the queue overflowed)
     /// counts as a change.
     pub fn drain(&self) -> io::Result<bool> {
-        let mut buf = vec![0u8; 64 << 10];
         let mut relevant = false;
-        loop {
-            // SAFETY: recv into a buffer we own, of its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) => return Ok(relevant),
-                    Some(libc::EINTR) => continue,
-                    Some(libc::ENOBUFS) => {
-                        relevant = true;
-                        continue;
-                    }
-                    _ => return Err(e),
-                }
-            }
-            if n == 0 {
-                return Ok(relevant);
-            }
-            relevant |= any_relevant(&buf[..n as usize]);
-        }
+        let lost = self.each_datagram(|d| relevant |= any_relevant(d))?;
+        Ok(relevant || lost)
     }
-}
 
-/// One nf_tables notification: its `NFT_MSG_*` type and its payload (nfgenmsg + attributes).
-pub type NftMessage = (u16, Vec<u8>);
-
-impl NftMonitor {
-    /// Reads every queued notification without blocking: the nf_tables messages, each as its
-    /// `NFT_MSG_*` type and its payload (nfgenmsg + attributes), in the kernel's order; `None`
-    /// when one was lost (`ENOBUFS`: the queue overflowed), as the list is then incomplete.
-    pub fn messages(&self) -> io::Result<Option<Vec<NftMessage>>> {
+    /// Hands each queued datagram to `each`, without blocking, until none is left; true when
+    /// one was lost (`ENOBUFS`: the queue overflowed).
+    fn each_datagram(&self, mut each: impl FnMut(&[u8])) -> io::Result<bool> {
         let mut buf = vec![0u8; 64 << 10];
-        let mut out = Vec::new();
         let mut lost = false;
         loop {
             // SAFETY: recv into a buffer we own, of its length.
@@ -121,7 +95,7 @@ impl NftMonitor {
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
-                    Some(libc::EAGAIN) => break,
+                    Some(libc::EAGAIN) => return Ok(lost),
                     Some(libc::EINTR) => continue,
                     Some(libc::ENOBUFS) => {
                         lost = true;
@@ -131,13 +105,24 @@ impl NftMonitor {
                 }
             }
             if n == 0 {
-                break;
+                return Ok(lost);
             }
-            out.extend(nftables_messages(&buf[..n as usize]));
+            each(&buf[..n as usize]);
         }
+    }
+
+    /// Reads every queued notification without blocking: the nf_tables messages, each as its
+    /// `NFT_MSG_*` type and its payload (nfgenmsg + attributes), in the kernel's order; `None`
+    /// when one was lost (`ENOBUFS`: the queue overflowed), as the list is then incomplete.
+    pub fn messages(&self) -> io::Result<Option<Vec<NftMessage>>> {
+        let mut out = Vec::new();
+        let lost = self.each_datagram(|d| out.extend(nftables_messages(d)))?;
         Ok((!lost).then_some(out))
     }
 }
+
+/// One nf_tables notification: its `NFT_MSG_*` type and its payload (nfgenmsg + attributes).
+pub type NftMessage = (u16, Vec<u8>);
 
 /// The nf_tables messages of the netlink datagram `buf`: (`NFT_MSG_*` type, payload). Pure.
 pub fn nftables_messages(buf: &[u8]) -> Vec<NftMessage> {
