@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::txn_cli::{ok, Ctg};
 use crate::harness::{Ns, STATEFUL};
+use crate::policy_txn::LEGACY_FW;
 
 fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
@@ -247,19 +248,6 @@ fn twenty_extends_at_the_deadline_agree_with_journal_and_kernel() {
     deadline_races("extend", 20);
 }
 
-/// The iptables-nft host of [`ipt_nft_confirm_trial`]: a stateful filter in both families and
-/// no raw table, so apply creates `table ip raw` and `table ip6 raw`, and the deadline's
-/// rollback (one nf_tables batch for both families) must remove them again.
-const IPT_STATEFUL: &str = "*filter
-:INPUT DROP [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -i lo -j ACCEPT
--A INPUT -p udp -m udp --dport 53 -m conntrack --ctstate NEW -j ACCEPT
-COMMIT
-";
-
 /// Both iptables-nft saves (comment lines dropped) and `nft list ruleset`.
 fn ipt_nft_listing(ns: &Ns) -> String {
     let mut s = String::new();
@@ -277,8 +265,10 @@ fn ipt_nft_listing(ns: &Ns) -> String {
 /// means ROLLED_BACK with every save and the nft ruleset as before. Returns the exit code.
 fn ipt_nft_confirm_trial(ctg: &Ctg, n: usize, offset_ms: i64) -> i32 {
     let ns = Ns::new(&format!("race-iptc{n}"));
-    ns.exec_stdin("iptables-nft-restore", &["-w"], IPT_STATEFUL);
-    ns.exec_stdin("ip6tables-nft-restore", &["-w"], IPT_STATEFUL);
+    // A stateful filter in both families and no raw table: apply creates `table ip raw` and
+    // `table ip6 raw`, and the deadline's rollback (one batch for both families) removes them.
+    ns.exec_stdin("iptables-nft-restore", &["-w"], LEGACY_FW);
+    ns.exec_stdin("ip6tables-nft-restore", &["-w"], LEGACY_FW);
     let before = ipt_nft_listing(&ns);
     let policy = ctg.base.join(format!("ipt-nft-{n}.toml"));
     std::fs::write(&policy, "backend = \"iptables-nft\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n")
