@@ -2430,18 +2430,16 @@ pub fn rollback(u: &PolicyUndo) -> Result<RollbackReport, PolicyTxnError> {
     let mut raw_failed = false;
     // An iptables-nft rollback that only takes away: one nf_tables batch for both families and
     // tables ([`ipt_nft_in_one_batch`]); the restores below only when it cannot be one.
-    let docs =
-        match docs.as_ref().filter(|_| rollback_only_takes_away(u)).map(|d| ipt_nft_in_one_batch(u, d, &mut report)) {
-            Some(Ok(true)) => None,
-            Some(Err(e)) => {
-                let w =
-                    format!("the iptables-nft rollback as one batch failed ({e}): restoring table by table instead");
-                tracing::warn!("{w}");
-                report.warnings.push(w);
-                docs
-            }
-            _ => docs,
-        };
+    let docs = match docs.as_ref().map(|d| ipt_nft_in_one_batch(u, d, &mut report)) {
+        Some(Ok(true)) => None,
+        Some(Err(e)) => {
+            let w = format!("the iptables-nft rollback as one batch failed ({e}): restoring table by table instead");
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+            docs
+        }
+        _ => docs,
+    };
     // When the rollback only takes away (`rollback_only_takes_away`: nothing for the nft
     // steps between raw and filter to do, nothing of a previous transaction to put back),
     // each family's raw chains and filter rules go in one restore (raw first; a restore stops
