@@ -562,6 +562,43 @@ fn a_failing_step_undoes_every_earlier_step() {
     assert_same(&before, &list(&ns, &k), "everything applied before the failing step is undone");
 }
 
+/// On an iptables backend (nothing for nft to do), apply runs each family's filter and raw
+/// documents in one restore, filter first. A raw section the kernel refuses comes after the
+/// filter section committed: the accepts it inserted come out again, on both variants.
+fn a_refused_raw_section_after_its_filter_section_is_undone(variant: &str) {
+    let ns = Ns::new(&format!("ptx-merge-{variant}"));
+    // A raw table of the host's own: an x_tables table, once created, cannot be removed.
+    let raw = "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    ns.exec_stdin(&format!("iptables-{variant}-restore"), &["-w"], &format!("{LEGACY_FW}{raw}"));
+    let p = policy(&format!("backend = \"iptables-{variant}\"\n[[notrack]]\nprotocols = [\"udp\"]\nports = [53]\n"));
+    let before = list(&ns, &[]);
+    let mut prepared = prep(&ns, &request(&p, &format!("ptx-merge-{variant}"), None));
+    assert!(prepared.ipt_filter.iter().any(|d| !d.v6), "an IPv4 filter insertion to undo");
+    use ctguard::backend::policy_txn::Variant;
+    let v = if variant == "nft" { Variant::Nft } else { Variant::Legacy };
+    prepared.ipt_raw.push(ctguard::backend::policy_txn::IptDoc {
+        variant: v,
+        v6: false,
+        text: "*raw\n-A NO-SUCH-CHAIN -j ACCEPT\nCOMMIT\n".into(),
+    });
+    let err = ns.run(|| apply(&prepared)).err().unwrap_or_else(|| panic!("the bad raw section must fail"));
+    let text = chain(&err);
+    eprintln!("policy_txn: merged restore: {text}");
+    assert!(text.contains("filter insertions, then raw chains"), "one restore per family: {text}");
+    assert_eq!(err.exit(), Exit::Refused);
+    assert_same(&before, &list(&ns, &[]), "the filter section's accepts are undone");
+}
+
+#[test]
+fn a_refused_raw_section_after_its_filter_section_is_undone_iptables_nft() {
+    a_refused_raw_section_after_its_filter_section_is_undone("nft");
+}
+
+#[test]
+fn a_refused_raw_section_after_its_filter_section_is_undone_iptables_legacy() {
+    a_refused_raw_section_after_its_filter_section_is_undone("legacy");
+}
+
 #[test]
 fn nft_backend_beside_an_iptables_nft_filter_table() {
     let ns = Ns::new("ptx-iptnft");

@@ -1474,14 +1474,23 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     done.table = None;
     done.raw.clear();
 
-    // (1) iptables filter insertions. iptables-nft's are announced by the kernel with their
-    // handles: kept as the rollback's hints (`tagged_rules_announced`).
+    // (1) iptables filter insertions. When nft has nothing to do between them, each family's
+    // filter and raw documents go in one restore, filter first (a restore commits its tables in
+    // order, so no packet is ever notracked without its accept): half the tool runs.
+    // iptables-nft's insertions are announced by the kernel with their handles: kept as the
+    // rollback's hints (`tagged_rules_announced`).
+    let merged = (!nft_has_work(p)).then(|| concat_per_family(&p.ipt_filter, &p.ipt_raw));
+    if merged.is_some() {
+        // The raw chains may be created by these runs: a failure undoes them too.
+        done.raw = undo.raw.clone();
+    }
     let monitor = p.ipt_filter.iter().any(|d| d.variant == Variant::Nft).then(NftMonitor::open).and_then(Result::ok);
     let mut own_commits: u32 = 0;
-    for doc in &p.ipt_filter {
+    for doc in merged.as_deref().unwrap_or(&p.ipt_filter) {
         let v = IptVariant::from(doc.variant);
         if let Err(e) = ipt_backend::restore(v, family(doc.v6), &doc.text, true) {
-            return Err(compensate(&done, &format!("{} (filter insertions)", v.tool(doc.v6, "-restore")), boxed(e)));
+            let what = if merged.is_some() { "filter insertions, then raw chains" } else { "filter insertions" };
+            return Err(compensate(&done, &format!("{} ({what})", v.tool(doc.v6, "-restore")), boxed(e)));
         }
         if v == IptVariant::Nft {
             own_commits += table_sections(&doc.text);
@@ -1489,7 +1498,7 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
     }
 
     if let Some(m) = monitor {
-        undo.ipt_nft_handles = tagged_rules_announced(&m, &undo.tag);
+        undo.ipt_nft_handles = tagged_rules_announced(&m, &undo);
     }
 
     // (2) the nft batch, carrying the generation id of the snapshot, moved only by ctguard's
@@ -1581,8 +1590,9 @@ pub fn apply(p: &Prepared) -> Result<PolicyUndo, PolicyTxnError> {
         }
     }
 
-    // (3) ctguard's raw chains.
-    for (i, doc) in p.ipt_raw.iter().enumerate() {
+    // (3) ctguard's raw chains (with the filter documents above when merged).
+    let raw_docs: &[IptDoc] = if merged.is_some() { &[] } else { &p.ipt_raw };
+    for (i, doc) in raw_docs.iter().enumerate() {
         let v = IptVariant::from(doc.variant);
         if let Some(r) = undo.raw.get(i) {
             done.raw.push(r.clone());
@@ -2628,12 +2638,13 @@ fn ipt_nft_in_one_batch(u: &PolicyUndo, d: &RollbackDocs, report: &mut RollbackR
     Err(format!("another writer changed the ruleset at each of {NFT_ROLLBACK_ATTEMPTS} attempts"))
 }
 
-/// The rules tagged `tag` that `monitor` saw committed into iptables-nft's `ip`/`ip6` tables,
+/// The rules tagged with `u`'s tag that `monitor` saw committed into the chains `u` inserted
+/// into in iptables-nft's `ip`/`ip6` tables,
 /// with their handles and save lines; empty when a notification was lost or a rule does not
 /// print (the rollback then finds them by reading their chains).
-fn tagged_rules_announced(monitor: &NftMonitor, tag: &str) -> Vec<IptNftHandle> {
+fn tagged_rules_announced(monitor: &NftMonitor, u: &PolicyUndo) -> Vec<IptNftHandle> {
     let Ok(Some(msgs)) = monitor.messages() else { return Vec::new() };
-    let comment = format!("--comment \"{tag}\"");
+    let comment = format!("--comment \"{}\"", u.tag);
     let mut out = Vec::new();
     for (_, payload) in msgs.iter().filter(|(ty, _)| *ty == libc::NFT_MSG_NEWRULE as u16) {
         let Some(r) = crate::backend::nft_read::decode_rule(payload) else { return Vec::new() };
@@ -2642,7 +2653,9 @@ fn tagged_rules_announced(monitor: &NftMonitor, tag: &str) -> Vec<IptNftHandle> 
             "ip6" => true,
             _ => continue,
         };
-        let Some(line) = crate::backend::ipt_nft_rule::save_line(&r, v6) else { continue };
+        // Only the accepts inserted into others' chains (ctguard's raw chains go whole).
+        let inserted = u.ipt_insertions.iter().any(|i| i.v6 == v6 && i.table == r.table && i.chain == r.chain);
+        let Some(line) = crate::backend::ipt_nft_rule::save_line(&r, v6).filter(|_| inserted) else { continue };
         if line.contains(&comment) {
             out.push(IptNftHandle { v6, table: r.table, chain: r.chain, handle: r.handle, line });
         }
@@ -2665,11 +2678,11 @@ fn rollback_only_takes_away(u: &PolicyUndo) -> bool {
         && one_variant_per_family
 }
 
-/// The rollback's documents as one per (variant, family), in the order of their first
-/// document: that family's raw documents, then its filter documents. Pure.
-fn one_restore_per_family(d: &RollbackDocs) -> Vec<IptDoc> {
+/// `first` then `then` as one document per (variant, family), in the order of their first
+/// document: that family's documents of `first`, then its documents of `then`. Pure.
+fn concat_per_family(first: &[IptDoc], then: &[IptDoc]) -> Vec<IptDoc> {
     let mut out: Vec<IptDoc> = Vec::new();
-    for doc in d.raw.iter().chain(&d.filter) {
+    for doc in first.iter().chain(then) {
         match out.iter_mut().find(|o| o.variant == doc.variant && o.v6 == doc.v6) {
             Some(o) => {
                 if !o.text.is_empty() && !o.text.ends_with('\n') {
@@ -2681,6 +2694,19 @@ fn one_restore_per_family(d: &RollbackDocs) -> Vec<IptDoc> {
         }
     }
     out
+}
+
+/// The rollback's documents as one per (variant, family): that family's raw documents, then
+/// its filter documents ([`concat_per_family`]). Pure.
+fn one_restore_per_family(d: &RollbackDocs) -> Vec<IptDoc> {
+    concat_per_family(&d.raw, &d.filter)
+}
+
+/// True when [`apply`] of `p` sends an nft batch (ctguard's table, nft accepts, a previous
+/// transaction's nft rules to remove), or may (its encoding fails: apply then fails there, as
+/// before). Pure.
+fn nft_has_work(p: &Prepared) -> bool {
+    !matches!(batch_builder(p, None), Ok(None))
 }
 
 /// iptables-nft creates `table ip raw` and its base chains on demand; where they did not exist
