@@ -84,7 +84,7 @@ pub enum IptablesError {
         #[source]
         source: ExecError,
     },
-    /// What [`scratch_check_then`] checked after the candidate was refused.
+    /// The kernel refused what [`scratch_check_then`] checked after loading the candidate.
     #[error("the kernel refuses {what} in a scratch namespace: {detail}")]
     RejectedAfter {
         /// What was checked.

@@ -34,6 +34,7 @@
 
 mod accept;
 pub mod guard;
+mod ipt_nft_now;
 mod ipt_nft_undo;
 
 pub use ipt::{RawChains, Variant};
@@ -2586,7 +2587,8 @@ fn ipt_nft_batch_attempt(
     hints: &[IptNftHandle],
     fault: bool,
 ) -> Result<BatchAttempt, String> {
-    use ipt_nft_undo::{batch, read_now, resolve, ReadError};
+    use ipt_nft_now::{read_now, ReadError};
+    use ipt_nft_undo::{batch, resolve};
     let genid = get_genid().map_err(|e| chain_text(&e))?;
     let now = match read_now(takes, cleanups, hints) {
         Ok(now) => now,
