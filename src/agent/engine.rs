@@ -1,6 +1,6 @@
 //! What the agent asks of a transaction kind, run on the target's worker thread. The agent
 //! owns the state machine, the journal and the timer; an engine owns the netfilter work. A fake
-//! engine drives the agent's unit tests; [`PolicyEngine`] is the real one.
+//! engine drives the agent's unit tests; [`PolicyEngine`](crate::agent::policy_engine::PolicyEngine) is the real one.
 
 use serde_json::Value;
 

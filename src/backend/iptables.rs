@@ -9,7 +9,7 @@ use crate::backend::exec::{xtables_wait_args, ExecError, Tool, BULK_TIMEOUT};
 use crate::live::iptables_save::{self, SaveDump, SaveParseError};
 use crate::render::iptables::{IpFamily, Jump};
 
-/// Which iptables implementation (one type for the whole crate, see [`IptVariant`]).
+/// Which iptables implementation (one type for the whole crate, see [`IptVariant`](crate::live::fw::IptVariant)).
 pub use crate::live::fw::IptVariant as Variant;
 
 /// Errors of the iptables backend.
